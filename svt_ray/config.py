@@ -1,0 +1,526 @@
+"""One typed description of an SVT experiment.
+
+Defaults < preset YAML < user YAML < dotted overrides (`--set views.num_local=4`), the
+order dinov2's `utils/config.py` uses. Every field is documented and validated; unknown keys
+are rejected; checks that span several fields (a view that needs more frames than its span
+holds, a batch that does not split over the workers) name the fields and the allowed range.
+`resolve()` derives everything that depends on the batch size, the world size or the
+dataset size in one place, so it can be logged and dumped.
+
+The schema defaults are the paper's recipe (design.md §3); presets live in `configs/*.yaml`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS = ("paper", "reference_code", "tiny")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+UnitInterval = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Section):
+    """TimeSformer backbone with divided space-time attention, plus the DINO head."""
+
+    patch_size: PositiveInt = 16
+    "Side of the square patches (pixels); view sizes must be multiples of it."
+    embed_dim: PositiveInt = 768
+    "Token width."
+    depth: PositiveInt = 12
+    "Number of divided space-time blocks."
+    num_heads: PositiveInt = 12
+    "Attention heads; embed_dim must be divisible by it."
+    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    "Hidden width of the block MLP as a multiple of embed_dim."
+    qkv_bias: bool = True
+    "Bias in the qkv projections (TimeSformer/timm ViT-B/16 use one)."
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    "Stochastic depth of the student, rising linearly over the blocks. The teacher runs in eval mode."
+    image_size: PositiveInt | None = None
+    "Grid the spatial position table is stored for; None = the global view size (224 in the paper)."
+    num_frames: PositiveInt | None = None
+    "Frames the temporal position table is stored for; None = the largest frame count of any view."
+    spatial_pos_interpolation: Literal["nearest", "bilinear", "bicubic"] = "nearest"
+    "How the spatial table is resized to a view's grid (the reference code uses nearest)."
+    temporal_pos_interpolation: Literal["nearest", "linear"] = "nearest"
+    "How the temporal table is resized to a view's frame count (the reference code uses nearest)."
+    attention: Literal["sdpa", "naive"] = "sdpa"
+    "sdpa = F.scaled_dot_product_attention (flash/memory-efficient kernels); naive = explicit softmax."
+    activation_checkpointing: bool = False
+    "Recompute each block in the backward pass: less memory, about a third more compute."
+    head_hidden_dim: PositiveInt = 2048
+    "Hidden width of the DINO head MLP."
+    head_bottleneck_dim: PositiveInt = 256
+    "Width of the L2-normalised bottleneck before the weight-normalised last layer."
+    head_out_dim: PositiveInt = 65536
+    "Number of prototypes (the softmax width of the loss)."
+    head_layers: Annotated[int, Field(ge=1, le=5)] = 3
+    "Linear layers in the head MLP before the bottleneck output."
+    norm_last_layer: bool = True
+    "Freeze the weight-norm gain of the last layer at 1 (DINO default; stabilises training)."
+    init_from: str | None = None
+    "Local image-ViT checkpoint (DINO or timm ViT layout) loaded into the spatial weights."
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"model.embed_dim={self.embed_dim} must be divisible by "
+                f"model.num_heads={self.num_heads}"
+            )
+        return self
+
+
+class ViewsConfig(_Section):
+    """The SVT views of one clip: global and local spatiotemporal crops (svt_spec §2)."""
+
+    clip_frames: PositiveInt = 128
+    "Source frames of the window views are cut from (8.5 s at the 15 fps cap, like the reference)."
+    num_global: Annotated[int, Field(ge=1, le=8)] = 2
+    "Global views; the teacher sees only these."
+    global_frames: list[PositiveInt] = Field(default_factory=lambda: [8, 16])
+    "Frame counts given to the global views, spread over them in order (paper: 8 and 16)."
+    global_size: PositiveInt = 224
+    "Side of a global view in pixels."
+    global_span: UnitInterval = 0.9
+    "Fraction of the clip window a global view's frames are spread over."
+    global_window: Literal["random", "reference"] = "random"
+    "random = an independent random span per global view (paper); reference = [0, L-5] and [5, L]."
+    global_crop_scale: tuple[UnitInterval, UnitInterval] = (0.4, 1.0)
+    "Area fraction range of a global crop."
+    num_local: Annotated[int, Field(ge=0, le=32)] = 8
+    "Local views; the student sees them, the teacher does not."
+    local_frames: list[PositiveInt] = Field(default_factory=lambda: [2, 4, 8, 16])
+    "Frame counts given to the local views, spread evenly (8 locals: 2,2,4,4,8,8,16,16)."
+    local_size: PositiveInt = 96
+    "Side of a local view in pixels."
+    local_span: UnitInterval = 0.125
+    "Fraction of the clip window a local view's frames are spread over (paper: 1/8)."
+    local_crop_scale: tuple[UnitInterval, UnitInterval] = (0.05, 0.4)
+    "Area fraction range of a local crop."
+    aspect_ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (
+        3 / 4,
+        4 / 3,
+    )
+    "Aspect ratio range of crops, sampled log-uniformly."
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    "Resize filter used when cutting views (antialiased, on uint8)."
+    flip_p: Probability = 0.5
+    "Horizontal flip probability; set 0 when classes depend on left/right direction."
+    color_jitter_p: Probability = 0.8
+    "Probability of colour jitter per view."
+    brightness: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    contrast: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    saturation: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    "Colour jitter strengths (the reference uses no hue)."
+    grayscale_p: Probability = 0.2
+    "Probability of converting a view to grayscale."
+    global_blur_p: list[Probability] = Field(default_factory=lambda: [1.0, 0.1])
+    "Gaussian-blur probability per global view, cycled (DINO: 1.0 then 0.1)."
+    local_blur_p: Probability = 0.5
+    "Gaussian-blur probability of a local view."
+    blur_sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 2.0)
+    "Range of the blur's sigma in pixels (DINO's values, used for 224 and 96 px views alike)."
+    global_solarize_p: list[Probability] = Field(default_factory=lambda: [0.0, 0.2])
+    "Solarize probability per global view, cycled (DINO: 0 then 0.2)."
+    local_solarize_p: Probability = 0.0
+    "Solarize probability of a local view."
+    solarize_threshold: Probability = 0.5
+    "Pixel value (0..1) above which solarize inverts."
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    "Normalisation (ImageNet statistics, as in pretraining)."
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ViewsConfig:
+        for name in ("global_crop_scale", "local_crop_scale", "aspect_ratio", "blur_sigma"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(
+                    f"views.{name}=({low}, {high}): the first value must be <= the second"
+                )
+        if not self.global_frames:
+            raise ValueError("views.global_frames must list at least one frame count")
+        if self.num_local and not self.local_frames:
+            raise ValueError(
+                "views.local_frames must list at least one frame count when num_local > 0"
+            )
+        for kind, frames, span in (
+            ("global", self.global_frames, self.global_span),
+            ("local", self.local_frames if self.num_local else [], self.local_span),
+        ):
+            available = int(span * self.clip_frames)
+            for count in frames:
+                if count > available:
+                    raise ValueError(
+                        f"views.{kind}_frames: a {count}-frame view needs a span of >= {count} "
+                        f"source frames, but views.{kind}_span x views.clip_frames = "
+                        f"{span} x {self.clip_frames} = {available}; raise views.clip_frames to "
+                        f">= {math.ceil(count / span)} or use <= {available} frames"
+                    )
+        return self
+
+    def global_frame_counts(self) -> list[int]:
+        """Frame count of each global view, in slot order."""
+        return _spread(self.global_frames, self.num_global)
+
+    def local_frame_counts(self) -> list[int]:
+        """Frame count of each local view, in slot order (8 locals of [2,4,8,16]: 2,2,4,4,...)."""
+        return _spread(self.local_frames, self.num_local)
+
+
+def _spread(choices: list[int], count: int) -> list[int]:
+    """Assign `count` slots to `choices` evenly and in order (choices may repeat or run short)."""
+    return [choices[(i * len(choices)) // count] for i in range(count)] if count else []
+
+
+class LossConfig(_Section):
+    """SVT loss: DINO cross-entropy between teacher (globals) and student (all views)."""
+
+    cross_view_weight: Annotated[float, Field(ge=0)] = 1.0
+    "Weight of the cross-view terms (teacher global -> student local); 0 switches them off."
+    motion_weight: Annotated[float, Field(ge=0)] = 1.0
+    "Weight of the motion terms (teacher global -> student other global); 0 switches them off."
+    student_temp: Annotated[float, Field(gt=0)] = 0.1
+    teacher_temp: Annotated[float, Field(gt=0)] = 0.04
+    "Teacher temperature after warm-up."
+    warmup_teacher_temp: Annotated[float, Field(gt=0)] = 0.04
+    "Teacher temperature at step 0 (DINO warms it up linearly)."
+    warmup_teacher_temp_epochs: Annotated[float, Field(ge=0)] = 0.0
+    "Epochs of linear teacher-temperature warm-up."
+    centering: Literal["ema", "sinkhorn_knopp"] = "ema"
+    "ema = DINO centring with momentum; sinkhorn_knopp = DINOv2's batch-balanced teacher targets."
+    center_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    sinkhorn_iterations: PositiveInt = 3
+    koleo_weight: Annotated[float, Field(ge=0)] = 0.0
+    "Weight of DINOv2's KoLeo regulariser on the student's global-view features (spreads them out)."
+
+    @model_validator(mode="after")
+    def _some_term(self) -> LossConfig:
+        if self.cross_view_weight == 0 and self.motion_weight == 0:
+            raise ValueError(
+                "loss.cross_view_weight and loss.motion_weight are both 0: at least one must be > 0"
+            )
+        return self
+
+
+class OptimConfig(_Section):
+    """AdamW, schedules and batch (svt_spec §4). Epoch lengths become steps in resolve()."""
+
+    batch_size: PositiveInt = 32
+    "Global batch (clips per step over all workers)."
+    epochs: Annotated[float, Field(gt=0)] = 20
+    "Length of training in passes over the dataset."
+    base_lr: Annotated[float, Field(gt=0)] = 5e-4
+    "Peak learning rate for a batch of lr_reference_batch; scaled linearly with the batch."
+    lr_reference_batch: PositiveInt = 256
+    min_lr: Annotated[float, Field(ge=0)] = 1e-6
+    "Learning rate at the end of the cosine decay."
+    warmup_epochs: Annotated[float, Field(ge=0)] = 10
+    "Epochs of linear lr warm-up from 0 (DINO default; a 20-epoch run spends half of it warming)."
+    weight_decay: Annotated[float, Field(ge=0)] = 0.04
+    weight_decay_end: Annotated[float, Field(ge=0)] = 0.4
+    "Weight decay follows a cosine from weight_decay to weight_decay_end."
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
+    momentum_teacher: Annotated[float, Field(ge=0, le=1)] = 0.996
+    momentum_teacher_end: Annotated[float, Field(ge=0, le=1)] = 1.0
+    "EMA momentum of the teacher follows a cosine from momentum_teacher to momentum_teacher_end."
+    clip_grad: Annotated[float, Field(ge=0)] = 3.0
+    "Gradient clipping threshold; 0 disables clipping."
+    clip_mode: Literal["per_parameter", "global"] = "per_parameter"
+    "per_parameter clips each tensor's norm separately (DINO); global clips the total norm."
+    freeze_last_layer_epochs: Annotated[float, Field(ge=0)] = 1
+    "Epochs during which the head's last layer gets no update (DINO stabiliser)."
+
+
+class DataConfig(_Section):
+    """Where clips come from and how they are decoded."""
+
+    path: str | None = None
+    "Dataset directory or URI (s3://, gs://, local) of data_prep shards; None = synthetic default."
+    decoder: Literal["decord", "pyav"] = "decord"
+    decode_threads: PositiveInt = 1
+    "Threads per decoder (one decoder per Ray Data actor)."
+    short_side: PositiveInt = 256
+    "Short side the shards were re-encoded to; crops are taken from frames of this size."
+    shuffle_buffer: Annotated[int, Field(ge=0)] = 64
+    "Local shuffle buffer in clips, on top of a random file order."
+    decode_cpus: Annotated[float, Field(gt=0)] = 1.0
+    "CPUs reserved by each decode actor."
+    decode_actors: PositiveInt | None = None
+    "Maximum decode actors; None = what the cluster's free CPUs allow."
+
+
+class ScalingSettings(_Section):
+    """How many Ray Train workers, and what each reserves."""
+
+    num_workers: PositiveInt = 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    address: str | None = None
+    "Ray cluster address ('auto' for the cluster this machine belongs to); None starts local Ray."
+
+
+class TrainSettings(_Section):
+    """Run-level settings of a pretraining run."""
+
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    "auto = bf16 autocast on GPU, fp32 on CPU."
+    compile: bool = False
+    "torch.compile the backbone blocks (GPU)."
+    checkpoint_every: PositiveInt = 500
+    "Steps between checkpoints (one is always written at the end)."
+    log_every: PositiveInt = 1
+    "Steps between metric logs."
+    storage_path: str = "svt_runs"
+    "Checkpoint root: a local folder, NFS or an object-store URI."
+    run_name: str | None = None
+    "Stable id of the run (resume uses it); None = derived from the preset and seed."
+    max_failures: Annotated[int, Field(ge=-1)] = 2
+    "Worker-group restarts from the last checkpoint before the run gives up (-1 = forever)."
+
+
+class TrackingConfig(_Section):
+    """MLflow."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    "MLflow 3's default store in the working directory, so a bare `mlflow ui` finds it."
+    experiment: str = "svt-ray"
+
+
+class Derived(_Section):
+    """Values computed by resolve(); never set them by hand."""
+
+    world_size: PositiveInt
+    per_worker_batch: PositiveInt
+    lr: float
+    "Peak lr = optim.base_lr x optim.batch_size / optim.lr_reference_batch."
+    min_lr: float
+    steps_per_epoch: PositiveInt
+    total_steps: PositiveInt
+    warmup_steps: int
+    freeze_last_layer_steps: int
+    teacher_temp_warmup_steps: int
+    clips_per_epoch: PositiveInt
+
+
+class ExperimentConfig(_Section):
+    """A whole SVT experiment."""
+
+    preset: str = "paper"
+    "The preset this config started from (recorded for tracking)."
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    derived: Derived | None = None
+    "Filled by resolve()."
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> ExperimentConfig:
+        views, model = self.views, self.model
+        for name in ("global_size", "local_size"):
+            size = getattr(views, name)
+            if size % model.patch_size:
+                raise ValueError(
+                    f"views.{name}={size} must be a multiple of model.patch_size={model.patch_size}"
+                )
+            if size > self.data.short_side:
+                raise ValueError(
+                    f"views.{name}={size} is larger than the source frames' short side "
+                    f"data.short_side={self.data.short_side}: use <= {self.data.short_side}"
+                )
+        if model.image_size is not None and model.image_size % model.patch_size:
+            raise ValueError(
+                f"model.image_size={model.image_size} must be a multiple of "
+                f"model.patch_size={model.patch_size}"
+            )
+        if self.optim.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"optim.batch_size={self.optim.batch_size} does not split over "
+                f"scaling.num_workers={self.scaling.num_workers}: use a multiple of "
+                f"{self.scaling.num_workers}"
+            )
+        has_cross_view = self.loss.cross_view_weight > 0 and views.num_local > 0
+        has_motion = self.loss.motion_weight > 0 and views.num_global > 1
+        if not (has_cross_view or has_motion):
+            raise ValueError(
+                "no loss term has a pair of views to compare: need loss.cross_view_weight > 0 "
+                "with views.num_local >= 1, or loss.motion_weight > 0 with views.num_global >= 2 "
+                f"(now num_global={views.num_global}, num_local={views.num_local}, "
+                f"cross_view_weight={self.loss.cross_view_weight}, "
+                f"motion_weight={self.loss.motion_weight})"
+            )
+        return self
+
+    # -- derived values ----------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size or self.views.global_size
+
+    @property
+    def num_frames(self) -> int:
+        return self.model.num_frames or max(
+            self.views.global_frame_counts() + self.views.local_frame_counts()
+        )
+
+    def resolve(self, clips_per_epoch: int) -> ExperimentConfig:
+        """Fill `derived` and the model's table sizes; everything batch- or data-dependent.
+
+        `clips_per_epoch` is the number of training clips (from the dataset manifest).
+        """
+        if clips_per_epoch <= 0:
+            raise ConfigError(f"the dataset has {clips_per_epoch} training clips; need at least 1")
+        optim, world = self.optim, self.scaling.num_workers
+        steps_per_epoch = max(1, clips_per_epoch // optim.batch_size)
+        lr = optim.base_lr * optim.batch_size / optim.lr_reference_batch
+        resolved = self.model_copy(deep=True)
+        resolved.model.image_size = self.image_size
+        resolved.model.num_frames = self.num_frames
+        resolved.derived = Derived(
+            world_size=world,
+            per_worker_batch=optim.batch_size // world,
+            lr=lr,
+            min_lr=optim.min_lr,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=max(1, round(optim.epochs * steps_per_epoch)),
+            warmup_steps=round(optim.warmup_epochs * steps_per_epoch),
+            freeze_last_layer_steps=round(optim.freeze_last_layer_epochs * steps_per_epoch),
+            teacher_temp_warmup_steps=round(self.loss.warmup_teacher_temp_epochs * steps_per_epoch),
+            clips_per_epoch=clips_per_epoch,
+        )
+        return resolved
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def dump(self) -> str:
+        """The config as YAML (what `svt-ray config show` prints and runs record)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The raw mapping of a shipped preset (configs/<name>.yaml)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    text = resources.files("svt_ray").joinpath("configs", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`views.num_local=4` -> (['views', 'num_local'], 4); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({error})") from None
+    return key.strip().split("."), value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    preset: str = "paper",
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> ExperimentConfig:
+    """Build a validated config: schema defaults < preset < YAML file < dotted overrides.
+
+    Raises ConfigError with one line naming the offending field.
+    """
+    tree = preset_dict(preset)
+    tree["preset"] = preset
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        tree = _merge(tree, loaded)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return validate_config(tree)
+
+
+def validate_config(tree: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping; turn pydantic's report into one ConfigError line per problem."""
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            section = ".".join(str(part) for part in item["loc"][:-1]) or "the top level"
+            message = f"unknown key (not a field of {section})"
+        elif message.startswith(("views.", "model.", "optim.", "loss.", "data.")):
+            location = ""
+        lines.append(f"{location}: {message}" if location else message)
+    return "; ".join(lines)

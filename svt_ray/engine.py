@@ -1,0 +1,251 @@
+"""One SVT training step, apart from all setup: no Ray, no logging, no I/O.
+
+`build_state` makes the student, the teacher (a copy in eval mode, never given gradients), the
+loss with its centre, AdamW and the schedule. `train_step` reads like the algorithm (MAE's
+`engine_pretrain.py`, DINO's `train_one_epoch`):
+
+    augment on the device -> student(all views), teacher(global views) -> loss -> backward
+    -> clip -> freeze last layer early on -> AdamW step -> EMA of the teacher -> centre
+
+and returns a dict of floats. Distribution is the caller's business: `train.py` may wrap
+`state.student` in DDP; the step only unwraps it for the EMA.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from svt_ray.config import ExperimentConfig
+from svt_ray.losses import SVTLoss, collapse_metrics
+from svt_ray.model import SVTModel, build_model
+from svt_ray.schedules import Schedule
+from svt_ray.views import ViewAugmenter
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the step was not applied."""
+
+
+@dataclass
+class TrainState:
+    config: ExperimentConfig  # resolved
+    student: nn.Module  # SVTModel, possibly wrapped in DDP
+    teacher: SVTModel
+    loss: SVTLoss
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    augmenter: ViewAugmenter
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def student_module(self) -> SVTModel:
+        return getattr(self.student, "module", self.student)
+
+
+def parameter_groups(model: nn.Module) -> list[dict]:
+    """Matrices are weight-decayed; biases and 1-D parameters (norms, gains) are not (DINO)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+    return [
+        {"params": decay, "apply_weight_decay": True},
+        {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0},
+    ]
+
+
+def autocast_dtype_for(config: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def build_state(config: ExperimentConfig, device: torch.device | str = "cpu") -> TrainState:
+    """Everything a training step needs, on `device`, from a resolved config."""
+    if config.derived is None:
+        raise ValueError("build_state needs a resolved config: call config.resolve(clips) first")
+    device = torch.device(device)
+    torch.manual_seed(config.train.seed)
+    student = build_model(config).to(device)
+    teacher = copy.deepcopy(student)
+    teacher.eval()  # deliberate fix of the reference: no drop path in the teacher
+    teacher.requires_grad_(False)
+    views, loss_cfg = config.views, config.loss
+    loss = SVTLoss(
+        config.model.head_out_dim,
+        views.num_global,
+        views.num_local,
+        student_temp=loss_cfg.student_temp,
+        cross_view_weight=loss_cfg.cross_view_weight,
+        motion_weight=loss_cfg.motion_weight,
+        centering=loss_cfg.centering,
+        center_momentum=loss_cfg.center_momentum,
+        sinkhorn_iterations=loss_cfg.sinkhorn_iterations,
+        koleo_weight=loss_cfg.koleo_weight,
+    ).to(device)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(student),
+        lr=config.derived.lr,
+        betas=config.optim.betas,
+        fused=device.type == "cuda",
+    )
+    return TrainState(
+        config=config,
+        student=student,
+        teacher=teacher,
+        loss=loss,
+        optimizer=optimizer,
+        schedule=Schedule.from_config(config),
+        augmenter=ViewAugmenter(views),
+        device=device,
+        autocast_dtype=autocast_dtype_for(config, device),
+    )
+
+
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -> torch.Tensor:
+    """Clip in place; returns the total gradient norm before clipping.
+
+    per_parameter: each tensor's norm is clipped to max_norm on its own (DINO's clip_gradients);
+    global: the norm of all gradients together is clipped.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm <= 0:
+        return total
+    if mode == "global":
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, scale)
+    else:
+        scales = [(max_norm / (norm + 1e-6)).clamp(max=1.0) for norm in norms]
+        torch._foreach_mul_(grads, scales)
+    return total
+
+
+@torch.no_grad()
+def update_teacher(student: SVTModel, teacher: SVTModel, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, over all parameters in a few foreach kernels."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+
+
+def feature_std(features: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the batch std of L2-normalised features (0 = all samples equal)."""
+    normed = torch.nn.functional.normalize(features.float().reshape(-1, features.shape[-1]), dim=-1)
+    return normed.std(dim=0).mean() if normed.shape[0] > 1 else normed.new_zeros(())
+
+
+def to_device_views(batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    return [view.to(device, non_blocking=True) for view in batch]
+
+
+def train_step(
+    state: TrainState,
+    batch: list[torch.Tensor],
+    step: int,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One optimisation step on `batch` (one uint8 (b, 3, t, s, s) tensor per view slot).
+
+    Raises NonFiniteLossError before touching any weight if the loss is not finite.
+    """
+    values = state.schedule.at(step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = values.lr
+        if group["apply_weight_decay"]:
+            group["weight_decay"] = values.weight_decay
+
+    views = state.augmenter(to_device_views(batch, state.device), generator)
+    num_global = state.config.views.num_global
+    autocast = (
+        torch.autocast(state.device.type, dtype=state.autocast_dtype)
+        if state.autocast_dtype is not None
+        else nullcontext()
+    )
+    state.student.train()
+    with autocast:
+        student_out = state.student(views)
+        with torch.no_grad():
+            teacher_out = state.teacher(views[:num_global])
+    terms = state.loss(
+        student_out.logits,
+        teacher_out.logits,
+        values.teacher_temp,
+        student_out.features[:num_global],
+    )
+    loss = terms["loss"]
+    if not torch.isfinite(loss):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"step {step}: the loss is {loss.item()} (lr={values.lr:.3g}); no weight was updated. "
+            "Lower optim.base_lr, raise optim.warmup_epochs or check the input clips."
+        )
+
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    student = state.student_module
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    grad_norm = clip_gradients(
+        parameters, state.config.optim.clip_grad, state.config.optim.clip_mode
+    )
+    if values.freeze_last_layer:
+        for parameter in student.head.last_layer.parameters():
+            parameter.grad = None
+    state.optimizer.step()
+    update_teacher(student, state.teacher, values.momentum)
+    state.loss.update_center(teacher_out.logits)
+
+    collapse = collapse_metrics(terms["targets"])
+    tensors = {
+        "loss": loss.detach(),
+        "loss_motion": terms["motion"].detach(),
+        "loss_cross_view": terms["cross_view"].detach(),
+        "loss_koleo": terms["koleo"].detach(),
+        "grad_norm": grad_norm,
+        "student_feature_std": feature_std(student_out.features[:num_global].detach()),
+        "teacher_feature_std": feature_std(teacher_out.features),
+        **collapse,
+    }
+    floats = torch.stack(
+        [t.float().to(state.device) for t in tensors.values()]
+    ).tolist()  # one sync
+    metrics = dict(zip(tensors, floats, strict=True))
+    metrics.update(
+        lr=values.lr,
+        weight_decay=values.weight_decay,
+        momentum=values.momentum,
+        teacher_temp=values.teacher_temp,
+    )
+    return metrics
+
+
+def state_dict(state: TrainState, step: int) -> dict:
+    """Everything needed to resume exactly at `step` (the schedules need nothing more)."""
+    return {
+        "step": step,
+        "student": state.student_module.state_dict(),
+        "teacher": state.teacher.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "loss": state.loss.state_dict(),
+        "config": state.config.model_dump(mode="json"),
+    }
+
+
+def load_state_dict(state: TrainState, checkpoint: dict) -> int:
+    """Restore a `state_dict` checkpoint; returns the step to continue from."""
+    state.student_module.load_state_dict(checkpoint["student"])
+    state.teacher.load_state_dict(checkpoint["teacher"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.loss.load_state_dict(checkpoint["loss"])
+    return int(checkpoint["step"])

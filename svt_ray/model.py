@@ -1,0 +1,459 @@
+"""TimeSformer with divided space-time attention, the DINO head, and SVT's multi-view forward.
+
+References: TimeSformer `timesformer/models/vit.py` (divided block, CLS flow), kahnchana/svt
+`models/timesformer.py` (dynamic position embeddings), DINO `vision_transformer.py` (DINOHead)
+and `utils.py` (MultiCropWrapper). Parameter names follow timm/TimeSformer so image-ViT
+checkpoints (DINO, timm) load into the spatial weights by name.
+
+Axis names used in every rearrange: b batch, t frames, n spatial tokens per frame, d width,
+h heads, v views, gh/gw patch grid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from svt_ray.config import ExperimentConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the second axis of (batch, tokens, width)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, implementation: str = "sdpa"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.implementation = implementation
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = qkv.unbind(0)
+        if self.implementation == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # explicit softmax, as the reference code does (the benchmark's baseline)
+            weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            out = weights.softmax(dim=-1) @ v
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DividedSpaceTimeBlock(nn.Module):
+    """Temporal attention, then spatial attention with a per-frame CLS, then the MLP (svt_spec §1.2)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path, attention):
+        super().__init__()
+        self.temporal_norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.temporal_attn = Attention(dim, num_heads, qkv_bias, attention)
+        self.temporal_fc = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attention)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """x: (b, 1 + t*n, d), the CLS then the patches ordered (t n). Returns the same shape."""
+        b = x.shape[0]
+        cls, patches = x[:, :1], x[:, 1:]
+        # Temporal attention: each spatial position attends over time; the CLS takes no part.
+        series = rearrange(patches, "b (t n) d -> (b n) t d", t=frames)
+        temporal = self.temporal_attn(self.temporal_norm1(series))
+        temporal = rearrange(temporal, "(b n) t d -> b (t n) d", b=b)
+        patches = patches + self.temporal_fc(self.drop_path(temporal))
+
+        # Spatial attention: each frame attends over its positions plus a copy of the CLS;
+        # the CLS outputs of the frames are averaged into one CLS residual.
+        per_frame = rearrange(patches, "b (t n) d -> (b t) n d", t=frames)
+        frame_cls = repeat(cls, "b 1 d -> (b t) 1 d", t=frames)
+        spatial = self.attn(self.norm1(torch.cat([frame_cls, per_frame], dim=1)))
+        cls_residual = reduce(spatial[:, :1], "(b t) 1 d -> b 1 d", "mean", b=b)
+        patch_residual = rearrange(spatial[:, 1:], "(b t) n d -> b (t n) d", b=b)
+        # The spatial residual adds to the temporal output, not to the block input.
+        x = torch.cat([cls, patches], dim=1)
+        x = x + self.drop_path(torch.cat([cls_residual, patch_residual], dim=1))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Per-frame 2D patches (no tubelets): (b, 3, t, h, w) -> (b, t, n, d)."""
+
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        b, _, _, h, w = video.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"view size {h}x{w} is not a multiple of the patch size {self.patch_size}"
+            )
+        frames = rearrange(video, "b c t h w -> (b t) c h w")
+        tokens = self.proj(frames)  # (b t, d, gh, gw)
+        grid_h, grid_w = tokens.shape[-2:]
+        return rearrange(tokens, "(b t) d gh gw -> b t (gh gw) d", b=b), grid_h, grid_w
+
+
+class TimeSformer(nn.Module):
+    """The SVT backbone; `forward_features` returns the final CLS token (b, d)."""
+
+    def __init__(
+        self,
+        *,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.1,
+        image_size: int = 224,
+        num_frames: int = 16,
+        spatial_pos_interpolation: str = "nearest",
+        temporal_pos_interpolation: str = "nearest",
+        attention: str = "sdpa",
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )
+        self.embed_dim = embed_dim
+        self.grid = image_size // patch_size
+        self.num_frames = num_frames
+        self.spatial_pos_interpolation = spatial_pos_interpolation
+        self.temporal_pos_interpolation = temporal_pos_interpolation
+        self.activation_checkpointing = activation_checkpointing
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, embed_dim))
+        self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            DividedSpaceTimeBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, attention)
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """TimeSformer init: trunc-normal weights, zero time table, zeroed temporal_fc."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.zeros_(self.time_embed)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Every temporal branch starts silent, so the model starts as a per-frame image ViT.
+        for block in self.blocks:
+            nn.init.zeros_(block.temporal_fc.weight)
+            nn.init.zeros_(block.temporal_fc.bias)
+
+    def spatial_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(1, 1 + gh*gw, d): the stored table, resized to a view's patch grid."""
+        if (grid_h, grid_w) == (self.grid, self.grid):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = rearrange(patch_pos, "1 (gh gw) d -> 1 d gh gw", gh=self.grid)
+        mode = self.spatial_pos_interpolation
+        align = False if mode in ("bilinear", "bicubic") else None
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode=mode, align_corners=align)
+        return torch.cat([cls_pos, rearrange(patch_pos, "1 d gh gw -> 1 (gh gw) d")], dim=1)
+
+    def temporal_pos_embed(self, frames: int) -> torch.Tensor:
+        """(1, t, d): the stored table, resized to a view's frame count."""
+        if frames == self.num_frames:
+            return self.time_embed
+        mode = self.temporal_pos_interpolation
+        table = F.interpolate(
+            rearrange(self.time_embed, "1 t d -> 1 d t"),
+            size=frames,
+            mode=mode,
+            align_corners=False if mode == "linear" else None,
+        )
+        return rearrange(table, "1 d t -> 1 t d")
+
+    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+        """(b, 3, t, h, w) -> final CLS (b, d)."""
+        patches, grid_h, grid_w = self.patch_embed(video)  # (b, t, n, d)
+        b, t = patches.shape[:2]
+        pos = self.spatial_pos_embed(grid_h, grid_w)
+        cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)  # the CLS gets no time embedding
+        patches = patches + pos[:, None, 1:] + self.temporal_pos_embed(t)[:, :, None]
+        x = torch.cat([cls, rearrange(patches, "b t n d -> b (t n) d")], dim=1)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, t, use_reentrant=False)
+            else:
+                x = block(x, t)
+        return self.norm(x[:, 0])
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(video)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight normalisation: w = g * v / ||v|| per output unit.
+
+    With `learn_gain=False` (DINO's norm_last_layer) the gain is fixed at 1, so the layer is a
+    set of unit-norm prototypes.
+    """
+
+    def __init__(self, in_features: int, out_features: int, learn_gain: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as DINO
+        self.gain = nn.Parameter(torch.ones(out_features, 1)) if learn_gain else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.normalize(self.weight, dim=1)
+        if self.gain is not None:
+            weight = weight * self.gain
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalised bottleneck -> weight-normalised prototypes (DINO, svt_spec §3.2)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        norm_last_layer: bool = True,
+    ):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < num_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, learn_gain=not norm_last_layer)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(features), dim=-1))
+
+
+@dataclass
+class MultiViewOutput:
+    logits: torch.Tensor  # (v, b, k): head outputs in view order
+    features: torch.Tensor  # (v, b, d): backbone CLS in view order
+
+
+class SVTModel(nn.Module):
+    """Backbone + head over a list of views of different shapes (DINO's MultiCropWrapper).
+
+    Views of the same (frames, height, width) are concatenated along the batch and go through
+    the backbone in one call; the head runs once on all CLS tokens.
+    """
+
+    def __init__(self, backbone: TimeSformer, head: DINOHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: Sequence[torch.Tensor]) -> MultiViewOutput:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, view in enumerate(views):
+            groups.setdefault(tuple(view.shape[1:]), []).append(index)
+        features: list[torch.Tensor | None] = [None] * len(views)
+        for indices in groups.values():
+            batch = (
+                torch.cat([views[i] for i in indices]) if len(indices) > 1 else views[indices[0]]
+            )
+            cls = self.backbone.forward_features(batch)
+            for i, chunk in zip(indices, cls.chunk(len(indices)), strict=True):
+                features[i] = chunk
+        stacked = torch.stack(features)  # (v, b, d)
+        logits = self.head(rearrange(stacked, "v b d -> (v b) d"))
+        return MultiViewOutput(rearrange(logits, "(v b) k -> v b k", v=len(views)), stacked)
+
+
+def build_backbone(config: ExperimentConfig) -> TimeSformer:
+    m = config.model
+    return TimeSformer(
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        qkv_bias=m.qkv_bias,
+        drop_path_rate=m.drop_path_rate,
+        image_size=config.image_size,
+        num_frames=config.num_frames,
+        spatial_pos_interpolation=m.spatial_pos_interpolation,
+        temporal_pos_interpolation=m.temporal_pos_interpolation,
+        attention=m.attention,
+        activation_checkpointing=m.activation_checkpointing,
+    )
+
+
+def build_model(config: ExperimentConfig) -> SVTModel:
+    """The student (or teacher) network of an experiment; loads `model.init_from` if set."""
+    m = config.model
+    backbone = build_backbone(config)
+    if m.init_from:
+        report = load_image_vit(backbone, m.init_from)
+        logger.info("%s", report.summary())
+    head = DINOHead(
+        m.embed_dim,
+        m.head_out_dim,
+        m.head_hidden_dim,
+        m.head_bottleneck_dim,
+        m.head_layers,
+        m.norm_last_layer,
+    )
+    return SVTModel(backbone, head)
+
+
+# -- initialisation from an image ViT ----------------------------------------------------------
+
+_WRAPPER_KEYS = ("teacher", "student", "model", "state_dict", "module")
+_PREFIXES = ("module.", "backbone.", "model.", "encoder.")
+
+
+@dataclass
+class LoadReport:
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # in the checkpoint, not used
+    new: list[str] = field(default_factory=list)  # in the model, left at their initialisation
+
+    def summary(self) -> str:
+        def names(keys: list[str]) -> str:
+            shown = ", ".join(
+                sorted({k.split(".")[0] if k.startswith("blocks.") else k for k in keys})
+            )
+            return shown or "-"
+
+        return (
+            f"init_from {self.path}: loaded {len(self.loaded)} tensors "
+            f"({len(self.resized)} resized: {names(self.resized)}); "
+            f"skipped {len(self.skipped)} from the checkpoint ({names(self.skipped)}); "
+            f"newly initialised {len(self.new)} "
+            f"({_describe_new(self.new)})"
+        )
+
+
+def _describe_new(keys: list[str]) -> str:
+    kinds = sorted({k.split(".")[2] if k.startswith("blocks.") else k for k in keys})
+    return ", ".join(kinds) or "-"
+
+
+def _unwrap_state_dict(raw: dict) -> dict[str, torch.Tensor]:
+    """Find the backbone weights in DINO, timm or plain checkpoints."""
+    state = raw
+    for key in _WRAPPER_KEYS:  # DINO training checkpoints keep the teacher as the better one
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    cleaned = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key] = value
+    return cleaned
+
+
+def load_image_vit(backbone: TimeSformer, path: str | Path) -> LoadReport:
+    """Load a local image-ViT checkpoint (DINO ViT-B/16 or timm layout) into the spatial weights.
+
+    Patch embedding, CLS, spatial position table (resized to this model's grid), spatial
+    attention, norms and MLPs load by name; the temporal attention, temporal_fc and the time
+    table keep their fresh initialisation (the paper: temporal weights random). Nothing is
+    downloaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: no checkpoint at {path} (nothing is downloaded)")
+    state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    own = backbone.state_dict()
+    report = LoadReport(str(path))
+    update = {}
+    for key, value in state.items():
+        if key not in own:
+            report.skipped.append(key)
+            continue
+        if key == "pos_embed" and value.shape != own[key].shape:
+            value = _resize_pos_embed(value, backbone.grid)
+            report.resized.append(key)
+        if value.shape != own[key].shape:
+            report.skipped.append(key)
+            continue
+        update[key] = value.to(own[key].dtype)
+        report.loaded.append(key)
+    report.new = [key for key in own if key not in update]
+    if not update:
+        raise ValueError(
+            f"model.init_from: {path} holds no tensor that matches the backbone "
+            f"(expected ViT names such as blocks.0.attn.qkv.weight, patch_embed.proj.weight)"
+        )
+    backbone.load_state_dict(update, strict=False)
+    return report
+
+
+def _resize_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1 + g*g, d) of another grid -> (1, 1 + grid*grid, d), bicubic over the 2D grid."""
+    source = math.isqrt(table.shape[1] - 1)
+    if source * source != table.shape[1] - 1:
+        return table  # not a square grid with one CLS: left to the shape check
+    patch = rearrange(table[:, 1:], "1 (gh gw) d -> 1 d gh gw", gh=source)
+    patch = F.interpolate(patch.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], rearrange(patch, "1 d gh gw -> 1 (gh gw) d")], dim=1)
