@@ -1,0 +1,123 @@
+"""Config: presets, overrides, validation messages that name the field, resolve()."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from svt_ray.cli import app
+from svt_ray.config import PRESETS, ConfigError, load_config
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load_and_validate(preset):
+    config = load_config(preset)
+    assert config.preset == preset
+    assert config.views.num_global == len(config.views.global_frame_counts())
+
+
+def test_paper_preset_is_the_paper_recipe():
+    config = load_config("paper")
+    assert config.views.global_frame_counts() == [8, 16]
+    assert config.views.local_frame_counts() == [2, 2, 4, 4, 8, 8, 16, 16]
+    assert (config.views.global_size, config.views.local_size) == (224, 96)
+    assert config.num_frames == 16 and config.image_size == 224
+    assert (config.model.embed_dim, config.model.depth, config.model.num_heads) == (768, 12, 12)
+
+
+def test_reference_preset_uses_eight_frames_and_fixed_windows():
+    config = load_config("reference_code")
+    assert set(config.views.global_frame_counts() + config.views.local_frame_counts()) == {8}
+    assert config.views.global_window == "reference"
+
+
+def test_tiny_preset_keeps_every_code_path():
+    views = load_config("tiny").views
+    assert len(set(views.global_frame_counts())) == 2  # globals of different frame counts
+    assert len(set(views.local_frame_counts())) >= 2  # locals of several frame counts
+    assert views.local_size < views.global_size
+
+
+def test_precedence_preset_file_overrides(tmp_path):
+    file = tmp_path / "exp.yaml"
+    file.write_text(yaml.safe_dump({"views": {"num_local": 2}, "optim": {"epochs": 3}}))
+    config = load_config("paper", file, ["views.num_local=4"])
+    assert config.views.num_local == 4  # --set beats the file
+    assert config.optim.epochs == 3  # the file beats the preset
+    assert config.views.local_frame_counts() == [2, 4, 8, 16]
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config("tiny", overrides=["views.global_frames=[8, 8]", "model.init_from=null"])
+    assert config.views.global_frames == [8, 8]
+    assert config.model.init_from is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["views.num_locals=4"], "views.num_locals: unknown key"),
+        (["nonsense.field=1"], "nonsense: unknown key"),
+        (["loss.student_temp=-1"], "loss.student_temp"),
+        (["views.flip_p=1.5"], "views.flip_p"),
+        (["views.local_frames=[32]"], "views.local_frames: a 32-frame view needs a span of >= 32"),
+        (["optim.batch_size=30", "scaling.num_workers=4"], "optim.batch_size=30 does not split"),
+        (["views.global_size=320"], "views.global_size=320 is larger than"),
+        (["views.local_size=100"], "views.local_size=100 must be a multiple of model.patch_size"),
+        (["views.global_crop_scale=[0.9, 0.4]"], "views.global_crop_scale"),
+        (["model.num_heads=5"], "model.embed_dim=768 must be divisible by model.num_heads=5"),
+        (["views.num_local=0", "loss.motion_weight=0"], "no loss term has a pair"),
+        (["views.num_global=1", "views.num_local=0"], "no loss term has a pair"),
+        (["optim"], "must look like section.field=value"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config("paper", overrides=overrides)
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_range_message_says_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"raise views.clip_frames to >= 256 or use <= 16 frames"):
+        load_config("paper", overrides=["views.local_frames=[32]"])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("tiny", tmp_path / "missing.yaml")
+
+
+def test_resolve_derives_batch_lr_and_steps():
+    config = load_config("paper", overrides=["scaling.num_workers=4"]).resolve(clips_per_epoch=3200)
+    derived = config.derived
+    assert derived.per_worker_batch == 8
+    assert derived.lr == pytest.approx(5e-4 * 32 / 256)  # 6.25e-5, the author's figure
+    assert derived.steps_per_epoch == 100
+    assert derived.total_steps == 2000 and derived.warmup_steps == 1000
+    assert config.model.num_frames == 16 and config.model.image_size == 224
+    assert yaml.safe_load(config.dump())["derived"]["per_worker_batch"] == 8
+    assert config.flat()["derived.lr"] == pytest.approx(6.25e-5)
+
+
+def test_resolve_rejects_an_empty_dataset():
+    with pytest.raises(ConfigError, match="0 training clips"):
+        load_config("tiny").resolve(0)
+
+
+def test_cli_config_show_prints_the_config():
+    result = CliRunner().invoke(
+        app, ["config", "show", "--preset", "tiny", "--set", "views.num_local=2"]
+    )
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["views"]["num_local"] == 2 and shown["preset"] == "tiny"
+
+
+def test_cli_bad_value_prints_one_line_and_exits_2():
+    result = CliRunner().invoke(app, ["config", "show", "--set", "views.num_local=-1"])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: views.num_local")
+    assert "Traceback" not in result.output

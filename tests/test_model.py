@@ -1,0 +1,222 @@
+"""TimeSformer, position tables, DINO head and the multi-view forward."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from factories import small_config
+
+from svt_ray.config import PRESETS, load_config
+from svt_ray.model import DINOHead, TimeSformer, build_model, load_image_vit
+from svt_ray.views import view_slots
+
+
+def tiny_backbone(**overrides) -> TimeSformer:
+    settings = dict(
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        image_size=224,
+        num_frames=16,
+        drop_path_rate=0.0,
+    )
+    settings.update(overrides)
+    return TimeSformer(**settings)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_view_shape_of_every_preset_goes_through(preset):
+    config = small_config(preset, "model.depth=1")
+    model = build_model(config).eval()
+    slots = view_slots(config.views)
+    views = [torch.randn(1, *slot.shape) for slot in slots]
+    with torch.no_grad():
+        out = model(views)
+    assert out.logits.shape == (len(slots), 1, config.model.head_out_dim)
+    assert out.features.shape == (len(slots), 1, config.model.embed_dim)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_paper_preset_builds_timesformer_b16():
+    with torch.device("meta"):
+        model = build_model(load_config("paper"))
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    # ViT-B/16 (86M) + per block a temporal qkv, proj, temporal_fc and LayerNorm; 16-frame table.
+    assert backbone == 121_264_896
+    head = sum(p.numel() for p in model.head.parameters())
+    assert head == 768 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 256 + 256 + 256 * 65536
+
+
+def test_position_tables_are_identity_at_native_size():
+    backbone = tiny_backbone()
+    assert backbone.spatial_pos_embed(14, 14) is backbone.pos_embed
+    assert backbone.temporal_pos_embed(16) is backbone.time_embed
+
+
+def test_spatial_table_for_96px_views():
+    backbone = tiny_backbone()
+    table = backbone.spatial_pos_embed(6, 6)
+    assert table.shape == (1, 1 + 36, 32)
+    assert torch.equal(table[:, 0], backbone.pos_embed[:, 0])  # the CLS position is kept
+    grid = backbone.pos_embed[0, 1:].reshape(14, 14, 32)
+    rows = torch.floor(torch.arange(6) * 14 / 6).long()  # nearest, as the reference code
+    expected = grid[rows][:, rows].reshape(36, 32)
+    assert torch.equal(table[0, 1:], expected)
+
+
+def test_temporal_table_for_2_and_16_frames():
+    backbone = tiny_backbone(num_frames=8)
+    with torch.no_grad():
+        backbone.time_embed.copy_(torch.arange(8.0).view(1, 8, 1).expand(1, 8, 32))
+    two = backbone.temporal_pos_embed(2)[0, :, 0]
+    sixteen = backbone.temporal_pos_embed(16)[0, :, 0]
+    assert two.tolist() == [0.0, 4.0]  # svt_spec §1.3: T=2 takes 0 and 4
+    assert sixteen.tolist() == [i // 2 for i in range(16)]  # each embedding twice
+    stored16 = tiny_backbone(num_frames=16)
+    assert stored16.temporal_pos_embed(4).shape == (1, 4, 32)
+
+
+def test_non_square_views_of_any_multiple_of_the_patch():
+    backbone = tiny_backbone().eval()
+    with torch.no_grad():
+        out = backbone(torch.randn(2, 3, 3, 32, 80))
+    assert out.shape == (2, 32)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        backbone(torch.randn(1, 3, 2, 40, 40))
+
+
+def test_sdpa_matches_explicit_softmax_attention():
+    torch.manual_seed(0)
+    fast = tiny_backbone(attention="sdpa").eval()
+    naive = tiny_backbone(attention="naive").eval()
+    naive.load_state_dict(fast.state_dict())
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(video), naive(video), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = tiny_backbone()
+    checkpointed = tiny_backbone(activation_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    video = torch.randn(2, 3, 2, 32, 32)
+    plain(video).square().sum().backward()
+    checkpointed(video).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_temporal_branch_starts_silent():
+    """temporal_fc is zero at init: the model starts as a per-frame image ViT (TimeSformer)."""
+    backbone = tiny_backbone().eval()
+    video = torch.randn(1, 3, 4, 32, 32)
+    shuffled = video[:, :, torch.tensor([2, 0, 3, 1])]
+    with torch.no_grad():
+        # The time table is zero too, so frame order cannot matter yet.
+        torch.testing.assert_close(backbone(video), backbone(shuffled))
+
+
+def test_every_student_parameter_gets_a_gradient():
+    config = small_config("tiny", "model.head_out_dim=64")
+    model = build_model(config)
+    with torch.no_grad():  # give the silent temporal branches and time table a signal
+        for block in model.backbone.blocks:
+            torch.nn.init.normal_(block.temporal_fc.weight, std=0.02)
+        torch.nn.init.normal_(model.backbone.time_embed, std=0.02)
+    views = [torch.randn(2, *slot.shape) for slot in view_slots(config.views)]
+    model(views).logits.logsumexp(-1).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_multiview_forward_equals_per_view_forward():
+    config = small_config("tiny")
+    model = build_model(config).eval()
+    views = [torch.randn(2, *slot.shape) for slot in view_slots(config.views)]
+    with torch.no_grad():
+        out = model(views)
+        for index, view in enumerate(views):
+            features = model.backbone(view)
+            torch.testing.assert_close(out.features[index], features, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                out.logits[index], model.head(features), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_dino_head_prototypes_are_unit_norm_and_frozen_gain():
+    head = DINOHead(32, out_dim=50, hidden_dim=16, bottleneck_dim=8, norm_last_layer=True)
+    assert head.last_layer.gain is None
+    logits = head(torch.randn(4, 32))
+    assert logits.shape == (4, 50)
+    assert logits.abs().max() <= 1.0 + 1e-5  # cosine between unit bottleneck and unit prototypes
+    learnable = DINOHead(32, out_dim=50, hidden_dim=16, bottleneck_dim=8, norm_last_layer=False)
+    assert learnable.last_layer.gain.requires_grad
+
+
+def _fake_image_vit_checkpoint(backbone: TimeSformer, grid: int) -> dict:
+    """A timm-layout ViT state dict (spatial names, a classifier head, a 14x14 pos table)."""
+    state = {
+        key: torch.randn_like(value)
+        for key, value in backbone.state_dict().items()
+        if "temporal" not in key and key != "time_embed"
+    }
+    state["pos_embed"] = torch.randn(1, 1 + grid * grid, backbone.embed_dim)
+    state["head.weight"] = torch.randn(1000, backbone.embed_dim)
+    return {"model": {f"module.{k}": v for k, v in state.items()}}
+
+
+def test_init_from_loads_spatial_weights_and_reports(tmp_path):
+    backbone = tiny_backbone(image_size=112)  # 7x7 grid; the checkpoint has 14x14
+    checkpoint = _fake_image_vit_checkpoint(backbone, grid=14)
+    path = tmp_path / "vit.pth"
+    torch.save(checkpoint, path)
+    temporal_before = backbone.blocks[0].temporal_attn.qkv.weight.clone()
+    report = load_image_vit(backbone, path)
+    weights = checkpoint["model"]
+    assert torch.equal(
+        backbone.blocks[1].attn.qkv.weight, weights["module.blocks.1.attn.qkv.weight"]
+    )
+    assert torch.equal(backbone.patch_embed.proj.weight, weights["module.patch_embed.proj.weight"])
+    assert backbone.pos_embed.shape == (1, 1 + 49, 32)
+    assert report.resized == ["pos_embed"]
+    assert "head.weight" in report.skipped
+    assert "time_embed" in report.new and "blocks.0.temporal_attn.qkv.weight" in report.new
+    assert torch.equal(backbone.blocks[0].temporal_attn.qkv.weight, temporal_before)
+    summary = report.summary()
+    assert "loaded" in summary and "skipped 1" in summary and "temporal_attn" in summary
+
+
+def test_init_from_missing_file_says_nothing_is_downloaded(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_image_vit(tiny_backbone(), tmp_path / "dino_vitbase16_pretrain.pth")
+
+
+def test_init_from_unrelated_checkpoint_is_rejected(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"conv1.weight": torch.randn(8, 3, 3, 3)}, path)
+    with pytest.raises(ValueError, match="holds no tensor that matches"):
+        load_image_vit(tiny_backbone(), path)
+
+
+def test_model_import_pulls_in_neither_ray_nor_mlflow():
+    code = (
+        "import sys, svt_ray.model, svt_ray.engine, svt_ray.views, svt_ray.losses; "
+        "bad = [m for m in ('ray', 'mlflow', 'typer') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_contracts_hold():
+    """import-linter: the core modules never import Ray, MLflow or Typer, even indirectly."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["lint-imports"], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

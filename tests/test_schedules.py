@@ -1,0 +1,56 @@
+"""Schedules are pure functions of the step with closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from svt_ray.config import load_config
+from svt_ray.schedules import Schedule, cosine, learning_rate, teacher_temperature
+
+
+def test_learning_rate_warmup_then_cosine():
+    peak, final, warmup, total = 1e-3, 1e-6, 10, 110
+    assert learning_rate(0, peak, final, warmup, total) == 0.0
+    assert learning_rate(5, peak, final, warmup, total) == pytest.approx(peak / 2)
+    assert learning_rate(10, peak, final, warmup, total) == pytest.approx(peak)
+    assert learning_rate(60, peak, final, warmup, total) == pytest.approx((peak + final) / 2)
+    assert learning_rate(110, peak, final, warmup, total) == pytest.approx(final)
+    assert learning_rate(500, peak, final, warmup, total) == pytest.approx(final)
+    k = 35
+    closed = final + 0.5 * (peak - final) * (
+        1 + math.cos(math.pi * (k - warmup) / (total - warmup))
+    )
+    assert learning_rate(k, peak, final, warmup, total) == pytest.approx(closed)
+
+
+def test_teacher_momentum_is_the_dino_cosine():
+    base, total = 0.996, 1000
+    for k in (0, 1, 250, 500, 999, 1000):
+        closed = 1 - (1 - base) * (math.cos(math.pi * k / total) + 1) / 2
+        assert cosine(k, total, base, 1.0) == pytest.approx(closed)
+
+
+def test_teacher_temperature_warmup():
+    assert teacher_temperature(0, 30, 0.04, 0.07) == pytest.approx(0.04)
+    assert teacher_temperature(15, 30, 0.04, 0.07) == pytest.approx(0.055)
+    assert teacher_temperature(30, 30, 0.04, 0.07) == pytest.approx(0.07)
+    assert teacher_temperature(5, 0, 0.04, 0.07) == pytest.approx(0.07)
+
+
+def test_schedule_from_a_resolved_config():
+    config = load_config("paper").resolve(clips_per_epoch=320)  # 10 steps per epoch
+    schedule = Schedule.from_config(config)
+    assert schedule.total_steps == 200 and schedule.warmup_steps == 100
+    start, middle, end = schedule.at(0), schedule.at(100), schedule.at(200)
+    assert start.lr == 0 and middle.lr == pytest.approx(6.25e-5) and end.lr == pytest.approx(1e-6)
+    assert start.weight_decay == pytest.approx(0.04) and end.weight_decay == pytest.approx(0.4)
+    assert start.momentum == pytest.approx(0.996) and end.momentum == pytest.approx(1.0)
+    assert start.freeze_last_layer and not schedule.at(10).freeze_last_layer
+    assert schedule.at(73) == schedule.at(73)  # pure: the same step, the same values
+
+
+def test_schedule_needs_a_resolved_config():
+    with pytest.raises(ValueError, match="resolve"):
+        Schedule.from_config(load_config("tiny"))
