@@ -1,0 +1,83 @@
+"""kNN and linear probe: perfect on separable features, chance on random labels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svt_ray.evaluate import (
+    FeatureExtractor,
+    format_table,
+    knn_accuracy,
+    knn_scores,
+    linear_probe_accuracy,
+    topk_accuracy,
+)
+from svt_ray.model import TimeSformer
+
+
+def separable(n_per_class=30, classes=5, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=generator) * 5
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    features = centres[labels] + 0.3 * torch.randn(len(labels), dim, generator=generator)
+    return features, labels
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    accuracy = topk_accuracy(scores, torch.tensor([1, 2, 0]))
+    assert accuracy.top1 == pytest.approx(100 / 3)
+    assert accuracy.top5 == pytest.approx(100.0)  # only 3 classes: top-5 covers all
+
+
+def test_knn_votes_match_a_written_out_reference():
+    train, labels = separable(4, 3, 8)
+    test = torch.randn(5, 8)
+    scores = knn_scores(train, labels, test, num_classes=3, k=3, temperature=0.1)
+    normed_train = torch.nn.functional.normalize(train, dim=1)
+    for i, query in enumerate(torch.nn.functional.normalize(test, dim=1)):
+        similarity = normed_train @ query
+        expected = torch.zeros(3)
+        for j in similarity.argsort(descending=True)[:3]:
+            expected[labels[j]] += torch.exp(similarity[j] / 0.1)
+        torch.testing.assert_close(scores[i], expected)
+
+
+def test_knn_and_linear_are_perfect_on_separable_features():
+    train, train_labels = separable(seed=0)
+    test, test_labels = separable(seed=0)
+    test = test + 0.1 * torch.randn_like(test)
+    assert knn_accuracy(train, train_labels, test, test_labels, 5).top1 == 100.0
+    probe = linear_probe_accuracy(train, train_labels, test, test_labels, 5, epochs=30)
+    assert probe.top1 == 100.0
+
+
+def test_knn_and_linear_are_at_chance_on_random_labels():
+    generator = torch.Generator().manual_seed(1)
+    train = torch.randn(2000, 32, generator=generator)
+    test = torch.randn(1000, 32, generator=generator)
+    train_labels = torch.randint(0, 10, (2000,), generator=generator)
+    test_labels = torch.randint(0, 10, (1000,), generator=generator)
+    knn = knn_accuracy(train, train_labels, test, test_labels, 10)
+    probe = linear_probe_accuracy(train, train_labels, test, test_labels, 10, epochs=10)
+    for accuracy in (knn, probe):
+        assert 5.0 <= accuracy.top1 <= 15.0  # chance is 10%
+        assert 40.0 <= accuracy.top5 <= 60.0  # chance is 50%
+
+
+def test_slow_fast_features_average_the_two_clips():
+    backbone = TimeSformer(
+        patch_size=8, embed_dim=16, depth=1, num_heads=2, image_size=32, num_frames=8
+    )
+    extractor = FeatureExtractor(backbone, mean=(0.5,) * 3, std=(0.25,) * 3)
+    slow = torch.randint(0, 256, (2, 3, 2, 32, 32), dtype=torch.uint8)
+    fast = torch.randint(0, 256, (2, 3, 8, 16, 16), dtype=torch.uint8)
+    combined = extractor.slow_fast(slow, fast)
+    torch.testing.assert_close(combined, (extractor.features(slow) + extractor.features(fast)) / 2)
+    assert combined.shape == (2, 16)
+
+
+def test_format_table():
+    table = format_table([{"features": "single", "knn_top1": 51.25}])
+    assert table.splitlines() == ["| features | knn_top1 |", "|---|---|", "| single | 51.2 |"]
