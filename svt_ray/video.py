@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
@@ -48,6 +48,8 @@ class VideoReader(Protocol):
     width: int
 
     def get_frames(self, indices: Sequence[int]) -> np.ndarray: ...
+
+    def iter_frames(self) -> Iterator[np.ndarray]: ...
 
     def close(self) -> None: ...
 
@@ -133,6 +135,29 @@ class DecordReader:
         self._shape = frames.shape[1:3]
         return frames
 
+    def iter_frames(self) -> Iterator[np.ndarray]:
+        """Every frame in order, decoded strictly sequentially (no seeking).
+
+        The safe way to read a source of unknown provenance: random access trusts the
+        container's keyframe flags, which some files get wrong (docs/data.md).
+        """
+        import decord
+
+        self._reader.seek(0)
+        for index in range(self.num_frames):
+            try:
+                frame = self._reader.next().asnumpy()
+            except StopIteration:
+                raise VideoDecodeError(
+                    f"decord stopped at frame {index} of {self.num_frames}"
+                ) from None
+            except decord.DECORDError as error:
+                raise VideoDecodeError(
+                    f"decord failed at frame {index}: {_first_line(error)}"
+                ) from error
+            self._shape = frame.shape[:2]
+            yield frame
+
     def close(self) -> None:
         self._reader = None
 
@@ -209,6 +234,17 @@ class PyAVReader:
         if not idx.size:
             return np.empty((0, self.height, self.width, 3), dtype=np.uint8)
         return np.stack([found[i] for i in idx.tolist()])
+
+    def iter_frames(self) -> Iterator[np.ndarray]:
+        """Every frame in presentation order, decoded sequentially from the start."""
+        import av
+
+        self._container.seek(self._pts[0], stream=self._stream, backward=True, any_frame=False)
+        try:
+            for frame in self._container.decode(self._stream):
+                yield frame.to_ndarray(format="rgb24")
+        except av.FFmpegError as error:
+            raise VideoDecodeError(f"PyAV failed to decode: {_first_line(error)}") from error
 
     def close(self) -> None:
         self._container.close()

@@ -93,3 +93,18 @@ def zero_timestamps(data: bytes) -> bytes:
         offset = at + 12 + 8 * k + 4  # (sample_count, sample_delta): zero the delta
         data[offset : offset + 4] = b"\0\0\0\0"
     return bytes(data)
+
+
+def mux(frames: np.ndarray, container_format: str, codec: str, fps: float = 25.0, **options):
+    """Encode with any PyAV codec into any container (AVI/mpeg4, WebM/VP9, MP4/AV1 ...)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {key.replace("_", "-"): str(value) for key, value in options.items()}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
