@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from svt_ray.config import ExperimentConfig
@@ -146,6 +147,15 @@ def feature_std(features: torch.Tensor) -> torch.Tensor:
     return normed.std(dim=0).mean() if normed.shape[0] > 1 else normed.new_zeros(())
 
 
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank: all ranks then take the same branch, so
+    none is left waiting in DDP's gradient all-reduce for a rank that stopped."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def to_device_views(batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     return [view.to(device, non_blocking=True) for view in batch]
 
@@ -185,7 +195,7 @@ def train_step(
         student_out.features[:num_global],
     )
     loss = terms["loss"]
-    if not torch.isfinite(loss):
+    if not all_ranks_finite(loss):
         state.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(
             f"step {step}: the loss is {loss.item()} (lr={values.lr:.3g}); no weight was updated. "
