@@ -1,0 +1,485 @@
+"""`python -m data_prep INPUT OUTPUT` (also `svt-ray prep`): videos -> Parquet shards on Ray.
+
+The driver discovers the inputs, fixes (or extends) the shard plan, then runs one Ray task per
+video (probe, decode, re-encode) and one Ray task per shard (write the Parquet file, then its
+state file). Encoded videos travel through the object store from the video tasks to the shard
+writer, never through the driver, so the same command shards a large collection on a cluster
+(`--address auto`). Bad videos end up in rejects.jsonl; a video task that crashes its worker
+(a decoder segfault) is rejected too. Exit codes: 0 when the dataset has at least one video,
+1 when nothing could be sharded, 2 for unusable arguments or inputs, 3 when a shard could not be
+written (re-run to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+
+from data_prep.inputs import (
+    VIDEO_EXTENSIONS,
+    InputError,
+    InputVideo,
+    assign_split,
+    build_label_map,
+    discover,
+    read_split_files,
+    resolve_filesystem,
+)
+from data_prep.shards import (
+    SCHEMA_VERSION,
+    STATE_DIR,
+    Output,
+    load_states,
+    shard_name,
+    shard_state,
+    write_manifest,
+    write_shard,
+)
+from data_prep.transcode import PrepOptions, Rejected, prepare_video
+
+logger = logging.getLogger("data_prep")
+
+
+# --------------------------------------------------------------------------------------------
+# Work done in Ray tasks (plain functions, wrapped with ray.remote in `run`)
+
+
+def process_video(
+    video: InputVideo, split: str, label: int, filesystem, options: PrepOptions
+) -> tuple[dict, dict | None]:
+    """(status, row): the status is small and goes to the driver, the row to the shard writer."""
+    start = time.perf_counter()
+    status = {
+        "id": video.id,
+        "path": video.relative_path,
+        "ok": False,
+        "reason": None,
+        "detail": None,
+        "source_bytes": max(video.size, 0),
+        "output_bytes": 0,
+    }
+    try:
+        try:
+            with filesystem.open_input_stream(video.path) as stream:
+                data = stream.read()
+        except (OSError, ValueError) as error:
+            raise Rejected("unreadable", f"{type(error).__name__}: {error}") from error
+        columns = prepare_video(data, options)
+    except Rejected as rejected:
+        status.update(reason=rejected.reason, detail=rejected.detail)
+        return status, None
+    except Exception as error:  # one unexpected failure must not stop the collection
+        logger.exception("unexpected error preparing %s", video.relative_path)
+        status.update(reason="error", detail=f"{type(error).__name__}: {error}"[:500])
+        return status, None
+    row = {
+        "id": video.id,
+        "label": label,
+        "label_name": video.label_name or "",
+        "split": split,
+        "source_path": video.relative_path,
+        **columns,
+    }
+    status.update(
+        ok=True,
+        source_bytes=len(data),
+        output_bytes=len(columns["video"]),
+        seconds=time.perf_counter() - start,
+    )
+    return status, row
+
+
+def write_shard_task(output: Output, name: str, ids: list[str], *results) -> dict:
+    """Write one shard from its videos' (status, row) results, then mark it done."""
+    statuses, rows = results[: len(ids)], [row for row in results[len(ids) :] if row is not None]
+    rejects = [
+        {
+            "id": status["id"],
+            "path": status["path"],
+            "reason": status["reason"],
+            "detail": status["detail"],
+        }
+        for status in statuses
+        if not status["ok"]
+    ]
+    size = write_shard(output, name, rows) if rows else 0
+    state = shard_state(name, ids, rows, rejects, size)
+    output.write_json(state, STATE_DIR, f"{name}.json")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+
+
+def plan_shards(
+    previous: dict | None,
+    videos: list[InputVideo],
+    label_map: dict[str, int],
+    options: dict,
+    source: str,
+    shard_bytes: int,
+    max_videos: int,
+) -> dict:
+    """Keep the shards of an earlier plan; pack inputs it does not know into new shards."""
+    plan = previous or {"schema_version": SCHEMA_VERSION, "shards": []}
+    plan.update(label_map=label_map, options=options, source=source)
+    known = {video_id for entry in plan["shards"] for video_id in entry["ids"]}
+    current: list[str] = []
+    current_bytes = 0
+    new_entries = []
+    for video in videos:  # sorted by id
+        if video.id in known:
+            continue
+        size = max(video.size, 0)
+        if current and (current_bytes + size > shard_bytes or len(current) >= max_videos):
+            new_entries.append(current)
+            current, current_bytes = [], 0
+        current.append(video.id)
+        current_bytes += size
+    if current:
+        new_entries.append(current)
+    for ids in new_entries:
+        plan["shards"].append({"name": shard_name(len(plan["shards"])), "ids": ids})
+    return plan
+
+
+def _options_record(args: argparse.Namespace, options: PrepOptions) -> dict:
+    """Everything that changes shard contents; a resumed run must use the same."""
+    return {
+        **options.to_dict(),
+        "val_fraction": args.val_fraction,
+        "split_seed": args.split_seed,
+        "split_files": sorted(args.split_file or []),
+        "extensions": sorted(args.extensions),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = PrepOptions()
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Shard a video collection into Parquet for svt-ray (see docs/data.md).",
+    )
+    parser.add_argument(
+        "input",
+        help="folder (class sub-folders give labels), or a .csv/.jsonl "
+        "manifest with path,label[,split]; local path or URI",
+    )
+    parser.add_argument(
+        "output",
+        help="dataset directory: local path or pyarrow filesystem URI (s3://..., gs://...)",
+    )
+    parser.add_argument("--short-side", type=int, default=defaults.short_side)
+    parser.add_argument(
+        "--max-fps",
+        type=float,
+        default=defaults.max_fps,
+        help="frame-rate cap (0: keep the source rate)",
+    )
+    parser.add_argument("--gop", type=int, default=defaults.gop)
+    parser.add_argument("--crf", type=int, default=defaults.crf)
+    parser.add_argument("--preset", default=defaults.preset)
+    parser.add_argument("--min-frames", type=int, default=defaults.min_frames)
+    parser.add_argument("--min-duration", type=float, default=defaults.min_duration_s)
+    parser.add_argument("--min-side", type=int, default=defaults.min_side)
+    parser.add_argument("--max-side", type=int, default=defaults.max_side)
+    parser.add_argument("--max-aspect", type=float, default=defaults.max_aspect)
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of ids hashed into 'val' when no split is given",
+    )
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument(
+        "--split-file",
+        action="append",
+        metavar="SPLIT=PATH",
+        help="UCF-101 style list of relative paths for SPLIT (repeatable)",
+    )
+    parser.add_argument("--extensions", nargs="+", default=list(VIDEO_EXTENSIONS))
+    parser.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=256.0,
+        help="pack up to this many MB of source video per shard",
+    )
+    parser.add_argument("--max-videos-per-shard", type=int, default=1024)
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)",
+    )
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="videos submitted at once (default: 4 x cluster CPUs, >= 1 shard)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m data_prep` and `svt-ray prep`; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+    try:
+        options = PrepOptions(
+            short_side=args.short_side,
+            max_fps=args.max_fps,
+            gop=args.gop,
+            crf=args.crf,
+            preset=args.preset,
+            min_frames=args.min_frames,
+            min_duration_s=args.min_duration,
+            min_side=args.min_side,
+            max_side=args.max_side,
+            max_aspect=args.max_aspect,
+        )
+        if not 0 <= args.val_fraction < 1:
+            raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
+        split_assignments = []
+        for item in args.split_file or []:
+            split, _, path = item.partition("=")
+            if not split or not path:
+                raise ValueError(f"--split-file expects SPLIT=PATH, got {item!r}")
+            split_assignments.append((split, path))
+        return run(args, options, split_assignments)
+    except (ValueError, InputError) as error:
+        print(f"data_prep: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> int:
+    started = time.perf_counter()
+    videos, input_fs = discover(args.input, args.extensions)
+    if not videos:
+        print(
+            f"data_prep: no video files ({', '.join(args.extensions)}) under {args.input}",
+            file=sys.stderr,
+        )
+        return 1
+    split_files = read_split_files(input_fs, split_assignments)
+    output_fs, output_root = resolve_filesystem(args.output)
+    output = Output(output_fs, output_root)
+    previous = (
+        output.read_json(STATE_DIR, "plan.json") if output.exists(STATE_DIR, "plan.json") else None
+    )
+    options_record = _options_record(args, options)
+    if previous and previous["options"] != options_record:
+        changed = sorted(
+            key for key in options_record if previous["options"].get(key) != options_record[key]
+        )
+        raise ValueError(
+            f"{args.output} was prepared with other options ({', '.join(changed)}); "
+            "use the same options to resume, or a new output directory"
+        )
+    label_map = build_label_map(videos, previous["label_map"] if previous else None)
+    plan = plan_shards(
+        previous,
+        videos,
+        label_map,
+        options_record,
+        args.input,
+        int(args.shard_size_mb * 1e6),
+        args.max_videos_per_shard,
+    )
+    states = load_states(output, [entry["name"] for entry in plan["shards"]])
+    todo = [entry for entry in plan["shards"] if entry["name"] not in states]
+    by_id = {video.id: video for video in videos}
+    splits = {
+        video.id: assign_split(video, split_files, args.val_fraction, args.split_seed)
+        for video in videos
+    }
+    missing = {video_id for entry in todo for video_id in entry["ids"] if video_id not in by_id}
+    if missing:
+        raise InputError(
+            f"{len(missing)} planned inputs are no longer listed under "
+            f"{args.input}; restore them or use a new output directory"
+        )
+
+    if args.dry_run:
+        _print_dry_run(args, videos, plan, states, todo, splits, label_map)
+        return 0
+
+    output.remove_temporaries()
+    output.write_json(plan, STATE_DIR, "plan.json")
+    failed = 0
+    if todo:
+        failed = _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
+        states = load_states(output, [entry["name"] for entry in plan["shards"]])
+    manifest = write_manifest(output, plan, states)
+    _print_summary(args, manifest, time.perf_counter() - started)
+    if failed:
+        print(
+            f"data_prep: {failed} shard(s) could not be written; re-run to resume", file=sys.stderr
+        )
+        return 3
+    if manifest["counts"]["accepted"] == 0:
+        print(
+            f"data_prep: nothing was sharded: all {manifest['counts']['rejected']} inputs were "
+            f"rejected (see {args.output}/rejects.jsonl)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map) -> int:
+    """Process the unfinished shards; return how many shard writes failed."""
+    import ray
+    from tqdm import tqdm
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(
+            address=args.address,
+            num_cpus=args.num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    try:
+        process = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(process_video)
+        writer = ray.remote(num_cpus=0.25, max_retries=3)(write_shard_task)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        largest = max(len(entry["ids"]) for entry in todo)
+        window = args.max_in_flight or max(4 * cpus, largest)
+        queue = deque(todo)
+        pending: dict = {}  # status ref -> (shard name, position, row ref)
+        slots: dict[str, dict] = {}
+        writers: dict = {}
+        failed = 0
+        rejected: Counter = Counter()
+        source_bytes = 0
+        start = time.perf_counter()
+        total = sum(len(entry["ids"]) for entry in todo)
+        progress = tqdm(
+            total=total,
+            unit="video",
+            disable=_progress_disabled(args),
+            desc="data_prep",
+            dynamic_ncols=True,
+        )
+        while queue or pending or writers:
+            while queue and (not pending or len(pending) + len(queue[0]["ids"]) <= window):
+                entry = queue.popleft()
+                slots[entry["name"]] = {
+                    "ids": entry["ids"],
+                    "statuses": [None] * len(entry["ids"]),
+                    "rows": [None] * len(entry["ids"]),
+                    "remaining": len(entry["ids"]),
+                }
+                for position, video_id in enumerate(entry["ids"]):
+                    video = by_id[video_id]
+                    label = label_map[video.label_name] if video.label_name is not None else -1
+                    status_ref, row_ref = process.remote(
+                        video, splits[video_id], label, input_fs, options
+                    )
+                    pending[status_ref] = (entry["name"], position, row_ref)
+            ready, _ = ray.wait([*pending, *writers], num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in writers:
+                    name = writers.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError as error:
+                        failed += 1
+                        logger.error("shard %s could not be written: %s", name, error)
+                    continue
+                name, position, row_ref = pending.pop(ref)
+                slot = slots[name]
+                try:
+                    status = ray.get(ref)
+                    row = row_ref if status["ok"] else None
+                except ray.exceptions.RayError as error:  # the worker died (decoder crash)
+                    video = by_id[slot["ids"][position]]
+                    status = {
+                        "id": video.id,
+                        "path": video.relative_path,
+                        "ok": False,
+                        "reason": "crash",
+                        "detail": f"decoding crashed the worker: {type(error).__name__}",
+                    }
+                    row = None
+                slot["statuses"][position], slot["rows"][position] = status, row
+                slot["remaining"] -= 1
+                source_bytes += status["source_bytes"]
+                if not status["ok"]:
+                    rejected[status["reason"]] += 1
+                progress.update(1)
+                progress.set_postfix(
+                    rejects=sum(rejected.values()),
+                    MBps=f"{source_bytes / 1e6 / (time.perf_counter() - start):.1f}",
+                    shards=f"{len(slots) - len(writers)}",
+                )
+                if slot["remaining"] == 0:
+                    slot = slots.pop(name)
+                    writers[
+                        writer.remote(output, name, slot["ids"], *slot["statuses"], *slot["rows"])
+                    ] = name
+        progress.close()
+        return failed
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _progress_disabled(args) -> bool | None:
+    if args.progress is None:
+        return None  # tqdm: on when attached to a terminal
+    return not args.progress
+
+
+def _print_dry_run(args, videos, plan, states, todo, splits, label_map) -> None:
+    todo_ids = {video_id for entry in todo for video_id in entry["ids"]}
+    split_counts = Counter(splits[video.id] for video in videos if video.id in todo_ids)
+    source_mb = sum(max(video.size, 0) for video in videos if video.id in todo_ids) / 1e6
+    print(f"dry run: {len(videos)} videos under {args.input}")
+    print(
+        f"  shards: {len(plan['shards'])} planned, {len(states)} already written, "
+        f"{len(todo)} to write -> {args.output}"
+    )
+    print(f"  to process: {len(todo_ids)} videos, {source_mb:.1f} MB of source")
+    print(f"  splits of those: {dict(sorted(split_counts.items()))}")
+    names = sorted(label_map, key=label_map.get)
+    shown = ", ".join(f"{label_map[name]}={name}" for name in names[:20])
+    print(f"  labels: {len(label_map)} ({shown}{', ...' if len(names) > 20 else ''})")
+
+
+def _print_summary(args, manifest: dict, seconds: float) -> None:
+    counts = manifest["counts"]
+    reasons = ", ".join(f"{reason} {n}" for reason, n in counts["reject_reasons"].items())
+    print(
+        f"data_prep: {counts['accepted']} videos in {len(manifest['shards'])} shards, "
+        f"{counts['rejected']} rejected{f' ({reasons})' if reasons else ''}; "
+        f"{manifest['total_duration_s'] / 3600:.2f} h of video, "
+        f"{manifest['total_bytes'] / 1e6:.1f} MB, splits {counts['splits']}; "
+        f"{seconds:.1f}s -> {args.output}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

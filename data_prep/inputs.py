@@ -1,0 +1,244 @@
+"""Which videos to prepare: discovery, labels, stable ids and train/val splits.
+
+Inputs come from a folder (recursive; the first folder level under the root is the class, or,
+Kinetics style, `train/`, `val/`, `test/` first and the class below) or from a CSV / JSONL
+manifest with `path`, `label` and an optional `split`. Every input gets an id that is a hash of
+its path relative to the input root, so ids, shard plans and splits are the same on every run
+and on every machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pyarrow import fs as pafs
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".m4v",
+    ".mov",
+    ".avi",
+    ".mkv",
+    ".webm",
+    ".mpg",
+    ".mpeg",
+    ".flv",
+    ".wmv",
+    ".3gp",
+    ".ts",
+    ".ogv",
+)
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+class InputError(ValueError):
+    """The input collection cannot be read at all (as opposed to one bad video)."""
+
+
+@dataclass(frozen=True)
+class InputVideo:
+    id: str
+    path: str
+    """Path inside `filesystem` (absolute for local files)."""
+    relative_path: str
+    """Path relative to the input root, with '/' separators: the basis of the id."""
+    label_name: str | None
+    split: str | None
+    """Split given by the input itself (manifest column, split folder or split file)."""
+    size: int
+    """Source bytes, -1 when unknown (an unreadable entry)."""
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for a local path or any filesystem URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as error:  # pyarrow.ArrowInvalid is a ValueError
+        raise InputError(f"cannot open filesystem for {uri!r}: {error}") from error
+    return filesystem, path.rstrip("/")
+
+
+def video_id(relative_path: str) -> str:
+    return hashlib.blake2b(relative_path.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def hash_split(video_id_: str, val_fraction: float, seed: int = 0) -> str:
+    """'val' for a stable pseudo-random `val_fraction` of ids, 'train' for the rest."""
+    digest = hashlib.blake2b(f"{seed}:{video_id_}".encode(), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2**64 < val_fraction else "train"
+
+
+def discover(
+    source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS
+) -> tuple[list[InputVideo], pafs.FileSystem]:
+    """List the inputs of a folder, a .csv or a .jsonl manifest, sorted by id."""
+    filesystem, path = resolve_filesystem(source)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {source!r} does not exist")
+    if info.type == pafs.FileType.Directory:
+        videos = _discover_folder(filesystem, path, extensions)
+    elif path.lower().endswith((".csv", ".jsonl", ".json")):
+        videos = _discover_manifest(filesystem, path)
+    else:
+        raise InputError(f"input {source!r} is neither a folder nor a .csv/.jsonl manifest")
+    unique: dict[str, InputVideo] = {}
+    for video in videos:
+        if video.id in unique:
+            logger.warning("input listed twice, keeping the first: %s", video.relative_path)
+            continue
+        unique[video.id] = video
+    return sorted(unique.values(), key=lambda video: video.id), filesystem
+
+
+def _discover_folder(
+    filesystem: pafs.FileSystem, root: str, extensions: Sequence[str]
+) -> list[InputVideo]:
+    suffixes = tuple(extension.lower() for extension in extensions)
+    entries: list[tuple[str, int]] = []
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        # os.walk also yields dangling symlinks, which must be reported as unreadable, not skipped.
+        for directory, _, files in os.walk(root):
+            for name in files:
+                full = os.path.join(directory, name)
+                if name.lower().endswith(suffixes) and not name.startswith("."):
+                    entries.append((full, os.path.getsize(full) if os.path.exists(full) else -1))
+    else:
+        selector = pafs.FileSelector(root, recursive=True)
+        for info in filesystem.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.base_name.lower().endswith(suffixes):
+                entries.append((info.path, info.size if info.size is not None else -1))
+    relatives = [
+        posixpath.relpath(full.replace(os.sep, "/"), root.replace(os.sep, "/"))
+        for full, _ in entries
+    ]
+    top_levels = {relative.split("/")[0] for relative in relatives if "/" in relative}
+    split_layout = bool(top_levels) and top_levels <= set(SPLIT_FOLDERS)
+    videos = []
+    for (full, size), relative in zip(entries, relatives, strict=True):
+        parts = relative.split("/")
+        split = None
+        if split_layout and len(parts) > 1:
+            split, parts = SPLIT_FOLDERS[parts[0]], parts[1:]
+        label = parts[0] if len(parts) > 1 else None
+        videos.append(InputVideo(video_id(relative), full, relative, label, split, size))
+    return videos
+
+
+def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVideo]:
+    with filesystem.open_input_stream(path) as stream:
+        text = stream.read().decode("utf-8-sig")
+    base = posixpath.dirname(path)
+    if path.lower().endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if rows and "path" not in rows[0]:
+            raise InputError(
+                f"{path}: a CSV manifest needs a header with a 'path' column "
+                f"(and optional 'label', 'split'); got {list(rows[0])}"
+            )
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{path}:{number}: invalid JSON: {error}") from error
+    videos = []
+    for number, row in enumerate(rows, 1):
+        if not row.get("path"):
+            raise InputError(f"{path}: row {number} has no 'path'")
+        relative = str(row["path"]).replace(os.sep, "/")
+        full = relative if posixpath.isabs(relative) else posixpath.join(base, relative)
+        label = row.get("label")
+        split = row.get("split") or None
+        info = filesystem.get_file_info(full)
+        size = info.size if info.type == pafs.FileType.File and info.size is not None else -1
+        videos.append(
+            InputVideo(
+                video_id(relative),
+                full,
+                relative,
+                None if label in (None, "") else str(label),
+                split,
+                size,
+            )
+        )
+    return videos
+
+
+def read_split_files(
+    filesystem: pafs.FileSystem, assignments: Iterable[tuple[str, str]]
+) -> dict[str, str]:
+    """Map relative path (and bare file name) -> split from UCF-101 style list files.
+
+    Each line's first whitespace-separated token is a path relative to the input root
+    (`ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1`).
+    """
+    mapping: dict[str, str] = {}
+    for split, list_path in assignments:
+        list_fs, resolved = (
+            (filesystem, list_path) if "://" in list_path else resolve_filesystem(list_path)
+        )
+        try:
+            with list_fs.open_input_stream(resolved) as stream:
+                lines = stream.read().decode("utf-8-sig").splitlines()
+        except OSError as error:
+            raise InputError(f"cannot read split file {list_path!r}: {error}") from error
+        for line in lines:
+            if line.strip():
+                relative = line.split()[0].replace("\\", "/")
+                mapping[relative] = split
+                mapping.setdefault(posixpath.basename(relative), split)
+    return mapping
+
+
+def assign_split(
+    video: InputVideo, split_files: dict[str, str], val_fraction: float, seed: int
+) -> str:
+    """Manifest/folder split first, then split files, then the id hash."""
+    if video.split:
+        return video.split
+    if split_files:
+        relative = video.relative_path
+        without_split_folder = relative.split("/", 1)[-1]
+        for key in (relative, without_split_folder, posixpath.basename(relative)):
+            if key in split_files:
+                return split_files[key]
+        return "unassigned"
+    return hash_split(video.id, val_fraction, seed)
+
+
+def build_label_map(videos: Iterable[InputVideo], previous: dict[str, int] | None = None):
+    """Label name -> index. Integer names keep their value; others are numbered in sorted order.
+
+    Labels known from an earlier run keep their index; new ones are appended.
+    """
+    names = sorted({video.label_name for video in videos if video.label_name is not None})
+    label_map = dict(previous or {})
+    if names and all(name.lstrip("-").isdigit() for name in names) and not label_map:
+        return {name: int(name) for name in names}
+    for name in names:
+        if name not in label_map:
+            label_map[name] = max(label_map.values(), default=-1) + 1
+    return label_map

@@ -1,0 +1,224 @@
+"""The dataset directory: shard schema, atomic writes, the shard plan and the manifest.
+
+```
+<output>/
+  shards/part-00000.parquet ...   one row per accepted video (schema SHARD_SCHEMA)
+  manifest.json                   schema version, counts, label map, durations, options, shards
+  rejects.jsonl                   one line per rejected input: id, path, reason, detail
+  _state/plan.json                which input ids go into which shard (fixed at the first run)
+  _state/part-00000.json          written after its shard: the shard is done iff this exists
+```
+
+Every file is written to a hidden temporary name and renamed into place, so a reader (or a run
+killed with -9) never sees a partial file. The plan is fixed at the first run, and shard
+contents are deterministic (rows sorted by id, deterministic encoder), so an interrupted and
+resumed run produces the same shards as an uninterrupted one. New inputs found by a later run
+go into new shards appended to the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SHARD_DIR = "shards"
+STATE_DIR = "_state"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.int32()),  # -1: unlabelled
+        ("label_name", pa.string()),
+        ("split", pa.string()),
+        ("source_path", pa.string()),
+        ("video", pa.large_binary()),  # H.264 mp4; large_binary avoids 2 GB offset overflow
+        ("num_frames", pa.int32()),
+        ("fps", pa.float32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("duration_s", pa.float32()),
+        ("codec", pa.string()),
+        ("checksum", pa.string()),  # sha256 of `video`
+        ("source_checksum", pa.string()),  # sha256 of the source file
+        ("source_num_frames", pa.int32()),
+        ("source_fps", pa.float32()),
+        ("source_height", pa.int32()),
+        ("source_width", pa.int32()),
+        ("source_bytes", pa.int64()),
+    ]
+)
+ROW_GROUP_SIZE = 32  # small row groups let a Ray read task split a 256 MB shard
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+@dataclass
+class Output:
+    """A dataset directory on any pyarrow filesystem."""
+
+    filesystem: pafs.FileSystem
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.filesystem.get_file_info(self.path(*parts)).type == pafs.FileType.File
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Atomic write: a hidden temporary file in the same folder, then a rename."""
+        final = self.path(*parts)
+        folder, name = final.rsplit("/", 1)
+        self.filesystem.create_dir(folder, recursive=True)
+        temporary = f"{folder}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
+        with self.filesystem.open_output_stream(temporary) as stream:
+            stream.write(data)
+        self.filesystem.move(temporary, final)
+
+    def read_json(self, *parts: str):
+        with self.filesystem.open_input_stream(self.path(*parts)) as stream:
+            return json.loads(stream.read())
+
+    def write_json(self, value, *parts: str) -> None:
+        self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
+
+    def remove_temporaries(self) -> int:
+        """Delete leftovers of killed runs (.tmp-* files); return how many."""
+        removed = 0
+        for folder in (SHARD_DIR, STATE_DIR, ""):
+            path = self.path(folder) if folder else self.root
+            if self.filesystem.get_file_info(path).type != pafs.FileType.Directory:
+                continue
+            for info in self.filesystem.get_file_info(pafs.FileSelector(path)):
+                if info.type == pafs.FileType.File and info.base_name.startswith(".tmp-"):
+                    self.filesystem.delete_file(info.path)
+                    removed += 1
+        return removed
+
+
+def write_shard(output: Output, name: str, rows: list[dict]) -> int:
+    """Write rows (sorted by id) as shards/<name>.parquet atomically; return bytes written."""
+    rows = sorted(rows, key=lambda row: row["id"])
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=ROW_GROUP_SIZE,
+        # The video column is already compressed; the rest is small.
+        compression={
+            column: ("NONE" if column == "video" else "ZSTD") for column in table.column_names
+        },
+        use_dictionary=["label_name", "split", "codec"],
+        write_statistics=["id", "label", "split", "num_frames"],
+    )
+    data = sink.getvalue().to_pybytes()
+    output.write_bytes(data, SHARD_DIR, f"{name}.parquet")
+    return len(data)
+
+
+def shard_state(name: str, ids: list[str], rows: list[dict], rejects: list[dict], size: int):
+    """Summary of a finished shard, the unit of resumption and of the manifest's counts."""
+    return {
+        "name": name,
+        "ids": ids,
+        "file": f"{SHARD_DIR}/{name}.parquet" if rows else None,
+        "num_rows": len(rows),
+        "bytes": size,
+        "duration_s": sum(row["duration_s"] for row in rows),
+        "num_frames": sum(row["num_frames"] for row in rows),
+        "splits": dict(Counter(row["split"] for row in rows)),
+        "labels": dict(Counter(str(row["label"]) for row in rows)),
+        "rejects": sorted(rejects, key=lambda reject: reject["id"]),
+    }
+
+
+def load_states(output: Output, names: list[str]) -> dict[str, dict]:
+    """States of the planned shards that are completely written."""
+    states = {}
+    for name in names:
+        if not output.exists(STATE_DIR, f"{name}.json"):
+            continue
+        state = output.read_json(STATE_DIR, f"{name}.json")
+        if state["file"] and not output.exists(state["file"]):
+            logger.warning(
+                "%s is recorded as done but %s is missing; redoing it", name, state["file"]
+            )
+            continue
+        states[name] = state
+    return states
+
+
+def write_manifest(output: Output, plan: dict, states: dict[str, dict]) -> dict:
+    """Consolidate finished shards into manifest.json and rejects.jsonl (both atomic)."""
+    done = [states[entry["name"]] for entry in plan["shards"] if entry["name"] in states]
+    rejects = [reject for state in done for reject in state["rejects"]]
+    splits: Counter = Counter()
+    labels: Counter = Counter()
+    for state in done:
+        splits.update(state["splits"])
+        labels.update(state["labels"])
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "complete": len(done) == len(plan["shards"]),
+        "counts": {
+            "inputs": sum(len(entry["ids"]) for entry in plan["shards"]),
+            "processed": sum(len(state["ids"]) for state in done),
+            "accepted": sum(state["num_rows"] for state in done),
+            "rejected": len(rejects),
+            "splits": dict(sorted(splits.items())),
+            "labels": dict(sorted(labels.items(), key=lambda item: int(item[0]))),
+            "reject_reasons": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        },
+        "label_map": plan["label_map"],
+        "total_duration_s": round(sum(state["duration_s"] for state in done), 3),
+        "total_frames": sum(state["num_frames"] for state in done),
+        "total_bytes": sum(state["bytes"] for state in done),
+        "options": plan["options"],
+        "source": plan["source"],
+        "shards": [
+            {
+                "file": state["file"],
+                "num_rows": state["num_rows"],
+                "bytes": state["bytes"],
+                "splits": state["splits"],
+            }
+            for state in done
+            if state["file"]
+        ],
+    }
+    output.write_bytes(
+        "".join(json.dumps(reject, sort_keys=True) + "\n" for reject in rejects).encode(),
+        "rejects.jsonl",
+    )
+    output.write_json(manifest, "manifest.json")
+    return manifest
+
+
+def read_manifest(data_path: str) -> tuple[dict, pafs.FileSystem, str]:
+    """The manifest of a prepared dataset and the filesystem/root it lives on."""
+    from data_prep.inputs import resolve_filesystem
+
+    filesystem, root = resolve_filesystem(data_path)
+    output = Output(filesystem, root)
+    if not output.exists("manifest.json"):
+        raise FileNotFoundError(f"{data_path}: no manifest.json (not a data_prep output?)")
+    manifest = output.read_json("manifest.json")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{data_path}/manifest.json: schema_version "
+            f"{manifest.get('schema_version')} != {SCHEMA_VERSION}"
+        )
+    return manifest, filesystem, root

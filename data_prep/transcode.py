@@ -1,0 +1,260 @@
+"""One source video -> one shard record: probe, check, decode with decord, re-encode to H.264.
+
+Pure functions, no Ray: `prepare_video` either returns the record or raises `Rejected` with a
+reason code (the `reason` field of rejects.jsonl) and a human-readable detail.
+
+The probe demuxes with PyAV without decoding, which catches most bad inputs cheaply (not a
+container, an image, audio only, one frame, missing or duplicate timestamps, fewer packets than
+the header declares). Decoding then uses decord, scaled inside the decoder to the target size, in
+chunks, streamed into the encoder, so a long 4K source never sits in memory at full size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from svt_ray.video import DecordReader, EncoderSettings, H264Encoder, VideoDecodeError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FORMATS = {
+    "image2",
+    "image2pipe",
+    "png_pipe",
+    "jpeg_pipe",
+    "bmp_pipe",
+    "webp_pipe",
+    "tiff_pipe",
+    "gif_pipe",
+    "pgm_pipe",
+    "ppm_pipe",
+    "jpegls_pipe",
+    "svg_pipe",
+}
+
+
+class Rejected(Exception):
+    """A source video that cannot or should not be sharded."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    """How every video is checked and re-encoded. Recorded in manifest.json."""
+
+    short_side: int = 256
+    """Target short side in pixels; smaller sources are not upscaled."""
+    max_fps: float = 15.0
+    """Frame-rate cap; faster sources keep evenly spaced frames. 0 disables the cap."""
+    gop: int = 16
+    crf: int = 23
+    preset: str = "veryfast"
+    min_frames: int = 16
+    min_duration_s: float = 0.5
+    min_side: int = 32
+    max_side: int = 8192
+    max_aspect: float = 4.0
+    decode_threads: int = 1
+    fault_tolerance: float = 0.05
+    """Reject when decord had to recover (duplicate) more than this fraction of frames."""
+
+    def __post_init__(self) -> None:
+        if self.short_side < 16 or self.short_side % 2:
+            raise ValueError(f"short_side must be even and >= 16, got {self.short_side}")
+        if self.max_fps < 0:
+            raise ValueError(f"max_fps must be >= 0 (0 disables the cap), got {self.max_fps}")
+        if self.min_frames < 2:
+            raise ValueError(f"min_frames must be >= 2, got {self.min_frames}")
+        EncoderSettings(gop=self.gop, crf=self.crf)  # validates gop and crf
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Probe:
+    container: str
+    codec: str
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    duration_s: float
+
+
+def probe(data: bytes) -> Probe:
+    """Demux (no decoding) and check the container; raise Rejected for anything unusable."""
+    import av
+
+    if not data:
+        raise Rejected("empty", "zero-byte file")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, UnicodeDecodeError) as error:
+        message = str(error)
+        if data[4:8] == b"ftyp" and b"moov" not in data:
+            raise Rejected("truncated", "mp4 without its index (moov atom): cut short") from error
+        raise Rejected("not_video", f"not a readable media container: {_short(message)}") from error
+    with container:
+        format_name = container.format.name
+        if set(format_name.split(",")) & IMAGE_FORMATS:
+            raise Rejected("not_video", f"an image ({format_name}), not a video")
+        if not container.streams.video:
+            kinds = sorted({stream.type for stream in container.streams}) or ["no"]
+            raise Rejected("no_video_stream", f"no video stream ({', '.join(kinds)} streams only)")
+        stream = container.streams.video[0]
+        context = stream.codec_context
+        declared = stream.frames
+        pts: list[int] = []
+        missing_pts = 0
+        try:
+            for packet in container.demux(stream):
+                if not packet.size:
+                    continue
+                if packet.pts is None:
+                    missing_pts += 1
+                else:
+                    pts.append(packet.pts)
+        except av.FFmpegError as error:
+            raise Rejected(
+                "truncated", f"demuxing stopped after {len(pts)} frames: {_short(str(error))}"
+            ) from error
+        num_frames = len(pts) + missing_pts
+        time_base = stream.time_base
+        codec = context.name if context else "unknown"
+        width, height = context.width, context.height
+    if num_frames == 0:
+        raise Rejected("no_video_stream", "the video stream has no frames")
+    if num_frames == 1:
+        raise Rejected("single_frame", "a single frame (a still image in a video container)")
+    if declared and num_frames < declared:
+        raise Rejected("truncated", f"{num_frames} of the {declared} frames the header declares")
+    if missing_pts:
+        raise Rejected("timestamps", f"{missing_pts} of {num_frames} frames have no timestamp")
+    unique = np.unique(np.asarray(pts))
+    if unique.size < len(pts):
+        raise Rejected(
+            "timestamps", f"{len(pts) - unique.size} of {len(pts)} frames repeat a timestamp"
+        )
+    span = float((unique[-1] - unique[0]) * time_base) if time_base else 0.0
+    if not span > 0:
+        raise Rejected("timestamps", "all frames share one timestamp")
+    fps = (num_frames - 1) / span
+    if not 0.5 <= fps <= 1000:
+        raise Rejected("timestamps", f"implausible frame rate {fps:.3g} fps")
+    if not width or not height:
+        raise Rejected("not_video", f"video stream without a frame size ({codec})")
+    return Probe(format_name, codec, width, height, num_frames, fps, num_frames / fps)
+
+
+def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the short side is at most `short_side`, both even."""
+    scale = min(1.0, short_side / min(width, height))
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def kept_frames(num_frames: int, fps: float, max_fps: float) -> tuple[np.ndarray, float]:
+    """Indices kept under the frame-rate cap, evenly spaced in time, and the output fps."""
+    if not max_fps or fps <= max_fps * 1.01:
+        return np.arange(num_frames), fps
+    count = max(1, math.floor(num_frames * max_fps / fps))
+    indices = np.minimum(
+        np.round(np.arange(count) * fps / max_fps).astype(np.int64), num_frames - 1
+    )
+    return indices, max_fps
+
+
+def prepare_video(data: bytes, options: PrepOptions) -> dict:
+    """Check and re-encode one source; return the shard columns that come from the video."""
+    info = probe(data)
+    short, long = sorted((info.width, info.height))
+    if short < options.min_side or long > options.max_side:
+        raise Rejected(
+            "resolution",
+            f"{info.width}x{info.height} is outside "
+            f"[{options.min_side}, {options.max_side}] pixels",
+        )
+    if long / short > options.max_aspect:
+        raise Rejected(
+            "resolution",
+            f"{info.width}x{info.height}: aspect ratio "
+            f"{long / short:.1f} exceeds {options.max_aspect}",
+        )
+    if info.num_frames < options.min_frames or info.duration_s < options.min_duration_s:
+        raise Rejected(
+            "too_short",
+            f"{info.num_frames} frames / {info.duration_s:.2f}s, minimum "
+            f"{options.min_frames} frames / {options.min_duration_s}s",
+        )
+    width, height = output_size(info.width, info.height, options.short_side)
+    try:
+        reader = DecordReader(
+            data,
+            num_threads=options.decode_threads,
+            width=width,
+            height=height,
+            fault_tol=options.fault_tolerance if options.fault_tolerance > 0 else -1,
+        )
+    except VideoDecodeError as error:
+        raise Rejected("decode_error", str(error)) from error
+    source_frames = min(reader.num_frames, info.num_frames)
+    if reader.num_frames != info.num_frames:
+        logger.warning(
+            "decord counts %d frames, the container %d; keeping %d",
+            reader.num_frames,
+            info.num_frames,
+            source_frames,
+        )
+    indices, fps = kept_frames(source_frames, info.fps, options.max_fps)
+    encoder = H264Encoder(
+        width, height, fps, EncoderSettings(gop=options.gop, crf=options.crf, preset=options.preset)
+    )
+    # Sequential decoding only: random access trusts keyframe flags, which some sources (AVI
+    # with B-frames) get wrong; the whole file is decoded anyway.
+    keep = np.zeros(source_frames, dtype=bool)
+    keep[indices] = True
+    written = 0
+    try:
+        for index, frame in enumerate(reader.iter_frames()):
+            if index >= source_frames:
+                break
+            if keep[index]:
+                encoder.write(frame)
+                written += 1
+    except VideoDecodeError as error:
+        raise Rejected("decode_error", str(error)) from error
+    finally:
+        reader.close()
+    if written != len(indices):
+        raise Rejected("decode_error", f"decoded {written} of {len(indices)} frames")
+    video = encoder.finish()
+    return {
+        "video": video,
+        "num_frames": len(indices),
+        "fps": float(fps),
+        "width": width,
+        "height": height,
+        "duration_s": len(indices) / fps,
+        "codec": "h264",
+        "checksum": hashlib.sha256(video).hexdigest(),
+        "source_checksum": hashlib.sha256(data).hexdigest(),
+        "source_num_frames": info.num_frames,
+        "source_fps": float(info.fps),
+        "source_width": info.width,
+        "source_height": info.height,
+        "source_bytes": len(data),
+    }
+
+
+def _short(message: str) -> str:
+    return (message.strip().splitlines() or ["?"])[0][:300]

@@ -1,0 +1,310 @@
+"""data_prep: shards round-trip, every bad input is rejected with its reason, runs resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from media import (
+    audio_only_mp4,
+    encode,
+    encode_to_file,
+    encode_vfr,
+    mux,
+    numbered_frames,
+    png_bytes,
+    zero_timestamps,
+)
+
+import data_prep
+from data_prep.inputs import assign_split, discover, hash_split, read_split_files
+from data_prep.transcode import PrepOptions, Rejected, kept_frames, output_size, prepare_video
+from svt_ray.video import decode_all_frames, open_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rows(dataset: Path) -> list[dict]:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    rows = []
+    for shard in manifest["shards"]:
+        rows += pq.read_table(dataset / shard["file"]).to_pylist()
+    return rows
+
+
+def _rejects(dataset: Path) -> dict[str, dict]:
+    lines = (dataset / "rejects.jsonl").read_text().splitlines()
+    return {Path(reject["path"]).name: reject for reject in map(json.loads, lines)}
+
+
+# -- unit level: no Ray -------------------------------------------------------------------------
+
+
+def test_prepare_video_round_trip_and_frame_rate_cap():
+    source = numbered_frames(60, height=48, width=64)
+    row = prepare_video(encode(source, fps=30), PrepOptions(max_fps=15, min_frames=8))
+    assert (row["num_frames"], row["fps"], row["width"], row["height"]) == (30, 15.0, 64, 48)
+    assert row["duration_s"] == pytest.approx(2.0)
+    decoded = decode_all_frames(row["video"])
+    # Frames kept under the cap are the even source frames, within two lossy encodes: each is
+    # far closer to its own source frame than to the skipped odd one next to it.
+    error = np.abs(decoded.astype(np.int16) - source[::2].astype(np.int16)).mean(axis=(1, 2, 3))
+    other = np.abs(decoded.astype(np.int16) - source[1::2].astype(np.int16)).mean(axis=(1, 2, 3))
+    assert error.max() < 10 and other.min() > 2 * error.max()
+    # The output is random-access friendly: keyframes every `gop` frames, exact seeks.
+    reader = open_video(row["video"])
+    np.testing.assert_array_equal(reader.get_frames([29, 3, 16]), decoded[[29, 3, 16]])
+
+
+def test_output_size_and_kept_frames():
+    assert output_size(1920, 1080, 256) == (456, 256)
+    assert output_size(100, 60, 256) == (100, 60)  # never upscale
+    assert output_size(101, 61, 256) == (100, 60)  # even for yuv420p
+    indices, fps = kept_frames(90, 30.0, 15.0)
+    assert fps == 15.0 and indices.tolist() == list(range(0, 90, 2))
+    indices, fps = kept_frames(90, 25.0, 30.0)
+    assert fps == 25.0 and len(indices) == 90
+    indices, fps = kept_frames(100, 29.97, 0)
+    assert len(indices) == 100
+
+
+def test_splits_are_deterministic_by_id_hash_and_from_split_files(tmp_path):
+    ids = [f"{i:016x}" for i in range(2000)]
+    splits = [hash_split(i, 0.1) for i in ids]
+    assert splits == [hash_split(i, 0.1) for i in ids]
+    assert 0.07 < splits.count("val") / len(splits) < 0.13
+    assert splits != [hash_split(i, 0.1, seed=1) for i in ids]
+    for name in ("ApplyEyeMakeup/v_a.avi", "ApplyEyeMakeup/v_b.avi", "Archery/v_c.avi"):
+        (tmp_path / "videos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "videos" / name).write_bytes(b"x")
+    (tmp_path / "trainlist01.txt").write_text("ApplyEyeMakeup/v_a.avi 1\nArchery/v_c.avi 2\n")
+    (tmp_path / "testlist01.txt").write_text("ApplyEyeMakeup/v_b.avi\n")
+    videos, filesystem = discover(str(tmp_path / "videos"))
+    lists = read_split_files(
+        filesystem,
+        [("train", str(tmp_path / "trainlist01.txt")), ("val", str(tmp_path / "testlist01.txt"))],
+    )
+    got = {v.relative_path: assign_split(v, lists, 0.5, 0) for v in videos}
+    assert got == {
+        "ApplyEyeMakeup/v_a.avi": "train",
+        "ApplyEyeMakeup/v_b.avi": "val",
+        "Archery/v_c.avi": "train",
+    }
+    assert {v.label_name for v in videos} == {"ApplyEyeMakeup", "Archery"}
+
+
+def test_rejections_at_the_probe():
+    with pytest.raises(Rejected) as info:
+        prepare_video(b"", PrepOptions())
+    assert info.value.reason == "empty"
+    with pytest.raises(Rejected) as info:
+        prepare_video(encode(numbered_frames(5)), PrepOptions())
+    assert info.value.reason == "too_short"
+
+
+# -- the command on Ray ---------------------------------------------------------------------------
+
+
+def _bad_and_good_inputs(root: Path) -> dict[str, str | None]:
+    """Write the bad-input matrix next to good files; return file name -> expected reason."""
+    a, b = root / "class_a", root / "class_b"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    frames = numbered_frames(40, height=48, width=64, seed=9)
+    expected: dict[str, str | None] = {}
+
+    def put(folder: Path, name: str, data: bytes, reason: str | None) -> None:
+        (folder / name).write_bytes(data)
+        expected[name] = reason
+
+    put(a, "good_h264.mp4", encode(frames), None)
+    put(a, "good_mkv_bframes.mkv", mux(frames, "matroska", "libx264", fps=15, bf=3), None)
+    put(b, "good_mpeg4_bframes.avi", mux(frames, "avi", "mpeg4", fps=15, g=30, bf=2), None)
+    put(
+        b,
+        "good_vp9.webm",
+        mux(frames, "webm", "libvpx-vp9", fps=15, deadline="realtime", cpu_used=8),
+        None,
+    )
+    put(b, "good_vfr.mp4", encode_vfr(frames, [1 / 30, 1 / 10, 1 / 15]), None)
+    put(a, "zero_byte.mp4", b"", "empty")
+    put(b, "text.mp4", b"this is not a video\n" * 50, "not_video")
+    put(b, "image.mp4", png_bytes(), "not_video")
+    put(b, "audio_only.mp4", audio_only_mp4(), "no_video_stream")
+    put(a, "single_frame.mp4", encode(frames[:1]), "single_frame")
+    put(a, "too_short.mp4", encode(frames[:6]), "too_short")
+    put(a, "tiny_resolution.mp4", encode(numbered_frames(40, height=16, width=16)), "resolution")
+    put(a, "extreme_aspect.mp4", encode(numbered_frames(20, height=32, width=1024)), "resolution")
+    put(b, "broken_timestamps.mp4", zero_timestamps(encode(frames)), "timestamps")
+    whole = encode(frames)
+    put(a, "truncated_no_index.mp4", whole[: len(whole) // 2], "truncated")
+    encode_to_file(a / "faststart.mp4", frames, faststart=True)
+    data = (a / "faststart.mp4").read_bytes()
+    (a / "faststart.mp4").unlink()
+    put(a, "truncated_mid_stream.mp4", data[: len(data) // 2], "truncated")
+    if os.geteuid() != 0:
+        put(b, "no_permission.mp4", encode(frames), "unreadable")
+        (b / "no_permission.mp4").chmod(0)
+    else:  # root reads any file; a dangling link is the unreadable entry we can make
+        (b / "dangling_link.mp4").symlink_to(root / "does_not_exist.mp4")
+        expected["dangling_link.mp4"] = "unreadable"
+    (root / "notes.txt").write_text("ignored: not a video extension")
+    return expected
+
+
+def test_bad_input_matrix_rejects_each_with_its_reason(tmp_path, ray_session, capsys):
+    expected = _bad_and_good_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    code = data_prep.main(
+        [
+            str(tmp_path / "in"),
+            str(out),
+            "--min-frames",
+            "8",
+            "--max-videos-per-shard",
+            "4",
+            "--val-fraction",
+            "0.3",
+        ]
+    )
+    assert code == 0
+    assert "data_prep: 5 videos" in capsys.readouterr().out
+    rejects = _rejects(out)
+    assert {name: reject["reason"] for name, reject in rejects.items()} == {
+        name: reason for name, reason in expected.items() if reason
+    }
+    assert all(reject["detail"] for reject in rejects.values())
+    rows = _rows(out)
+    assert sorted(Path(row["source_path"]).name for row in rows) == sorted(
+        name for name, reason in expected.items() if reason is None
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["inputs"] == len(expected)
+    assert manifest["counts"]["accepted"] == len(rows) == 5
+    assert manifest["counts"]["rejected"] == len(rejects)
+    assert sum(manifest["counts"]["splits"].values()) == 5
+    assert manifest["label_map"] == {"class_a": 0, "class_b": 1}
+    assert manifest["total_frames"] == sum(row["num_frames"] for row in rows)
+    for row in rows:  # shards round-trip: frame i of the shard is frame i of the source
+        assert row["label"] == (0 if row["source_path"].startswith("class_a") else 1)
+        source = decode_all_frames((tmp_path / "in" / row["source_path"]).read_bytes())
+        decoded = decode_all_frames(row["video"]).astype(np.int16)
+        assert decoded.shape == (40, 48, 64, 3) and row["num_frames"] == 40
+        error = np.abs(decoded - source.astype(np.int16)).mean(axis=(1, 2, 3))
+        shifted = np.abs(decoded[1:] - source[:-1].astype(np.int16)).mean(axis=(1, 2, 3))
+        assert error.max() < 6 and shifted.min() > 2 * error.max(), row["source_path"]
+    # idempotent: a re-run does nothing and changes nothing
+    before = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+    assert (
+        data_prep.main(
+            [
+                str(tmp_path / "in"),
+                str(out),
+                "--min-frames",
+                "8",
+                "--max-videos-per-shard",
+                "4",
+                "--val-fraction",
+                "0.3",
+            ]
+        )
+        == 0
+    )
+    assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == before
+
+
+def test_nothing_sharded_exits_non_zero(tmp_path, ray_session, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.mp4").write_bytes(b"")
+    (tmp_path / "in" / "text.mp4").write_bytes(b"hello")
+    assert data_prep.main([str(tmp_path / "in"), str(tmp_path / "out")]) == 1
+    assert "nothing was sharded" in capsys.readouterr().err
+    assert data_prep.main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 2
+    (tmp_path / "no_videos").mkdir()
+    assert data_prep.main([str(tmp_path / "no_videos"), str(tmp_path / "out3")]) == 1
+
+
+def test_csv_manifest_input_uri_output_dry_run_and_option_guard(
+    tmp_path, synthetic_videos, ray_session, capsys
+):
+    root, _ = synthetic_videos
+    clips = sorted(root.rglob("*.mp4"))[:6]
+    lines = ["path,label,split"] + [
+        f"{clip.relative_to(root)},{clip.parent.name},{'val' if i % 3 == 0 else 'train'}"
+        for i, clip in enumerate(clips)
+    ]
+    (root / "subset.csv").write_text("\n".join(lines) + "\n")
+    out_uri = (tmp_path / "out").as_uri()  # file:///... through pyarrow's filesystem layer
+    args = [str(root / "subset.csv"), out_uri, "--short-side", "48"]
+    assert data_prep.main([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "6 videos" in printed and "'val': 2" in printed
+    assert not (tmp_path / "out").exists()
+    assert data_prep.main(args) == 0
+    rows = _rows(tmp_path / "out")
+    assert sorted(row["split"] for row in rows) == ["train"] * 4 + ["val"] * 2
+    assert {(row["height"], row["width"]) for row in rows} == {(48, 60)}  # 64x80 -> short 48
+    assert all(row["label_name"].startswith("0") for row in rows)
+    code = data_prep.main([*args[:2], "--short-side", "64"])
+    assert code == 2 and "other options (short_side)" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_session):
+    root, config = synthetic_videos
+    common = ["--max-videos-per-shard", "2", "--short-side", "48"]
+    reference = tmp_path / "reference"
+    assert data_prep.main([str(root), str(reference), *common]) == 0
+
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            str(root),
+            str(resumed),
+            *common,
+            "--num-cpus",
+            "1",
+            "--address",
+            "local",
+        ],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = resumed / "_state"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(state.glob("part-*.json"))) < 2:
+        assert process.poll() is None, "data_prep ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+    process.wait()
+    done_before = len(list(state.glob("part-*.json")))
+    assert 2 <= done_before < 10, "the kill should land mid-run"
+    assert not (resumed / "manifest.json").exists()
+    (resumed / "shards" / ".tmp-deadbeef-part-00007.parquet").write_bytes(b"partial")
+
+    assert data_prep.main([str(root), str(resumed), *common]) == 0
+    names = sorted(p.name for p in (resumed / "shards").iterdir())
+    assert names == sorted(p.name for p in (reference / "shards").iterdir())
+    assert len(names) == config.num_clips // 2
+    for name in names:
+        assert pq.read_table(resumed / "shards" / name).equals(
+            pq.read_table(reference / "shards" / name)
+        ), name
+    ids = [row["id"] for row in _rows(resumed)]
+    assert len(ids) == len(set(ids)) == config.num_clips
+    assert (
+        json.loads((resumed / "manifest.json").read_text())["counts"]
+        == json.loads((reference / "manifest.json").read_text())["counts"]
+    )
