@@ -35,3 +35,28 @@ def synthetic_videos(tmp_path_factory):
     config = SynthConfig(num_clips=20, num_classes=4, num_frames=40, height=64, width=80, seed=7)
     generate_dataset(str(root), config)
     return root, config
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(synthetic_videos, ray_session, tmp_path_factory):
+    """`synthetic_videos` prepared by data_prep (short side 64, ~20% val), 4 clips per shard."""
+    import data_prep
+
+    root, _ = synthetic_videos
+    out = tmp_path_factory.mktemp("shards")
+    code = data_prep.main(
+        [
+            str(root),
+            str(out),
+            "--short-side",
+            "64",
+            "--val-fraction",
+            "0.2",
+            "--max-videos-per-shard",
+            "4",
+            "--min-frames",
+            "8",
+        ]
+    )
+    assert code == 0
+    return out

@@ -1,0 +1,498 @@
+"""Ray Data pipelines from data_prep shards to fixed-shape uint8 view batches.
+
+The only module that touches `ray.data` (design.md §2). Two datasets:
+
+- `build_view_dataset`: SVT pretraining views. Per clip, the view sampler (`svt_ray.views`)
+  plans every view's frames and crop first, the decoder fetches the union of those frames once,
+  and every view is cut from them (design.md "One decode per clip"). Columns: one per view slot
+  (`g0`, `g1`, `l0`, ...: uint8 (3, t, s, s), fixed per slot), `label` (int64, -1 unlabelled)
+  and `clip_id` (int64, see `clip_key`: numeric so `iter_torch_batches` converts every column).
+- `build_eval_dataset`: labelled clips for kNN / linear probe / slow-fast evaluation: for each
+  named clip spec (frames, size), frames spread evenly over a centred window, short side
+  resized to `size`, centre crop. One column per spec, plus `label` and `clip_id`.
+
+Plan: `read_parquet` (file order shuffled per execution) -> `select_columns` -> split filter ->
+`map_batches` with a callable class on an actor pool (decoders are created inside the actors).
+Shuffling beyond file order (a local buffer), epochs (one execution per epoch) and one stream per
+Train worker (`streaming_split`) come from Ray Train's `get_dataset_shard(...).iter_torch_batches`.
+
+A clip that fails to decode is skipped, logged, and counted: per actor, in the Ray metric
+`svt_data_decode_failures`, and in a small named actor that `decode_failure_count()` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from svt_ray.config import ExperimentConfig, ViewsConfig
+from svt_ray.video import VideoDecodeError, open_video
+from svt_ray.views import ViewSampler, spread_indices, view_slots
+
+logger = logging.getLogger(__name__)
+
+READ_COLUMNS = ["id", "label", "split", "video", "num_frames", "height", "width"]
+STATS_ACTOR = "svt_data_decode_stats"
+
+
+# -- the dataset directory -------------------------------------------------------------------
+
+
+def read_dataset_manifest(data_path: str) -> dict:
+    """manifest.json of a data_prep output (local path or URI), with its location attached."""
+    from data_prep.shards import read_manifest
+
+    manifest, _, _ = read_manifest(data_path)
+    return {**manifest, "data_path": data_path}
+
+
+def split_count(manifest: Mapping, split: str | None) -> int:
+    """Clips of one split (all clips for None) according to the manifest."""
+    splits = manifest["counts"]["splits"]
+    return sum(splits.values()) if split is None else int(splits.get(split, 0))
+
+
+def manifest_checksum(manifest: Mapping) -> str:
+    """A short fingerprint of the dataset's contents (for run records), location excluded."""
+    content = {key: value for key, value in manifest.items() if key != "data_path"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_shards(data_path: str, split: str | None, shuffle_seed: int | None):
+    """The shard rows of one split, with only the columns decoding needs."""
+    import ray.data
+    from ray.data.datasource.file_based_datasource import FileShuffleConfig
+    from ray.data.expressions import col
+
+    from data_prep.shards import read_manifest
+
+    manifest, filesystem, root = read_manifest(data_path)
+    files = [f"{root}/{shard['file']}" for shard in manifest["shards"]]
+    if split is not None:
+        files = [
+            f"{root}/{shard['file']}" for shard in manifest["shards"] if shard["splits"].get(split)
+        ]
+    if not files:
+        raise ValueError(f"{data_path}: no shard holds clips of split {split!r}")
+    shuffle = None
+    if shuffle_seed is not None:
+        # A different file order in every execution (epoch), reproducible from the seed.
+        shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    dataset = ray.data.read_parquet(files, filesystem=filesystem, shuffle=shuffle)
+    dataset = dataset.select_columns(READ_COLUMNS)
+    if split is not None:  # a predicate Ray can push into the Parquet read
+        dataset = dataset.filter(expr=col("split") == split)
+    return dataset
+
+
+def _actor_pool(decode_actors: int | None):
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors)
+
+
+# -- failure accounting ------------------------------------------------------------------------
+
+
+def _stats_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class DecodeStats:
+        def __init__(self) -> None:
+            self.failures = 0
+
+        def add(self, count: int) -> None:
+            self.failures += count
+
+        def total(self) -> int:
+            return self.failures
+
+    return DecodeStats.options(name=STATS_ACTOR, get_if_exists=True, lifetime="detached").remote()
+
+
+def decode_failure_count() -> int:
+    """Clips skipped because they failed to decode, across all pipelines of this Ray session."""
+    import ray
+
+    try:
+        actor = ray.get_actor(STATS_ACTOR)
+    except ValueError:
+        return 0
+    return int(ray.get(actor.total.remote()))
+
+
+class _FailureCounter:
+    """Counts skipped clips locally and reports them to the Ray metric and the stats actor."""
+
+    def __init__(self, report: bool) -> None:
+        self.count = 0
+        self._report = report
+        self._metric = None
+        self._actor = None
+        if report:
+            from ray.util.metrics import Counter
+
+            self._metric = Counter(
+                "svt_data_decode_failures", description="Clips skipped: failed to decode."
+            )
+
+    def add(self, clip_id: str, error: Exception) -> None:
+        self.count += 1
+        logger.warning("skipping clip %s: %s", clip_id, error)
+        if self._report:
+            self._metric.inc()
+            if self._actor is None:
+                self._actor = _stats_actor()
+            self._actor.add.remote(1)
+
+
+# -- the UDFs (callable classes: one decoder setup per actor) -------------------------------
+
+
+def _clip_hash(clip_id: str) -> int:
+    return zlib.crc32(clip_id.encode())
+
+
+def clip_key(clip_id: str) -> int:
+    """The int64 `clip_id` column value of a data_prep id (16 hex digits, read as two's
+    complement); other strings are hashed to 64 bits. `clip_id_hex` inverts it for data_prep ids."""
+    try:
+        value = int(clip_id, 16) if len(clip_id) == 16 else None
+    except ValueError:
+        value = None
+    if value is None:
+        value = int.from_bytes(hashlib.blake2b(clip_id.encode(), digest_size=8).digest(), "big")
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def clip_id_hex(key: int) -> str:
+    """The data_prep id of a `clip_id` column value."""
+    return f"{int(key) & ((1 << 64) - 1):016x}"
+
+
+@dataclass(frozen=True)
+class _Row:
+    clip_id: str
+    label: int
+    video: bytes
+    num_frames: int
+    height: int
+    width: int
+
+
+def _rows(batch: Mapping[str, np.ndarray]):
+    for clip_id, label, video, num_frames, height, width in zip(
+        batch["id"],
+        batch["label"],
+        batch["video"],
+        batch["num_frames"],
+        batch["height"],
+        batch["width"],
+        strict=True,
+    ):
+        yield _Row(str(clip_id), int(label), bytes(video), int(num_frames), int(height), int(width))
+
+
+class ViewCutter:
+    """Ray Data UDF: a batch of shard rows -> a batch of SVT views (uint8, fixed shape per slot).
+
+    `deterministic=True` makes a clip's views a function of (seed, clip id) alone (tests,
+    debugging: every epoch sees the same views). Otherwise each actor mixes fresh entropy into
+    the seed, so epochs see new views; runs are not bit-reproducible anyway, since Ray Data
+    schedules blocks onto actors in no fixed order.
+    """
+
+    def __init__(
+        self,
+        views: ViewsConfig | dict,
+        seed: int = 0,
+        decoder: str = "decord",
+        decode_threads: int = 1,
+        deterministic: bool = False,
+        report_failures: bool = True,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one actor = one core: parallelism comes from more actors
+        self.views = ViewsConfig.model_validate(views)
+        self.sampler = ViewSampler(self.views)
+        self.slots = view_slots(self.views)
+        self.seed = seed
+        self.decoder = decoder
+        self.decode_threads = decode_threads
+        self.deterministic = deterministic
+        self._nonce = 0 if deterministic else secrets.randbits(63)
+        self._draws = 0
+        self.failures = _FailureCounter(report_failures)
+
+    def _rng(self, clip_id: str) -> np.random.Generator:
+        if self.deterministic:
+            return np.random.default_rng([self.seed, _clip_hash(clip_id)])
+        self._draws += 1
+        return np.random.default_rng([self.seed, self._nonce, self._draws])
+
+    def cut_clip(self, row: _Row) -> dict[str, np.ndarray]:
+        reader = open_video(row.video, backend=self.decoder, num_threads=self.decode_threads)
+        try:
+            plan = self.sampler.plan(
+                reader.num_frames, row.height, row.width, self._rng(row.clip_id)
+            )
+            frames = reader.get_frames(plan.union)
+        finally:
+            reader.close()
+        return self.sampler.cut(frames, plan)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        views: dict[str, list[np.ndarray]] = {slot.name: [] for slot in self.slots}
+        labels, clip_ids = [], []
+        for row in _rows(batch):
+            try:
+                cut = self.cut_clip(row)
+            except (VideoDecodeError, ValueError, IndexError, RuntimeError) as error:
+                self.failures.add(row.clip_id, error)
+                continue
+            for name, view in cut.items():
+                views[name].append(view)
+            labels.append(row.label)
+            clip_ids.append(row.clip_id)
+        out = {slot.name: _stack(views[slot.name], slot.shape) for slot in self.slots}
+        out["label"] = np.asarray(labels, dtype=np.int64)
+        out["clip_id"] = np.asarray([clip_key(clip_id) for clip_id in clip_ids], dtype=np.int64)
+        return out
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """One evaluation clip per video: `frames` frames of `size` x `size` pixels."""
+
+    frames: int
+    size: int
+
+
+def centre_crop_resized(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (t, h, w, 3) -> uint8 (3, t, size, size): short side to `size`, then centre crop."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = frames.shape[1:3]
+    scale = size / min(height, width)
+    new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (t, 3, h, w)
+    clip = F.interpolate(clip, size=(new_height, new_width), mode="bilinear", antialias=True)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    clip = clip[:, :, top : top + size, left : left + size]
+    return clip.permute(1, 0, 2, 3).contiguous().numpy()  # (3, t, size, size)
+
+
+class EvalClipCutter:
+    """Ray Data UDF: shard rows -> fixed evaluation clips (deterministic, centred)."""
+
+    def __init__(
+        self,
+        clips: dict[str, tuple[int, int]],
+        window_frames: int | None = None,
+        decoder: str = "decord",
+        decode_threads: int = 1,
+        report_failures: bool = True,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.clips = {name: ClipSpec(*spec) for name, spec in clips.items()}
+        self.window_frames = window_frames
+        self.decoder = decoder
+        self.decode_threads = decode_threads
+        self.failures = _FailureCounter(report_failures)
+
+    def frame_indices(self, num_frames: int) -> dict[str, np.ndarray]:
+        """Per clip spec, frames spread evenly over the centred window of the video."""
+        window = min(self.window_frames or num_frames, num_frames)
+        start = (num_frames - window) // 2
+        return {
+            name: spread_indices(start, start + window - 1, spec.frames, num_frames)
+            for name, spec in self.clips.items()
+        }
+
+    def cut_clip(self, row: _Row) -> dict[str, np.ndarray]:
+        reader = open_video(row.video, backend=self.decoder, num_threads=self.decode_threads)
+        try:
+            indices = self.frame_indices(reader.num_frames)
+            union = np.unique(np.concatenate(list(indices.values())))
+            frames = reader.get_frames(union)
+        finally:
+            reader.close()
+        return {
+            name: centre_crop_resized(frames[np.searchsorted(union, picked)], self.clips[name].size)
+            for name, picked in indices.items()
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        clips: dict[str, list[np.ndarray]] = {name: [] for name in self.clips}
+        labels, clip_ids = [], []
+        for row in _rows(batch):
+            try:
+                cut = self.cut_clip(row)
+            except (VideoDecodeError, ValueError, IndexError, RuntimeError) as error:
+                self.failures.add(row.clip_id, error)
+                continue
+            for name, clip in cut.items():
+                clips[name].append(clip)
+            labels.append(row.label)
+            clip_ids.append(row.clip_id)
+        out = {
+            name: _stack(clips[name], (3, spec.frames, spec.size, spec.size))
+            for name, spec in self.clips.items()
+        }
+        out["label"] = np.asarray(labels, dtype=np.int64)
+        out["clip_id"] = np.asarray([clip_key(clip_id) for clip_id in clip_ids], dtype=np.int64)
+        return out
+
+
+def _stack(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    if not arrays:
+        return np.empty((0, *shape), dtype=np.uint8)
+    return np.stack(arrays)
+
+
+# -- dataset builders ----------------------------------------------------------------------
+
+
+def build_view_dataset(
+    data_path: str,
+    views: ViewsConfig,
+    seed: int = 0,
+    *,
+    split: str | None = "train",
+    decoder: str = "decord",
+    decode_threads: int = 1,
+    decode_cpus: float = 1.0,
+    decode_actors: int | None = None,
+    batch_size: int = 4,
+    shuffle: bool = True,
+    deterministic: bool = False,
+):
+    """The SVT pretraining stream: one row per clip, one uint8 column per view slot.
+
+    `decode_actors` caps the actor pool (None: as many as free CPUs allow); on a node shared
+    with Train workers keep CPUs free for Data (ray_notes.md §6.3). `batch_size` is the number
+    of clips per UDF call: small, because decoded views are ~10x the encoded bytes.
+    """
+    dataset = _read_shards(data_path, split, seed if shuffle else None)
+    return dataset.map_batches(
+        ViewCutter,
+        fn_constructor_kwargs={
+            "views": views.model_dump(),
+            "seed": seed,
+            "decoder": decoder,
+            "decode_threads": decode_threads,
+            "deterministic": deterministic,
+        },
+        batch_size=batch_size,
+        compute=_actor_pool(decode_actors),
+        num_cpus=decode_cpus,
+    )
+
+
+def build_eval_dataset(
+    data_path: str,
+    clips: Mapping[str, tuple[int, int]] | None = None,
+    *,
+    split: str | None = "val",
+    window_frames: int | None = None,
+    decoder: str = "decord",
+    decode_threads: int = 1,
+    decode_cpus: float = 1.0,
+    decode_actors: int | None = None,
+    batch_size: int = 4,
+):
+    """Labelled evaluation clips, deterministic: for each name, (frames, size) clips.
+
+    Defaults to one clip `{"clip": (8, 224)}`; slow-fast evaluation passes
+    `slow_fast_clips()`. Frames are spread over the centred `window_frames` of each video
+    (whole video if None), short side resized to the clip size, centre-cropped.
+    """
+    clips = dict(clips or {"clip": (8, 224)})
+    dataset = _read_shards(data_path, split, shuffle_seed=None)
+    return dataset.map_batches(
+        EvalClipCutter,
+        fn_constructor_kwargs={
+            "clips": clips,
+            "window_frames": window_frames,
+            "decoder": decoder,
+            "decode_threads": decode_threads,
+        },
+        batch_size=batch_size,
+        compute=_actor_pool(decode_actors),
+        num_cpus=decode_cpus,
+    )
+
+
+def slow_fast_clips(slow: tuple[int, int] = (8, 224), fast: tuple[int, int] = (64, 96)):
+    """The paper's slow-fast evaluation inputs (svt_spec §5): 8 x 224 and 64 x 96."""
+    return {"slow": slow, "fast": fast}
+
+
+def training_dataset(config: ExperimentConfig, start_epoch: int = 0):
+    """The pretraining stream of an experiment config (what `train.py` hands to Ray Train)."""
+    if config.data.path is None:
+        raise ValueError("data.path: no dataset given")
+    return build_view_dataset(
+        config.data.path,
+        config.views,
+        # Resumed runs start a new stream of views and file orders, not a replay of epoch 0,
+        # unless the run asked to be reproducible.
+        seed=config.train.seed * 10_007 + (0 if config.data.deterministic else start_epoch),
+        split="train",
+        decoder=config.data.decoder,
+        decode_threads=config.data.decode_threads,
+        decode_cpus=config.data.decode_cpus,
+        decode_actors=config.data.decode_actors,
+        shuffle=not config.data.deterministic,
+        deterministic=config.data.deterministic,
+    )
+
+
+def run_batch_inference(
+    dataset,
+    udf,
+    constructor_kwargs: Mapping,
+    *,
+    batch_size: int = 16,
+    actors: int = 1,
+    num_gpus: float = 0.0,
+    num_cpus: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Ray Data batch inference: `udf` (a callable class holding a model) over `dataset` on an
+    actor pool, collected into one array per output column."""
+    import ray.data
+
+    outputs = dataset.map_batches(
+        udf,
+        fn_constructor_kwargs=dict(constructor_kwargs),
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+    )
+    batches = [batch for batch in outputs.iter_batches(batch_size=None) if len(batch["label"])]
+    if not batches:
+        raise ValueError(
+            "batch inference produced no rows: the split is empty or every clip failed"
+        )
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def preserve_order() -> None:
+    """Keep the stream in read order (reproducible runs). Call before building the trainer:
+    Ray Train hands the driver's DataContext to the executors that feed its workers."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True

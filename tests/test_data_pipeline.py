@@ -1,0 +1,145 @@
+"""The Ray Data pipeline: shards -> fixed-shape uint8 view batches, skipping broken clips."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from svt_ray import data
+from svt_ray.config import load_config
+from svt_ray.views import view_slots
+
+
+def _shard_batch(dataset_dir, count: int = 3) -> dict[str, np.ndarray]:
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    table = pq.read_table(dataset_dir / manifest["shards"][0]["file"]).slice(0, count)
+    return {
+        name: np.asarray(table[name].to_pylist(), dtype=object)
+        if name == "video"
+        else table[name].to_numpy()
+        for name in data.READ_COLUMNS
+    }
+
+
+def test_manifest_helpers(synthetic_shards):
+    manifest = data.read_dataset_manifest(str(synthetic_shards))
+    assert data.split_count(manifest, None) == 20
+    assert data.split_count(manifest, "train") + data.split_count(manifest, "val") == 20
+    assert data.manifest_checksum(manifest) == data.manifest_checksum(
+        data.read_dataset_manifest(synthetic_shards.as_uri())
+    )
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_view_cutter_shapes_and_determinism_without_ray(synthetic_shards, preset):
+    views = load_config(preset).views
+    batch = _shard_batch(synthetic_shards)
+    cutter = data.ViewCutter(views, seed=5, deterministic=True, report_failures=False)
+    out = cutter(batch)
+    for slot in view_slots(views):
+        assert out[slot.name].shape == (3, *slot.shape) and out[slot.name].dtype == np.uint8
+    assert out["label"].dtype == np.int64
+    assert [data.clip_id_hex(key) for key in out["clip_id"]] == list(batch["id"])
+    again = data.ViewCutter(views, seed=5, deterministic=True, report_failures=False)(batch)
+    np.testing.assert_array_equal(out["l0"], again["l0"])
+    fresh = data.ViewCutter(views, seed=5, report_failures=False)(batch)
+    assert not np.array_equal(out["g0"], fresh["g0"])
+
+
+def test_broken_clip_is_skipped_and_counted_without_ray(synthetic_shards):
+    views = load_config("tiny").views
+    batch = _shard_batch(synthetic_shards)
+    batch["video"][1] = b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50
+    cutter = data.ViewCutter(views, report_failures=False)
+    out = cutter(batch)
+    assert len(out["label"]) == 2 and cutter.failures.count == 1
+    assert data.clip_key(batch["id"][1]) not in set(out["clip_id"])
+    everything_broken = {**batch, "video": np.asarray([b"x"] * 3, dtype=object)}
+    empty = cutter(everything_broken)
+    assert empty["g1"].shape == (0, *view_slots(views)[1].shape)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_pipeline_yields_view_batches_on_local_ray(synthetic_shards, ray_session, preset):
+    config = load_config(preset)
+    dataset = data.build_view_dataset(
+        str(synthetic_shards), config.views, seed=0, split="train", decode_actors=2
+    )
+    if preset == "paper":
+        dataset = dataset.limit(4)  # 224 px views of 64 px clips: keep the test small
+    batches = list(dataset.iter_torch_batches(batch_size=2, drop_last=True))
+    assert batches
+    slots = view_slots(config.views)
+    for batch in batches:
+        for slot in slots:
+            assert batch[slot.name].dtype == torch.uint8
+            assert tuple(batch[slot.name].shape) == (2, *slot.shape)
+        assert batch["label"].dtype == torch.int64 and batch["clip_id"].dtype == torch.int64
+    if preset == "tiny":
+        manifest = data.read_dataset_manifest(str(synthetic_shards))
+        seen = sum(len(batch["label"]) for batch in batches)
+        assert seen == data.split_count(manifest, "train") // 2 * 2
+        labels = torch.cat([batch["label"] for batch in batches])
+        assert set(labels.tolist()) <= {0, 1, 2, 3}
+
+
+def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_session, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_shards, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    shard = broken / manifest["shards"][0]["file"]
+    table = pq.read_table(shard)
+    videos = table["video"].to_pylist()
+    videos[0] = videos[0][: len(videos[0]) // 3]  # truncated after data_prep accepted it
+    column = pa.array(videos, type=table.schema.field("video").type)
+    table = table.set_column(table.schema.get_field_index("video"), "video", column)
+    pq.write_table(table, shard)
+    before = data.decode_failure_count()
+    dataset = data.build_view_dataset(
+        str(broken), load_config("tiny").views, split=None, decode_actors=1
+    )
+    assert dataset.count() == 19
+    assert data.decode_failure_count() - before == 1
+
+
+def test_eval_dataset_single_and_slow_fast_clips(synthetic_shards, ray_session):
+    clips = {"clip": (8, 48), **data.slow_fast_clips(slow=(4, 56), fast=(16, 32))}
+    dataset = data.build_eval_dataset(
+        str(synthetic_shards), clips, split=None, window_frames=32, decode_actors=2
+    )
+    rows = dataset.take_all()
+    assert len(rows) == 20
+    first = rows[0]
+    assert first["clip"].shape == (3, 8, 48, 48) and first["clip"].dtype == np.uint8
+    assert first["slow"].shape == (3, 4, 56, 56) and first["fast"].shape == (3, 16, 32, 32)
+    # Deterministic (centred window, centre crop): the actors agree with a local cutter.
+    batch = _shard_batch(synthetic_shards)
+    local = data.EvalClipCutter(clips, window_frames=32, report_failures=False)(batch)
+    by_key = {row["clip_id"]: row for row in rows}
+    for index, key in enumerate(local["clip_id"]):
+        np.testing.assert_array_equal(by_key[key]["fast"], local["fast"][index])
+        assert by_key[key]["label"] == local["label"][index]
+
+
+def test_clip_keys_round_trip():
+    for clip_id in ("0123456789abcdef", "ffffffffffffffff", "8000000000000000"):
+        key = data.clip_key(clip_id)
+        assert -(2**63) <= key < 2**63 and data.clip_id_hex(key) == clip_id
+    assert data.clip_key("synth-s0-000001") != data.clip_key("synth-s0-000002")
+
+
+def test_eval_indices_are_centred_and_spread():
+    cutter = data.EvalClipCutter(
+        {"slow": (4, 32), "fast": (8, 16)}, window_frames=20, report_failures=False
+    )
+    indices = cutter.frame_indices(40)
+    assert indices["slow"].tolist() == [10, 16, 22, 29]
+    assert indices["fast"][0] == 10 and indices["fast"][-1] == 29
+    whole = data.EvalClipCutter({"clip": (4, 8)}, report_failures=False).frame_indices(10)
+    assert whole["clip"].tolist() == [0, 3, 6, 9]
