@@ -75,6 +75,191 @@ def config_show(
     typer.echo(experiment.dump(), nl=False)
 
 
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("synth", context_settings=PASSTHROUGH, add_help_option=False)
+def synth(ctx: typer.Context) -> None:
+    """Generate labelled synthetic action videos (motion-defined classes); --help for options."""
+    from svt_ray.synthetic import main as synth_cli
+
+    raise typer.Exit(synth_cli(ctx.args))
+
+
+@app.command("prep", context_settings=PASSTHROUGH, add_help_option=False)
+def prep(ctx: typer.Context) -> None:
+    """Shard a folder or manifest of videos into Parquet (same as `python -m data_prep`)."""
+    from data_prep.cli import main as prep_cli
+
+    raise typer.Exit(prep_cli(ctx.args))
+
+
+DataOption = Annotated[
+    str | None,
+    typer.Option("--data", help="Dataset directory or URI made by `svt-ray prep` (data.path)."),
+]
+WorkersOption = Annotated[
+    int | None, typer.Option("--workers", help="Ray Train workers (scaling.num_workers).")
+]
+GpusOption = Annotated[
+    float | None,
+    typer.Option("--gpus-per-worker", help="GPUs per worker; 0 trains on CPU (gloo)."),
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address", help="Ray cluster to join ('auto' on a cluster node); default: local Ray."
+    ),
+]
+TrackingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri", help="MLflow store; default sqlite:///mlflow.db in this folder."
+    ),
+]
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage", help="Checkpoint root: folder, NFS or s3://... (train.storage_path)."
+    ),
+]
+
+
+def _cli_overrides(
+    data: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    run_name: str | None = None,
+) -> list[str]:
+    """Named flags become dotted overrides, so they are validated like --set."""
+    pairs = {
+        "data.path": data,
+        "scaling.num_workers": workers,
+        "scaling.gpus_per_worker": gpus_per_worker,
+        "scaling.address": address,
+        "tracking.tracking_uri": tracking_uri,
+        "train.storage_path": storage,
+        "train.run_name": run_name,
+    }
+    return [f"{key}={value}" for key, value in pairs.items() if value is not None]
+
+
+@app.command("pretrain")
+def pretrain(
+    preset: PresetOption = "paper",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    data: DataOption = None,
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusOption = None,
+    address: AddressOption = None,
+    tracking_uri: TrackingOption = None,
+    storage: StorageOption = None,
+    run_name: Annotated[
+        str | None, typer.Option("--run-name", help="Stable run id (default: <preset>-seed<seed>).")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue the named run from its latest checkpoint, with its recorded config "
+            "(--workers, --address and --tracking-uri may change).",
+        ),
+    ] = None,
+) -> None:
+    """Pretrain SVT with Ray Train; checkpoints to --storage, metrics to MLflow."""
+    from svt_ray.train import TrainingDivergedError, recorded_config, run_pretraining
+
+    flags = _cli_overrides(data, workers, gpus_per_worker, address, tracking_uri, storage, run_name)
+    if resume:
+        experiment = recorded_config(resume, storage or "svt_runs", flags)
+    else:
+        experiment = build_config(preset, config, [*(overrides or []), *flags])
+    try:
+        result = run_pretraining(experiment, resume=resume is not None)
+    except (ConfigError, TrainingDivergedError) as error:
+        raise fail(str(error), code=1) from None
+    typer.echo(f"run {result.run_name}: checkpoint {result.checkpoint_path}")
+    typer.echo(
+        f"MLflow run {result.mlflow_run_id}: `mlflow ui --backend-store-uri "
+        f"{result.config.tracking.tracking_uri}`"
+    )
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint", help="Checkpoint directory (or state.pt); omit for random init."
+        ),
+    ] = None,
+    preset: PresetOption = "paper",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    data: DataOption = None,
+    address: AddressOption = None,
+) -> None:
+    """kNN and linear probe of the teacher backbone on labelled shards (single clip, slow-fast)."""
+    from svt_ray.evaluate import evaluate_backbones, format_table, load_state
+    from svt_ray.train import ensure_ray
+
+    experiment = build_config(
+        preset, config, [*(overrides or []), *_cli_overrides(data, address=address)]
+    )
+    if checkpoint is not None:  # evaluate with the architecture the checkpoint was trained with
+        try:
+            experiment = build_config_from_dict(load_state(checkpoint)["config"], experiment)
+        except FileNotFoundError as error:
+            raise fail(str(error)) from None
+    if experiment.data.path is None:
+        raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")
+    ensure_ray(experiment.scaling.address)
+    name = "checkpoint" if checkpoint else "random init"
+    results = evaluate_backbones(experiment, {name: checkpoint}, experiment.data.path)
+    typer.echo(format_table([result.row() for result in results]))
+
+
+def build_config_from_dict(recorded: dict, current: ExperimentConfig) -> ExperimentConfig:
+    """A checkpoint's recorded config, with the data and eval settings of this invocation."""
+    from svt_ray.config import validate_config
+
+    tree = dict(recorded)
+    tree.pop("derived", None)
+    tree["data"] = current.data.model_dump(mode="json")
+    tree["eval"] = current.eval.model_dump(mode="json")
+    tree["scaling"] = {**tree["scaling"], "address": current.scaling.address}
+    try:
+        return validate_config(tree)
+    except ConfigError as error:
+        raise fail(str(error)) from None
+
+
+@app.command("demo")
+def demo(
+    workdir: Annotated[
+        Path, typer.Option("--workdir", help="Where the synthetic data, shards and runs go.")
+    ] = Path("svt_data"),
+    clips: Annotated[
+        int, typer.Option(help="Synthetic clips to generate (10 motion classes).")
+    ] = 800,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (CPU, gloo).")] = 2,
+    overrides: SetOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """The whole pipeline on a laptop: synthetic videos -> shards -> SVT pretraining (tiny preset,
+    local Ray, 2 workers) -> kNN and linear probe against random init and raw frames."""
+    from svt_ray.demo import run_demo
+
+    try:
+        run_demo(workdir, clips, workers, overrides or [], tracking_uri)
+    except ConfigError as error:
+        raise fail(str(error)) from None
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

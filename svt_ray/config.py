@@ -270,6 +270,9 @@ class DataConfig(_Section):
     "CPUs reserved by each decode actor."
     decode_actors: PositiveInt | None = None
     "Maximum decode actors; None = what the cluster's free CPUs allow."
+    deterministic: bool = False
+    "Fixed stream order and views that depend on (seed, clip id) only: bit-reproducible runs "
+    "(exact-resume tests, debugging); every epoch then sees the same views."
 
 
 class ScalingSettings(_Section):
@@ -310,6 +313,31 @@ class TrackingConfig(_Section):
     experiment: str = "svt-ray"
 
 
+class EvalSettings(_Section):
+    """Frozen-feature evaluation (svt_spec §5): kNN, linear probe, slow-fast features."""
+
+    clip_frames: PositiveInt = 8
+    "Frames of the single evaluation clip, spread over the centred clip window."
+    clip_size: PositiveInt = 224
+    "Side of the single evaluation clip (short side resized, centre crop)."
+    slow_fast: bool = True
+    "Also evaluate slow-fast features: mean CLS of the single (slow) clip and a fast clip."
+    fast_frames: PositiveInt = 64
+    fast_size: PositiveInt = 96
+    "The fast clip of slow-fast evaluation (paper: 64 frames of 96 px)."
+    knn_k: PositiveInt = 20
+    knn_temperature: Annotated[float, Field(gt=0)] = 0.07
+    "DINO's weighted kNN: k neighbours, votes exp(similarity / T)."
+    linear_epochs: PositiveInt = 100
+    "Epochs of the linear probe on frozen, precomputed features."
+    train_split: str = "train"
+    "Split used as the kNN memory bank and the probe's training set."
+    test_split: str = "val"
+    "Split the accuracies are measured on."
+    online_every: Annotated[int, Field(ge=0)] = 0
+    "Steps between online kNN evaluations during pretraining (0 = off)."
+
+
 class Derived(_Section):
     """Values computed by resolve(); never set them by hand."""
 
@@ -339,6 +367,7 @@ class ExperimentConfig(_Section):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
     derived: Derived | None = None
     "Filled by resolve()."
 

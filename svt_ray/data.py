@@ -93,9 +93,12 @@ def _read_shards(data_path: str, split: str | None, shuffle_seed: int | None):
 
 
 def _actor_pool(decode_actors: int | None):
+    """Autoscale from one actor; with a cap, start all of them at once."""
     import ray.data
 
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors)
+    return ray.data.ActorPoolStrategy(
+        min_size=1, max_size=decode_actors, initial_size=decode_actors or 1
+    )
 
 
 # -- failure accounting ------------------------------------------------------------------------

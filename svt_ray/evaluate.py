@@ -178,3 +178,130 @@ class FeatureExtractor:
 
     def slow_fast(self, slow: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
         return (self.features(slow) + self.features(fast)) / 2
+
+
+# -- evaluating a checkpoint on labelled shards ------------------------------------------------
+
+
+def teacher_backbone_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The teacher's backbone weights from a training checkpoint (SVT evaluates the teacher)."""
+    prefix = "backbone."
+    return {k[len(prefix) :]: v for k, v in checkpoint["teacher"].items() if k.startswith(prefix)}
+
+
+class FeatureUDF:
+    """Ray Data UDF: labelled clips -> CLS features of one or more backbones, plus the mean
+    pixels of each clip's middle frame (the frame-only baseline). One model set per actor."""
+
+    def __init__(
+        self,
+        config: dict,
+        backbones: dict[str, str | None],
+        clip_columns: list[str],
+        pixel_grid: int = 8,
+        device: str | None = None,
+    ):
+        from svt_ray.config import ExperimentConfig
+        from svt_ray.model import build_backbone
+
+        experiment = ExperimentConfig.model_validate(config)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.extractors = {}
+        for name, path in backbones.items():
+            torch.manual_seed(experiment.train.seed)  # "random" = the run's own initialisation
+            backbone = build_backbone(experiment)
+            if path is not None:
+                backbone.load_state_dict(teacher_backbone_state(load_state(path)))
+            self.extractors[name] = FeatureExtractor(
+                backbone, experiment.views.mean, experiment.views.std, device
+            )
+        self.clip_columns = clip_columns
+        self.pixel_grid = pixel_grid
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"label": batch["label"]}
+        for column in self.clip_columns:
+            clips = torch.from_numpy(batch[column])
+            for name, extractor in self.extractors.items():
+                out[f"{name}/{column}"] = extractor.features(clips).numpy()
+        first = torch.from_numpy(batch[self.clip_columns[0]]).float()
+        middle = first[:, :, first.shape[2] // 2]  # (b, 3, s, s)
+        pooled = F.adaptive_avg_pool2d(middle, self.pixel_grid)
+        out["pixels"] = pooled.flatten(1).numpy()
+        return out
+
+
+def load_state(path: str) -> dict:
+    """A checkpoint file (state.pt) or a checkpoint directory holding one."""
+    from pathlib import Path
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "state.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"no SVT checkpoint at {path} (expected state.pt)")
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def evaluate_backbones(
+    config,
+    backbones: dict[str, str | None],
+    data_path: str,
+    pixel_baseline: bool = False,
+) -> list[EvalResult]:
+    """kNN and linear probe of each backbone's features (single clip and slow-fast).
+
+    `backbones` maps a row name to a checkpoint path, or to None for the run's random
+    initialisation. Clips are decoded once per split and every backbone sees the same ones.
+    """
+    from svt_ray import data
+
+    settings = config.eval
+    clips = {"clip": (settings.clip_frames, settings.clip_size)}
+    if settings.slow_fast:
+        clips["fast"] = (settings.fast_frames, settings.fast_size)
+    kwargs = {
+        "config": config.model_dump(mode="json"),
+        "backbones": backbones,
+        "clip_columns": list(clips),
+    }
+    gpus = 1.0 if torch.cuda.is_available() else 0.0
+    features = {}
+    for split in (settings.train_split, settings.test_split):
+        dataset = data.build_eval_dataset(
+            data_path,
+            clips,
+            split=split,
+            window_frames=config.views.clip_frames,
+            decoder=config.data.decoder,
+            decode_actors=config.data.decode_actors,
+        )
+        features[split] = data.run_batch_inference(dataset, FeatureUDF, kwargs, num_gpus=gpus)
+    train, test = features[settings.train_split], features[settings.test_split]
+    train_labels = torch.from_numpy(train["label"])
+    test_labels = torch.from_numpy(test["label"])
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+
+    def score(name: str, train_x, test_x) -> EvalResult:
+        return evaluate_features(
+            name,
+            torch.from_numpy(train_x),
+            train_labels,
+            torch.from_numpy(test_x),
+            test_labels,
+            num_classes,
+            settings.knn_k,
+            settings.knn_temperature,
+            settings.linear_epochs,
+        )
+
+    results = []
+    for name in backbones:
+        results.append(score(name, train[f"{name}/clip"], test[f"{name}/clip"]))
+        if settings.slow_fast:
+            slow_fast_train = (train[f"{name}/clip"] + train[f"{name}/fast"]) / 2
+            slow_fast_test = (test[f"{name}/clip"] + test[f"{name}/fast"]) / 2
+            results.append(score(f"{name} slow-fast", slow_fast_train, slow_fast_test))
+    if pixel_baseline:
+        results.append(score("frame pixels", train["pixels"], test["pixels"]))
+    return results

@@ -1,0 +1,202 @@
+"""MLflow on rank 0, a null tracker everywhere else (nanochat's DummyWandb, Ray's setup_mlflow).
+
+- The store defaults to `sqlite:///mlflow.db` in the working directory (MLflow 3's default,
+  so a bare `mlflow ui` finds it); any tracking URI works, an `mlflow server` included.
+- `check_tracking_uri` runs before any compute is spent and fails with one clear line.
+- Every metric also goes to `metrics.jsonl` in the run directory, so an MLflow outage in
+  the middle of a run loses nothing and never stops training.
+- On resume the tracker continues the same MLflow run and skips steps it already logged,
+  so a restart from a checkpoint never logs a step twice.
+- The MLflow step of every metric is `clips_seen`, so curves of runs with different batch
+  sizes line up; the optimisation step is logged as the metric `step`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking store cannot be used; raised before training starts."""
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with a message that says what to do, if `uri` cannot take a run."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if path is not None and not path.parent.exists():
+            raise TrackingUnavailableError(
+                f"tracking URI {uri}: folder {path.parent} does not exist; create it or pass "
+                "--tracking-uri sqlite:///mlflow.db"
+            )
+        return
+    if parsed.scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
+                if reply.status != 200:
+                    raise TrackingUnavailableError(
+                        f"tracking server {uri} answered {reply.status} on /health"
+                    )
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise TrackingUnavailableError(
+                f"tracking server {uri} is unreachable ({reason}); start it with `mlflow server "
+                "--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000` or pass "
+                "another --tracking-uri"
+            ) from None
+        return
+    if parsed.scheme in ("", "file"):
+        raise TrackingUnavailableError(
+            f"tracking URI {uri!r}: MLflow 3 no longer writes file stores; use "
+            "sqlite:///mlflow.db or an http:// tracking server"
+        )
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class NullTracker:
+    """What every rank but 0 gets: accepts everything, does nothing."""
+
+    run_id: str | None = None
+    last_logged: int = -1
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, name: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MLflowTracker:
+    """One MLflow run, addressed by id through MlflowClient (no global fluent state)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        local_dir: str | Path,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+    ):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.local_dir = Path(local_dir)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self._warned = False
+        self.last_logged = -1
+        if run_id is None:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(experiment)
+            )
+            all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+            self.run_id = run.info.run_id
+        else:  # resume: continue the run and never log a clips_seen twice
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "loss")
+            self.last_logged = max((m.step for m in history), default=-1)
+
+    def _safely(self, what: str, call, *args, **kwargs) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # a tracking outage must not kill training
+            if not self._warned:
+                logger.warning(
+                    "MLflow %s failed (%s); training goes on and metrics stay in %s",
+                    what,
+                    error,
+                    self.local_dir / "metrics.jsonl",
+                )
+                self._warned = True
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self._safely("log_params", self.client.log_batch, self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._safely(
+            "set_tags",
+            self.client.log_batch,
+            self.run_id,
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log at MLflow step `step` (clips seen); skipped if that step was already logged."""
+        if step <= self.last_logged:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with open(self.local_dir / "metrics.jsonl", "a") as file:
+            file.write(json.dumps({"clips_seen": step, "time": now / 1000, **metrics}) + "\n")
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._safely("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+        self.last_logged = step
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self._safely("log_artifact", self.client.log_artifact, self.run_id, str(path), folder)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._safely("log_text", self.client.log_text, self.run_id, text, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._safely("finish", self.client.set_terminated, self.run_id, status)
+
+
+def make_tracker(rank: int, **kwargs) -> MLflowTracker | NullTracker:
+    """MLflow on rank 0, a NullTracker elsewhere: callers never test the rank themselves."""
+    if rank != 0:
+        return NullTracker()
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    return MLflowTracker(**kwargs)

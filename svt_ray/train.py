@@ -1,0 +1,432 @@
+"""Ray Train: the per-worker SVT loop, checkpoint/resume, and the TorchTrainer driver.
+
+The only module that calls `ray.train`. The Ray touchpoints are numbered as in Ray's
+`torch_fashion_mnist_example.py`:
+
+  [1] the driver builds a TorchTrainer: one worker per GPU (or CPU slot), DDP via Ray;
+  [2] each worker restores the latest checkpoint, if any (`ray.train.get_checkpoint`);
+  [3] the student is wrapped in DDP (`ray.train.torch.prepare_model`);
+  [4] each worker streams its shard of the view dataset (`ray.train.get_dataset_shard`);
+  [5] every step is reported; rank 0 attaches a checkpoint every N steps and at the end.
+
+Resume is exact up to the data pipeline's determinism: schedules are pure functions of the
+step, the checkpoint holds student, teacher, optimiser, loss centre and step, and the dataset
+factory starts the stream at the epoch of the latest checkpoint (the worker then skips the
+batches of that epoch it already trained on). The same path serves a worker lost in the
+middle of a run (`FailureConfig`) and `svt-ray pretrain --resume`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from pyarrow import fs as pafs
+from ray.train.torch import TorchTrainer
+
+from svt_ray import data
+from svt_ray.config import ConfigError, ExperimentConfig
+from svt_ray.engine import NonFiniteLossError, build_state, load_state_dict, state_dict, train_step
+from svt_ray.tracking import check_tracking_uri, git_commit, make_tracker
+from svt_ray.views import view_slots
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the step of the latest checkpoint
+RUN_FILE = "run.json"  # {storage}/{run}/: the MLflow run id and the resolved config
+DIVERGED_FILE = "diverged.json"  # {storage}/{run}/: written when the loss became non-finite
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became non-finite; the last good checkpoint is kept."""
+
+
+# -- storage helpers (local folders and any pyarrow filesystem URI) -------------------------
+
+
+def storage_root(storage_path: str) -> str:
+    """A local storage path made absolute (Ray Train needs that); URIs pass unchanged."""
+    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+
+
+def read_json(path: str) -> dict | None:
+    filesystem, local = _filesystem(path)
+    if filesystem.get_file_info(local).type == pafs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(local) as stream:
+        return json.loads(stream.read())
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Atomic where the filesystem allows it (temp file + rename on local disks)."""
+    filesystem, local = _filesystem(path)
+    filesystem.create_dir(local.rsplit("/", 1)[0], recursive=True)
+    temporary = f"{local}.tmp-{os.getpid()}"
+    with filesystem.open_output_stream(temporary) as stream:
+        stream.write(json.dumps(payload, indent=1).encode())
+    filesystem.move(temporary, local)
+
+
+def run_directory(config: ExperimentConfig, run_name: str) -> str:
+    return f"{storage_root(config.train.storage_path).rstrip('/')}/{run_name}"
+
+
+def local_log_directory(config: ExperimentConfig, run_name: str) -> Path:
+    """Where metrics.jsonl and plots go: the run directory when it is local."""
+    if "://" not in config.train.storage_path:
+        return Path(run_directory(config, run_name))
+    return Path(tempfile.gettempdir()) / "svt_ray_runs" / run_name
+
+
+def default_run_name(config: ExperimentConfig) -> str:
+    return config.train.run_name or f"{config.preset}-seed{config.train.seed}"
+
+
+# -- the dataset factory (called by the Train controller at every worker-group start) ------
+
+
+def dataset_for_run(config_json: dict[str, Any], run_dir: str):
+    """The training stream, starting at the epoch of the run's latest checkpoint."""
+    config = ExperimentConfig.model_validate(config_json)
+    progress = read_json(f"{run_dir}/{PROGRESS_FILE}") or {"step": 0}
+    start_epoch = progress["step"] // config.derived.steps_per_epoch
+    return data.training_dataset(config, start_epoch=start_epoch)
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+
+def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Augmentation randomness as a function of (seed, step, rank): resume needs no replay."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def _save_checkpoint(state, step: int, metrics: dict[str, float], run_dir: str, rank: int) -> None:
+    """[5] Report with a checkpoint (rank 0 writes it; every rank must call report)."""
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            torch.save(state_dict(state, step), Path(directory) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}"
+        )
+    if rank == 0:
+        write_json(f"{run_dir}/{PROGRESS_FILE}", {"step": step})
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: restore, wrap in DDP, stream views, step, log, checkpoint."""
+    config = ExperimentConfig.model_validate(loop_config["config"])
+    derived = config.derived
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    run_dir = loop_config["run_dir"]
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+
+    state = build_state(config, device)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()  # [2]
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(
+                Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=False
+            )
+        step = load_state_dict(state, saved)
+        logger.info("rank %d resumed at step %d", rank, step)
+    if context.get_world_size() > 1:
+        state.student = ray.train.torch.prepare_model(state.student, move_to_device=False)  # [3]
+
+    tracker = make_tracker(
+        rank,
+        tracking_uri=config.tracking.tracking_uri,
+        experiment=config.tracking.experiment,
+        run_name=loop_config["run_name"],
+        local_dir=loop_config["log_dir"],
+        run_id=loop_config["mlflow_run_id"],
+    )
+    shard = ray.train.get_dataset_shard("train")  # [4]
+    slot_names = [slot.name for slot in view_slots(config.views)]
+    start_epoch = step // derived.steps_per_epoch
+    to_skip = step - start_epoch * derived.steps_per_epoch  # batches of this epoch already seen
+    fail_at_step = loop_config.get("fail_at_step")
+    started, clips_at_start = time.perf_counter(), step * config.optim.batch_size
+    metrics: dict[str, float] = {}
+    epoch = start_epoch
+    try:
+        while step < derived.total_steps:
+            waited_since = time.perf_counter()
+            batches = shard.iter_torch_batches(
+                batch_size=derived.per_worker_batch,
+                drop_last=True,
+                prefetch_batches=2,
+                local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+                local_shuffle_seed=config.train.seed + epoch
+                if config.data.shuffle_buffer
+                else None,
+            )
+            seen_in_epoch = 0
+            for batch in batches:
+                seen_in_epoch += 1
+                if to_skip:
+                    to_skip -= 1
+                    waited_since = time.perf_counter()
+                    continue
+                if (
+                    fail_at_step is not None
+                    and step == fail_at_step
+                    and rank == loop_config["fail_rank"]
+                ):
+                    _inject_failure(run_dir, step)
+                step_started = time.perf_counter()
+                data_wait = step_started - waited_since
+                views = [batch[name] for name in slot_names]
+                metrics = train_step(
+                    state, views, step, _step_generator(config.train.seed, step, rank)
+                )
+                step += 1
+                now = time.perf_counter()
+                clips_seen = step * config.optim.batch_size
+                metrics.update(
+                    step=float(step),
+                    epoch=step / derived.steps_per_epoch,
+                    clips_seen=float(clips_seen),
+                    wall_time_s=now - started,
+                    clips_per_s=(clips_seen - clips_at_start) / (now - started),
+                    data_wait_fraction=data_wait / max(now - waited_since, 1e-9),
+                )
+                if step % config.train.log_every == 0 or step == derived.total_steps:
+                    tracker.log_metrics(metrics, step=clips_seen)
+                if step % config.train.checkpoint_every == 0 or step == derived.total_steps:
+                    _save_checkpoint(state, step, metrics, run_dir, rank)
+                else:
+                    ray.train.report(metrics)  # [5] metrics only (Tune's schedulers see them)
+                waited_since = time.perf_counter()
+                if step >= derived.total_steps:
+                    break
+            if seen_in_epoch == 0:
+                raise RuntimeError(
+                    f"rank {rank} got no batch of {derived.per_worker_batch} clips in epoch "
+                    f"{epoch}: the dataset is smaller than one global batch"
+                )
+            epoch += 1
+    except NonFiniteLossError as error:
+        if rank == 0:
+            write_json(f"{run_dir}/{DIVERGED_FILE}", {"step": step, "error": str(error)})
+            tracker.set_tags({"svt.diverged_at_step": step})
+            tracker.finish("FAILED")
+        return  # every rank saw the same all-reduced verdict; the last checkpoint stays
+    tracker.finish("FINISHED")
+
+
+def _inject_failure(run_dir: str, step: int) -> None:
+    """Test hook: kill this worker once at `step` (a marker file prevents a second time)."""
+    marker = f"{run_dir}/injected_failure_{step}.json"
+    if read_json(marker) is None:
+        write_json(marker, {"step": step})
+        logger.warning("injected failure at step %d", step)
+        os._exit(1)
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    run_dir: str
+    checkpoint_path: str | None
+    mlflow_run_id: str
+    metrics: dict[str, float]
+    config: ExperimentConfig
+
+
+def _start_mlflow_run(
+    config: ExperimentConfig,
+    run_name: str,
+    run_dir: str,
+    manifest_checksum: str,
+    parent_run_id: str | None,
+    extra_tags: dict[str, str] | None,
+) -> str:
+    """[driver] Create the run (params and tags logged once) or find the one to resume."""
+    state = read_json(f"{run_dir}/{RUN_FILE}")
+    if state is not None:
+        return state["mlflow_run_id"]
+    tracker = make_tracker(
+        0,
+        tracking_uri=config.tracking.tracking_uri,
+        experiment=config.tracking.experiment,
+        run_name=run_name,
+        local_dir=local_log_directory(config, run_name),
+        parent_run_id=parent_run_id,
+        tags={
+            "svt.preset": config.preset,
+            "svt.git_commit": git_commit(),
+            "svt.dataset_checksum": manifest_checksum,
+            "svt.world_size": config.scaling.num_workers,
+            "svt.run_dir": run_dir,
+            **(extra_tags or {}),
+        },
+    )
+    tracker.log_params(config.flat())
+    tracker.log_text(config.dump(), "config.yaml")
+    write_json(
+        f"{run_dir}/{RUN_FILE}",
+        {"mlflow_run_id": tracker.run_id, "config": config.model_dump(mode="json")},
+    )
+    return tracker.run_id
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=True)
+
+
+def run_pretraining(
+    config: ExperimentConfig,
+    *,
+    resume: bool = False,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
+    fail_at_step: int | None = None,
+    fail_rank: int = 0,
+) -> PretrainResult:
+    """Pretrain SVT with Ray Train; returns where the run and its checkpoint are."""
+    if config.data.path is None:
+        raise ConfigError("data.path: no dataset given; pass --data or run `svt-ray demo`")
+    manifest = data.read_dataset_manifest(config.data.path)
+    clips = data.split_count(manifest, "train")
+    resolved = config.resolve(clips)
+    check_tracking_uri(resolved.tracking.tracking_uri)  # before any compute is spent
+    run_name = default_run_name(resolved)
+    run_dir = run_directory(resolved, run_name)
+    progress = read_json(f"{run_dir}/{PROGRESS_FILE}")
+    if progress is not None and not resume:
+        raise ConfigError(
+            f"run {run_name!r} already has checkpoints up to step {progress['step']} in {run_dir}; "
+            "pass --resume to continue it or --set train.run_name=<new name>"
+        )
+    if resume and progress is None:
+        logger.info("no checkpoint of run %s yet: starting it", run_name)
+    if read_json(f"{run_dir}/{DIVERGED_FILE}") is not None:
+        raise TrainingDivergedError(
+            f"run {run_name!r} diverged before ({run_dir}/{DIVERGED_FILE}); change the recipe "
+            "and use a new train.run_name"
+        )
+    mlflow_run_id = _start_mlflow_run(
+        resolved, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags
+    )
+    log_dir = local_log_directory(resolved, run_name)
+    logger.info(
+        "run %s: %d clips/epoch, global batch %d = %d workers x %d, peak lr %.3g, %d steps; "
+        "checkpoints in %s; MLflow run %s",
+        run_name, clips, resolved.optim.batch_size, resolved.scaling.num_workers,
+        resolved.derived.per_worker_batch, resolved.derived.lr, resolved.derived.total_steps,
+        run_dir, mlflow_run_id,
+    )  # fmt: skip
+
+    scaling = resolved.scaling
+    ensure_ray(scaling.address)
+    if resolved.data.deterministic:
+        data.preserve_order()
+    use_gpu = scaling.gpus_per_worker > 0
+    resources = {"CPU": scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(  # [1]
+        train_loop_per_worker,
+        train_loop_config={
+            "config": resolved.model_dump(mode="json"),
+            "run_dir": run_dir,
+            "run_name": run_name,
+            "log_dir": str(log_dir),
+            "mlflow_run_id": mlflow_run_id,
+            "fail_at_step": fail_at_step,
+            "fail_rank": fail_rank,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_root(resolved.train.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=resolved.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
+        datasets={
+            "train": functools.partial(dataset_for_run, resolved.model_dump(mode="json"), run_dir)
+        },
+    )
+    result = trainer.fit()
+    diverged = read_json(f"{run_dir}/{DIVERGED_FILE}")
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    if diverged is not None:
+        raise TrainingDivergedError(
+            f"{diverged['error']} The last good checkpoint is {checkpoint_path or 'none (before the first)'}."
+        )
+    if result.error is not None:
+        raise result.error
+    return PretrainResult(
+        run_name=run_name,
+        run_dir=run_dir,
+        checkpoint_path=checkpoint_path,
+        mlflow_run_id=mlflow_run_id,
+        metrics=dict(result.metrics or {}),
+        config=resolved,
+    )
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint's state dict (student, teacher, optimiser, loss, step, config)."""
+    checkpoint = (
+        ray.train.Checkpoint(path) if "://" in path else ray.train.Checkpoint.from_directory(path)
+    )
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> ExperimentConfig:
+    """The config a run was started with (from its run.json), for `pretrain --resume`.
+
+    Only where and how it runs may change (workers, address, tracking URI, storage); the
+    recipe is the recorded one, so a resumed run stays one experiment.
+    """
+    from svt_ray.config import parse_override, validate_config
+
+    run_dir = f"{storage_root(storage_path).rstrip('/')}/{run_name}"
+    recorded = read_json(f"{run_dir}/{RUN_FILE}")
+    if recorded is None:
+        raise ConfigError(
+            f"--resume {run_name}: no run.json in {run_dir}; check --storage and the run name"
+        )
+    tree = recorded["config"]
+    tree.pop("derived", None)
+    allowed = {"scaling.num_workers", "scaling.address", "tracking.tracking_uri", "train.storage_path",
+               "scaling.gpus_per_worker", "data.path", "train.run_name"}  # fmt: skip
+    for item in flags:
+        keys, value = parse_override(item)
+        key = ".".join(keys)
+        if key not in allowed:
+            raise ConfigError(f"--resume keeps the recorded recipe; {key} cannot change")
+        tree.setdefault(keys[0], {})[keys[1]] = value
+    tree["train"]["run_name"] = run_name
+    return validate_config(tree)

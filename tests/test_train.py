@@ -1,0 +1,133 @@
+"""Pretraining on Ray Train: MLflow record, exact resume, worker failure, divergence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from factories import SMALL_MODEL
+
+from svt_ray.config import load_config
+from svt_ray.evaluate import evaluate_backbones, load_state
+from svt_ray.train import PROGRESS_FILE, TrainingDivergedError, run_pretraining
+
+pytestmark = pytest.mark.ray
+
+
+def experiment(tmp_path: Path, shards: Path, *overrides: str):
+    return load_config(
+        "tiny",
+        overrides=[
+            *SMALL_MODEL,
+            f"data.path={shards}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "optim.batch_size=4",
+            "optim.epochs=2",
+            "optim.warmup_epochs=0.5",
+            "data.shuffle_buffer=0",
+            "data.decode_actors=1",
+            "train.checkpoint_every=2",
+            "eval.linear_epochs=5",
+            *overrides,
+        ],
+    )
+
+
+def mlflow_client(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_two_worker_run_is_recorded_in_mlflow(tmp_path, synthetic_shards, ray_session):
+    config = experiment(tmp_path, synthetic_shards, "scaling.num_workers=2", "train.run_name=two")
+    result = run_pretraining(config)
+    steps = result.config.derived.total_steps
+    assert Path(result.checkpoint_path, "state.pt").is_file()
+    assert load_state(result.checkpoint_path)["step"] == steps
+
+    client = mlflow_client(tmp_path)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.batch_size"] == "4"
+    assert run.data.params["derived.per_worker_batch"] == "2"
+    assert run.data.tags["svt.world_size"] == "2" and run.data.tags["svt.preset"] == "tiny"
+    assert len(run.data.tags["svt.dataset_checksum"]) == 16
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == [4 * (i + 1) for i in range(steps)]  # MLflow step = clips
+    for name in ("clips_seen", "lr", "collapse", "teacher_entropy", "grad_norm",
+                 "data_wait_fraction", "clips_per_s", "loss_cross_view", "loss_motion"):  # fmt: skip
+        assert len(client.get_metric_history(run.info.run_id, name)) == steps, name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    lines = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == steps and json.loads(lines[-1])["clips_seen"] == 4 * steps
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
+    tmp_path, synthetic_shards, ray_session
+):
+    common = ("data.deterministic=true", "train.max_failures=0")
+    whole = run_pretraining(experiment(tmp_path, synthetic_shards, *common, "train.run_name=whole"))
+    interrupted = experiment(tmp_path, synthetic_shards, *common, "train.run_name=cut")
+    with pytest.raises(Exception):  # noqa: B017 - the worker is killed at step 3
+        run_pretraining(interrupted, fail_at_step=3)
+    progress = json.loads((Path(whole.run_dir).parent / "cut" / PROGRESS_FILE).read_text())
+    assert progress["step"] == 2  # the checkpoint before the failure
+    resumed = run_pretraining(interrupted, resume=True)
+    a, b = load_state(whole.checkpoint_path), load_state(resumed.checkpoint_path)
+    assert a["step"] == b["step"]
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            # Same data order, same steps: equal up to float reassociation (stated: 1e-5).
+            torch.testing.assert_close(b[key][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_worker_failure_restarts_from_the_checkpoint(tmp_path, synthetic_shards, ray_session):
+    config = experiment(
+        tmp_path, synthetic_shards, "scaling.num_workers=2", "train.run_name=faulty",
+        "train.max_failures=1",
+    )  # fmt: skip
+    result = run_pretraining(config, fail_at_step=3, fail_rank=1)
+    steps = result.config.derived.total_steps
+    assert load_state(result.checkpoint_path)["step"] == steps
+    assert (Path(result.run_dir) / "injected_failure_3.json").exists()
+    history = mlflow_client(tmp_path).get_metric_history(result.mlflow_run_id, "loss")
+    logged = [m.step for m in history]
+    assert sorted(logged) == sorted(set(logged)) == [4 * (i + 1) for i in range(steps)]
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(
+    tmp_path, synthetic_shards, ray_session
+):
+    config = experiment(
+        tmp_path, synthetic_shards, "train.run_name=diverge", "optim.base_lr=1e12",
+        "optim.warmup_epochs=0", "optim.clip_grad=0", "train.checkpoint_every=1",
+    )  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match=r"the loss is (nan|inf).*last good checkpoint"):
+        run_pretraining(config)
+    run_dir = tmp_path / "runs" / "diverge"
+    diverged = json.loads((run_dir / "diverged.json").read_text())
+    progress = json.loads((run_dir / PROGRESS_FILE).read_text())
+    assert progress["step"] == diverged["step"]  # checkpoints up to the last finite step
+    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    state = load_state(str(checkpoints[-1]))
+    assert all(torch.isfinite(t).all() for t in state["student"].values())
+
+
+def test_evaluation_of_a_checkpoint_and_random_init(tmp_path, synthetic_shards, ray_session):
+    config = experiment(tmp_path, synthetic_shards, "train.run_name=eval")
+    result = run_pretraining(config)
+    rows = evaluate_backbones(
+        result.config,
+        {"learned": result.checkpoint_path, "random": None},
+        str(synthetic_shards),
+        pixel_baseline=True,
+    )
+    names = [row.name for row in rows]
+    assert names == ["learned", "learned slow-fast", "random", "random slow-fast", "frame pixels"]
+    for row in rows:
+        assert 0.0 <= row.knn.top1 <= row.knn.top5 <= 100.0
