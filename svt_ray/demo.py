@@ -96,7 +96,7 @@ def run_demo(
         "knn_gain_points": learned.knn.top1 - baseline.knn.top1,
         "minutes": (time.perf_counter() - started) / 60,
     }
-    _log_to_run(result, table, summary)
+    _log_to_run(result, results, table, summary)
     print(
         f"\nSVT features beat random initialisation by {summary['knn_gain_points']:+.1f} kNN "
         f"top-1 points ({summary['minutes']:.1f} min in all).\n"
@@ -107,7 +107,7 @@ def run_demo(
     return summary
 
 
-def _log_to_run(result, table: str, summary: dict) -> None:
+def _log_to_run(result, results, table: str, summary: dict) -> None:
     from svt_ray.tracking import MLflowTracker
 
     tracker = MLflowTracker(
@@ -118,5 +118,13 @@ def _log_to_run(result, table: str, summary: dict) -> None:
         run_id=result.mlflow_run_id,
     )
     tracker.log_text(table + "\n", "evaluation.md")
+    tracker.log_summary(
+        {
+            f"eval/{row.name.replace(' ', '_').replace('(', '').replace(')', '')}/{metric}": value
+            for row in results
+            for metric, value in row.row().items()
+            if metric != "features"
+        }
+    )
     tracker.set_tags({f"svt.demo.{k}": f"{v:.2f}" for k, v in summary.items()})
     tracker.finish()

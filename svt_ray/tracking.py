@@ -92,6 +92,9 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        pass
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
@@ -103,6 +106,37 @@ class NullTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+
+def plot_training_curves(metrics_file: str | Path, output: str | Path) -> Path | None:
+    """Loss terms and collapse signals against clips seen, from a run's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(metrics_file)
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    rows.sort(key=lambda row: row["clips_seen"])
+    clips = [row["clips_seen"] for row in rows]
+    figure, (losses, collapse) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("loss", "loss_cross_view", "loss_motion"):
+        losses.plot(clips, [row.get(name, float("nan")) for row in rows], label=name)
+    losses.set(xlabel="clips seen", ylabel="cross-entropy", title="SVT loss")
+    for name in ("collapse_uniform", "collapse_dominant", "teacher_feature_std"):
+        collapse.plot(clips, [row.get(name, float("nan")) for row in rows], label=name)
+    collapse.set(xlabel="clips seen", ylim=(0, 1.05), title="collapse signals (1 = collapsed)")
+    for axes in (losses, collapse):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return Path(output)
 
 
 class MLflowTracker:
@@ -159,7 +193,9 @@ class MLflowTracker:
 
         items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._safely("log_params", self.client.log_batch, self.run_id, params=items[start : start + 100])
+            self._safely(
+                "log_params", self.client.log_batch, self.run_id, params=items[start : start + 100]
+            )
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -183,6 +219,14 @@ class MLflowTracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._safely("log_metrics", self.client.log_batch, self.run_id, metrics=items)
         self.last_logged = step
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """Final values (evaluation results): logged once, at the run's last step."""
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), max(self.last_logged, 0)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._safely("log_summary", self.client.log_batch, self.run_id, metrics=items)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self._safely("log_artifact", self.client.log_artifact, self.run_id, str(path), folder)

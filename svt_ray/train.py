@@ -385,6 +385,7 @@ def run_pretraining(
         )
     if result.error is not None:
         raise result.error
+    _log_curves(resolved, run_name, mlflow_run_id, log_dir)
     return PretrainResult(
         run_name=run_name,
         run_dir=run_dir,
@@ -393,6 +394,20 @@ def run_pretraining(
         metrics=dict(result.metrics or {}),
         config=resolved,
     )
+
+
+def _log_curves(config: ExperimentConfig, run_name: str, run_id: str, log_dir: Path) -> None:
+    """[driver] The loss-curve PNG of a finished run, as an MLflow artifact."""
+    from svt_ray.tracking import MLflowTracker, plot_training_curves
+
+    png = plot_training_curves(log_dir / "metrics.jsonl", log_dir / "training_curves.png")
+    if png is None:  # metrics.jsonl lives on the rank-0 node; absent on a remote driver
+        return
+    tracker = MLflowTracker(
+        config.tracking.tracking_uri, config.tracking.experiment, run_name, log_dir, run_id=run_id
+    )
+    tracker.log_artifact(png)
+    tracker.finish()
 
 
 def load_checkpoint(path: str) -> dict:

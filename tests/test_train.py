@@ -62,7 +62,7 @@ def test_two_worker_run_is_recorded_in_mlflow(tmp_path, synthetic_shards, ray_se
                  "data_wait_fraction", "clips_per_s", "loss_cross_view", "loss_motion"):  # fmt: skip
         assert len(client.get_metric_history(run.info.run_id, name)) == steps, name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config.yaml" in artifacts
+    assert {"config.yaml", "training_curves.png"} <= artifacts
     lines = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == steps and json.loads(lines[-1])["clips_seen"] == 4 * steps
 

@@ -1,0 +1,83 @@
+"""MLflow tracking: fail fast on a dead store, survive an outage mid-run, never log twice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from svt_ray.tracking import (
+    MLflowTracker,
+    NullTracker,
+    TrackingUnavailableError,
+    check_tracking_uri,
+    make_tracker,
+    plot_training_curves,
+)
+
+
+def test_unreachable_server_fails_before_training():
+    with pytest.raises(TrackingUnavailableError, match=r"127\.0\.0\.1:9 is unreachable"):
+        check_tracking_uri("http://127.0.0.1:9", timeout_s=2)
+
+
+def test_file_store_and_missing_folder_are_explained(tmp_path):
+    with pytest.raises(TrackingUnavailableError, match="no longer writes file stores"):
+        check_tracking_uri(str(tmp_path / "mlruns"))
+    with pytest.raises(TrackingUnavailableError, match="does not exist"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_only_rank_zero_tracks(tmp_path):
+    assert isinstance(make_tracker(1, tracking_uri="unused"), NullTracker)
+
+
+def tracker(tmp_path, **kwargs) -> MLflowTracker:
+    return MLflowTracker(
+        f"sqlite:///{tmp_path}/mlflow.db", "tests", "run", tmp_path / "run", **kwargs
+    )
+
+
+def test_outage_mid_run_keeps_training_and_the_local_record(tmp_path, caplog):
+    run = tracker(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("server went away")
+
+    run.client.log_batch = broken
+    run.log_metrics({"loss": 1.5}, step=8)
+    run.log_metrics({"loss": 1.4}, step=16)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["clips_seen"], x["loss"]) for x in lines] == [(8, 1.5), (16, 1.4)]
+    assert "training goes on" in caplog.text
+
+
+def test_resumed_tracker_skips_steps_already_logged(tmp_path):
+    first = tracker(tmp_path)
+    for step in (4, 8, 12):
+        first.log_metrics({"loss": float(step)}, step=step)
+    again = tracker(tmp_path, run_id=first.run_id)
+    assert again.last_logged == 12
+    for step in (8, 12, 16):  # a restart from the checkpoint at 4 redoes 8 and 12
+        again.log_metrics({"loss": -1.0}, step=step)
+    history = again.client.get_metric_history(first.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [
+        (4, 4.0),
+        (8, 8.0),
+        (12, 12.0),
+        (16, -1.0),
+    ]
+
+
+def test_training_curves_plot(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        "".join(
+            json.dumps({"clips_seen": i * 4, "loss": 5 - i, "collapse_uniform": 0.5}) + "\n"
+            for i in range(5)
+        )
+    )
+    png = plot_training_curves(metrics, tmp_path / "curves.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert plot_training_curves(tmp_path / "absent.jsonl", tmp_path / "x.png") is None
