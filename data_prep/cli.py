@@ -226,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="videos submitted at once (default: 4 x cluster CPUs, >= 1 shard)",
     )
+    parser.add_argument(
+        "--file-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds from submission (queueing and worker start included) after which a "
+        "video's task is killed and the video rejected as 'timeout' (0: no limit)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument(
         "--progress",
@@ -371,7 +378,8 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
         pending: dict = {}  # status ref -> (shard name, position, row ref)
         slots: dict[str, dict] = {}
         writers: dict = {}
-        failed = 0
+        failed = written = 0
+        timed_out: set = set()
         rejected: Counter = Counter()
         source_bytes = 0
         start = time.perf_counter()
@@ -398,18 +406,25 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
                     status_ref, row_ref = process.remote(
                         video, splits[video_id], label, input_fs, options
                     )
-                    pending[status_ref] = (entry["name"], position, row_ref)
+                    pending[status_ref] = (entry["name"], position, row_ref, time.monotonic())
+            if args.file_timeout:
+                now = time.monotonic()
+                for ref, (*_, submitted) in pending.items():
+                    if ref not in timed_out and now - submitted > args.file_timeout:
+                        timed_out.add(ref)
+                        ray.cancel(ref, force=True)  # a hung decoder: kill its worker
             ready, _ = ray.wait([*pending, *writers], num_returns=1, timeout=1.0)
             for ref in ready:
                 if ref in writers:
                     name = writers.pop(ref)
                     try:
                         ray.get(ref)
+                        written += 1
                     except ray.exceptions.RayError as error:
                         failed += 1
                         logger.error("shard %s could not be written: %s", name, error)
                     continue
-                name, position, row_ref = pending.pop(ref)
+                name, position, row_ref, _ = pending.pop(ref)
                 slot = slots[name]
                 try:
                     status = ray.get(ref)
@@ -420,10 +435,17 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
                         "id": video.id,
                         "path": video.relative_path,
                         "ok": False,
-                        "reason": "crash",
-                        "detail": f"decoding crashed the worker: {type(error).__name__}",
+                        "reason": "timeout" if ref in timed_out else "crash",
+                        "detail": (
+                            f"not done after {args.file_timeout}s"
+                            if ref in timed_out
+                            else f"decoding crashed the worker: {type(error).__name__}"
+                        ),
+                        "source_bytes": max(video.size, 0),
+                        "output_bytes": 0,
                     }
                     row = None
+                    timed_out.discard(ref)
                 slot["statuses"][position], slot["rows"][position] = status, row
                 slot["remaining"] -= 1
                 source_bytes += status["source_bytes"]
@@ -433,7 +455,7 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
                 progress.set_postfix(
                     rejects=sum(rejected.values()),
                     MBps=f"{source_bytes / 1e6 / (time.perf_counter() - start):.1f}",
-                    shards=f"{len(slots) - len(writers)}",
+                    shards=f"{written}/{len(todo)}",
                 )
                 if slot["remaining"] == 0:
                     slot = slots.pop(name)

@@ -232,6 +232,16 @@ def test_nothing_sharded_exits_non_zero(tmp_path, ray_session, capsys):
     assert data_prep.main([str(tmp_path / "no_videos"), str(tmp_path / "out3")]) == 1
 
 
+def test_hung_read_times_out_and_is_rejected(tmp_path, ray_session):
+    source = tmp_path / "in"
+    source.mkdir()
+    os.mkfifo(source / "hangs.mp4")  # opening it blocks forever, like a stuck network mount
+    code = data_prep.main([str(source), str(tmp_path / "out"), "--file-timeout", "2"])
+    assert code == 1  # the run ends instead of hanging; nothing else to shard
+    rejects = _rejects(tmp_path / "out")
+    assert {name: r["reason"] for name, r in rejects.items()} == {"hangs.mp4": "timeout"}
+
+
 def test_csv_manifest_input_uri_output_dry_run_and_option_guard(
     tmp_path, synthetic_videos, ray_session, capsys
 ):
