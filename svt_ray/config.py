@@ -65,6 +65,13 @@ class ModelConfig(_Section):
     "sdpa = F.scaled_dot_product_attention (flash/memory-efficient kernels); naive = explicit softmax."
     activation_checkpointing: bool = False
     "Recompute each block in the backward pass: less memory, about a third more compute."
+    view_batching: Literal["view", "shape", "resolution"] = "resolution"
+    (
+        "Which views share a backbone call: view = one call per view (the reference code); "
+        "shape = views of equal frames and size (DINO's MultiCropWrapper); resolution = all "
+        "views of one frame size, spatial attention and MLP over all their frames in one call, "
+        "temporal attention per frame count. The same function either way; fewer, larger calls."
+    )
     head_hidden_dim: PositiveInt = 2048
     "Hidden width of the DINO head MLP."
     head_bottleneck_dim: PositiveInt = 256
@@ -291,8 +298,11 @@ class TrainSettings(_Section):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     "auto = bf16 autocast on GPU, fp32 on CPU."
-    compile: bool = False
-    "torch.compile the backbone blocks (GPU)."
+    compile: bool | None = None
+    (
+        "torch.compile each backbone block (one graph per view layout, no per-step "
+        "recompiles); None = on for CUDA, off on CPU (compiling on CPU takes minutes)."
+    )
     checkpoint_every: PositiveInt = 500
     "Steps between checkpoints (one is always written at the end)."
     log_every: PositiveInt = 1

@@ -29,8 +29,12 @@ from svt_ray.config import ExperimentConfig
 logger = logging.getLogger(__name__)
 
 
+# (clips, frames) of each group of videos that share a backbone call, in packing order.
+FrameLayout = tuple[tuple[int, int], ...]
+
+
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    """Stochastic depth: drop the whole residual branch of a clip with probability p."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -43,6 +47,41 @@ class DropPath(nn.Module):
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
 
+    def scales(
+        self, like: torch.Tensor, layout: FrameLayout
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One keep/drop factor per clip (B, 1, 1) and the same per frame (F, 1, 1); None = off."""
+        if self.p == 0.0 or not self.training:
+            return None, None
+        keep = 1.0 - self.p
+        clips = sum(count for count, _ in layout)
+        per_clip = like.new_empty((clips, 1, 1)).bernoulli_(keep) / keep
+        return per_clip, clips_to_frames(per_clip, layout)
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return x if scale is None else x * scale
+
+
+def clips_to_frames(per_clip: torch.Tensor, layout: FrameLayout) -> torch.Tensor:
+    """(B, ...) one row per clip -> (F, ...) the row repeated for each of the clip's frames."""
+    parts = per_clip.split([clips for clips, _ in layout])
+    repeated = [
+        repeat(part, "b ... -> (b t) ...", t=frames)
+        for part, (_, frames) in zip(parts, layout, strict=True)
+    ]
+    return repeated[0] if len(repeated) == 1 else torch.cat(repeated)
+
+
+def mean_over_frames(per_frame: torch.Tensor, layout: FrameLayout) -> torch.Tensor:
+    """(F, ...) one row per frame -> (B, ...) the mean over each clip's frames."""
+    parts = per_frame.split([clips * frames for clips, frames in layout])
+    means = [
+        reduce(part, "(b t) ... -> b ...", "mean", t=frames)
+        for part, (_, frames) in zip(parts, layout, strict=True)
+    ]
+    return means[0] if len(means) == 1 else torch.cat(means)
+
 
 class Attention(nn.Module):
     """Multi-head self-attention over the second axis of (batch, tokens, width)."""
@@ -54,15 +93,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, 3 * width) projected queries, keys, values -> (batch, tokens, width)."""
+        qkv = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         q, k, v = qkv.unbind(0)
         if self.implementation == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
         else:  # explicit softmax, as the reference code does (the benchmark's baseline)
             weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
             out = weights.softmax(dim=-1) @ v
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return rearrange(out, "b h n d -> b n (h d)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attend(self.qkv(x)))
 
 
 class Mlp(nn.Module):
@@ -77,7 +120,15 @@ class Mlp(nn.Module):
 
 
 class DividedSpaceTimeBlock(nn.Module):
-    """Temporal attention, then spatial attention with a per-frame CLS, then the MLP (svt_spec §1.2)."""
+    """Temporal attention, then spatial attention with a per-frame CLS, then the MLP (svt_spec §1.2).
+
+    Works on a packed set of clips that share a frame size but not a frame count: one CLS per
+    clip `cls` (B, 1, d) and the patch tokens of every frame `patches` (F, n, d), grouped as
+    `layout` says ((clips, frames) per group; within a group the frames are ordered (b t)).
+    Temporal attention runs per group (its sequence length is the group's frame count); the
+    projections, the spatial attention and the MLP run once over all frames. One group is the
+    plain single-shape case.
+    """
 
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path, attention):
         super().__init__()
@@ -90,47 +141,58 @@ class DividedSpaceTimeBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        """x: (b, 1 + t*n, d), the CLS then the patches ordered (t n). Returns the same shape."""
-        b = x.shape[0]
-        cls, patches = x[:, :1], x[:, 1:]
+    def forward(
+        self, cls: torch.Tensor, patches: torch.Tensor, layout: FrameLayout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cls (B, 1, d), patches (F, n, d) -> the same shapes."""
         # Temporal attention: each spatial position attends over time; the CLS takes no part.
-        series = rearrange(patches, "b (t n) d -> (b n) t d", t=frames)
-        temporal = self.temporal_attn(self.temporal_norm1(series))
-        temporal = rearrange(temporal, "(b n) t d -> b (t n) d", b=b)
-        patches = patches + self.temporal_fc(self.drop_path(temporal))
+        qkv = self.temporal_attn.qkv(self.temporal_norm1(patches))  # (F, n, 3d)
+        groups = qkv.split([clips * frames for clips, frames in layout])
+        temporal = [
+            rearrange(
+                self.temporal_attn.attend(rearrange(group, "(b t) n c -> (b n) t c", t=frames)),
+                "(b n) t d -> (b t) n d",
+                b=clips,
+            )
+            for group, (clips, frames) in zip(groups, layout, strict=True)
+        ]
+        temporal = temporal[0] if len(temporal) == 1 else torch.cat(temporal)  # (F, n, d)
+        temporal = self.temporal_attn.proj(temporal)
+        _, frame_scale = self.drop_path.scales(patches, layout)
+        patches = patches + self.temporal_fc(_scaled(temporal, frame_scale))
 
         # Spatial attention: each frame attends over its positions plus a copy of the CLS;
-        # the CLS outputs of the frames are averaged into one CLS residual.
-        per_frame = rearrange(patches, "b (t n) d -> (b t) n d", t=frames)
-        frame_cls = repeat(cls, "b 1 d -> (b t) 1 d", t=frames)
-        spatial = self.attn(self.norm1(torch.cat([frame_cls, per_frame], dim=1)))
-        cls_residual = reduce(spatial[:, :1], "(b t) 1 d -> b 1 d", "mean", b=b)
-        patch_residual = rearrange(spatial[:, 1:], "(b t) n d -> b (t n) d", b=b)
+        # the CLS outputs of a clip's frames are averaged into one CLS residual.
+        frame_cls = clips_to_frames(cls, layout)  # (F, 1, d)
+        spatial = self.attn(self.norm1(torch.cat([frame_cls, patches], dim=1)))  # (F, 1 + n, d)
+        clip_scale, frame_scale = self.drop_path.scales(patches, layout)
         # The spatial residual adds to the temporal output, not to the block input.
-        x = torch.cat([cls, patches], dim=1)
-        x = x + self.drop_path(torch.cat([cls_residual, patch_residual], dim=1))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        cls = cls + _scaled(mean_over_frames(spatial[:, :1], layout), clip_scale)
+        patches = patches + _scaled(spatial[:, 1:], frame_scale)
+
+        clip_scale, frame_scale = self.drop_path.scales(patches, layout)
+        cls = cls + _scaled(self.mlp(self.norm2(cls)), clip_scale)
+        patches = patches + _scaled(self.mlp(self.norm2(patches)), frame_scale)
+        return cls, patches
 
 
 class PatchEmbed(nn.Module):
-    """Per-frame 2D patches (no tubelets): (b, 3, t, h, w) -> (b, t, n, d)."""
+    """Per-frame 2D patches (no tubelets): (F, 3, h, w) frames -> (F, n, d) tokens."""
 
     def __init__(self, patch_size: int, dim: int):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        b, _, _, h, w = video.shape
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        h, w = frames.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
                 f"view size {h}x{w} is not a multiple of the patch size {self.patch_size}"
             )
-        frames = rearrange(video, "b c t h w -> (b t) c h w")
-        tokens = self.proj(frames)  # (b t, d, gh, gw)
+        tokens = self.proj(frames)  # (F, d, gh, gw)
         grid_h, grid_w = tokens.shape[-2:]
-        return rearrange(tokens, "(b t) d gh gw -> b t (gh gw) d", b=b), grid_h, grid_w
+        return rearrange(tokens, "f d gh gw -> f (gh gw) d"), grid_h, grid_w
 
 
 class TimeSformer(nn.Module):
@@ -220,18 +282,36 @@ class TimeSformer(nn.Module):
 
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         """(b, 3, t, h, w) -> final CLS (b, d)."""
-        patches, grid_h, grid_w = self.patch_embed(video)  # (b, t, n, d)
-        b, t = patches.shape[:2]
+        return self.forward_features_packed([video])[0]
+
+    def forward_features_packed(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Videos of one frame size and any frame counts, (b_i, 3, t_i, h, w) -> CLS (b_i, d) each.
+
+        All their frames share one patch-embedding call and, in every block, one spatial
+        attention and one MLP call; temporal attention runs once per video (svt_spec §1.2).
+        """
+        sizes = {tuple(video.shape[-2:]) for video in videos}
+        if len(sizes) != 1:
+            raise ValueError(f"packed videos must share one frame size, got {sorted(sizes)}")
+        layout = tuple((video.shape[0], video.shape[2]) for video in videos)
+        per_video = [rearrange(video, "b c t h w -> (b t) c h w") for video in videos]
+        patches, grid_h, grid_w = self.patch_embed(
+            per_video[0] if len(per_video) == 1 else torch.cat(per_video)
+        )  # (F, n, d)
         pos = self.spatial_pos_embed(grid_h, grid_w)
-        cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)  # the CLS gets no time embedding
-        patches = patches + pos[:, None, 1:] + self.temporal_pos_embed(t)[:, :, None]
-        x = torch.cat([cls, rearrange(patches, "b t n d -> b (t n) d")], dim=1)
+        time = [
+            repeat(self.temporal_pos_embed(frames)[0], "t d -> (b t) 1 d", b=clips)
+            for clips, frames in layout
+        ]  # (F, 1, d); the CLS gets no time embedding
+        patches = patches + pos[:, 1:] + (time[0] if len(time) == 1 else torch.cat(time))
+        total_clips = sum(clips for clips, _ in layout)
+        cls = (self.cls_token + pos[:, :1]).expand(total_clips, -1, -1)  # (B, 1, d)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, t, use_reentrant=False)
+                cls, patches = checkpoint(block, cls, patches, layout, use_reentrant=False)
             else:
-                x = block(x, t)
-        return self.norm(x[:, 0])
+                cls, patches = block(cls, patches, layout)
+        return list(self.norm(cls[:, 0]).split([count for count, _ in layout]))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.forward_features(video)
@@ -293,30 +373,62 @@ class MultiViewOutput:
     features: torch.Tensor  # (v, b, d): backbone CLS in view order
 
 
+VIEW_BATCHING = ("view", "shape", "resolution")
+
+
+def group_views(shapes: Sequence[tuple[int, ...]], view_batching: str) -> list[list[list[int]]]:
+    """Which views share a backbone call: calls -> videos of the call -> view indices.
+
+    shapes are (c, t, h, w) per view. view: one call per view (the reference code);
+    shape: views of equal (t, h, w) concatenated along the batch, one call per shape (DINO's
+    MultiCropWrapper); resolution: one call per frame size (h, w), with a packed video per
+    frame count inside it.
+    """
+    if view_batching not in VIEW_BATCHING:
+        raise ValueError(f"view_batching must be one of {VIEW_BATCHING}, got {view_batching!r}")
+    calls: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
+    for index, (_, frames, height, width) in enumerate(shapes):
+        if view_batching == "view":
+            call, video = (index,), (index,)
+        elif view_batching == "shape":
+            call, video = (frames, height, width), ()
+        else:
+            call, video = (height, width), (frames,)
+        calls.setdefault(call, {}).setdefault(video, []).append(index)
+    return [list(videos.values()) for videos in calls.values()]
+
+
 class SVTModel(nn.Module):
     """Backbone + head over a list of views of different shapes (DINO's MultiCropWrapper).
 
-    Views of the same (frames, height, width) are concatenated along the batch and go through
-    the backbone in one call; the head runs once on all CLS tokens.
+    `view_batching` decides which views share a backbone call (see `group_views`); views of
+    one shape are always concatenated along the batch within a call. The head runs once on
+    all CLS tokens. Every setting computes the same function.
     """
 
-    def __init__(self, backbone: TimeSformer, head: DINOHead):
+    def __init__(self, backbone: TimeSformer, head: DINOHead, view_batching: str = "shape"):
         super().__init__()
+        if view_batching not in VIEW_BATCHING:
+            raise ValueError(
+                f"model.view_batching must be one of {VIEW_BATCHING}, got {view_batching!r}"
+            )
         self.backbone = backbone
         self.head = head
+        self.view_batching = view_batching
 
     def forward(self, views: Sequence[torch.Tensor]) -> MultiViewOutput:
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, view in enumerate(views):
-            groups.setdefault(tuple(view.shape[1:]), []).append(index)
+        calls = group_views([tuple(view.shape[1:]) for view in views], self.view_batching)
         features: list[torch.Tensor | None] = [None] * len(views)
-        for indices in groups.values():
-            batch = (
+        for call in calls:
+            videos = [
                 torch.cat([views[i] for i in indices]) if len(indices) > 1 else views[indices[0]]
-            )
-            cls = self.backbone.forward_features(batch)
-            for i, chunk in zip(indices, cls.chunk(len(indices)), strict=True):
-                features[i] = chunk
+                for indices in call
+            ]
+            for indices, cls in zip(
+                call, self.backbone.forward_features_packed(videos), strict=True
+            ):
+                for i, chunk in zip(indices, cls.chunk(len(indices)), strict=True):
+                    features[i] = chunk
         stacked = torch.stack(features)  # (v, b, d)
         logits = self.head(rearrange(stacked, "v b d -> (v b) d"))
         return MultiViewOutput(rearrange(logits, "(v b) k -> v b k", v=len(views)), stacked)
@@ -356,7 +468,7 @@ def build_model(config: ExperimentConfig) -> SVTModel:
         m.head_layers,
         m.norm_last_layer,
     )
-    return SVTModel(backbone, head)
+    return SVTModel(backbone, head, m.view_batching)
 
 
 # -- initialisation from an image ViT ----------------------------------------------------------

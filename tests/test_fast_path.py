@@ -1,0 +1,215 @@
+"""The fast training step computes what the naive (reference-style) step computes.
+
+CPU, fp32, tight tolerances: the fast path (SDPA, views batched per frame size, fused loss,
+foreach clipping and EMA) against the benchmark's naive step (explicit softmax, one backbone
+call per view, log-softmax loss, per-parameter loops, for-loop AdamW), and each new option
+against the plain one. The compiled and bf16 paths are checked only where a GPU exists.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from factories import random_views, small_config
+
+from svt_ray.engine import build_state, train_step
+from svt_ray.losses import SVTLoss
+from svt_ray.model import DropPath, build_model, clips_to_frames, group_views
+from svt_ray.views import view_slots
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+from benchmarks.step import (
+    FAST_OPTIONS,
+    build_naive,
+    make_config,
+    naive_step,
+    with_options,
+)
+
+TIGHT = {"rtol": 1e-4, "atol": 1e-6}
+
+
+def step_config(*overrides):
+    config = small_config(
+        "tiny",
+        "optim.batch_size=4",
+        "optim.warmup_epochs=0",
+        "optim.freeze_last_layer_epochs=0",
+        *overrides,
+    )
+    return config.resolve(4 * 100)
+
+
+def test_fast_step_matches_the_naive_step():
+    config = step_config("optim.clip_grad=0.05")  # most tensors get clipped
+    fast = build_state(with_options(config, FAST_OPTIONS), "cpu")
+    naive = build_naive(config, torch.device("cpu"))
+    assert fast.student_module.view_batching == "resolution" and fast.loss.fused
+    batch = random_views(config, 4)
+    for step in range(2):
+        fast_metrics = train_step(fast, batch, step, torch.Generator().manual_seed(step))
+        naive_metrics = naive_step(naive, batch, step, torch.Generator().manual_seed(step))
+        assert fast_metrics["loss"] == pytest.approx(naive_metrics["loss"], rel=1e-5)
+        students = zip(
+            fast.student.named_parameters(), naive.state.student.parameters(), strict=True
+        )
+        for (name, a), b in students:
+            torch.testing.assert_close(a.grad, b.grad, **TIGHT, msg=f"grad {name}")
+            torch.testing.assert_close(a, b, **TIGHT, msg=f"weight {name}")
+        teachers = zip(
+            fast.teacher.named_parameters(), naive.state.teacher.parameters(), strict=True
+        )
+        for (name, a), b in teachers:
+            torch.testing.assert_close(a, b, **TIGHT, msg=f"teacher {name}")
+        torch.testing.assert_close(fast.loss.center, naive.state.loss.center, **TIGHT)
+
+
+def test_view_batching_settings_compute_the_same_function():
+    config = small_config("tiny", "model.head_out_dim=64")
+    torch.manual_seed(0)
+    reference = build_model(with_options(config, {"model": {"view_batching": "view"}}))
+    with torch.no_grad():  # wake the silent temporal branches so frame order matters
+        for block in reference.backbone.blocks:
+            torch.nn.init.normal_(block.temporal_fc.weight, std=0.05)
+        torch.nn.init.normal_(reference.backbone.time_embed, std=0.05)
+    views = [torch.randn(2, *slot.shape) for slot in view_slots(config.views)]
+    outputs = {}
+    for mode in ("view", "shape", "resolution"):
+        model = build_model(with_options(config, {"model": {"view_batching": mode}}))
+        model.load_state_dict(reference.state_dict())
+        out = model(views)
+        out.logits.logsumexp(-1).sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        outputs[mode] = (out, grads)
+    base_out, base_grads = outputs["view"]
+    for mode in ("shape", "resolution"):
+        out, grads = outputs[mode]
+        torch.testing.assert_close(out.features, base_out.features, **TIGHT)
+        torch.testing.assert_close(out.logits, base_out.logits, **TIGHT)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, base_grads[name], **TIGHT, msg=f"{mode} {name}")
+
+
+def test_resolution_batching_makes_one_call_per_frame_size():
+    shapes = [(3, 8, 224, 224), (3, 16, 224, 224)] + [
+        (3, t, 96, 96) for t in (2, 2, 4, 4, 8, 8, 16, 16)
+    ]
+    assert group_views(shapes, "resolution") == [[[0], [1]], [[2, 3], [4, 5], [6, 7], [8, 9]]]
+    assert group_views(shapes, "shape") == [[[0]], [[1]], [[2, 3]], [[4, 5]], [[6, 7]], [[8, 9]]]
+    assert len(group_views(shapes, "view")) == 10
+
+
+def test_packed_backbone_rejects_mixed_frame_sizes():
+    model = build_model(small_config("tiny"))
+    with pytest.raises(ValueError, match="one frame size"):
+        model.backbone.forward_features_packed(
+            [torch.randn(1, 3, 2, 32, 32), torch.randn(1, 3, 2, 64, 64)]
+        )
+
+
+def test_drop_path_keeps_or_drops_all_frames_of_a_clip_together():
+    drop = DropPath(0.5).train()
+    layout = ((3, 2), (2, 4))  # 3 clips of 2 frames, 2 clips of 4 frames
+    torch.manual_seed(0)
+    per_clip, per_frame = drop.scales(torch.zeros(1), layout)
+    assert per_clip.shape == (5, 1, 1) and per_frame.shape == (3 * 2 + 2 * 4, 1, 1)
+    assert set(per_clip.flatten().tolist()) <= {0.0, 2.0}
+    expected = torch.cat(
+        [per_clip[:3].repeat_interleave(2, 0), per_clip[3:].repeat_interleave(4, 0)]
+    )
+    torch.testing.assert_close(per_frame, expected)
+    torch.testing.assert_close(clips_to_frames(per_clip, layout), expected)
+    assert drop.eval().scales(torch.zeros(1), layout) == (None, None)
+
+
+def test_drop_path_trains_in_packed_mode():
+    config = small_config("tiny", "model.drop_path_rate=0.5", "model.head_out_dim=64")
+    model = build_model(config).train()
+    views = [torch.randn(2, *slot.shape) for slot in view_slots(config.views)]
+    model(views).logits.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_matches_the_explicit_log_softmax(centering, dtype):
+    torch.manual_seed(0)
+    student = (3 * torch.randn(2 + 4, 5, 300)).to(dtype).requires_grad_()
+    teacher = torch.randn(2, 5, 300).tanh()  # cosine logits, as the head gives
+    results = []
+    for fused in (True, False):
+        loss = SVTLoss(300, 2, 4, centering=centering, motion_weight=0.5, fused=fused)
+        loss.center.normal_(generator=torch.Generator().manual_seed(1))
+        terms = loss(student, teacher, teacher_temp=0.05)
+        (grad,) = torch.autograd.grad(terms["loss"], student)
+        results.append((terms, grad))
+    (fused_terms, fused_grad), (plain_terms, plain_grad) = results
+    for key in ("loss", "motion", "cross_view"):
+        torch.testing.assert_close(fused_terms[key], plain_terms[key], rtol=1e-5, atol=1e-6)
+    tolerance = TIGHT if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
+    torch.testing.assert_close(fused_grad.float(), plain_grad.float(), **tolerance)
+    assert fused_grad.dtype == dtype
+
+
+def test_fused_loss_gradient_is_exact_in_double():
+    from svt_ray.losses import PairCrossEntropy
+
+    targets = torch.softmax(torch.randn(2, 2, 8, dtype=torch.double), dim=-1)
+    logits = torch.randn(3, 2, 8, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s: PairCrossEntropy.apply(targets, s, 0.1), (logits,), eps=1e-6
+    )
+
+
+@pytest.mark.parametrize("view_set", ["paper", "reference"])
+def test_benchmark_view_sets_are_valid_configs(view_set):
+    config = make_config("paper", view_set, batch=8)
+    frames = config.views.global_frame_counts() + config.views.local_frame_counts()
+    expected = [8, 16, 2, 2, 4, 4, 8, 8, 16, 16] if view_set == "paper" else [8] * 10
+    assert frames == expected and config.optim.batch_size == 8
+
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_gpu
+def test_gpu_bf16_fast_step_tracks_the_fp16_naive_step():
+    """bf16 vs fp16 autocast: losses agree to 2% over three steps (stated bf16 tolerance)."""
+    config = step_config("train.compile=false")
+    device = torch.device("cuda")
+    fast = build_state(with_options(config, FAST_OPTIONS), device)
+    naive = build_naive(config, device)
+    batch = random_views(config, 4)
+    for step in range(3):
+        fast_loss = train_step(fast, batch, step, torch.Generator().manual_seed(step))["loss"]
+        naive_loss = naive_step(naive, batch, step, torch.Generator().manual_seed(step))["loss"]
+        assert fast_loss == pytest.approx(naive_loss, rel=2e-2)
+
+
+@requires_gpu
+def test_gpu_compiled_blocks_match_eager_and_never_recompile():
+    import torch._dynamo
+
+    config = step_config("train.precision=fp32")
+    device = torch.device("cuda")
+    eager = build_state(with_options(config, {"train": {"compile": False}}), device)
+    compiled = build_state(with_options(config, {"train": {"compile": True}}), device)
+    batch = random_views(config, 4)
+    losses = []
+    for step in range(3):
+        if step == 1:  # every layout was seen in step 0: from here on nothing may recompile
+            torch._dynamo.config.error_on_recompile = True
+        try:
+            losses.append(
+                (
+                    train_step(eager, batch, step, torch.Generator().manual_seed(step))["loss"],
+                    train_step(compiled, batch, step, torch.Generator().manual_seed(step))["loss"],
+                )
+            )
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+    for eager_loss, compiled_loss in losses:
+        assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
