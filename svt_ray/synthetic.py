@@ -34,7 +34,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -347,6 +346,10 @@ def _write_one(args: tuple[SynthConfig, int, str]) -> tuple[int, int]:
     return len(data), 0
 
 
+def _write_chunk(jobs: list[tuple[SynthConfig, int, str]]) -> list[tuple[int, int]]:
+    return [_write_one(job) for job in jobs]
+
+
 def _filesystem(uri: str):
     from pyarrow import fs as pafs
 
@@ -369,9 +372,14 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
         meta = {"config": asdict(config), "class_names": list(config.class_names)}
         stream.write(json.dumps(meta, indent=2).encode())
     jobs = [(config, index, root) for index in range(config.num_clips)]
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_write_one, jobs, chunksize=4))
+    if workers > 1:  # Ray is the distributed engine: one task per chunk of clips
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        write_chunk = ray.remote(num_cpus=1)(_write_chunk)
+        chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]
+        results = [r for chunk in ray.get([write_chunk.remote(c) for c in chunks]) for r in chunk]
     else:
         results = [_write_one(job) for job in jobs]
     summary = SynthSummary(
@@ -427,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=SynthConfig.width)
     parser.add_argument("--fps", type=float, default=SynthConfig.fps)
     parser.add_argument("--seed", type=int, default=SynthConfig.seed)
-    parser.add_argument("--workers", type=int, default=1, help="processes encoding in parallel")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="Ray tasks encoding in parallel (1: in this process)"
+    )
     args = parser.parse_args(argv)
     try:
         return synth_main(**vars(args))

@@ -211,11 +211,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     clips_per_s=(clips_seen - clips_at_start) / (now - started),
                     data_wait_fraction=data_wait / max(now - waited_since, 1e-9),
                 )
-                if step % config.train.log_every == 0 or step == derived.total_steps:
+                last = step == derived.total_steps
+                if step % config.train.checkpoint_every == 0 or last:
                     tracker.log_metrics(metrics, step=clips_seen)
-                if step % config.train.checkpoint_every == 0 or step == derived.total_steps:
                     _save_checkpoint(state, step, metrics, run_dir, rank)
-                else:
+                elif step % config.train.log_every == 0:
+                    tracker.log_metrics(metrics, step=clips_seen)
                     ray.train.report(metrics)  # [5] metrics only (Tune's schedulers see them)
                 waited_since = time.perf_counter()
                 if step >= derived.total_steps:

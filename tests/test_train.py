@@ -113,7 +113,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(
     diverged = json.loads((run_dir / "diverged.json").read_text())
     progress = json.loads((run_dir / PROGRESS_FILE).read_text())
     assert progress["step"] == diverged["step"]  # checkpoints up to the last finite step
-    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    checkpoints = sorted(run_dir.glob("checkpoint_0*"))
     state = load_state(str(checkpoints[-1]))
     assert all(torch.isfinite(t).all() for t in state["student"].values())
 
