@@ -31,6 +31,15 @@ class TrackingUnavailableError(RuntimeError):
     """The tracking store cannot be used; raised before training starts."""
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` is relative to the current folder; Ray workers run elsewhere, so
+    the driver pins it to an absolute path before handing it to them."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, with a message that says what to do, if `uri` cannot take a run."""
     parsed = urlparse(uri)

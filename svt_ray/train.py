@@ -37,7 +37,7 @@ from ray.train.torch import TorchTrainer
 from svt_ray import data
 from svt_ray.config import ConfigError, ExperimentConfig
 from svt_ray.engine import NonFiniteLossError, build_state, load_state_dict, state_dict, train_step
-from svt_ray.tracking import check_tracking_uri, git_commit, make_tracker
+from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, git_commit, make_tracker
 from svt_ray.views import view_slots
 
 logger = logging.getLogger(__name__)
@@ -316,6 +316,7 @@ def run_pretraining(
     manifest = data.read_dataset_manifest(config.data.path)
     clips = data.split_count(manifest, "train")
     resolved = config.resolve(clips)
+    resolved.tracking.tracking_uri = absolute_tracking_uri(resolved.tracking.tracking_uri)
     check_tracking_uri(resolved.tracking.tracking_uri)  # before any compute is spent
     run_name = default_run_name(resolved)
     run_dir = run_directory(resolved, run_name)

@@ -81,3 +81,12 @@ def test_training_curves_plot(tmp_path):
     png = plot_training_curves(metrics, tmp_path / "curves.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert plot_training_curves(tmp_path / "absent.jsonl", tmp_path / "x.png") is None
+
+
+def test_relative_sqlite_uri_is_pinned_for_workers(tmp_path, monkeypatch):
+    from svt_ray.tracking import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert absolute_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
