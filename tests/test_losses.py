@@ -33,7 +33,9 @@ def test_loss_equals_the_double_loop(w_cross, w_motion):
     torch.manual_seed(0)
     g, num_local, b, k = 2, 8, 4, 32
     student, teacher = torch.randn(g + num_local, b, k), torch.randn(g, b, k)
-    loss = SVTLoss(k, g, num_local, student_temp=0.1, cross_view_weight=w_cross, motion_weight=w_motion)
+    loss = SVTLoss(
+        k, g, num_local, student_temp=0.1, cross_view_weight=w_cross, motion_weight=w_motion
+    )
     loss.center.copy_(torch.randn(1, k) * 0.1)
     got = loss(student, teacher, teacher_temp=0.04)["loss"]
     want = explicit_loss(student, teacher, loss.center, 0.1, 0.04, w_cross, w_motion, g)
