@@ -232,9 +232,18 @@ class FeatureUDF:
 
 
 def load_state(path: str) -> dict:
-    """A checkpoint file (state.pt) or a checkpoint directory holding one."""
+    """A checkpoint file (state.pt) or a checkpoint directory holding one; local or a URI."""
+    import io
     from pathlib import Path
 
+    if "://" in path:  # object storage: any pyarrow filesystem
+        from pyarrow import fs as pafs
+
+        filesystem, where = pafs.FileSystem.from_uri(path)
+        if not where.endswith(".pt"):
+            where = f"{where.rstrip('/')}/state.pt"
+        with filesystem.open_input_stream(where) as stream:
+            return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=False)
     file = Path(path)
     if file.is_dir():
         file = file / "state.pt"

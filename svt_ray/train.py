@@ -412,15 +412,6 @@ def _log_curves(config: ExperimentConfig, run_name: str, run_id: str, log_dir: P
     tracker.finish()
 
 
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint's state dict (student, teacher, optimiser, loss, step, config)."""
-    checkpoint = (
-        ray.train.Checkpoint(path) if "://" in path else ray.train.Checkpoint.from_directory(path)
-    )
-    with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-
-
 def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> ExperimentConfig:
     """The config a run was started with (from its run.json), for `pretrain --resume`.
 

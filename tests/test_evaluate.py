@@ -81,3 +81,14 @@ def test_slow_fast_features_average_the_two_clips():
 def test_format_table():
     table = format_table([{"features": "single", "knn_top1": 51.25}])
     assert table.splitlines() == ["| features | knn_top1 |", "|---|---|", "| single | 51.2 |"]
+
+
+def test_load_state_from_a_folder_a_file_and_a_uri(tmp_path):
+    from svt_ray.evaluate import load_state
+
+    torch.save({"step": 7}, tmp_path / "state.pt")
+    assert load_state(str(tmp_path))["step"] == 7
+    assert load_state(str(tmp_path / "state.pt"))["step"] == 7
+    assert load_state(tmp_path.as_uri())["step"] == 7
+    with pytest.raises(FileNotFoundError, match="no SVT checkpoint"):
+        load_state(str(tmp_path / "missing"))
