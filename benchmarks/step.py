@@ -147,7 +147,12 @@ def naive_step(
         student_out = state.student(views)  # view_batching=view: one backbone call per view
         with torch.no_grad():
             teacher_out = state.teacher(views[:num_global])
-        loss = state.loss(student_out.logits, teacher_out.logits, values.teacher_temp)["loss"]
+        loss = state.loss(
+            student_out.logits,
+            teacher_out.logits,
+            values.teacher_temp,
+            student_out.features[:num_global],  # the same terms as the fast path (KoLeo)
+        )["loss"]
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"naive path: loss is {loss.item()} at step {step}")
 
