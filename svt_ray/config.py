@@ -344,8 +344,6 @@ class EvalSettings(_Section):
     "Split used as the kNN memory bank and the probe's training set."
     test_split: str = "val"
     "Split the accuracies are measured on."
-    online_every: Annotated[int, Field(ge=0)] = 0
-    "Steps between online kNN evaluations during pretraining (0 = off)."
 
 
 class Derived(_Section):

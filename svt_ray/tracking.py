@@ -40,6 +40,15 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
+def artifact_location_for(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database file, not into whatever folder
+    the process happens to run in; servers keep their own artifact root (None)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        return (Path(uri[len(prefix) :]).resolve().parent / "mlruns").as_uri()
+    return None
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, with a message that says what to do, if `uri` cannot take a run."""
     parsed = urlparse(uri)
@@ -171,7 +180,9 @@ class MLflowTracker:
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = (
-                found.experiment_id if found else self.client.create_experiment(experiment)
+                found.experiment_id
+                if found
+                else self.client.create_experiment(experiment, artifact_location_for(tracking_uri))
             )
             all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
             if parent_run_id:

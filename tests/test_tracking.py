@@ -90,3 +90,12 @@ def test_relative_sqlite_uri_is_pinned_for_workers(tmp_path, monkeypatch):
     assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
     assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert absolute_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_sqlite_artifacts_live_beside_the_database(tmp_path):
+    run = tracker(tmp_path)
+    (tmp_path / "note.txt").write_text("hello")
+    run.log_artifact(tmp_path / "note.txt")
+    experiment = run.client.get_experiment_by_name("tests")
+    assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri())
+    assert list((tmp_path / "mlruns").rglob("note.txt"))
