@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 from svt_ray.config import ExperimentConfig, load_config  # noqa: E402
 from svt_ray.engine import (  # noqa: E402
     TrainState,
+    apply_schedule,
     build_state,
     compile_enabled,
     parameter_groups,
@@ -130,11 +131,7 @@ def naive_step(
 ) -> dict[str, float]:
     """One step as the reference code takes it (DINO's `train_one_epoch`), same schedules."""
     state, scaler = path.state, path.scaler
-    values = state.schedule.at(step)
-    for group in state.optimizer.param_groups:
-        group["lr"] = values.lr
-        if group["apply_weight_decay"]:
-            group["weight_decay"] = values.weight_decay
+    values = apply_schedule(state, step)
     views = state.augmenter(to_device_views(batch, state.device), generator)
     num_global = state.config.views.num_global
     autocast = (

@@ -254,22 +254,8 @@ class ViewCutter:
         return self.sampler.cut(frames, plan)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        views: dict[str, list[np.ndarray]] = {slot.name: [] for slot in self.slots}
-        labels, clip_ids = [], []
-        for row in _rows(batch):
-            try:
-                cut = self.cut_clip(row)
-            except (VideoDecodeError, ValueError, IndexError, RuntimeError) as error:
-                self.failures.add(row.clip_id, error)
-                continue
-            for name, view in cut.items():
-                views[name].append(view)
-            labels.append(row.label)
-            clip_ids.append(row.clip_id)
-        out = {slot.name: _stack(views[slot.name], slot.shape) for slot in self.slots}
-        out["label"] = np.asarray(labels, dtype=np.int64)
-        out["clip_id"] = np.asarray([clip_key(clip_id) for clip_id in clip_ids], dtype=np.int64)
-        return out
+        shapes = {slot.name: slot.shape for slot in self.slots}
+        return _cut_rows(batch, self.cut_clip, shapes, self.failures)
 
 
 @dataclass(frozen=True)
@@ -338,25 +324,33 @@ class EvalClipCutter:
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        clips: dict[str, list[np.ndarray]] = {name: [] for name in self.clips}
-        labels, clip_ids = [], []
-        for row in _rows(batch):
-            try:
-                cut = self.cut_clip(row)
-            except (VideoDecodeError, ValueError, IndexError, RuntimeError) as error:
-                self.failures.add(row.clip_id, error)
-                continue
-            for name, clip in cut.items():
-                clips[name].append(clip)
-            labels.append(row.label)
-            clip_ids.append(row.clip_id)
-        out = {
-            name: _stack(clips[name], (3, spec.frames, spec.size, spec.size))
-            for name, spec in self.clips.items()
-        }
-        out["label"] = np.asarray(labels, dtype=np.int64)
-        out["clip_id"] = np.asarray([clip_key(clip_id) for clip_id in clip_ids], dtype=np.int64)
-        return out
+        shapes = {name: (3, spec.frames, spec.size, spec.size) for name, spec in self.clips.items()}
+        return _cut_rows(batch, self.cut_clip, shapes, self.failures)
+
+
+def _cut_rows(
+    batch, cut_clip, shapes: dict[str, tuple[int, ...]], failures
+) -> dict[str, np.ndarray]:
+    """Run `cut_clip` on every row; a row that fails to decode is skipped and counted.
+
+    Returns one uint8 column per name in `shapes` (fixed shape), plus `label` and `clip_id`.
+    """
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in shapes}
+    labels, clip_ids = [], []
+    for row in _rows(batch):
+        try:
+            cut = cut_clip(row)
+        except (VideoDecodeError, ValueError, IndexError, RuntimeError) as error:
+            failures.add(row.clip_id, error)
+            continue
+        for name, array in cut.items():
+            columns[name].append(array)
+        labels.append(row.label)
+        clip_ids.append(row.clip_id)
+    out = {name: _stack(columns[name], shape) for name, shape in shapes.items()}
+    out["label"] = np.asarray(labels, dtype=np.int64)
+    out["clip_id"] = np.asarray([clip_key(clip_id) for clip_id in clip_ids], dtype=np.int64)
+    return out
 
 
 def _stack(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:

@@ -24,7 +24,7 @@ from torch import nn
 from svt_ray.config import ExperimentConfig
 from svt_ray.losses import SVTLoss, collapse_metrics
 from svt_ray.model import SVTModel, build_model
-from svt_ray.schedules import Schedule
+from svt_ray.schedules import Schedule, ScheduleValues
 from svt_ray.views import ViewAugmenter
 
 
@@ -190,6 +190,16 @@ def to_device_views(batch: list[torch.Tensor], device: torch.device) -> list[tor
     return [view.to(device, non_blocking=True) for view in batch]
 
 
+def apply_schedule(state: TrainState, step: int) -> ScheduleValues:
+    """Set this step's lr and weight decay on the optimiser; returns all schedule values."""
+    values = state.schedule.at(step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = values.lr
+        if group["apply_weight_decay"]:
+            group["weight_decay"] = values.weight_decay
+    return values
+
+
 def train_step(
     state: TrainState,
     batch: list[torch.Tensor],
@@ -200,11 +210,7 @@ def train_step(
 
     Raises NonFiniteLossError before touching any weight if the loss is not finite.
     """
-    values = state.schedule.at(step)
-    for group in state.optimizer.param_groups:
-        group["lr"] = values.lr
-        if group["apply_weight_decay"]:
-            group["weight_decay"] = values.weight_decay
+    values = apply_schedule(state, step)
 
     views = state.augmenter(to_device_views(batch, state.device), generator)
     num_global = state.config.views.num_global
