@@ -274,6 +274,7 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
     assert data_prep.main([str(root), str(reference), *common]) == 0
 
     resumed = tmp_path / "resumed"
+    log = tmp_path / "killed_run.log"
     process = subprocess.Popen(
         [
             sys.executable,
@@ -290,12 +291,15 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
         cwd=REPO,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("w"),
     )
     state = resumed / "_state"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(state.glob("part-*.json"))) < 2:
-        assert process.poll() is None, "data_prep ended before it could be killed"
+        assert process.poll() is None, (
+            f"data_prep ended (exit {process.returncode}) before it could be killed:\n"
+            + log.read_text()[-3000:]
+        )
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
     process.wait()
