@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PRESETS = ("paper", "reference_code", "tiny")
 
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 UnitInterval = Annotated[float, Field(gt=0.0, le=1.0)]
 
@@ -344,6 +345,12 @@ class EvalSettings(_Section):
     "Split used as the kNN memory bank and the probe's training set."
     test_split: str = "val"
     "Split the accuracies are measured on."
+    online_every: NonNegativeInt = 0
+    "Online kNN of the teacher every this many steps during pretraining (0: off)."
+    online_bank_clips: PositiveInt = 1000
+    "Clips of train_split in the online kNN memory bank (a fixed subset, held in memory)."
+    online_query_clips: PositiveInt = 500
+    "Clips of test_split the online kNN accuracy is measured on."
 
 
 class Derived(_Section):

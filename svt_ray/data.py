@@ -432,6 +432,50 @@ def build_eval_dataset(
     )
 
 
+def load_eval_clips(
+    data_path: str,
+    split: str,
+    clips: Mapping[str, tuple[int, int]],
+    max_clips: int,
+    *,
+    window_frames: int | None = None,
+    decoder: str = "decord",
+) -> dict[str, np.ndarray]:
+    """A fixed labelled subset of one split, decoded in this process (no Ray Data).
+
+    For small in-memory evaluation sets, such as online kNN inside a Train worker. The subset
+    is the `max_clips` clips with the smallest id hash: the same clips every time, spread over
+    classes like the split. Returns `build_eval_dataset`'s columns for those clips.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from data_prep.shards import read_manifest
+
+    manifest, filesystem, root = read_manifest(data_path)
+    files = [f"{root}/{s['file']}" for s in manifest["shards"] if s["splits"].get(split)]
+    if not files:
+        raise ValueError(f"{data_path}: no shard holds clips of split {split!r}")
+    index = []  # (hash, file, id) of every labelled clip of the split
+    for path in files:
+        table = pq.read_table(path, columns=["id", "label", "split"], filesystem=filesystem)
+        labelled = pc.and_(pc.equal(table["split"], split), pc.greater_equal(table["label"], 0))
+        table = table.filter(labelled)
+        index += [(_clip_hash(i), path, i) for i in table["id"].to_pylist()]
+    chosen = sorted(index)[:max_clips]
+    cutter = EvalClipCutter(clips, window_frames, decoder, report_failures=False)
+    batches = []
+    for path in sorted({path for _, path, _ in chosen}):
+        wanted = [clip_id for _, p, clip_id in chosen if p == path]
+        table = pq.read_table(
+            path, columns=READ_COLUMNS, filesystem=filesystem, filters=[("id", "in", wanted)]
+        )
+        batches.append(cutter(table.to_pydict()))
+    if not batches:
+        raise ValueError(f"{data_path}: split {split!r} has no labelled clip")
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
 def slow_fast_clips(slow: tuple[int, int] = (8, 224), fast: tuple[int, int] = (64, 96)):
     """The paper's slow-fast evaluation inputs (svt_spec §5): 8 x 224 and 64 x 96."""
     return {"slow": slow, "fast": fast}

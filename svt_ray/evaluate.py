@@ -180,6 +180,89 @@ class FeatureExtractor:
         return (self.features(slow) + self.features(fast)) / 2
 
 
+class OnlineKNN:
+    """kNN top-1 / top-5 of a backbone on a fixed labelled subset held in memory.
+
+    Built once per run (`from_config` decodes the clips), then called every
+    `eval.online_every` steps on the teacher's backbone, so runs and studies can compare
+    accuracy curves against clips seen. Uses the single evaluation clip (no slow-fast).
+    """
+
+    def __init__(
+        self,
+        bank: dict[str, torch.Tensor],
+        query: dict[str, torch.Tensor],
+        mean,
+        std,
+        k: int = 20,
+        temperature: float = 0.07,
+        batch_size: int = 32,
+    ):
+        self.bank, self.query = bank, query
+        self.num_classes = int(max(bank["label"].max(), query["label"].max())) + 1
+        self.mean, self.std = mean, std
+        self.k, self.temperature, self.batch_size = k, temperature, batch_size
+
+    @classmethod
+    def from_config(cls, config) -> OnlineKNN:
+        from svt_ray import data
+
+        settings = config.eval
+        clip = {"clip": (settings.clip_frames, settings.clip_size)}
+
+        def load(split: str, count: int) -> dict[str, torch.Tensor]:
+            columns = data.load_eval_clips(
+                config.data.path,
+                split,
+                clip,
+                count,
+                window_frames=config.views.clip_frames,
+                decoder=config.data.decoder,
+            )
+            return {
+                "clip": torch.from_numpy(columns["clip"]),
+                "label": torch.from_numpy(columns["label"]),
+            }
+
+        return cls(
+            load(settings.train_split, settings.online_bank_clips),
+            load(settings.test_split, settings.online_query_clips),
+            config.views.mean,
+            config.views.std,
+            settings.knn_k,
+            settings.knn_temperature,
+        )
+
+    @torch.no_grad()
+    def features(self, backbone: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+        device = next(backbone.parameters()).device
+        extractor = FeatureExtractor(backbone, self.mean, self.std, str(device))
+        return torch.cat(
+            [
+                extractor.features(clips[i : i + self.batch_size])
+                for i in range(0, len(clips), self.batch_size)
+            ]
+        )
+
+    def __call__(self, backbone: nn.Module) -> Accuracy:
+        """Accuracy of `backbone`'s CLS features; the backbone's train/eval mode is restored."""
+        was_training = backbone.training
+        try:
+            bank = self.features(backbone, self.bank["clip"])
+            query = self.features(backbone, self.query["clip"])
+        finally:
+            backbone.train(was_training)
+        return knn_accuracy(
+            bank,
+            self.bank["label"],
+            query,
+            self.query["label"],
+            self.num_classes,
+            self.k,
+            self.temperature,
+        )
+
+
 # -- evaluating a checkpoint on labelled shards ------------------------------------------------
 
 

@@ -141,14 +141,24 @@ def plot_training_curves(metrics_file: str | Path, output: str | Path) -> Path |
         return None
     rows.sort(key=lambda row: row["clips_seen"])
     clips = [row["clips_seen"] for row in rows]
-    figure, (losses, collapse) = plt.subplots(1, 2, figsize=(11, 4))
+    evaluated = [row for row in rows if "online_knn_top1" in row]
+    panels = 3 if evaluated else 2
+    figure, axes_row = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    losses, collapse = axes_row[:2]
     for name in ("loss", "loss_cross_view", "loss_motion"):
         losses.plot(clips, [row.get(name, float("nan")) for row in rows], label=name)
     losses.set(xlabel="clips seen", ylabel="cross-entropy", title="SVT loss")
     for name in ("collapse_uniform", "collapse_dominant", "teacher_feature_std"):
         collapse.plot(clips, [row.get(name, float("nan")) for row in rows], label=name)
     collapse.set(xlabel="clips seen", ylim=(0, 1.05), title="collapse signals (1 = collapsed)")
-    for axes in (losses, collapse):
+    if evaluated:
+        knn = axes_row[2]
+        for name in ("online_knn_top1", "online_knn_top5"):
+            knn.plot([row["clips_seen"] for row in evaluated], [row[name] for row in evaluated],
+                     marker="o", label=name.removeprefix("online_"))  # fmt: skip
+        knn.set(xlabel="clips seen", ylabel="accuracy (%)", ylim=(0, 100),
+                title="online kNN of the teacher")  # fmt: skip
+    for axes in axes_row:
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()

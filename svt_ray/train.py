@@ -161,12 +161,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         local_dir=loop_config["log_dir"],
         run_id=loop_config["mlflow_run_id"],
     )
+    online_knn = _OnlineMetrics(config, state, rank)
+    if online_knn.maybe_run(step, force=True):  # the curve starts at the (restored) weights
+        tracker.log_metrics(online_knn.latest, step=step * config.optim.batch_size)
     shard = ray.train.get_dataset_shard("train")  # [4]
     slot_names = [slot.name for slot in view_slots(config.views)]
     start_epoch = step // derived.steps_per_epoch
     to_skip = step - start_epoch * derived.steps_per_epoch  # batches of this epoch already seen
     fail_at_step = loop_config.get("fail_at_step")
     started, clips_at_start = time.perf_counter(), step * config.optim.batch_size
+    online_knn.seconds = 0.0  # clips/s counts training time only
     metrics: dict[str, float] = {}
     epoch = start_epoch
     try:
@@ -208,16 +212,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     epoch=step / derived.steps_per_epoch,
                     clips_seen=float(clips_seen),
                     wall_time_s=now - started,
-                    clips_per_s=(clips_seen - clips_at_start) / (now - started),
+                    clips_per_s=(clips_seen - clips_at_start)
+                    / max(now - started - online_knn.seconds, 1e-9),
                     data_wait_fraction=data_wait / max(now - waited_since, 1e-9),
                 )
                 last = step == derived.total_steps
+                evaluated = online_knn.maybe_run(step, force=last)
+                # MLflow gets the online kNN at the steps it was measured; Ray (Tune's
+                # schedulers) gets the latest value in every report.
+                logged = {**metrics, **online_knn.latest} if evaluated else metrics
+                reported = {**metrics, **online_knn.latest}
                 if step % config.train.checkpoint_every == 0 or last:
-                    tracker.log_metrics(metrics, step=clips_seen)
-                    _save_checkpoint(state, step, metrics, run_dir, rank)
-                elif step % config.train.log_every == 0:
-                    tracker.log_metrics(metrics, step=clips_seen)
-                    ray.train.report(metrics)  # [5] metrics only (Tune's schedulers see them)
+                    tracker.log_metrics(logged, step=clips_seen)
+                    _save_checkpoint(state, step, reported, run_dir, rank)
+                elif step % config.train.log_every == 0 or evaluated:
+                    tracker.log_metrics(logged, step=clips_seen)
+                    ray.train.report(reported)  # [5] metrics only (Tune's schedulers see them)
                 waited_since = time.perf_counter()
                 if step >= derived.total_steps:
                     break
@@ -234,6 +244,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.finish("FAILED")
         return  # every rank saw the same all-reduced verdict; the last checkpoint stays
     tracker.finish("FINISHED")
+
+
+class _OnlineMetrics:
+    """Online kNN of the teacher on rank 0 every `eval.online_every` steps (off at 0).
+
+    The latest accuracy rides along in every later report, so Tune schedulers (ASHA on
+    `online_knn_top1`) always find the metric; a step with an evaluation is always logged.
+    """
+
+    def __init__(self, config: ExperimentConfig, state, rank: int) -> None:
+        self.every = config.eval.online_every
+        self.state = state
+        self.latest: dict[str, float] = {}
+        self.seconds = 0.0
+        self.knn = None
+        if self.every and rank == 0:
+            from svt_ray.evaluate import OnlineKNN
+
+            self.knn = OnlineKNN.from_config(config)
+            logger.info(
+                "online kNN every %d steps: %d bank clips, %d query clips",
+                self.every, len(self.knn.bank["label"]), len(self.knn.query["label"]),
+            )  # fmt: skip
+
+    def maybe_run(self, step: int, force: bool = False) -> bool:
+        """Evaluate on rank 0 if `step` is due (or forced). Returns whether it was due, the
+        same on every rank, since reporting it is a collective."""
+        due = bool(self.every) and (force or step % self.every == 0)
+        if self.knn is None or not due:
+            return due
+        started = time.perf_counter()
+        accuracy = self.knn(self.state.teacher.backbone)
+        self.seconds += time.perf_counter() - started
+        self.latest = {"online_knn_top1": accuracy.top1, "online_knn_top5": accuracy.top5}
+        return True
 
 
 def _inject_failure(run_dir: str, step: int) -> None:

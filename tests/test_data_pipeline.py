@@ -127,6 +127,30 @@ def test_eval_dataset_single_and_slow_fast_clips(synthetic_shards, ray_session):
         assert by_key[key]["label"] == local["label"][index]
 
 
+def test_in_process_eval_subset_matches_the_ray_data_clips(synthetic_shards, ray_session):
+    """`load_eval_clips` (online kNN, no Ray Data): a fixed subset of one split, with the same
+    frames as the Ray Data evaluation dataset gives for those clips."""
+    clips = {"clip": (4, 32)}
+    subset = data.load_eval_clips(str(synthetic_shards), "train", clips, 5, window_frames=32)
+    assert subset["clip"].shape == (5, 3, 4, 32, 32) and len(set(subset["clip_id"])) == 5
+    again = data.load_eval_clips(str(synthetic_shards), "train", clips, 5, window_frames=32)
+    np.testing.assert_array_equal(again["clip_id"], subset["clip_id"])
+    everything = data.load_eval_clips(str(synthetic_shards), "train", clips, 1000, window_frames=32)
+    manifest = data.read_dataset_manifest(str(synthetic_shards))
+    assert len(everything["label"]) == data.split_count(manifest, "train")
+    assert set(subset["clip_id"]) <= set(everything["clip_id"])
+    rows = data.build_eval_dataset(
+        str(synthetic_shards), clips, split="train", window_frames=32, decode_actors=1
+    ).take_all()
+    by_key = {row["clip_id"]: row for row in rows}
+    assert set(by_key) == set(everything["clip_id"])
+    for key, clip, label in zip(subset["clip_id"], subset["clip"], subset["label"], strict=True):
+        np.testing.assert_array_equal(by_key[key]["clip"], clip)
+        assert by_key[key]["label"] == label
+    with pytest.raises(ValueError, match="no shard holds clips of split 'test'"):
+        data.load_eval_clips(str(synthetic_shards), "test", clips, 5)
+
+
 def test_clip_keys_round_trip():
     for clip_id in ("0123456789abcdef", "ffffffffffffffff", "8000000000000000"):
         key = data.clip_key(clip_id)

@@ -43,7 +43,14 @@ def mlflow_client(tmp_path: Path):
 
 
 def test_two_worker_run_is_recorded_in_mlflow(tmp_path, synthetic_shards, ray_session):
-    config = experiment(tmp_path, synthetic_shards, "scaling.num_workers=2", "train.run_name=two")
+    config = experiment(
+        tmp_path,
+        synthetic_shards,
+        "scaling.num_workers=2",
+        "train.run_name=two",
+        "eval.online_every=3",
+        "eval.clip_size=32",
+    )
     result = run_pretraining(config)
     steps = result.config.derived.total_steps
     assert Path(result.checkpoint_path, "state.pt").is_file()
@@ -63,8 +70,21 @@ def test_two_worker_run_is_recorded_in_mlflow(tmp_path, synthetic_shards, ray_se
         assert len(client.get_metric_history(run.info.run_id, name)) == steps, name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "training_curves.png"} <= artifacts
+    # Online kNN: at the start, every 3 steps and at the end, on rank 0, also reported to Ray.
+    online = client.get_metric_history(run.info.run_id, "online_knn_top1")
+    assert [m.step for m in online] == [0, 12, 24] and steps == 6
+    assert all(0.0 <= m.value <= 100.0 for m in online)
+    assert result.metrics["online_knn_top1"] == online[-1].value
+    # ...and it is the kNN of the final teacher, recomputed here from the checkpoint.
+    from svt_ray.evaluate import OnlineKNN, teacher_backbone_state
+    from svt_ray.model import build_backbone
+
+    backbone = build_backbone(result.config)
+    backbone.load_state_dict(teacher_backbone_state(load_state(result.checkpoint_path)))
+    again = OnlineKNN.from_config(result.config)(backbone)
+    assert again.top1 == pytest.approx(online[-1].value)
     lines = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == steps and json.loads(lines[-1])["clips_seen"] == 4 * steps
+    assert len(lines) == steps + 1 and json.loads(lines[-1])["clips_seen"] == 4 * steps
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
