@@ -260,6 +260,40 @@ def demo(
         raise fail(str(error)) from None
 
 
+@app.command("compare")
+def compare(
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name (its MLflow parent run).")
+    ] = None,
+    runs: Annotated[
+        str | None, typer.Option("--runs", help="Comma-separated MLflow run ids to compare.")
+    ] = None,
+    tracking_uri: Annotated[
+        str, typer.Option("--tracking-uri", help="MLflow tracking URI of the study.")
+    ] = "sqlite:///mlflow.db",
+    experiment: Annotated[
+        str, typer.Option("--experiment", help="MLflow experiment of the runs.")
+    ] = "svt-ray-studies",
+    output: Annotated[
+        Path, typer.Option("--output", help="Folder for results.csv/.md and the PNG plots.")
+    ] = Path("compare"),
+) -> None:
+    """Rebuild a study's table and plots from MLflow alone (or compare any runs)."""
+    from svt_ray.studies import collect_study
+    from svt_ray.tracking import absolute_tracking_uri
+
+    if (study is None) == (runs is None):
+        raise fail("give exactly one of --study NAME or --runs ID,ID,...")
+    run_ids = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+    report = collect_study(
+        absolute_tracking_uri(tracking_uri), experiment, study or "runs", run_ids=run_ids
+    )
+    files = report.write(output / (study or "runs"))
+    typer.echo(report.markdown())
+    typer.echo(report.summary())
+    typer.echo("written: " + ", ".join(str(path) for path in files.values()))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

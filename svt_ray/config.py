@@ -347,6 +347,8 @@ class EvalSettings(_Section):
     "Split the accuracies are measured on."
     online_every: NonNegativeInt = 0
     "Online kNN of the teacher every this many steps during pretraining (0: off)."
+    online_every_clips: NonNegativeInt = 0
+    "The same in clips seen (overrides online_every when > 0): equal spacing across batch sizes."
     online_bank_clips: PositiveInt = 1000
     "Clips of train_split in the online kNN memory bank (a fixed subset, held in memory)."
     online_query_clips: PositiveInt = 500

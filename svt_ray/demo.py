@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -36,9 +37,7 @@ def run_demo(
 ) -> dict:
     import ray
 
-    from data_prep.cli import main as prep_main
     from svt_ray import train
-    from svt_ray.synthetic import synth_main
 
     started = time.perf_counter()
     workdir = workdir.resolve()
@@ -59,24 +58,8 @@ def run_demo(
         ray.init(num_cpus=max(4, workers + 2), include_dashboard=False, log_to_driver=False)
 
     _stage(1, f"synthetic videos -> {videos}")
-    synth_main(
-        str(videos),
-        num_clips=num_clips,
-        num_frames=config.views.clip_frames,
-        height=config.data.short_side,
-        width=config.data.short_side,
-        workers=2,
-    )
-    _stage(2, f"Parquet shards -> {shards}")
-    if (shards / "manifest.json").exists():
-        print(f"shards exist: {shards}")
-    else:
-        code = prep_main(
-            [str(videos), str(shards), "--short-side", str(config.data.short_side),
-             "--val-fraction", "0.25", "--min-frames", "8", "--min-side", "16"]
-        )  # fmt: skip
-        if code != 0:
-            raise RuntimeError(f"data_prep failed with exit code {code}")
+    stage_2 = functools.partial(_stage, 2, f"Parquet shards -> {shards}")
+    prepare_synthetic_data(workdir, config, num_clips, between=stage_2)
 
     _stage(3, f"SVT pretraining: tiny preset, {workers} Ray Train workers on CPU")
     run_dir = train.run_directory(config, DEMO_RUN)
@@ -105,6 +88,35 @@ def run_demo(
         f"{result.config.tracking.tracking_uri}"
     )
     return summary
+
+
+def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) -> Path:
+    """The embedded default dataset under `workdir`: synthetic videos sized for `config`,
+    sharded by data_prep with a 25% held-out split. Both steps are skipped when done."""
+    from data_prep.cli import main as prep_main
+    from svt_ray.synthetic import synth_main
+
+    videos, shards = workdir / "synthetic_videos", workdir / "synthetic_shards"
+    synth_main(
+        str(videos),
+        num_clips=num_clips,
+        num_frames=config.views.clip_frames,
+        height=config.data.short_side,
+        width=config.data.short_side,
+        workers=2,
+    )
+    if between is not None:
+        between()
+    if (shards / "manifest.json").exists():
+        print(f"shards exist: {shards}")
+        return shards
+    code = prep_main(
+        [str(videos), str(shards), "--short-side", str(config.data.short_side),
+         "--val-fraction", "0.25", "--min-frames", "8", "--min-side", "16"]
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"data_prep failed with exit code {code}")
+    return shards
 
 
 def _log_to_run(result, results, table: str, summary: dict) -> None:

@@ -49,6 +49,14 @@ def artifact_location_for(uri: str) -> str | None:
     return None
 
 
+def experiment_id(client, experiment: str, tracking_uri: str) -> str:
+    """The id of `experiment`, created (artifacts beside a SQLite database) if missing."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location_for(tracking_uri))
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, with a message that says what to do, if `uri` cannot take a run."""
     parsed = urlparse(uri)

@@ -254,7 +254,10 @@ class _OnlineMetrics:
     """
 
     def __init__(self, config: ExperimentConfig, state, rank: int) -> None:
-        self.every = config.eval.online_every
+        settings = config.eval
+        self.every = settings.online_every
+        if settings.online_every_clips:
+            self.every = max(1, round(settings.online_every_clips / config.optim.batch_size))
         self.state = state
         self.latest: dict[str, float] = {}
         self.seconds = 0.0

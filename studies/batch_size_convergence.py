@@ -1,0 +1,31 @@
+"""Does SVT converge faster per clip seen with smaller batches (the paper's claim)?
+
+Global batch 8..64 with the learning rate scaled linearly (optim.base_lr x batch / 256, the
+config's rule), every trial seeing the same number of clips. Online kNN is measured at the
+same clip counts for every batch; the verdict compares the area under those curves.
+
+    python studies/batch_size_convergence.py                 # tiny preset, synthetic data, CPU
+    python studies/batch_size_convergence.py --seeds 0,1,2   # error bars
+    python studies/batch_size_convergence.py --preset paper --data s3://bucket/k400 \
+        --workers 8 --gpus-per-worker 1 --address auto --grid optim.batch_size=64,128,256,512
+"""
+
+import sys
+
+from _common import SMALL_BUDGET
+
+from svt_ray.studies import StudySpec, Sweep, batch_size_verdict, study_main
+
+SPEC = StudySpec(
+    name="batch_size_convergence",
+    question="Do smaller global batches (linearly scaled lr, equal clips seen) converge faster "
+    "per clip seen?",
+    sweeps=[Sweep("optim.batch_size", (8, 16, 32, 64))],
+    fixed=SMALL_BUDGET,
+    verdict=batch_size_verdict,
+    x_label="global batch size",
+    asha=False,  # the question is about whole curves: run the full grid
+)
+
+if __name__ == "__main__":
+    sys.exit(study_main(SPEC))

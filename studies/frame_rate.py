@@ -1,0 +1,30 @@
+"""Varying frame rates between views: the paper's setting against the reference code's.
+
+Global views get (8, 8), (4, 8) or (8, 16) frames; local views all 8 frames (the reference
+code) or the paper's 2/4/8/16 mix. The local views' span is widened to half the clip window so
+16-frame locals fit the tiny preset's 32-frame window.
+
+    python studies/frame_rate.py
+"""
+
+import sys
+
+from _common import SMALL_BUDGET
+
+from svt_ray.studies import StudySpec, Sweep, best_vs_worst_verdict, study_main
+
+SPEC = StudySpec(
+    name="frame_rate",
+    question="Do views with different frame rates (paper) beat equal frame counts (reference "
+    "code)?",
+    sweeps=[
+        Sweep("views.global_frames", ([8, 8], [4, 8], [8, 16])),
+        Sweep("views.local_frames", ([8], [2, 4, 8, 16])),
+    ],
+    fixed=[*SMALL_BUDGET, "views.local_span=0.5"],
+    verdict=best_vs_worst_verdict,
+    x_label="global frames, local frames",
+)
+
+if __name__ == "__main__":
+    sys.exit(study_main(SPEC))

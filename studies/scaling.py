@@ -1,0 +1,29 @@
+"""Clips/s and time to accuracy against the number of Ray Train workers.
+
+The global batch stays fixed, so the per-worker batch shrinks as workers are added (the
+config derives it); the table gives scaling efficiency = clips/s(N) / (N x clips/s(1)).
+On a laptop the CPU count caps what can be shown; on a cluster:
+
+    python studies/scaling.py --preset paper --data s3://bucket/k400 --gpus-per-worker 1 \
+        --address auto --grid scaling.num_workers=1,2,4,8
+"""
+
+import sys
+
+from _common import SMALL_BUDGET
+
+from svt_ray.studies import StudySpec, Sweep, scaling_verdict, study_main
+
+SPEC = StudySpec(
+    name="scaling",
+    question="How do clips/s and time to accuracy scale with the number of workers?",
+    sweeps=[Sweep("scaling.num_workers", (1, 2))],
+    fixed=[*SMALL_BUDGET, "optim.epochs=1"],
+    verdict=scaling_verdict,
+    x_label="Ray Train workers",
+    asha=False,
+    exclusive=True,
+)
+
+if __name__ == "__main__":
+    sys.exit(study_main(SPEC))

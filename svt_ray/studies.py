@@ -1,0 +1,901 @@
+"""Ray Tune studies: sweeps of config paths, one Ray Train pretraining per trial, and a report.
+
+A study is a grid over config paths (`views.num_local=0,2,4,8`) times seeds. Each Tune trial is
+a function trainable that *is* a Train driver (Train V2 style, ray_notes.md §1): it calls
+`train.run_pretraining` with the trial's overrides, and a `TuneReportCallback` forwards every
+rank-0 report, so ASHA sees the online kNN (`eval.online_every`) against clips seen.
+
+MLflow holds the study: one parent run (tag `svt.study`), one child run per trial
+(`mlflow.parentRunId`, tags `svt.trial_id` and `svt.sweep.<path>`), a FAILED child with the
+error for a trial that failed before training started. The results table and the plots are
+rebuilt from MLflow alone (`collect_study`), after the sweep and by `svt-ray compare`, so the
+two cannot disagree.
+
+Re-running a study with the same name and storage restores it (`Tuner.restore`): finished
+trials are not run again; unfinished ones resume from their Train checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from svt_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
+
+logger = logging.getLogger(__name__)
+
+METRIC = "online_knn_top1"
+TIME_ATTR = "clips_seen"
+STUDY_FILE = "study.json"
+
+
+# -- what a study is ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One swept config path and its values.
+
+    A value may also be a mapping of several config paths that move together (the loss-terms
+    study sets two weights per setting); `path` is then just the sweep's name and `labels`
+    names each setting in tables and plots.
+    """
+
+    path: str
+    values: tuple[Any, ...]
+    labels: tuple[str, ...] | None = None
+
+    def label(self, value: Any) -> Any:
+        if self.labels is None:
+            return value
+        return self.labels[list(self.values).index(value)]
+
+    @classmethod
+    def parse(cls, text: str) -> Sweep:
+        """`views.num_local=0,2,4,8` -> Sweep; each value parsed like a --set value."""
+        path, sep, raw = text.partition("=")
+        if not sep or not raw.strip():
+            raise ConfigError(f"--grid {text!r} must look like section.field=v1,v2,...")
+        values = tuple(parse_override(f"{path}={item.strip()}")[1] for item in _split_values(raw))
+        if len(set(map(json.dumps, values))) != len(values):
+            raise ConfigError(f"--grid {text!r} repeats a value")
+        return cls(path.strip(), values)
+
+
+def _split_values(raw: str) -> list[str]:
+    """Split on commas outside brackets, so list values like [4,8] stay whole."""
+    items, depth, current = [], 0, ""
+    for char in raw:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [*items, current]
+
+
+@dataclass
+class StudySpec:
+    """What a study sweeps, under which fixed settings, and how to read its answer."""
+
+    name: str
+    question: str
+    "The claim under test, one sentence (printed and logged)."
+    sweeps: list[Sweep]
+    fixed: list[str] = field(default_factory=list)
+    "Overrides every trial shares (the budget: epochs, batch, ...), before the user's --set."
+    verdict: Callable[[StudyReport], str] | None = None
+    "The study's report -> one line answering `question` from the data (it may say no)."
+    x_label: str | None = None
+    "Axis label of the final-metric plot (default: the first swept path)."
+    asha: bool = True
+    "Default for early stopping; curve-shape studies (batch size, scaling) run the full grid."
+    exclusive: bool = False
+    "One trial at a time whatever the cluster holds (timing studies must not share it)."
+
+
+@dataclass
+class StudyOptions:
+    """How and where a study runs (the scripts' command-line flags)."""
+
+    preset: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    asha: bool = True
+    storage_path: str = "svt_runs"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "svt-ray-studies"
+    address: str | None = None
+    max_concurrent_trials: int | None = None
+    data_path: str | None = None
+    workdir: str = "."
+    "Where the embedded synthetic dataset is made when no data path is given."
+    num_clips: int = 800
+
+
+# -- the trial: a Tune function trainable that drives one Ray Train run --------------------------
+
+
+def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
+    """The --set items of a trial: the study's base items, then the trial's swept values."""
+    swept = []
+    for path, value in trial_config["sweep"].items():
+        items = value.items() if isinstance(value, dict) else [(path, value)]
+        swept += [f"{key}={json.dumps(item)}" for key, item in items]
+    return [*trial_config["base"], *swept, f"train.seed={trial_config['seed']}"]
+
+
+def _run_trial(trial_config: dict[str, Any]) -> None:
+    """[Tune trial] Build the trial's config and pretrain; record a failure in MLflow."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from svt_ray import train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    study = trial_config["study"]
+    tags = {
+        "svt.study": study,
+        "svt.trial_id": trial_id,
+        "svt.seed": str(trial_config["seed"]),
+        **{
+            f"svt.sweep.{path}": json.dumps(
+                trial_config["labels"].get(path, {}).get(json.dumps(value), value)
+            )
+            for path, value in trial_config["sweep"].items()
+        },
+    }
+    finished = _finished_run(trial_config, trial_id)
+    if finished is not None:  # restored study: this trial's run ended before the interruption
+        logger.info("trial %s finished before (MLflow run %s): not re-run", trial_id, finished)
+        ray.tune.report(dict(finished.data.metrics))
+        return
+    try:
+        config = load_config(
+            trial_config["preset"],
+            overrides=[*trial_overrides(trial_config), f"train.run_name={study}-{trial_id}"],
+        )
+        train.run_pretraining(
+            config,
+            resume=True,  # a restored trial continues from its Train checkpoint
+            parent_run_id=trial_config["parent_run_id"],
+            extra_tags=tags,
+            callbacks=[TuneReportCallback()],
+        )
+    except Exception as error:
+        _record_failed_trial(trial_config, trial_id, tags, error)
+        raise
+
+
+def _finished_run(trial_config: dict, trial_id: str):
+    """This trial's FINISHED child run, if a previous study driver completed it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(trial_config["tracking_uri"])
+    experiment = client.get_experiment_by_name(trial_config["experiment"])
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`svt.study` = '{trial_config['study']}' and "
+        f"tags.`svt.trial_id` = '{trial_id}' and attributes.status = 'FINISHED'",
+    )
+    return runs[0] if runs else None
+
+
+def _record_failed_trial(trial_config: dict, trial_id: str, tags: dict, error: Exception) -> None:
+    """A trial that failed before (or while) training keeps a FAILED child run with its error."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(trial_config["tracking_uri"])
+    experiment = client.get_experiment_by_name(trial_config["experiment"])
+    existing = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`svt.trial_id` = '{trial_id}'"
+    )
+    message = f"{type(error).__name__}: {error}"[:4000]
+    if existing:
+        run_id = existing[0].info.run_id
+    else:
+        run = client.create_run(
+            experiment.experiment_id,
+            run_name=f"{trial_config['study']}-{trial_id}",
+            tags={**tags, "mlflow.parentRunId": trial_config["parent_run_id"]},
+        )
+        run_id = run.info.run_id
+    client.set_tag(run_id, "svt.error", message)
+    client.set_terminated(run_id, "FAILED")
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+def _absolute(path_or_uri: str) -> str:
+    return path_or_uri if "://" in path_or_uri else os.path.abspath(path_or_uri)
+
+
+def trials_per_cluster(config: ExperimentConfig, resources: dict[str, float]) -> int:
+    """Trials that fit at once: each holds its Train workers plus one decode CPU."""
+    scaling = config.scaling
+    cpus = scaling.num_workers * scaling.cpus_per_worker + config.data.decode_cpus
+    fits = int(resources.get("CPU", 1) // cpus)
+    if scaling.gpus_per_worker:
+        fits = min(
+            fits, int(resources.get("GPU", 0) // (scaling.num_workers * scaling.gpus_per_worker))
+        )
+    return max(1, fits)
+
+
+def _parent_run(
+    options: StudyOptions, spec: StudySpec, study_dir: str, base: list[str], budget: int
+) -> str:
+    """The study's parent MLflow run: created once, found again on restore (study.json)."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.tracking import experiment_id
+    from svt_ray.train import read_json, write_json
+
+    recorded = read_json(f"{study_dir}/{STUDY_FILE}")
+    if recorded is not None:
+        return recorded["parent_run_id"]
+    client = MlflowClient(options.tracking_uri)
+    run = client.create_run(
+        experiment_id(client, options.experiment, options.tracking_uri),
+        run_name=spec.name,
+        tags={"svt.study": spec.name, "svt.study_role": "parent", "svt.question": spec.question},
+    )
+    run_id = run.info.run_id
+    params = {
+        "preset": options.preset,
+        "seeds": ",".join(map(str, options.seeds)),
+        "asha": str(options.asha),
+        "budget_clips": str(budget),
+        "base_overrides": " ".join(base)[:6000],
+        **{
+            f"sweep.{s.path}": ",".join(json.dumps(s.label(v)) for v in s.values)
+            for s in spec.sweeps
+        },
+    }
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    write_json(f"{study_dir}/{STUDY_FILE}", {"parent_run_id": run_id, "params": params})
+    return run_id
+
+
+def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
+    """Run (or restore) the study, then report it from MLflow."""
+    import ray
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri
+    from svt_ray.train import ensure_ray, storage_root
+
+    options.tracking_uri = absolute_tracking_uri(options.tracking_uri)
+    check_tracking_uri(options.tracking_uri)
+    storage = storage_root(_absolute(options.storage_path))
+    study_dir = f"{storage.rstrip('/')}/{spec.name}"
+    if not ray.is_initialized():
+        # Locally, as in the demo: Ray Data's read tasks need CPUs the Train workers do not
+        # hold (ray_notes.md §6.3), so a small machine gets a few more logical CPUs than cores.
+        ensure_ray(options.address, num_cpus=max(4, os.cpu_count() or 1))
+    data_path = options.data_path
+    if data_path is None:  # the embedded default: synthetic videos, made once
+        from svt_ray.demo import prepare_synthetic_data
+
+        probe = load_config(options.preset, overrides=options.overrides)
+        data_path = str(
+            prepare_synthetic_data(Path(options.workdir).resolve(), probe, options.num_clips)
+        )
+    base = [
+        *spec.fixed,
+        *options.overrides,
+        f"data.path={_absolute(data_path)}",
+        f"train.storage_path={study_dir}/runs",
+        f"tracking.tracking_uri={options.tracking_uri}",
+        f"tracking.experiment={options.experiment}",
+    ]
+    if options.address:
+        base.append(f"scaling.address={options.address}")
+    probe = load_config(options.preset, overrides=base)  # the study's shared settings must be valid
+    if probe.eval.online_every == 0 and probe.eval.online_every_clips == 0:
+        raise ConfigError(
+            "eval.online_every_clips: studies compare online kNN curves; set it (or "
+            "eval.online_every) above 0"
+        )
+    budget = _budget_clips(probe)
+    parent_run_id = _parent_run(options, spec, study_dir, base, budget)
+
+    param_space = {
+        "study": spec.name,
+        "preset": options.preset,
+        "base": base,
+        "parent_run_id": parent_run_id,
+        "tracking_uri": options.tracking_uri,
+        "experiment": options.experiment,
+        "seed": ray.tune.grid_search(list(options.seeds)),
+        "sweep": {s.path: ray.tune.grid_search(list(s.values)) for s in spec.sweeps},
+        "labels": {
+            s.path: {json.dumps(v): s.label(v) for v in s.values} for s in spec.sweeps if s.labels
+        },
+    }
+    scheduler = (
+        ASHAScheduler(
+            time_attr=TIME_ATTR, max_t=budget, grace_period=max(1, budget // 4), reduction_factor=2
+        )
+        if options.asha
+        else FIFOScheduler()
+    )
+    concurrent = options.max_concurrent_trials or trials_per_cluster(probe, ray.cluster_resources())
+    if spec.exclusive:
+        concurrent = 1
+    trainable = ray.tune.with_resources(_run_trial, {"CPU": 0.01})
+    run_config = ray.tune.RunConfig(
+        name=spec.name,
+        storage_path=storage,
+        failure_config=ray.tune.FailureConfig(max_failures=0),
+    )
+    tune_dir = f"{storage}/{spec.name}"
+    started = time.perf_counter()
+    if ray.tune.Tuner.can_restore(tune_dir):
+        logger.info("restoring study %s from %s (finished trials are kept)", spec.name, tune_dir)
+        tuner = ray.tune.Tuner.restore(
+            tune_dir, trainable, param_space=param_space, resume_unfinished=True,
+            resume_errored=False, restart_errored=False,
+        )  # fmt: skip
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=ray.tune.TuneConfig(
+                metric=METRIC, mode="max", scheduler=scheduler, max_concurrent_trials=concurrent
+            ),
+            run_config=run_config,
+        )
+    results = tuner.fit()
+    _close_stopped_runs(options, parent_run_id)
+    errors = len(results.errors)
+    logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
+                (time.perf_counter() - started) / 60)  # fmt: skip
+    report = collect_study(options.tracking_uri, options.experiment, spec.name)
+    report.budget_clips = budget
+    report.verdict = spec.verdict(report) if spec.verdict else ""
+    report.budget_clips = budget
+    report.publish(Path(study_dir if "://" not in study_dir else options.workdir) / "report", spec)
+    return report
+
+
+def _close_stopped_runs(options: StudyOptions, parent_run_id: str) -> None:
+    """After the sweep, a child run still RUNNING was a trial that Tune stopped (ASHA) and
+    killed mid-run: mark it KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(options.tracking_uri)
+    experiment = client.get_experiment_by_name(options.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+        "and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _budget_clips(config: ExperimentConfig) -> int:
+    """Clips seen by one trial: epochs x training clips (equal for every batch size)."""
+    from svt_ray import data
+
+    manifest = data.read_dataset_manifest(config.data.path)
+    return int(config.optim.epochs * data.split_count(manifest, "train"))
+
+
+# -- the report, rebuilt from MLflow -------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    run_id: str
+    trial_id: str
+    status: str
+    seed: int
+    sweep: dict[str, Any]
+    final: float | None
+    best: float | None
+    clips_seen: float | None
+    hours: float | None
+    curve: list[tuple[float, float]]
+    "(clips seen, online kNN top-1) points."
+    wall_curve: list[tuple[float, float]]
+    "(hours since the run started, online kNN top-1) points."
+    error: str = ""
+    clips_per_s: float | None = None
+
+
+@dataclass
+class StudyReport:
+    study: str
+    question: str
+    parent_run_id: str
+    tracking_uri: str
+    swept: list[str]
+    trials: list[TrialRecord]
+    verdict: str = ""
+    budget_clips: int | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per trial."""
+        rows = []
+        for t in sorted(self.trials, key=lambda t: (_sort_key(t.sweep), t.seed)):
+            rows.append(
+                {
+                    **{path: t.sweep.get(path) for path in self.swept},
+                    "seed": t.seed,
+                    "status": t.status,
+                    "final_knn_top1": _round(t.final),
+                    "best_knn_top1": _round(t.best),
+                    "clips_seen": None if t.clips_seen is None else int(t.clips_seen),
+                    "hours": _round(t.hours, 4),
+                    "clips_per_s": _round(t.clips_per_s),
+                    "error": t.error,
+                }
+            )
+        return rows
+
+    def aggregate(self) -> list[dict[str, Any]]:
+        """One row per swept setting: mean and standard error of the final kNN over seeds."""
+        groups: dict[str, list[TrialRecord]] = {}
+        for t in self.trials:
+            groups.setdefault(json.dumps([t.sweep.get(p) for p in self.swept]), []).append(t)
+        rows = []
+        for key, trials in sorted(groups.items(), key=lambda kv: _sort_key(json.loads(kv[0]))):
+            finals = [t.final for t in trials if t.final is not None and t.status == "FINISHED"]
+            mean = statistics.fmean(finals) if finals else None
+            sem = statistics.stdev(finals) / math.sqrt(len(finals)) if len(finals) > 1 else None
+            rows.append(
+                {
+                    **dict(zip(self.swept, json.loads(key), strict=True)),
+                    "trials": len(trials),
+                    "finished": len(finals),
+                    "knn_top1_mean": _round(mean),
+                    "knn_top1_sem": _round(sem),
+                }
+            )
+        return rows
+
+    def best(self) -> dict[str, Any] | None:
+        scored = [row for row in self.aggregate() if row["knn_top1_mean"] is not None]
+        return max(scored, key=lambda row: row["knn_top1_mean"]) if scored else None
+
+    def markdown(self) -> str:
+        lines = [f"# Study `{self.study}`", "", self.question, ""]
+        if self.budget_clips:
+            lines += [f"Budget: {self.budget_clips} clips seen per trial.", ""]
+        lines += ["## By setting (mean ± s.e. over seeds, finished trials)", "",
+                  _markdown_table(self.aggregate()), "", "## Trials", "",
+                  _markdown_table(self.rows()), ""]  # fmt: skip
+        if "scaling.num_workers" in self.swept:
+            lines += ["## Scaling", "", _markdown_table(scaling_table(self)), ""]
+        if self.verdict:
+            lines += ["## Verdict", "", self.verdict, ""]
+        return "\n".join(lines)
+
+    def csv(self) -> str:
+        rows = self.rows()
+        buffer = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return buffer.getvalue()
+
+    def summary(self) -> str:
+        """The honest few lines a study prints at the end."""
+        failed = sum(t.status == "FAILED" for t in self.trials)
+        stopped = sum(t.status == "KILLED" for t in self.trials)
+        lines = [
+            f"study {self.study}: {self.question}",
+            f"swept {', '.join(self.swept)}; {len(self.trials)} trials "
+            f"({failed} failed, {stopped} stopped early)"
+            + (f"; budget {self.budget_clips} clips each" if self.budget_clips else ""),
+        ]
+        best = self.best()
+        if best is not None:
+            setting = ", ".join(f"{p}={best[p]}" for p in self.swept)
+            spread = f" ± {best['knn_top1_sem']}" if best["knn_top1_sem"] is not None else ""
+            lines.append(
+                f"best: {setting}: online kNN top-1 {best['knn_top1_mean']}{spread} "
+                f"({best['finished']} seed(s))"
+            )
+        if self.verdict:
+            lines.append(f"verdict: {self.verdict}")
+        return "\n".join(lines)
+
+    def publish(self, folder: Path, spec: StudySpec | None = None) -> dict[str, Path]:
+        """Write the table and plots (`write`) and log them to the study's parent run."""
+        from mlflow.tracking import MlflowClient
+
+        files = self.write(folder, spec)
+        client = MlflowClient(self.tracking_uri)
+        for path in files.values():
+            client.log_artifact(self.parent_run_id, str(path))
+        if self.verdict:
+            client.set_tag(self.parent_run_id, "svt.verdict", self.verdict[:5000])
+        return files
+
+    def write(self, folder: Path, spec: StudySpec | None = None) -> dict[str, Path]:
+        """results.csv, results.md, curves.png and final.png in `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {
+            "results.csv": folder / "results.csv",
+            "results.md": folder / "results.md",
+        }
+        _atomic_write(files["results.csv"], self.csv())
+        _atomic_write(files["results.md"], self.markdown())
+        x_label = (spec.x_label if spec else None) or (self.swept[0] if self.swept else "setting")
+        files.update(plot_study(self, folder, x_label))
+        return files
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def _sort_key(values) -> list:
+    items = values.values() if isinstance(values, dict) else values
+    return [(0, v) if isinstance(v, int | float) else (1, json.dumps(v)) for v in items]
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no trials)"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["" if row[c] is None else str(row[c]).replace("|", "/") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def collect_study(
+    tracking_uri: str,
+    experiment: str,
+    study: str,
+    run_ids: Sequence[str] | None = None,
+) -> StudyReport:
+    """Everything the report needs, from MLflow alone: the parent, its children, their curves.
+
+    With `run_ids`, compares those runs instead (their differing params become the sweep).
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ConfigError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
+    if run_ids:
+        children = [client.get_run(run_id) for run_id in run_ids]
+        parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
+        verdict, budget = "", None
+        swept = _differing_params(children)
+    else:
+        parents = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`svt.study` = '{study}' and tags.`svt.study_role` = 'parent'",
+        )
+        if not parents:
+            raise ConfigError(f"no study {study!r} in MLflow experiment {experiment!r}")
+        parent = parents[0]
+        parent_id, question = parent.info.run_id, parent.data.tags.get("svt.question", "")
+        verdict = parent.data.tags.get("svt.verdict", "")
+        budget = parent.data.params.get("budget_clips")
+        children = client.search_runs(
+            [found.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        )
+        swept = sorted(
+            key.removeprefix("sweep.") for key in parent.data.params if key.startswith("sweep.")
+        )
+    trials = [_trial_record(client, run, swept) for run in children]
+    return StudyReport(
+        study, question, parent_id, tracking_uri, swept, trials, verdict,
+        int(budget) if budget else None,
+    )  # fmt: skip
+
+
+def _differing_params(runs) -> list[str]:
+    keys = set().union(*(run.data.params for run in runs))
+    ignore = ("data.path", "train.storage_path", "train.run_name", "tracking.", "derived.")
+    return sorted(
+        key
+        for key in keys
+        if not key.startswith(ignore) and len({run.data.params.get(key) for run in runs}) > 1
+    )
+
+
+def _trial_record(client, run, swept: list[str]) -> TrialRecord:
+    tags, params = run.data.tags, run.data.params
+
+    def swept_value(path: str):
+        if f"svt.sweep.{path}" in tags:
+            return json.loads(tags[f"svt.sweep.{path}"])
+        return params.get(path)
+
+    history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.step)
+    curve = [(float(m.step), float(m.value)) for m in history]
+    start = run.info.start_time or (history[0].timestamp if history else 0)
+    wall_curve = [((m.timestamp - start) / 3.6e6, float(m.value)) for m in history]
+    status = run.info.status
+    end = run.info.end_time
+    return TrialRecord(
+        run_id=run.info.run_id,
+        trial_id=tags.get("svt.trial_id", run.info.run_name or run.info.run_id),
+        status=status,
+        seed=int(tags.get("svt.seed", params.get("train.seed", 0))),
+        sweep={path: swept_value(path) for path in swept},
+        final=curve[-1][1] if curve else None,
+        best=max(v for _, v in curve) if curve else None,
+        clips_seen=run.data.metrics.get(TIME_ATTR),
+        hours=(end - start) / 3.6e6 if end and start else None,
+        curve=curve,
+        wall_curve=wall_curve,
+        error=tags.get("svt.error", ""),
+        clips_per_s=run.data.metrics.get("clips_per_s"),
+    )
+
+
+def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Path]:
+    """Online kNN against clips seen and against hours (one curve per trial), and the final
+    kNN against the swept setting with standard-error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    figure, (per_clip, per_hour) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.get_cmap("tab10")
+    settings = sorted({json.dumps([t.sweep.get(p) for p in report.swept]) for t in report.trials})
+    for trial in report.trials:
+        if not trial.curve:
+            continue
+        key = json.dumps([trial.sweep.get(p) for p in report.swept])
+        colour = colours(settings.index(key) % 10)
+        label = ", ".join(f"{p.split('.')[-1]}={trial.sweep.get(p)}" for p in report.swept)
+        label = f"{label} (seed {trial.seed})"
+        style = "--" if trial.status == "KILLED" else "-"
+        per_clip.plot(*zip(*trial.curve, strict=True), style, color=colour, marker=".", label=label)
+        per_hour.plot(*zip(*trial.wall_curve, strict=True), style, color=colour, marker=".")
+    per_clip.set(xlabel="clips seen", ylabel="online kNN top-1 (%)", title=report.study)
+    per_hour.set(xlabel="hours", ylabel="online kNN top-1 (%)", title="against wall time")
+    for axes in (per_clip, per_hour):
+        axes.grid(alpha=0.3)
+    if report.trials:
+        per_clip.legend(fontsize=7)
+    figure.tight_layout()
+    files["curves.png"] = folder / "curves.png"
+    figure.savefig(files["curves.png"], dpi=110)
+    plt.close(figure)
+
+    rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    labels = [", ".join(str(row[p]) for p in report.swept) for row in rows]
+    means = [row["knn_top1_mean"] for row in rows]
+    errors = [row["knn_top1_sem"] or 0.0 for row in rows]
+    axes.errorbar(range(len(rows)), means, yerr=errors, fmt="o-", capsize=4)
+    axes.set_xticks(range(len(rows)), labels)
+    axes.set(xlabel=x_label, ylabel="final online kNN top-1 (%)", title=report.study)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    files["final.png"] = folder / "final.png"
+    figure.savefig(files["final.png"], dpi=110)
+    plt.close(figure)
+    return files
+
+
+# -- verdicts: answers computed from the data --------------------------------------------------
+
+
+def curve_auc(curve: Sequence[tuple[float, float]], budget: float) -> float | None:
+    """Mean accuracy over [0, budget] clips seen (trapezoids; the last value held to the end).
+    Higher = learned faster per clip seen."""
+    if not curve or budget <= 0:
+        return None
+    points = [(x, y) for x, y in curve if x <= budget]
+    if not points:
+        return None
+    if points[-1][0] < budget:
+        points.append((budget, points[-1][1]))
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(points))
+    return area / (points[-1][0] - points[0][0]) if points[-1][0] > points[0][0] else points[0][1]
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+def _difference_phrase(a: tuple[float, float | None], b: tuple[float, float | None]) -> str:
+    """'D points (noise N: significant | within noise)' or a single-seed caveat."""
+    difference = a[0] - b[0]
+    if a[1] is None or b[1] is None:
+        return f"{difference:+.1f} points (one seed per setting: no error bars, indicative only)"
+    noise = 2 * math.hypot(a[1], b[1])
+    judged = "beyond" if abs(difference) > noise else "within"
+    return f"{difference:+.1f} points, {judged} the noise (2 s.e. = {noise:.1f})"
+
+
+def best_vs_worst_verdict(report: StudyReport) -> str:
+    """Which setting is best on final online kNN, and whether it beats the worst beyond noise."""
+    rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
+    if len(rows) < 2:
+        return "fewer than two settings finished: no comparison"
+    best = max(rows, key=lambda row: row["knn_top1_mean"])
+    worst = min(rows, key=lambda row: row["knn_top1_mean"])
+
+    def name(row):
+        return ", ".join(f"{p}={row[p]}" for p in report.swept)
+
+    def stats(row):
+        return row["knn_top1_mean"], row["knn_top1_sem"]
+
+    return (
+        f"best {name(best)} ({best['knn_top1_mean']}); over worst {name(worst)}: "
+        + _difference_phrase(stats(best), stats(worst))
+    )
+
+
+def batch_size_verdict(report: StudyReport) -> str:
+    """'Smaller batches converge faster per clip seen': compare the area under the online-kNN
+    curve over the equal clip budget, smallest against largest batch, and the rank order."""
+    path = "optim.batch_size"
+    budget = report.budget_clips or max((t.clips_seen or 0 for t in report.trials), default=0)
+    scores: dict[int, list[float]] = {}
+    for trial in report.trials:
+        auc = curve_auc(trial.curve, budget) if trial.status == "FINISHED" else None
+        if auc is not None and path in trial.sweep:
+            scores.setdefault(int(trial.sweep[path]), []).append(auc)
+    if len(scores) < 2:
+        return "fewer than two batch sizes finished: no answer"
+    sizes = sorted(scores)
+    means = [statistics.fmean(scores[b]) for b in sizes]
+    monotone_down = all(means[i] >= means[i + 1] for i in range(len(means) - 1))
+    small, large = _mean_sem(scores[sizes[0]]), _mean_sem(scores[sizes[-1]])
+    phrase = _difference_phrase(small, large)
+    order = ", ".join(f"{b}: {m:.1f}" for b, m in zip(sizes, means, strict=True))
+    if small[0] > large[0] and (small[1] is None or "beyond" in phrase):
+        answer = "yes" if monotone_down else "partly (not monotone)"
+    elif small[0] > large[0]:
+        answer = "inconclusive"
+    else:
+        answer = "no"
+    return (
+        f"{answer}: mean online kNN over the budget (per batch size: {order}); batch {sizes[0]} "
+        f"vs {sizes[-1]}: {phrase}"
+    )
+
+
+def scaling_table(report: StudyReport, threshold: float | None = None) -> list[dict[str, Any]]:
+    """Clips/s, scaling efficiency against the smallest worker count, and hours to reach
+    `threshold` online kNN (default: 90% of the lowest final accuracy among finished runs)."""
+    path = "scaling.num_workers"
+    finished = [t for t in report.trials if t.status == "FINISHED" and path in t.sweep]
+    if not finished:
+        return []
+    finals = [t.final for t in finished if t.final is not None]
+    if threshold is None and finals:
+        threshold = 0.9 * min(finals)
+    by_workers: dict[int, list[TrialRecord]] = {}
+    for trial in finished:
+        by_workers.setdefault(int(trial.sweep[path]), []).append(trial)
+    base_workers = min(by_workers)
+    speeds = {n: statistics.fmean(t.clips_per_s or 0 for t in ts) for n, ts in by_workers.items()}
+    rows = []
+    for workers in sorted(by_workers):
+        reach = [
+            next((h for h, v in t.wall_curve if v >= threshold), None)
+            for t in by_workers[workers]
+            if threshold is not None
+        ]
+        reached = [h for h in reach if h is not None]
+        efficiency = speeds[workers] / (speeds[base_workers] * workers / base_workers or 1)
+        rows.append(
+            {
+                "workers": workers,
+                "clips_per_s": round(speeds[workers], 2),
+                "efficiency": round(efficiency, 2),
+                "hours_to_threshold": round(statistics.fmean(reached), 4) if reached else None,
+                "threshold_knn_top1": None if threshold is None else round(threshold, 1),
+            }
+        )
+    return rows
+
+
+def scaling_verdict(report: StudyReport) -> str:
+    rows = scaling_table(report)
+    if len(rows) < 2:
+        return "fewer than two worker counts finished: no scaling figure"
+    last = rows[-1]
+    return (
+        f"{last['workers']} workers: {last['clips_per_s']} clips/s, scaling efficiency "
+        f"{last['efficiency']:.2f} against {rows[0]['workers']} worker(s) "
+        f"({'at or above' if last['efficiency'] >= 0.8 else 'below'} the 0.8 mark); "
+        + "; ".join(f"{r['workers']}: {r['efficiency']:.2f}" for r in rows)
+    )
+
+
+# -- the scripts' shared command line ------------------------------------------------------------
+
+
+def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: Any) -> int:
+    """`python studies/<name>.py [flags]`: parse, run, print the summary. Exit 0 if any trial
+    finished, 1 if none did, 2 on a bad flag."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=spec.question)
+    parser.add_argument("--preset", default=defaults.get("preset", "tiny"))
+    parser.add_argument("--data", help="data_prep output (local path or URI); default: synthetic")
+    parser.add_argument("--workers", type=int, help="Train workers per trial")
+    parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument("--address", help="Ray cluster address ('auto' on a cluster node)")
+    parser.add_argument("--grid", action="append", default=[],
+                        help="replace the sweep: section.field=v1,v2 (repeatable)")  # fmt: skip
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="extra section.field=value for every trial")  # fmt: skip
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (repeats)")
+    parser.add_argument("--asha", action=argparse.BooleanOptionalAction, default=spec.asha,
+                        help="ASHA early stopping on online kNN (--no-asha: the full grid)")  # fmt: skip
+    parser.add_argument("--storage", default="svt_runs", help="Tune/Train storage path or URI")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--experiment", default="svt-ray-studies")
+    parser.add_argument("--name", default=spec.name, help="study name (restore key)")
+    parser.add_argument("--max-concurrent", type=int)
+    parser.add_argument("--num-clips", type=int, default=800, help="synthetic clips when no --data")
+    args = parser.parse_args(argv)
+    try:
+        if args.grid:
+            spec.sweeps = [Sweep.parse(item) for item in args.grid]
+        spec.name = args.name
+        overrides = list(args.overrides)
+        if args.workers is not None:
+            overrides.append(f"scaling.num_workers={args.workers}")
+        if args.gpus_per_worker is not None:
+            overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
+        options = StudyOptions(
+            preset=args.preset,
+            overrides=overrides,
+            seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
+            asha=args.asha,
+            storage_path=args.storage,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            address=args.address,
+            max_concurrent_trials=args.max_concurrent,
+            data_path=args.data,
+            num_clips=args.num_clips,
+        )
+        report = run_study(spec, options)
+    except ConfigError as error:
+        print(f"error: {error}")
+        return 2
+    print(report.markdown())
+    print(report.summary())
+    return 0 if any(t.status in ("FINISHED", "KILLED") for t in report.trials) else 1
+
+
+def grid_size(spec: StudySpec, seeds: Sequence[int]) -> int:
+    return len(list(itertools.product(*(s.values for s in spec.sweeps)))) * len(seeds)

@@ -1,0 +1,271 @@
+"""Ray Tune studies: sweep parsing, verdicts from data, and a smoke study end to end
+(parent + child runs in MLflow, a failing trial, restore after the driver is killed, compare)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from factories import SMALL_MODEL
+
+from svt_ray.config import ConfigError
+from svt_ray.studies import (
+    StudyOptions,
+    StudyReport,
+    StudySpec,
+    Sweep,
+    TrialRecord,
+    batch_size_verdict,
+    best_vs_worst_verdict,
+    collect_study,
+    curve_auc,
+    run_study,
+    scaling_table,
+    trial_overrides,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- no Ray ------------------------------------------------------------------------------------
+
+
+def test_sweep_parsing_keeps_lists_whole_and_names_the_bad_flag():
+    assert Sweep.parse("views.num_local=0,2,4").values == (0, 2, 4)
+    assert Sweep.parse("views.global_frames=[8,8],[4,8]").values == ([8, 8], [4, 8])
+    assert Sweep.parse("loss.centering=ema,sinkhorn_knopp").values == ("ema", "sinkhorn_knopp")
+    with pytest.raises(ConfigError, match=r"--grid 'views\.num_local'"):
+        Sweep.parse("views.num_local")
+    with pytest.raises(ConfigError, match="repeats a value"):
+        Sweep.parse("optim.batch_size=8,8")
+
+
+def test_trial_overrides_expand_coupled_settings():
+    trial = {
+        "base": ["optim.epochs=2"],
+        "seed": 3,
+        "sweep": {"loss_terms": {"loss.cross_view_weight": 1.0, "loss.motion_weight": 0.0},
+                  "views.global_frames": [4, 8]},
+    }  # fmt: skip
+    assert trial_overrides(trial) == [
+        "optim.epochs=2",
+        "loss.cross_view_weight=1.0",
+        "loss.motion_weight=0.0",
+        "views.global_frames=[4, 8]",
+        "train.seed=3",
+    ]
+
+
+def test_curve_auc_against_an_explicit_integral():
+    curve = [(0, 10.0), (100, 30.0), (300, 50.0)]
+    # Trapezoids: 100 * 20 + 200 * 40 = 10000 over 300 clips; then hold 50 to a 400 budget.
+    assert curve_auc(curve, 300) == pytest.approx(10000 / 300)
+    assert curve_auc(curve, 400) == pytest.approx((10000 + 100 * 50) / 400)
+    assert curve_auc([], 100) is None
+
+
+def _trial(sweep, seed, curve, status="FINISHED", clips_per_s=None, hours_per_point=0.01):
+    wall = [(hours_per_point * i, v) for i, (_, v) in enumerate(curve)]
+    return TrialRecord(
+        run_id=f"r{seed}{sweep}", trial_id="t", status=status, seed=seed, sweep=sweep,
+        final=curve[-1][1] if curve else None, best=max(v for _, v in curve) if curve else None,
+        clips_seen=curve[-1][0] if curve else None, hours=0.1, curve=curve, wall_curve=wall,
+        clips_per_s=clips_per_s,
+    )  # fmt: skip
+
+
+def _report(trials, swept):
+    return StudyReport("s", "q?", "", "sqlite://", swept, trials, budget_clips=200)
+
+
+def test_batch_size_verdict_reads_the_curves():
+    bs = "optim.batch_size"
+    fast = [(0, 10.0), (100, 40.0), (200, 50.0)]
+    slow = [(0, 10.0), (100, 20.0), (200, 50.0)]
+    seeds = [(0, 0.0), (1, 1.0), (2, -1.0)]
+
+    def shifted(curve, d):
+        return [(x, y + d) for x, y in curve]
+
+    yes = _report(
+        [_trial({bs: 8}, s, shifted(fast, d)) for s, d in seeds]
+        + [_trial({bs: 64}, s, shifted(slow, d)) for s, d in seeds],
+        [bs],
+    )
+    assert batch_size_verdict(yes).startswith("yes")
+    no = _report([_trial({bs: 8}, 0, slow), _trial({bs: 64}, 0, fast)], [bs])
+    assert batch_size_verdict(no).startswith("no")
+    noisy = _report(
+        [_trial({bs: 8}, s, shifted(slow, d * 20 + 1)) for s, d in seeds]
+        + [_trial({bs: 64}, s, shifted(slow, d * 20)) for s, d in seeds],
+        [bs],
+    )
+    assert batch_size_verdict(noisy).startswith("inconclusive")
+    one = _report([_trial({bs: 8}, 0, fast)], [bs])
+    assert "fewer than two" in batch_size_verdict(one)
+
+
+def test_best_vs_worst_and_scaling_tables():
+    views = "views.num_local"
+    report = _report(
+        [_trial({views: 0}, s, [(0, 10.0), (200, 20.0 + s)]) for s in (0, 1)]
+        + [_trial({views: 4}, s, [(0, 10.0), (200, 40.0 + s)]) for s in (0, 1)],
+        [views],
+    )
+    verdict = best_vs_worst_verdict(report)
+    assert verdict.startswith("best views.num_local=4 (40.5)") and "beyond the noise" in verdict
+    rows = report.aggregate()
+    assert [r["knn_top1_mean"] for r in rows] == [20.5, 40.5] and rows[0]["knn_top1_sem"] == 0.5
+    assert "| views.num_local | trials |" in report.markdown()
+    assert report.csv().splitlines()[0].startswith("views.num_local,seed,status")
+
+    workers = "scaling.num_workers"
+    scaling = _report(
+        [_trial({workers: 1}, 0, [(0, 10.0), (200, 30.0)], clips_per_s=10.0, hours_per_point=1),
+         _trial({workers: 2}, 0, [(0, 10.0), (200, 30.0)], clips_per_s=16.0,
+                hours_per_point=0.5)],
+        [workers],
+    )  # fmt: skip
+    table = scaling_table(scaling, threshold=30.0)
+    assert [(r["workers"], r["efficiency"], r["hours_to_threshold"]) for r in table] == [
+        (1, 1.0, 1.0),
+        (2, 0.8, 0.5),
+    ]
+
+
+# -- a smoke study on local Ray ------------------------------------------------------------------
+
+
+def _smoke_options(tmp_path: Path, shards: Path) -> StudyOptions:
+    return StudyOptions(
+        preset="tiny",
+        overrides=[
+            *SMALL_MODEL,
+            "optim.epochs=1",
+            "optim.warmup_epochs=0.5",
+            "data.shuffle_buffer=0",
+            "data.decode_actors=1",
+            "train.checkpoint_every=1",
+            "eval.online_every_clips=4",
+            "eval.clip_size=32",
+            "eval.online_bank_clips=8",
+            "eval.online_query_clips=4",
+        ],
+        storage_path=str(tmp_path / "runs"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="smoke",
+        data_path=str(shards),
+        max_concurrent_trials=1,
+    )
+
+
+SMOKE = StudySpec(
+    name="batch_smoke",
+    question="smoke: batch 2 vs 4, and an invalid batch",
+    sweeps=[Sweep("optim.batch_size", (2, 4, -1))],
+    verdict=batch_size_verdict,
+    asha=False,
+)
+
+
+def _children(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    if experiment is None:
+        return client, []
+    runs = client.search_runs([experiment.experiment_id], "tags.`svt.study` = 'batch_smoke'")
+    return client, [r for r in runs if r.data.tags.get("svt.study_role") != "parent"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray_session):
+    # 1. The study driver runs in its own process on the session's Ray; kill -9 it as soon as
+    #    the first trial has finished.
+    options = _smoke_options(tmp_path, synthetic_shards)
+    driver = tmp_path / "driver.py"
+    paths = [str(ROOT / "tests"), str(ROOT)]
+    driver.write_text(
+        f"import sys; sys.path[:0] = {paths!r}\n"
+        "from pathlib import Path\n"
+        "import ray\n"
+        "from test_studies import SMOKE, _smoke_options\n"
+        "from svt_ray.studies import run_study\n"
+        "ray.init(address=sys.argv[1])\n"
+        "run_study(SMOKE, _smoke_options(Path(sys.argv[2]), Path(sys.argv[3])))\n"
+    )
+    address = ray_session.get_runtime_context().gcs_address
+    process = subprocess.Popen(
+        [sys.executable, str(driver), address, str(tmp_path), str(synthetic_shards)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.time() + 420
+    while time.time() < deadline and process.poll() is None:
+        _, children = _children(tmp_path)
+        if any(r.info.status == "FINISHED" for r in children):
+            break
+        time.sleep(2)
+    assert process.poll() is None, process.stderr.read().decode()[-3000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    _, children = _children(tmp_path)
+    finished_before = {
+        r.data.tags["svt.trial_id"]: r for r in children if r.info.status == "FINISHED"
+    }
+    assert len(finished_before) == 1
+
+    # 2. Run it again: Tune restores the study; the finished trial is not re-run.
+    report = run_study(SMOKE, options)
+    client, children = _children(tmp_path)
+    by_trial = {}
+    for run in children:
+        by_trial.setdefault(run.data.tags["svt.trial_id"], []).append(run)
+    assert len(by_trial) == 3 and all(len(runs) == 1 for runs in by_trial.values())
+    ((trial_id, before),) = finished_before.items()
+    after = by_trial[trial_id][0]
+    assert after.info.run_id == before.info.run_id and after.info.end_time == before.info.end_time
+    history = client.get_metric_history(after.info.run_id, "loss")
+    assert len(history) == len({m.step for m in history})  # no step trained twice
+
+    # 3. Two finished children with their curves; the invalid batch failed alone, with its error.
+    statuses = {
+        json.loads(r[0].data.tags["svt.sweep.optim.batch_size"]): r[0] for r in by_trial.values()
+    }
+    assert statuses[2].info.status == statuses[4].info.status == "FINISHED"
+    assert statuses[-1].info.status == "FAILED"
+    assert "optim.batch_size" in statuses[-1].data.tags["svt.error"]
+    for batch in (2, 4):
+        curve = client.get_metric_history(statuses[batch].info.run_id, "online_knn_top1")
+        assert len(curve) >= 2 and curve[0].step == 0
+    rows = {row["optim.batch_size"]: row for row in report.rows()}
+    assert rows[-1]["status"] == "FAILED" and rows[2]["final_knn_top1"] is not None
+
+    # 4. The parent run holds the table and the plots; compare rebuilds the same table.
+    artifacts = {a.path for a in client.list_artifacts(report.parent_run_id)}
+    assert {"results.csv", "results.md", "curves.png", "final.png"} <= artifacts
+    table = Path(client.download_artifacts(report.parent_run_id, "results.md", str(tmp_path)))
+    again = collect_study(options.tracking_uri, "smoke", "batch_smoke")
+    assert again.markdown() == table.read_text() == report.markdown()
+    assert report.verdict and report.verdict == again.verdict
+
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["compare", "--study", "batch_smoke", "--tracking-uri", options.tracking_uri,
+         "--experiment", "smoke", "--output", str(tmp_path / "cmp")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cmp" / "batch_smoke" / "results.md").read_text() == report.markdown()
