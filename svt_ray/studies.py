@@ -336,7 +336,10 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         if options.asha
         else FIFOScheduler()
     )
-    concurrent = options.max_concurrent_trials or trials_per_cluster(probe, ray.cluster_resources())
+    resources = dict(ray.cluster_resources())
+    if options.address is None:  # local Ray was given extra logical CPUs: count real cores
+        resources["CPU"] = min(resources.get("CPU", 1), os.cpu_count() or 1)
+    concurrent = options.max_concurrent_trials or trials_per_cluster(probe, resources)
     if spec.exclusive:
         concurrent = 1
     trainable = ray.tune.with_resources(_run_trial, {"CPU": 0.01})

@@ -269,3 +269,14 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cmp" / "batch_smoke" / "results.md").read_text() == report.markdown()
+
+
+def test_trials_per_cluster_counts_workers_decode_and_gpus():
+    from svt_ray.config import load_config
+    from svt_ray.studies import trials_per_cluster
+
+    cpu = load_config("tiny", overrides=["scaling.num_workers=2"])
+    assert trials_per_cluster(cpu, {"CPU": 2}) == 1  # never zero
+    assert trials_per_cluster(cpu, {"CPU": 9}) == 3  # 2 workers + 1 decode CPU each
+    gpu = load_config("tiny", overrides=["scaling.num_workers=2", "scaling.gpus_per_worker=1"])
+    assert trials_per_cluster(gpu, {"CPU": 64, "GPU": 8}) == 4
