@@ -225,9 +225,10 @@ def _absolute(path_or_uri: str) -> str:
 
 
 def trials_per_cluster(config: ExperimentConfig, resources: dict[str, float]) -> int:
-    """Trials that fit at once: each holds its Train workers plus one decode CPU."""
+    """Trials that fit at once. Each holds its Train workers, one decode actor and one CPU
+    for Ray Data's read tasks: a trial whose Data cannot get a CPU hangs (ray_notes.md §6.3)."""
     scaling = config.scaling
-    cpus = scaling.num_workers * scaling.cpus_per_worker + config.data.decode_cpus
+    cpus = scaling.num_workers * scaling.cpus_per_worker + config.data.decode_cpus + 1
     fits = int(resources.get("CPU", 1) // cpus)
     if scaling.gpus_per_worker:
         fits = min(
@@ -374,7 +375,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     report.budget_clips = budget
     report.verdict = spec.verdict(report) if spec.verdict else ""
     report.budget_clips = budget
-    report.publish(Path(study_dir if "://" not in study_dir else options.workdir) / "report", spec)
+    folder = Path(study_dir if "://" not in study_dir else options.workdir) / "report"
+    report.files = report.publish(folder, spec)
     return report
 
 
@@ -434,6 +436,8 @@ class StudyReport:
     trials: list[TrialRecord]
     verdict: str = ""
     budget_clips: int | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    "Where publish()/write() put the table and plots."
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per trial."""
@@ -780,10 +784,12 @@ def batch_size_verdict(report: StudyReport) -> str:
     small, large = _mean_sem(scores[sizes[0]]), _mean_sem(scores[sizes[-1]])
     phrase = _difference_phrase(small, large)
     order = ", ".join(f"{b}: {m:.1f}" for b, m in zip(sizes, means, strict=True))
-    if small[0] > large[0] and (small[1] is None or "beyond" in phrase):
-        answer = "yes" if monotone_down else "partly (not monotone)"
-    elif small[0] > large[0]:
+    if small[1] is None or large[1] is None:  # one seed: a direction, not an answer
+        answer = "leans yes" if small[0] > large[0] else "leans no"
+    elif "within" in phrase:
         answer = "inconclusive"
+    elif small[0] > large[0]:
+        answer = "yes" if monotone_down else "partly (not monotone)"
     else:
         answer = "no"
     return (
@@ -897,6 +903,9 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
         return 2
     print(report.markdown())
     print(report.summary())
+    print("report: " + ", ".join(str(path) for path in report.files.values()))
+    print(f"MLflow: mlflow ui --backend-store-uri {options.tracking_uri}  (parent run "
+          f"{report.parent_run_id}, experiment {options.experiment})")  # fmt: skip
     return 0 if any(t.status in ("FINISHED", "KILLED") for t in report.trials) else 1
 
 

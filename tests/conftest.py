@@ -60,3 +60,45 @@ def synthetic_shards(synthetic_videos, ray_session, tmp_path_factory):
     )
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied file artifacts), stopped
+    at the end of the session. Yields its http:// URI."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", (root / "artifacts").as_uri()],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),  # noqa: SIM115 (closed with the process)
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()}")
+        time.sleep(1)
+    yield uri
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()

@@ -99,8 +99,15 @@ def test_batch_size_verdict_reads_the_curves():
         [bs],
     )
     assert batch_size_verdict(yes).startswith("yes")
-    no = _report([_trial({bs: 8}, 0, slow), _trial({bs: 64}, 0, fast)], [bs])
+    no = _report(
+        [_trial({bs: 8}, s, shifted(slow, d)) for s, d in seeds]
+        + [_trial({bs: 64}, s, shifted(fast, d)) for s, d in seeds],
+        [bs],
+    )
     assert batch_size_verdict(no).startswith("no")
+    single = _report([_trial({bs: 8}, 0, slow), _trial({bs: 64}, 0, fast)], [bs])
+    assert batch_size_verdict(single).startswith("leans no")
+    assert "one seed per setting" in batch_size_verdict(single)
     noisy = _report(
         [_trial({bs: 8}, s, shifted(slow, d * 20 + 1)) for s, d in seeds]
         + [_trial({bs: 64}, s, shifted(slow, d * 20)) for s, d in seeds],
@@ -277,6 +284,6 @@ def test_trials_per_cluster_counts_workers_decode_and_gpus():
 
     cpu = load_config("tiny", overrides=["scaling.num_workers=2"])
     assert trials_per_cluster(cpu, {"CPU": 2}) == 1  # never zero
-    assert trials_per_cluster(cpu, {"CPU": 9}) == 3  # 2 workers + 1 decode CPU each
+    assert trials_per_cluster(cpu, {"CPU": 9}) == 2  # 2 workers + decode + read CPU each
     gpu = load_config("tiny", overrides=["scaling.num_workers=2", "scaling.gpus_per_worker=1"])
     assert trials_per_cluster(gpu, {"CPU": 64, "GPU": 8}) == 4

@@ -42,12 +42,16 @@ def mlflow_client(tmp_path: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-def test_two_worker_run_is_recorded_in_mlflow(tmp_path, synthetic_shards, ray_session):
+def test_two_worker_run_is_recorded_in_mlflow(
+    tmp_path, synthetic_shards, ray_session, mlflow_server
+):
+    """Recorded through a real `mlflow server` (server mode); SQLite is the other tests' store."""
     config = experiment(
         tmp_path,
         synthetic_shards,
         "scaling.num_workers=2",
         "train.run_name=two",
+        f"tracking.tracking_uri={mlflow_server}",
         "eval.online_every=3",
         "eval.clip_size=32",
     )
@@ -56,9 +60,12 @@ def test_two_worker_run_is_recorded_in_mlflow(tmp_path, synthetic_shards, ray_se
     assert Path(result.checkpoint_path, "state.pt").is_file()
     assert load_state(result.checkpoint_path)["step"] == steps
 
-    client = mlflow_client(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
     assert run.data.params["optim.batch_size"] == "4"
     assert run.data.params["derived.per_worker_batch"] == "2"
     assert run.data.tags["svt.world_size"] == "2" and run.data.tags["svt.preset"] == "tiny"
