@@ -750,7 +750,7 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
     """Which setting is best on final online kNN, and whether it beats the worst beyond noise."""
     rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
     if len(rows) < 2:
-        return "fewer than two settings finished: no comparison"
+        return _common_rung_verdict(report)
     best = max(rows, key=lambda row: row["knn_top1_mean"])
     worst = min(rows, key=lambda row: row["knn_top1_mean"])
 
@@ -763,6 +763,28 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
     return (
         f"best {name(best)} ({best['knn_top1_mean']}); over worst {name(worst)}: "
         + _difference_phrase(stats(best), stats(worst))
+    )
+
+
+def _common_rung_verdict(report: StudyReport) -> str:
+    """With ASHA, usually only the best setting runs to the end: compare every setting at the
+    largest clip count all of them reached (each trial's last measurement up to it)."""
+    curves = [t for t in report.trials if t.curve and t.status in ("FINISHED", "KILLED")]
+    if len({json.dumps([t.sweep.get(p) for p in report.swept]) for t in curves}) < 2:
+        return "fewer than two settings were measured: no comparison"
+    rung = min(t.curve[-1][0] for t in curves)
+    scores: dict[str, list[float]] = {}
+    for trial in curves:
+        value = [v for x, v in trial.curve if x <= rung][-1]
+        name = ", ".join(f"{p}={trial.sweep.get(p)}" for p in report.swept)
+        scores.setdefault(name, []).append(value)
+    stats = {name: _mean_sem(values) for name, values in scores.items()}
+    best = max(stats, key=lambda name: stats[name][0])
+    worst = min(stats, key=lambda name: stats[name][0])
+    return (
+        f"at {rung:.0f} clips seen (the furthest every setting got before ASHA stopped it): "
+        f"best {best} ({stats[best][0]:.1f}); over worst {worst}: "
+        + _difference_phrase(stats[best], stats[worst])
     )
 
 

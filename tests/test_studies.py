@@ -132,6 +132,18 @@ def test_best_vs_worst_and_scaling_tables():
     assert "| views.num_local | trials |" in report.markdown()
     assert report.csv().splitlines()[0].startswith("views.num_local,seed,status")
 
+    # ASHA stopped all but one setting: they are compared where all of them were measured.
+    asha = _report(
+        [_trial({views: 0}, 0, [(0, 10.0), (100, 12.0), (200, 15.0)]),
+         _trial({views: 4}, 0, [(0, 10.0), (100, 20.0)], status="KILLED"),
+         _trial({views: 8}, 0, [(0, 10.0), (50, 11.0), (150, 30.0)], status="KILLED")],
+        [views],
+    )  # fmt: skip
+    assert best_vs_worst_verdict(asha).startswith(
+        "at 100 clips seen (the furthest every setting got before ASHA stopped it): best "
+        "views.num_local=4 (20.0); over worst views.num_local=8: +9.0 points"
+    )
+
     workers = "scaling.num_workers"
     scaling = _report(
         [_trial({workers: 1}, 0, [(0, 10.0), (200, 30.0)], clips_per_s=10.0, hours_per_point=1),
