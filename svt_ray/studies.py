@@ -180,15 +180,21 @@ def _run_trial(trial_config: dict[str, Any]) -> None:
         raise
 
 
-def _finished_run(trial_config: dict, trial_id: str):
-    """This trial's FINISHED child run, if a previous study driver completed it."""
+def _search_runs(tracking_uri: str, experiment: str, filter_string: str):
+    """(client, runs of `experiment` matching `filter_string`); the experiment must exist."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(trial_config["tracking_uri"])
-    experiment = client.get_experiment_by_name(trial_config["experiment"])
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`svt.study` = '{trial_config['study']}' and "
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client, client.search_runs([experiment_id], filter_string=filter_string)
+
+
+def _finished_run(trial_config: dict, trial_id: str):
+    """This trial's FINISHED child run, if a previous study driver completed it."""
+    _, runs = _search_runs(
+        trial_config["tracking_uri"],
+        trial_config["experiment"],
+        f"tags.`svt.study` = '{trial_config['study']}' and "
         f"tags.`svt.trial_id` = '{trial_id}' and attributes.status = 'FINISHED'",
     )
     return runs[0] if runs else None
@@ -196,19 +202,17 @@ def _finished_run(trial_config: dict, trial_id: str):
 
 def _record_failed_trial(trial_config: dict, trial_id: str, tags: dict, error: Exception) -> None:
     """A trial that failed before (or while) training keeps a FAILED child run with its error."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(trial_config["tracking_uri"])
-    experiment = client.get_experiment_by_name(trial_config["experiment"])
-    existing = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`svt.trial_id` = '{trial_id}'"
+    client, existing = _search_runs(
+        trial_config["tracking_uri"],
+        trial_config["experiment"],
+        f"tags.`svt.trial_id` = '{trial_id}'",
     )
     message = f"{type(error).__name__}: {error}"[:4000]
     if existing:
         run_id = existing[0].info.run_id
     else:
         run = client.create_run(
-            experiment.experiment_id,
+            client.get_experiment_by_name(trial_config["experiment"]).experiment_id,
             run_name=f"{trial_config['study']}-{trial_id}",
             tags={**tags, "mlflow.parentRunId": trial_config["parent_run_id"]},
         )
@@ -280,7 +284,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri
-    from svt_ray.train import ensure_ray, storage_root
+    from svt_ray.train import ensure_ray, online_knn_every, storage_root
 
     options.tracking_uri = absolute_tracking_uri(options.tracking_uri)
     check_tracking_uri(options.tracking_uri)
@@ -309,7 +313,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     if options.address:
         base.append(f"scaling.address={options.address}")
     probe = load_config(options.preset, overrides=base)  # the study's shared settings must be valid
-    if probe.eval.online_every == 0 and probe.eval.online_every_clips == 0:
+    if online_knn_every(probe) == 0:
         raise ConfigError(
             "eval.online_every_clips: studies compare online kNN curves; set it (or "
             "eval.online_every) above 0"
@@ -349,12 +353,11 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         storage_path=storage,
         failure_config=ray.tune.FailureConfig(max_failures=0),
     )
-    tune_dir = f"{storage}/{spec.name}"
     started = time.perf_counter()
-    if ray.tune.Tuner.can_restore(tune_dir):
-        logger.info("restoring study %s from %s (finished trials are kept)", spec.name, tune_dir)
+    if ray.tune.Tuner.can_restore(study_dir):
+        logger.info("restoring study %s from %s (finished trials are kept)", spec.name, study_dir)
         tuner = ray.tune.Tuner.restore(
-            tune_dir, trainable, param_space=param_space, resume_unfinished=True,
+            study_dir, trainable, param_space=param_space, resume_unfinished=True,
             resume_errored=False, restart_errored=False,
         )  # fmt: skip
     else:
@@ -372,9 +375,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
                 (time.perf_counter() - started) / 60)  # fmt: skip
     report = collect_study(options.tracking_uri, options.experiment, spec.name)
-    report.budget_clips = budget
     report.verdict = spec.verdict(report) if spec.verdict else ""
-    report.budget_clips = budget
     folder = Path(study_dir if "://" not in study_dir else options.workdir) / "report"
     report.files = report.publish(folder, spec)
     return report
@@ -383,14 +384,10 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
 def _close_stopped_runs(options: StudyOptions, parent_run_id: str) -> None:
     """After the sweep, a child run still RUNNING was a trial that Tune stopped (ASHA) and
     killed mid-run: mark it KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(options.tracking_uri)
-    experiment = client.get_experiment_by_name(options.experiment)
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
-        "and attributes.status = 'RUNNING'",
+    client, runs = _search_runs(
+        options.tracking_uri,
+        options.experiment,
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
         client.set_terminated(run.info.run_id, "KILLED")
@@ -541,13 +538,15 @@ class StudyReport:
 
     def write(self, folder: Path, spec: StudySpec | None = None) -> dict[str, Path]:
         """results.csv, results.md, curves.png and final.png in `folder`."""
+        from svt_ray.train import write_atomically
+
         folder.mkdir(parents=True, exist_ok=True)
         files = {
             "results.csv": folder / "results.csv",
             "results.md": folder / "results.md",
         }
-        _atomic_write(files["results.csv"], self.csv())
-        _atomic_write(files["results.md"], self.markdown())
+        for name, text in (("results.csv", self.csv()), ("results.md", self.markdown())):
+            write_atomically(str(files[name]), text.encode())
         x_label = (spec.x_label if spec else None) or (self.swept[0] if self.swept else "setting")
         files.update(plot_study(self, folder, x_label))
         return files
@@ -571,12 +570,6 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
         cells = ["" if row[c] is None else str(row[c]).replace("|", "/") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def collect_study(

@@ -196,16 +196,11 @@ class MLflowTracker:
         self._warned = False
         self.last_logged = -1
         if run_id is None:
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = (
-                found.experiment_id
-                if found
-                else self.client.create_experiment(experiment, artifact_location_for(tracking_uri))
-            )
+            experiment_id_ = experiment_id(self.client, experiment, tracking_uri)
             all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
-            run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+            run = self.client.create_run(experiment_id_, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
         else:  # resume: continue the run and never log a clips_seen twice
             self.run_id = run_id

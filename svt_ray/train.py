@@ -72,14 +72,19 @@ def read_json(path: str) -> dict | None:
         return json.loads(stream.read())
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Atomic where the filesystem allows it (temp file + rename on local disks)."""
+def write_atomically(path: str, data: bytes) -> None:
+    """Write a file (local path or URI) atomically where the filesystem allows it (temp file +
+    rename on local disks)."""
     filesystem, local = _filesystem(path)
     filesystem.create_dir(local.rsplit("/", 1)[0], recursive=True)
     temporary = f"{local}.tmp-{os.getpid()}"
     with filesystem.open_output_stream(temporary) as stream:
-        stream.write(json.dumps(payload, indent=1).encode())
+        stream.write(data)
     filesystem.move(temporary, local)
+
+
+def write_json(path: str, payload: dict) -> None:
+    write_atomically(path, json.dumps(payload, indent=1).encode())
 
 
 def run_directory(config: ExperimentConfig, run_name: str) -> str:
@@ -246,6 +251,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker.finish("FINISHED")
 
 
+def online_knn_every(config: ExperimentConfig) -> int:
+    """Steps between online kNN evaluations (0: off): `eval.online_every_clips` in steps of
+    this batch size when set, else `eval.online_every`."""
+    settings = config.eval
+    if settings.online_every_clips:
+        return max(1, round(settings.online_every_clips / config.optim.batch_size))
+    return settings.online_every
+
+
 class _OnlineMetrics:
     """Online kNN of the teacher on rank 0 every `eval.online_every` steps (off at 0).
 
@@ -254,10 +268,7 @@ class _OnlineMetrics:
     """
 
     def __init__(self, config: ExperimentConfig, state, rank: int) -> None:
-        settings = config.eval
-        self.every = settings.online_every
-        if settings.online_every_clips:
-            self.every = max(1, round(settings.online_every_clips / config.optim.batch_size))
+        self.every = online_knn_every(config)
         self.state = state
         self.latest: dict[str, float] = {}
         self.seconds = 0.0
