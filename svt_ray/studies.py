@@ -248,9 +248,9 @@ def _parent_run(
     from mlflow.tracking import MlflowClient
 
     from svt_ray.tracking import experiment_id
-    from svt_ray.train import read_json, write_json
+    from svt_ray.train import join_uri, read_json, write_json
 
-    recorded = read_json(f"{study_dir}/{STUDY_FILE}")
+    recorded = read_json(join_uri(study_dir, STUDY_FILE))
     if recorded is not None:
         return recorded["parent_run_id"]
     client = MlflowClient(options.tracking_uri)
@@ -273,7 +273,7 @@ def _parent_run(
     }
     for key, value in params.items():
         client.log_param(run_id, key, value)
-    write_json(f"{study_dir}/{STUDY_FILE}", {"parent_run_id": run_id, "params": params})
+    write_json(join_uri(study_dir, STUDY_FILE), {"parent_run_id": run_id, "params": params})
     return run_id
 
 
@@ -284,12 +284,12 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri
-    from svt_ray.train import ensure_ray, online_knn_every, storage_root
+    from svt_ray.train import ensure_ray, join_uri, online_knn_every, storage_root
 
     options.tracking_uri = absolute_tracking_uri(options.tracking_uri)
     check_tracking_uri(options.tracking_uri)
     storage = storage_root(_absolute(options.storage_path))
-    study_dir = f"{storage.rstrip('/')}/{spec.name}"
+    study_dir = join_uri(storage, spec.name)
     if not ray.is_initialized():
         # Locally, as in the demo: Ray Data's read tasks need CPUs the Train workers do not
         # hold (ray_notes.md §6.3), so a small machine gets a few more logical CPUs than cores.
@@ -306,7 +306,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         *spec.fixed,
         *options.overrides,
         f"data.path={_absolute(data_path)}",
-        f"train.storage_path={study_dir}/runs",
+        f"train.storage_path={join_uri(study_dir, 'runs')}",
         f"tracking.tracking_uri={options.tracking_uri}",
         f"tracking.experiment={options.experiment}",
     ]

@@ -19,6 +19,7 @@ middle of a run (`FailureConfig`) and `svt-ray pretrain --resume`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -60,6 +61,14 @@ def storage_root(storage_path: str) -> str:
     return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
 
 
+def join_uri(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path or a filesystem URI. A URI's query string (pyarrow's
+    options, e.g. `?endpoint_override=HOST:PORT&scheme=http` for an S3-compatible server) stays
+    at the end, where pyarrow reads it."""
+    path, mark, query = base.partition("?") if "://" in base else (base, "", "")
+    return "/".join([path.rstrip("/"), *parts]) + mark + query
+
+
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
 
@@ -88,14 +97,18 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def run_directory(config: ExperimentConfig, run_name: str) -> str:
-    return f"{storage_root(config.train.storage_path).rstrip('/')}/{run_name}"
+    return join_uri(storage_root(config.train.storage_path), run_name)
 
 
 def local_log_directory(config: ExperimentConfig, run_name: str) -> Path:
-    """Where metrics.jsonl and plots go: the run directory when it is local."""
-    if "://" not in config.train.storage_path:
-        return Path(run_directory(config, run_name))
-    return Path(tempfile.gettempdir()) / "svt_ray_runs" / run_name
+    """Where metrics.jsonl and plots go: the run directory when it is local, else a temporary
+    folder named after the run's URI, so that runs of one name on two storages never share
+    a metrics.jsonl (a resumed run finds its own again)."""
+    run_dir = run_directory(config, run_name)
+    if "://" not in run_dir:
+        return Path(run_dir)
+    digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "svt_ray_runs" / f"{run_name}-{digest}"
 
 
 def default_run_name(config: ExperimentConfig) -> str:
@@ -108,7 +121,7 @@ def default_run_name(config: ExperimentConfig) -> str:
 def dataset_for_run(config_json: dict[str, Any], run_dir: str):
     """The training stream, starting at the epoch of the run's latest checkpoint."""
     config = ExperimentConfig.model_validate(config_json)
-    progress = read_json(f"{run_dir}/{PROGRESS_FILE}") or {"step": 0}
+    progress = read_json(join_uri(run_dir, PROGRESS_FILE)) or {"step": 0}
     start_epoch = progress["step"] // config.derived.steps_per_epoch
     return data.training_dataset(config, start_epoch=start_epoch)
 
@@ -132,7 +145,7 @@ def _save_checkpoint(state, step: int, metrics: dict[str, float], run_dir: str, 
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}"
         )
     if rank == 0:
-        write_json(f"{run_dir}/{PROGRESS_FILE}", {"step": step})
+        write_json(join_uri(run_dir, PROGRESS_FILE), {"step": step})
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -244,7 +257,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epoch += 1
     except NonFiniteLossError as error:
         if rank == 0:
-            write_json(f"{run_dir}/{DIVERGED_FILE}", {"step": step, "error": str(error)})
+            write_json(join_uri(run_dir, DIVERGED_FILE), {"step": step, "error": str(error)})
             tracker.set_tags({"svt.diverged_at_step": step})
             tracker.finish("FAILED")
         return  # every rank saw the same all-reduced verdict; the last checkpoint stays
@@ -297,7 +310,7 @@ class _OnlineMetrics:
 
 def _inject_failure(run_dir: str, step: int) -> None:
     """Test hook: kill this worker once at `step` (a marker file prevents a second time)."""
-    marker = f"{run_dir}/injected_failure_{step}.json"
+    marker = join_uri(run_dir, f"injected_failure_{step}.json")
     if read_json(marker) is None:
         write_json(marker, {"step": step})
         logger.warning("injected failure at step %d", step)
@@ -326,7 +339,7 @@ def _start_mlflow_run(
     extra_tags: dict[str, str] | None,
 ) -> str:
     """[driver] Create the run (params and tags logged once) or find the one to resume."""
-    state = read_json(f"{run_dir}/{RUN_FILE}")
+    state = read_json(join_uri(run_dir, RUN_FILE))
     if state is not None:
         return state["mlflow_run_id"]
     tracker = make_tracker(
@@ -348,7 +361,7 @@ def _start_mlflow_run(
     tracker.log_params(config.flat())
     tracker.log_text(config.dump(), "config.yaml")
     write_json(
-        f"{run_dir}/{RUN_FILE}",
+        join_uri(run_dir, RUN_FILE),
         {"mlflow_run_id": tracker.run_id, "config": config.model_dump(mode="json")},
     )
     return tracker.run_id
@@ -379,7 +392,7 @@ def run_pretraining(
     check_tracking_uri(resolved.tracking.tracking_uri)  # before any compute is spent
     run_name = default_run_name(resolved)
     run_dir = run_directory(resolved, run_name)
-    progress = read_json(f"{run_dir}/{PROGRESS_FILE}")
+    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
     if progress is not None and not resume:
         raise ConfigError(
             f"run {run_name!r} already has checkpoints up to step {progress['step']} in {run_dir}; "
@@ -387,7 +400,7 @@ def run_pretraining(
         )
     if resume and progress is None:
         logger.info("no checkpoint of run %s yet: starting it", run_name)
-    if read_json(f"{run_dir}/{DIVERGED_FILE}") is not None:
+    if read_json(join_uri(run_dir, DIVERGED_FILE)) is not None:
         raise TrainingDivergedError(
             f"run {run_name!r} diverged before ({run_dir}/{DIVERGED_FILE}); change the recipe "
             "and use a new train.run_name"
@@ -438,8 +451,8 @@ def run_pretraining(
         },
     )
     result = trainer.fit()
-    diverged = read_json(f"{run_dir}/{DIVERGED_FILE}")
-    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    diverged = read_json(join_uri(run_dir, DIVERGED_FILE))
+    checkpoint_path = _checkpoint_location(result.checkpoint, run_dir)
     if diverged is not None:
         raise TrainingDivergedError(
             f"{diverged['error']} The last good checkpoint is {checkpoint_path or 'none (before the first)'}."
@@ -455,6 +468,17 @@ def run_pretraining(
         metrics=dict(result.metrics or {}),
         config=resolved,
     )
+
+
+def _checkpoint_location(checkpoint: ray.train.Checkpoint | None, run_dir: str) -> str | None:
+    """Where a checkpoint is, as `load_state` and `svt-ray eval` take it. Ray gives a path
+    inside its filesystem (`bucket/runs/...`: no scheme, no query), so a remote one is named
+    from the run's URI instead."""
+    if checkpoint is None:
+        return None
+    if "://" not in run_dir:
+        return checkpoint.path
+    return join_uri(run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
 
 
 def _log_curves(config: ExperimentConfig, run_name: str, run_id: str, log_dir: Path) -> None:
@@ -479,8 +503,8 @@ def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> Exper
     """
     from svt_ray.config import parse_override, validate_config
 
-    run_dir = f"{storage_root(storage_path).rstrip('/')}/{run_name}"
-    recorded = read_json(f"{run_dir}/{RUN_FILE}")
+    run_dir = join_uri(storage_root(storage_path), run_name)
+    recorded = read_json(join_uri(run_dir, RUN_FILE))
     if recorded is None:
         raise ConfigError(
             f"--resume {run_name}: no run.json in {run_dir}; check --storage and the run name"
