@@ -7,7 +7,8 @@ The only module that calls `ray.train`. The Ray touchpoints are numbered as in R
   [2] each worker restores the latest checkpoint, if any (`ray.train.get_checkpoint`);
   [3] the student is wrapped in DDP (`ray.train.torch.prepare_model`);
   [4] each worker streams its shard of the view dataset (`ray.train.get_dataset_shard`);
-  [5] every step is reported; rank 0 attaches a checkpoint every N steps and at the end.
+  [5] every step is reported; rank 0 attaches a checkpoint every N steps and at the end;
+      a controller callback records each checkpoint Ray Train registers (progress.json).
 
 Resume is exact up to the data pipeline's determinism: schedules are pure functions of the
 step, the checkpoint holds student, teacher, optimiser, loss centre and step, and the dataset
@@ -44,7 +45,7 @@ from svt_ray.views import view_slots
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
-PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the step of the latest checkpoint
+PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the latest checkpoint Ray Train registered
 RUN_FILE = "run.json"  # {storage}/{run}/: the MLflow run id and the resolved config
 DIVERGED_FILE = "diverged.json"  # {storage}/{run}/: written when the loss became non-finite
 
@@ -134,7 +135,7 @@ def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
-def _save_checkpoint(state, step: int, metrics: dict[str, float], run_dir: str, rank: int) -> None:
+def _save_checkpoint(state, step: int, metrics: dict[str, float], rank: int) -> None:
     """[5] Report with a checkpoint (rank 0 writes it; every rank must call report)."""
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
@@ -144,8 +145,23 @@ def _save_checkpoint(state, step: int, metrics: dict[str, float], run_dir: str, 
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}"
         )
-    if rank == 0:
-        write_json(join_uri(run_dir, PROGRESS_FILE), {"step": step})
+
+
+class RecordProgress(ray.train.UserCallback):
+    """[controller] Write progress.json once Ray Train has registered a checkpoint.
+
+    A checkpoint counts only when every rank's report has reached the controller; a worker
+    that dies first (a lost node) takes the report with it and the restart resumes from the
+    checkpoint before. Written here, progress.json always names the checkpoint a restart
+    resumes from, so the dataset factory starts the stream at the right epoch.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if checkpoint is not None:
+            write_json(join_uri(self.run_dir, PROGRESS_FILE), {"step": int(metrics[0]["step"])})
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -179,6 +195,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         local_dir=loop_config["log_dir"],
         run_id=loop_config["mlflow_run_id"],
     )
+    if checkpoint is not None:  # the latest restart's starting point, for whoever reads the run
+        tracker.set_tags({"svt.resumed_at_step": step})
     online_knn = _OnlineMetrics(config, state, rank)
     if online_knn.maybe_run(step, force=True):  # the curve starts at the (restored) weights
         tracker.log_metrics(online_knn.latest, step=step * config.optim.batch_size)
@@ -215,7 +233,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     and step == fail_at_step
                     and rank == loop_config["fail_rank"]
                 ):
-                    _inject_failure(run_dir, step)
+                    _inject_failure(run_dir, step, config.train.checkpoint_every)
                 step_started = time.perf_counter()
                 data_wait = step_started - waited_since
                 views = [batch[name] for name in slot_names]
@@ -242,7 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 reported = {**metrics, **online_knn.latest}
                 if step % config.train.checkpoint_every == 0 or last:
                     tracker.log_metrics(logged, step=clips_seen)
-                    _save_checkpoint(state, step, reported, run_dir, rank)
+                    _save_checkpoint(state, step, reported, rank)
                 elif step % config.train.log_every == 0 or evaluated:
                     tracker.log_metrics(logged, step=clips_seen)
                     ray.train.report(reported)  # [5] metrics only (Tune's schedulers see them)
@@ -308,11 +326,21 @@ class _OnlineMetrics:
         return True
 
 
-def _inject_failure(run_dir: str, step: int) -> None:
-    """Test hook: kill this worker once at `step` (a marker file prevents a second time)."""
+def _inject_failure(run_dir: str, step: int, checkpoint_every: int) -> None:
+    """Test hook: kill this worker once at `step` (a marker file prevents a second time).
+
+    It dies once the controller has registered the checkpoint before `step`, as a crash some
+    time after it would; dying at once would lose that checkpoint's report (`RecordProgress`).
+    """
     marker = join_uri(run_dir, f"injected_failure_{step}.json")
     if read_json(marker) is None:
         write_json(marker, {"step": step})
+        checkpointed = step - step % checkpoint_every
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (read_json(join_uri(run_dir, PROGRESS_FILE)) or {"step": 0})["step"] >= checkpointed:
+                break
+            time.sleep(0.2)
         logger.warning("injected failure at step %d", step)
         os._exit(1)
 
@@ -444,7 +472,7 @@ def run_pretraining(
             storage_path=storage_root(resolved.train.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=resolved.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [],
+            callbacks=[RecordProgress(run_dir), *(callbacks or [])],
         ),
         datasets={
             "train": functools.partial(dataset_for_run, resolved.model_dump(mode="json"), run_dir)
