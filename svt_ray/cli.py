@@ -171,7 +171,12 @@ def pretrain(
     ] = None,
 ) -> None:
     """Pretrain SVT with Ray Train; checkpoints to --storage, metrics to MLflow."""
-    from svt_ray.train import TrainingDivergedError, recorded_config, run_pretraining
+    from svt_ray.train import (
+        RunStoppedError,
+        TrainingDivergedError,
+        recorded_config,
+        run_pretraining,
+    )
 
     flags = _cli_overrides(data, workers, gpus_per_worker, address, tracking_uri, storage, run_name)
     if resume:
@@ -180,7 +185,7 @@ def pretrain(
         experiment = build_config(preset, config, [*(overrides or []), *flags])
     try:
         result = run_pretraining(experiment, resume=resume is not None)
-    except (ConfigError, TrainingDivergedError) as error:
+    except (ConfigError, TrainingDivergedError, RunStoppedError) as error:
         raise fail(str(error), code=1) from None
     typer.echo(f"run {result.run_name}: checkpoint {result.checkpoint_path}")
     typer.echo(

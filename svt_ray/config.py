@@ -314,6 +314,14 @@ class TrainSettings(_Section):
     "Stable id of the run (resume uses it); None = derived from the preset and seed."
     max_failures: Annotated[int, Field(ge=-1)] = 2
     "Worker-group restarts from the last checkpoint before the run gives up (-1 = forever)."
+    wait_for_workers_s: Annotated[float, Field(gt=0)] | None = 1200
+    (
+        "Seconds, in all over the run, that Ray Train may wait for room to place the workers: "
+        "at the start, and after a failure such as a lost node while the autoscaler replaces "
+        "it. Then the run stops, keeping its checkpoints, for `pretrain --resume`. Counted in "
+        "steps of Ray Train's worker-group start timeout (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, "
+        "60 s by default). None = wait forever (Ray's default)."
+    )
 
 
 class TrackingConfig(_Section):

@@ -23,7 +23,9 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,10 +50,17 @@ CHECKPOINT_FILE = "state.pt"
 PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the latest checkpoint Ray Train registered
 RUN_FILE = "run.json"  # {storage}/{run}/: the MLflow run id and the resolved config
 DIVERGED_FILE = "diverged.json"  # {storage}/{run}/: written when the loss became non-finite
+# Ray Train 2.60's DEFAULT_WORKER_GROUP_START_TIMEOUT_S: how long one worker-group start waits.
+START_TIMEOUT_ENV, START_TIMEOUT_DEFAULT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became non-finite; the last good checkpoint is kept."""
+
+
+class RunStoppedError(RuntimeError):
+    """Ray Train gave up on the run (failures beyond `train.max_failures`, or no room for the
+    workers within `train.wait_for_workers_s`); its checkpoints are kept for `--resume`."""
 
 
 # -- storage helpers (local folders and any pyarrow filesystem URI) -------------------------
@@ -470,7 +479,10 @@ def run_pretraining(
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_root(resolved.train.storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=resolved.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=resolved.train.max_failures,
+                controller_failure_limit=_start_timeouts_allowed(resolved.train.wait_for_workers_s),
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[RecordProgress(run_dir), *(callbacks or [])],
         ),
@@ -478,7 +490,13 @@ def run_pretraining(
             "train": functools.partial(dataset_for_run, resolved.model_dump(mode="json"), run_dir)
         },
     )
-    result = trainer.fit()
+    dead_before = _dead_nodes()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise RunStoppedError(
+            _stopped_message(resolved, run_name, run_dir, error, _dead_nodes() - dead_before)
+        ) from error
     diverged = read_json(join_uri(run_dir, DIVERGED_FILE))
     checkpoint_path = _checkpoint_location(result.checkpoint, run_dir)
     if diverged is not None:
@@ -495,6 +513,61 @@ def run_pretraining(
         mlflow_run_id=mlflow_run_id,
         metrics=dict(result.metrics or {}),
         config=resolved,
+    )
+
+
+def _start_timeouts_allowed(wait_for_workers_s: float | None) -> int:
+    """`FailureConfig.controller_failure_limit` for a total wait: Ray Train retries a worker
+    group that found no room within its start timeout as a controller failure, and by default
+    forever, so a run that lost a node on a fixed-size cluster would never end."""
+    if wait_for_workers_s is None:
+        return -1
+    start_timeout_s = float(os.environ.get(START_TIMEOUT_ENV, START_TIMEOUT_DEFAULT_S))
+    return max(0, math.ceil(wait_for_workers_s / start_timeout_s) - 1)
+
+
+def _dead_nodes() -> set[tuple[str, str]]:
+    """(node id, address) of the cluster's dead nodes (the GCS keeps them listed)."""
+    return {
+        (node["NodeID"], node["NodeManagerAddress"]) for node in ray.nodes() if not node["Alive"]
+    }
+
+
+def _stopped_message(
+    config: ExperimentConfig,
+    run_name: str,
+    run_dir: str,
+    error: Exception,
+    lost_nodes: set[tuple[str, str]],
+) -> str:
+    """Why Ray Train gave up, which nodes were lost meanwhile, and how to continue."""
+    settings, scaling = config.train, config.scaling
+    workers = f"{scaling.num_workers} workers of {scaling.cpus_per_worker:g} CPU"
+    if scaling.gpus_per_worker:
+        workers += f" + {scaling.gpus_per_worker:g} GPU"
+    cause = getattr(error, "controller_failure", None)
+    if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
+        reason = (
+            f"the cluster had no room for {workers} within train.wait_for_workers_s="
+            f"{settings.wait_for_workers_s:g}"
+        )
+    elif isinstance(error, ray.train.WorkerGroupError):
+        reason = f"its workers failed more than train.max_failures={settings.max_failures} times"
+    else:
+        reason = f"Ray Train failed ({type(cause or error).__name__})"
+    if lost_nodes:
+        listed = ", ".join(
+            f"{address} (node {node_id[:12]})" for node_id, address in sorted(lost_nodes)
+        )
+        reason += f"; Ray nodes lost during the run: {listed}"
+    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
+    kept = f"checkpoints up to step {progress['step']}" if progress else "no checkpoint yet"
+    resume = ["svt-ray", "pretrain", "--resume", run_name, "--storage", settings.storage_path]
+    if scaling.address:
+        resume += ["--address", scaling.address]
+    return (
+        f"run {run_name!r} stopped: {reason}. It keeps {kept} in {run_dir}; once the cluster "
+        f"has room for {workers}, continue it with `{shlex.join(resume)}`."
     )
 
 
