@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 import pytest
+
+# Credentials for the local S3 server (`s3_server`). Fake ones also keep the tests away from a
+# developer's real account; no metadata-service lookups either (they stall off EC2).
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "svt-ray-test",
+    "AWS_SECRET_ACCESS_KEY": "svt-ray-test",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -10,20 +30,25 @@ def ray_session():
     """One local Ray for the whole session, with more logical CPUs than this machine has cores.
 
     The dashboard stays on: without its State API, Train placement groups of finished Tune
-    trials leak and the next trial hangs (ray_notes.md §6.2).
+    trials leak and the next trial hangs (ray_notes.md §6.2). `FAKE_AWS_ENV` is set before
+    `ray.init`, because Ray's worker processes inherit the environment of the process that
+    starts Ray, not later changes to it.
     """
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
-    if started:
-        ray.init(
-            num_cpus=4,
-            include_dashboard=True,
-            object_store_memory=1_500_000_000,
-            logging_level="WARNING",
-        )
-    yield ray
-    if started:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in FAKE_AWS_ENV.items():
+            patch.setenv(name, value)
+        if started:
+            ray.init(
+                num_cpus=4,
+                include_dashboard=True,
+                object_store_memory=1_500_000_000,
+                logging_level="WARNING",
+            )
+        yield ray
+        if started:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -66,16 +91,8 @@ def synthetic_shards(synthetic_videos, ray_session, tmp_path_factory):
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied file artifacts), stopped
     at the end of the session. Yields its http:// URI."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -97,6 +114,38 @@ def mlflow_server(tmp_path_factory):
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()}")
         time.sleep(1)
     yield uri
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory, ray_session):
+    """A local S3-compatible server (moto's server mode) on 127.0.0.1, stopped at the end of the
+    session. Yields the pyarrow URI query that points an `s3://` URI at it; the credentials
+    are `FAKE_AWS_ENV`, which `ray_session` gives the driver and every Ray worker."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the [test] extra")
+    root = tmp_path_factory.mktemp("s3_server")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),  # noqa: SIM115 (closed with the process)
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2):
+                break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise RuntimeError(f"moto server did not start: {(root / 'server.log').read_text()}")
+        time.sleep(0.3)
+    yield f"endpoint_override=127.0.0.1:{port}&scheme=http"
     server.terminate()
     try:
         server.wait(timeout=30)

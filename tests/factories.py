@@ -17,6 +17,19 @@ SMALL_MODEL = [
     "model.head_out_dim=256",
 ]
 
+# A pretraining run short enough for a test on 2 CPUs: 2 epochs of `synthetic_shards`' training
+# split in global batches of 4 (6 steps), a checkpoint every 2 steps.
+SHORT_RUN = [
+    *SMALL_MODEL,
+    "optim.batch_size=4",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0.5",
+    "data.shuffle_buffer=0",
+    "data.decode_actors=1",
+    "train.checkpoint_every=2",
+    "eval.linear_epochs=5",
+]
+
 
 def small_config(preset: str = "tiny", *overrides: str) -> ExperimentConfig:
     return load_config(preset, overrides=[*SMALL_MODEL, *overrides])

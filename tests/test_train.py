@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import SMALL_MODEL
+from factories import SHORT_RUN
 
 from svt_ray.config import load_config
 from svt_ray.evaluate import evaluate_backbones, load_state
@@ -20,17 +20,10 @@ def experiment(tmp_path: Path, shards: Path, *overrides: str):
     return load_config(
         "tiny",
         overrides=[
-            *SMALL_MODEL,
+            *SHORT_RUN,
             f"data.path={shards}",
             f"train.storage_path={tmp_path / 'runs'}",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "optim.batch_size=4",
-            "optim.epochs=2",
-            "optim.warmup_epochs=0.5",
-            "data.shuffle_buffer=0",
-            "data.decode_actors=1",
-            "train.checkpoint_every=2",
-            "eval.linear_epochs=5",
             *overrides,
         ],
     )

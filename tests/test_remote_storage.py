@@ -1,0 +1,102 @@
+"""Shards and checkpoints on object storage: data_prep, training, an interruption and its
+resume against a local S3-compatible server (moto), addressed by pyarrow URIs alone."""
+
+from __future__ import annotations
+
+import pytest
+from factories import SHORT_RUN
+from pyarrow import fs as pafs
+
+import data_prep
+from svt_ray.config import ConfigError, load_config
+from svt_ray.evaluate import load_state
+from svt_ray.train import (
+    PROGRESS_FILE,
+    RUN_FILE,
+    join_uri,
+    read_json,
+    recorded_config,
+    run_pretraining,
+)
+
+
+def listing(filesystem: pafs.FileSystem, folder: str) -> set[str]:
+    selector = pafs.FileSelector(folder, recursive=True)
+    return {info.path.removeprefix(f"{folder}/") for info in filesystem.get_file_info(selector)}
+
+
+def test_paths_in_a_uri_go_before_its_query():
+    endpoint = "s3://svt/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert join_uri(endpoint, "run", "progress.json") == (
+        "s3://svt/runs/run/progress.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
+    assert join_uri("gs://svt/runs/", "run") == "gs://svt/runs/run"
+    assert join_uri("/data/odd?name/", "run") == "/data/odd?name/run"  # local: no query
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_shards_checkpoints_and_resume_on_s3(tmp_path, synthetic_videos, s3_server, monkeypatch):
+    # The endpoint travels inside the URIs (pyarrow query options) to the driver, data_prep's
+    # tasks, Ray Data's read tasks and Ray Train's controller and workers.
+    bucket, _ = pafs.FileSystem.from_uri(f"s3://svt?{s3_server}&allow_bucket_creation=true")
+    bucket.create_dir("svt")
+    shards, runs = f"s3://svt/shards?{s3_server}", f"s3://svt/runs?{s3_server}"
+    monkeypatch.chdir(tmp_path)  # a URI mistaken for a local path would show up here
+
+    videos, _ = synthetic_videos
+    code = data_prep.main(
+        [str(videos), shards, "--short-side", "64", "--val-fraction", "0.2",
+         "--max-videos-per-shard", "4", "--min-frames", "8"]
+    )  # fmt: skip
+    assert code == 0
+    s3, _ = pafs.FileSystem.from_uri(shards)
+    prepared = listing(s3, "svt/shards")
+    assert {"manifest.json", "rejects.jsonl", "_state/plan.json"} <= prepared
+    assert sum(name.endswith(".parquet") for name in prepared) == 5  # 20 clips, 4 per shard
+
+    config = load_config(
+        "tiny",
+        overrides=[
+            *SHORT_RUN,
+            f"data.path={shards}",
+            f"train.storage_path={runs}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "scaling.num_workers=2",
+            "train.run_name=on-s3",
+            "train.max_failures=0",
+        ],
+    )
+    with pytest.raises(Exception):  # noqa: B017 - rank 1 is killed at step 3
+        run_pretraining(config, fail_at_step=3, fail_rank=1)
+    run_dir = join_uri(runs, "on-s3")
+    assert read_json(join_uri(run_dir, PROGRESS_FILE)) == {"step": 2}
+    assert "checkpoint_00000002/state.pt" in listing(s3, "svt/runs/on-s3")
+    with pytest.raises(ConfigError, match="checkpoints up to step 2"):
+        run_pretraining(config)  # progress.json on S3 says the run exists
+    first_run_id = read_json(join_uri(run_dir, RUN_FILE))["mlflow_run_id"]
+
+    # `svt-ray pretrain --resume on-s3 --storage <runs>`: the recipe comes from run.json on S3.
+    resumed = run_pretraining(recorded_config("on-s3", runs, []), resume=True)
+    steps = resumed.config.derived.total_steps
+    assert steps == 6 and resumed.mlflow_run_id == first_run_id
+    assert resumed.checkpoint_path == join_uri(run_dir, f"checkpoint_{steps:08d}")
+    assert load_state(resumed.checkpoint_path)["step"] == steps  # read back through the URI
+    assert read_json(join_uri(run_dir, PROGRESS_FILE)) == {"step": steps}
+    stored = listing(s3, "svt/runs/on-s3")
+    checkpoints = sorted(
+        name for name in stored if name.startswith("checkpoint_0") and "/" not in name
+    )
+    assert checkpoints == ["checkpoint_00000004", "checkpoint_00000006"]  # num_to_keep=2
+    assert {"run.json", "progress.json", "injected_failure_3.json"} <= stored
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(first_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["svt.resumed_at_step"] == "2"  # the workers restored the S3 checkpoint
+    assert run.data.tags["svt.run_dir"] == run_dir
+    logged = [metric.step for metric in client.get_metric_history(first_run_id, "loss")]
+    assert logged == [4 * (i + 1) for i in range(steps)]  # each step once, across both attempts
+    assert not any(tmp_path.glob("s3*")), "a URI was used as a local path"
