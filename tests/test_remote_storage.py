@@ -3,6 +3,8 @@ resume against a local S3-compatible server (moto), addressed by pyarrow URIs al
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 from factories import SHORT_RUN
 from pyarrow import fs as pafs
@@ -43,6 +45,7 @@ def test_shards_checkpoints_and_resume_on_s3(tmp_path, synthetic_videos, s3_serv
     bucket.create_dir("svt")
     shards, runs = f"s3://svt/shards?{s3_server}", f"s3://svt/runs?{s3_server}"
     monkeypatch.chdir(tmp_path)  # a URI mistaken for a local path would show up here
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the local metrics.jsonl goes here
 
     videos, _ = synthetic_videos
     code = data_prep.main(
@@ -100,3 +103,5 @@ def test_shards_checkpoints_and_resume_on_s3(tmp_path, synthetic_videos, s3_serv
     logged = [metric.step for metric in client.get_metric_history(first_run_id, "loss")]
     assert logged == [4 * (i + 1) for i in range(steps)]  # each step once, across both attempts
     assert not any(tmp_path.glob("s3*")), "a URI was used as a local path"
+    (metrics,) = tmp_path.glob("svt_ray_runs/on-s3-*/metrics.jsonl")  # rank 0's local copy
+    assert len(metrics.read_text().splitlines()) == steps
