@@ -52,15 +52,15 @@ def test_the_stop_message_names_the_lost_nodes_and_the_resume_command(tmp_path):
     runs = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
     config = load_config(
         "tiny", overrides=[f"train.storage_path={runs}", "scaling.num_workers=2",
-                           "train.max_failures=1", "scaling.address=10.0.0.1:6379"]
+                           "train.max_failures=1", "scaling.address=127.0.0.1:6379"]
     )  # fmt: skip
     error = ray.train.WorkerGroupError("rank 1 died", {1: RuntimeError("gone")})
-    lost = {("a" * 56, "10.0.0.2")}
+    lost = {("a" * 56, "127.0.0.2")}
     message = _stopped_message(config, "run-a", str(tmp_path), error, lost)
     assert "its workers failed more than train.max_failures=1 times" in message
-    assert f"Ray nodes lost during the run: 10.0.0.2 (node {'a' * 12})" in message
+    assert f"Ray nodes lost during the run: 127.0.0.2 (node {'a' * 12})" in message
     assert "no checkpoint yet" in message
-    resume = f"svt-ray pretrain --resume run-a --storage '{runs}' --address 10.0.0.1:6379"
+    resume = f"svt-ray pretrain --resume run-a --storage '{runs}' --address 127.0.0.1:6379"
     assert f"`{resume}`" in message  # quoted for the shell: the URI holds '&'
 
 
