@@ -339,7 +339,10 @@ class H264Encoder:
             raise ValueError(
                 f"expected a uint8 frame of shape {(*self._size, 3)}, got {frame.dtype} {frame.shape}"
             )
+        # Convert to yuv420p here: left to the encoder (PyAV's cached reformatter), the same
+        # frames gave different bytes from run to run, which broke data_prep's resumability.
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        video_frame = video_frame.reformat(format="yuv420p")
         if pts_s is None:
             video_frame.pts = self._count
         else:

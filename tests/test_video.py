@@ -100,6 +100,15 @@ def test_encoder_round_trip_and_validation():
         open_video(data, backend="opencv")
 
 
+def test_encoder_output_is_the_same_bytes_every_time():
+    """data_prep's resume check compares shards byte for byte (same input, same bytes)."""
+    from svt_ray.synthetic import SynthConfig, render_clip
+
+    frames = render_clip(SynthConfig(num_frames=40, height=48, width=60, seed=7), 12)
+    encodings = {encode_h264(frames, 15.0, EncoderSettings(gop=16)) for _ in range(12)}
+    assert len(encodings) == 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sequential_iteration_is_exact_even_where_keyframe_flags_lie(backend):
     """AVI/MPEG-4 with B-frames flags P-frames as keyframes, which breaks random access in
