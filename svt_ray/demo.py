@@ -63,7 +63,7 @@ def run_demo(
 
     _stage(3, f"SVT pretraining: tiny preset, {workers} Ray Train workers on CPU")
     run_dir = train.run_directory(config, DEMO_RUN)
-    progress = train.read_json(f"{run_dir}/{train.PROGRESS_FILE}")
+    progress = train.read_json(train.join_uri(run_dir, train.PROGRESS_FILE))
     result = train.run_pretraining(config, resume=progress is not None)
 
     _stage(4, "evaluation on held-out clips: kNN (k=20) and linear probe")
