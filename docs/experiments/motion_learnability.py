@@ -1,0 +1,232 @@
+"""How fast does a tiny TimeSformer learn whole-scene motion classes? (README "The demo")
+
+The script behind the README table "Learning motion from random initialisation". It runs
+outside Ray, in one process, on clips held in memory, so a recipe can be judged in minutes:
+the same config, model, view sampler, augmentations and training step as `svt-ray pretrain`,
+and every `--every` steps the DINO kNN (k=20, T=0.07) of the teacher backbone on held-out
+clips (8 frames spread over the clip, full 64 px frame).
+
+Data: a smooth random texture (Gaussian-filtered noise) moving as a whole, by class: right,
+left, up, down (translation), cw, ccw (rotation about a random centre), in, out (zoom). The
+texture is a cross-fade of independent fields that each live `--lifetime` frames, and with
+`--colour drift` every colour statistic wanders over the clip, so that no appearance is
+shared by all views of a clip; only the motion is.
+
+    python docs/experiments/motion_learnability.py --mode supervised --classes 4
+    python docs/experiments/motion_learnability.py --mode supervised --classes 4 --frame-difference
+    python docs/experiments/motion_learnability.py --mode ssl --classes 4 --frame-difference \
+        --colour drift --steps 700 --set optim.momentum_teacher=0.95 \
+        --set optim.momentum_teacher_end=0.99 --set optim.base_lr=0.008 \
+        --set views.hue=0.5 --set views.grayscale_p=0.5
+
+`--frame-difference` is an experiment, not a model option: the patch embedding also sees each
+frame's difference to the previous frame of the view (6 input channels), i.e. a causal
+temporal kernel of 2 inside the per-frame tokens; divided attention is unchanged.
+Not part of the package and not tested; needs `pip install -e .`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from svt_ray import model as svt_model
+from svt_ray.config import load_config
+from svt_ray.engine import build_state, train_step
+from svt_ray.evaluate import FeatureExtractor, knn_accuracy
+from svt_ray.views import ViewSampler
+
+MOTIONS = ("right", "left", "up", "down", "cw", "ccw", "in", "out")
+
+
+def noise_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    """A periodic (size, size) Gaussian-filtered noise field, zero mean, unit std."""
+    k = np.fft.fftfreq(size)
+    gain = np.exp(-2 * (np.pi * sigma) ** 2 * (k[:, None] ** 2 + k[None, :] ** 2))
+    field = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * gain))
+    return (field - field.mean()) / (field.std() + 1e-8)
+
+
+def bilinear(field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    h, w = field.shape
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0 % w, y0 % h
+    x1, y1 = (x0 + 1) % w, (y0 + 1) % h
+    top = field[y0, x0] * (1 - fx) + field[y0, x1] * fx
+    bottom = field[y1, x0] * (1 - fx) + field[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def hsv_to_rgb(hue, saturation, value) -> np.ndarray:
+    k = np.mod(np.array([5.0, 3.0, 1.0])[None] + np.mod(hue, 1)[:, None] * 6, 6)
+    return value[:, None] * (1 - saturation[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
+def render(motion: str, rng, args) -> np.ndarray:
+    """uint8 (T, S, S, 3) frames of one clip."""
+    frames, side = args.frames, args.size
+    ys, xs = np.mgrid[0:side, 0:side].astype(np.float64) + 0.5
+    cx, cy = rng.uniform(0.3, 0.7, 2) * side
+    t = np.arange(frames, dtype=np.float64)
+    half_life = args.lifetime / 2
+    count = int(np.ceil(frames / half_life)) + 2
+    offset = rng.uniform(0, half_life)
+    fields = [noise_field(rng, 128, rng.uniform(*args.sigma)) for _ in range(count)]
+    origins = rng.uniform(0, 128, (count, 2))
+    speed = rng.uniform(*args.speed)  # pixels per frame (rotation, zoom: at 0.35 x side)
+    rate = speed / (0.35 * side)
+    grey = np.zeros((frames, side, side))
+    for ti in t.astype(int):
+        if motion in ("right", "left", "up", "down"):
+            dx, dy = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}[motion]
+            sx, sy = xs - dx * speed * ti, ys - dy * speed * ti
+        elif motion in ("cw", "ccw"):
+            angle = -rate * ti * (1 if motion == "cw" else -1)
+            rx, ry = xs - cx, ys - cy
+            sx = cx + np.cos(angle) * rx - np.sin(angle) * ry
+            sy = cy + np.sin(angle) * rx + np.cos(angle) * ry
+        else:
+            scale = np.exp(-rate * ti * (1 if motion == "in" else -1))
+            sx, sy = cx + (xs - cx) * scale, cy + (ys - cy) * scale
+        total, norm = np.zeros((side, side)), 0.0
+        for k in range(count):  # sin^2 cross-fade: each field lives `lifetime` frames
+            phase = (ti + offset - k * half_life + args.lifetime) / args.lifetime
+            if 0 < phase < 1:
+                weight = np.sin(np.pi * phase) ** 2
+                total += weight * bilinear(fields[k], sx + origins[k, 0], sy + origins[k, 1])
+                norm += weight**2
+        grey[ti] = total / np.sqrt(max(norm, 1e-6))
+    mix = 1 / (1 + np.exp(-1.5 * grey))[..., None]
+    if args.colour == "drift":  # every colour statistic wanders: knots every 8 frames
+        knots = np.arange(0, frames + 8, 8)
+
+        def wander(low, high):
+            return np.interp(t, knots, rng.uniform(low, high, knots.size))
+
+        hue = np.interp(t, knots, rng.random() + np.cumsum(rng.uniform(-0.3, 0.3, knots.size)))
+        bright = hsv_to_rgb(hue, wander(0.2, 1.0), wander(0.5, 1.0))
+        dark = hsv_to_rgb(hue + wander(0.3, 0.7), wander(0.2, 1.0), wander(0.0, 0.45))
+    else:  # hue drifts, saturation and brightness fixed per clip
+        hue = rng.random() + rng.uniform(0.5, 1.5) * rng.choice((-1, 1)) * t / frames
+        bright = hsv_to_rgb(
+            hue, np.full(frames, rng.uniform(0.3, 1)), np.full(frames, rng.uniform(0.6, 1))
+        )
+        dark = hsv_to_rgb(
+            hue + 0.5, np.full(frames, rng.uniform(0.3, 1)), np.full(frames, rng.uniform(0, 0.4))
+        )
+    rgb = dark[:, None, None] + mix * (bright - dark)[:, None, None]
+    return np.clip(rgb * 255, 0, 255).astype(np.uint8)
+
+
+def make_set(count: int, seed: int, args) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.arange(count) % args.classes
+    clips = [
+        render(MOTIONS[label], np.random.default_rng([seed, i]), args)
+        for i, label in enumerate(labels)
+    ]
+    return np.stack(clips), labels
+
+
+def use_frame_difference() -> None:
+    """Patch the model class: tokens of frame t also see frame t minus frame t-1 (experiment)."""
+    packed = svt_model.TimeSformer.forward_features_packed
+
+    def with_difference(self, videos):
+        previous = [torch.cat([v[:, :, :1], v[:, :, :-1]], 2) for v in videos]
+        return packed(
+            self, [torch.cat([v, v - p], 1) for v, p in zip(videos, previous, strict=True)]
+        )
+
+    init = svt_model.PatchEmbed.__init__
+
+    def six_channels(self, patch_size, dim):
+        init(self, patch_size, dim)
+        self.proj = torch.nn.Conv2d(6, dim, kernel_size=patch_size, stride=patch_size)
+
+    svt_model.TimeSformer.forward_features_packed = with_difference
+    svt_model.PatchEmbed.__init__ = six_channels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("ssl", "supervised"), default="ssl")
+    parser.add_argument("--classes", type=int, default=8, choices=range(2, len(MOTIONS) + 1))
+    parser.add_argument("--train-clips", type=int, default=320)
+    parser.add_argument("--test-clips", type=int, default=160)
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--lifetime", type=float, default=16.0, help="frames a texture field lives")
+    parser.add_argument("--colour", choices=("drift", "fixed"), default="drift")
+    parser.add_argument("--speed", type=float, nargs=2, default=(0.3, 0.6), help="px/frame range")
+    parser.add_argument("--sigma", type=float, nargs=2, default=(4.0, 6.0), help="texture blur, px")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=1e-3, help="supervised mode's AdamW lr")
+    parser.add_argument("--frame-difference", action="store_true")
+    parser.add_argument("--set", action="append", default=[], help="config override (ssl mode)")
+    args = parser.parse_args()
+
+    if args.frame_difference:
+        use_frame_difference()
+    started = time.perf_counter()
+    train_x, train_y = make_set(args.train_clips, 1, args)
+    test_x, test_y = make_set(args.test_clips, 2, args)
+    print(f"{len(train_x)} + {len(test_x)} clips in {time.perf_counter() - started:.0f}s")
+
+    config = load_config("tiny", overrides=args.set).resolve(args.train_clips)
+    state = build_state(config)
+    sampler = ViewSampler(config.views)
+    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    frames = np.linspace(0, args.frames - 1, config.eval.clip_frames).round().astype(int)
+    bank = torch.from_numpy(np.ascontiguousarray(train_x[:, frames].transpose(0, 4, 1, 2, 3)))
+    query = torch.from_numpy(np.ascontiguousarray(test_x[:, frames].transpose(0, 4, 1, 2, 3)))
+
+    def knn_top1() -> float:
+        extractor = FeatureExtractor(state.teacher.backbone, config.views.mean, config.views.std)
+        features = [
+            torch.cat([extractor.features(c) for c in clips.split(64)]) for clips in (bank, query)
+        ]
+        labels = torch.from_numpy(train_y), torch.from_numpy(test_y)
+        return knn_accuracy(
+            features[0], labels[0], features[1], labels[1], args.classes, 20, 0.07
+        ).top1
+
+    if args.mode == "supervised":  # a linear classifier on the CLS of the 8-frame global view
+        classifier = torch.nn.Linear(config.model.embed_dim, args.classes)
+        parameters = [*state.student.backbone.parameters(), *classifier.parameters()]
+        optimizer = torch.optim.AdamW(parameters, lr=args.lr)
+    print(f"step 0: kNN top-1 {knn_top1():.1f}")
+    step_started = time.perf_counter()
+    for step in range(args.steps):
+        chosen = rng.choice(args.train_clips, config.optim.batch_size, replace=False)
+        cut = []
+        for index in chosen:
+            plan = sampler.plan(args.frames, args.size, args.size, rng)
+            cut.append(sampler.cut(train_x[index][plan.union], plan))
+        batch = [
+            torch.from_numpy(np.stack([views[s.name] for views in cut])) for s in sampler.slots
+        ]
+        if args.mode == "ssl":
+            metrics = train_step(state, batch, step, generator)
+        else:
+            views = state.augmenter(batch, generator)
+            logits = classifier(state.student.backbone.forward_features(views[1]))
+            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(train_y[chosen]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state.teacher.load_state_dict(state.student.state_dict())
+            metrics = {"loss": loss.item()}
+        if (step + 1) % args.every == 0:
+            shown = ("loss", "collapse_uniform", "collapse_dominant", "teacher_feature_std")
+            extra = " ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics)
+            per_step = (time.perf_counter() - step_started) / (step + 1)
+            print(f"step {step + 1}: kNN top-1 {knn_top1():.1f} | {extra} | {per_step:.2f} s/step")
+
+
+if __name__ == "__main__":
+    main()
