@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -23,6 +24,37 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(name: str, command: list[str], health_url: str, root, timeout_s: float, poll_s: float):
+    """Run a server process until the block ends: wait until `health_url` answers 200 (its
+    stderr goes to root/server.log, shown if it never does), then terminate it."""
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),  # noqa: SIM115 (closed with the process)
+    )
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise RuntimeError(f"{name} did not start: {(root / 'server.log').read_text()}")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 @pytest.fixture(scope="session")
@@ -93,32 +125,14 @@ def mlflow_server(tmp_path_factory):
     at the end of the session. Yields its http:// URI."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", (root / "artifacts").as_uri()],
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "server.log", "w"),  # noqa: SIM115 (closed with the process)
-    )  # fmt: skip
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", (root / "artifacts").as_uri(),
+    ]  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            server.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()}")
-        time.sleep(1)
-    yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    with serving("mlflow server", command, f"{uri}/health", root, timeout_s=120, poll_s=1):
+        yield uri
 
 
 @pytest.fixture(scope="session")
@@ -129,25 +143,7 @@ def s3_server(tmp_path_factory, ray_session):
     pytest.importorskip("moto.server", reason="moto[server] is in the [test] extra")
     root = tmp_path_factory.mktemp("s3_server")
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "server.log", "w"),  # noqa: SIM115 (closed with the process)
-    )
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2):
-                break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            server.kill()
-            raise RuntimeError(f"moto server did not start: {(root / 'server.log').read_text()}")
-        time.sleep(0.3)
-    yield f"endpoint_override=127.0.0.1:{port}&scheme=http"
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    health = f"http://127.0.0.1:{port}/moto-api/"
+    with serving("moto server", command, health, root, timeout_s=60, poll_s=0.3):
+        yield f"endpoint_override=127.0.0.1:{port}&scheme=http"
