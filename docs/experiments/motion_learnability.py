@@ -36,7 +36,8 @@ import torch
 from svt_ray import model as svt_model
 from svt_ray.config import load_config
 from svt_ray.engine import build_state, train_step
-from svt_ray.evaluate import FeatureExtractor, knn_accuracy
+from svt_ray.evaluate import OnlineKNN
+from svt_ray.synthetic import _hsv_to_rgb as hsv_to_rgb
 from svt_ray.views import ViewSampler
 
 MOTIONS = ("right", "left", "up", "down", "cw", "ccw", "in", "out")
@@ -59,11 +60,6 @@ def bilinear(field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     top = field[y0, x0] * (1 - fx) + field[y0, x1] * fx
     bottom = field[y1, x0] * (1 - fx) + field[y1, x1] * fx
     return top * (1 - fy) + bottom * fy
-
-
-def hsv_to_rgb(hue, saturation, value) -> np.ndarray:
-    k = np.mod(np.array([5.0, 3.0, 1.0])[None] + np.mod(hue, 1)[:, None] * 6, 6)
-    return value[:, None] * (1 - saturation[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
 
 
 def render(motion: str, rng, args) -> np.ndarray:
@@ -182,18 +178,17 @@ def main() -> None:
     sampler = ViewSampler(config.views)
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
     frames = np.linspace(0, args.frames - 1, config.eval.clip_frames).round().astype(int)
-    bank = torch.from_numpy(np.ascontiguousarray(train_x[:, frames].transpose(0, 4, 1, 2, 3)))
-    query = torch.from_numpy(np.ascontiguousarray(test_x[:, frames].transpose(0, 4, 1, 2, 3)))
+
+    def clips(videos: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
+        chosen = np.ascontiguousarray(videos[:, frames].transpose(0, 4, 1, 2, 3))
+        return {"clip": torch.from_numpy(chosen), "label": torch.from_numpy(labels)}
+
+    knn = OnlineKNN(
+        clips(train_x, train_y), clips(test_x, test_y), config.views.mean, config.views.std
+    )
 
     def knn_top1() -> float:
-        extractor = FeatureExtractor(state.teacher.backbone, config.views.mean, config.views.std)
-        features = [
-            torch.cat([extractor.features(c) for c in clips.split(64)]) for clips in (bank, query)
-        ]
-        labels = torch.from_numpy(train_y), torch.from_numpy(test_y)
-        return knn_accuracy(
-            features[0], labels[0], features[1], labels[1], args.classes, 20, 0.07
-        ).top1
+        return knn(state.teacher.backbone).top1
 
     if args.mode == "supervised":  # a linear classifier on the CLS of the 8-frame global view
         classifier = torch.nn.Linear(config.model.embed_dim, args.classes)
