@@ -62,7 +62,7 @@ def run_demo(
     prepare_synthetic_data(workdir, config, num_clips, between=stage_2)
 
     _stage(3, f"SVT pretraining: tiny preset, {workers} Ray Train workers on CPU")
-    run_dir = train.run_directory(config, DEMO_RUN)
+    run_dir = train.run_directory(config.train.storage_path, DEMO_RUN)
     progress = train.read_json(train.join_uri(run_dir, train.PROGRESS_FILE))
     result = train.run_pretraining(config, resume=progress is not None)
 

@@ -106,15 +106,16 @@ def write_json(path: str, payload: dict) -> None:
     write_atomically(path, json.dumps(payload, indent=1).encode())
 
 
-def run_directory(config: ExperimentConfig, run_name: str) -> str:
-    return join_uri(storage_root(config.train.storage_path), run_name)
+def run_directory(storage_path: str, run_name: str) -> str:
+    """Where a run's checkpoints, run.json and progress.json live (a path or a URI)."""
+    return join_uri(storage_root(storage_path), run_name)
 
 
 def local_log_directory(config: ExperimentConfig, run_name: str) -> Path:
     """Where metrics.jsonl and plots go: the run directory when it is local, else a temporary
     folder named after the run's URI, so that runs of one name on two storages never share
     a metrics.jsonl (a resumed run finds its own again)."""
-    run_dir = run_directory(config, run_name)
+    run_dir = run_directory(config.train.storage_path, run_name)
     if "://" not in run_dir:
         return Path(run_dir)
     digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
@@ -428,7 +429,7 @@ def run_pretraining(
     resolved.tracking.tracking_uri = absolute_tracking_uri(resolved.tracking.tracking_uri)
     check_tracking_uri(resolved.tracking.tracking_uri)  # before any compute is spent
     run_name = default_run_name(resolved)
-    run_dir = run_directory(resolved, run_name)
+    run_dir = run_directory(resolved.train.storage_path, run_name)
     progress = read_json(join_uri(run_dir, PROGRESS_FILE))
     if progress is not None and not resume:
         raise ConfigError(
@@ -604,7 +605,7 @@ def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> Exper
     """
     from svt_ray.config import parse_override, validate_config
 
-    run_dir = join_uri(storage_root(storage_path), run_name)
+    run_dir = run_directory(storage_path, run_name)
     recorded = read_json(join_uri(run_dir, RUN_FILE))
     if recorded is None:
         raise ConfigError(
