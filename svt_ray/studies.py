@@ -383,14 +383,17 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
 
 def _close_stopped_runs(options: StudyOptions, parent_run_id: str) -> None:
     """After the sweep, a child run still RUNNING was a trial that Tune stopped (ASHA) and
-    killed mid-run: mark it KILLED."""
+    killed mid-run: mark it KILLED, ending when it last logged a step (not now, when the
+    whole study ends), so its wall time in the report is its own."""
     client, runs = _search_runs(
         options.tracking_uri,
         options.experiment,
         f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
-        client.set_terminated(run.info.run_id, "KILLED")
+        logged = client.get_metric_history(run.info.run_id, "loss")
+        last = max((metric.timestamp for metric in logged), default=None)
+        client.set_terminated(run.info.run_id, "KILLED", end_time=last)
 
 
 def _budget_clips(config: ExperimentConfig) -> int:

@@ -290,6 +290,28 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     assert (tmp_path / "cmp" / "batch_smoke" / "results.md").read_text() == report.markdown()
 
 
+def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.studies import _close_stopped_runs, _trial_record
+
+    options = StudyOptions(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="x")
+    client = MlflowClient(options.tracking_uri)
+    experiment_id = client.create_experiment("x")
+    parent = client.create_run(experiment_id, start_time=1_000)
+    stopped = client.create_run(
+        experiment_id, start_time=2_000, tags={"mlflow.parentRunId": parent.info.run_id}
+    )
+    steps = [Metric("loss", 1.0, timestamp, step) for step, timestamp in enumerate((3_000, 9_000))]
+    client.log_batch(stopped.info.run_id, metrics=steps)
+    _close_stopped_runs(options, parent.info.run_id)
+    run = client.get_run(stopped.info.run_id)
+    assert (run.info.status, run.info.end_time) == ("KILLED", 9_000)
+    assert _trial_record(client, run, []).hours == pytest.approx(7_000 / 3.6e6)
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # not a child: untouched
+
+
 def test_trials_per_cluster_counts_workers_decode_and_gpus():
     from svt_ray.config import load_config
     from svt_ray.studies import trials_per_cluster
