@@ -11,6 +11,8 @@ left, up, down (translation), cw, ccw (rotation about a random centre), in, out 
 texture is a cross-fade of independent fields that each live `--lifetime` frames, and with
 `--colour drift` every colour statistic wanders over the clip, so that no appearance is
 shared by all views of a clip; only the motion is.
+`--colour grey` (with one `--sigma` and one `--speed`) gives every clip the same palette,
+texture scale and speed, so that the direction is the only thing that tells clips apart.
 
     python docs/experiments/motion_learnability.py --mode supervised --classes 4
     python docs/experiments/motion_learnability.py --mode supervised --classes 4 --frame-difference
@@ -106,6 +108,8 @@ def render(motion: str, rng, args) -> np.ndarray:
         hue = np.interp(t, knots, rng.random() + np.cumsum(rng.uniform(-0.3, 0.3, knots.size)))
         bright = hsv_to_rgb(hue, wander(0.2, 1.0), wander(0.5, 1.0))
         dark = hsv_to_rgb(hue + wander(0.3, 0.7), wander(0.2, 1.0), wander(0.0, 0.45))
+    elif args.colour == "grey":  # one palette for every clip: no colour is clip-specific
+        bright, dark = np.full((frames, 3), 0.85), np.full((frames, 3), 0.15)
     else:  # hue drifts, saturation and brightness fixed per clip
         hue = rng.random() + rng.uniform(0.5, 1.5) * rng.choice((-1, 1)) * t / frames
         bright = hsv_to_rgb(
@@ -156,7 +160,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--lifetime", type=float, default=16.0, help="frames a texture field lives")
-    parser.add_argument("--colour", choices=("drift", "fixed"), default="drift")
+    parser.add_argument("--colour", choices=("drift", "fixed", "grey"), default="drift")
     parser.add_argument("--speed", type=float, nargs=2, default=(0.3, 0.6), help="px/frame range")
     parser.add_argument("--sigma", type=float, nargs=2, default=(4.0, 6.0), help="texture blur, px")
     parser.add_argument("--steps", type=int, default=300)
