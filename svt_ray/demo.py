@@ -35,7 +35,6 @@ def run_demo(
     overrides: list[str],
     tracking_uri: str | None = None,
 ) -> dict:
-    import ray
 
     from svt_ray import train
 
@@ -54,8 +53,12 @@ def run_demo(
 
     # Decode actors need CPUs that the Train workers do not hold (ray_notes.md §6.3): on a
     # small machine Ray gets more logical CPUs than cores, so Data is never starved.
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(4, workers + 2), include_dashboard=False, log_to_driver=False)
+    train.ensure_ray(
+        None,
+        num_cpus=train.local_ray_cpus(train.cpus_per_run(config)),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
 
     _stage(1, f"synthetic videos -> {videos}")
     stage_2 = functools.partial(_stage, 2, f"Parquet shards -> {shards}")

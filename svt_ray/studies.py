@@ -176,8 +176,27 @@ def _run_trial(trial_config: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
         )
     except Exception as error:
+        if _stopped_from_outside(error):
+            # Tune stopped the trial (ASHA) or the study driver went away; the driver marks
+            # the run KILLED, and a restored study resumes it.
+            logger.info("trial %s stopped from outside: %s", trial_id, type(error).__name__)
+            return
         _record_failed_trial(trial_config, trial_id, tags, error)
         raise
+
+
+def _stopped_from_outside(error: BaseException) -> bool:
+    """Whether a trial's training died because Ray removed the trial's placement group.
+
+    Stopping a trial (ASHA) removes its placement group, which kills the Train controller
+    started inside it; `run_pretraining` then raises ActorDiedError. Ray gives the reason only
+    in the message. That is not a failure of the trial's settings, so it is not recorded as one.
+    """
+    import ray.exceptions
+
+    return isinstance(error, ray.exceptions.RayActorError) and (
+        "placement group was removed" in str(error)
+    )
 
 
 def _search_runs(tracking_uri: str, experiment: str, filter_string: str):
@@ -229,11 +248,11 @@ def _absolute(path_or_uri: str) -> str:
 
 
 def trials_per_cluster(config: ExperimentConfig, resources: dict[str, float]) -> int:
-    """Trials that fit at once. Each holds its Train workers, one decode actor and one CPU
-    for Ray Data's read tasks: a trial whose Data cannot get a CPU hangs (ray_notes.md §6.3)."""
+    """Trials that fit at once, each holding what one pretraining holds (`cpus_per_run`)."""
+    from svt_ray.train import cpus_per_run
+
     scaling = config.scaling
-    cpus = scaling.num_workers * scaling.cpus_per_worker + config.data.decode_cpus + 1
-    fits = int(resources.get("CPU", 1) // cpus)
+    fits = int(resources.get("CPU", 1) // cpus_per_run(config))
     if scaling.gpus_per_worker:
         fits = min(
             fits, int(resources.get("GPU", 0) // (scaling.num_workers * scaling.gpus_per_worker))
@@ -284,21 +303,26 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri
-    from svt_ray.train import ensure_ray, join_uri, online_knn_every, storage_root
+    from svt_ray.train import (
+        cpus_per_run,
+        ensure_ray,
+        join_uri,
+        local_ray_cpus,
+        online_knn_every,
+        storage_root,
+    )
 
     options.tracking_uri = absolute_tracking_uri(options.tracking_uri)
     check_tracking_uri(options.tracking_uri)
     storage = storage_root(_absolute(options.storage_path))
     study_dir = join_uri(storage, spec.name)
-    if not ray.is_initialized():
-        # Locally, as in the demo: Ray Data's read tasks need CPUs the Train workers do not
-        # hold (ray_notes.md §6.3), so a small machine gets a few more logical CPUs than cores.
-        ensure_ray(options.address, num_cpus=max(4, os.cpu_count() or 1))
+    probe = load_config(options.preset, overrides=options.overrides)
+    # Locally, room for one trial of up to 2 workers (the scaling study's sweep) at least.
+    ensure_ray(options.address, num_cpus=local_ray_cpus(max(4, cpus_per_run(probe))))
     data_path = options.data_path
     if data_path is None:  # the embedded default: synthetic videos, made once
         from svt_ray.demo import prepare_synthetic_data
 
-        probe = load_config(options.preset, overrides=options.overrides)
         data_path = str(
             prepare_synthetic_data(Path(options.workdir).resolve(), probe, options.num_clips)
         )

@@ -268,12 +268,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # schedulers) gets the latest value in every report.
                 logged = {**metrics, **online_knn.latest} if evaluated else metrics
                 reported = {**metrics, **online_knn.latest}
-                if step % config.train.checkpoint_every == 0 or last:
+                checkpointing = step % config.train.checkpoint_every == 0 or last
+                if checkpointing or evaluated or step % config.train.log_every == 0:
                     tracker.log_metrics(logged, step=clips_seen)
+                if checkpointing:
                     _save_checkpoint(state, step, reported, rank)
-                elif step % config.train.log_every == 0 or evaluated:
-                    tracker.log_metrics(logged, step=clips_seen)
-                    ray.train.report(reported)  # [5] metrics only (Tune's schedulers see them)
+                elif evaluated or step % config.train.report_every == 0:
+                    # [5] metrics only, for Tune's schedulers. A collective: the condition
+                    # is the same on every rank.
+                    ray.train.report(reported)
                 waited_since = time.perf_counter()
                 if step >= derived.total_steps:
                     break
@@ -405,9 +408,25 @@ def _start_mlflow_run(
     return tracker.run_id
 
 
-def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+def cpus_per_run(config: ExperimentConfig) -> float:
+    """Logical CPUs one pretraining holds: its Train workers, its decode actor and one CPU for
+    Ray Data's read tasks. A run whose Data cannot get a CPU waits forever (ray_notes.md §6.3)."""
+    scaling = config.scaling
+    return scaling.num_workers * scaling.cpus_per_worker + config.data.decode_cpus + 1
+
+
+def local_ray_cpus(needed: float) -> int:
+    """Logical CPUs for a local Ray instance: the machine's cores, or more when a run needs
+    more (a laptop with 2 cores running 2 workers). Over-declaring is safe here: every Train
+    worker and decode actor sets its own torch thread count."""
+    return max(os.cpu_count() or 1, math.ceil(needed))
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any) -> None:
+    """Connect to `address`, or start a local Ray instance with `num_cpus` logical CPUs."""
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=True)
+        options.setdefault("log_to_driver", True)
+        ray.init(address=address, num_cpus=None if address else num_cpus, **options)
 
 
 def run_pretraining(
@@ -456,7 +475,7 @@ def run_pretraining(
     )  # fmt: skip
 
     scaling = resolved.scaling
-    ensure_ray(scaling.address)
+    ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     if resolved.data.deterministic:
         data.preserve_order()
     use_gpu = scaling.gpus_per_worker > 0

@@ -312,6 +312,30 @@ def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # not a child: untouched
 
 
+def test_a_trial_whose_placement_group_was_removed_counts_as_stopped_not_failed():
+    import ray.exceptions
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+    from svt_ray.studies import _stopped_from_outside
+
+    def died(detail: str) -> ray.exceptions.ActorDiedError:  # built as Ray builds it
+        message = f"The actor is dead because its worker process has died. {detail}"
+        context = ActorDiedErrorContext(
+            class_name="TrainController", actor_id=bytes(16), error_message=message
+        )
+        return ray.exceptions.ActorDiedError(context)
+
+    # What ASHA stopping a trial raised in a real study (frame_rate, Ray 2.60):
+    assert _stopped_from_outside(
+        died(
+            "Worker exit type: INTENDED_SYSTEM_EXIT Worker exit detail: Destroying worker "
+            "since its placement group was removed."
+        )
+    )
+    assert not _stopped_from_outside(died("Worker exit type: SYSTEM_ERROR (out of memory)"))
+    assert not _stopped_from_outside(ValueError("placement group was removed"))
+
+
 def test_trials_per_cluster_counts_workers_decode_and_gpus():
     from svt_ray.config import load_config
     from svt_ray.studies import trials_per_cluster
