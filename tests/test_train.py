@@ -1,8 +1,13 @@
-"""Pretraining on Ray Train: MLflow record, exact resume, worker failure, divergence."""
+"""Pretraining on Ray Train: MLflow record, exact resume, divergence, the local command."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,13 @@ from factories import SHORT_RUN
 
 from svt_ray.config import load_config
 from svt_ray.evaluate import evaluate_backbones, load_state
-from svt_ray.train import PROGRESS_FILE, TrainingDivergedError, run_pretraining
+from svt_ray.train import (
+    PROGRESS_FILE,
+    TrainingDivergedError,
+    cpus_per_run,
+    local_ray_cpus,
+    run_pretraining,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -142,3 +153,35 @@ def test_evaluation_of_a_checkpoint_and_random_init(tmp_path, synthetic_shards, 
     assert names == ["learned", "learned slow-fast", "random", "random slow-fast", "frame pixels"]
     for row in rows:
         assert 0.0 <= row.knn.top1 <= row.knn.top5 <= 100.0
+
+
+def test_a_local_ray_instance_has_room_for_the_workers_and_the_data(monkeypatch):
+    two_workers = load_config("tiny", overrides=["scaling.num_workers=2"])
+    assert cpus_per_run(two_workers) == 2 + 1 + 1  # workers, decode actor, read tasks
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert local_ray_cpus(cpus_per_run(two_workers)) == 4  # more logical CPUs than cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert local_ray_cpus(cpus_per_run(two_workers)) == 16
+
+
+@pytest.mark.slow
+def test_the_pretrain_command_runs_on_a_local_ray_it_starts(tmp_path, synthetic_shards):
+    """`svt-ray pretrain` without --address, 2 workers: on a 2-core machine Ray Data's read
+    tasks used to get no CPU and the run waited forever."""
+    ray_tmp = tempfile.mkdtemp(prefix="svt-ray-", dir="/tmp")  # a Ray instance of its own
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env["RAY_TMPDIR"] = ray_tmp
+    runs = tmp_path / "runs"
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "svt-ray"), "pretrain", "--preset", "tiny",
+             "--workers", "2", "--data", str(synthetic_shards), "--storage", str(runs),
+             "--run-name", "local", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+             *[flag for setting in SHORT_RUN for flag in ("--set", setting)]],
+            env=env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((runs / "local" / PROGRESS_FILE).read_text()) == {"step": 6}  # the end
+    assert (runs / "local" / "checkpoint_00000006" / "state.pt").is_file()
