@@ -35,6 +35,9 @@ from svt_ray.config import ConfigError, ExperimentConfig, load_config, parse_ove
 
 logger = logging.getLogger(__name__)
 
+# CPUs a trial's Tune function (the Ray Train driver) holds besides its Train run.
+TRIAL_DRIVER_CPUS = 0.01
+
 METRIC = "online_knn_top1"
 TIME_ATTR = "clips_seen"
 STUDY_FILE = "study.json"
@@ -248,11 +251,12 @@ def _absolute(path_or_uri: str) -> str:
 
 
 def trials_per_cluster(config: ExperimentConfig, resources: dict[str, float]) -> int:
-    """Trials that fit at once, each holding what one pretraining holds (`cpus_per_run`)."""
+    """Trials that fit at once, each holding what one pretraining holds (`cpus_per_run`) and
+    its Tune driver's sliver."""
     from svt_ray.train import cpus_per_run
 
     scaling = config.scaling
-    fits = int(resources.get("CPU", 1) // cpus_per_run(config))
+    fits = int(resources.get("CPU", 1) // (cpus_per_run(config) + TRIAL_DRIVER_CPUS))
     if scaling.gpus_per_worker:
         fits = min(
             fits, int(resources.get("GPU", 0) // (scaling.num_workers * scaling.gpus_per_worker))
@@ -317,8 +321,13 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     storage = storage_root(_absolute(options.storage_path))
     study_dir = join_uri(storage, spec.name)
     probe = load_config(options.preset, overrides=options.overrides)
-    # Locally, room for one trial of up to 2 workers (the scaling study's sweep) at least.
-    ensure_ray(options.address, num_cpus=local_ray_cpus(max(4, cpus_per_run(probe))))
+    # Locally, room for one trial of up to 2 workers (the scaling study's sweep) at least,
+    # plus its driver's sliver: without it, 4 CPUs left Ray Data's read tasks 0.99 of the 1
+    # CPU they ask for, and a 2-worker trial waited forever.
+    ensure_ray(
+        options.address,
+        num_cpus=local_ray_cpus(max(4, cpus_per_run(probe)) + TRIAL_DRIVER_CPUS),
+    )
     data_path = options.data_path
     if data_path is None:  # the embedded default: synthetic videos, made once
         from svt_ray.demo import prepare_synthetic_data
@@ -371,7 +380,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     concurrent = options.max_concurrent_trials or trials_per_cluster(probe, resources)
     if spec.exclusive:
         concurrent = 1
-    trainable = ray.tune.with_resources(_run_trial, {"CPU": 0.01})
+    trainable = ray.tune.with_resources(_run_trial, {"CPU": TRIAL_DRIVER_CPUS})
     run_config = ray.tune.RunConfig(
         name=spec.name,
         storage_path=storage,
