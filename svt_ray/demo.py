@@ -35,7 +35,6 @@ def run_demo(
     overrides: list[str],
     tracking_uri: str | None = None,
 ) -> dict:
-
     from svt_ray import train
 
     started = time.perf_counter()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -147,3 +150,14 @@ def s3_server(tmp_path_factory, ray_session):
     health = f"http://127.0.0.1:{port}/moto-api/"
     with serving("moto server", command, health, root, timeout_s=60, poll_s=0.3):
         yield f"endpoint_override=127.0.0.1:{port}&scheme=http"
+
+
+@pytest.fixture
+def private_ray_env():
+    """Environment for a subprocess that starts a Ray instance of its own: none of this
+    session's RAY_ settings, and a private temp dir (short: socket paths are limited)."""
+    ray_tmp = tempfile.mkdtemp(prefix="svt-ray-", dir="/tmp")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env["RAY_TMPDIR"] = ray_tmp
+    yield env
+    shutil.rmtree(ray_tmp, ignore_errors=True)

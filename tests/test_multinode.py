@@ -13,11 +13,9 @@ import json
 import os
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -148,12 +146,10 @@ def tail(log: Path, lines: int = 60) -> str:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_run_that_loses_a_node_restarts_from_its_checkpoint_when_a_node_is_back(
-    tmp_path, synthetic_shards
+    tmp_path, synthetic_shards, private_ray_env
 ):
-    # A private Ray temp dir (short: socket paths are limited) and a private auth token.
-    ray_tmp = tempfile.mkdtemp(prefix="svt-ray-", dir="/tmp")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    # A cluster of its own, with a private auth token.
+    env = {**private_ray_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     runs, log = tmp_path / "runs", tmp_path / "driver.log"
     progress = runs / "lost-node" / "progress.json"
     cluster = driver = None
@@ -190,7 +186,6 @@ def test_a_run_that_loses_a_node_restarts_from_its_checkpoint_when_a_node_is_bac
             driver.wait(timeout=30)
         if cluster is not None:
             cluster.stop()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     assert "[FailurePolicy] RETRY" in output and "Error count: 1 (max allowed: 1)" in output
     assert waited.count(STARTED) == 1 and output.count(STARTED) == 2  # only with the new node

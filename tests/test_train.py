@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -165,23 +163,19 @@ def test_a_local_ray_instance_has_room_for_the_workers_and_the_data(monkeypatch)
 
 
 @pytest.mark.slow
-def test_the_pretrain_command_runs_on_a_local_ray_it_starts(tmp_path, synthetic_shards):
+def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
+    tmp_path, synthetic_shards, private_ray_env
+):
     """`svt-ray pretrain` without --address, 2 workers: on a 2-core machine Ray Data's read
     tasks used to get no CPU and the run waited forever."""
-    ray_tmp = tempfile.mkdtemp(prefix="svt-ray-", dir="/tmp")  # a Ray instance of its own
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env["RAY_TMPDIR"] = ray_tmp
     runs = tmp_path / "runs"
-    try:
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "svt-ray"), "pretrain", "--preset", "tiny",
-             "--workers", "2", "--data", str(synthetic_shards), "--storage", str(runs),
-             "--run-name", "local", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-             *[flag for setting in [*SHORT_RUN, "optim.epochs=1"] for flag in ("--set", setting)]],
-            env=env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "svt-ray"), "pretrain", "--preset", "tiny",
+         "--workers", "2", "--data", str(synthetic_shards), "--storage", str(runs),
+         "--run-name", "local", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+         *[flag for setting in [*SHORT_RUN, "optim.epochs=1"] for flag in ("--set", setting)]],
+        env=private_ray_env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((runs / "local" / PROGRESS_FILE).read_text()) == {"step": 3}  # the end
     assert (runs / "local" / "checkpoint_00000003" / "state.pt").is_file()
