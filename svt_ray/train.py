@@ -218,22 +218,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     started, clips_at_start = time.perf_counter(), step * config.optim.batch_size
     online_knn.seconds = 0.0  # clips/s counts training time only
     metrics: dict[str, float] = {}
-    epoch = start_epoch
     try:
         while step < derived.total_steps:
+            # One pass holds every remaining epoch (`data.training_dataset`; one epoch with
+            # `data.deterministic`); another pass starts only when that one ran out: the next
+            # epoch, or clips that failed to decode left the stream short.
             waited_since = time.perf_counter()
             batches = shard.iter_torch_batches(
                 batch_size=derived.per_worker_batch,
                 drop_last=True,
                 prefetch_batches=2,
                 local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-                local_shuffle_seed=config.train.seed + epoch
+                local_shuffle_seed=config.train.seed + step // derived.steps_per_epoch
                 if config.data.shuffle_buffer
                 else None,
             )
-            seen_in_epoch = 0
+            seen_in_pass = 0
             for batch in batches:
-                seen_in_epoch += 1
+                seen_in_pass += 1
                 if to_skip:
                     to_skip -= 1
                     waited_since = time.perf_counter()
@@ -280,12 +282,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 waited_since = time.perf_counter()
                 if step >= derived.total_steps:
                     break
-            if seen_in_epoch == 0:
+            if seen_in_pass == 0:
                 raise RuntimeError(
-                    f"rank {rank} got no batch of {derived.per_worker_batch} clips in epoch "
-                    f"{epoch}: the dataset is smaller than one global batch"
+                    f"rank {rank} got no batch of {derived.per_worker_batch} clips at step "
+                    f"{step}: the dataset is smaller than one global batch"
                 )
-            epoch += 1
     except NonFiniteLossError as error:
         if rank == 0:
             write_json(join_uri(run_dir, DIVERGED_FILE), {"step": step, "error": str(error)})

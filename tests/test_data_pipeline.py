@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -87,6 +88,27 @@ def test_pipeline_yields_view_batches_on_local_ray(synthetic_shards, ray_session
         assert seen == data.split_count(manifest, "train") // 2 * 2
         labels = torch.cat([batch["label"] for batch in batches])
         assert set(labels.tolist()) <= {0, 1, 2, 3}
+
+
+def test_a_run_streams_its_remaining_epochs_in_one_pass(synthetic_shards, ray_session):
+    """Every clip of the split once per remaining epoch, in one execution (the passes are
+    read in order, but Ray Data may interleave them where they meet); `data.deterministic`
+    keeps one epoch per execution."""
+    config = load_config(
+        "tiny",
+        overrides=[f"data.path={synthetic_shards}", "optim.epochs=3", "data.decode_actors=1"],
+    ).resolve(data.split_count(data.read_dataset_manifest(str(synthetic_shards)), "train"))
+    one_epoch = {
+        row["id"] for row in data._read_shards(str(synthetic_shards), "train", None).iter_rows()
+    }
+    ids = [data.clip_id_hex(int(key)) for key in
+           data.training_dataset(config, start_epoch=1).to_pandas()["clip_id"]]  # fmt: skip
+    assert Counter(ids) == {clip: 2 for clip in one_epoch}
+
+    deterministic = config.model_copy(
+        update={"data": config.data.model_copy(update={"deterministic": True})}
+    )
+    assert data.training_dataset(deterministic, start_epoch=1).count() == len(one_epoch)
 
 
 def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_session, tmp_path):
