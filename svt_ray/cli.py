@@ -209,7 +209,7 @@ def evaluate(
     address: AddressOption = None,
 ) -> None:
     """kNN and linear probe of the teacher backbone on labelled shards (single clip, slow-fast)."""
-    from svt_ray.evaluate import evaluate_backbones, format_table, load_state
+    from svt_ray.evaluate import cpus_per_evaluation, evaluate_backbones, format_table, load_state
     from svt_ray.train import ensure_ray, local_ray_cpus
 
     experiment = build_config(
@@ -222,11 +222,7 @@ def evaluate(
             raise fail(str(error)) from None
     if experiment.data.path is None:
         raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")
-    # Locally: the decode actor, the inference actor and Ray Data's read tasks each need a CPU.
-    ensure_ray(
-        experiment.scaling.address,
-        num_cpus=local_ray_cpus(experiment.data.decode_cpus + 2),
-    )
+    ensure_ray(experiment.scaling.address, num_cpus=local_ray_cpus(cpus_per_evaluation(experiment)))
     name = "checkpoint" if checkpoint else "random init"
     results = evaluate_backbones(experiment, {name: checkpoint}, experiment.data.path)
     typer.echo(format_table([result.row() for result in results]))

@@ -335,6 +335,12 @@ def load_state(path: str) -> dict:
     return torch.load(file, map_location="cpu", weights_only=False)
 
 
+def cpus_per_evaluation(config) -> float:
+    """Logical CPUs `evaluate_backbones` holds on one node: a decode actor, the inference actor
+    and one CPU for Ray Data's read tasks (the local-Ray rule of `train.cpus_per_run`)."""
+    return config.data.decode_cpus + 2
+
+
 def evaluate_backbones(
     config,
     backbones: dict[str, str | None],

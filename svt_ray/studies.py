@@ -264,6 +264,24 @@ def trials_per_cluster(config: ExperimentConfig, resources: dict[str, float]) ->
     return max(1, fits)
 
 
+def largest_trial(spec: StudySpec, preset: str, overrides: Sequence[str]) -> ExperimentConfig:
+    """The config of the grid's trial that holds the most CPUs (`cpus_per_run`); a value the
+    config rejects makes a trial that fails alone and holds nothing."""
+    from svt_ray.train import cpus_per_run
+
+    largest = load_config(preset, overrides=overrides)
+    paths = [s.path for s in spec.sweeps]
+    for values in itertools.product(*(s.values for s in spec.sweeps)):
+        trial = {"base": list(overrides), "sweep": dict(zip(paths, values, strict=True)), "seed": 0}
+        try:
+            config = load_config(preset, overrides=trial_overrides(trial))
+        except ConfigError:
+            continue
+        if cpus_per_run(config) > cpus_per_run(largest):
+            largest = config
+    return largest
+
+
 def _parent_run(
     options: StudyOptions, spec: StudySpec, study_dir: str, base: list[str], budget: int
 ) -> str:
@@ -321,12 +339,13 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     storage = storage_root(_absolute(options.storage_path))
     study_dir = join_uri(storage, spec.name)
     probe = load_config(options.preset, overrides=options.overrides)
-    # Locally, room for one trial of up to 2 workers (the scaling study's sweep) at least,
-    # plus its driver's sliver: without it, 4 CPUs left Ray Data's read tasks 0.99 of the 1
-    # CPU they ask for, and a 2-worker trial waited forever.
+    # Locally, room for the largest trial (the scaling study's 2 workers) plus its driver's
+    # sliver: without the sliver, 4 CPUs left Ray Data's read tasks 0.99 of the 1 CPU they
+    # ask for, and a 2-worker trial waited forever.
+    largest = largest_trial(spec, options.preset, [*spec.fixed, *options.overrides])
     ensure_ray(
         options.address,
-        num_cpus=local_ray_cpus(max(4, cpus_per_run(probe)) + TRIAL_DRIVER_CPUS),
+        num_cpus=local_ray_cpus(cpus_per_run(largest) + TRIAL_DRIVER_CPUS),
     )
     data_path = options.data_path
     if data_path is None:  # the embedded default: synthetic videos, made once
@@ -377,7 +396,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     resources = dict(ray.cluster_resources())
     if options.address is None:  # local Ray was given extra logical CPUs: count real cores
         resources["CPU"] = min(resources.get("CPU", 1), os.cpu_count() or 1)
-    concurrent = options.max_concurrent_trials or trials_per_cluster(probe, resources)
+    concurrent = options.max_concurrent_trials or trials_per_cluster(largest, resources)
     if spec.exclusive:
         concurrent = 1
     trainable = ray.tune.with_resources(_run_trial, {"CPU": TRIAL_DRIVER_CPUS})

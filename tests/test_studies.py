@@ -345,3 +345,19 @@ def test_trials_per_cluster_counts_workers_decode_and_gpus():
     assert trials_per_cluster(cpu, {"CPU": 9}) == 2  # 2 workers + decode + read CPU each
     gpu = load_config("tiny", overrides=["scaling.num_workers=2", "scaling.gpus_per_worker=1"])
     assert trials_per_cluster(gpu, {"CPU": 64, "GPU": 8}) == 4
+
+
+def test_the_local_instance_is_sized_for_the_largest_valid_trial():
+    from svt_ray.studies import largest_trial
+    from svt_ray.train import cpus_per_run
+
+    spec = StudySpec(
+        name="sizes",
+        question="",
+        sweeps=[Sweep("scaling.num_workers", (1, 3, 2)), Sweep("optim.batch_size", (12, -1))],
+    )
+    config = largest_trial(spec, "tiny", ["data.decode_cpus=0.5"])
+    assert config.scaling.num_workers == 3 and cpus_per_run(config) == 3 + 0.5 + 1
+    # Every swept value invalid: the study's shared settings decide.
+    broken = StudySpec(name="broken", question="", sweeps=[Sweep("optim.batch_size", (-1,))])
+    assert largest_trial(broken, "tiny", []).scaling.num_workers == 1
