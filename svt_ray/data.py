@@ -42,6 +42,7 @@ from svt_ray.views import ViewSampler, spread_indices, view_slots
 logger = logging.getLogger(__name__)
 
 READ_COLUMNS = ["id", "label", "split", "video", "num_frames", "height", "width"]
+READ_ROWS = 64  # rows per read item of a multi-epoch stream (data_prep writes 32-row groups)
 STATS_ACTOR = "svt_data_decode_stats"
 
 
@@ -104,33 +105,50 @@ def _read_shards(data_path: str, split: str | None, shuffle_seed: int | None, ep
             shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
         return one_pass(files, shuffle)
     # read_parquet reads a repeated path once, and a union of one read per epoch starts every
-    # epoch's file listing at once (each holding a CPU), so the passes are a list of
-    # (file, epoch) items, one read task each, in pass order.
+    # epoch's file listing at once (each holding a CPU). So the passes are a list of items,
+    # each a slice of one shard's row groups, shuffled within their epoch. Ray fuses this read
+    # into the decode actors; items of about READ_ROWS rows keep each actor task short, so the
+    # first batch waits for tens of clips, not for a whole shard (a 622-clip shard: 12 s more).
+    shards = {f"{root}/{shard['file']}": shard["num_rows"] for shard in manifest["shards"]}
+    parts = [
+        {"file": path, "part": part, "parts": count}
+        for path in files
+        for count in [max(1, math.ceil(shards[path] / READ_ROWS))]
+        for part in range(count)
+    ]
     items = []
     for epoch in range(epochs):
-        order = list(files)
+        order = list(range(len(parts)))
         if shuffle_seed is not None:
             np.random.default_rng([shuffle_seed, epoch]).shuffle(order)
-        items += [{"file": path, "epoch": epoch} for path in order]
+        items += [{**parts[index], "epoch": epoch} for index in order]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_shard_rows,
+        _read_shard_part,
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"filesystem": filesystem, "split": split},
     )
 
 
-def _read_shard_rows(items, filesystem, split: str | None):
-    """Ray Data UDF: one (file, epoch) item -> that shard's rows of `split`, a few at a time."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
+def _read_shard_part(items, filesystem, split: str | None):
+    """Ray Data UDF: one item -> the rows of `split` in its slice of the shard's row groups
+    (slice `part` of `parts` equal slices)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    for path in items.column("file").to_pylist():
-        shard = pads.dataset(path, filesystem=filesystem, format="parquet")
-        condition = pads.field("split") == split if split is not None else None
-        for batch in shard.to_batches(columns=READ_COLUMNS, filter=condition, batch_size=16):
-            if batch.num_rows:
-                yield pa.Table.from_batches([batch])
+    for item in items.to_pylist():
+        with filesystem.open_input_file(item["file"]) as handle:
+            shard = pq.ParquetFile(handle)
+            groups = shard.metadata.num_row_groups
+            first = groups * item["part"] // item["parts"]
+            last = groups * (item["part"] + 1) // item["parts"]
+            if first == last:
+                continue
+            table = shard.read_row_groups(range(first, last), columns=READ_COLUMNS)
+        if split is not None:
+            table = table.filter(pc.equal(table["split"], split))
+        if table.num_rows:
+            yield table
 
 
 def _actor_pool(decode_actors: int | None):

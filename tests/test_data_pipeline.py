@@ -111,6 +111,40 @@ def test_a_run_streams_its_remaining_epochs_in_one_pass(synthetic_shards, ray_se
     assert data.training_dataset(deterministic, start_epoch=1).count() == len(one_epoch)
 
 
+@pytest.mark.parametrize("parts", [1, 3, 5])
+def test_shard_parts_cover_its_rows_of_a_split_once(tmp_path, parts):
+    """The multi-epoch stream reads a shard in `parts` slices of its row groups (4 here)."""
+    from pyarrow import fs
+
+    rows = 100
+    table = pa.table(
+        {
+            "id": [f"clip{i:03d}" for i in range(rows)],
+            "label": list(range(rows)),
+            "split": ["val" if i % 5 == 0 else "train" for i in range(rows)],
+            "video": [b"v"] * rows,
+            "num_frames": [8] * rows,
+            "height": [4] * rows,
+            "width": [4] * rows,
+        }
+    )
+    pq.write_table(table, tmp_path / "part.parquet", row_group_size=32)
+    items = pa.table(
+        {
+            "file": [str(tmp_path / "part.parquet")] * parts,
+            "part": list(range(parts)),
+            "parts": [parts] * parts,
+        }
+    )
+    read = [
+        t for part in range(parts)
+        for t in data._read_shard_part(items.slice(part, 1), fs.LocalFileSystem(), "train")
+    ]  # fmt: skip
+    ids = [i for t in read for i in t["id"].to_pylist()]
+    assert ids == [f"clip{i:03d}" for i in range(rows) if i % 5]
+    assert read[0].column_names == data.READ_COLUMNS
+
+
 def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_session, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(synthetic_shards, broken)
