@@ -90,7 +90,7 @@ def test_pipeline_yields_view_batches_on_local_ray(synthetic_shards, ray_session
         assert set(labels.tolist()) <= {0, 1, 2, 3}
 
 
-def test_a_run_streams_its_remaining_epochs_in_one_pass(synthetic_shards, ray_session):
+def test_a_run_streams_its_remaining_epochs_in_one_pass(synthetic_shards, ray_session, monkeypatch):
     """Every clip of the split once per remaining epoch, in one execution (the passes are
     read in order, but Ray Data may interleave them where they meet); `data.deterministic`
     keeps one epoch per execution."""
@@ -104,6 +104,10 @@ def test_a_run_streams_its_remaining_epochs_in_one_pass(synthetic_shards, ray_se
     ids = [data.clip_id_hex(int(key)) for key in
            data.training_dataset(config, start_epoch=1).to_pandas()["clip_id"]]  # fmt: skip
     assert Counter(ids) == {clip: 2 for clip in one_epoch}
+    monkeypatch.setattr(data, "READ_BLOCKS", 3)  # several read items per block
+    ids = [data.clip_id_hex(int(key)) for key in
+           data.training_dataset(config, start_epoch=0).to_pandas()["clip_id"]]  # fmt: skip
+    assert Counter(ids) == {clip: 3 for clip in one_epoch}
 
     deterministic = config.model_copy(
         update={"data": config.data.model_copy(update={"deterministic": True})}
