@@ -215,10 +215,14 @@ class _FailureCounter:
         self.count += 1
         logger.warning("skipping clip %s: %s", clip_id, error)
         if self._report:
+            import ray
+
             self._metric.inc()
             if self._actor is None:
                 self._actor = _stats_actor()
-            self._actor.add.remote(1)
+            # Waited for (failures are rare): Ray Data kills this actor when its dataset ends,
+            # and a call still queued here (the stats actor starting) would be lost with it.
+            ray.get(self._actor.add.remote(1))
 
 
 # -- the UDFs (callable classes: one decoder setup per actor) -------------------------------
