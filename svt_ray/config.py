@@ -85,6 +85,12 @@ class ModelConfig(_Section):
     "Freeze the weight-norm gain of the last layer at 1 (DINO default; stabilises training)."
     init_from: str | None = None
     "Local image-ViT checkpoint (DINO or timm ViT layout) loaded into the spatial weights."
+    frame_difference: bool = False
+    (
+        "Give the patch embedding each frame's difference to the view's previous frame as 3 "
+        "more channels: a 2-frame temporal kernel the paper's per-frame patches (svt_spec "
+        "§1.1) do not have. Off in every preset; measured in README 'The demo'."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:

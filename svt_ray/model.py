@@ -177,12 +177,12 @@ class DividedSpaceTimeBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Per-frame 2D patches (no tubelets): (F, 3, h, w) frames -> (F, n, d) tokens."""
+    """Per-frame 2D patches (no tubelets): (F, c, h, w) frames -> (F, n, d) tokens."""
 
-    def __init__(self, patch_size: int, dim: int):
+    def __init__(self, patch_size: int, dim: int, in_channels: int = 3):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         h, w = frames.shape[-2:]
@@ -193,6 +193,13 @@ class PatchEmbed(nn.Module):
         tokens = self.proj(frames)  # (F, d, gh, gw)
         grid_h, grid_w = tokens.shape[-2:]
         return rearrange(tokens, "f d gh gw -> f (gh gw) d"), grid_h, grid_w
+
+
+def with_frame_difference(video: torch.Tensor) -> torch.Tensor:
+    """(b, 3, t, h, w) -> (b, 6, t, h, w): each frame, then its difference to the view's
+    previous frame (zero for the first), so every frame's patches see a 2-frame motion cue."""
+    previous = torch.cat([video[:, :, :1], video[:, :, :-1]], dim=2)
+    return torch.cat([video, video - previous], dim=1)
 
 
 class TimeSformer(nn.Module):
@@ -214,6 +221,7 @@ class TimeSformer(nn.Module):
         temporal_pos_interpolation: str = "nearest",
         attention: str = "sdpa",
         activation_checkpointing: bool = False,
+        frame_difference: bool = False,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -226,7 +234,8 @@ class TimeSformer(nn.Module):
         self.spatial_pos_interpolation = spatial_pos_interpolation
         self.temporal_pos_interpolation = temporal_pos_interpolation
         self.activation_checkpointing = activation_checkpointing
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.frame_difference = frame_difference
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, 6 if frame_difference else 3)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
@@ -294,6 +303,8 @@ class TimeSformer(nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"packed videos must share one frame size, got {sorted(sizes)}")
         layout = tuple((video.shape[0], video.shape[2]) for video in videos)
+        if self.frame_difference:
+            videos = [with_frame_difference(video) for video in videos]
         per_video = [rearrange(video, "b c t h w -> (b t) c h w") for video in videos]
         patches, grid_h, grid_w = self.patch_embed(
             per_video[0] if len(per_video) == 1 else torch.cat(per_video)
@@ -450,6 +461,7 @@ def build_backbone(config: ExperimentConfig) -> TimeSformer:
         temporal_pos_interpolation=m.temporal_pos_interpolation,
         attention=m.attention,
         activation_checkpointing=m.activation_checkpointing,
+        frame_difference=m.frame_difference,
     )
 
 
@@ -545,6 +557,10 @@ def load_image_vit(backbone: TimeSformer, path: str | Path) -> LoadReport:
             continue
         if key == "pos_embed" and value.shape != own[key].shape:
             value = _resize_pos_embed(value, backbone.grid)
+            report.resized.append(key)
+        if key == "patch_embed.proj.weight" and backbone.frame_difference and value.shape[1] == 3:
+            # RGB filters from the image model; the difference channels keep their init.
+            value = torch.cat([value.to(own[key].dtype), own[key][:, 3:]], dim=1)
             report.resized.append(key)
         if value.shape != own[key].shape:
             report.skipped.append(key)

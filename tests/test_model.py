@@ -220,3 +220,50 @@ def test_import_contracts_hold():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(["lint-imports"], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- frame difference (model.frame_difference, an option off in every preset) -----------------
+
+
+def test_frame_difference_feeds_each_frame_and_its_difference_to_the_previous_one():
+    torch.manual_seed(0)
+    backbone = tiny_backbone(image_size=32, num_frames=4, frame_difference=True).eval()
+    assert backbone.patch_embed.proj.in_channels == 6
+    video = torch.randn(2, 3, 4, 32, 32)
+    written_out = torch.zeros(2, 6, 4, 32, 32)
+    for t in range(4):  # channels 0-2: frame t; 3-5: frame t - frame t-1 (zero for t = 0)
+        written_out[:, :3, t] = video[:, :, t]
+        if t > 0:
+            written_out[:, 3:, t] = video[:, :, t] - video[:, :, t - 1]
+    plain = tiny_backbone(image_size=32, num_frames=4).eval()
+    plain.patch_embed = backbone.patch_embed  # the same 6-channel embedding, fed by hand
+    plain.load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(
+            backbone.forward_features(video), plain.forward_features(written_out), atol=1e-6
+        )
+
+
+def test_frame_difference_stays_inside_each_packed_view():
+    torch.manual_seed(0)
+    backbone = tiny_backbone(image_size=32, num_frames=8, frame_difference=True).eval()
+    short, long = torch.randn(2, 3, 2, 32, 32), torch.randn(3, 3, 8, 32, 32)
+    with torch.no_grad():
+        packed = backbone.forward_features_packed([short, long])
+        alone = [backbone.forward_features(short), backbone.forward_features(long)]
+    for got, expected in zip(packed, alone, strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_init_from_fills_the_rgb_filters_of_a_frame_difference_embedding(tmp_path):
+    backbone = tiny_backbone(frame_difference=True)
+    checkpoint = _fake_image_vit_checkpoint(backbone, grid=14)
+    rgb = torch.randn(32, 3, 16, 16)
+    checkpoint["model"]["module.patch_embed.proj.weight"] = rgb
+    path = tmp_path / "vit.pth"
+    torch.save(checkpoint, path)
+    difference_before = backbone.patch_embed.proj.weight[:, 3:].clone()
+    report = load_image_vit(backbone, path)
+    assert torch.equal(backbone.patch_embed.proj.weight[:, :3], rgb)
+    assert torch.equal(backbone.patch_embed.proj.weight[:, 3:], difference_before)
+    assert "patch_embed.proj.weight" in report.resized
