@@ -188,12 +188,11 @@ def main() -> None:
     test_x, test_y = make_set(args.test_clips, 2, args)
     print(f"{len(train_x)} + {len(test_x)} clips in {time.perf_counter() - started:.0f}s")
 
-    batch = load_config("tiny", overrides=args.set).optim.batch_size
-    steps_per_epoch = max(1, args.train_clips // batch)
-    span = [f"optim.epochs={args.steps / steps_per_epoch}"]  # schedules end at --steps
-    if any(item.startswith("optim.epochs=") for item in args.set):
-        span = []
-    config = load_config("tiny", overrides=[*span, *args.set]).resolve(args.train_clips)
+    config = load_config("tiny", overrides=args.set).resolve(args.train_clips)
+    if not any(item.startswith("optim.epochs=") for item in args.set):  # end at --steps
+        epochs = args.steps / config.derived.steps_per_epoch
+        overrides = [*args.set, f"optim.epochs={epochs}"]
+        config = load_config("tiny", overrides=overrides).resolve(args.train_clips)
     state = build_state(config)
     if args.frame_difference and args.difference_init_scale != 1.0:
         with torch.no_grad():  # student and teacher start equal and stay so
