@@ -88,14 +88,45 @@ class PairCrossEntropy(torch.autograd.Function):
         return None, grad.div_(temperature * batch).to(logits.dtype), None
 
 
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order, with the gradient sent back to its owner:
+    the backward sums every rank's gradient of the gathered tensor and keeps this rank's rows.
+    (all_gather + all_reduce: both work on gloo as well as nccl.)"""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.count = dist.get_rank(), rows.shape[0]
+        gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, rows.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.count : (ctx.rank + 1) * ctx.count]
+
+
 def koleo(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """DINOv2's KoLeo regulariser: -mean log distance of each feature to its nearest neighbour."""
+    """DINOv2's KoLeo regulariser: -mean log distance of each feature to its nearest neighbour.
+
+    On several ranks the neighbour is searched in the global batch (rows gathered from every
+    rank, gradients sent back), so with DDP's gradient averaging a step is the same as KoLeo of
+    the whole batch in one process, however the batch is split over workers. Per-rank KoLeo (as
+    DINOv2 does with its 64+ rows per GPU) on the tiny preset's 8 rows per worker finds
+    neighbours of the same class and pushes them apart: with it the demo learned nothing
+    (README "The demo"). Ranks must hold equal batch sizes (training drops the last batch).
+    """
     x = F.normalize(features.float(), dim=-1, eps=eps)
+    rows, offset, everyone = x.shape[0], 0, x
+    if _world_size() > 1:
+        everyone, offset = _GatherRows.apply(x), dist.get_rank() * rows
     with torch.no_grad():
-        similarity = x @ x.t()
-        similarity.fill_diagonal_(-2.0)
+        similarity = x @ everyone.t()
+        own = torch.arange(rows, device=x.device)
+        similarity[own, offset + own] = -2.0
         nearest = similarity.argmax(dim=1)
-    distances = (x - x[nearest]).norm(dim=-1)
+    distances = (everyone[offset + own] - everyone[nearest]).norm(dim=-1)
     return -torch.log(distances + eps).mean()
 
 

@@ -109,6 +109,43 @@ def test_koleo_against_brute_force():
     torch.testing.assert_close(koleo(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def _koleo_on_rank(rank: int, world: int, store: str, x: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        rows = x.shape[0] // world
+        mine = x[rank * rows : (rank + 1) * rows].clone().requires_grad_(True)
+        value = koleo(mine)
+        value.backward()
+        torch.save({"value": value.detach(), "grad": mine.grad}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_koleo_over_ranks_is_koleo_of_the_global_batch(tmp_path):
+    """Two gloo ranks holding halves of a batch: the mean of their KoLeo values is KoLeo of the
+    whole batch in one process (neighbours are found across ranks), and each rank's gradient,
+    once DDP averages it over the 2 ranks, is the one-process gradient. Per-half KoLeo would
+    differ: the halves are built so that every row's nearest neighbour is on the other rank."""
+    torch.manual_seed(6)
+    centres = torch.randn(4, 6)
+    x = torch.cat([centres + 0.01 * torch.randn(4, 6), centres + 0.01 * torch.randn(4, 6)])
+    torch.multiprocessing.spawn(
+        _koleo_on_rank, args=(2, str(tmp_path / "store"), x, str(tmp_path / "out")), nprocs=2
+    )
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    whole = x.clone().requires_grad_(True)
+    expected = koleo(whole)
+    expected.backward()
+    torch.testing.assert_close((results[0]["value"] + results[1]["value"]) / 2, expected.detach())
+    per_half = (koleo(x[:4]) + koleo(x[4:])) / 2
+    assert (per_half - expected).abs() > 1.0  # the halves alone see far-away neighbours
+    for rank in range(2):
+        own_rows = whole.grad[rank * 4 : (rank + 1) * 4]
+        torch.testing.assert_close(results[rank]["grad"] / 2, own_rows)
+
+
 def test_collapse_metrics_on_the_two_collapses():
     k = 64
     flat = torch.full((2, 8, k), 1.0 / k)
