@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PRESETS = ("paper", "reference_code", "tiny")
 
 PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 UnitInterval = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -89,7 +90,13 @@ class ModelConfig(_Section):
     (
         "Give the patch embedding each frame's difference to the view's previous frame as 3 "
         "more channels: a 2-frame temporal kernel the paper's per-frame patches (svt_spec "
-        "§1.1) do not have. Off in every preset; measured in README 'The demo'."
+        "§1.1) do not have. On in the tiny preset, off in paper and reference_code; measured in "
+        "README 'The demo'."
+    )
+    difference_init_scale: PositiveFloat = 1.0
+    (
+        "With frame_difference: multiply PyTorch's default init of the difference filters by "
+        "this, so the random network leans on motion from the start (README 'The demo')."
     )
 
     @model_validator(mode="after")

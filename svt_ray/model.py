@@ -26,6 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from svt_ray.config import ExperimentConfig
 
+RGB = 3
+"""Colour channels of a frame; a frame-difference patch embedding takes 2 x RGB."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -222,6 +225,7 @@ class TimeSformer(nn.Module):
         attention: str = "sdpa",
         activation_checkpointing: bool = False,
         frame_difference: bool = False,
+        difference_init_scale: float = 1.0,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -235,7 +239,8 @@ class TimeSformer(nn.Module):
         self.temporal_pos_interpolation = temporal_pos_interpolation
         self.activation_checkpointing = activation_checkpointing
         self.frame_difference = frame_difference
-        self.patch_embed = PatchEmbed(patch_size, embed_dim, 6 if frame_difference else 3)
+        self.difference_init_scale = difference_init_scale
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, 2 * RGB if frame_difference else RGB)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
@@ -263,6 +268,12 @@ class TimeSformer(nn.Module):
         # Every temporal branch starts silent, so the model starts as a per-frame image ViT.
         for block in self.blocks:
             nn.init.zeros_(block.temporal_fc.weight)
+        if self.frame_difference:
+            # PyTorch's conv init (kept for the frame channels), with the difference filters
+            # scaled: a random network then leans on motion from the start (README "The demo").
+            self.patch_embed.proj.reset_parameters()
+            with torch.no_grad():
+                self.patch_embed.proj.weight[:, RGB:] *= self.difference_init_scale
             nn.init.zeros_(block.temporal_fc.bias)
 
     def spatial_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -462,6 +473,7 @@ def build_backbone(config: ExperimentConfig) -> TimeSformer:
         attention=m.attention,
         activation_checkpointing=m.activation_checkpointing,
         frame_difference=m.frame_difference,
+        difference_init_scale=m.difference_init_scale,
     )
 
 
@@ -558,9 +570,9 @@ def load_image_vit(backbone: TimeSformer, path: str | Path) -> LoadReport:
         if key == "pos_embed" and value.shape != own[key].shape:
             value = _resize_pos_embed(value, backbone.grid)
             report.resized.append(key)
-        if key == "patch_embed.proj.weight" and backbone.frame_difference and value.shape[1] == 3:
+        if key == "patch_embed.proj.weight" and backbone.frame_difference and value.shape[1] == RGB:
             # RGB filters from the image model; the difference channels keep their init.
-            value = torch.cat([value.to(own[key].dtype), own[key][:, 3:]], dim=1)
+            value = torch.cat([value.to(own[key].dtype), own[key][:, RGB:]], dim=1)
             report.resized.append(key)
         if value.shape != own[key].shape:
             report.skipped.append(key)

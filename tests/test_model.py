@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -222,7 +223,7 @@ def test_import_contracts_hold():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# -- frame difference (model.frame_difference, an option off in every preset) -----------------
+# -- frame difference (model.frame_difference: on in the tiny preset only) ---------------------
 
 
 def test_frame_difference_feeds_each_frame_and_its_difference_to_the_previous_one():
@@ -267,3 +268,18 @@ def test_init_from_fills_the_rgb_filters_of_a_frame_difference_embedding(tmp_pat
     assert torch.equal(backbone.patch_embed.proj.weight[:, :3], rgb)
     assert torch.equal(backbone.patch_embed.proj.weight[:, 3:], difference_before)
     assert "patch_embed.proj.weight" in report.resized
+
+
+def test_difference_init_scale_scales_only_the_difference_filters_of_the_default_init():
+    torch.manual_seed(3)
+    plain = tiny_backbone(frame_difference=True)
+    torch.manual_seed(3)
+    scaled = tiny_backbone(frame_difference=True, difference_init_scale=4.0)
+    weight, reference = scaled.patch_embed.proj.weight, plain.patch_embed.proj.weight
+    assert torch.equal(weight[:, :3], reference[:, :3])
+    assert torch.allclose(weight[:, 3:], 4.0 * reference[:, 3:])
+    # PyTorch's conv default (kaiming-uniform, a=sqrt(5)): bound 1/sqrt(fan_in).
+    bound = 1 / math.sqrt(6 * 16 * 16)
+    assert reference.abs().max() <= bound and reference.abs().max() > 0.9 * bound
+    scaled.reset_parameters()  # idempotent: the scale is applied to a fresh init, not compounded
+    assert weight[:, 3:].abs().max() <= 4 * bound and weight[:, 3:].abs().max() > 3.6 * bound
