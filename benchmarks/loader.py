@@ -52,6 +52,7 @@ def make_shards(workdir: Path, clips: int, seconds: float) -> dict[int, Path]:
     config = SynthConfig(
         num_clips=clips,
         num_classes=10,
+        style="objects",  # the loader figures in docs/data.md were measured on this content
         num_frames=round(30 * seconds),
         height=256,
         width=320,

@@ -1,24 +1,34 @@
 """Procedurally generated action videos whose class is a motion, never an appearance.
 
-The embedded default data of the demo, the tests and the studies. Each clip shows one textured,
-asymmetric object doing one of ten motions (`CLASS_NAMES`): translation in four directions,
-clockwise / anticlockwise rotation, growing, shrinking, bouncing and shaking. Everything a single
-frame shows is random and, on purpose, *changes over time inside the clip*:
+The embedded default data of the demo, the tests and the studies, in two styles (`STYLES`):
 
-- the background is a blend of two random grating textures whose mix, phases and two colours
-  drift and flicker frame to frame;
-- the object's colours drift, its stripe texture is random, and its shape switches every few
-  dozen frames;
-- small distractor discs wander on random walks.
+- `scene` (the default, and what the demo and the studies train on): the whole frame is a
+  smooth random grey texture that moves as one, by class: panning right, left, up or down,
+  rotating clockwise or anticlockwise about a random centre, zooming in or out
+  (`SCENE_CLASS_NAMES`). The texture is a cross-fade of independent random fields that each
+  live 32 frames, so no texture is shared by all frames of a clip; palette, texture scale and
+  speed are the same for every clip, so the motion is the only clip-level variable. The
+  embedded default takes the first 4 classes (the four pans): README "The demo" measures why
+  (a tiny TimeSformer learns these from scratch in a few hundred self-supervised steps on a
+  CPU; a palette per clip or more kinds of motion and it does not, within that budget).
+- `objects`: one textured, asymmetric object doing one of ten motions (`CLASS_NAMES`):
+  translation in four directions, clockwise / anticlockwise rotation, growing, shrinking,
+  bouncing and shaking. Everything a single frame shows is random and, on purpose, *changes
+  over time inside the clip*: the background is a blend of two random grating textures whose
+  mix, phases and two colours drift and flicker frame to frame; the object's colours drift,
+  its stripe texture is random, and its shape switches every few dozen frames; small
+  distractor discs wander on random walks. Harder: at demo scale even supervised training
+  stays near chance (README "The demo").
 
-This matters for SVT (svt_spec.md §2-3): its views are cut from one clip, so any appearance that
-every frame of a clip shares (a fixed background colour, say) lets student and teacher agree
-without looking at motion. Here two views of a clip share only the motion. Classes are defined
-by direction, so horizontal flip must stay off when training on this data.
+Why appearance must not be shared across a clip (svt_spec §2-3): SVT's views are cut from one
+clip, so any appearance that every frame of a clip shares (a fixed background colour, say)
+lets student and teacher agree without looking at motion. Classes are defined by direction,
+so horizontal flip must stay off when training on this data.
 
-Per-frame marginals are matched across classes (positions, sizes and angles are drawn so that a
-frame taken at a random time looks the same whatever the class); tests check that a per-frame
-appearance classifier stays near chance while one that sees two frames does not.
+Per-frame marginals are matched across classes (positions, sizes, angles and textures are
+drawn so that a frame taken at a random time looks the same whatever the class); tests check
+that a per-frame appearance classifier stays near chance while motion read from two frames
+gives the class.
 
 Clips are deterministic functions of (seed, index), encoded to H.264 mp4 with the same
 `svt_ray.video.H264Encoder` data_prep uses, and written one folder per class
@@ -54,6 +64,21 @@ CLASS_NAMES = (
     "bounce",
     "shake",
 )
+"""The `objects` style's classes."""
+
+SCENE_CLASS_NAMES = (
+    "pan_right",
+    "pan_left",
+    "pan_up",
+    "pan_down",
+    "rotate_cw",
+    "rotate_ccw",
+    "zoom_in",
+    "zoom_out",
+)
+"""The `scene` style's classes; the embedded default uses the first 4."""
+
+STYLES = {"scene": SCENE_CLASS_NAMES, "objects": CLASS_NAMES}
 
 # Asymmetric shapes (so rotation is visible), each a union of convex polygons, counter-clockwise,
 # in unit coordinates centred on the origin.
@@ -84,8 +109,10 @@ class SynthConfig:
 
     num_clips: int = 200
     """Clips in total; labels are assigned round-robin, so classes are balanced."""
-    num_classes: int = len(CLASS_NAMES)
-    """The first `num_classes` of CLASS_NAMES."""
+    num_classes: int = 4
+    """The first `num_classes` of the style's class names."""
+    style: str = "scene"
+    """`scene` (whole-frame texture motion) or `objects` (an object over a drifting scene)."""
     num_frames: int = 64
     height: int = 96
     width: int = 96
@@ -96,9 +123,13 @@ class SynthConfig:
     crf: int = 20
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_classes <= len(CLASS_NAMES):
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {sorted(STYLES)}, got {self.style!r}")
+        most = len(STYLES[self.style])
+        if not 1 <= self.num_classes <= most:
             raise ValueError(
-                f"num_classes must lie in [1, {len(CLASS_NAMES)}], got {self.num_classes}"
+                f"num_classes must lie in [1, {most}] for style {self.style!r}, "
+                f"got {self.num_classes}"
             )
         if self.num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {self.num_clips}")
@@ -111,7 +142,7 @@ class SynthConfig:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES[: self.num_classes]
+        return STYLES[self.style][: self.num_classes]
 
 
 def clip_label(config: SynthConfig, index: int) -> int:
@@ -122,8 +153,8 @@ def clip_id(config: SynthConfig, index: int) -> str:
     return f"synth-s{config.seed}-{index:06d}"
 
 
-def class_folder(label: int) -> str:
-    return f"{label:02d}_{CLASS_NAMES[label]}"
+def class_folder(config: SynthConfig, label: int) -> str:
+    return f"{label:02d}_{config.class_names[label]}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +257,9 @@ def _polygon_coverage(u: np.ndarray, v: np.ndarray, polygon: np.ndarray, pixel: 
 def render_clip(config: SynthConfig, index: int) -> np.ndarray:
     """The frames of clip `index`: uint8 (T, H, W, 3). Deterministic in (config.seed, index)."""
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, index]))
-    label_name = CLASS_NAMES[clip_label(config, index)]
+    label_name = config.class_names[clip_label(config, index)]
+    if config.style == "scene":
+        return _render_scene(config, label_name, rng)
     num_frames, height, width = config.num_frames, config.height, config.width
     short = min(height, width)
     t = np.linspace(0.0, 1.0, num_frames)
@@ -294,6 +327,91 @@ def render_clip(config: SynthConfig, index: int) -> np.ndarray:
     return frames.astype(np.uint8)
 
 
+# -- scene style: a grey texture moving as a whole --------------------------------------------
+
+SCENE_SIGMA = 5 / 64
+"""Blur of the texture, in units of the frame's short side (5 px at 64 px)."""
+SCENE_SPEED = 0.75 / 64
+"""Pan speed per frame in short-side units (0.75 px at 64 px); rotation and zoom move a point
+at 0.35 short sides from the centre this fast."""
+SCENE_LIFETIME = 32
+"""Frames each random texture field is visible for (sin^2 cross-fade with the next)."""
+
+
+def _noise_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    """A periodic (size, size) Gaussian-filtered white-noise field, zero mean, unit std."""
+    k = np.fft.fftfreq(size)
+    gain = np.exp(-2 * (np.pi * sigma) ** 2 * (k[:, None] ** 2 + k[None, :] ** 2))
+    field = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * gain))
+    return (field - field.mean()) / (field.std() + 1e-8)
+
+
+def _sample_periodic(field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a periodic field at float pixel coordinates."""
+    size_y, size_x = field.shape
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.astype(np.int64) % size_x, y0.astype(np.int64) % size_y
+    x1, y1 = (x0 + 1) % size_x, (y0 + 1) % size_y
+    top = field[y0, x0] * (1 - fx) + field[y0, x1] * fx
+    bottom = field[y1, x0] * (1 - fx) + field[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _scene_sources(label_name: str, t: np.ndarray, xs, ys, centre, speed):
+    """Where each pixel of frame t samples the texture: x and y in pixels, broadcastable to
+    (T, H, W). Content at a source point appears where the motion has carried it."""
+    t = t[:, None, None]
+    if label_name.startswith("pan_"):
+        dx, dy = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}[label_name[4:]]
+        return xs - dx * speed * t, ys - dy * speed * t  # (T, 1, W), (T, H, 1)
+    short = min(xs.shape[-1], ys.shape[-2])
+    rate = speed / (0.35 * short)  # radians (or log-scale) per frame
+    rx, ry = xs - centre[0], ys - centre[1]
+    if label_name.startswith("rotate_"):
+        # Image y points down, so sampling at -angle turns the texture clockwise on screen.
+        angle = -rate * t * (1 if label_name == "rotate_cw" else -1)
+        cos, sin = np.cos(angle), np.sin(angle)
+        return centre[0] + cos * rx - sin * ry, centre[1] + sin * rx + cos * ry
+    if label_name.startswith("zoom_"):
+        scale = np.exp(-rate * t * (1 if label_name == "zoom_in" else -1))
+        return centre[0] + rx * scale, centre[1] + ry * scale
+    raise ValueError(f"unknown scene class {label_name!r}")
+
+
+def _render_scene(config: SynthConfig, label_name: str, rng: np.random.Generator) -> np.ndarray:
+    num_frames, height, width = config.num_frames, config.height, config.width
+    short = min(height, width)
+    field_size = 2 * max(64, height, width)  # periodic; wider than a frame, so no visible repeat
+    t = np.arange(num_frames, dtype=np.float64)
+    ys = np.arange(height, dtype=np.float64)[:, None] + 0.5
+    xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
+    centre = rng.uniform(0.3, 0.7, 2) * (width, height)
+    source_x, source_y = _scene_sources(label_name, t, xs, ys, centre, SCENE_SPEED * short)
+
+    # Fields k = 0, 1, ... peak at frames (k - 1) * L/2 - offset and live L frames each, so
+    # every frame sees two of them; the first frame's mix is random, not aligned to the clip.
+    half = SCENE_LIFETIME / 2
+    offset = rng.uniform(0, half)
+    count = int(np.ceil(num_frames / half)) + 2
+    texture = np.zeros((num_frames, height, width))
+    norm = np.zeros(num_frames)
+    for k in range(count):
+        field = _noise_field(rng, field_size, SCENE_SIGMA * short)
+        origin = rng.uniform(0, field_size, 2)
+        phase = (t + offset - k * half + SCENE_LIFETIME) / SCENE_LIFETIME
+        live = (phase > 0) & (phase < 1)
+        if not live.any():
+            continue
+        weight = np.sin(np.pi * phase[live]) ** 2
+        sampled = _sample_periodic(field, source_x[live] + origin[0], source_y[live] + origin[1])
+        texture[live] += weight[:, None, None] * sampled
+        norm[live] += weight**2
+    texture /= np.sqrt(np.maximum(norm, 1e-6))[:, None, None]  # unit variance at every frame
+    grey = 0.15 + 0.7 / (1 + np.exp(-1.5 * texture))  # one palette for every clip
+    return np.repeat(np.round(grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def _blend_disc(frames: np.ndarray, centres: np.ndarray, radius: float, colour: np.ndarray) -> None:
     """Paint an anti-aliased disc per frame (centres (T, 2) in pixels) into frames, in place."""
     height, width = frames.shape[1:3]
@@ -333,7 +451,7 @@ def _write_one(args: tuple[SynthConfig, int, str]) -> tuple[int, int]:
     """Encode and write clip `index`; return (bytes written, 1 if skipped)."""
     config, index, root = args
     fs, base = _filesystem(root)
-    path = f"{base}/{class_folder(clip_label(config, index))}/{clip_id(config, index)}.mp4"
+    path = f"{base}/{class_folder(config, clip_label(config, index))}/{clip_id(config, index)}.mp4"
     if fs.get_file_info(
         path
     ).size:  # already there from an earlier run: generation is deterministic
@@ -367,7 +485,7 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     start = time.perf_counter()
     fs, base = _filesystem(root)
     for label in range(config.num_classes):
-        fs.create_dir(f"{base}/{class_folder(label)}", recursive=True)
+        fs.create_dir(f"{base}/{class_folder(config, label)}", recursive=True)
     with fs.open_output_stream(f"{base}/synthetic.json") as stream:
         meta = {"config": asdict(config), "class_names": list(config.class_names)}
         stream.write(json.dumps(meta, indent=2).encode())
@@ -403,6 +521,7 @@ def synth_main(
     width: int = SynthConfig.width,
     fps: float = SynthConfig.fps,
     seed: int = SynthConfig.seed,
+    style: str = SynthConfig.style,
     workers: int = 1,
 ) -> int:
     """`svt-ray synth`: generate the collection and print a one-line summary. Returns 0."""
@@ -414,11 +533,12 @@ def synth_main(
         width=width,
         fps=fps,
         seed=seed,
+        style=style,
     )
     summary = generate_dataset(output, config, workers=workers)
     print(
         f"synthetic: {summary.written} clips written, {summary.skipped} already present, "
-        f"{config.num_classes} classes, {summary.total_bytes / 1e6:.1f} MB in {summary.seconds:.1f}s "
+        f"{config.num_classes} {config.style} classes, {summary.total_bytes / 1e6:.1f} MB in {summary.seconds:.1f}s "
         f"-> {output}"
     )
     return 0
@@ -429,7 +549,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="svt-ray synth", description=__doc__.splitlines()[0])
     parser.add_argument("output", help="output folder or pyarrow filesystem URI")
     parser.add_argument("--num-clips", type=int, default=SynthConfig.num_clips)
-    parser.add_argument("--num-classes", type=int, default=SynthConfig.num_classes)
+    parser.add_argument(
+        "--style",
+        choices=sorted(STYLES),
+        default=SynthConfig.style,
+        help="scene: the whole frame's texture moves (8 classes); objects: an object moves "
+        "over a drifting background (10 classes)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=SynthConfig.num_classes,
+        help="the first N classes of the style",
+    )
     parser.add_argument("--num-frames", type=int, default=SynthConfig.num_frames)
     parser.add_argument("--height", type=int, default=SynthConfig.height)
     parser.add_argument("--width", type=int, default=SynthConfig.width)

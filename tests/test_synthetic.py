@@ -9,6 +9,8 @@ import pytest
 
 from svt_ray.synthetic import (
     CLASS_NAMES,
+    SCENE_CLASS_NAMES,
+    SCENE_SPEED,
     SynthConfig,
     class_folder,
     clip_label,
@@ -20,13 +22,14 @@ from svt_ray.synthetic import (
 from svt_ray.video import open_video
 
 
-def test_render_is_deterministic_in_seed_and_index():
-    config = SynthConfig(num_clips=4, num_frames=16, height=32, width=48)
+@pytest.mark.parametrize("style", ["scene", "objects"])
+def test_render_is_deterministic_in_seed_and_index(style):
+    config = SynthConfig(num_clips=4, num_frames=16, height=32, width=48, style=style)
     first = render_clip(config, 3)
     assert first.shape == (16, 32, 48, 3) and first.dtype == np.uint8
     np.testing.assert_array_equal(first, render_clip(config, 3))
     assert not np.array_equal(first, render_clip(config, 2))
-    other_seed = SynthConfig(num_clips=4, num_frames=16, height=32, width=48, seed=1)
+    other_seed = SynthConfig(num_clips=4, num_frames=16, height=32, width=48, seed=1, style=style)
     assert not np.array_equal(first, render_clip(other_seed, 3))
     assert encode_clip(config, 1) == encode_clip(config, 1)  # bytes, through the real codec
 
@@ -36,7 +39,8 @@ def test_generate_writes_a_balanced_folder_per_class_layout(tmp_path):
     summary = generate_dataset(str(tmp_path), config)
     assert summary.written == 12 and summary.skipped == 0
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert folders == [class_folder(label) for label in range(4)]
+    assert folders == [class_folder(config, label) for label in range(4)]
+    assert folders[0] == "00_pan_right"  # the embedded default: scene style, the four pans
     counts = [len(list((tmp_path / folder).glob("*.mp4"))) for folder in folders]
     assert counts == [3, 3, 3, 3]
     clip = next((tmp_path / folders[2]).glob("*.mp4")).read_bytes()
@@ -44,7 +48,7 @@ def test_generate_writes_a_balanced_folder_per_class_layout(tmp_path):
     assert (reader.num_frames, reader.height, reader.width) == (20, 32, 32)
     assert reader.fps == pytest.approx(config.fps)
     meta = json.loads((tmp_path / "synthetic.json").read_text())
-    assert meta["class_names"] == list(CLASS_NAMES[:4])
+    assert meta["class_names"] == list(SCENE_CLASS_NAMES[:4])
     again = generate_dataset(str(tmp_path), config)  # resumable: nothing to redo
     assert again.written == 0 and again.skipped == 12
 
@@ -70,7 +74,9 @@ def test_cli_entry_point(tmp_path, capsys):
     )
     assert "2 clips written" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main([str(tmp_path), "--num-classes", "11"])
+        main([str(tmp_path), "--num-classes", "9"])  # the scene style has 8
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--style", "objects", "--num-classes", "11"])
 
 
 def _pooled(frames: np.ndarray, k: int = 8) -> np.ndarray:
@@ -91,7 +97,9 @@ def _ridge_classifier_accuracy(x_train, y_train, x_test, y_test, ridge: float = 
 
 @pytest.fixture(scope="module")
 def rendered():
-    config = SynthConfig(num_clips=200, num_classes=10, num_frames=32, height=32, width=32, seed=3)
+    config = SynthConfig(
+        num_clips=200, num_classes=10, num_frames=32, height=32, width=32, seed=3, style="objects"
+    )
     clips = np.stack([render_clip(config, i) for i in range(config.num_clips)])
     labels = np.array([clip_label(config, i) for i in range(config.num_clips)])
     return config, clips, labels
@@ -99,6 +107,7 @@ def rendered():
 
 def test_labels_are_balanced_and_a_single_frame_does_not_tell_the_class(rendered):
     config, clips, labels = rendered
+    assert config.class_names == CLASS_NAMES
     assert np.bincount(labels).tolist() == [20] * 10
     rng = np.random.default_rng(0)
     features = _pooled(clips, 4)  # (N, T, 8, 8, 3)
@@ -135,5 +144,71 @@ def test_appearance_drifts_so_distant_windows_do_not_identify_the_clip(rendered)
 def test_config_validation():
     with pytest.raises(ValueError, match="num_classes"):
         SynthConfig(num_classes=0)
+    with pytest.raises(ValueError, match="style"):
+        SynthConfig(style="cartoon")
     with pytest.raises(ValueError, match="even"):
         SynthConfig(height=33)
+
+
+# -- scene style: motion read off the pixels by a written-out least-squares flow fit ----------
+
+
+def _affine_flow(clip: np.ndarray) -> np.ndarray:
+    """Fit one affine flow u = a + b x + c y, v = d + e x + f y (pixels per frame, x right, y
+    down, origin at the frame centre) to a grey clip by least squares on the brightness
+    constancy constraint Ix u + Iy v + It = 0 over every pixel of every frame pair."""
+    grey = clip[..., 0].astype(np.float64)
+    it = grey[1:] - grey[:-1]
+    mid = (grey[1:] + grey[:-1]) / 2
+    iy, ix = np.gradient(mid, axis=(1, 2))
+    h, w = grey.shape[1:]
+    y, x = np.mgrid[0:h, 0:w] - np.array([(h - 1) / 2, (w - 1) / 2])[:, None, None]
+    x, y = np.broadcast_to(x, ix.shape), np.broadcast_to(y, ix.shape)
+    design = np.stack([ix, ix * x, ix * y, iy, iy * x, iy * y], axis=-1).reshape(-1, 6)
+    return np.linalg.lstsq(design, -it.ravel(), rcond=None)[0]
+
+
+def test_scene_motion_read_from_pixels_is_the_class():
+    """Pans give the translation (a, d), rotations the sign of the curl e - c (clockwise on a
+    y-down screen is positive), zooms the sign of the divergence b + f."""
+    config = SynthConfig(num_clips=32, num_classes=8, num_frames=16, height=48, width=48)
+    pan_speed = SCENE_SPEED * 48  # pixels per frame
+    turn = 2 * SCENE_SPEED / 0.35  # curl (rotation) or divergence (zoom) per frame
+    for index in range(config.num_clips):
+        name = config.class_names[clip_label(config, index)]
+        a, b, c, d, e, f = _affine_flow(render_clip(config, index))
+        if name.startswith("pan_"):
+            expected = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
+            direction = np.array(expected[name[4:]])
+            along = a * direction[0] + d * direction[1]
+            across = a * direction[1] - d * direction[0]
+            assert 0.5 < along / pan_speed < 1.5 and abs(across) < 0.2 * pan_speed, (name, a, d)
+        elif name.startswith("rotate_"):
+            sign = 1 if name == "rotate_cw" else -1
+            assert 0.5 < sign * (e - c) / turn < 1.5, (name, e - c)
+            assert abs(b + f) < 0.6 * turn, (name, b + f)
+        else:
+            sign = 1 if name == "zoom_in" else -1
+            assert 0.5 < sign * (b + f) / turn < 1.5, (name, b + f)
+            assert abs(e - c) < 0.6 * turn, (name, e - c)
+
+
+def test_scene_frames_do_not_tell_the_class_and_do_not_identify_the_clip():
+    """A single frame's pixels classify at chance; and textures are replaced within the clip,
+    so a clip's first and last frames match each other no better than other clips' frames."""
+    config = SynthConfig(num_clips=160, num_classes=4, num_frames=32, height=32, width=32, seed=5)
+    clips = np.stack([render_clip(config, i) for i in range(config.num_clips)])
+    labels = np.array([clip_label(config, i) for i in range(config.num_clips)])
+    rng = np.random.default_rng(0)
+    features = _pooled(clips, 4)[..., 0]  # (N, T, 8, 8): grey, one channel carries it all
+    times = rng.integers(0, config.num_frames, size=len(clips))
+    x = features[np.arange(len(clips)), times].reshape(len(clips), -1)
+    accuracy = _ridge_classifier_accuracy(x[:120], labels[:120], x[120:], labels[120:])
+    assert accuracy < 0.25 + 0.15, f"per-frame classifier reached {accuracy:.2f}"
+
+    first = clips[:, 0, ..., 0].reshape(len(clips), -1).astype(np.float64)
+    last = clips[:, -1, ..., 0].reshape(len(clips), -1).astype(np.float64)
+    first = (first - first.mean(1, keepdims=True)) / first.std(1, keepdims=True)
+    last = (last - last.mean(1, keepdims=True)) / last.std(1, keepdims=True)
+    retrieval = ((first @ last.T).argmax(axis=1) == np.arange(len(clips))).mean()
+    assert retrieval < 0.1, f"first frame finds its clip's last frame in {retrieval:.2f}"
