@@ -249,7 +249,7 @@ def demo(
         Path, typer.Option("--workdir", help="Where the synthetic data, shards and runs go.")
     ] = Path("svt_data"),
     clips: Annotated[
-        int, typer.Option(help="Synthetic clips to generate (10 motion classes).")
+        int, typer.Option(help="Synthetic clips to generate (4 motion classes).")
     ] = 800,
     workers: Annotated[int, typer.Option(help="Ray Train workers (CPU, gloo).")] = 2,
     overrides: SetOption = None,
