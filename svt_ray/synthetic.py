@@ -380,6 +380,7 @@ def _scene_sources(label_name: str, t: np.ndarray, xs, ys, centre, speed):
 
 
 def _render_scene(config: SynthConfig, label_name: str, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames of one scene-style clip (grey: the three channels are equal)."""
     num_frames, height, width = config.num_frames, config.height, config.width
     short = min(height, width)
     field_size = 2 * max(64, height, width)  # periodic; wider than a frame, so no visible repeat

@@ -88,11 +88,17 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def synthetic_videos(tmp_path_factory):
-    """A folder-per-class collection of 20 small synthetic clips (4 classes, 40 frames, 64 px)."""
+    """A folder-per-class collection of 20 small synthetic clips (4 classes, 40 frames, 64 px).
+
+    The `objects` style: data_prep's ids hash the relative path, class folder included, so
+    the split (3 steps of 4 clips per epoch, which `factories.SHORT_RUN` and the step counts
+    of the tests rely on) depends on the style's class names. The demo's and studies' tests use the default `scene` style."""
     from svt_ray.synthetic import SynthConfig, generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
-    config = SynthConfig(num_clips=20, num_classes=4, num_frames=40, height=64, width=80, seed=7)
+    config = SynthConfig(
+        num_clips=20, num_classes=4, num_frames=40, height=64, width=80, seed=7, style="objects"
+    )
     generate_dataset(str(root), config)
     return root, config
 
