@@ -182,7 +182,7 @@ class DividedSpaceTimeBlock(nn.Module):
 class PatchEmbed(nn.Module):
     """Per-frame 2D patches (no tubelets): (F, c, h, w) frames -> (F, n, d) tokens."""
 
-    def __init__(self, patch_size: int, dim: int, in_channels: int = 3):
+    def __init__(self, patch_size: int, dim: int, in_channels: int = RGB):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
@@ -268,13 +268,13 @@ class TimeSformer(nn.Module):
         # Every temporal branch starts silent, so the model starts as a per-frame image ViT.
         for block in self.blocks:
             nn.init.zeros_(block.temporal_fc.weight)
+            nn.init.zeros_(block.temporal_fc.bias)
         if self.frame_difference:
             # PyTorch's conv init (kept for the frame channels), with the difference filters
             # scaled: a random network then leans on motion from the start (README "The demo").
             self.patch_embed.proj.reset_parameters()
             with torch.no_grad():
                 self.patch_embed.proj.weight[:, RGB:] *= self.difference_init_scale
-            nn.init.zeros_(block.temporal_fc.bias)
 
     def spatial_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """(1, 1 + gh*gw, d): the stored table, resized to a view's patch grid."""
