@@ -53,29 +53,12 @@ from svt_ray.config import load_config
 from svt_ray.engine import build_state, train_step
 from svt_ray.evaluate import OnlineKNN
 from svt_ray.synthetic import _hsv_to_rgb as hsv_to_rgb
+from svt_ray.synthetic import _noise_field as noise_field
+from svt_ray.synthetic import _sample_periodic as bilinear
 from svt_ray.video import EncoderSettings, encode_h264, open_video
 from svt_ray.views import ViewSampler
 
 MOTIONS = ("right", "left", "up", "down", "cw", "ccw", "in", "out")
-
-
-def noise_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    """A periodic (size, size) Gaussian-filtered noise field, zero mean, unit std."""
-    k = np.fft.fftfreq(size)
-    gain = np.exp(-2 * (np.pi * sigma) ** 2 * (k[:, None] ** 2 + k[None, :] ** 2))
-    field = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * gain))
-    return (field - field.mean()) / (field.std() + 1e-8)
-
-
-def bilinear(field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    h, w = field.shape
-    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
-    fx, fy = x - x0, y - y0
-    x0, y0 = x0 % w, y0 % h
-    x1, y1 = (x0 + 1) % w, (y0 + 1) % h
-    top = field[y0, x0] * (1 - fx) + field[y0, x1] * fx
-    bottom = field[y1, x0] * (1 - fx) + field[y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
 
 
 def render(motion: str, rng, args) -> np.ndarray:
