@@ -870,14 +870,19 @@ def batch_size_verdict(report: StudyReport) -> str:
 
 def scaling_table(report: StudyReport, threshold: float | None = None) -> list[dict[str, Any]]:
     """Clips/s, scaling efficiency against the smallest worker count, and hours to reach
-    `threshold` online kNN (default: 90% of the lowest final accuracy among finished runs)."""
+    `threshold` online kNN (default: 90% of the way from the accuracy at initialisation to the
+    lowest final accuracy among finished runs; none when some run ended no better than it
+    started, since any noise would then count as reaching it)."""
     path = "scaling.num_workers"
     finished = [t for t in report.trials if t.status == "FINISHED" and path in t.sweep]
     if not finished:
         return []
     finals = [t.final for t in finished if t.final is not None]
-    if threshold is None and finals:
-        threshold = 0.9 * min(finals)
+    starts = [t.curve[0][1] for t in finished if t.curve]
+    if threshold is None and finals and starts:
+        start = statistics.fmean(starts)
+        if min(finals) > start:
+            threshold = start + 0.9 * (min(finals) - start)
     by_workers: dict[int, list[TrialRecord]] = {}
     for trial in finished:
         by_workers.setdefault(int(trial.sweep[path]), []).append(trial)

@@ -156,6 +156,16 @@ def test_best_vs_worst_and_scaling_tables():
         (1, 1.0, 1.0),
         (2, 0.8, 0.5),
     ]
+    # Default threshold: 90% of the way from the start (10) to the lowest final (30) = 28.
+    assert [(r["threshold_knn_top1"], r["hours_to_threshold"]) for r in scaling_table(scaling)] == [
+        (28.0, 1.0),
+        (28.0, 0.5),
+    ]
+    flat = _report(
+        [_trial({workers: n}, 0, [(0, 10.0), (200, 9.0)], clips_per_s=10.0 * n) for n in (1, 2)],
+        [workers],
+    )
+    assert [r["hours_to_threshold"] for r in scaling_table(flat)] == [None, None]
 
 
 # -- a smoke study on local Ray ------------------------------------------------------------------
@@ -361,3 +371,30 @@ def test_the_local_instance_is_sized_for_the_largest_valid_trial():
     # Every swept value invalid: the study's shared settings decide.
     broken = StudySpec(name="broken", question="", sweeps=[Sweep("optim.batch_size", (-1,))])
     assert largest_trial(broken, "tiny", []).scaling.num_workers == 1
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+@pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "studies").glob("[!_]*.py")))
+def test_every_trial_of_the_shipped_studies_is_a_valid_config(script, preset, monkeypatch):
+    """A study script whose grid holds a setting the config rejects would lose that trial only
+    after the others had run: check every trial of every script up front, on both presets."""
+    import importlib
+    import itertools
+
+    from svt_ray.config import load_config
+
+    monkeypatch.syspath_prepend(str(ROOT / "studies"))
+    spec = importlib.import_module(script).SPEC
+    assert spec.question.endswith("?") and spec.sweeps
+    paths = [s.path for s in spec.sweeps]
+    for values in itertools.product(*(s.values for s in spec.sweeps)):
+        sweep = dict(zip(paths, values, strict=True))
+        trial = {"base": list(spec.fixed), "sweep": sweep, "seed": 0}
+        try:
+            config = load_config(preset, overrides=trial_overrides(trial))
+        except ConfigError as error:
+            pytest.fail(f"studies/{script}.py, {preset} preset, trial {sweep}: {error}")
+        for path, value in sweep.items():  # the swept value reached the config
+            for key, item in value.items() if isinstance(value, dict) else [(path, value)]:
+                section, name = key.split(".")
+                assert getattr(getattr(config, section), name) == item
