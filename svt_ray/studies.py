@@ -851,6 +851,14 @@ def batch_size_verdict(report: StudyReport) -> str:
     sizes = sorted(scores)
     means = [statistics.fmean(scores[b]) for b in sizes]
     monotone_down = all(means[i] >= means[i + 1] for i in range(len(means) - 1))
+    monotone_up = all(means[i] <= means[i + 1] for i in range(len(means) - 1))
+    best = sizes[means.index(max(means))]
+    if monotone_down:
+        shape = "smaller is better at every step"
+    elif monotone_up:
+        shape = "larger is better at every step"
+    else:
+        shape = f"not monotone, best batch {best}"
     small, large = _mean_sem(scores[sizes[0]]), _mean_sem(scores[sizes[-1]])
     phrase = _difference_phrase(small, large)
     order = ", ".join(f"{b}: {m:.1f}" for b, m in zip(sizes, means, strict=True))
@@ -863,8 +871,8 @@ def batch_size_verdict(report: StudyReport) -> str:
     else:
         answer = "no"
     return (
-        f"{answer}: mean online kNN over the budget (per batch size: {order}); batch {sizes[0]} "
-        f"vs {sizes[-1]}: {phrase}"
+        f"{answer}: mean online kNN over the budget (per batch size: {order}; {shape}); batch "
+        f"{sizes[0]} vs {sizes[-1]}: {phrase}"
     )
 
 

@@ -99,6 +99,7 @@ def test_batch_size_verdict_reads_the_curves():
         [bs],
     )
     assert batch_size_verdict(yes).startswith("yes")
+    assert "smaller is better at every step" in batch_size_verdict(yes)
     no = _report(
         [_trial({bs: 8}, s, shifted(slow, d)) for s, d in seeds]
         + [_trial({bs: 64}, s, shifted(fast, d)) for s, d in seeds],
@@ -114,6 +115,10 @@ def test_batch_size_verdict_reads_the_curves():
         [bs],
     )
     assert batch_size_verdict(noisy).startswith("inconclusive")
+    middle = _report(
+        [_trial({bs: 8}, 0, slow), _trial({bs: 16}, 0, fast), _trial({bs: 64}, 0, slow)], [bs]
+    )
+    assert "not monotone, best batch 16" in batch_size_verdict(middle)
     one = _report([_trial({bs: 8}, 0, fast)], [bs])
     assert "fewer than two" in batch_size_verdict(one)
 
