@@ -189,16 +189,22 @@ def _run_trial(trial_config: dict[str, Any]) -> None:
 
 
 def _stopped_from_outside(error: BaseException) -> bool:
-    """Whether a trial's training died because Ray removed the trial's placement group.
+    """Whether a trial's training died because Tune stopped the trial.
 
-    Stopping a trial (ASHA) removes its placement group, which kills the Train controller
-    started inside it; `run_pretraining` then raises ActorDiedError. Ray gives the reason only
-    in the message. That is not a failure of the trial's settings, so it is not recorded as one.
+    Stopping a trial (ASHA, also at its last report: ASHA stops every trial that reaches
+    `max_t`) removes its placement group and ends the trial's actor, which kills the Train
+    controller started inside it; `run_pretraining` then raises ActorDiedError, saying either
+    that the placement group was removed or that the controller's owner exited on purpose.
+    Ray gives the reason only in the message. That is not a failure of the trial's settings,
+    so it is not recorded as one.
     """
     import ray.exceptions
 
-    return isinstance(error, ray.exceptions.RayActorError) and (
-        "placement group was removed" in str(error)
+    if not isinstance(error, ray.exceptions.RayActorError):
+        return False
+    message = str(error)
+    return "placement group was removed" in message or (
+        "owner has died" in message and "INTENDED_SYSTEM_EXIT" in message
     )
 
 
@@ -230,6 +236,10 @@ def _record_failed_trial(trial_config: dict, trial_id: str, tags: dict, error: E
         f"tags.`svt.trial_id` = '{trial_id}'",
     )
     message = f"{type(error).__name__}: {error}"[:4000]
+    if existing and existing[0].info.status == "FINISHED":
+        # The run completed before the error (a teardown race): its results stand.
+        logger.warning("trial %s: finished run, error after it not recorded: %s", trial_id, message)
+        return
     if existing:
         run_id = existing[0].info.run_id
     else:

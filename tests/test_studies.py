@@ -350,6 +350,44 @@ def test_a_trial_whose_placement_group_was_removed_counts_as_stopped_not_failed(
     assert not _stopped_from_outside(died("Worker exit type: SYSTEM_ERROR (out of memory)"))
     assert not _stopped_from_outside(ValueError("placement group was removed"))
 
+    # What a trial that ASHA stopped at its last report raised (view_count, Ray 2.60): Tune
+    # ended the trial's actor, the owner of the Train controller.
+    def owner_died(exit_type: str) -> ray.exceptions.ActorDiedError:
+        message = (
+            "The actor is dead because its owner has died. Owner Id: 40892e Owner Ip address: "
+            f"127.0.0.1 Owner worker exit type: {exit_type} Worker exit detail: Owner's worker "
+            "process has crashed."
+        )
+        context = ActorDiedErrorContext(
+            class_name="TrainController", actor_id=bytes(16), error_message=message
+        )
+        return ray.exceptions.ActorDiedError(context)
+
+    assert _stopped_from_outside(owner_died("INTENDED_SYSTEM_EXIT"))
+    assert not _stopped_from_outside(owner_died("SYSTEM_ERROR"))
+
+
+def test_an_error_after_a_trial_finished_does_not_mark_it_failed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.studies import _record_failed_trial
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("x")
+    parent = client.create_run(experiment_id)
+    trial = {"tracking_uri": uri, "experiment": "x", "study": "s", "parent_run_id": "p"}
+    runs = {}
+    for trial_id, status in (("done", "FINISHED"), ("midway", None)):
+        tags = {"svt.trial_id": trial_id, "mlflow.parentRunId": parent.info.run_id}
+        runs[trial_id] = client.create_run(experiment_id, tags=tags).info.run_id
+        if status:
+            client.set_terminated(runs[trial_id], status)
+        _record_failed_trial(trial, trial_id, {}, RuntimeError("boom"))
+    done, midway = (client.get_run(runs[name]) for name in ("done", "midway"))
+    assert done.info.status == "FINISHED" and "svt.error" not in done.data.tags
+    assert midway.info.status == "FAILED" and midway.data.tags["svt.error"] == "RuntimeError: boom"
+
 
 def test_trials_per_cluster_counts_workers_decode_and_gpus():
     from svt_ray.config import load_config
