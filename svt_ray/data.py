@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import secrets
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -130,6 +129,7 @@ def _read_shards(data_path: str, split: str | None, shuffle_seed: int | None, ep
 def _read_shard_part(items, filesystem, split: str | None):
     """Ray Data UDF: one item -> the rows of `split` in its slice of the shard's row groups
     (slice `part` of `parts` equal slices)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -144,8 +144,10 @@ def _read_shard_part(items, filesystem, split: str | None):
             table = shard.read_row_groups(range(first, last), columns=READ_COLUMNS)
         if split is not None:
             table = table.filter(pc.equal(table["split"], split))
-        if table.num_rows:
-            yield table
+        if table.num_rows:  # the pass each row belongs to: its views are drawn per epoch
+            yield table.append_column(
+                "epoch", pa.array([item["epoch"]] * table.num_rows, pa.int32())
+            )
 
 
 def _actor_pool(decode_actors: int | None):
@@ -249,28 +251,36 @@ class _Row:
     num_frames: int
     height: int
     width: int
+    epoch: int = 0
+    "The pass over the split this row belongs to (multi-epoch streams; else 0)."
 
 
 def _rows(batch: Mapping[str, np.ndarray]):
-    for clip_id, label, video, num_frames, height, width in zip(
+    epochs = batch["epoch"] if "epoch" in batch else np.zeros(len(batch["id"]), dtype=np.int32)
+    for clip_id, label, video, num_frames, height, width, epoch in zip(
         batch["id"],
         batch["label"],
         batch["video"],
         batch["num_frames"],
         batch["height"],
         batch["width"],
+        epochs,
         strict=True,
     ):
-        yield _Row(str(clip_id), int(label), bytes(video), int(num_frames), int(height), int(width))
+        yield _Row(
+            str(clip_id), int(label), bytes(video), int(num_frames), int(height), int(width),
+            int(epoch),
+        )  # fmt: skip
 
 
 class ViewCutter:
     """Ray Data UDF: a batch of shard rows -> a batch of SVT views (uint8, fixed shape per slot).
 
-    `deterministic=True` makes a clip's views a function of (seed, clip id) alone (tests,
-    debugging: every epoch sees the same views). Otherwise each actor mixes fresh entropy into
-    the seed, so epochs see new views; runs are not bit-reproducible anyway, since Ray Data
-    schedules blocks onto actors in no fixed order.
+    A clip's views are a function of (seed, clip id, epoch): every epoch sees new views, and
+    the same seed gives the same views whichever actor cuts the clip, so a run repeated with
+    its seed sees the same views (and the same stream when one decode actor feeds it; with
+    several, the order clips arrive in may differ). `deterministic=True` drops the epoch and
+    fixes the order (tests, exact resume: every epoch sees the same views).
     """
 
     def __init__(
@@ -292,22 +302,19 @@ class ViewCutter:
         self.decoder = decoder
         self.decode_threads = decode_threads
         self.deterministic = deterministic
-        self._nonce = 0 if deterministic else secrets.randbits(63)
-        self._draws = 0
         self.failures = _FailureCounter(report_failures)
 
-    def _rng(self, clip_id: str) -> np.random.Generator:
+    def _rng(self, row: _Row) -> np.random.Generator:
         if self.deterministic:
-            return np.random.default_rng([self.seed, _clip_hash(clip_id)])
-        self._draws += 1
-        return np.random.default_rng([self.seed, self._nonce, self._draws])
+            return np.random.default_rng([self.seed, _clip_hash(row.clip_id)])
+        # The trailing 1: numpy's seed sequences ignore trailing zeros, so epoch 0 would
+        # otherwise repeat the deterministic views.
+        return np.random.default_rng([self.seed, _clip_hash(row.clip_id), row.epoch, 1])
 
     def cut_clip(self, row: _Row) -> dict[str, np.ndarray]:
         reader = open_video(row.video, backend=self.decoder, num_threads=self.decode_threads)
         try:
-            plan = self.sampler.plan(
-                reader.num_frames, row.height, row.width, self._rng(row.clip_id)
-            )
+            plan = self.sampler.plan(reader.num_frames, row.height, row.width, self._rng(row))
             frames = reader.get_frames(plan.union)
         finally:
             reader.close()
