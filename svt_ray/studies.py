@@ -807,10 +807,9 @@ def _difference_phrase(a: tuple[float, float | None], b: tuple[float, float | No
 def best_vs_worst_verdict(report: StudyReport) -> str:
     """Which setting is best on final online kNN, and whether it beats the worst beyond noise."""
     rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
+    stopped = any(t.status == "KILLED" for t in report.trials)
     if len(rows) < 2:
         return _common_rung_verdict(report)
-    best = max(rows, key=lambda row: row["knn_top1_mean"])
-    worst = min(rows, key=lambda row: row["knn_top1_mean"])
 
     def name(row):
         return ", ".join(f"{p}={row[p]}" for p in report.swept)
@@ -818,10 +817,20 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
     def stats(row):
         return row["knn_top1_mean"], row["knn_top1_sem"]
 
-    return (
-        f"best {name(best)} ({best['knn_top1_mean']}); over worst {name(worst)}: "
-        + _difference_phrase(stats(best), stats(worst))
-    )
+    best = max(rows, key=lambda row: row["knn_top1_mean"])
+    worst = min(rows, key=lambda row: row["knn_top1_mean"])
+    if best["knn_top1_mean"] == worst["knn_top1_mean"]:
+        answer = (
+            f"the finished settings tie at {best['knn_top1_mean']} ("
+            + "; ".join(name(row) for row in rows)
+            + ")"
+        )
+    else:
+        answer = f"best {name(best)} ({best['knn_top1_mean']}); over worst {name(worst)}: "
+        answer += _difference_phrase(stats(best), stats(worst))
+    if stopped:  # the settings ASHA stopped are compared where every setting was measured
+        answer = f"finished: {answer}; {_common_rung_verdict(report)}"
+    return answer
 
 
 def _common_rung_verdict(report: StudyReport) -> str:

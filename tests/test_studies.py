@@ -149,6 +149,21 @@ def test_best_vs_worst_and_scaling_tables():
         "views.num_local=4 (20.0); over worst views.num_local=8: +9.0 points"
     )
 
+    # Two settings finished with the same accuracy and ASHA stopped a third: a tie, then the
+    # comparison at the clip count every setting reached.
+    tie = _report(
+        [_trial({views: 0}, 0, [(0, 10.0), (100, 30.0), (200, 50.0)]),
+         _trial({views: 4}, 0, [(0, 10.0), (100, 20.0), (200, 50.0)]),
+         _trial({views: 8}, 0, [(0, 10.0), (100, 12.0)], status="KILLED")],
+        [views],
+    )  # fmt: skip
+    assert best_vs_worst_verdict(tie) == (
+        "finished: the finished settings tie at 50.0 (views.num_local=0; views.num_local=4); "
+        "at 100 clips seen (the furthest every setting got before ASHA stopped it): best "
+        "views.num_local=0 (30.0); over worst views.num_local=8: +18.0 points (one seed per "
+        "setting: no error bars, indicative only)"
+    )
+
     workers = "scaling.num_workers"
     scaling = _report(
         [_trial({workers: 1}, 0, [(0, 10.0), (200, 30.0)], clips_per_s=10.0, hours_per_point=1),
