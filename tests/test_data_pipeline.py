@@ -160,6 +160,7 @@ def test_shard_parts_cover_its_rows_of_a_split_once(tmp_path, parts):
             "file": [str(tmp_path / "part.parquet")] * parts,
             "part": list(range(parts)),
             "parts": [parts] * parts,
+            "epoch": [7] * parts,
         }
     )
     read = [
@@ -168,7 +169,8 @@ def test_shard_parts_cover_its_rows_of_a_split_once(tmp_path, parts):
     ]  # fmt: skip
     ids = [i for t in read for i in t["id"].to_pylist()]
     assert ids == [f"clip{i:03d}" for i in range(rows) if i % 5]
-    assert read[0].column_names == data.READ_COLUMNS
+    assert read[0].column_names == [*data.READ_COLUMNS, "epoch"]  # the pass: views per epoch
+    assert {e for t in read for e in t["epoch"].to_pylist()} == {7}
 
 
 def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_session, tmp_path):
