@@ -109,6 +109,14 @@ class StudySpec:
     exclusive: bool = False
     "One trial at a time whatever the cluster holds (timing studies must not share it)."
 
+    def settings(self) -> list[dict[str, Any]]:
+        """Every point of the grid as {sweep path: value} (seeds not included)."""
+        paths = [s.path for s in self.sweeps]
+        return [
+            dict(zip(paths, values, strict=True))
+            for values in itertools.product(*(s.values for s in self.sweeps))
+        ]
+
 
 @dataclass
 class StudyOptions:
@@ -280,9 +288,8 @@ def largest_trial(spec: StudySpec, preset: str, overrides: Sequence[str]) -> Exp
     from svt_ray.train import cpus_per_run
 
     largest = load_config(preset, overrides=overrides)
-    paths = [s.path for s in spec.sweeps]
-    for values in itertools.product(*(s.values for s in spec.sweeps)):
-        trial = {"base": list(overrides), "sweep": dict(zip(paths, values, strict=True)), "seed": 0}
+    for sweep in spec.settings():
+        trial = {"base": list(overrides), "sweep": sweep, "seed": 0}
         try:
             config = load_config(preset, overrides=trial_overrides(trial))
         except ConfigError:
@@ -807,7 +814,6 @@ def _difference_phrase(a: tuple[float, float | None], b: tuple[float, float | No
 def best_vs_worst_verdict(report: StudyReport) -> str:
     """Which setting is best on final online kNN, and whether it beats the worst beyond noise."""
     rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
-    stopped = any(t.status == "KILLED" for t in report.trials)
     if len(rows) < 2:
         return _common_rung_verdict(report)
 
@@ -828,7 +834,8 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
     else:
         answer = f"best {name(best)} ({best['knn_top1_mean']}); over worst {name(worst)}: "
         answer += _difference_phrase(stats(best), stats(worst))
-    if stopped:  # the settings ASHA stopped are compared where every setting was measured
+    if any(t.status == "KILLED" for t in report.trials):
+        # the settings ASHA stopped are compared where every setting was measured
         answer = f"finished: {answer}; {_common_rung_verdict(report)}"
     return answer
 
@@ -1012,4 +1019,4 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
 
 
 def grid_size(spec: StudySpec, seeds: Sequence[int]) -> int:
-    return len(list(itertools.product(*(s.values for s in spec.sweeps)))) * len(seeds)
+    return len(spec.settings()) * len(seeds)

@@ -92,7 +92,8 @@ def synthetic_videos(tmp_path_factory):
 
     The `objects` style: data_prep's ids hash the relative path, class folder included, so
     the split (3 steps of 4 clips per epoch, which `factories.SHORT_RUN` and the step counts
-    of the tests rely on) depends on the style's class names. The demo's and studies' tests use the default `scene` style."""
+    of the tests rely on) depends on the style's class names. The demo's and studies' tests
+    use the default `scene` style."""
     from svt_ray.synthetic import SynthConfig, generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
