@@ -416,11 +416,17 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     concurrent = options.max_concurrent_trials or trials_per_cluster(largest, resources)
     if spec.exclusive:
         concurrent = 1
+    logger.info(
+        "study %s: %d trials (%d settings x %d seeds), %d clips seen each%s, %d at a time",
+        spec.name, grid_size(spec, options.seeds), len(spec.settings()), len(options.seeds),
+        budget, " (ASHA may stop them earlier)" if options.asha else "", concurrent,
+    )  # fmt: skip
     trainable = ray.tune.with_resources(_run_trial, {"CPU": TRIAL_DRIVER_CPUS})
     run_config = ray.tune.RunConfig(
         name=spec.name,
         storage_path=storage,
         failure_config=ray.tune.FailureConfig(max_failures=0),
+        callbacks=[_run_closer(options, parent_run_id)],
     )
     started = time.perf_counter()
     if ray.tune.Tuner.can_restore(study_dir):
@@ -450,19 +456,35 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     return report
 
 
-def _close_stopped_runs(options: StudyOptions, parent_run_id: str) -> None:
-    """After the sweep, a child run still RUNNING was a trial that Tune stopped (ASHA) and
-    killed mid-run: mark it KILLED, ending when it last logged a step (not now, when the
-    whole study ends), so its wall time in the report is its own."""
-    client, runs = _search_runs(
-        options.tracking_uri,
-        options.experiment,
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    )
+def _close_stopped_runs(
+    options: StudyOptions, parent_run_id: str, trial_id: str | None = None
+) -> None:
+    """A child run still RUNNING after its trial ended (of one trial, or after the sweep of
+    all) was a trial that Tune stopped (ASHA) and killed mid-run: mark it KILLED, ending when
+    it last logged a step (not now), so its wall time in the report is its own."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    if trial_id is not None:
+        query += f" and tags.`svt.trial_id` = '{trial_id}'"
+    client, runs = _search_runs(options.tracking_uri, options.experiment, query)
     for run in runs:
         logged = client.get_metric_history(run.info.run_id, "loss")
         last = max((metric.timestamp for metric in logged), default=None)
         client.set_terminated(run.info.run_id, "KILLED", end_time=last)
+
+
+def _run_closer(options: StudyOptions, parent_run_id: str):
+    """A Tune callback that closes a stopped trial's child run as soon as Tune ends the
+    trial, so that MLflow shows only the trials really running while the study goes on."""
+    import ray.tune
+
+    class CloseStoppedRun(ray.tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            try:
+                _close_stopped_runs(options, parent_run_id, trial.trial_id)
+            except Exception as error:  # the sweep's end closes it anyway
+                logger.warning("trial %s: child run not closed: %s", trial.trial_id, error)
+
+    return CloseStoppedRun()
 
 
 def _budget_clips(config: ExperimentConfig) -> int:
@@ -964,6 +986,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     finished, 1 if none did, 2 on a bad flag."""
     import argparse
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=spec.question)
     parser.add_argument("--preset", default=defaults.get("preset", "tiny"))
     parser.add_argument("--data", help="data_prep output (local path or URI); default: synthetic")
@@ -1019,4 +1042,5 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
 
 
 def grid_size(spec: StudySpec, seeds: Sequence[int]) -> int:
+    """Trials of a study: its settings times its seeds."""
     return len(spec.settings()) * len(seeds)

@@ -342,6 +342,36 @@ def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # not a child: untouched
 
 
+def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.studies import _run_closer
+
+    options = StudyOptions(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="x")
+    client = MlflowClient(options.tracking_uri)
+    experiment_id = client.create_experiment("x")
+    parent = client.create_run(experiment_id, start_time=1_000)
+    runs = {
+        trial: client.create_run(
+            experiment_id,
+            start_time=2_000,
+            tags={"mlflow.parentRunId": parent.info.run_id, "svt.trial_id": trial},
+        ).info.run_id
+        for trial in ("t_stopped", "t_running")
+    }
+    for run_id in runs.values():
+        client.log_batch(run_id, metrics=[Metric("loss", 1.0, 5_000, 0)])
+    _run_closer(options, parent.info.run_id).on_trial_complete(
+        0, [], SimpleNamespace(trial_id="t_stopped")
+    )
+    stopped, running = (client.get_run(runs[t]).info for t in ("t_stopped", "t_running"))
+    assert (stopped.status, stopped.end_time) == ("KILLED", 5_000)
+    assert running.status == "RUNNING"  # another trial, still training: untouched
+
+
 def test_a_trial_whose_placement_group_was_removed_counts_as_stopped_not_failed():
     import ray.exceptions
     from ray.core.generated.common_pb2 import ActorDiedErrorContext
