@@ -315,7 +315,14 @@ def _parent_run(
     run = client.create_run(
         experiment_id(client, options.experiment, options.tracking_uri),
         run_name=spec.name,
-        tags={"svt.study": spec.name, "svt.study_role": "parent", "svt.question": spec.question},
+        tags={
+            "svt.study": spec.name,
+            "svt.study_role": "parent",
+            "svt.question": spec.question,
+            # what `svt-ray compare` needs to recompute the verdict and label the plots
+            **({"svt.verdict_fn": _qualified_name(spec.verdict)} if spec.verdict else {}),
+            **({"svt.x_label": spec.x_label} if spec.x_label else {}),
+        },
     )
     run_id = run.info.run_id
     params = {
@@ -333,6 +340,25 @@ def _parent_run(
         client.log_param(run_id, key, value)
     write_json(join_uri(study_dir, STUDY_FILE), {"parent_run_id": run_id, "params": params})
     return run_id
+
+
+def _qualified_name(function: Callable) -> str:
+    return f"{function.__module__}:{function.__qualname__}"
+
+
+def _recomputed_verdict(report: StudyReport, name: str) -> str | None:
+    """The verdict the named function (a `module:function` of this package) gives on
+    `report` now: a study's stored verdict is as old as the code that ran it."""
+    import importlib
+
+    module, _, qualname = name.partition(":")
+    if not module.startswith("svt_ray.") or not qualname.isidentifier():
+        return None  # a verdict from a user's script: keep the stored one
+    try:
+        return getattr(importlib.import_module(module), qualname)(report)
+    except Exception as error:  # an older study the current rules cannot read
+        logger.warning("verdict %s not recomputed (%s): the stored one is shown", name, error)
+        return None
 
 
 def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
@@ -527,6 +553,8 @@ class StudyReport:
     trials: list[TrialRecord]
     verdict: str = ""
     budget_clips: int | None = None
+    x_label: str = ""
+    "The plots' x axis (the study's `x_label`; default: the first swept path)."
     files: dict[str, Path] = field(default_factory=dict)
     "Where publish()/write() put the table and plots."
 
@@ -641,7 +669,11 @@ class StudyReport:
         }
         for name, text in (("results.csv", self.csv()), ("results.md", self.markdown())):
             write_atomically(str(files[name]), text.encode())
-        x_label = (spec.x_label if spec else None) or (self.swept[0] if self.swept else "setting")
+        x_label = (
+            (spec.x_label if spec else None)
+            or self.x_label
+            or (self.swept[0] if self.swept else "setting")
+        )
         files.update(plot_study(self, folder, x_label))
         return files
 
@@ -685,7 +717,7 @@ def collect_study(
     if run_ids:
         children = [client.get_run(run_id) for run_id in run_ids]
         parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
-        verdict, budget = "", None
+        verdict, budget, verdict_fn, x_label = "", None, None, ""
         swept = _differing_params(children)
     else:
         parents = client.search_runs(
@@ -697,6 +729,8 @@ def collect_study(
         parent = parents[0]
         parent_id, question = parent.info.run_id, parent.data.tags.get("svt.question", "")
         verdict = parent.data.tags.get("svt.verdict", "")
+        verdict_fn = parent.data.tags.get("svt.verdict_fn")
+        x_label = parent.data.tags.get("svt.x_label", "")
         budget = parent.data.params.get("budget_clips")
         children = client.search_runs(
             [found.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
@@ -705,10 +739,13 @@ def collect_study(
             key.removeprefix("sweep.") for key in parent.data.params if key.startswith("sweep.")
         )
     trials = [_trial_record(client, run, swept) for run in children]
-    return StudyReport(
+    report = StudyReport(
         study, question, parent_id, tracking_uri, swept, trials, verdict,
-        int(budget) if budget else None,
+        int(budget) if budget else None, x_label,
     )  # fmt: skip
+    if verdict_fn:
+        report.verdict = _recomputed_verdict(report, verdict_fn) or verdict
+    return report
 
 
 def _differing_params(runs) -> list[str]:

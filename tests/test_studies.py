@@ -16,6 +16,7 @@ from factories import SMALL_MODEL
 
 from svt_ray.config import ConfigError
 from svt_ray.studies import (
+    METRIC,
     StudyOptions,
     StudyReport,
     StudySpec,
@@ -370,6 +371,49 @@ def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_pat
     stopped, running = (client.get_run(runs[t]).info for t in ("t_stopped", "t_running"))
     assert (stopped.status, stopped.end_time) == ("KILLED", 5_000)
     assert running.status == "RUNNING"  # another trial, still training: untouched
+
+
+def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.studies import collect_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("x")
+
+    def parent(name: str, verdict_fn: str) -> str:
+        run = client.create_run(
+            experiment_id,
+            tags={"svt.study": name, "svt.study_role": "parent", "svt.x_label": "local views",
+                  "svt.verdict": "stale words", "svt.verdict_fn": verdict_fn},
+        )  # fmt: skip
+        client.log_param(run.info.run_id, "sweep.views.num_local", "0,4")
+        for locals_, knn in ((0, 40.0), (4, 70.0)):
+            child = client.create_run(
+                experiment_id,
+                tags={"mlflow.parentRunId": run.info.run_id, "svt.seed": "0",
+                      "svt.sweep.views.num_local": str(locals_)},
+            )  # fmt: skip
+            points = [(0, 30.0), (100, knn)]
+            client.log_batch(
+                child.info.run_id,
+                metrics=[Metric(METRIC, value, 1_000 + step, step) for step, value in points],
+            )
+            client.set_terminated(child.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    parent("current", "svt_ray.studies:best_vs_worst_verdict")
+    report = collect_study(uri, "x", "current")
+    assert report.verdict.startswith("best views.num_local=4 (70")
+    assert report.verdict == best_vs_worst_verdict(report)
+    assert report.x_label == "local views"
+    # A verdict function that is gone, or not this package's, leaves the stored words.
+    parent("gone", "svt_ray.studies:no_such_verdict")
+    parent("foreign", "my_script:verdict")
+    assert collect_study(uri, "x", "gone").verdict == "stale words"
+    assert collect_study(uri, "x", "foreign").verdict == "stale words"
 
 
 def test_a_trial_whose_placement_group_was_removed_counts_as_stopped_not_failed():
