@@ -106,6 +106,8 @@ class StudySpec:
     "Axis label of the final-metric plot (default: the first swept path)."
     asha: bool = True
     "Default for early stopping; curve-shape studies (batch size, scaling) run the full grid."
+    asha_grace_clips: int | None = None
+    "Clips seen at ASHA's first rung (default: a quarter of the budget): where curves separate."
     exclusive: bool = False
     "One trial at a time whatever the cluster holds (timing studies must not share it)."
 
@@ -126,6 +128,8 @@ class StudyOptions:
     overrides: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     asha: bool = True
+    asha_grace_clips: int | None = None
+    "Overrides the study's first ASHA rung (clips seen)."
     storage_path: str = "svt_runs"
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "svt-ray-studies"
@@ -329,6 +333,7 @@ def _parent_run(
         "preset": options.preset,
         "seeds": ",".join(map(str, options.seeds)),
         "asha": str(options.asha),
+        "asha_grace_clips": str(asha_grace(spec, options, budget)),
         "budget_clips": str(budget),
         "base_overrides": " ".join(base)[:6000],
         **{
@@ -340,6 +345,11 @@ def _parent_run(
         client.log_param(run_id, key, value)
     write_json(join_uri(study_dir, STUDY_FILE), {"parent_run_id": run_id, "params": params})
     return run_id
+
+
+def asha_grace(spec: StudySpec, options: StudyOptions, budget: int) -> int:
+    """Clips seen at ASHA's first rung: the flag's, the study's, or a quarter of the budget."""
+    return options.asha_grace_clips or spec.asha_grace_clips or max(1, budget // 4)
 
 
 def _qualified_name(function: Callable) -> str:
@@ -414,6 +424,12 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             "eval.online_every) above 0"
         )
     budget = _budget_clips(probe)
+    grace = asha_grace(spec, options, budget)
+    if options.asha and not 0 < grace < budget:
+        raise ConfigError(
+            f"--asha-grace {grace}: ASHA's first rung must lie inside the budget of {budget} "
+            "clips seen per trial; lower it or raise optim.epochs"
+        )
     parent_run_id = _parent_run(options, spec, study_dir, base, budget)
 
     param_space = {
@@ -430,9 +446,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         },
     }
     scheduler = (
-        ASHAScheduler(
-            time_attr=TIME_ATTR, max_t=budget, grace_period=max(1, budget // 4), reduction_factor=2
-        )
+        ASHAScheduler(time_attr=TIME_ATTR, max_t=budget, grace_period=grace, reduction_factor=2)
         if options.asha
         else FIFOScheduler()
     )
@@ -445,7 +459,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     logger.info(
         "study %s: %d trials (%d settings x %d seeds), %d clips seen each%s, %d at a time",
         spec.name, grid_size(spec, options.seeds), len(spec.settings()), len(options.seeds),
-        budget, " (ASHA may stop them earlier)" if options.asha else "", concurrent,
+        budget, f" (ASHA from {grace} on may stop them earlier)" if options.asha else "",
+        concurrent,
     )  # fmt: skip
     trainable = ray.tune.with_resources(_run_trial, {"CPU": TRIAL_DRIVER_CPUS})
     run_config = ray.tune.RunConfig(
@@ -1037,6 +1052,9 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (repeats)")
     parser.add_argument("--asha", action=argparse.BooleanOptionalAction, default=spec.asha,
                         help="ASHA early stopping on online kNN (--no-asha: the full grid)")  # fmt: skip
+    parser.add_argument("--asha-grace", type=int, metavar="CLIPS",
+                        help="clips seen at ASHA's first rung (default: the study's, or a "
+                             "quarter of the budget)")  # fmt: skip
     parser.add_argument("--storage", default="svt_runs", help="Tune/Train storage path or URI")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--experiment", default="svt-ray-studies")
@@ -1058,6 +1076,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             overrides=overrides,
             seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
             asha=args.asha,
+            asha_grace_clips=args.asha_grace,
             storage_path=args.storage,
             tracking_uri=args.tracking_uri,
             experiment=args.experiment,

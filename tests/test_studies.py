@@ -22,6 +22,7 @@ from svt_ray.studies import (
     StudySpec,
     Sweep,
     TrialRecord,
+    asha_grace,
     batch_size_verdict,
     best_vs_worst_verdict,
     collect_study,
@@ -319,6 +320,20 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cmp" / "batch_smoke" / "results.md").read_text() == report.markdown()
+
+
+def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
+    tmp_path, synthetic_shards, ray_session
+):
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (2, 4))])
+    assert asha_grace(spec, StudyOptions(), 4864) == 1216  # a quarter of the budget
+    spec.asha_grace_clips = 1200
+    assert asha_grace(spec, StudyOptions(), 4864) == 1200
+    assert asha_grace(spec, StudyOptions(asha_grace_clips=800), 4864) == 800
+    options = _smoke_options(tmp_path, synthetic_shards)
+    options.asha, options.asha_grace_clips = True, 10**6
+    with pytest.raises(ConfigError, match=r"--asha-grace 1000000: .* budget of \d+ clips"):
+        run_study(spec, options)
 
 
 def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(tmp_path):
