@@ -160,3 +160,109 @@ def test_seeded_five_step_trace_matches_the_golden_file():
         GOLDEN.write_text(json.dumps({"losses": trace}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())["losses"]
     assert trace == pytest.approx(golden, rel=2e-4)
+
+
+# -- data parallel: a 2-rank step is the 1-rank step on the same global batch -----------------
+
+NO_AUGMENTATION = [  # the augmentations draw per rank; without them both runs see equal views
+    "views.color_jitter_p=0",
+    "views.grayscale_p=0",
+    "views.global_blur_p=[0,0]",
+    "views.local_blur_p=0",
+    "views.global_solarize_p=[0,0]",
+    "views.local_solarize_p=0",
+    "optim.warmup_epochs=0",
+    "optim.freeze_last_layer_epochs=0",
+]
+
+
+def _data_parallel_steps(rank: int, world: int, store: str, overrides, batches, out: str):
+    """`len(batches)` train steps on this rank's rows of each global batch, DDP over gloo."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        state = make_state(*overrides, f"scaling.num_workers={world}", clips=8 * 4)
+        if world > 1:
+            state.student = DistributedDataParallel(state.student)
+        rows = len(batches[0][0]) // world
+        losses, gradients = [], []
+        for step, batch in enumerate(batches):
+            mine = [view[rank * rows : (rank + 1) * rows] for view in batch]
+            metrics = train_step(state, mine, step, torch.Generator().manual_seed(step))
+            losses.append(metrics["loss"])
+            gradients.append(
+                {
+                    name: parameter.grad.clone()
+                    for name, parameter in state.student_module.named_parameters()
+                    if parameter.grad is not None
+                }
+            )
+        torch.save(
+            {
+                "losses": losses,
+                "gradients": gradients,
+                "student": state.student_module.state_dict(),
+                "teacher": state.teacher.state_dict(),
+                "loss": state.loss.state_dict(),
+            },
+            f"{out}.{world}.{rank}",
+        )
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The keys' part of a qkv bias gets no gradient in exact arithmetic (softmax ignores a
+    shift), and AdamW scales its float noise up to a full step whose sign the summation order
+    decides: compare the query and value parts only."""
+    if not name.endswith("attn.qkv.bias"):
+        return tensor
+    width = tensor.shape[0] // 3
+    return torch.cat([tensor[:width], tensor[2 * width :]])
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
+def test_two_ranks_train_like_one_rank_on_the_global_batch(tmp_path, centering):
+    """Three steps with the global batch of 8 split over 2 gloo ranks (DDP, as Ray Train wraps
+    the student) end with the student, teacher and centre of 3 steps on one rank: gradients
+    are averaged, the teacher's centre or Sinkhorn-Knopp normalisation and KoLeo see the
+    whole batch, and the mean of the ranks' losses is the whole batch's loss."""
+    overrides = [*NO_AUGMENTATION, f"loss.centering={centering}", "loss.koleo_weight=0.3"]
+    config = make_state(*overrides).config
+    batches = [moving_square_views(config, 8, seed=step) for step in range(3)]
+    out = str(tmp_path / "out")
+    _data_parallel_steps(0, 1, "", overrides, batches, out)
+    torch.multiprocessing.spawn(
+        _data_parallel_steps,
+        args=(2, str(tmp_path / "store"), overrides, batches, out),
+        nprocs=2,
+    )
+    one = torch.load(f"{out}.1.0", weights_only=False)
+    two = [torch.load(f"{out}.2.{rank}", weights_only=False) for rank in range(2)]
+    mean_losses = [(a + b) / 2 for a, b in zip(two[0]["losses"], two[1]["losses"], strict=True)]
+    assert mean_losses == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
+    for rank in range(2):
+        for step, expected_step in enumerate(one["gradients"]):
+            assert set(two[rank]["gradients"][step]) == set(expected_step)
+            for name, expected in expected_step.items():
+                torch.testing.assert_close(
+                    two[rank]["gradients"][step][name], expected, rtol=0,
+                    atol=1e-4 * expected.abs().max().item() + 1e-9, msg=f"step {step}: {name}",
+                )  # fmt: skip
+        for part in ("student", "teacher", "loss"):
+            for name, expected in one[part].items():
+                torch.testing.assert_close(
+                    _without_key_bias(name, two[rank][part][name]),
+                    _without_key_bias(name, expected),
+                    rtol=1e-4, atol=1e-6, msg=f"{part}.{name}",
+                )  # fmt: skip
+    moved = any(
+        not torch.equal(one["student"][name], value)
+        for name, value in make_state(*overrides).student.state_dict().items()
+    )
+    assert moved  # the steps changed the weights: equal end states are not the start twice
