@@ -427,8 +427,9 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     grace = asha_grace(spec, options, budget)
     if options.asha and not 0 < grace < budget:
         raise ConfigError(
-            f"--asha-grace {grace}: ASHA's first rung must lie inside the budget of {budget} "
-            "clips seen per trial; lower it or raise optim.epochs"
+            f"--asha-grace: ASHA's first rung at {grace} clips seen must lie inside the "
+            f"budget of {budget} clips per trial; pass a lower --asha-grace, --no-asha, or "
+            "raise optim.epochs"
         )
     parent_run_id = _parent_run(options, spec, study_dir, base, budget)
 

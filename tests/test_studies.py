@@ -332,7 +332,9 @@ def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
     assert asha_grace(spec, StudyOptions(asha_grace_clips=800), 4864) == 800
     options = _smoke_options(tmp_path, synthetic_shards)
     options.asha, options.asha_grace_clips = True, 10**6
-    with pytest.raises(ConfigError, match=r"--asha-grace 1000000: .* budget of \d+ clips"):
+    with pytest.raises(
+        ConfigError, match=r"--asha-grace: .* at 1000000 clips .* budget of \d+ clips"
+    ):
         run_study(spec, options)
 
 
