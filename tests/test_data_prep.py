@@ -319,9 +319,17 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
     assert names == sorted(p.name for p in (reference / "shards").iterdir())
     assert len(names) == config.num_clips // 2
     for name in names:
-        assert pq.read_table(resumed / "shards" / name).equals(
-            pq.read_table(reference / "shards" / name)
-        ), name
+        got, want = (pq.read_table(folder / "shards" / name) for folder in (resumed, reference))
+        if not got.equals(want):  # say what differs: which clips, which columns
+            columns = [c for c in want.column_names if not got[c].equals(want[c])]
+            pytest.fail(
+                f"{name}: columns {columns} differ; resumed vs reference: "
+                + "; ".join(
+                    f"{c}: {got[c].to_pylist()} vs {want[c].to_pylist()}"
+                    for c in ("id", "source_checksum", "checksum")
+                )
+                + f"; killed run's log tail: {log.read_text()[-800:]}"
+            )
     ids = [row["id"] for row in _rows(resumed)]
     assert len(ids) == len(set(ids)) == config.num_clips
     assert (
