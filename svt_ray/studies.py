@@ -304,7 +304,12 @@ def largest_trial(spec: StudySpec, preset: str, overrides: Sequence[str]) -> Exp
 
 
 def _parent_run(
-    options: StudyOptions, spec: StudySpec, study_dir: str, base: list[str], budget: int
+    options: StudyOptions,
+    spec: StudySpec,
+    study_dir: str,
+    base: list[str],
+    budget: int,
+    grace: int,
 ) -> str:
     """The study's parent MLflow run: created once, found again on restore (study.json)."""
     from mlflow.tracking import MlflowClient
@@ -333,7 +338,7 @@ def _parent_run(
         "preset": options.preset,
         "seeds": ",".join(map(str, options.seeds)),
         "asha": str(options.asha),
-        "asha_grace_clips": str(asha_grace(spec, options, budget)),
+        "asha_grace_clips": str(grace),
         "budget_clips": str(budget),
         "base_overrides": " ".join(base)[:6000],
         **{
@@ -431,7 +436,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             f"budget of {budget} clips per trial; pass a lower --asha-grace, --no-asha, or "
             "raise optim.epochs"
         )
-    parent_run_id = _parent_run(options, spec, study_dir, base, budget)
+    parent_run_id = _parent_run(options, spec, study_dir, base, budget, grace)
 
     param_space = {
         "study": spec.name,
@@ -491,7 +496,9 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     errors = len(results.errors)
     logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
                 (time.perf_counter() - started) / 60)  # fmt: skip
-    report = collect_study(options.tracking_uri, options.experiment, spec.name)
+    report = collect_study(
+        options.tracking_uri, options.experiment, spec.name, recompute_verdict=False
+    )
     report.verdict = spec.verdict(report) if spec.verdict else ""
     folder = Path(study_dir if "://" not in study_dir else options.workdir) / "report"
     report.files = report.publish(folder, spec)
@@ -719,10 +726,13 @@ def collect_study(
     experiment: str,
     study: str,
     run_ids: Sequence[str] | None = None,
+    recompute_verdict: bool = True,
 ) -> StudyReport:
     """Everything the report needs, from MLflow alone: the parent, its children, their curves.
 
     With `run_ids`, compares those runs instead (their differing params become the sweep).
+    The verdict is recomputed with the installed rules unless the caller, holding the
+    study's spec, computes it itself (`recompute_verdict=False`).
     """
     from mlflow.tracking import MlflowClient
 
@@ -759,7 +769,7 @@ def collect_study(
         study, question, parent_id, tracking_uri, swept, trials, verdict,
         int(budget) if budget else None, x_label,
     )  # fmt: skip
-    if verdict_fn:
+    if verdict_fn and recompute_verdict:
         report.verdict = _recomputed_verdict(report, verdict_fn) or verdict
     return report
 

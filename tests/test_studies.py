@@ -394,8 +394,6 @@ def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from svt_ray.studies import collect_study
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("x")
