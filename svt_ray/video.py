@@ -16,6 +16,11 @@ one) and close them promptly; decord can hold on to large buffers (dmlc/decord#1
 
 `H264Encoder` is the one encoding path of the project: data_prep re-encodes every source video
 with it, and the synthetic generator encodes its clips with it.
+
+Both packages ship their own FFmpeg, and decord loads its library with RTLD_GLOBAL: imported
+before PyAV, it makes PyAV bind to decord's libavcodec and libx264, and the encoder then writes
+different bytes for the same frames (data_prep's resumed shards differed from an uninterrupted
+run's). So this module loads PyAV first, and says so when decord came earlier.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import bisect
 import io
 import logging
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -31,6 +37,14 @@ from typing import Protocol
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+if "decord" in sys.modules and "av" not in sys.modules:
+    logger.warning(
+        "decord was imported before PyAV (av): PyAV will run on decord's FFmpeg, and H.264 "
+        "encodes (data_prep, svt-ray synth) can differ byte for byte from those of a process "
+        "that imported them the other way round. Import svt_ray or av before decord."
+    )
+import av  # noqa: E402  (before decord: see the module docstring)
 
 BACKENDS = ("decord", "pyav")
 
@@ -166,7 +180,6 @@ class PyAVReader:
     """Frame-accurate random access with PyAV: demux once, decode forward from keyframes."""
 
     def __init__(self, data: bytes, num_threads: int = 1) -> None:
-        import av
 
         try:
             self._container = av.open(io.BytesIO(data), mode="r")
@@ -200,7 +213,6 @@ class PyAVReader:
         self.fps = float(rate) if rate else 0.0
 
     def get_frames(self, indices: Sequence[int]) -> np.ndarray:
-        import av
 
         idx = _check_indices(indices, self.num_frames)
         wanted = set(idx.tolist())
@@ -237,7 +249,6 @@ class PyAVReader:
 
     def iter_frames(self) -> Iterator[np.ndarray]:
         """Every frame in presentation order, decoded sequentially from the start."""
-        import av
 
         self._container.seek(self._pts[0], stream=self._stream, backward=True, any_frame=False)
         try:
@@ -252,7 +263,6 @@ class PyAVReader:
 
 def decode_all_frames(data: bytes) -> np.ndarray:
     """Decode every frame sequentially with PyAV, in output order: the exactness reference."""
-    import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -261,7 +271,6 @@ def decode_all_frames(data: bytes) -> np.ndarray:
 
 def probe_frame_size(data: bytes) -> tuple[int, int]:
     """(height, width) of the first video stream, read from the container header."""
-    import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
         context = container.streams.video[0].codec_context
@@ -305,7 +314,6 @@ class H264Encoder:
         settings: EncoderSettings | None = None,
         time_base: Fraction | None = None,
     ) -> None:
-        import av
 
         if width % 2 or height % 2 or width <= 0 or height <= 0:
             raise ValueError(f"H.264 yuv420p needs positive even sizes, got {width}x{height}")
@@ -333,14 +341,14 @@ class H264Encoder:
         self._size = (height, width)
 
     def write(self, frame: np.ndarray, pts_s: float | None = None) -> None:
-        import av
 
         if frame.shape != (*self._size, 3) or frame.dtype != np.uint8:
             raise ValueError(
                 f"expected a uint8 frame of shape {(*self._size, 3)}, got {frame.dtype} {frame.shape}"
             )
-        # Convert to yuv420p here: left to the encoder (PyAV's cached reformatter), the same
-        # frames gave different bytes from run to run, which broke data_prep's resumability.
+        # Converted to yuv420p here, where the conversion is visible. (Run-to-run byte
+        # differences were once blamed on the encoder's own conversion; the cause found later
+        # was which FFmpeg PyAV had bound to: see the module docstring.)
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         video_frame = video_frame.reformat(format="yuv420p")
         if pts_s is None:

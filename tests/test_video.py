@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from media import encode, encode_vfr, mux, numbered_frames
@@ -107,6 +111,41 @@ def test_encoder_output_is_the_same_bytes_every_time():
     frames = render_clip(SynthConfig(num_frames=40, height=48, width=60, seed=7), 12)
     encodings = {encode_h264(frames, 15.0, EncoderSettings(gop=16)) for _ in range(12)}
     assert len(encodings) == 1
+
+
+_ENCODE_IN_A_FRESH_PROCESS = """
+import hashlib, sys
+from pathlib import Path
+{before}
+from svt_ray.synthetic import SynthConfig, render_clip
+from svt_ray.video import EncoderSettings, encode_h264, open_video
+if {decode_first}:
+    open_video(Path(sys.argv[1]).read_bytes(), backend="decord").get_frames([0])
+frames = render_clip(SynthConfig(num_frames=24, height=48, width=60, seed=7), 3)
+print(hashlib.sha256(encode_h264(frames, 15.0, EncoderSettings(gop=16))).hexdigest())
+"""
+
+
+def _encode_in_a_fresh_process(clip: Path, before: str = "", decode_first: bool = False):
+    script = _ENCODE_IN_A_FRESH_PROCESS.format(before=before, decode_first=decode_first)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(clip)], capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip(), result.stderr
+
+
+def test_encodes_do_not_depend_on_what_the_process_decoded_first(tmp_path):
+    """decord loads its FFmpeg with RTLD_GLOBAL; had it been imported before PyAV, PyAV would
+    encode with decord's libavcodec and libx264 and write other bytes (a Ray worker that had
+    decoded views before it re-encoded a video wrote a shard unlike the reference's)."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(FILES["short_gop"])
+    encode_only, _ = _encode_in_a_fresh_process(clip)
+    decode_then_encode, _ = _encode_in_a_fresh_process(clip, decode_first=True)
+    assert decode_then_encode == encode_only
+    # a user who imports decord before svt_ray is told why encodes may differ
+    _, log = _encode_in_a_fresh_process(clip, before="import decord")
+    assert "decord was imported before PyAV" in log
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
