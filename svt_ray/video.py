@@ -20,7 +20,9 @@ with it, and the synthetic generator encodes its clips with it.
 Both packages ship their own FFmpeg, and decord loads its library with RTLD_GLOBAL: imported
 before PyAV, it makes PyAV bind to decord's libavcodec and libx264, and the encoder then writes
 different bytes for the same frames (data_prep's resumed shards differed from an uninterrupted
-run's). So this module loads PyAV first, and says so when decord came earlier.
+run's). So this module loads PyAV first, and says so when decord came earlier. libx264 still
+varies its rate control now and then for the same frames (docs/data.md): encodes are faithful,
+not always bit-identical.
 """
 
 from __future__ import annotations
@@ -346,11 +348,10 @@ class H264Encoder:
             raise ValueError(
                 f"expected a uint8 frame of shape {(*self._size, 3)}, got {frame.dtype} {frame.shape}"
             )
-        # Converted to yuv420p here, where the conversion is visible. (Run-to-run byte
-        # differences were once blamed on the encoder's own conversion; the cause found later
-        # was which FFmpeg PyAV had bound to: see the module docstring.)
+        # Converted to yuv420p here, on this thread: a task holds one CPU, and PyAV's default
+        # (threads=0) would start one swscale thread per core in every task.
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        video_frame = video_frame.reformat(format="yuv420p")
+        video_frame = video_frame.reformat(format="yuv420p", threads=1)
         if pts_s is None:
             video_frame.pts = self._count
         else:

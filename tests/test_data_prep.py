@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -300,6 +301,34 @@ def _kill_ray_session_of(driver_pid: int) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
+def _assert_same_shard(name: str, got, want, log: Path) -> None:
+    """The same rows in the same order, every column equal but the encoded video's bytes.
+
+    libx264 is not bit-reproducible on these machines: the same frames, encoder settings and
+    process occasionally (here 1 to 29 in 5,000 encodes, in bursts; threads=1 throughout)
+    come out with other rate-control decisions. So a clip that the resumed run encoded may
+    differ in its bytes; it must still be a faithful encode of the same clip: its checksum
+    matches its bytes, and it decodes to the reference's frame count, size and content within
+    codec tolerance (a wrong clip differs by tens of levels)."""
+    assert got.column_names == want.column_names
+    exact = [c for c in want.column_names if c not in ("video", "checksum")]
+    if not got.select(exact).equals(want.select(exact)):
+        columns = [c for c in exact if not got[c].equals(want[c])]
+        pytest.fail(
+            f"{name}: columns {columns} differ; ids resumed {got['id'].to_pylist()} vs "
+            f"reference {want['id'].to_pylist()}; killed run's log tail: " + log.read_text()[-800:]
+        )
+    for row, (video, reference_video) in enumerate(
+        zip(got["video"].to_pylist(), want["video"].to_pylist(), strict=True)
+    ):
+        assert hashlib.sha256(video).hexdigest() == got["checksum"][row].as_py()
+        if video != reference_video:
+            frames, reference_frames = decode_all_frames(video), decode_all_frames(reference_video)
+            assert frames.shape == reference_frames.shape, f"{name} row {row}"
+            error = np.abs(frames.astype(np.int16) - reference_frames).mean(axis=(1, 2, 3))
+            assert error.max() < 8, f"{name} row {row}: frame errors {error.round(1).tolist()}"
+
+
 def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_session):
     root, config = synthetic_videos
     common = ["--max-videos-per-shard", "2", "--short-side", "48"]
@@ -338,16 +367,7 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
     assert len(names) == config.num_clips // 2
     for name in names:
         got, want = (pq.read_table(folder / "shards" / name) for folder in (resumed, reference))
-        if not got.equals(want):  # say what differs: which clips, which columns
-            columns = [c for c in want.column_names if not got[c].equals(want[c])]
-            pytest.fail(
-                f"{name}: columns {columns} differ; resumed vs reference: "
-                + "; ".join(
-                    f"{c}: {got[c].to_pylist()} vs {want[c].to_pylist()}"
-                    for c in ("id", "source_checksum", "checksum")
-                )
-                + f"; killed run's log tail: {log.read_text()[-800:]}"
-            )
+        _assert_same_shard(name, got, want, log)
     ids = [row["id"] for row in _rows(resumed)]
     assert len(ids) == len(set(ids)) == config.num_clips
     assert (

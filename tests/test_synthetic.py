@@ -19,7 +19,7 @@ from svt_ray.synthetic import (
     main,
     render_clip,
 )
-from svt_ray.video import open_video
+from svt_ray.video import decode_all_frames, open_video
 
 
 @pytest.mark.parametrize("style", ["scene", "objects"])
@@ -31,7 +31,10 @@ def test_render_is_deterministic_in_seed_and_index(style):
     assert not np.array_equal(first, render_clip(config, 2))
     other_seed = SynthConfig(num_clips=4, num_frames=16, height=32, width=48, seed=1, style=style)
     assert not np.array_equal(first, render_clip(other_seed, 3))
-    assert encode_clip(config, 1) == encode_clip(config, 1)  # bytes, through the real codec
+    # through the real codec: libx264 repeats its bytes but for rare rate-control variations
+    # (test_video), so the encodes are compared decoded, within codec tolerance
+    once, again = (decode_all_frames(encode_clip(config, 1)).astype(np.int16) for _ in range(2))
+    assert np.abs(once - again).mean(axis=(1, 2, 3)).max() < 8
 
 
 def test_generate_writes_a_balanced_folder_per_class_layout(tmp_path):
