@@ -238,7 +238,7 @@ class PyAVReader:
                         continue
                     next_index = index + 1
                     if index in wanted and index not in found:
-                        found[index] = frame.to_ndarray(format="rgb24")
+                        found[index] = frame.to_ndarray(format="rgb24", threads=1)
                     if index >= target:
                         break
                 if target not in found:
@@ -255,7 +255,7 @@ class PyAVReader:
         self._container.seek(self._pts[0], stream=self._stream, backward=True, any_frame=False)
         try:
             for frame in self._container.decode(self._stream):
-                yield frame.to_ndarray(format="rgb24")
+                yield frame.to_ndarray(format="rgb24", threads=1)
         except av.FFmpegError as error:
             raise VideoDecodeError(f"PyAV failed to decode: {_first_line(error)}") from error
 
@@ -267,7 +267,7 @@ def decode_all_frames(data: bytes) -> np.ndarray:
     """Decode every frame sequentially with PyAV, in output order: the exactness reference."""
 
     with av.open(io.BytesIO(data), mode="r") as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = [f.to_ndarray(format="rgb24", threads=1) for f in container.decode(video=0)]
     return np.stack(frames)
 
 
