@@ -9,7 +9,19 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from svt_ray.video import EncoderSettings, H264Encoder, encode_h264
+from svt_ray.video import EncoderSettings, H264Encoder, decode_all_frames, encode_h264
+
+REENCODE_TOLERANCE = 8
+"""Mean absolute error (levels, per frame) within which two encodes show the same clip: libx264
+here sometimes re-encodes the same frames differently (up to 4.1 levels seen); a different clip
+is over 60 levels away (docs/data.md)."""
+
+
+def frame_errors(video: bytes, reference: bytes) -> np.ndarray:
+    """Per-frame mean absolute error between two encodes; raises if their shapes differ."""
+    frames, reference_frames = decode_all_frames(video), decode_all_frames(reference)
+    assert frames.shape == reference_frames.shape, (frames.shape, reference_frames.shape)
+    return np.abs(frames.astype(np.int16) - reference_frames).mean(axis=(1, 2, 3))
 
 
 def numbered_frames(count: int, height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
