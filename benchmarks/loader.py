@@ -8,7 +8,8 @@ Run: `python benchmarks/loader.py` (about 5 minutes on 2 cores; `--quick` for a 
    (2 globals 224 px of 8 and 16 frames, 8 locals 96 px of 2,2,4,4,8,8,16,16 frames):
    - reference-style: PyAV decodes every frame of an 8.5 s window, each view is cut with a
      float bicubic resize and augmented (flip, colour jitter, grayscale) on the CPU, as the
-     reference code's decoder + VideoDataAugmentationDINO do;
+     reference code's decoder + VideoDataAugmentationDINO do (RGB conversion on the calling
+     thread, as ours; a second row keeps PyAV's default, which starts threads per frame);
    - ours: the view sampler plans every view, decord decodes the union once, views are cut as
      uint8 (augmentation runs later, batched on the training device);
    - decode-only time of both, and bytes per clip.
@@ -88,8 +89,15 @@ def shard_videos(dataset: Path) -> list[bytes]:
 # -- reference-style loader ---------------------------------------------------------------------
 
 
-def reference_decode_window(data: bytes, window: int, rng: np.random.Generator) -> np.ndarray:
-    """PyAV, as the reference: seek before a random start, decode every frame of the window."""
+def reference_decode_window(
+    data: bytes, window: int, rng: np.random.Generator, convert_threads: int = 1
+) -> np.ndarray:
+    """PyAV, as the reference: seek before a random start, decode every frame of the window.
+
+    The reference converts with PyAV's default, which (PyAV >= 14) starts swscale threads for
+    every frame; `convert_threads=1` gives it the one-line fix our PyAV backend has, so the
+    baseline measures the reference's design rather than a library default. `0` is that default.
+    """
     import av
 
     with av.open(io.BytesIO(data)) as container:
@@ -102,7 +110,7 @@ def reference_decode_window(data: bytes, window: int, rng: np.random.Generator) 
         for frame in container.decode(stream):
             if frame.pts is not None and frame.pts < start_pts:
                 continue
-            frames.append(frame.to_ndarray(format="rgb24"))
+            frames.append(frame.to_ndarray(format="rgb24", threads=convert_threads))
             if len(frames) == window:
                 break
     return np.stack(frames)
@@ -198,6 +206,14 @@ def single_core_figures(shards: dict[int, Path], min_seconds: float) -> dict[str
             lambda d, r: reference_views(reference_decode_window(d, window, r), r),
             videos30,
             min_seconds,
+        ),
+        "reference_pyav_default_s": time_per_clip(
+            lambda d, r: reference_views(reference_decode_window(d, window, r, 0), r),
+            videos30,
+            min_seconds,
+        ),
+        "reference_pyav_default_decode_s": time_per_clip(
+            lambda d, r: reference_decode_window(d, window, r, 0), videos30, min_seconds
         ),
         "reference_decode_s": time_per_clip(
             lambda d, r: reference_decode_window(d, window, r), videos30, min_seconds
@@ -311,6 +327,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for name, key in [
         ("reference-style (PyAV 8.5 s window, float bicubic + augs)", "reference"),
+        ("reference-style, PyAV's default RGB conversion threads", "reference_pyav_default"),
         ("ours, 30 fps shards", "ours_fps30"),
         ("ours, 15 fps shards (default cap)", "ours_fps15"),
     ]:

@@ -494,11 +494,16 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     if workers > 1:  # Ray is the distributed engine: one task per chunk of clips
         import ray
 
-        if not ray.is_initialized():
+        started_ray = not ray.is_initialized()
+        if started_ray:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        write_chunk = ray.remote(num_cpus=1)(_write_chunk)
-        chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]
-        results = [r for chunk in ray.get([write_chunk.remote(c) for c in chunks]) for r in chunk]
+        try:
+            write_chunk = ray.remote(num_cpus=1)(_write_chunk)
+            chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]
+            results = [r for c in ray.get([write_chunk.remote(c) for c in chunks]) for r in c]
+        finally:
+            if started_ray:  # leave the process as we found it (a caller may ray.init next)
+                ray.shutdown()
     else:
         results = [_write_one(job) for job in jobs]
     summary = SynthSummary(

@@ -1,0 +1,57 @@
+"""The benchmarks run end to end in their smallest form.
+
+They are not timed here (speed targets live in the benchmarks' own printed ratios); these tests
+only keep them runnable, so a session that is lent a GPU for fifteen minutes does not spend
+them on a benchmark that broke on CPU long ago. The loader benchmark once died at its last
+stage because an earlier stage left a Ray instance running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_step_benchmark_measures_both_paths_on_cpu(tmp_path):
+    results = tmp_path / "step.json"
+    command = [sys.executable, "benchmarks/step.py", "--preset", "tiny", "--batch", "2"]
+    command += ["--steps", "1", "--warmup", "1", "--device", "cpu", "--json", str(results)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(results.read_text())
+    assert figures["batch"] == 2 and figures["flops_per_step"] > 0
+    paths = {path["path"]: path for path in figures["paths"]}
+    naive, fast = (paths[name]["clips_per_s"] for name in ("naive", "fast"))
+    assert all(path["peak_gib"] > 0 and path["steps"] == 1 for path in paths.values())
+    assert naive > 0 and fast > 0
+    assert figures["speedup"] == pytest.approx(fast / naive, rel=1e-6)
+    assert "speed-up fast / naive" in done.stdout
+
+
+@pytest.mark.slow
+def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, not the test session's
+    command = [sys.executable, "benchmarks/loader.py", "--quick", "--workdir", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {}
+    for line in done.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 6 and re.fullmatch(r"[\d.]+", cells[1]):
+            rows[cells[0]] = [float(cell.rstrip("x")) for cell in cells[1:]]
+    assert len(rows) == 4, done.stdout  # reference, reference with PyAV's default, ours x 2
+    reference_cpu = next(iter(rows.values()))[1]
+    for name, (wall, cpu, per_cpu_second, ratio, decode) in rows.items():
+        assert wall > 0 and cpu > 0 and decode > 0, name
+        assert per_cpu_second == pytest.approx(1 / cpu, rel=0.05), name
+        assert ratio == pytest.approx(reference_cpu / cpu, abs=0.06), name
+    assert re.search(r"^\| 1 \| [\d.]+ \| 1\.00 \|$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"bytes per clip .*kB at 30 fps, .*kB at 15 fps", done.stdout)
