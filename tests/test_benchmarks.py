@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is not installed
+from benchmarks import cost_table  # noqa: E402
 
 
 def test_step_benchmark_measures_both_paths_on_cpu(tmp_path):
@@ -55,3 +57,38 @@ def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
         assert ratio == pytest.approx(reference_cpu / cpu, abs=0.06), name
     assert re.search(r"^\| 1 \| [\d.]+ \| 1\.00 \|$", done.stdout, re.MULTILINE), done.stdout
     assert re.search(r"bytes per clip .*kB at 30 fps, .*kB at 15 fps", done.stdout)
+
+
+def test_cost_estimate_follows_the_written_out_formula():
+    row = cost_table.estimate(
+        240_000, 20, 8, 80.0, efficiency=0.9, usd_per_gpu_hour=4.0, loader_clips_per_cpu_second=12
+    )
+    wall = 240_000 * 20 / (80.0 * 8 * 0.9) / 3600  # 2.31 h
+    assert row.wall_hours == pytest.approx(wall)
+    assert row.gpu_hours == pytest.approx(8 * wall) and row.usd == pytest.approx(32 * wall)
+    assert row.decode_cores_per_gpu == pytest.approx(80.0 * 0.9 / 12)
+    alone = cost_table.estimate(240_000, 20, 1, 80.0, efficiency=0.5)  # no loss on one GPU
+    assert alone.wall_hours == pytest.approx(240_000 * 20 / 80.0 / 3600) and alone.usd is None
+    with pytest.raises(ValueError, match="efficiency"):
+        cost_table.estimate(1, 1, 2, 80.0, efficiency=1.5)
+
+
+def test_cost_table_reads_the_step_benchmark_report(tmp_path, capsys):
+    report = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "preset": "paper",
+        "view_set": "paper",
+        "batch": 32,
+        "paths": [{"path": "fast", "clips_per_s": 100.0}],
+    }
+    (tmp_path / "step.json").write_text(json.dumps(report))
+    argv = ["--step-json", str(tmp_path / "step.json"), "--gpus", "1", "--usd-per-gpu-hour", "3"]
+    assert cost_table.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "100.0 clips/s per GPU: NVIDIA H100 80GB HBM3, preset paper" in printed
+    # Kinetics-400, 20 epochs, 1 GPU: 240,000 x 20 / 100 / 3600 = 13.3 h, $40
+    assert "| Kinetics-400 | 20 | 1 | 13.3 | 13 | 40 | 8.8 |" in printed
+
+    (tmp_path / "other.json").write_text(json.dumps({"paths": []}))
+    with pytest.raises(SystemExit, match=r"other\.json: not a benchmarks/step\.py --json report"):
+        cost_table.main(["--step-json", str(tmp_path / "other.json")])
