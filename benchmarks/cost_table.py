@@ -81,9 +81,11 @@ def rate_from_step_json(path: Path) -> tuple[float, str]:
     try:
         report = json.loads(path.read_text())
         fast = next(p for p in report["paths"] if p["path"] == "fast")
+        rate = float(fast["clips_per_s"])
     except (OSError, ValueError, KeyError, StopIteration) as error:
         raise SystemExit(
-            f"{path}: not a benchmarks/step.py --json report with a fast path ({error!r}); "
+            f"{path}: not a benchmarks/step.py --json report with a measured fast path "
+            f"({error!r}); "
             "run `python benchmarks/step.py --preset paper --batch 32 --json FILE` on the GPU"
         ) from error
     if not str(report.get("device", "")).lower().startswith(("nvidia", "cuda")):
@@ -92,7 +94,7 @@ def rate_from_step_json(path: Path) -> tuple[float, str]:
         f"{report['device']}, preset {report['preset']}, view set {report['view_set']}, "
         f"batch {report['batch']} per GPU"
     )
-    return float(fast["clips_per_s"]), description
+    return rate, description
 
 
 def format_table(rows: list[Estimate]) -> str:

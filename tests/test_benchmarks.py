@@ -22,20 +22,41 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is not installed
 from benchmarks import cost_table  # noqa: E402
 
 
-def test_step_benchmark_measures_both_paths_on_cpu(tmp_path):
-    results = tmp_path / "step.json"
-    command = [sys.executable, "benchmarks/step.py", "--preset", "tiny", "--batch", "2"]
-    command += ["--steps", "1", "--warmup", "1", "--device", "cpu", "--json", str(results)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    figures = json.loads(results.read_text())
-    assert figures["batch"] == 2 and figures["flops_per_step"] > 0
-    paths = {path["path"]: path for path in figures["paths"]}
+def test_gpu_suite_runs_every_item_in_smoke_mode(tmp_path):
+    """The GPU suite's driver on CPU (tiny preset): every item runs, the step reports hold
+    both paths, the summary judges the targets and the cost table uses the batch-32 rate."""
+    command = [sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "step_reference_b8.json").read_text())
+    assert report["batch"] == 2 and report["flops_per_step"] > 0
+    paths = {path["path"]: path for path in report["paths"]}
     naive, fast = (paths[name]["clips_per_s"] for name in ("naive", "fast"))
-    assert all(path["peak_gib"] > 0 and path["steps"] == 1 for path in paths.values())
     assert naive > 0 and fast > 0
-    assert figures["speedup"] == pytest.approx(fast / naive, rel=1e-6)
-    assert "speed-up fast / naive" in done.stdout
+    assert all(path["peak_gib"] > 0 and path["steps"] == 1 for path in paths.values())
+    assert report["speedup"] == pytest.approx(fast / naive, rel=1e-6)
+    b32 = json.loads((tmp_path / "step_paper_b32.json").read_text())
+    assert [path["path"] for path in b32["paths"]] == ["fast"]  # --skip-naive
+
+    summary = (tmp_path / "summary.md").read_text()
+    for name in ("step_reference_b8", "step_paper_b32", "cuda_tests", "step_paper_b8"):
+        assert f"| {name} | ok |" in summary
+    assert f"{report['speedup']:.2f}x" in summary and "fast >= 3x naive: not met" in summary
+    assert "fits in 80 GB: yes" in summary
+    rate = b32["paths"][0]["clips_per_s"]
+    hours = 240_000 * 20 / rate / 3600
+    assert f"| Kinetics-400 | 20 | 1 | {hours:.1f} |" in (tmp_path / "cost_table.md").read_text()
+    assert "== step_paper_b8: ok" in (tmp_path / "suite.log").read_text()
+
+
+def test_gpu_suite_skips_what_its_budget_cannot_hold(tmp_path, capsys):
+    from benchmarks import gpu_suite
+
+    argv = ["--smoke", "--out", str(tmp_path), "--budget", "10", "--only", "step_paper_b32"]
+    assert gpu_suite.main(argv) == 1
+    assert "| step_paper_b32 | not run: --budget 10 s spent |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"none of .*nope.* is an item"):
+        gpu_suite.main(["--smoke", "--out", str(tmp_path), "--only", "nope"])
 
 
 @pytest.mark.slow
