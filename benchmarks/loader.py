@@ -60,17 +60,23 @@ def make_shards(workdir: Path, clips: int, seconds: float) -> dict[int, Path]:
         fps=30.0,
         seed=11,
     )
-    generate_dataset(str(source), config, workers=os.cpu_count() or 1)
-    shards = {}
-    for cap in (30, 15):
-        out = workdir / f"shards_fps{cap}"
-        shards[cap] = out
-        if (out / "manifest.json").exists():  # kept from an earlier run with --workdir
-            continue
-        code = data_prep.main(
-            [str(source), str(out), "--max-fps", str(cap), "--val-fraction", "0", "--no-progress"]
-        )
-        assert code == 0, f"data_prep failed for fps cap {cap}"
+    import ray
+
+    # One Ray for the three jobs (each would start and stop its own), none left running after.
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        generate_dataset(str(source), config, workers=os.cpu_count() or 1)
+        shards = {}
+        for cap in (30, 15):
+            out = workdir / f"shards_fps{cap}"
+            shards[cap] = out
+            if (out / "manifest.json").exists():  # kept from an earlier run with --workdir
+                continue
+            options = ["--max-fps", str(cap), "--val-fraction", "0", "--no-progress"]
+            code = data_prep.main([str(source), str(out), *options])
+            assert code == 0, f"data_prep failed for fps cap {cap}"
+    finally:
+        ray.shutdown()
     return shards
 
 
