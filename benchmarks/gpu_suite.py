@@ -39,27 +39,20 @@ MEMORY_TARGET_GIB = 80.0
 
 def items(smoke: bool) -> list[tuple[str, list[str], int]]:
     """(name, arguments after `python`, time limit in seconds), most important first."""
-    step = ["benchmarks/step.py"]
-    if smoke:
-        step_args = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"]
-        batches = {"reference_b8": ["--batch", "2"], "paper_b32": ["--batch", "2"]}
-        batches["paper_b8"] = ["--batch", "2"]
-        views = {"reference_b8": [], "paper_b32": [], "paper_b8": []}
+    if smoke:  # the same items on CPU, tiny preset, one step each
+        common = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"]
+        anchor = paper_b32 = paper_b8 = ["--batch", "2"]
     else:
-        step_args = ["--preset", "paper"]
-        batches = {"reference_b8": ["--batch", "8"], "paper_b32": ["--batch", "32"]}
-        batches["paper_b8"] = ["--batch", "8"]
-        views = {"reference_b8": ["--view-set", "reference"], "paper_b32": [], "paper_b8": []}
-    tests = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fast_path.py", "-k"]
+        common = ["--preset", "paper"]
+        anchor = ["--view-set", "reference", "--batch", "8"]
+        paper_b32, paper_b8 = ["--batch", "32"], ["--batch", "8"]
+    step = ["benchmarks/step.py", *common]
+    tests = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fast_path.py"]
     return [
-        (
-            "step_reference_b8",
-            [*step, *step_args, *views["reference_b8"], *batches["reference_b8"]],
-            300,
-        ),
-        ("step_paper_b32", [*step, *step_args, *batches["paper_b32"], "--skip-naive"], 240),
-        ("cuda_tests", [*tests, "gpu"], 180),
-        ("step_paper_b8", [*step, *step_args, *views["paper_b8"], *batches["paper_b8"]], 240),
+        ("step_reference_b8", [*step, *anchor], 300),
+        ("step_paper_b32", [*step, *paper_b32, "--skip-naive"], 240),
+        ("cuda_tests", [*tests, "-k", "gpu"], 180),
+        ("step_paper_b8", [*step, *paper_b8], 240),
     ]
 
 
@@ -67,7 +60,9 @@ def run_item(name: str, arguments: list[str], limit: int, out: Path, log) -> tup
     """Run one item, its output into the log as it comes; returns (outcome, seconds)."""
     command = [sys.executable, *arguments]
     if name.startswith("step_"):
-        command += ["--json", str(out / f"{name}.json")]
+        report = out / f"{name}.json"
+        report.unlink(missing_ok=True)  # never summarise an earlier run's figures
+        command += ["--json", str(report)]
     log.write(f"\n== {name}: {' '.join(command[1:])}\n")
     log.flush()
     started = time.perf_counter()
