@@ -1,9 +1,10 @@
 """Every GPU-only check and figure in one command: the CUDA tests and issue 7's step benchmarks.
 
 Run on a GPU machine from the repository root: `python benchmarks/gpu_suite.py --out results/`
-(within `--budget`, 9 minutes by default; not yet timed on a GPU). It needs torch with CUDA, pydantic,
-einops, PyYAML and pytest, not Ray or MLflow. Each item runs in its own process under its own
-time limit, most important first, so a short lease still brings back the main figures:
+(within `--budget`, 9 minutes by default; not yet timed on a GPU). It needs torch with CUDA,
+numpy, pydantic, einops, PyYAML, pytest and pytest-timeout (checked in a venv of only these),
+not Ray or MLflow. Each item runs in its own process under its own time limit, most
+important first, so a short lease still brings back the main figures:
 
 1. `step_reference_b8`: issue 7's anchor (2 x 8x224 + 8 x 8x96 views, 8 clips): target at
    least 3x the naive step;
