@@ -56,6 +56,29 @@ def test_generate_writes_a_balanced_folder_per_class_layout(tmp_path):
     assert again.written == 0 and again.skipped == 12
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("ray_was_running", [True, False])
+def test_ray_workers_leave_ray_as_they_found_it(
+    tmp_path, ray_session, monkeypatch, ray_was_running
+):
+    """With workers > 1 the clips are Ray tasks; a Ray this call started is shut down after
+    (a caller's next ray.init would fail otherwise), a caller's Ray is left running. The
+    session's Ray runs the tasks either way; only what generate_dataset decides is observed."""
+    calls, running = [], [ray_was_running]  # a stand-in for Ray's own state
+
+    def record(call: str, now_running: bool) -> None:
+        calls.append(call)
+        running[0] = now_running
+
+    monkeypatch.setattr(ray_session, "is_initialized", lambda: running[0])
+    monkeypatch.setattr(ray_session, "init", lambda **options: record("init", True))
+    monkeypatch.setattr(ray_session, "shutdown", lambda: record("shutdown", False))
+    config = SynthConfig(num_clips=4, num_classes=2, num_frames=8, height=32, width=32)
+    summary = generate_dataset(str(tmp_path), config, workers=2)
+    assert summary.written == 4
+    assert calls == ([] if ray_was_running else ["init", "shutdown"])
+
+
 def test_cli_entry_point(tmp_path, capsys):
     assert (
         main(
