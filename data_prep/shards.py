@@ -207,6 +207,10 @@ def write_manifest(output: Output, plan: dict, states: dict[str, dict]) -> dict:
     return manifest
 
 
+class ManifestVersionError(ValueError):
+    """A manifest.json written by a data_prep of another schema version."""
+
+
 def read_manifest(data_path: str) -> tuple[dict, pafs.FileSystem, str]:
     """The manifest of a prepared dataset and the filesystem/root it lives on."""
     from data_prep.inputs import resolve_filesystem
@@ -214,10 +218,12 @@ def read_manifest(data_path: str) -> tuple[dict, pafs.FileSystem, str]:
     filesystem, root = resolve_filesystem(data_path)
     output = Output(filesystem, root)
     if not output.exists("manifest.json"):
-        raise FileNotFoundError(f"{data_path}: no manifest.json (not a data_prep output?)")
+        raise FileNotFoundError(
+            f"{data_path}: no manifest.json, so not a dataset made by data_prep"
+        )
     manifest = output.read_json("manifest.json")
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
+        raise ManifestVersionError(
             f"{data_path}/manifest.json: schema_version "
             f"{manifest.get('schema_version')} != {SCHEMA_VERSION}"
         )

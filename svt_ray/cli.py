@@ -209,6 +209,7 @@ def evaluate(
     address: AddressOption = None,
 ) -> None:
     """kNN and linear probe of the teacher backbone on labelled shards (single clip, slow-fast)."""
+    from svt_ray.data import read_dataset_manifest
     from svt_ray.evaluate import cpus_per_evaluation, evaluate_backbones, format_table, load_state
     from svt_ray.train import ensure_ray, local_ray_cpus
 
@@ -222,6 +223,10 @@ def evaluate(
             raise fail(str(error)) from None
     if experiment.data.path is None:
         raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")
+    try:
+        read_dataset_manifest(experiment.data.path)
+    except ConfigError as error:
+        raise fail(str(error)) from None
     ensure_ray(experiment.scaling.address, num_cpus=local_ray_cpus(cpus_per_evaluation(experiment)))
     name = "checkpoint" if checkpoint else "random init"
     results = evaluate_backbones(experiment, {name: checkpoint}, experiment.data.path)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from svt_ray.config import ExperimentConfig, ViewsConfig
+from svt_ray.config import ConfigError, ExperimentConfig, ViewsConfig
 from svt_ray.video import VideoDecodeError, open_video
 from svt_ray.views import ViewSampler, spread_indices, view_slots
 
@@ -50,10 +50,25 @@ STATS_ACTOR = "svt_data_decode_stats"
 
 
 def read_dataset_manifest(data_path: str) -> dict:
-    """manifest.json of a data_prep output (local path or URI), with its location attached."""
-    from data_prep.shards import read_manifest
+    """manifest.json of a data_prep output (local path or URI), with its location attached.
 
-    manifest, _, _ = read_manifest(data_path)
+    A folder that is not one (no manifest, or one of another schema version) is a
+    `ConfigError` on `data.path` that says how to make one, not a traceback.
+    """
+    from data_prep.shards import SCHEMA_VERSION, ManifestVersionError, read_manifest
+
+    try:
+        manifest, _, _ = read_manifest(data_path)
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"data.path: {error}; make one with `svt-ray prep VIDEOS {data_path}` "
+            "(or `python -m data_prep`), or pass --data with an existing one"
+        ) from None
+    except ManifestVersionError as error:
+        raise ConfigError(
+            f"data.path: {error}; shard the videos again with this version's data_prep "
+            f"(schema {SCHEMA_VERSION}) into a new folder"
+        ) from None
     return {**manifest, "data_path": data_path}
 
 

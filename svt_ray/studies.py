@@ -401,6 +401,10 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     # sliver: without the sliver, 4 CPUs left Ray Data's read tasks 0.99 of the 1 CPU they
     # ask for, and a 2-worker trial waited forever.
     largest = largest_trial(spec, options.preset, [*spec.fixed, *options.overrides])
+    if options.data_path is not None:  # a wrong --data fails here, before Ray starts
+        from svt_ray import data
+
+        data.read_dataset_manifest(options.data_path)
     ensure_ray(
         options.address,
         num_cpus=local_ray_cpus(cpus_per_run(largest) + TRIAL_DRIVER_CPUS),

@@ -121,3 +121,34 @@ def test_cli_bad_value_prints_one_line_and_exits_2():
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: views.num_local")
     assert "Traceback" not in result.output
+
+
+def test_a_folder_that_is_not_a_dataset_is_one_line_that_says_what_to_do(tmp_path, monkeypatch):
+    """pretrain, eval and the study scripts check --data before they start Ray or train."""
+    import json
+
+    from svt_ray import studies, train
+    from svt_ray.studies import StudySpec, Sweep, study_main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a folder that is not a dataset")
+
+    monkeypatch.setattr(train, "ensure_ray", no_ray)
+    monkeypatch.setattr(studies, "largest_trial", lambda *args: load_config("tiny"))
+    empty = tmp_path / "videos"
+    empty.mkdir()
+    hint = f"`svt-ray prep VIDEOS {empty}`"
+    for command in (["pretrain"], ["eval"]):
+        result = CliRunner().invoke(app, [*command, "--preset", "tiny", "--data", str(empty)])
+        assert result.exit_code in (1, 2) and "Traceback" not in result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: data.path: {empty}: no manifest")
+        assert hint in lines[0]
+    spec = StudySpec(name="t", question="?", sweeps=[Sweep("optim.batch_size", [8])])
+    flags = ["--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    code = study_main(spec, ["--data", str(empty), *flags])
+    assert code == 2
+
+    (empty / "manifest.json").write_text(json.dumps({"schema_version": 0}))
+    result = CliRunner().invoke(app, ["pretrain", "--preset", "tiny", "--data", str(empty)])
+    assert "schema_version 0 != 1" in result.stderr and "shard the videos again" in result.stderr
