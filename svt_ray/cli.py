@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstring paragraphs wrap to the terminal, not as written
 )
 config_app = typer.Typer(help="Inspect and validate experiment configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -159,7 +160,10 @@ def pretrain(
     tracking_uri: TrackingOption = None,
     storage: StorageOption = None,
     run_name: Annotated[
-        str | None, typer.Option("--run-name", help="Stable run id (default: <preset>-seed<seed>).")
+        str | None,
+        typer.Option(
+            "--run-name", help="Stable run id (default: PRESET-seedSEED, e.g. tiny-seed0)."
+        ),
     ] = None,
     resume: Annotated[
         str | None,
@@ -260,10 +264,21 @@ def demo(
     overrides: SetOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """The whole pipeline on a laptop: synthetic videos -> shards -> SVT pretraining (tiny preset,
-    local Ray, 2 workers) -> kNN and linear probe against random init and raw frames."""
+    """The whole pipeline on a laptop, from synthetic videos to evaluated features.
+
+    Synthetic videos, shards, SVT pretraining (tiny preset, local Ray, 2 workers), then kNN
+    and linear probe of the learned teacher against random init and raw frames.
+    """
     from svt_ray.demo import run_demo
 
+    try:  # before Ray starts: a folder we cannot write is the user's to fix, not a traceback
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".svt_ray_write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise fail(f"--workdir {workdir}: cannot write there ({error.strerror or error}); "
+                   "pass a folder you can write") from None  # fmt: skip
     try:
         run_demo(workdir, clips, workers, overrides or [], tracking_uri)
     except ConfigError as error:

@@ -152,3 +152,11 @@ def test_a_folder_that_is_not_a_dataset_is_one_line_that_says_what_to_do(tmp_pat
     (empty / "manifest.json").write_text(json.dumps({"schema_version": 0}))
     result = CliRunner().invoke(app, ["pretrain", "--preset", "tiny", "--data", str(empty)])
     assert "schema_version 0 != 1" in result.stderr and "shard the videos again" in result.stderr
+
+
+def test_demo_workdir_that_cannot_be_written_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(blocker / "demo")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"error: --workdir {blocker / 'demo'}: cannot write there")
