@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = parser.parse_args(argv)
     if args.quick:
-        args.clips, args.seconds, args.min_seconds, args.max_actors = 4, 9, 1, 1
+        args.clips, args.seconds, args.min_seconds, args.max_actors = 2, 9, 1, 1
         args.pipeline_clips = 8
     with tempfile.TemporaryDirectory() as temporary:
         workdir = Path(args.workdir or temporary)

