@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1102,7 +1103,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
         )
         report = run_study(spec, options)
     except ConfigError as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(report.markdown())
     print(report.summary())

@@ -123,7 +123,9 @@ def test_cli_bad_value_prints_one_line_and_exits_2():
     assert "Traceback" not in result.output
 
 
-def test_a_folder_that_is_not_a_dataset_is_one_line_that_says_what_to_do(tmp_path, monkeypatch):
+def test_a_folder_that_is_not_a_dataset_is_one_line_that_says_what_to_do(
+    tmp_path, monkeypatch, capsys
+):
     """pretrain, eval and the study scripts check --data before they start Ray or train."""
     import json
 
@@ -147,7 +149,9 @@ def test_a_folder_that_is_not_a_dataset_is_one_line_that_says_what_to_do(tmp_pat
     spec = StudySpec(name="t", question="?", sweeps=[Sweep("optim.batch_size", [8])])
     flags = ["--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     code = study_main(spec, ["--data", str(empty), *flags])
-    assert code == 2
+    printed = capsys.readouterr()
+    assert code == 2 and printed.err.startswith(f"error: data.path: {empty}: no manifest")
+    assert hint in printed.err and "error" not in printed.out
 
     (empty / "manifest.json").write_text(json.dumps({"schema_version": 0}))
     result = CliRunner().invoke(app, ["pretrain", "--preset", "tiny", "--data", str(empty)])
