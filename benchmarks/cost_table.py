@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,40 @@ def format_table(rows: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
+def report(
+    rate: float,
+    description: str,
+    *,
+    epochs: Sequence[int] = (20,),
+    gpus: Sequence[int] = (1, 8, 32),
+    efficiency: float = 0.9,
+    usd_per_gpu_hour: float | None = None,
+    loader_clips_per_cpu_second: float = LOADER_CLIPS_PER_CPU_SECOND,
+) -> str:
+    """The printed estimate: what it assumes, then a row per dataset, epoch count and GPU count."""
+    rows = [
+        estimate(
+            clips,
+            count,
+            gpu_count,
+            rate,
+            dataset=name,
+            efficiency=efficiency,
+            usd_per_gpu_hour=usd_per_gpu_hour,
+            loader_clips_per_cpu_second=loader_clips_per_cpu_second,
+        )
+        for name, clips in DATASETS.items()
+        for count in epochs
+        for gpu_count in gpus
+    ]
+    return (
+        f"{rate:.1f} clips/s per GPU: {description}\n"
+        f"scaling efficiency beyond 1 GPU {efficiency:g} (assumed); "
+        f"decode {loader_clips_per_cpu_second:g} clips per CPU-second\n\n"
+        f"{format_table(rows)}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -140,27 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         rate, description = rate_from_step_json(args.step_json)
     else:
         rate, description = args.clips_per_s, args.device
-    rows = [
-        estimate(
-            clips,
-            epochs,
-            gpus,
+    print(
+        report(
             rate,
-            dataset=name,
+            description,
+            epochs=args.epochs,
+            gpus=args.gpus,
             efficiency=args.efficiency,
             usd_per_gpu_hour=args.usd_per_gpu_hour,
             loader_clips_per_cpu_second=args.loader_clips_per_cpu_s,
         )
-        for name, clips in DATASETS.items()
-        for epochs in args.epochs
-        for gpus in args.gpus
-    ]
-    print(f"{rate:.1f} clips/s per GPU: {description}")
-    print(
-        f"scaling efficiency beyond 1 GPU {args.efficiency:g} (assumed); "
-        f"decode {args.loader_clips_per_cpu_s:g} clips per CPU-second\n"
     )
-    print(format_table(rows))
     return 0
 
 

@@ -154,14 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             left = deadline - time.perf_counter()
             if left < 30:
                 outcomes[name] = (f"not run: --budget {args.budget:.0f} s spent", 0.0)
-                continue
-            print(f"{name} ...", flush=True)
-            outcomes[name] = run_item(name, arguments, int(min(limit, left)), args.out, log)
-            print(f"{name}: {outcomes[name][0]} in {outcomes[name][1]:.0f} s", flush=True)
+            else:
+                print(f"{name} ...", flush=True)
+                outcomes[name] = run_item(name, arguments, int(min(limit, left)), args.out, log)
+                print(f"{name}: {outcomes[name][0]} in {outcomes[name][1]:.0f} s", flush=True)
             # after every item, so a lease that ends mid-suite still brings back a summary
-            (args.out / "summary.md").write_text(summarise(args.out, outcomes))
-    summary = summarise(args.out, outcomes)
-    (args.out / "summary.md").write_text(summary)
+            summary = summarise(args.out, outcomes)
+            (args.out / "summary.md").write_text(summary)
     print("\n" + summary)
     b32 = args.out / "step_paper_b32.json"
     if b32.exists() and "step_paper_b32" in outcomes:
@@ -170,14 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as error:  # the fast path failed (e.g. out of memory)
             print(f"no cost table: {error}")
         else:
-            rows = [
-                cost_table.estimate(clips, 20, gpus, rate, dataset=dataset, efficiency=0.9)
-                for dataset, clips in cost_table.DATASETS.items()
-                for gpus in (1, 8, 32)
-            ]
-            table = (
-                f"{rate:.1f} clips/s per GPU: {description}\n\n{cost_table.format_table(rows)}\n"
-            )
+            table = cost_table.report(rate, description)
             (args.out / "cost_table.md").write_text(table)
             print(table)
     return 0 if all(outcome == "ok" for outcome, _ in outcomes.values()) else 1
