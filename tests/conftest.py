@@ -65,14 +65,17 @@ def ray_session():
     """One local Ray for the whole session, with more logical CPUs than this machine has cores.
 
     The dashboard stays on: without its State API, Train placement groups of finished Tune
-    trials leak and the next trial hangs (ray_notes.md §6.2). `FAKE_AWS_ENV` is set before
-    `ray.init`, because Ray's worker processes inherit the environment of the process that
-    starts Ray, not later changes to it.
+    trials leak and the next trial hangs (ray_notes.md §6.2). `FAKE_AWS_ENV`, and the
+    `LOCAL_RAY_ENV` that `svt-ray` gives a local Ray it starts, are set before `ray.init`,
+    because Ray's worker processes inherit the environment of the process that starts Ray,
+    not later changes to it.
     """
     ray = pytest.importorskip("ray")
+    from svt_ray.train import LOCAL_RAY_ENV
+
     started = not ray.is_initialized()
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in FAKE_AWS_ENV.items():
+        for name, value in {**FAKE_AWS_ENV, **LOCAL_RAY_ENV}.items():
             patch.setenv(name, value)
         if started:
             ray.init(

@@ -162,6 +162,23 @@ def test_a_local_ray_instance_has_room_for_the_workers_and_the_data(monkeypatch)
     assert local_ray_cpus(cpus_per_run(two_workers)) == 16
 
 
+def test_a_local_ray_gets_the_local_environment_unless_the_user_set_it(monkeypatch):
+    from svt_ray import train
+
+    seen = []
+    monkeypatch.setattr(train.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(train.ray, "init", lambda **kwargs: seen.append(dict(os.environ)))
+    (name, value), *_ = train.LOCAL_RAY_ENV.items()
+    monkeypatch.delenv(name, raising=False)
+    train.ensure_ray("ray://head:10001")  # a cluster keeps Ray's defaults
+    assert name not in seen[-1]
+    train.ensure_ray(None, num_cpus=2)  # a local Ray that svt-ray starts
+    assert seen[-1][name] == value
+    monkeypatch.setenv(name, "3")
+    train.ensure_ray(None, num_cpus=2)
+    assert seen[-1][name] == "3"
+
+
 @pytest.mark.slow
 def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
     tmp_path, synthetic_shards, private_ray_env
