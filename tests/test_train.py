@@ -179,6 +179,29 @@ def test_a_local_ray_gets_the_local_environment_unless_the_user_set_it(monkeypat
     assert seen[-1][name] == "3"
 
 
+def test_a_started_pass_yields_every_batch_once_and_raises_what_fetching_raised():
+    from svt_ray.train import _StartedPass
+
+    fetched = []
+
+    def batches(n, error=None):
+        for i in range(n):
+            fetched.append(i)
+            yield i
+        if error is not None:
+            raise error
+
+    started = _StartedPass(batches(3))
+    started._thread.join()
+    assert fetched == [0]  # the first batch is asked for before anyone iterates
+    assert list(started) == [0, 1, 2]
+    assert list(_StartedPass(batches(0))) == []
+    with pytest.raises(ValueError, match="bad shard"):  # raised while fetching the first
+        list(_StartedPass(batches(0, ValueError("bad shard"))))
+    with pytest.raises(OSError, match="late"):  # after the first batch: raised as usual
+        list(_StartedPass(batches(2, OSError("late"))))
+
+
 @pytest.mark.slow
 def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
     tmp_path, synthetic_shards, private_ray_env
