@@ -11,12 +11,12 @@ The only module that touches `ray.data` (design.md §2). Two datasets:
   named clip spec (frames, size), frames spread evenly over a centred window, short side
   resized to `size`, centre crop. One column per spec, plus `label` and `clip_id`.
 
-Plan: `read_parquet` (file order shuffled per epoch) -> `select_columns` -> split filter ->
-`map_batches` with a callable class on an actor pool (decoders are created inside the actors).
-A training run's remaining epochs are one stream instead (slices of the shards' row groups,
-each pass in its own order, read inside the decode actors), so the actors do not restart at
-every epoch. Shuffling beyond that order (a local buffer) and one stream per Train worker
-(`streaming_split`) come from Ray Train's `get_dataset_shard(...).iter_torch_batches`.
+Plan: read items (slices of the shards' row groups, each pass over the split in its own
+order; a training run's remaining epochs are one stream, so the actors do not restart at
+every epoch) -> `map_batches` with a callable class on an actor pool, into which Ray fuses
+the read (decoders are created inside the actors). Shuffling beyond that order (a local
+buffer) and one stream per Train worker (`streaming_split`) come from Ray Train's
+`get_dataset_shard(...).iter_torch_batches`.
 
 A clip that fails to decode is skipped, logged, and counted: per actor, in the Ray metric
 `svt_data_decode_failures`, and in a small named actor that `decode_failure_count()` reads.
@@ -41,7 +41,7 @@ from svt_ray.views import ViewSampler, spread_indices, view_slots
 logger = logging.getLogger(__name__)
 
 READ_COLUMNS = ["id", "label", "split", "video", "num_frames", "height", "width"]
-READ_ROWS = 64  # rows per read item of a multi-epoch stream (data_prep writes 32-row groups)
+READ_ROWS = 64  # rows per read item (data_prep writes 32-row groups)
 READ_BLOCKS = 2000  # most blocks of read items in one stream (see `_read_shards`)
 STATS_ACTOR = "svt_data_decode_stats"
 
@@ -85,15 +85,19 @@ def manifest_checksum(manifest: Mapping) -> str:
 
 
 def _read_shards(data_path: str, split: str | None, shuffle_seed: int | None, epochs: int = 1):
-    """The shard rows of one split, with only the columns decoding needs.
+    """The rows of one split, with only the columns decoding needs: `epochs` passes over it
+    in one stream, so the decode actors stay up between epochs instead of starting again
+    (18-26 s per epoch on 2 cores, 2 workers).
 
-    `epochs` > 1 makes one stream that passes over the split that many times, each pass in its
-    own order of shard slices (from `shuffle_seed`): one execution, so the decode actors stay
-    up between epochs instead of starting again (18-26 s per epoch on 2 cores, 2 workers).
+    A pass is a list of items, each a slice of about READ_ROWS rows of one shard, in an order
+    drawn per pass from `shuffle_seed` (shard order without one); Ray fuses the read into the
+    decode actors. Slices, not files: a block goes to one actor, and `read_parquet` makes one
+    block of a shard under 128 MiB, so a dataset of few shards kept one actor busy however
+    many the pool had (the demo's one shard; the loader benchmark's 2 actors ran at the rate
+    of one). Short items also keep each actor task short, so the first batch waits for tens
+    of clips, not a whole shard (622 clips: 18 s instead of 50 s).
     """
     import ray.data
-    from ray.data.datasource.file_based_datasource import FileShuffleConfig
-    from ray.data.expressions import col
 
     from data_prep.shards import read_manifest
 
@@ -101,25 +105,9 @@ def _read_shards(data_path: str, split: str | None, shuffle_seed: int | None, ep
     shards = [s for s in manifest["shards"] if split is None or s["splits"].get(split)]
     if not shards:
         raise ValueError(f"{data_path}: no shard holds clips of split {split!r}")
-    files = [f"{root}/{shard['file']}" for shard in shards]
-    if epochs == 1:
-        shuffle = None
-        if shuffle_seed is not None:
-            # A different file order in every execution (epoch), reproducible from the seed.
-            shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-        dataset = ray.data.read_parquet(files, filesystem=filesystem, shuffle=shuffle)
-        dataset = dataset.select_columns(READ_COLUMNS)
-        if split is not None:  # a predicate Ray can push into the Parquet read
-            dataset = dataset.filter(expr=col("split") == split)
-        return dataset
-    # read_parquet reads a repeated path once, and a union of one read per epoch starts every
-    # epoch's file listing at once (each holding a CPU). So the passes are a list of items,
-    # each a slice of one shard's row groups, shuffled within their epoch. Ray fuses this read
-    # into the decode actors; items of about READ_ROWS rows keep each actor task short, so the
-    # first batch waits for tens of clips, not a whole shard (622 clips: 50 s instead of 18 s).
     parts = [
-        {"file": path, "part": part, "parts": count}
-        for path, shard in zip(files, shards, strict=True)
+        {"file": f"{root}/{shard['file']}", "part": part, "parts": count}
+        for shard in shards
         for count in [max(1, math.ceil(shard["num_rows"] / READ_ROWS))]
         for part in range(count)
     ]

@@ -78,7 +78,15 @@ def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
         assert wall > 0 and cpu > 0 and decode > 0, name
         assert per_cpu_second == pytest.approx(1 / cpu, rel=0.05), name
         assert ratio == pytest.approx(reference_cpu / cpu, rel=0.03, abs=0.06), name  # rounded
-    assert re.search(r"^\| 1 \| [\d.]+ \| 1\.00 \|$", done.stdout, re.MULTILINE), done.stdout
+    pipeline = re.search(
+        r"single-core rate \(([\d.]+) clips/s\) \|$.*^\| 1 \| ([\d.]+) \| 1\.00 \| ([\d.]+) \|$",
+        done.stdout,
+        re.MULTILINE | re.DOTALL,
+    )
+    assert pipeline, done.stdout
+    single_core, rate, versus_single_core = map(float, pipeline.groups())
+    assert single_core == pytest.approx(rows["ours, 15 fps shards (default cap)"][2], abs=0.01)
+    assert versus_single_core == pytest.approx(rate / single_core, rel=0.03, abs=0.01)
     assert re.search(r"bytes per clip .*kB at 30 fps, .*kB at 15 fps", done.stdout)
 
 
