@@ -173,6 +173,33 @@ def test_shard_parts_cover_its_rows_of_a_split_once(tmp_path, parts):
     assert {e for t in read for e in t["epoch"].to_pylist()} == {7}
 
 
+def test_a_pass_over_one_shard_is_several_blocks_for_the_decode_actors(
+    synthetic_shards, ray_session, tmp_path, monkeypatch
+):
+    """A block goes to one decode actor, so a pass over a dataset of one shard must be read in
+    slices: as one block (`read_parquet` of a shard under 128 MiB), one actor decoded it all."""
+    merged = tmp_path / "one_shard"
+    merged.mkdir()
+    manifest = json.loads((synthetic_shards / "manifest.json").read_text())
+    tables = [pq.read_table(synthetic_shards / shard["file"]) for shard in manifest["shards"]]
+    table = pa.concat_tables(tables)
+    pq.write_table(table, merged / "part-00000.parquet", row_group_size=4)
+    manifest["shards"] = [
+        {
+            **manifest["shards"][0],
+            "file": "part-00000.parquet",
+            "num_rows": table.num_rows,
+            "splits": dict(Counter(table["split"].to_pylist())),
+        }
+    ]
+    (merged / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(data, "READ_ROWS", 8)  # 20 rows in 5 row groups: 3 slices of them
+    read = data._read_shards(str(merged), None, shuffle_seed=None).materialize()
+    blocks = [len(block["id"]) for block in read.iter_batches(batch_size=None)]
+    assert sorted(blocks) == [4, 8, 8]
+    assert sorted(read.to_pandas()["id"]) == sorted(table["id"].to_pylist())
+
+
 def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_session, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(synthetic_shards, broken)
