@@ -315,7 +315,9 @@ class FeatureUDF:
 
 
 def load_state(path: str) -> dict:
-    """A checkpoint file (state.pt) or a checkpoint directory holding one; local or a URI."""
+    """A checkpoint file (state.pt) or a checkpoint directory holding one; local or a URI.
+    Loaded with `weights_only=True`: tensors and plain containers only, so a checkpoint from a
+    shared bucket cannot run code."""
     import io
     from pathlib import Path
 
@@ -326,13 +328,13 @@ def load_state(path: str) -> dict:
         if not where.endswith(".pt"):
             where = f"{where.rstrip('/')}/state.pt"
         with filesystem.open_input_stream(where) as stream:
-            return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=False)
+            return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
     file = Path(path)
     if file.is_dir():
         file = file / "state.pt"
     if not file.is_file():
         raise FileNotFoundError(f"no SVT checkpoint at {path} (expected state.pt)")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def cpus_per_evaluation(config) -> float:

@@ -195,7 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             saved = torch.load(
-                Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=False
+                Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True
             )
         step = int(saved["step"])
     shard = ray.train.get_dataset_shard("train")  # [4]
