@@ -513,6 +513,10 @@ def run_pretraining(
             f"run {run_name!r} diverged before ({run_dir}/{DIVERGED_FILE}); change the recipe "
             "and use a new train.run_name"
         )
+    if progress is not None and progress["step"] >= resolved.derived.total_steps:
+        finished = _finished_run(resolved, run_name, run_dir, progress["step"])
+        if finished is not None:
+            return finished
     mlflow_run_id = _start_mlflow_run(
         resolved, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags
     )
@@ -584,6 +588,42 @@ def run_pretraining(
         mlflow_run_id=mlflow_run_id,
         metrics=dict(result.metrics or {}),
         config=resolved,
+    )
+
+
+def _finished_run(
+    config: ExperimentConfig, run_name: str, run_dir: str, step: int
+) -> PretrainResult | None:
+    """[driver] The result of a run whose latest checkpoint is its last step, without starting
+    Ray Train (which would build the workers and the data stream to train nothing); None when
+    that checkpoint or the run's record is missing, so the caller lets Ray Train sort it out."""
+    recorded = read_json(join_uri(run_dir, RUN_FILE))
+    checkpoint = join_uri(run_dir, f"checkpoint_{step:08d}")
+    filesystem, where = _filesystem(join_uri(checkpoint, CHECKPOINT_FILE))
+    if recorded is None or filesystem.get_file_info(where).type != pafs.FileType.File:
+        return None
+    run_id = recorded["mlflow_run_id"]
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(config.tracking.tracking_uri)
+        run = client.get_run(run_id)
+        metrics = dict(run.data.metrics)
+        if run.info.status == "RUNNING":  # the driver died after the last checkpoint
+            client.set_terminated(run_id, "FINISHED")
+    except Exception as error:  # another --tracking-uri than the run's: the checkpoint still counts
+        logger.warning("run %s: its MLflow run %s is not in %s (%s)", run_name, run_id,
+                       config.tracking.tracking_uri, error)  # fmt: skip
+        metrics = {}
+    logger.info("run %s finished before (step %d of %d): nothing to train", run_name, step,
+                config.derived.total_steps)  # fmt: skip
+    return PretrainResult(
+        run_name=run_name,
+        run_dir=run_dir,
+        checkpoint_path=checkpoint,
+        mlflow_run_id=run_id,
+        metrics=metrics,
+        config=config,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from factories import SHORT_RUN
 
+from svt_ray import train as train_module
 from svt_ray.config import load_config
 from svt_ray.evaluate import evaluate_backbones, load_state
 from svt_ray.train import (
@@ -97,7 +98,7 @@ def test_two_worker_run_is_recorded_in_mlflow(
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
-    tmp_path, synthetic_shards, ray_session
+    tmp_path, synthetic_shards, ray_session, monkeypatch
 ):
     common = ("data.deterministic=true", "train.max_failures=0")
     whole = run_pretraining(experiment(tmp_path, synthetic_shards, *common, "train.run_name=whole"))
@@ -113,6 +114,18 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
         for name, tensor in a[key].items():
             # Same data order, same steps: equal up to float reassociation (stated: 1e-5).
             torch.testing.assert_close(b[key][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+    # Resuming the finished run again trains nothing and starts no Ray Train workers.
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a finished run started Ray Train")
+
+    monkeypatch.setattr(train_module, "TorchTrainer", no_trainer)
+    again = run_pretraining(interrupted, resume=True)
+    assert again.checkpoint_path == resumed.checkpoint_path
+    assert again.mlflow_run_id == resumed.mlflow_run_id
+    assert again.metrics["step"] == b["step"]
+    status = mlflow_client(tmp_path).get_run(again.mlflow_run_id).info.status
+    assert status == "FINISHED"
 
 
 # A worker lost mid-run (FailureConfig restart from the last registered checkpoint, each step
