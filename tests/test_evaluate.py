@@ -92,3 +92,17 @@ def test_load_state_from_a_folder_a_file_and_a_uri(tmp_path):
     assert load_state(tmp_path.as_uri())["step"] == 7
     with pytest.raises(FileNotFoundError, match="no SVT checkpoint"):
         load_state(str(tmp_path / "missing"))
+
+
+class _Payload:
+    """Stands for any pickled object: unpickling it would run its class's code."""
+
+
+def test_load_state_refuses_a_checkpoint_that_pickles_objects(tmp_path):
+    import pickle
+
+    from svt_ray.evaluate import load_state
+
+    torch.save({"step": 7, "payload": _Payload()}, tmp_path / "state.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_state(str(tmp_path))
