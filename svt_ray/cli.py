@@ -237,6 +237,29 @@ def evaluate(
     typer.echo(format_table([result.row() for result in results]))
 
 
+@app.command("export")
+def export(
+    checkpoint: Annotated[
+        str, typer.Argument(help="Checkpoint directory, its state.pt, or a filesystem URI.")
+    ],
+    out: Annotated[Path, typer.Argument(help="File to write, e.g. svt_backbone.pt.")],
+    weights: Annotated[
+        str, typer.Option("--weights", help="Which network: teacher (what SVT uses) or student.")
+    ] = "teacher",
+) -> None:
+    """Write one backbone of a checkpoint, with its config, for fine-tuning or features
+    (`svt_ray.export.load_backbone` reads it back)."""
+    from svt_ray.export import WEIGHTS, export_backbone
+
+    if weights not in WEIGHTS:
+        raise fail(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    try:
+        summary = export_backbone(checkpoint, out, weights)
+    except FileNotFoundError as error:
+        raise fail(str(error)) from None
+    typer.echo(summary.line())
+
+
 def build_config_from_dict(recorded: dict, current: ExperimentConfig) -> ExperimentConfig:
     """A checkpoint's recorded config, with the data and eval settings of this invocation."""
     from svt_ray.config import validate_config

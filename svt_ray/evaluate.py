@@ -266,12 +266,6 @@ class OnlineKNN:
 # -- evaluating a checkpoint on labelled shards ------------------------------------------------
 
 
-def teacher_backbone_state(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The teacher's backbone weights from a training checkpoint (SVT evaluates the teacher)."""
-    prefix = "backbone."
-    return {k[len(prefix) :]: v for k, v in checkpoint["teacher"].items() if k.startswith(prefix)}
-
-
 class FeatureUDF:
     """Ray Data UDF: labelled clips -> CLS features of one or more backbones, plus the mean
     pixels of each clip's middle frame (the frame-only baseline). One model set per actor."""
@@ -285,6 +279,7 @@ class FeatureUDF:
         device: str | None = None,
     ):
         from svt_ray.config import ExperimentConfig
+        from svt_ray.export import backbone_state
         from svt_ray.model import build_backbone
 
         experiment = ExperimentConfig.model_validate(config)
@@ -294,7 +289,7 @@ class FeatureUDF:
             torch.manual_seed(experiment.train.seed)  # "random" = the run's own initialisation
             backbone = build_backbone(experiment)
             if path is not None:
-                backbone.load_state_dict(teacher_backbone_state(load_state(path)))
+                backbone.load_state_dict(backbone_state(load_state(path), "teacher"))
             self.extractors[name] = FeatureExtractor(
                 backbone, experiment.views.mean, experiment.views.std, device
             )

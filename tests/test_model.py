@@ -209,7 +209,7 @@ def test_init_from_unrelated_checkpoint_is_rejected(tmp_path):
 
 def test_model_import_pulls_in_neither_ray_nor_mlflow():
     code = (
-        "import sys, svt_ray.model, svt_ray.engine, svt_ray.views, svt_ray.losses; "
+        "import sys, svt_ray.model, svt_ray.engine, svt_ray.views, svt_ray.losses, svt_ray.export; "
         "bad = [m for m in ('ray', 'mlflow', 'typer') if m in sys.modules]; "
         "assert not bad, bad"
     )

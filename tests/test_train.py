@@ -86,11 +86,12 @@ def test_two_worker_run_is_recorded_in_mlflow(
     assert all(0.0 <= m.value <= 100.0 for m in online)
     assert result.metrics["online_knn_top1"] == online[-1].value
     # ...and it is the kNN of the final teacher, recomputed here from the checkpoint.
-    from svt_ray.evaluate import OnlineKNN, teacher_backbone_state
+    from svt_ray.evaluate import OnlineKNN
+    from svt_ray.export import backbone_state
     from svt_ray.model import build_backbone
 
     backbone = build_backbone(result.config)
-    backbone.load_state_dict(teacher_backbone_state(load_state(result.checkpoint_path)))
+    backbone.load_state_dict(backbone_state(load_state(result.checkpoint_path)))
     again = OnlineKNN.from_config(result.config)(backbone)
     assert again.top1 == pytest.approx(online[-1].value)
     lines = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()

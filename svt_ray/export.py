@@ -1,0 +1,116 @@
+"""A pretrained backbone for downstream use: `svt-ray export` and `load_backbone`.
+
+A training checkpoint (`state.pt`) holds both networks, their heads, the optimiser and the loss
+centre. Downstream work (fine-tuning, feature extraction) needs one backbone and how to build
+it. `export_backbone` writes just that, loadable with `torch.load(..., weights_only=True)`:
+
+    {"format": "svt-ray backbone v1",
+     "backbone": {name: tensor},  # TimeSformer weights, no head; keys as the reference SVT
+                                  # code's VisionTransformer (its ckpt["teacher"] without the
+                                  # `backbone.` prefix): cls_token, pos_embed, time_embed,
+                                  # patch_embed.proj.*, blocks.N.{norm1,attn,temporal_norm1,
+                                  # temporal_attn,temporal_fc,norm2,mlp}.*, norm.*
+     "config": {...},             # the run's resolved experiment config (architecture, the
+                                  # normalisation mean/std in config["views"])
+     "source": {"checkpoint": str, "step": int, "weights": "teacher" | "student"}}
+
+SVT evaluates and fine-tunes the teacher (svt_spec.md §5); the student is there for comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from svt_ray.config import ExperimentConfig
+from svt_ray.model import TimeSformer, build_backbone
+
+FORMAT = "svt-ray backbone v1"
+WEIGHTS = ("teacher", "student")
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    path: Path
+    step: int
+    weights: str
+    tensors: int
+    parameters: int
+    num_bytes: int
+
+    def line(self) -> str:
+        return (
+            f"{self.weights} backbone of step {self.step}: {self.tensors} tensors, "
+            f"{self.parameters / 1e6:.2f} M parameters, {self.num_bytes / 1e6:.1f} MB -> {self.path}"
+        )
+
+
+def backbone_state(checkpoint: dict, weights: str = "teacher") -> dict[str, torch.Tensor]:
+    """One network's backbone weights from a training checkpoint, `backbone.` prefix removed."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    prefix = "backbone."
+    state = checkpoint[weights]
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") -> ExportSummary:
+    """Write the `weights` backbone of `checkpoint` (a checkpoint folder, its state.pt, or a
+    filesystem URI of either) to `out`, atomically: a failed write leaves no partial file."""
+    from svt_ray.evaluate import load_state
+
+    saved = load_state(checkpoint)
+    state = {key: value.detach().clone() for key, value in backbone_state(saved, weights).items()}
+    config = ExperimentConfig.model_validate(saved["config"])
+    build_backbone(config).load_state_dict(state)  # the file must rebuild: fail here, not later
+    payload = {
+        "format": FORMAT,
+        "backbone": state,
+        "config": config.model_dump(mode="json"),
+        "source": {"checkpoint": checkpoint, "step": int(saved["step"]), "weights": weights},
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return ExportSummary(
+        path=out,
+        step=int(saved["step"]),
+        weights=weights,
+        tensors=len(state),
+        parameters=sum(value.numel() for value in state.values()),
+        num_bytes=out.stat().st_size,
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_backbone(path: str | Path) -> tuple[TimeSformer, ExperimentConfig]:
+    """The backbone of an `export_backbone` file, built and loaded, in eval mode, with the
+    config it was trained with (`config.views.mean` / `.std` normalise its input)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(
+            f"{path}: not an svt-ray backbone file (no format {FORMAT!r}); make one with "
+            "`svt-ray export CHECKPOINT OUT`, or read a training checkpoint with "
+            "svt_ray.evaluate.load_state"
+        )
+    config = ExperimentConfig.model_validate(payload["config"])
+    backbone = build_backbone(config)
+    backbone.load_state_dict(payload["backbone"])
+    return backbone.eval(), config

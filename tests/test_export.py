@@ -1,0 +1,95 @@
+"""`svt-ray export`: one backbone of a checkpoint, rebuilt by `load_backbone` to the same features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import random_views, small_config
+from typer.testing import CliRunner
+
+from svt_ray.cli import app
+from svt_ray.engine import build_state, state_dict, train_step
+from svt_ray.evaluate import FeatureExtractor
+from svt_ray.export import FORMAT, export_backbone, load_backbone
+from svt_ray.model import build_backbone
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A training checkpoint after two steps, so teacher (EMA) and student differ."""
+    config = small_config("tiny", "optim.batch_size=4", "optim.warmup_epochs=0").resolve(400)
+    state = build_state(config)
+    batch = random_views(config, 4)
+    for step in range(2):
+        train_step(state, batch, step, torch.Generator().manual_seed(step))
+    folder = tmp_path_factory.mktemp("run") / "checkpoint_00000002"
+    folder.mkdir()
+    torch.save(state_dict(state, 2), folder / "state.pt")
+    return folder
+
+
+def clips(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, 3, 8, 64, 64), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize("weights", ["teacher", "student"])
+def test_exported_backbone_gives_the_checkpoints_features(checkpoint, tmp_path, weights):
+    summary = export_backbone(str(checkpoint), tmp_path / "out" / "backbone.pt", weights)
+    saved = torch.load(checkpoint / "state.pt", weights_only=True)
+    payload = torch.load(summary.path, weights_only=True)  # tensors and plain containers only
+    assert payload["format"] == FORMAT
+    assert payload["source"] == {"checkpoint": str(checkpoint), "step": 2, "weights": weights}
+    expected = {k[len("backbone.") :]: v for k, v in saved[weights].items() if "backbone." in k}
+    assert payload["backbone"].keys() == expected.keys()  # the backbone, no head
+    assert {"cls_token", "pos_embed", "time_embed", "blocks.0.temporal_attn.qkv.weight"} <= set(
+        expected
+    )  # the reference VisionTransformer's key names
+    assert summary.step == 2 and summary.tensors == len(expected)
+
+    backbone, config = load_backbone(summary.path)
+    assert not backbone.training
+    reference = build_backbone(config)  # written out: the checkpoint's weights, loaded by hand
+    reference.load_state_dict(expected)
+    mean, std = config.views.mean, config.views.std
+    got = FeatureExtractor(backbone, mean, std).features(clips())
+    want = FeatureExtractor(reference, mean, std).features(clips())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_teacher_and_student_exports_differ(checkpoint, tmp_path):
+    teacher = export_backbone(str(checkpoint), tmp_path / "t.pt", "teacher")
+    student = export_backbone(str(checkpoint), tmp_path / "s.pt", "student")
+    a = torch.load(teacher.path, weights_only=True)["backbone"]
+    b = torch.load(student.path, weights_only=True)["backbone"]
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+
+
+def test_failed_write_leaves_no_file(checkpoint, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_backbone(str(checkpoint), tmp_path / "backbone.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_backbone_names_a_training_checkpoint_for_what_it_is(checkpoint):
+    with pytest.raises(
+        ValueError, match=r"state\.pt: not an svt-ray backbone file.*svt-ray export"
+    ):
+        load_backbone(checkpoint / "state.pt")
+
+
+def test_cli_export_and_its_errors(checkpoint, tmp_path):
+    out = tmp_path / "svt_backbone.pt"
+    result = CliRunner().invoke(app, ["export", str(checkpoint), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "teacher backbone of step 2" in result.stdout and out.is_file()
+
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), str(out)])
+    assert result.exit_code == 2 and "error: no SVT checkpoint at" in result.stderr
+    result = CliRunner().invoke(app, ["export", str(checkpoint), str(out), "--weights", "ema"])
+    assert result.exit_code == 2 and "error: --weights: 'ema'" in result.stderr
+    assert "Traceback" not in result.output
