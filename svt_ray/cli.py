@@ -203,7 +203,9 @@ def evaluate(
     checkpoint: Annotated[
         str | None,
         typer.Option(
-            "--checkpoint", help="Checkpoint directory (or state.pt); omit for random init."
+            "--checkpoint",
+            help="Checkpoint directory, its state.pt, or a file of `svt-ray export`; omit for "
+            "random init.",
         ),
     ] = None,
     preset: PresetOption = "paper",

@@ -50,7 +50,10 @@ class ExportSummary:
 
 
 def backbone_state(checkpoint: dict, weights: str = "teacher") -> dict[str, torch.Tensor]:
-    """One network's backbone weights from a training checkpoint, `backbone.` prefix removed."""
+    """One network's backbone weights from a training checkpoint, `backbone.` prefix removed;
+    an exported file's own backbone (whichever network it was made from)."""
+    if checkpoint.get("format") == FORMAT:
+        return checkpoint["backbone"]
     if weights not in WEIGHTS:
         raise ValueError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
     prefix = "backbone."

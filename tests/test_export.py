@@ -93,3 +93,14 @@ def test_cli_export_and_its_errors(checkpoint, tmp_path):
     result = CliRunner().invoke(app, ["export", str(checkpoint), str(out), "--weights", "ema"])
     assert result.exit_code == 2 and "error: --weights: 'ema'" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_evaluation_takes_an_exported_file_as_it_takes_the_checkpoint(checkpoint, tmp_path):
+    """`svt-ray eval --checkpoint svt_backbone.pt`: the Ray Data feature UDF, run in-process."""
+    from svt_ray.evaluate import FeatureUDF
+
+    exported = export_backbone(str(checkpoint), tmp_path / "backbone.pt").path
+    config = torch.load(exported, weights_only=True)["config"]
+    udf = FeatureUDF(config, {"ckpt": str(checkpoint), "file": str(exported)}, ["clip"])
+    out = udf({"label": torch.arange(3).numpy(), "clip": clips().numpy()})
+    assert (out["ckpt/clip"] == out["file/clip"]).all()
