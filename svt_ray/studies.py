@@ -385,6 +385,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
 
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri
     from svt_ray.train import (
+        check_local_gpus,
         cpus_per_run,
         ensure_ray,
         join_uri,
@@ -410,6 +411,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         options.address,
         num_cpus=local_ray_cpus(cpus_per_run(largest) + TRIAL_DRIVER_CPUS),
     )
+    if options.address is None:  # trials asking for GPUs local Ray lacks would wait, not fail
+        check_local_gpus(largest)
     data_path = options.data_path
     if data_path is None:  # the embedded default: synthetic videos, made once
         from svt_ray.demo import prepare_synthetic_data

@@ -480,6 +480,25 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any)
         ray.init(address=address, num_cpus=None if address else num_cpus, **options)
 
 
+def check_local_gpus(config: ExperimentConfig) -> None:
+    """[driver] A local Ray instance has the GPUs of this machine and no more: a run that asks
+    for more would wait for them (`train.wait_for_workers_s`, 20 minutes by default) and then
+    fail. On a cluster (`scaling.address`) the autoscaler may still add GPUs, so it is not
+    checked there."""
+    scaling = config.scaling
+    needed = scaling.num_workers * scaling.gpus_per_worker
+    if scaling.address or not needed:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if have < needed:
+        raise ConfigError(
+            f"scaling.gpus_per_worker: {scaling.num_workers} worker(s) x "
+            f"{scaling.gpus_per_worker:g} GPU need {needed:g} GPU(s), and the local Ray instance "
+            f"has {have:g}; pass --gpus-per-worker 0 to train on CPU, fewer --workers, or the "
+            "--address of a cluster with GPUs"
+        )
+
+
 def run_pretraining(
     config: ExperimentConfig,
     *,
@@ -517,6 +536,9 @@ def run_pretraining(
         finished = _finished_run(resolved, run_name, run_dir, progress["step"])
         if finished is not None:
             return finished
+    scaling = resolved.scaling
+    ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
+    check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
     mlflow_run_id = _start_mlflow_run(
         resolved, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags
     )
@@ -529,8 +551,6 @@ def run_pretraining(
         run_dir, mlflow_run_id,
     )  # fmt: skip
 
-    scaling = resolved.scaling
-    ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     if resolved.data.deterministic:
         data.preserve_order()
     use_gpu = scaling.gpus_per_worker > 0

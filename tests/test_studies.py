@@ -338,6 +338,17 @@ def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
         run_study(spec, options)
 
 
+def test_a_local_study_asking_for_gpus_ray_lacks_fails_before_any_trial(
+    tmp_path, synthetic_shards, ray_session
+):
+    spec = StudySpec("gpu", "q", [Sweep("optim.batch_size", (2, 4))])
+    options = _smoke_options(tmp_path, synthetic_shards)
+    options.overrides = [*options.overrides, "scaling.gpus_per_worker=64"]
+    with pytest.raises(ConfigError, match=r"need 64 GPU\(s\), and the local Ray instance has"):
+        run_study(spec, options)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(tmp_path):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient

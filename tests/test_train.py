@@ -13,7 +13,7 @@ import torch
 from factories import SHORT_RUN
 
 from svt_ray import train as train_module
-from svt_ray.config import load_config
+from svt_ray.config import ConfigError, load_config
 from svt_ray.evaluate import evaluate_backbones, load_state
 from svt_ray.train import (
     PROGRESS_FILE,
@@ -165,6 +165,22 @@ def test_evaluation_of_a_checkpoint_and_random_init(tmp_path, synthetic_shards, 
     assert names == ["learned", "learned slow-fast", "random", "random slow-fast", "frame pixels"]
     for row in rows:
         assert 0.0 <= row.knn.top1 <= row.knn.top5 <= 100.0
+
+
+def test_asking_local_ray_for_gpus_it_lacks_fails_at_once(tmp_path, synthetic_shards, ray_session):
+    """Not after train.wait_for_workers_s (64 GPUs: more than any test machine has)."""
+    config = experiment(
+        tmp_path, synthetic_shards, "train.run_name=gpu", "scaling.gpus_per_worker=64"
+    )
+    with pytest.raises(
+        ConfigError, match=r"need 64 GPU\(s\), and the local Ray instance has [0-9]"
+    ):
+        run_pretraining(config)
+    assert not (tmp_path / "runs" / "gpu").exists()  # nothing recorded for a run that never ran
+    experiment_ = mlflow_client(tmp_path).get_experiment_by_name(config.tracking.experiment)
+    assert experiment_ is None or not mlflow_client(tmp_path).search_runs(
+        [experiment_.experiment_id]
+    )
 
 
 def test_a_local_ray_instance_has_room_for_the_workers_and_the_data(monkeypatch):
