@@ -60,6 +60,11 @@ def read_dataset_manifest(data_path: str) -> dict:
     try:
         manifest, _, _ = read_manifest(data_path)
     except FileNotFoundError as error:
+        if _holds_videos(data_path):
+            raise ConfigError(
+                f"data.path: {error}; it holds videos: shard them with `svt-ray prep "
+                f"{data_path} SHARDS` (or `python -m data_prep`) and pass --data SHARDS"
+            ) from None
         raise ConfigError(
             f"data.path: {error}; make one with `svt-ray prep VIDEOS {data_path}` "
             "(or `python -m data_prep`), or pass --data with an existing one"
@@ -70,6 +75,21 @@ def read_dataset_manifest(data_path: str) -> dict:
             f"(schema {SCHEMA_VERSION}) into a new folder"
         ) from None
     return {**manifest, "data_path": data_path}
+
+
+def _holds_videos(data_path: str, look_at: int = 2000) -> bool:
+    """Whether a local folder has video files among its first `look_at` entries (a user who
+    passed the raw videos as --data). Buckets are not listed: that can take long."""
+    import itertools
+    from pathlib import Path
+
+    from data_prep.inputs import VIDEO_EXTENSIONS
+
+    folder = Path(data_path)
+    if "://" in data_path or not folder.is_dir():
+        return False
+    entries = itertools.islice(folder.rglob("*"), look_at)
+    return any(entry.suffix.lower() in VIDEO_EXTENSIONS for entry in entries)
 
 
 def split_count(manifest: Mapping, split: str | None) -> int:

@@ -22,13 +22,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from svt_ray.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 
 
-class TrackingUnavailableError(RuntimeError):
-    """The tracking store cannot be used; raised before training starts."""
+class TrackingUnavailableError(ConfigError):
+    """The tracking store cannot be used; raised before training starts. A ConfigError: the
+    commands print it as one line (it names --tracking-uri and what to do), not a traceback."""
 
 
 def absolute_tracking_uri(uri: str) -> str:

@@ -158,6 +158,37 @@ def test_a_folder_that_is_not_a_dataset_is_one_line_that_says_what_to_do(
     assert "schema_version 0 != 1" in result.stderr and "shard the videos again" in result.stderr
 
 
+def test_a_folder_of_videos_as_data_is_told_to_shard_them(tmp_path):
+    videos = tmp_path / "raw"
+    (videos / "class_a").mkdir(parents=True)
+    (videos / "class_a" / "clip.MP4").write_bytes(b"")
+    result = CliRunner().invoke(app, ["pretrain", "--preset", "tiny", "--data", str(videos)])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    assert f"it holds videos: shard them with `svt-ray prep {videos} SHARDS`" in result.stderr
+
+
+def test_an_unusable_tracking_uri_is_one_line_and_compare_creates_no_database(
+    tmp_path, synthetic_shards
+):
+    unreachable = "http://127.0.0.1:9"  # the discard port: nothing listens
+    data = ["--data", str(synthetic_shards), "--storage", str(tmp_path / "runs")]
+    result = CliRunner().invoke(
+        app, ["pretrain", "--preset", "tiny", *data, "--tracking-uri", unreachable]
+    )
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "tracking server http://127.0.0.1:9 is unreachable" in lines[0]
+
+    result = CliRunner().invoke(app, ["compare", "--study", "s", "--tracking-uri", unreachable])
+    assert result.exit_code == 2 and "is unreachable" in result.stderr
+    database = tmp_path / "mlflow.db"
+    result = CliRunner().invoke(
+        app, ["compare", "--study", "s", "--tracking-uri", f"sqlite:///{database}"]
+    )
+    assert result.exit_code == 2 and f"no MLflow database at {database}" in result.stderr
+    assert not database.exists()
+
+
 def test_demo_workdir_that_cannot_be_written_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
