@@ -184,13 +184,15 @@ def _run_trial(trial_config: dict[str, Any]) -> None:
             trial_config["preset"],
             overrides=[*trial_overrides(trial_config), f"train.run_name={study}-{trial_id}"],
         )
-        train.run_pretraining(
+        result = train.run_pretraining(
             config,
             resume=True,  # a restored trial continues from its Train checkpoint
             parent_run_id=trial_config["parent_run_id"],
             extra_tags=tags,
             callbacks=[TuneReportCallback()],
         )
+        if result.already_finished:  # no Ray Train ran, so its callback reported nothing
+            ray.tune.report(result.metrics)
     except Exception as error:
         if _stopped_from_outside(error):
             # Tune stopped the trial (ASHA) or the study driver went away; the driver marks

@@ -416,6 +416,7 @@ class PretrainResult:
     mlflow_run_id: str
     metrics: dict[str, float]
     config: ExperimentConfig
+    already_finished: bool = False  # resumed at its last step: Ray Train was not started
 
 
 def _start_mlflow_run(
@@ -644,6 +645,7 @@ def _finished_run(
         mlflow_run_id=run_id,
         metrics=metrics,
         config=config,
+        already_finished=True,
     )
 
 

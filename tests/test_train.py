@@ -122,6 +122,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
 
     monkeypatch.setattr(train_module, "TorchTrainer", no_trainer)
     again = run_pretraining(interrupted, resume=True)
+    assert again.already_finished and not resumed.already_finished
     assert again.checkpoint_path == resumed.checkpoint_path
     assert again.mlflow_run_id == resumed.mlflow_run_id
     assert again.metrics["step"] == b["step"]
