@@ -338,6 +338,20 @@ def cpus_per_evaluation(config) -> float:
     return config.data.decode_cpus + 2
 
 
+def inference_gpus(config) -> float:
+    """GPUs for the feature-extraction actor. Asked of Ray, not of the driver's torch: on a
+    cluster the driver runs on a CPU head. One GPU if the cluster has one now, or if it is a
+    cluster (`scaling.address`) whose run trained on GPUs (the autoscaler starts a GPU node);
+    none otherwise, as on a laptop evaluating a checkpoint trained on GPUs elsewhere (an actor
+    asking for a GPU there would wait forever)."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return 1.0
+    scaling = config.scaling
+    return 1.0 if scaling.address and scaling.gpus_per_worker > 0 else 0.0
+
+
 def evaluate_backbones(
     config,
     backbones: dict[str, str | None],
@@ -360,7 +374,7 @@ def evaluate_backbones(
         "backbones": backbones,
         "clip_columns": list(clips),
     }
-    gpus = 1.0 if torch.cuda.is_available() else 0.0
+    gpus = inference_gpus(config)
     features = {}
     for split in (settings.train_split, settings.test_split):
         dataset = data.build_eval_dataset(

@@ -106,3 +106,29 @@ def test_load_state_refuses_a_checkpoint_that_pickles_objects(tmp_path):
     torch.save({"step": 7, "payload": _Payload()}, tmp_path / "state.pt")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_state(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("cluster_gpus", "address", "trained_on_gpus", "expected"),
+    [
+        (0, None, 0, 0.0),  # a laptop
+        (0, None, 1, 0.0),  # a laptop evaluating a GPU-trained checkpoint: no GPU to wait for
+        (2, None, 0, 1.0),  # a local GPU machine
+        (0, "auto", 1, 1.0),  # a cluster whose GPU nodes are scaled down: the autoscaler adds one
+        (0, "auto", 0, 0.0),  # a CPU cluster
+        (8, "auto", 0, 1.0),
+    ],
+)
+def test_feature_extraction_asks_ray_for_a_gpu_not_the_drivers_torch(
+    monkeypatch, cluster_gpus, address, trained_on_gpus, expected
+):
+    import ray
+
+    from svt_ray.config import load_config
+    from svt_ray.evaluate import inference_gpus
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": float(cluster_gpus)})
+    overrides = [f"scaling.gpus_per_worker={trained_on_gpus}"]
+    if address:
+        overrides.append(f"scaling.address={address}")
+    assert inference_gpus(load_config("tiny", overrides=overrides)) == expected
