@@ -385,7 +385,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri
+    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, cluster_tracking_uri
     from svt_ray.train import (
         check_local_gpus,
         cpus_per_run,
@@ -415,6 +415,10 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     )
     if options.address is None:  # trials asking for GPUs local Ray lacks would wait, not fail
         check_local_gpus(largest)
+    else:  # trials and their Train workers log from other nodes
+        options.tracking_uri = cluster_tracking_uri(
+            options.tracking_uri, ray.util.get_node_ip_address()
+        )
     data_path = options.data_path
     if data_path is None:  # the embedded default: synthetic videos, made once
         from svt_ray.demo import prepare_synthetic_data

@@ -96,6 +96,53 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
         )
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def cluster_tracking_uri(uri: str, node_ip: str, timeout_s: float = 5.0) -> str:
+    """[driver] The tracking URI as the cluster's other nodes must use it.
+
+    Train workers and Tune trials log from their own nodes, where `http://127.0.0.1:5000`
+    names nothing. Given as loopback, the URI means the server on the driver's node (the head),
+    which the other nodes reach at `node_ip` if the server listens there (`mlflow server --host
+    0.0.0.0` in ray_cluster.yaml; the security group keeps it inside the cluster). If it does
+    not answer there, the URI stays as given and a warning says that workers on other nodes
+    keep their metrics in metrics.jsonl only; a SQLite URI gets the same warning.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        logger.warning(
+            "tracking URI %s on a cluster: Train workers on other nodes cannot write to this "
+            "node's SQLite file, so their metrics stay in metrics.jsonl on their node; run "
+            "`mlflow server --host 0.0.0.0` on the head and pass --tracking-uri "
+            "http://127.0.0.1:5000 (README, On a cluster)",
+            uri,
+        )
+        return uri
+    if parsed.scheme not in ("http", "https") or parsed.hostname not in LOOPBACK_HOSTS:
+        return uri
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+    userinfo = parsed.netloc.rpartition("@")[0]
+    netloc = (f"{userinfo}@" if userinfo else "") + host
+    if parsed.port is not None:
+        netloc += f":{parsed.port}"
+    rewritten = parsed._replace(netloc=netloc).geturl()
+    try:
+        check_tracking_uri(rewritten, timeout_s)
+    except TrackingUnavailableError:
+        logger.warning(
+            "the tracking server %s does not answer at this node's address (%s): Train workers "
+            "on other nodes cannot reach it and keep their metrics in metrics.jsonl only; start "
+            "it with `mlflow server --host 0.0.0.0` (the security group keeps it inside the "
+            "cluster)",
+            uri,
+            rewritten,
+        )
+        return uri
+    logger.info("tracking URI %s -> %s, which every node of the cluster reaches", uri, rewritten)
+    return rewritten
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(
@@ -197,6 +244,7 @@ class MLflowTracker:
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self._warned = False
+        self.offline = False  # the store did not answer at the start: metrics.jsonl only
         self.last_logged = -1
         if run_id is None:
             experiment_id_ = experiment_id(self.client, experiment, tracking_uri)
@@ -205,13 +253,26 @@ class MLflowTracker:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(experiment_id_, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
-        else:  # resume: continue the run and never log a clips_seen twice
+        else:  # a Train worker: continue the driver's run, never log a clips_seen twice
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            history = self.client.get_metric_history(run_id, "loss")
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                history = self.client.get_metric_history(run_id, "loss")
+            except Exception as error:  # e.g. a loopback URI on another node of a cluster
+                self.offline = True
+                logger.warning(
+                    "MLflow at %s is not reachable from this node (%s); training goes on and "
+                    "metrics stay in %s",
+                    tracking_uri,
+                    error,
+                    self.local_dir / "metrics.jsonl",
+                )
+                return
             self.last_logged = max((m.step for m in history), default=-1)
 
     def _safely(self, what: str, call, *args, **kwargs) -> None:
+        if self.offline:  # every call would wait out MLflow's retries again
+            return
         try:
             call(*args, **kwargs)
         except Exception as error:  # a tracking outage must not kill training

@@ -42,7 +42,13 @@ from ray.train.torch import TorchTrainer
 from svt_ray import data
 from svt_ray.config import ConfigError, ExperimentConfig
 from svt_ray.engine import NonFiniteLossError, build_state, load_state_dict, state_dict, train_step
-from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, git_commit, make_tracker
+from svt_ray.tracking import (
+    absolute_tracking_uri,
+    check_tracking_uri,
+    cluster_tracking_uri,
+    git_commit,
+    make_tracker,
+)
 from svt_ray.views import view_slots
 
 logger = logging.getLogger(__name__)
@@ -540,6 +546,10 @@ def run_pretraining(
     scaling = resolved.scaling
     ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
+    if scaling.address:  # rank 0 logs from its own node
+        resolved.tracking.tracking_uri = cluster_tracking_uri(
+            resolved.tracking.tracking_uri, ray.util.get_node_ip_address()
+        )
     mlflow_run_id = _start_mlflow_run(
         resolved, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags
     )

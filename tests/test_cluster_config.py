@@ -51,16 +51,19 @@ def test_image_matches_the_client_ray_and_python(cluster):
 
 
 def test_nothing_is_opened_to_the_world(cluster):
-    text = (ROOT / "ray_cluster.yaml").read_text()
-    assert "0.0.0.0" not in text
     head = _commands(cluster, "head_start_ray_commands")
     assert "--dashboard-host=127.0.0.1" in head  # dashboard and Jobs API: localhost only
     # Every node names the user's security group: Ray's default one opens SSH to everyone.
     for name, node_type in cluster["available_node_types"].items():
         assert node_type["node_config"].get("SecurityGroupIds"), name
     assert "IpPermissions" not in cluster["provider"].get("security_group", {})
+    # MLflow: every node logs to it, so it listens beyond loopback, kept inside the cluster by
+    # the security group; nothing widens its Host-header and CORS defaults.
     mlflow = _commands(cluster, "head_setup_commands")
-    assert "mlflow server --host 127.0.0.1" in mlflow
+    assert "mlflow server --host 0.0.0.0" in mlflow
+    assert "--allowed-hosts" not in mlflow and "--cors-allowed-origins" not in mlflow
+    text = (ROOT / "ray_cluster.yaml").read_text()
+    assert text.count("0.0.0.0") == 1  # that server line alone
 
 
 def test_token_authentication_stays_on(cluster):

@@ -99,3 +99,47 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path):
     experiment = run.client.get_experiment_by_name("tests")
     assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri())
     assert list((tmp_path / "mlruns").rglob("note.txt"))
+
+
+def test_a_loopback_uri_is_given_as_the_drivers_address_on_a_cluster(mlflow_server, caplog):
+    """Workers on other nodes use the driver node's address, if the server answers there.
+
+    The session's server listens on 127.0.0.1 only: standing in for the driver node's address,
+    127.0.0.1 answers (rewritten) and 127.0.0.2 (loopback too, but not bound) does not (kept).
+    """
+    from svt_ray.tracking import cluster_tracking_uri
+
+    port = mlflow_server.rsplit(":", 1)[1]
+    given = f"http://localhost:{port}"
+    assert cluster_tracking_uri(given, "127.0.0.1") == f"http://127.0.0.1:{port}"
+    assert cluster_tracking_uri(given, "127.0.0.2", timeout_s=2) == given
+    assert "Train workers on other nodes cannot reach it" in caplog.text
+    assert cluster_tracking_uri("http://mlflow.internal:5000", "10.0.0.5") == (
+        "http://mlflow.internal:5000"  # not loopback: every node resolves it alike
+    )
+    assert cluster_tracking_uri("sqlite:////data/mlflow.db", "10.0.0.5") == (
+        "sqlite:////data/mlflow.db"
+    )
+    assert "cannot write to this node's SQLite file" in caplog.text
+
+
+def test_a_worker_that_cannot_reach_the_store_trains_on_without_mlflow(
+    tmp_path, caplog, monkeypatch
+):
+    """A Train worker joins the driver's run; where the store is unreachable from its node it
+    warns once and keeps metrics.jsonl, without waiting out MLflow's retries on every call."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's 7 take minutes
+    first = tracker(tmp_path)
+    worker = MLflowTracker(
+        "http://127.0.0.1:9", "tests", "run", tmp_path / "worker", run_id=first.run_id
+    )
+    assert worker.offline and "not reachable from this node" in caplog.text
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("an offline tracker called MLflow")
+
+    worker.client.log_batch = worker.client.set_terminated = no_call
+    worker.log_metrics({"loss": 1.0}, step=4)
+    worker.finish()
+    lines = (tmp_path / "worker" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["clips_seen"] for line in lines] == [4]
