@@ -248,6 +248,13 @@ class OptimConfig(_Section):
 
     batch_size: PositiveInt = 32
     "Global batch (clips per step over all workers)."
+    accumulation_steps: PositiveInt = 1
+    (
+        "Pieces each worker's share of the batch is cut into, each through forward and backward "
+        "on its own, with one optimiser step for all: the memory of a smaller batch, the "
+        "gradients of the whole one (but KoLeo and Sinkhorn-Knopp centring see one piece at a "
+        "time). For a per-worker batch that does not fit on the device."
+    )
     epochs: Annotated[float, Field(gt=0)] = 20
     "Length of training in passes over the dataset."
     base_lr: Annotated[float, Field(gt=0)] = 5e-4
@@ -439,6 +446,13 @@ class ExperimentConfig(_Section):
                 f"optim.batch_size={self.optim.batch_size} does not split over "
                 f"scaling.num_workers={self.scaling.num_workers}: use a multiple of "
                 f"{self.scaling.num_workers}"
+            )
+        pieces = self.scaling.num_workers * self.optim.accumulation_steps
+        if self.optim.batch_size % pieces:
+            raise ValueError(
+                f"optim.batch_size={self.optim.batch_size} does not split into "
+                f"optim.accumulation_steps={self.optim.accumulation_steps} pieces on each of "
+                f"scaling.num_workers={self.scaling.num_workers}: use a multiple of {pieces}"
             )
         has_cross_view = self.loss.cross_view_weight > 0 and views.num_local > 0
         has_motion = self.loss.motion_weight > 0 and views.num_global > 1

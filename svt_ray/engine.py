@@ -208,38 +208,59 @@ def train_step(
 ) -> dict[str, float]:
     """One optimisation step on `batch` (one uint8 (b, 3, t, s, s) tensor per view slot).
 
+    With `optim.accumulation_steps` = n the augmented batch is cut into n pieces along b, each
+    through forward and backward on its own (DDP all-reduces after the last), and the step's
+    loss, centre update and signals cover all of them: the gradients of the whole batch up to
+    float reassociation, except KoLeo and Sinkhorn-Knopp centring, which see one piece.
+
     Raises NonFiniteLossError before touching any weight if the loss is not finite.
     """
     values = apply_schedule(state, step)
 
     views = state.augmenter(to_device_views(batch, state.device), generator)
     num_global = state.config.views.num_global
+    pieces = state.config.optim.accumulation_steps
     autocast = (
         torch.autocast(state.device.type, dtype=state.autocast_dtype)
         if state.autocast_dtype is not None
         else nullcontext()
     )
     state.student.train()
-    with autocast:
-        student_out = state.student(views)
-        with torch.no_grad():
-            teacher_out = state.teacher(views[:num_global])
-    terms = state.loss(
-        student_out.logits,
-        teacher_out.logits,
-        values.teacher_temp,
-        student_out.features[:num_global],
-    )
-    loss = terms["loss"]
-    if not all_ranks_finite(loss):
-        state.optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(
-            f"step {step}: the loss is {loss.item()} (lr={values.lr:.3g}); no weight was updated. "
-            "Lower optim.base_lr, raise optim.warmup_epochs or check the input clips."
-        )
-
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    kept: dict[str, list[torch.Tensor]] = {
+        key: [] for key in ("loss", "motion", "cross_view", "koleo", "targets", "teacher_logits",
+                            "student_features", "teacher_features")
+    }  # fmt: skip
+    piece_views = zip(*(view.chunk(pieces) for view in views), strict=True)
+    for index, piece in enumerate(piece_views):
+        last = index == pieces - 1
+        no_sync = getattr(state.student, "no_sync", None)  # DDP: all-reduce after the last
+        with nullcontext() if last or no_sync is None else no_sync():
+            with autocast:
+                student_out = state.student(list(piece))
+                with torch.no_grad():
+                    teacher_out = state.teacher(list(piece[:num_global]))
+            terms = state.loss(
+                student_out.logits,
+                teacher_out.logits,
+                values.teacher_temp,
+                student_out.features[:num_global],
+            )
+            if not all_ranks_finite(terms["loss"]):
+                state.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"step {step}: the loss is {terms['loss'].item()} (lr={values.lr:.3g}); no "
+                    "weight was updated. Lower optim.base_lr, raise optim.warmup_epochs or "
+                    "check the input clips."
+                )
+            (terms["loss"] / pieces).backward()
+        for key in ("loss", "motion", "cross_view", "koleo", "targets"):
+            kept[key].append(terms[key].detach())
+        kept["teacher_logits"].append(teacher_out.logits)
+        kept["student_features"].append(student_out.features[:num_global].detach())
+        kept["teacher_features"].append(teacher_out.features)
+        del student_out, terms  # this piece's activations go before the next piece's come
+
     student = state.student_module
     parameters = [p for p in student.parameters() if p.requires_grad]
     grad_norm = clip_gradients(
@@ -250,17 +271,20 @@ def train_step(
             parameter.grad = None
     state.optimizer.step()
     update_teacher(student, state.teacher, values.momentum)
-    state.loss.update_center(teacher_out.logits)
+    state.loss.update_center(torch.cat(kept["teacher_logits"], dim=1))  # (g, b, k) of all pieces
 
-    collapse = collapse_metrics(terms["targets"])
+    def mean(key: str) -> torch.Tensor:
+        return torch.stack(kept[key]).mean()
+
+    collapse = collapse_metrics(torch.cat(kept["targets"], dim=1))
     tensors = {
-        "loss": loss.detach(),
-        "loss_motion": terms["motion"].detach(),
-        "loss_cross_view": terms["cross_view"].detach(),
-        "loss_koleo": terms["koleo"].detach(),
+        "loss": mean("loss"),
+        "loss_motion": mean("motion"),
+        "loss_cross_view": mean("cross_view"),
+        "loss_koleo": mean("koleo"),
         "grad_norm": grad_norm,
-        "student_feature_std": feature_std(student_out.features[:num_global].detach()),
-        "teacher_feature_std": feature_std(teacher_out.features),
+        "student_feature_std": feature_std(torch.cat(kept["student_features"], dim=1)),
+        "teacher_feature_std": feature_std(torch.cat(kept["teacher_features"], dim=1)),
         **collapse,
     }
     floats = torch.stack(

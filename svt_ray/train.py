@@ -554,12 +554,15 @@ def run_pretraining(
         resolved, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags
     )
     log_dir = local_log_directory(resolved, run_name)
+    pieces = resolved.optim.accumulation_steps
     logger.info(
-        "run %s: %d clips/epoch, global batch %d = %d workers x %d, peak lr %.3g, %d steps; "
+        "run %s: %d clips/epoch, global batch %d = %d workers x %d%s, peak lr %.3g, %d steps; "
         "checkpoints in %s; MLflow run %s",
         run_name, clips, resolved.optim.batch_size, resolved.scaling.num_workers,
-        resolved.derived.per_worker_batch, resolved.derived.lr, resolved.derived.total_steps,
-        run_dir, mlflow_run_id,
+        resolved.derived.per_worker_batch,
+        f" (in {pieces} pieces of {resolved.derived.per_worker_batch // pieces})" if pieces > 1
+        else "",
+        resolved.derived.lr, resolved.derived.total_steps, run_dir, mlflow_run_id,
     )  # fmt: skip
 
     if resolved.data.deterministic:

@@ -63,6 +63,11 @@ def test_overrides_parse_yaml_values():
         (["views.flip_p=1.5"], "views.flip_p"),
         (["views.local_frames=[32]"], "views.local_frames: a 32-frame view needs a span of >= 32"),
         (["optim.batch_size=30", "scaling.num_workers=4"], "optim.batch_size=30 does not split"),
+        (
+            ["optim.batch_size=32", "scaling.num_workers=4", "optim.accumulation_steps=3"],
+            "optim.batch_size=32 does not split into optim.accumulation_steps=3 pieces on each of "
+            "scaling.num_workers=4: use a multiple of 12",
+        ),
         (["views.global_size=320"], "views.global_size=320 is larger than"),
         (["views.local_size=100"], "views.local_size=100 must be a multiple of model.patch_size"),
         (["views.global_crop_scale=[0.9, 0.4]"], "views.global_crop_scale"),

@@ -226,6 +226,49 @@ def _without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([tensor[:width], tensor[2 * width :]])
 
 
+def test_accumulated_pieces_train_like_the_whole_batch(tmp_path):
+    """optim.accumulation_steps=2: 3 steps on 2 pieces of the batch of 8 (one rank, and 2
+    DDP ranks of 2 pieces each) end with the student, teacher and centre of 3 whole-batch
+    steps, with the same losses and gradients. KoLeo is off: it sees one piece at a time."""
+    overrides = [*NO_AUGMENTATION, "loss.koleo_weight=0"]
+    config = make_state(*overrides).config
+    batches = [moving_square_views(config, 8, seed=step) for step in range(3)]
+    whole, pieces = str(tmp_path / "whole"), str(tmp_path / "pieces")
+    _data_parallel_steps(0, 1, "", overrides, batches, whole)
+    accumulated = [*overrides, "optim.accumulation_steps=2"]
+    _data_parallel_steps(0, 1, "", accumulated, batches, pieces)
+    torch.multiprocessing.spawn(
+        _data_parallel_steps,
+        args=(2, str(tmp_path / "store"), accumulated, batches, pieces),
+        nprocs=2,
+    )
+    one = torch.load(f"{whole}.1.0", weights_only=False)
+    runs = {
+        "1 rank x 2 pieces": torch.load(f"{pieces}.1.0", weights_only=False),
+        **{
+            f"rank {rank} of 2 x 2 pieces": torch.load(f"{pieces}.2.{rank}", weights_only=False)
+            for rank in range(2)
+        },
+    }
+    assert runs["1 rank x 2 pieces"]["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    for label, run in runs.items():
+        for step, expected_step in enumerate(one["gradients"]):
+            assert set(run["gradients"][step]) == set(expected_step), label
+            for name, expected in expected_step.items():
+                torch.testing.assert_close(
+                    run["gradients"][step][name], expected, rtol=0,
+                    atol=1e-4 * expected.abs().max().item() + 1e-9,
+                    msg=f"{label}, step {step}: {name}",
+                )  # fmt: skip
+        for part in ("student", "teacher", "loss"):
+            for name, expected in one[part].items():
+                torch.testing.assert_close(
+                    _without_key_bias(name, run[part][name]),
+                    _without_key_bias(name, expected),
+                    rtol=1e-4, atol=1e-6, msg=f"{label}: {part}.{name}",
+                )  # fmt: skip
+
+
 @pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
 def test_two_ranks_train_like_one_rank_on_the_global_batch(tmp_path, centering):
     """Three steps with the global batch of 8 split over 2 gloo ranks (DDP, as Ray Train wraps
