@@ -432,14 +432,19 @@ def _start_mlflow_run(
     manifest_checksum: str,
     parent_run_id: str | None,
     extra_tags: dict[str, str] | None,
+    tracking_uri: str | None = None,
 ) -> str:
-    """[driver] Create the run (params and tags logged once) or find the one to resume."""
+    """[driver] Create the run (params and tags logged once) or find the one to resume.
+
+    `config` is what is recorded (params, config.yaml, run.json); `tracking_uri`, if given, is
+    where to reach the store from here (the cluster address of a loopback URI, which run.json
+    must not keep: a resume on a new cluster would look for the old head)."""
     state = read_json(join_uri(run_dir, RUN_FILE))
     if state is not None:
         return state["mlflow_run_id"]
     tracker = make_tracker(
         0,
-        tracking_uri=config.tracking.tracking_uri,
+        tracking_uri=tracking_uri or config.tracking.tracking_uri,
         experiment=config.tracking.experiment,
         run_name=run_name,
         local_dir=local_log_directory(config, run_name),
@@ -546,13 +551,15 @@ def run_pretraining(
     scaling = resolved.scaling
     ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
+    recorded = resolved.model_copy(deep=True)  # run.json keeps the URI as the user gave it
     if scaling.address:  # rank 0 logs from its own node
         resolved.tracking.tracking_uri = cluster_tracking_uri(
             resolved.tracking.tracking_uri, ray.util.get_node_ip_address()
         )
     mlflow_run_id = _start_mlflow_run(
-        resolved, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags
-    )
+        recorded, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags,
+        tracking_uri=resolved.tracking.tracking_uri,
+    )  # fmt: skip
     log_dir = local_log_directory(resolved, run_name)
     pieces = resolved.optim.accumulation_steps
     logger.info(

@@ -250,3 +250,20 @@ def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((runs / "local" / PROGRESS_FILE).read_text()) == {"step": 3}  # the end
     assert (runs / "local" / "checkpoint_00000003" / "state.pt").is_file()
+
+
+def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_path):
+    """On a cluster the driver reaches the store at the head's address; a resume on another
+    cluster must find the store the user named, so run.json records that one."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.train import RUN_FILE, _start_mlflow_run
+
+    given = f"sqlite:///{tmp_path / 'given.db'}"
+    reached = f"sqlite:///{tmp_path / 'reached.db'}"  # stands for http://HEAD-IP:5000
+    config = load_config("tiny", overrides=[f"tracking.tracking_uri={given}"]).resolve(64)
+    run_dir = tmp_path / "runs" / "r"
+    run_id = _start_mlflow_run(config, "r", str(run_dir), "sum", None, None, tracking_uri=reached)
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    assert record["config"]["tracking"]["tracking_uri"] == given
+    assert MlflowClient(reached).get_run(run_id).info.run_name == "r"  # created where reached
