@@ -346,10 +346,12 @@ def inference_gpus(config) -> float:
     asking for a GPU there would wait forever)."""
     import ray
 
+    from svt_ray.train import joins_a_cluster
+
     if ray.cluster_resources().get("GPU", 0) >= 1:
         return 1.0
     scaling = config.scaling
-    return 1.0 if scaling.address and scaling.gpus_per_worker > 0 else 0.0
+    return 1.0 if joins_a_cluster(scaling.address) and scaling.gpus_per_worker > 0 else 0.0
 
 
 def evaluate_backbones(

@@ -391,6 +391,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         cpus_per_run,
         ensure_ray,
         join_uri,
+        joins_a_cluster,
         local_ray_cpus,
         online_knn_every,
         storage_root,
@@ -413,7 +414,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         options.address,
         num_cpus=local_ray_cpus(cpus_per_run(largest) + TRIAL_DRIVER_CPUS),
     )
-    if options.address is None:  # trials asking for GPUs local Ray lacks would wait, not fail
+    if not joins_a_cluster(options.address):  # trials asking for GPUs it lacks would wait
         check_local_gpus(largest)
     else:  # trials and their Train workers log from other nodes
         options.tracking_uri = cluster_tracking_uri(

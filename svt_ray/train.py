@@ -492,14 +492,22 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any)
         ray.init(address=address, num_cpus=None if address else num_cpus, **options)
 
 
+def joins_a_cluster(address: str | None) -> bool:
+    """Whether Ray runs on a cluster rather than on a local instance this process starts: an
+    address given, or RAY_ADDRESS (set in a `ray job submit` job), which `ray.init()` joins."""
+    if address:
+        return address != "local"
+    return os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
+
+
 def check_local_gpus(config: ExperimentConfig) -> None:
     """[driver] A local Ray instance has the GPUs of this machine and no more: a run that asks
     for more would wait for them (`train.wait_for_workers_s`, 20 minutes by default) and then
-    fail. On a cluster (`scaling.address`) the autoscaler may still add GPUs, so it is not
-    checked there."""
+    fail. On a cluster (`scaling.address`, or RAY_ADDRESS as in a `ray job submit` job, which
+    `ray.init()` joins) the autoscaler may still add GPUs, so it is not checked there."""
     scaling = config.scaling
     needed = scaling.num_workers * scaling.gpus_per_worker
-    if scaling.address or not needed:
+    if joins_a_cluster(scaling.address) or not needed:
         return
     have = ray.cluster_resources().get("GPU", 0)
     if have < needed:
@@ -552,7 +560,7 @@ def run_pretraining(
     ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
     recorded = resolved.model_copy(deep=True)  # run.json keeps the URI as the user gave it
-    if scaling.address:  # rank 0 logs from its own node
+    if joins_a_cluster(scaling.address):  # rank 0 logs from its own node
         resolved.tracking.tracking_uri = cluster_tracking_uri(
             resolved.tracking.tracking_uri, ray.util.get_node_ip_address()
         )

@@ -127,6 +127,7 @@ def test_feature_extraction_asks_ray_for_a_gpu_not_the_drivers_torch(
     from svt_ray.config import load_config
     from svt_ray.evaluate import inference_gpus
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": float(cluster_gpus)})
     overrides = [f"scaling.gpus_per_worker={trained_on_gpus}"]
     if address:

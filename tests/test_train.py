@@ -267,3 +267,16 @@ def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_pa
     record = json.loads((run_dir / RUN_FILE).read_text())
     assert record["config"]["tracking"]["tracking_uri"] == given
     assert MlflowClient(reached).get_run(run_id).info.run_name == "r"  # created where reached
+
+
+def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
+    """`ray job submit` sets RAY_ADDRESS and `ray.init()` joins it: no local-GPU check there."""
+    from svt_ray.train import joins_a_cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not joins_a_cluster(None) and not joins_a_cluster("local")
+    assert joins_a_cluster("auto") and joins_a_cluster("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert not joins_a_cluster(None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.1.5:6379")
+    assert joins_a_cluster(None)
