@@ -481,23 +481,25 @@ def local_ray_cpus(needed: float) -> int:
     return max(os.cpu_count() or 1, math.ceil(needed))
 
 
-def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any) -> None:
-    """Connect to `address`, or start a local Ray instance with `num_cpus` logical CPUs (and
-    `LOCAL_RAY_ENV`, unless the user set those variables)."""
-    if not ray.is_initialized():
-        options.setdefault("log_to_driver", True)
-        if not address:
-            for name, value in LOCAL_RAY_ENV.items():
-                os.environ.setdefault(name, value)
-        ray.init(address=address, num_cpus=None if address else num_cpus, **options)
-
-
 def joins_a_cluster(address: str | None) -> bool:
     """Whether Ray runs on a cluster rather than on a local instance this process starts: an
     address given, or RAY_ADDRESS (set in a `ray job submit` job), which `ray.init()` joins."""
     if address:
         return address != "local"
     return os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any) -> None:
+    """Connect to `address` (or to RAY_ADDRESS, as in a `ray job submit` job), or start a local
+    Ray instance with `num_cpus` logical CPUs (and `LOCAL_RAY_ENV`, unless the user set those
+    variables). Ray refuses `num_cpus` when joining a cluster."""
+    if not ray.is_initialized():
+        options.setdefault("log_to_driver", True)
+        cluster = joins_a_cluster(address)
+        if not cluster:
+            for name, value in LOCAL_RAY_ENV.items():
+                os.environ.setdefault(name, value)
+        ray.init(address=address, num_cpus=None if cluster else num_cpus, **options)
 
 
 def check_local_gpus(config: ExperimentConfig) -> None:

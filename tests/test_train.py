@@ -196,15 +196,25 @@ def test_a_local_ray_instance_has_room_for_the_workers_and_the_data(monkeypatch)
 def test_a_local_ray_gets_the_local_environment_unless_the_user_set_it(monkeypatch):
     from svt_ray import train
 
-    seen = []
+    seen, cpus = [], []
+
+    def init(**kwargs):
+        seen.append(dict(os.environ))
+        cpus.append(kwargs["num_cpus"])
+
     monkeypatch.setattr(train.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(train.ray, "init", lambda **kwargs: seen.append(dict(os.environ)))
+    monkeypatch.setattr(train.ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (name, value), *_ = train.LOCAL_RAY_ENV.items()
     monkeypatch.delenv(name, raising=False)
     train.ensure_ray("ray://head:10001")  # a cluster keeps Ray's defaults
     assert name not in seen[-1]
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.1.5:6379")  # a `ray job submit` job: the same,
+    train.ensure_ray(None, num_cpus=2)  # and no num_cpus, which ray.init refuses there
+    assert name not in seen[-1] and cpus[-1] is None
+    monkeypatch.delenv("RAY_ADDRESS")
     train.ensure_ray(None, num_cpus=2)  # a local Ray that svt-ray starts
-    assert seen[-1][name] == value
+    assert seen[-1][name] == value and cpus[-1] == 2
     monkeypatch.setenv(name, "3")
     train.ensure_ray(None, num_cpus=2)
     assert seen[-1][name] == "3"
