@@ -494,9 +494,15 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     if workers > 1:  # Ray is the distributed engine: one task per chunk of clips
         import ray
 
+        from svt_ray.train import joins_a_cluster
+
         started_ray = not ray.is_initialized()
-        if started_ray:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        if started_ray:  # a cluster (RAY_ADDRESS in a Ray job) refuses num_cpus
+            ray.init(
+                num_cpus=None if joins_a_cluster(None) else workers,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
         try:
             write_chunk = ray.remote(num_cpus=1)(_write_chunk)
             chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]
