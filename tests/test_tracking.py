@@ -114,10 +114,10 @@ def test_a_loopback_uri_is_given_as_the_drivers_address_on_a_cluster(mlflow_serv
     assert cluster_tracking_uri(given, "127.0.0.1") == f"http://127.0.0.1:{port}"
     assert cluster_tracking_uri(given, "127.0.0.2", timeout_s=2) == given
     assert "Train workers on other nodes cannot reach it" in caplog.text
-    assert cluster_tracking_uri("http://mlflow.internal:5000", "10.0.0.5") == (
+    assert cluster_tracking_uri("http://mlflow.internal:5000", "127.0.0.3") == (
         "http://mlflow.internal:5000"  # not loopback: every node resolves it alike
     )
-    assert cluster_tracking_uri("sqlite:////data/mlflow.db", "10.0.0.5") == (
+    assert cluster_tracking_uri("sqlite:////data/mlflow.db", "127.0.0.3") == (
         "sqlite:////data/mlflow.db"
     )
     assert "cannot write to this node's SQLite file" in caplog.text

@@ -209,7 +209,7 @@ def test_a_local_ray_gets_the_local_environment_unless_the_user_set_it(monkeypat
     monkeypatch.delenv(name, raising=False)
     train.ensure_ray("ray://head:10001")  # a cluster keeps Ray's defaults
     assert name not in seen[-1]
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.1.5:6379")  # a `ray job submit` job: the same,
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # a `ray job submit` job: the same,
     train.ensure_ray(None, num_cpus=2)  # and no num_cpus, which ray.init refuses there
     assert name not in seen[-1] and cpus[-1] is None
     monkeypatch.delenv("RAY_ADDRESS")
@@ -288,5 +288,5 @@ def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
     assert joins_a_cluster("auto") and joins_a_cluster("127.0.0.1:6379")
     monkeypatch.setenv("RAY_ADDRESS", "local")
     assert not joins_a_cluster(None)
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.1.5:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
     assert joins_a_cluster(None)
