@@ -146,8 +146,10 @@ def tail(log: Path, lines: int = 60) -> str:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_run_that_loses_a_node_restarts_from_its_checkpoint_when_a_node_is_back(
-    tmp_path, synthetic_shards, private_ray_env
+    tmp_path, synthetic_shards, private_ray_env, mlflow_server
 ):
+    """Tracked as on a cluster: an `mlflow server` that rank 0 reaches over HTTP from its node,
+    before and after the restart."""
     # A cluster of its own, with a private auth token.
     env = {**private_ray_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     runs, log = tmp_path / "runs", tmp_path / "driver.log"
@@ -162,7 +164,7 @@ def test_a_run_that_loses_a_node_restarts_from_its_checkpoint_when_a_node_is_bac
             [str(Path(sys.executable).parent / "svt-ray"), "pretrain", "--preset", "tiny",
              "--address", cluster.address, "--workers", "2", "--data", str(synthetic_shards),
              "--storage", str(runs), "--run-name", "lost-node",
-             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "--tracking-uri", mlflow_server,
              *[flag for setting in settings for flag in ("--set", setting)]],
             stdout=open(log, "w"),  # noqa: SIM115 (closed with the process)
             stderr=subprocess.STDOUT,
@@ -193,8 +195,9 @@ def test_a_run_that_loses_a_node_restarts_from_its_checkpoint_when_a_node_is_bac
     assert (runs / "lost-node" / "checkpoint_00000006" / "state.pt").is_file()
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs(client.get_experiment_by_name("svt-ray").experiment_id)
+    client = MlflowClient(tracking_uri=mlflow_server)  # shared by the session: find this run
+    experiment_id = client.get_experiment_by_name("svt-ray").experiment_id
+    (run,) = client.search_runs([experiment_id], "attributes.run_name = 'lost-node'")
     assert run.info.status == "FINISHED"
     assert 2 <= int(run.data.tags["svt.resumed_at_step"]) < 6  # from a checkpoint, not step 0
     logged = [metric.step for metric in client.get_metric_history(run.info.run_id, "loss")]
