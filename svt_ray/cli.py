@@ -244,7 +244,9 @@ def export(
     checkpoint: Annotated[
         str, typer.Argument(help="Checkpoint directory, its state.pt, or a filesystem URI.")
     ],
-    out: Annotated[Path, typer.Argument(help="File to write, e.g. svt_backbone.pt.")],
+    out: Annotated[
+        str, typer.Argument(help="File or URI to write, e.g. svt_backbone.pt or s3://b/x.pt.")
+    ],
     weights: Annotated[
         str, typer.Option("--weights", help="Which network: teacher (what SVT uses) or student.")
     ] = "teacher",

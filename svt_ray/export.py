@@ -19,6 +19,7 @@ SVT evaluates and fine-tunes the teacher (svt_spec.md §5); the student is there
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ WEIGHTS = ("teacher", "student")
 
 @dataclass(frozen=True)
 class ExportSummary:
-    path: Path
+    path: Path | str  # a local file or a filesystem URI
     step: int
     weights: str
     tensors: int
@@ -63,7 +64,8 @@ def backbone_state(checkpoint: dict, weights: str = "teacher") -> dict[str, torc
 
 def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") -> ExportSummary:
     """Write the `weights` backbone of `checkpoint` (a checkpoint folder, its state.pt, or a
-    filesystem URI of either) to `out`, atomically: a failed write leaves no partial file."""
+    filesystem URI of either) to `out` (a file or a URI such as s3://bucket/svt_backbone.pt),
+    atomically: a failed write leaves no partial file."""
     from svt_ray.evaluate import load_state
 
     saved = load_state(checkpoint)
@@ -76,24 +78,36 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
         "config": config.model_dump(mode="json"),
         "source": {"checkpoint": checkpoint, "step": int(saved["step"]), "weights": weights},
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    if "://" in str(out):  # object storage: a put appears whole or not at all
+        from pyarrow import fs as pafs
+
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        filesystem, where = pafs.FileSystem.from_uri(str(out))
+        filesystem.create_dir(where.rpartition("/")[0], recursive=True)
+        with filesystem.open_output_stream(where) as stream:
+            stream.write(buffer.getvalue())
+        num_bytes = buffer.tell()
+    else:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(payload, stream)
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
+            os.replace(temporary, out)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        num_bytes = out.stat().st_size
     return ExportSummary(
         path=out,
         step=int(saved["step"]),
         weights=weights,
         tensors=len(state),
         parameters=sum(value.numel() for value in state.values()),
-        num_bytes=out.stat().st_size,
+        num_bytes=num_bytes,
     )
 
 
@@ -106,7 +120,9 @@ def _umask() -> int:
 def load_backbone(path: str | Path) -> tuple[TimeSformer, ExperimentConfig]:
     """The backbone of an `export_backbone` file, built and loaded, in eval mode, with the
     config it was trained with (`config.views.mean` / `.std` normalise its input)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    from svt_ray.evaluate import load_state
+
+    payload = load_state(str(path))  # a file or a URI; weights only
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(
             f"{path}: not an svt-ray backbone file (no format {FORMAT!r}); make one with "

@@ -104,3 +104,16 @@ def test_evaluation_takes_an_exported_file_as_it_takes_the_checkpoint(checkpoint
     udf = FeatureUDF(config, {"ckpt": str(checkpoint), "file": str(exported)}, ["clip"])
     out = udf({"label": torch.arange(3).numpy(), "clip": clips().numpy()})
     assert (out["ckpt/clip"] == out["file/clip"]).all()
+
+
+def test_export_to_and_load_from_a_filesystem_uri(checkpoint, tmp_path):
+    """`svt-ray export CKPT s3://bucket/x.pt`: any pyarrow filesystem URI (file:// here)."""
+    uri = (tmp_path / "bucket" / "deep" / "backbone.pt").as_uri()
+    result = CliRunner().invoke(app, ["export", checkpoint.as_uri(), uri])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip().endswith(uri)  # named as given, not as a mangled local path
+    backbone, _ = load_backbone(uri)
+    local = export_backbone(str(checkpoint), tmp_path / "local.pt").path
+    expected = torch.load(local, weights_only=True)["backbone"]
+    for name, tensor in backbone.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
