@@ -20,8 +20,6 @@ SVT evaluates and fine-tunes the teacher (svt_spec.md §5); the student is there
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +63,9 @@ def backbone_state(checkpoint: dict, weights: str = "teacher") -> dict[str, torc
 def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") -> ExportSummary:
     """Write the `weights` backbone of `checkpoint` (a checkpoint folder, its state.pt, or a
     filesystem URI of either) to `out` (a file or a URI such as s3://bucket/svt_backbone.pt),
-    atomically: a failed write leaves no partial file."""
+    atomically: a failed write leaves no partial file under `out`'s name."""
+    from data_prep.inputs import resolve_filesystem
+    from data_prep.shards import Output
     from svt_ray.evaluate import load_state
 
     saved = load_state(checkpoint)
@@ -78,43 +78,19 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
         "config": config.model_dump(mode="json"),
         "source": {"checkpoint": checkpoint, "step": int(saved["step"]), "weights": weights},
     }
-    if "://" in str(out):  # object storage: a put appears whole or not at all
-        from pyarrow import fs as pafs
-
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        filesystem, where = pafs.FileSystem.from_uri(str(out))
-        filesystem.create_dir(where.rpartition("/")[0], recursive=True)
-        with filesystem.open_output_stream(where) as stream:
-            stream.write(buffer.getvalue())
-        num_bytes = buffer.tell()
-    else:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(payload, stream)
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
-            os.replace(temporary, out)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        num_bytes = out.stat().st_size
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    filesystem, where = resolve_filesystem(str(out))  # a local file or any filesystem URI
+    folder, name = where.rsplit("/", 1)
+    Output(filesystem, folder).write_bytes(buffer.getvalue(), name)  # temp file + rename
     return ExportSummary(
         path=out,
         step=int(saved["step"]),
         weights=weights,
         tensors=len(state),
         parameters=sum(value.numel() for value in state.values()),
-        num_bytes=num_bytes,
+        num_bytes=buffer.tell(),
     )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_backbone(path: str | Path) -> tuple[TimeSformer, ExperimentConfig]:
