@@ -226,6 +226,26 @@ def _without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([tensor[:width], tensor[2 * width :]])
 
 
+def _assert_trains_like(run: dict, one: dict, label: str) -> None:
+    """`run`'s gradients at every step and its final student, teacher and centre equal those
+    of `one` (outputs of `_data_parallel_steps`), up to float reassociation."""
+    for step, expected_step in enumerate(one["gradients"]):
+        assert set(run["gradients"][step]) == set(expected_step), label
+        for name, expected in expected_step.items():
+            torch.testing.assert_close(
+                run["gradients"][step][name], expected, rtol=0,
+                atol=1e-4 * expected.abs().max().item() + 1e-9,
+                msg=f"{label}, step {step}: {name}",
+            )  # fmt: skip
+    for part in ("student", "teacher", "loss"):
+        for name, expected in one[part].items():
+            torch.testing.assert_close(
+                _without_key_bias(name, run[part][name]),
+                _without_key_bias(name, expected),
+                rtol=1e-4, atol=1e-6, msg=f"{label}: {part}.{name}",
+            )  # fmt: skip
+
+
 def test_accumulated_pieces_train_like_the_whole_batch(tmp_path):
     """optim.accumulation_steps=2: 3 steps on 2 pieces of the batch of 8 (one rank, and 2
     DDP ranks of 2 pieces each) end with the student, teacher and centre of 3 whole-batch
@@ -252,21 +272,7 @@ def test_accumulated_pieces_train_like_the_whole_batch(tmp_path):
     }
     assert runs["1 rank x 2 pieces"]["losses"] == pytest.approx(one["losses"], rel=1e-5)
     for label, run in runs.items():
-        for step, expected_step in enumerate(one["gradients"]):
-            assert set(run["gradients"][step]) == set(expected_step), label
-            for name, expected in expected_step.items():
-                torch.testing.assert_close(
-                    run["gradients"][step][name], expected, rtol=0,
-                    atol=1e-4 * expected.abs().max().item() + 1e-9,
-                    msg=f"{label}, step {step}: {name}",
-                )  # fmt: skip
-        for part in ("student", "teacher", "loss"):
-            for name, expected in one[part].items():
-                torch.testing.assert_close(
-                    _without_key_bias(name, run[part][name]),
-                    _without_key_bias(name, expected),
-                    rtol=1e-4, atol=1e-6, msg=f"{label}: {part}.{name}",
-                )  # fmt: skip
+        _assert_trains_like(run, one, label)
 
 
 @pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
@@ -290,20 +296,7 @@ def test_two_ranks_train_like_one_rank_on_the_global_batch(tmp_path, centering):
     mean_losses = [(a + b) / 2 for a, b in zip(two[0]["losses"], two[1]["losses"], strict=True)]
     assert mean_losses == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
     for rank in range(2):
-        for step, expected_step in enumerate(one["gradients"]):
-            assert set(two[rank]["gradients"][step]) == set(expected_step)
-            for name, expected in expected_step.items():
-                torch.testing.assert_close(
-                    two[rank]["gradients"][step][name], expected, rtol=0,
-                    atol=1e-4 * expected.abs().max().item() + 1e-9, msg=f"step {step}: {name}",
-                )  # fmt: skip
-        for part in ("student", "teacher", "loss"):
-            for name, expected in one[part].items():
-                torch.testing.assert_close(
-                    _without_key_bias(name, two[rank][part][name]),
-                    _without_key_bias(name, expected),
-                    rtol=1e-4, atol=1e-6, msg=f"{part}.{name}",
-                )  # fmt: skip
+        _assert_trains_like(two[rank], one, f"rank {rank} of 2")
     moved = any(
         not torch.equal(one["student"][name], value)
         for name, value in make_state(*overrides).student.state_dict().items()
