@@ -338,16 +338,10 @@ def compare(
         raise fail("give exactly one of --study NAME or --runs ID,ID,...")
     run_ids = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
     tracking_uri = absolute_tracking_uri(tracking_uri)
-    try:
-        check_tracking_uri(tracking_uri)  # an unreachable server: MLflow would retry for minutes
+    try:  # an unreachable server: MLflow would retry for minutes; a missing database: it
+        check_tracking_uri(tracking_uri, must_exist=True)  # would leave an empty one behind
     except ConfigError as error:
         raise fail(str(error)) from None
-    database = tracking_uri.removeprefix("sqlite:///")
-    if tracking_uri.startswith("sqlite:///") and not Path(database).is_file():
-        raise fail(  # reading must not leave an empty database behind
-            f"--tracking-uri {tracking_uri}: no MLflow database at {database}; pass the "
-            "--tracking-uri the study or runs were recorded in"
-        )
     report = collect_study(tracking_uri, experiment, study or "runs", run_ids=run_ids)
     files = report.write(output / (study or "runs"))
     typer.echo(report.markdown())

@@ -60,11 +60,17 @@ def experiment_id(client, experiment: str, tracking_uri: str) -> str:
     return client.create_experiment(experiment, artifact_location_for(tracking_uri))
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, with a message that says what to do, if `uri` cannot take a run."""
+def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = False) -> None:
+    """Fail fast, with a message that says what to do, if `uri` cannot take a run (or, with
+    `must_exist`, holds no database to read: MLflow would create an empty one)."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
         path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if path is not None and must_exist and not path.is_file():
+            raise TrackingUnavailableError(
+                f"--tracking-uri {uri}: no MLflow database at {path}; pass the --tracking-uri "
+                "the study or runs were recorded in"
+            )
         if path is not None and not path.parent.exists():
             raise TrackingUnavailableError(
                 f"tracking URI {uri}: folder {path.parent} does not exist; create it or pass "

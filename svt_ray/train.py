@@ -157,6 +157,11 @@ def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """The folder of the checkpoint at `step` inside the run directory."""
+    return f"checkpoint_{step:08d}"
+
+
 def _save_checkpoint(state, step: int, metrics: dict[str, float], rank: int) -> None:
     """[5] Report with a checkpoint (rank 0 writes it; every rank must call report)."""
     with tempfile.TemporaryDirectory() as directory:
@@ -165,7 +170,7 @@ def _save_checkpoint(state, step: int, metrics: dict[str, float], rank: int) -> 
             torch.save(state_dict(state, step), Path(directory) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}"
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step)
         )
 
 
@@ -649,7 +654,7 @@ def _finished_run(
     Ray Train (which would build the workers and the data stream to train nothing); None when
     that checkpoint or the run's record is missing, so the caller lets Ray Train sort it out."""
     recorded = read_json(join_uri(run_dir, RUN_FILE))
-    checkpoint = join_uri(run_dir, f"checkpoint_{step:08d}")
+    checkpoint = join_uri(run_dir, checkpoint_dir_name(step))
     filesystem, where = _filesystem(join_uri(checkpoint, CHECKPOINT_FILE))
     if recorded is None or filesystem.get_file_info(where).type != pafs.FileType.File:
         return None
