@@ -26,6 +26,11 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate experiment configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+tracking_app = typer.Typer(
+    help="Back up and restore a SQLite MLflow store (the cluster head's, to the bucket).",
+    no_args_is_help=True,
+)
+app.add_typer(tracking_app, name="tracking")
 
 PresetOption = Annotated[
     str, typer.Option("--preset", "-p", help=f"Starting recipe: {', '.join(PRESETS)}.")
@@ -347,6 +352,72 @@ def compare(
     typer.echo(report.markdown())
     typer.echo(report.summary())
     typer.echo("written: " + ", ".join(str(path) for path in files.values()))
+
+
+@tracking_app.command("backup")
+def tracking_backup(
+    database: Annotated[str, typer.Argument(help="The SQLite store: a path or sqlite:///PATH.")],
+    destination: Annotated[
+        str, typer.Argument(help="Where the copy goes: a path or URI, e.g. s3://b/mlflow.db.")
+    ],
+    every: Annotated[
+        float,
+        typer.Option(
+            "--every",
+            help="Keep running and back up again every this many seconds when the store "
+            "changed (0: once).",
+        ),
+    ] = 0.0,
+) -> None:
+    """Copy a SQLite MLflow store, safely while the server writes, to a path or bucket."""
+    import sqlite3
+    import time
+
+    from svt_ray.tracking import backup_sqlite_store, sqlite_file
+
+    if every < 0:
+        raise fail(f"--every: {every} is negative; give seconds between backups, or 0 for once")
+    source = sqlite_file(database)
+    if not source.is_file():
+        raise fail(f"DATABASE: no SQLite store at {source}")
+    copied = None  # (mtime, size) of the store at the last backup that succeeded
+    while True:
+        stat = source.stat()
+        if (stat.st_mtime_ns, stat.st_size) != copied:
+            try:
+                size = backup_sqlite_store(source, destination)
+            except (
+                OSError,
+                ValueError,
+                sqlite3.Error,
+            ) as error:  # a bucket hiccup: try again next round
+                if not every:
+                    raise fail(f"backup of {source} to {destination} failed: {error}", 1) from None
+                typer.secho(f"warning: backup to {destination} failed: {error}", err=True)
+            else:
+                copied = (stat.st_mtime_ns, stat.st_size)
+                typer.echo(f"backed up {source} to {destination} ({size / 2**20:.1f} MiB)")
+        if not every:
+            return
+        time.sleep(every)
+
+
+@tracking_app.command("restore")
+def tracking_restore(
+    source: Annotated[str, typer.Argument(help="A backup: a path or URI.")],
+    database: Annotated[
+        str, typer.Argument(help="The SQLite store to create: a path or sqlite:///PATH.")
+    ],
+) -> None:
+    """Create a SQLite MLflow store from its backup; does nothing if the store exists or no
+    backup does (so a new cluster's head can run it on every start)."""
+    from svt_ray.tracking import restore_sqlite_store
+
+    try:
+        restored = restore_sqlite_store(source, database)
+    except ValueError as error:
+        raise fail(str(error), 1) from None
+    typer.echo(f"restored {database} from {source}" if restored else f"{database}: unchanged")
 
 
 def main() -> None:

@@ -9,6 +9,9 @@
   so a restart from a checkpoint never logs a step twice.
 - The MLflow step of every metric is `clips_seen`, so curves of runs with different batch
   sizes line up; the optimisation step is logged as the metric `step`.
+- On a cluster the SQLite store behind `mlflow server` lives on the head's disk;
+  `backup_sqlite_store` / `restore_sqlite_store` (`svt-ray tracking backup|restore`) carry it
+  through the bucket to the next cluster's head.
 """
 
 from __future__ import annotations
@@ -147,6 +150,81 @@ def cluster_tracking_uri(uri: str, node_ip: str, timeout_s: float = 5.0) -> str:
         return uri
     logger.info("tracking URI %s -> %s, which every node of the cluster reaches", uri, rewritten)
     return rewritten
+
+
+def sqlite_file(database: str | Path) -> Path:
+    """The file of a SQLite store given as a path or as `sqlite:///PATH`."""
+    text = str(database)
+    return Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text)
+
+
+def backup_sqlite_store(database: str | Path, destination: str) -> int:
+    """Copy a SQLite tracking store, while a server may be writing to it, to `destination`
+    (a path or any filesystem URI, e.g. s3://bucket/mlflow/mlflow.db); return its bytes.
+
+    SQLite's online backup API gives a consistent snapshot (a plain file copy during a write
+    can catch half a transaction); the snapshot is written to a hidden temporary file beside
+    `destination` and renamed, so an interrupted backup leaves the previous one whole.
+    """
+    import sqlite3
+    import tempfile
+
+    from data_prep.inputs import resolve_filesystem
+    from data_prep.shards import Output
+
+    source = sqlite_file(database)
+    if not source.is_file():
+        raise FileNotFoundError(f"no SQLite tracking store at {source}")
+    with tempfile.TemporaryDirectory(prefix="svt_tracking_backup_") as folder:
+        snapshot = Path(folder) / source.name
+        reader = sqlite3.connect(source, timeout=60)  # waits out a writer's lock
+        writer = sqlite3.connect(snapshot)
+        try:
+            reader.backup(writer)
+        finally:
+            writer.close()
+            reader.close()
+        data = snapshot.read_bytes()
+    filesystem, path = resolve_filesystem(destination)
+    folder_path, name = path.rsplit("/", 1)
+    Output(filesystem, folder_path).write_bytes(data, name)
+    return len(data)
+
+
+def restore_sqlite_store(source: str, database: str | Path) -> bool:
+    """Copy a backup made by `backup_sqlite_store` to `database` if there is a backup and no
+    database yet (a new head node); never overwrite a database. Return whether it copied."""
+    import sqlite3
+    from contextlib import closing
+
+    import pyarrow.fs as pafs
+
+    from data_prep.inputs import resolve_filesystem
+
+    target = sqlite_file(database)
+    if target.exists():
+        logger.info("tracking store %s exists: kept, backup %s not restored", target, source)
+        return False
+    filesystem, path = resolve_filesystem(source)
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        logger.info("no tracking store backup at %s yet: %s starts empty", source, target)
+        return False
+    with filesystem.open_input_stream(path) as stream:
+        data = stream.read()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.restoring")
+    partial.write_bytes(data)
+    try:
+        with closing(sqlite3.connect(partial)) as check:
+            verdict = check.execute("PRAGMA integrity_check").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        verdict = str(error)
+    if verdict != "ok":
+        partial.unlink()
+        raise ValueError(f"{source} is not a sound SQLite database ({verdict}); not restored")
+    partial.replace(target)
+    logger.info("restored tracking store %s from %s (%d bytes)", target, source, len(data))
+    return True
 
 
 def git_commit() -> str:

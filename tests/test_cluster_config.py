@@ -79,3 +79,42 @@ def test_checkpoints_and_mlflow_artifacts_point_at_shared_storage(cluster):
     text = (ROOT / "ray_cluster.yaml").read_text()
     assert "--storage s3://" in text and "--artifacts-destination s3://" in text
     assert cluster["provider"]["cache_stopped_nodes"] is False  # `ray down` stops the bill
+
+
+def test_the_heads_mlflow_store_outlives_the_cluster(cluster, tmp_path):
+    """The head's setup backs the server's SQLite store up to the bucket and a new head starts
+    from that copy: run the yaml's own two commands, the bucket and home mapped to tmp_path."""
+    import shlex
+
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+
+    commands = cluster["head_setup_commands"]
+    server = next(c for c in commands if "mlflow server" in c)
+    store = server.split("--backend-store-uri ")[1].split()[0]
+    restore = next(c for c in commands if "svt-ray tracking restore" in c)
+    backup = next(c for c in commands if "svt-ray tracking backup" in c)
+    assert commands.index(restore) < commands.index(server)  # before the server creates one
+    assert "--every" in backup and "nohup" in backup  # keeps copying while the cluster runs
+
+    def run(command: str, home: Path) -> None:
+        command = command.replace("s3://YOUR-BUCKET", (tmp_path / "bucket").as_uri())
+        command = command.replace("/home/ray", str(home))
+        words = shlex.split(command[command.index("svt-ray") :].split(">")[0])
+        if "--every" in words:  # one round of the loop
+            del words[words.index("--every") : words.index("--every") + 2]
+        result = CliRunner().invoke(app, words[1:])
+        assert result.exit_code == 0, result.output
+
+    old_head, new_head = tmp_path / "old", tmp_path / "new"
+    old_head.mkdir()
+    old_store = store.replace("/home/ray", str(old_head))
+    client = MlflowClient(old_store)
+    run_id = client.create_run(client.create_experiment("kept")).info.run_id
+    run(restore, old_head)  # a first cluster: nothing to restore, the store stays
+    run(backup, old_head)
+    run(restore, new_head)  # the next cluster's head
+    restored = MlflowClient(store.replace("/home/ray", str(new_head)))
+    assert restored.get_run(run_id).info.experiment_id == client.get_run(run_id).info.experiment_id

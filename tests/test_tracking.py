@@ -143,3 +143,129 @@ def test_a_worker_that_cannot_reach_the_store_trains_on_without_mlflow(
     worker.finish()
     lines = (tmp_path / "worker" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["clips_seen"] for line in lines] == [4]
+
+
+# -- backing up the cluster head's SQLite store -----------------------------------------------
+
+
+def _store_with_a_run(path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{path}")
+    run = client.create_run(client.create_experiment("backup"))
+    return client, run.info.run_id
+
+
+def _loss_steps(path, run_id) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.step for m in MlflowClient(f"sqlite:///{path}").get_metric_history(run_id, "loss")]
+
+
+def test_a_backup_made_while_a_run_logs_restores_to_a_sound_store(tmp_path):
+    import sqlite3
+    import threading
+
+    from svt_ray.tracking import backup_sqlite_store, restore_sqlite_store
+
+    database = tmp_path / "head" / "mlflow.db"
+    database.parent.mkdir()
+    client, run_id = _store_with_a_run(database)
+    stop, logging = threading.Event(), threading.Event()
+
+    def log_steps():  # the server writing while the backups run
+        step = 0
+        while not stop.is_set():
+            client.log_metric(run_id, "loss", 1.0 / (step + 1), step=step)
+            logging.set()
+            step += 1
+
+    writer = threading.Thread(target=log_steps)
+    writer.start()
+    try:
+        assert logging.wait(30)
+        copies = []
+        for index in range(4):
+            destination = (tmp_path / "bucket" / f"copy{index}.db").as_uri()  # a file:// URI
+            assert backup_sqlite_store(f"sqlite:///{database}", destination) > 0
+            copies.append(destination)
+    finally:
+        stop.set()
+        writer.join()
+    logged = _loss_steps(database, run_id)
+    assert len(logged) > 4
+    for index, copy in enumerate(copies):
+        restored = tmp_path / f"new_head{index}" / "mlflow.db"
+        assert restore_sqlite_store(copy, restored)
+        with sqlite3.connect(restored) as check:
+            assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        steps = _loss_steps(restored, run_id)
+        assert steps and steps == list(range(len(steps))) and set(steps) <= set(logged)
+    assert not list((tmp_path / "bucket").glob(".tmp-*"))  # written through a temp + rename
+
+
+def test_restore_never_overwrites_and_refuses_a_broken_backup(tmp_path):
+    from svt_ray.tracking import backup_sqlite_store, restore_sqlite_store
+
+    database = tmp_path / "mlflow.db"
+    _, run_id = _store_with_a_run(database)
+    backup = str(tmp_path / "backup.db")
+    backup_sqlite_store(database, backup)
+
+    assert not restore_sqlite_store(str(tmp_path / "none.db"), tmp_path / "a.db")  # no backup yet
+    assert not (tmp_path / "a.db").exists()
+    database.write_bytes(b"the head's own store")
+    assert not restore_sqlite_store(backup, database)
+    assert database.read_bytes() == b"the head's own store"
+
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"SQLite format 3\x00" + bytes(4000))
+    with pytest.raises(ValueError, match=r"broken\.db is not a sound SQLite database"):
+        restore_sqlite_store(str(broken), tmp_path / "b.db")
+    assert list(tmp_path.glob("*b.db*")) == []  # no store, no partial file
+
+    assert restore_sqlite_store(backup, f"sqlite:///{tmp_path}/c.db")
+    assert _loss_steps(tmp_path / "c.db", run_id) == []
+
+
+def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+
+    database = tmp_path / "mlflow.db"
+    client, run_id = _store_with_a_run(database)
+    runner = CliRunner()
+    result = runner.invoke(app, ["tracking", "backup", str(tmp_path / "no.db"), "x.db"])
+    assert result.exit_code == 2 and "no SQLite store at" in result.output
+    result = runner.invoke(app, ["tracking", "backup", str(database), "x.db", "--every", "-1"])
+    assert result.exit_code == 2 and "--every" in result.output
+    once = tmp_path / "once.db"
+    result = runner.invoke(app, ["tracking", "backup", f"sqlite:///{database}", str(once)])
+    assert result.exit_code == 0 and once.is_file(), result.output
+
+    # --every: a change to the store reaches the backup on the next round.
+    scheduled = tmp_path / "bucket" / "mlflow.db"
+    command = [sys.executable, "-m", "svt_ray.cli", "tracking", "backup", str(database),
+               str(scheduled), "--every", "0.2"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client.log_metric(run_id, "loss", 0.5, step=0)
+        deadline = time.time() + 60
+        restored = tmp_path / "restored.db"
+        while time.time() < deadline:
+            if scheduled.is_file():
+                restored.unlink(missing_ok=True)
+                runner.invoke(app, ["tracking", "restore", str(scheduled), str(restored)])
+                if _loss_steps(restored, run_id) == [0]:
+                    break
+            time.sleep(0.2)
+        assert _loss_steps(restored, run_id) == [0]
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0].decode()
+    assert "backed up" in output
