@@ -154,8 +154,14 @@ def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
     return [*trial_config["base"], *swept, f"train.seed={trial_config['seed']}"]
 
 
-def _run_trial(trial_config: dict[str, Any]) -> None:
-    """[Tune trial] Build the trial's config and pretrain; record a failure in MLflow."""
+def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
+    """[Tune trial] Build the trial's config and pretrain; record a failure in MLflow.
+
+    `trial_config` says what the trial studies; Tune saves it, and a restored study hands every
+    trial the saved one. `placement` says where things are (data, checkpoints, tracking server,
+    cluster): it comes from the study driver running now (`ray.tune.with_parameters`), so a
+    study restored on a new cluster logs to the new head, not to the address of the old one.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -174,7 +180,8 @@ def _run_trial(trial_config: dict[str, Any]) -> None:
             for path, value in trial_config["sweep"].items()
         },
     }
-    finished = _finished_run(trial_config, trial_id)
+    tracking_uri = placement["tracking.tracking_uri"]
+    finished = _finished_run(tracking_uri, trial_config, trial_id)
     if finished is not None:  # restored study: this trial's run ended before the interruption
         logger.info("trial %s finished before (MLflow run %s): not re-run", trial_id, finished)
         ray.tune.report(dict(finished.data.metrics))
@@ -182,7 +189,11 @@ def _run_trial(trial_config: dict[str, Any]) -> None:
     try:
         config = load_config(
             trial_config["preset"],
-            overrides=[*trial_overrides(trial_config), f"train.run_name={study}-{trial_id}"],
+            overrides=[
+                *trial_overrides(trial_config),
+                *(f"{path}={value}" for path, value in placement.items()),
+                f"train.run_name={study}-{trial_id}",
+            ],
         )
         result = train.run_pretraining(
             config,
@@ -199,7 +210,7 @@ def _run_trial(trial_config: dict[str, Any]) -> None:
             # the run KILLED, and a restored study resumes it.
             logger.info("trial %s stopped from outside: %s", trial_id, type(error).__name__)
             return
-        _record_failed_trial(trial_config, trial_id, tags, error)
+        _record_failed_trial(tracking_uri, trial_config, trial_id, tags, error)
         raise
 
 
@@ -232,10 +243,10 @@ def _search_runs(tracking_uri: str, experiment: str, filter_string: str):
     return client, client.search_runs([experiment_id], filter_string=filter_string)
 
 
-def _finished_run(trial_config: dict, trial_id: str):
+def _finished_run(tracking_uri: str, trial_config: dict, trial_id: str):
     """This trial's FINISHED child run, if a previous study driver completed it."""
     _, runs = _search_runs(
-        trial_config["tracking_uri"],
+        tracking_uri,
         trial_config["experiment"],
         f"tags.`svt.study` = '{trial_config['study']}' and "
         f"tags.`svt.trial_id` = '{trial_id}' and attributes.status = 'FINISHED'",
@@ -243,10 +254,12 @@ def _finished_run(trial_config: dict, trial_id: str):
     return runs[0] if runs else None
 
 
-def _record_failed_trial(trial_config: dict, trial_id: str, tags: dict, error: Exception) -> None:
+def _record_failed_trial(
+    tracking_uri: str, trial_config: dict, trial_id: str, tags: dict, error: Exception
+) -> None:
     """A trial that failed before (or while) training keeps a FAILED child run with its error."""
     client, existing = _search_runs(
-        trial_config["tracking_uri"],
+        tracking_uri,
         trial_config["experiment"],
         f"tags.`svt.trial_id` = '{trial_id}'",
     )
@@ -427,17 +440,15 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         data_path = str(
             prepare_synthetic_data(Path(options.workdir).resolve(), probe, options.num_clips)
         )
-    base = [
-        *spec.fixed,
-        *options.overrides,
-        f"data.path={_absolute(data_path)}",
-        f"train.storage_path={join_uri(study_dir, 'runs')}",
-        f"tracking.tracking_uri={options.tracking_uri}",
-        f"tracking.experiment={options.experiment}",
-    ]
-    if options.address:
-        base.append(f"scaling.address={options.address}")
-    probe = load_config(options.preset, overrides=base)  # the study's shared settings must be valid
+    base = [*spec.fixed, *options.overrides, f"tracking.experiment={options.experiment}"]
+    placement = {  # where things are: this driver's, also for the trials of a restored study
+        "data.path": _absolute(data_path),
+        "train.storage_path": join_uri(study_dir, "runs"),
+        "tracking.tracking_uri": options.tracking_uri,
+        **({"scaling.address": options.address} if options.address else {}),
+    }
+    shared = [*base, *(f"{path}={value}" for path, value in placement.items())]
+    probe = load_config(options.preset, overrides=shared)  # the study's shared settings are valid
     if online_knn_every(probe) == 0:
         raise ConfigError(
             "eval.online_every_clips: studies compare online kNN curves; set it (or "
@@ -451,14 +462,13 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             f"budget of {budget} clips per trial; pass a lower --asha-grace, --no-asha, or "
             "raise optim.epochs"
         )
-    parent_run_id = _parent_run(options, spec, study_dir, base, budget, grace)
+    parent_run_id = _parent_run(options, spec, study_dir, shared, budget, grace)
 
     param_space = {
         "study": spec.name,
         "preset": options.preset,
         "base": base,
         "parent_run_id": parent_run_id,
-        "tracking_uri": options.tracking_uri,
         "experiment": options.experiment,
         "seed": ray.tune.grid_search(list(options.seeds)),
         "sweep": {s.path: ray.tune.grid_search(list(s.values)) for s in spec.sweeps},
@@ -483,7 +493,9 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         budget, f" (ASHA from {grace} on may stop them earlier)" if options.asha else "",
         concurrent,
     )  # fmt: skip
-    trainable = ray.tune.with_resources(_run_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_run_trial, placement=placement), {"CPU": TRIAL_DRIVER_CPUS}
+    )
     run_config = ray.tune.RunConfig(
         name=spec.name,
         storage_path=storage,
@@ -494,9 +506,12 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     if ray.tune.Tuner.can_restore(study_dir):
         logger.info("restoring study %s from %s (finished trials are kept)", spec.name, study_dir)
         tuner = ray.tune.Tuner.restore(
-            study_dir, trainable, param_space=param_space, resume_unfinished=True,
-            resume_errored=False, restart_errored=False,
+            study_dir, trainable, resume_unfinished=True, resume_errored=False,
+            restart_errored=False,
         )  # fmt: skip
+        # Tune unpickles the old driver's callbacks, whose tracking URI may name the old head.
+        if getattr(tuner, "_local_tuner", None) is not None:  # None under Ray Client
+            tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
     else:
         tuner = ray.tune.Tuner(
             trainable,

@@ -225,10 +225,10 @@ SMOKE = StudySpec(
 )
 
 
-def _children(tmp_path: Path):
+def _children(folder: Path):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke")
     if experiment is None:
         return client, []
@@ -236,12 +236,30 @@ def _children(tmp_path: Path):
     return client, [r for r in runs if r.data.tags.get("svt.study_role") != "parent"]
 
 
+def _finished_trials(database: Path) -> dict[str, tuple[str, int]]:
+    """{trial id: (run id, end time)} of the FINISHED child runs, read with sqlite3: an
+    MlflowClient would keep the file open in this process and see it after it moves."""
+    import sqlite3
+    from contextlib import closing
+
+    if not database.exists():
+        return {}
+    with closing(sqlite3.connect(database)) as db:
+        rows = db.execute(
+            "SELECT tags.value, runs.run_uuid, runs.end_time FROM runs JOIN tags ON "
+            "tags.run_uuid = runs.run_uuid AND tags.key = 'svt.trial_id' "
+            "WHERE runs.status = 'FINISHED'"
+        ).fetchall()
+    return {trial_id: (run_id, end_time) for trial_id, run_id, end_time in rows}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray_session):
     # 1. The study driver runs in its own process on the session's Ray; kill -9 it as soon as
     #    the first trial has finished.
-    options = _smoke_options(tmp_path, synthetic_shards)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
     driver = tmp_path / "driver.py"
     paths = [str(ROOT / "tests"), str(ROOT)]
     driver.write_text(
@@ -255,36 +273,39 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     )
     address = ray_session.get_runtime_context().gcs_address
     process = subprocess.Popen(
-        [sys.executable, str(driver), address, str(tmp_path), str(synthetic_shards)],
+        [sys.executable, str(driver), address, str(old), str(synthetic_shards)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
     deadline = time.time() + 420
     while time.time() < deadline and process.poll() is None:
-        _, children = _children(tmp_path)
-        if any(r.info.status == "FINISHED" for r in children):
+        if _finished_trials(old / "mlflow.db"):
             break
         time.sleep(2)
     assert process.poll() is None, process.stderr.read().decode()[-3000:]
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    _, children = _children(tmp_path)
-    finished_before = {
-        r.data.tags["svt.trial_id"]: r for r in children if r.info.status == "FINISHED"
-    }
+    finished_before = _finished_trials(old / "mlflow.db")
     assert len(finished_before) == 1
 
-    # 2. Run it again: Tune restores the study; the finished trial is not re-run.
+    # 2. Run it again somewhere else, as on a new cluster whose head restored the MLflow store
+    #    and the study's storage: Tune restores the study; the finished trial is not re-run;
+    #    the restored trials use the new places, not the ones Tune saved in their configs.
+    time.sleep(2)  # the killed driver's trial actors go with it
+    old.rename(new)
+    old.mkdir()  # the old path exists on the new machine, empty: nothing may write there
+    options = _smoke_options(new, synthetic_shards)
     report = run_study(SMOKE, options)
-    client, children = _children(tmp_path)
+    assert not (old / "mlflow.db").exists() and not (old / "runs").exists()
+    client, children = _children(new)
     by_trial = {}
     for run in children:
         by_trial.setdefault(run.data.tags["svt.trial_id"], []).append(run)
     assert len(by_trial) == 3 and all(len(runs) == 1 for runs in by_trial.values())
-    ((trial_id, before),) = finished_before.items()
+    ((trial_id, (run_id, end_time)),) = finished_before.items()
     after = by_trial[trial_id][0]
-    assert after.info.run_id == before.info.run_id and after.info.end_time == before.info.end_time
+    assert (after.info.run_id, after.info.end_time) == (run_id, end_time)
     history = client.get_metric_history(after.info.run_id, "loss")
     assert len(history) == len({m.step for m in history})  # no step trained twice
 
@@ -491,14 +512,14 @@ def test_an_error_after_a_trial_finished_does_not_mark_it_failed(tmp_path):
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("x")
     parent = client.create_run(experiment_id)
-    trial = {"tracking_uri": uri, "experiment": "x", "study": "s", "parent_run_id": "p"}
+    trial = {"experiment": "x", "study": "s", "parent_run_id": "p"}
     runs = {}
     for trial_id, status in (("done", "FINISHED"), ("midway", None)):
         tags = {"svt.trial_id": trial_id, "mlflow.parentRunId": parent.info.run_id}
         runs[trial_id] = client.create_run(experiment_id, tags=tags).info.run_id
         if status:
             client.set_terminated(runs[trial_id], status)
-        _record_failed_trial(trial, trial_id, {}, RuntimeError("boom"))
+        _record_failed_trial(uri, trial, trial_id, {}, RuntimeError("boom"))
     done, midway = (client.get_run(runs[name]) for name in ("done", "midway"))
     assert done.info.status == "FINISHED" and "svt.error" not in done.data.tags
     assert midway.info.status == "FAILED" and midway.data.tags["svt.error"] == "RuntimeError: boom"
