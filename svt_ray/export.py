@@ -12,7 +12,14 @@ it. `export_backbone` writes just that, loadable with `torch.load(..., weights_o
                                   # temporal_attn,temporal_fc,norm2,mlp}.*, norm.*
      "config": {...},             # the run's resolved experiment config (architecture, the
                                   # normalisation mean/std in config["views"])
-     "source": {"checkpoint": str, "step": int, "weights": "teacher" | "student"}}
+     "source": {"checkpoint": str, "step": int, "weights": "teacher" | "student"},
+     "teacher" | "student": {name: tensor}}  # the same tensors again (stored once), under the
+                                             # key the reference's DINO-style loader takes
+
+The last key lets the reference SVT code's `eval_linear.py` / `eval_knn.py` read the file as
+they read an SVT checkpoint: `--pretrained_weights FILE --checkpoint_key teacher` takes
+`ckpt["teacher"]`, strips `module.` and `backbone.`, and loads it with `strict=False`, which
+would silently load nothing from a dict without that key.
 
 SVT evaluates and fine-tunes the teacher (svt_spec.md §5); the student is there for comparison.
 """
@@ -77,6 +84,7 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
         "backbone": state,
         "config": config.model_dump(mode="json"),
         "source": {"checkpoint": checkpoint, "step": int(saved["step"]), "weights": weights},
+        weights: state,  # the same tensors: torch.save writes each storage once
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)

@@ -57,6 +57,28 @@ def test_exported_backbone_gives_the_checkpoints_features(checkpoint, tmp_path, 
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("weights", ["teacher", "student"])
+def test_the_reference_svt_loader_reads_the_exported_file(checkpoint, tmp_path, weights):
+    """SVT's eval_linear.py / eval_knn.py (DINO's utils.load_pretrained_weights), written out:
+    ckpt[checkpoint_key], `module.` and `backbone.` stripped, loaded with strict=False."""
+    out = tmp_path / "backbone.pt"
+    export_backbone(str(checkpoint), out, weights)
+    state_dict = torch.load(out, map_location="cpu")
+    if weights in state_dict:
+        state_dict = state_dict[weights]
+    state_dict = {k.replace("module.", ""): v for k, v in state_dict.items()}
+    state_dict = {k.replace("backbone.", ""): v for k, v in state_dict.items()}
+    backbone, config = load_backbone(out)
+    model = build_backbone(config)
+    message = model.load_state_dict(state_dict, strict=False)
+    assert message.missing_keys == [] and message.unexpected_keys == []
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+    tensor_bytes = sum(v.numel() * v.element_size() for v in state_dict.values())
+    assert out.stat().st_size < 1.5 * tensor_bytes  # the weights once, not twice
+
+
 def test_teacher_and_student_exports_differ(checkpoint, tmp_path):
     teacher = export_backbone(str(checkpoint), tmp_path / "t.pt", "teacher")
     student = export_backbone(str(checkpoint), tmp_path / "s.pt", "student")
