@@ -60,6 +60,16 @@ SHARD_SCHEMA = pa.schema(
 ROW_GROUP_SIZE = 32  # small row groups let a Ray read task split a 256 MB shard
 
 
+def write_file(target: str, data: bytes) -> None:
+    """Write `data` to `target`, a local path or any filesystem URI, atomically (see
+    `Output.write_bytes`): readers see the old file or the new one, never a partial one."""
+    from data_prep.inputs import resolve_filesystem
+
+    filesystem, path = resolve_filesystem(target)
+    folder, name = path.rsplit("/", 1)
+    Output(filesystem, folder).write_bytes(data, name)
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 

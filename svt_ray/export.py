@@ -71,8 +71,7 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
     """Write the `weights` backbone of `checkpoint` (a checkpoint folder, its state.pt, or a
     filesystem URI of either) to `out` (a file or a URI such as s3://bucket/svt_backbone.pt),
     atomically: a failed write leaves no partial file under `out`'s name."""
-    from data_prep.inputs import resolve_filesystem
-    from data_prep.shards import Output
+    from data_prep.shards import write_file
     from svt_ray.evaluate import load_state
 
     saved = load_state(checkpoint)
@@ -88,9 +87,7 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    filesystem, where = resolve_filesystem(str(out))  # a local file or any filesystem URI
-    folder, name = where.rsplit("/", 1)
-    Output(filesystem, folder).write_bytes(buffer.getvalue(), name)  # temp file + rename
+    write_file(str(out), buffer.getvalue())  # a local file or any filesystem URI; temp + rename
     return ExportSummary(
         path=out,
         step=int(saved["step"]),

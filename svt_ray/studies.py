@@ -713,7 +713,7 @@ class StudyReport:
 
     def write(self, folder: Path, spec: StudySpec | None = None) -> dict[str, Path]:
         """results.csv, results.md, curves.png and final.png in `folder`."""
-        from svt_ray.train import write_atomically
+        from data_prep.shards import write_file
 
         folder.mkdir(parents=True, exist_ok=True)
         files = {
@@ -721,7 +721,7 @@ class StudyReport:
             "results.md": folder / "results.md",
         }
         for name, text in (("results.csv", self.csv()), ("results.md", self.markdown())):
-            write_atomically(str(files[name]), text.encode())
+            write_file(str(files[name]), text.encode())
         x_label = (
             (spec.x_label if spec else None)
             or self.x_label

@@ -41,13 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from data_prep.inputs import resolve_filesystem
+from data_prep.shards import Output
 from svt_ray.video import EncoderSettings, encode_h264
 
 logger = logging.getLogger(__name__)
@@ -451,31 +452,20 @@ class SynthSummary:
 def _write_one(args: tuple[SynthConfig, int, str]) -> tuple[int, int]:
     """Encode and write clip `index`; return (bytes written, 1 if skipped)."""
     config, index, root = args
-    fs, base = _filesystem(root)
+    fs, base = resolve_filesystem(root)
     path = f"{base}/{class_folder(config, clip_label(config, index))}/{clip_id(config, index)}.mp4"
     if fs.get_file_info(
         path
     ).size:  # already there from an earlier run: generation is deterministic
         return 0, 1
     data = encode_clip(config, index)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with fs.open_output_stream(temporary) as stream:
-        stream.write(data)
-    fs.move(temporary, path)
+    folder, name = path.rsplit("/", 1)
+    Output(fs, folder).write_bytes(data, name)  # hidden temporary file, then a rename
     return len(data), 0
 
 
 def _write_chunk(jobs: list[tuple[SynthConfig, int, str]]) -> list[tuple[int, int]]:
     return [_write_one(job) for job in jobs]
-
-
-def _filesystem(uri: str):
-    from pyarrow import fs as pafs
-
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    filesystem, path = pafs.FileSystem.from_uri(uri)
-    return filesystem, path.rstrip("/")
 
 
 def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthSummary:
@@ -484,7 +474,7 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     Re-running with the same config skips clips already written, so an interrupted run resumes.
     """
     start = time.perf_counter()
-    fs, base = _filesystem(root)
+    fs, base = resolve_filesystem(root)
     for label in range(config.num_classes):
         fs.create_dir(f"{base}/{class_folder(config, label)}", recursive=True)
     with fs.open_output_stream(f"{base}/synthetic.json") as stream:

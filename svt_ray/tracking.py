@@ -169,8 +169,7 @@ def backup_sqlite_store(database: str | Path, destination: str) -> int:
     import sqlite3
     import tempfile
 
-    from data_prep.inputs import resolve_filesystem
-    from data_prep.shards import Output
+    from data_prep.shards import write_file
 
     source = sqlite_file(database)
     if not source.is_file():
@@ -185,9 +184,7 @@ def backup_sqlite_store(database: str | Path, destination: str) -> int:
             writer.close()
             reader.close()
         data = snapshot.read_bytes()
-    filesystem, path = resolve_filesystem(destination)
-    folder_path, name = path.rsplit("/", 1)
-    Output(filesystem, folder_path).write_bytes(data, name)
+    write_file(destination, data)
     return len(data)
 
 

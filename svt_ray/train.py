@@ -39,6 +39,8 @@ import torch
 from pyarrow import fs as pafs
 from ray.train.torch import TorchTrainer
 
+from data_prep.inputs import resolve_filesystem
+from data_prep.shards import write_file
 from svt_ray import data
 from svt_ray.config import ConfigError, ExperimentConfig
 from svt_ray.engine import NonFiniteLossError, build_state, load_state_dict, state_dict, train_step
@@ -91,31 +93,16 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([path.rstrip("/"), *parts]) + mark + query
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-
-
 def read_json(path: str) -> dict | None:
-    filesystem, local = _filesystem(path)
+    filesystem, local = resolve_filesystem(path)
     if filesystem.get_file_info(local).type == pafs.FileType.NotFound:
         return None
     with filesystem.open_input_stream(local) as stream:
         return json.loads(stream.read())
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Write a file (local path or URI) atomically where the filesystem allows it (temp file +
-    rename on local disks)."""
-    filesystem, local = _filesystem(path)
-    filesystem.create_dir(local.rsplit("/", 1)[0], recursive=True)
-    temporary = f"{local}.tmp-{os.getpid()}"
-    with filesystem.open_output_stream(temporary) as stream:
-        stream.write(data)
-    filesystem.move(temporary, local)
-
-
 def write_json(path: str, payload: dict) -> None:
-    write_atomically(path, json.dumps(payload, indent=1).encode())
+    write_file(path, json.dumps(payload, indent=1).encode())
 
 
 def run_directory(storage_path: str, run_name: str) -> str:
@@ -655,7 +642,7 @@ def _finished_run(
     that checkpoint or the run's record is missing, so the caller lets Ray Train sort it out."""
     recorded = read_json(join_uri(run_dir, RUN_FILE))
     checkpoint = join_uri(run_dir, checkpoint_dir_name(step))
-    filesystem, where = _filesystem(join_uri(checkpoint, CHECKPOINT_FILE))
+    filesystem, where = resolve_filesystem(join_uri(checkpoint, CHECKPOINT_FILE))
     if recorded is None or filesystem.get_file_info(where).type != pafs.FileType.File:
         return None
     run_id = recorded["mlflow_run_id"]
