@@ -181,7 +181,7 @@ def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
         },
     }
     tracking_uri = placement["tracking.tracking_uri"]
-    finished = _finished_run(tracking_uri, trial_config, trial_id)
+    finished = _finished_child_run(tracking_uri, trial_config, trial_id)
     if finished is not None:  # restored study: this trial's run ended before the interruption
         logger.info("trial %s finished before (MLflow run %s): not re-run", trial_id, finished)
         ray.tune.report(dict(finished.data.metrics))
@@ -201,6 +201,7 @@ def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
             parent_run_id=trial_config["parent_run_id"],
             extra_tags=tags,
             callbacks=[TuneReportCallback()],
+            cluster_tracking=False,  # the study driver resolved placement's URI for every node
         )
         if result.already_finished:  # no Ray Train ran, so its callback reported nothing
             ray.tune.report(result.metrics)
@@ -243,7 +244,7 @@ def _search_runs(tracking_uri: str, experiment: str, filter_string: str):
     return client, client.search_runs([experiment_id], filter_string=filter_string)
 
 
-def _finished_run(tracking_uri: str, trial_config: dict, trial_id: str):
+def _finished_child_run(tracking_uri: str, trial_config: dict, trial_id: str):
     """This trial's FINISHED child run, if a previous study driver completed it."""
     _, runs = _search_runs(
         tracking_uri,

@@ -522,8 +522,13 @@ def run_pretraining(
     callbacks: list | None = None,
     fail_at_step: int | None = None,
     fail_rank: int = 0,
+    cluster_tracking: bool = True,
 ) -> PretrainResult:
-    """Pretrain SVT with Ray Train; returns where the run and its checkpoint are."""
+    """Pretrain SVT with Ray Train; returns where the run and its checkpoint are.
+
+    `cluster_tracking=False`: the tracking URI is already the one every node uses (a study's
+    driver resolved it with `cluster_tracking_uri` and warned about it once for all trials).
+    """
     if config.data.path is None:
         raise ConfigError("data.path: no dataset given; pass --data or run `svt-ray demo`")
     manifest = data.read_dataset_manifest(config.data.path)
@@ -554,7 +559,7 @@ def run_pretraining(
     ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
     recorded = resolved.model_copy(deep=True)  # run.json keeps the URI as the user gave it
-    if joins_a_cluster(scaling.address):  # rank 0 logs from its own node
+    if cluster_tracking and joins_a_cluster(scaling.address):  # rank 0 logs from its node
         resolved.tracking.tracking_uri = cluster_tracking_uri(
             resolved.tracking.tracking_uri, ray.util.get_node_ip_address()
         )
