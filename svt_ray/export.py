@@ -13,13 +13,18 @@ it. `export_backbone` writes just that, loadable with `torch.load(..., weights_o
      "config": {...},             # the run's resolved experiment config (architecture, the
                                   # normalisation mean/std in config["views"])
      "source": {"checkpoint": str, "step": int, "weights": "teacher" | "student"},
-     "teacher" | "student": {name: tensor}}  # the same tensors again (stored once), under the
-                                             # key the reference's DINO-style loader takes
+     "teacher" | "student": {name: tensor},  # the same tensors again (stored once), for
+     "model": {name: tensor, "head.weight": (0, d), "head.bias": (0,)}}  # the reference loaders
 
-The last key lets the reference SVT code's `eval_linear.py` / `eval_knn.py` read the file as
-they read an SVT checkpoint: `--pretrained_weights FILE --checkpoint_key teacher` takes
-`ckpt["teacher"]`, strips `module.` and `backbone.`, and loads it with `strict=False`, which
-would silently load nothing from a dict without that key.
+The last two keys let the code the paper evaluated and fine-tuned with read the file:
+- SVT's `eval_linear.py` / `eval_knn.py` (`--pretrained_weights FILE --checkpoint_key
+  teacher`) take `ckpt["teacher"]`, strip `module.` and `backbone.`, and load with
+  `strict=False`, which silently loads nothing from a dict without that key;
+- facebookresearch/TimeSformer (`TIMESFORMER.PRETRAINED_MODEL FILE`; SVT's fine-tuning used
+  its recipe) takes `ckpt["model"]` and drops `head.*` when its row count differs from the
+  number of classes; it raises KeyError without a head, so the file carries an empty one
+  (0 classes), always dropped. Its filter reshapes the patch weights to 3 input channels:
+  a backbone with `model.frame_difference` (6 channels) does not fit that code.
 
 SVT evaluates and fine-tunes the teacher (svt_spec.md §5); the student is there for comparison.
 """
@@ -67,6 +72,13 @@ def backbone_state(checkpoint: dict, weights: str = "teacher") -> dict[str, torc
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
+def _empty_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A 0-class classifier: TimeSformer's loader needs `head.weight` to exist and drops it
+    whenever its row count differs from the classes wanted, which 0 always does."""
+    width = state["norm.weight"].shape[0]
+    return {"head.weight": torch.zeros(0, width), "head.bias": torch.zeros(0)}
+
+
 def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") -> ExportSummary:
     """Write the `weights` backbone of `checkpoint` (a checkpoint folder, its state.pt, or a
     filesystem URI of either) to `out` (a file or a URI such as s3://bucket/svt_backbone.pt),
@@ -84,6 +96,7 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
         "config": config.model_dump(mode="json"),
         "source": {"checkpoint": checkpoint, "step": int(saved["step"]), "weights": weights},
         weights: state,  # the same tensors: torch.save writes each storage once
+        "model": {**state, **_empty_head(state)},
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)

@@ -79,6 +79,40 @@ def test_the_reference_svt_loader_reads_the_exported_file(checkpoint, tmp_path, 
     assert out.stat().st_size < 1.5 * tensor_bytes  # the weights once, not twice
 
 
+def test_the_timesformer_loader_reads_the_exported_file(tmp_path):
+    """facebookresearch/TimeSformer's load_pretrained(pretrained_model=FILE), its steps
+    written out: ckpt["model"], the patch-weight filter (3 channels), the classifier dropped
+    for another class count, the divided space-time copy of attn/norm1 to the temporal ones
+    where missing, then load_state_dict(strict=False)."""
+    config = small_config("tiny", "model.frame_difference=false").resolve(400)
+    folder = tmp_path / "checkpoint_00000000"
+    folder.mkdir()
+    torch.save(state_dict(build_state(config), 0), folder / "state.pt")
+    out = tmp_path / "backbone.pt"
+    export_backbone(str(folder), out)
+
+    checkpoint = torch.load(out, map_location="cpu")
+    assert not {"state_dict", "model_state"} & checkpoint.keys()  # so it is taken as it is
+    state = dict(checkpoint["model"])
+    patch = state["patch_embed.proj.weight"]
+    size = patch.shape[-1]
+    state["patch_embed.proj.weight"] = patch.reshape(patch.shape[0], 3, size, size)
+    num_classes = 101  # UCF-101
+    if num_classes != state["head.weight"].size(0):
+        del state["head.weight"], state["head.bias"]
+    copied = dict(state)
+    for key in state:
+        for name, temporal in (("attn", "temporal_attn"), ("norm1", "temporal_norm1")):
+            if "blocks" in key and name in key and key.replace(name, temporal) not in state:
+                copied[key.replace(name, temporal)] = state[key]
+    model = build_backbone(config)
+    message = model.load_state_dict(copied, strict=False)
+    assert message.missing_keys == []
+    backbone, _ = load_backbone(out)
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
 def test_teacher_and_student_exports_differ(checkpoint, tmp_path):
     teacher = export_backbone(str(checkpoint), tmp_path / "t.pt", "teacher")
     student = export_backbone(str(checkpoint), tmp_path / "s.pt", "student")
