@@ -381,16 +381,13 @@ def tracking_backup(
     if not source.is_file():
         raise fail(f"DATABASE: no SQLite store at {source}")
     copied = None  # (mtime, size) of the store at the last backup that succeeded
+    retried = (OSError, ValueError, sqlite3.Error)
     while True:
         stat = source.stat()
         if (stat.st_mtime_ns, stat.st_size) != copied:
             try:
                 size = backup_sqlite_store(source, destination)
-            except (
-                OSError,
-                ValueError,
-                sqlite3.Error,
-            ) as error:  # a bucket hiccup: try again next round
+            except retried as error:  # a bucket hiccup, a long lock: try again next round
                 if not every:
                     raise fail(f"backup of {source} to {destination} failed: {error}", 1) from None
                 typer.secho(f"warning: backup to {destination} failed: {error}", err=True)
