@@ -328,6 +328,11 @@ class TrainSettings(_Section):
     "Steps between checkpoints (one is always written at the end)."
     log_every: PositiveInt = 1
     "Steps between metric logs (MLflow and metrics.jsonl)."
+    progress_every_s: Annotated[float, Field(ge=0)] = 30.0
+    (
+        "Seconds between progress lines on the console (rank 0: step, loss, online kNN, "
+        "clips/s, data wait, ETA; also at the first and the last step); 0 prints none."
+    )
     report_every: PositiveInt = 50
     (
         "Steps between metric reports to Ray Train / Tune, besides those at checkpoints and "

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shlex
+import sys
 import tempfile
 import threading
 import time
@@ -227,6 +228,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     fail_at_step = loop_config.get("fail_at_step")
     started, clips_at_start = time.perf_counter(), step * config.optim.batch_size
     online_knn.seconds = 0.0  # clips/s counts training time only
+    progress = ConsoleProgress(
+        loop_config["run_name"], derived.total_steps, started,
+        config.train.progress_every_s if rank == 0 else 0.0,
+    )  # fmt: skip
     metrics: dict[str, float] = {}
     try:
         while step < derived.total_steps:
@@ -273,6 +278,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # schedulers) gets the latest value in every report.
                 logged = {**metrics, **online_knn.latest} if evaluated else metrics
                 reported = {**metrics, **online_knn.latest}
+                progress.maybe_print(step, reported, now)
                 checkpointing = step % config.train.checkpoint_every == 0 or last
                 if checkpointing or evaluated or step % config.train.log_every == 0:
                     tracker.log_metrics(logged, step=clips_seen)
@@ -347,6 +353,72 @@ def online_knn_every(config: ExperimentConfig) -> int:
     if settings.online_every_clips:
         return max(1, round(settings.online_every_clips / config.optim.batch_size))
     return settings.online_every
+
+
+@dataclass
+class ConsoleProgress:
+    """[rank 0] What the console shows of a run: one line at the first step, then one every
+    `every_s` seconds and one at the last step, e.g.
+
+        tiny-seed0 step 120/304 (39%) | epoch 1.97 | loss 7.932 | kNN 41.2 | 61.3 clips/s |
+        data wait 4% | 1m58s, ETA 3m01s
+
+    Ray forwards it from the worker to the driver's console (prefixed with the worker's pid),
+    and to `ray job logs` on a cluster. The ETA extrapolates the steps per second since the
+    first line (online kNN included; the first batch's wait for the pipeline left out).
+    """
+
+    run_name: str
+    total_steps: int
+    started: float  # time.perf_counter() when this session's loop started
+    every_s: float  # 0: never
+    first: tuple[int, float] | None = None  # (step, time) of the first line
+    last_printed: float | None = None
+
+    def maybe_print(self, step: int, metrics: dict[str, float], now: float) -> bool:
+        if self.every_s <= 0:
+            return False
+        due = (
+            self.last_printed is None
+            or step >= self.total_steps
+            or now - self.last_printed >= self.every_s
+        )
+        if due:  # not print(): Ray Train's patched print would log it a second time
+            sys.stdout.write(self.line(step, metrics, now) + "\n")
+            sys.stdout.flush()
+            self.last_printed = now
+            self.first = self.first or (step, now)
+        return due
+
+    def line(self, step: int, metrics: dict[str, float], now: float) -> str:
+        parts = [
+            f"{self.run_name} step {step}/{self.total_steps} "
+            f"({100 * step / self.total_steps:.0f}%)",
+            f"epoch {metrics['epoch']:.2f}",
+            f"loss {metrics['loss']:.3f}",
+        ]
+        if "online_knn_top1" in metrics:
+            parts.append(f"kNN {metrics['online_knn_top1']:.1f}")
+        timing = _duration(now - self.started)
+        if self.first is not None and step > self.first[0] and step < self.total_steps:
+            rate = (step - self.first[0]) / max(now - self.first[1], 1e-9)  # steps per second
+            timing += f", ETA {_duration((self.total_steps - step) / rate)}"
+        parts += [
+            f"{metrics['clips_per_s']:.1f} clips/s",
+            f"data wait {100 * metrics['data_wait_fraction']:.0f}%",
+            timing,
+        ]
+        return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """3h05m, 4m07s, 12s."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 class _OnlineMetrics:

@@ -259,6 +259,7 @@ def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((runs / "local" / PROGRESS_FILE).read_text()) == {"step": 3}  # the end
+    assert "local step 3/3 (100%) | epoch 1.00 | loss " in done.stdout  # rank 0's last line
     assert (runs / "local" / "checkpoint_00000003" / "state.pt").is_file()
 
 
@@ -290,3 +291,37 @@ def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
     assert not joins_a_cluster(None)
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
     assert joins_a_cluster(None)
+
+
+def test_the_console_shows_a_progress_line_every_so_often_and_at_the_end(capsys):
+    from svt_ray.train import ConsoleProgress
+
+    def metrics(step, **extra):
+        return {"epoch": step / 38, "loss": 7.5, "clips_per_s": 61.25,
+                "data_wait_fraction": 0.04, **extra}  # fmt: skip
+
+    progress = ConsoleProgress("tiny-seed0", 304, started=95.0, every_s=30)
+    times = [(1, 100.5), (2, 101.0), (60, 130.0), (61, 130.6), (120, 160.0), (121, 160.6),
+             (304, 251.0)]  # fmt: skip
+    knn = {"online_knn_top1": 41.234}
+    printed = [step for step, now in times if progress.maybe_print(step, metrics(step, **knn), now)]
+    assert printed == [1, 61, 121, 304]  # the first step, then 30 s after the last line, the end
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| 6s")  # the first line: no rate yet, so no ETA
+    # steps 1 -> 121 in 60 s: 2 steps/s, 183 steps left -> 92 s (the first batch's 5.5 s of
+    # waiting for the pipeline left out)
+    assert lines[2] == (
+        "tiny-seed0 step 121/304 (40%) | epoch 3.18 | loss 7.500 | kNN 41.2 | 61.2 clips/s | "
+        "data wait 4% | 1m06s, ETA 1m32s"
+    )
+    assert lines[3].endswith("| 2m36s")  # the last line: no ETA
+
+    resumed = ConsoleProgress("r", 7200, started=0.0, every_s=1)  # resumed at step 3600
+    for step, now in [(3601, 1.0), (3611, 11.0), (3612, 45.0)]:
+        resumed.maybe_print(step, metrics(step), now)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("| 11s, ETA 59m49s")  # 10 steps in 10 s, 3589 left
+    assert lines[2].endswith("| 45s, ETA 3h59m")  # 11 steps in 44 s, 3588 left: 14352 s
+    silent = ConsoleProgress("r", 10, started=0.0, every_s=0)
+    assert not silent.maybe_print(10, metrics(10), now=1.0)
+    assert capsys.readouterr().out == ""
