@@ -129,8 +129,12 @@ def default_run_name(config: ExperimentConfig) -> str:
 # -- the dataset factory (called by the Train controller at every worker-group start) ------
 
 
-def dataset_for_run(config_json: dict[str, Any], run_dir: str):
-    """The training stream, starting at the epoch of the run's latest checkpoint."""
+def dataset_for_run(config_json: dict[str, Any], run_dir: str, progress_bars: bool | None):
+    """[Ray Train's dataset manager] The training stream, starting at the epoch of the run's
+    latest checkpoint; with Ray Data's progress bars as the driver's console wants them
+    (`data.progress_bars_wanted`: this process has the default DataContext, not the driver's)."""
+    if progress_bars is not None:
+        ray.data.DataContext.get_current().enable_progress_bars = progress_bars
     config = ExperimentConfig.model_validate(config_json)
     progress = read_json(join_uri(run_dir, PROGRESS_FILE)) or {"step": 0}
     start_epoch = progress["step"] // config.derived.steps_per_epoch
@@ -682,7 +686,12 @@ def run_pretraining(
             callbacks=[RecordProgress(run_dir), *(callbacks or [])],
         ),
         datasets={
-            "train": functools.partial(dataset_for_run, resolved.model_dump(mode="json"), run_dir)
+            "train": functools.partial(
+                dataset_for_run,
+                resolved.model_dump(mode="json"),
+                run_dir,
+                data.progress_bars_wanted(),
+            )
         },
     )
     dead_before = _dead_nodes()

@@ -260,6 +260,7 @@ def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((runs / "local" / PROGRESS_FILE).read_text()) == {"step": 3}  # the end
     assert "local step 3/3 (100%) | epoch 1.00 | loss " in done.stdout  # rank 0's last line
+    assert "row/s" not in done.stdout + done.stderr  # no Ray Data bar redrawn into a file
     assert (runs / "local" / "checkpoint_00000003" / "state.pt").is_file()
 
 
@@ -325,3 +326,19 @@ def test_the_console_shows_a_progress_line_every_so_often_and_at_the_end(capsys)
     silent = ConsoleProgress("r", 10, started=0.0, every_s=0)
     assert not silent.maybe_print(10, metrics(10), now=1.0)
     assert capsys.readouterr().out == ""
+
+
+def test_ray_data_draws_progress_bars_on_a_terminal_only(monkeypatch):
+    import io
+
+    from svt_ray.data import progress_bars_wanted
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)
+    assert progress_bars_wanted(Terminal()) is True
+    assert progress_bars_wanted(io.StringIO()) is False  # a file, a pipe, `ray job logs`
+    monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "0")  # the user decides
+    assert progress_bars_wanted(io.StringIO()) is None
