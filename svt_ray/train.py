@@ -568,6 +568,9 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any)
             for name, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(name, value)
         ray.init(address=address, num_cpus=None if cluster else num_cpus, **options)
+    bars = data.progress_bars_wanted()  # for the datasets this driver runs (evaluation)
+    if bars is not None:
+        ray.data.DataContext.get_current().enable_progress_bars = bars
 
 
 def check_local_gpus(config: ExperimentConfig) -> None:
