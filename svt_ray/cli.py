@@ -181,6 +181,7 @@ def pretrain(
 ) -> None:
     """Pretrain SVT with Ray Train; checkpoints to --storage, metrics to MLflow."""
     from svt_ray.train import (
+        RunInterruptedError,
         RunStoppedError,
         TrainingDivergedError,
         recorded_config,
@@ -194,6 +195,9 @@ def pretrain(
         experiment = build_config(preset, config, [*(overrides or []), *flags])
     try:
         result = run_pretraining(experiment, resume=resume is not None)
+    except RunInterruptedError as error:  # Ctrl-C: not a failure; 130 as a shell reports it
+        typer.echo(str(error), err=True)
+        raise typer.Exit(130) from None
     except (ConfigError, TrainingDivergedError, RunStoppedError) as error:
         raise fail(str(error), code=1) from None
     typer.echo(f"run {result.run_name}: checkpoint {result.checkpoint_path}")
@@ -302,6 +306,7 @@ def demo(
     and linear probe of the learned teacher against random init and raw frames.
     """
     from svt_ray.demo import run_demo
+    from svt_ray.train import RunInterruptedError, RunStoppedError, TrainingDivergedError
 
     try:  # before Ray starts: a folder we cannot write is the user's to fix, not a traceback
         workdir.mkdir(parents=True, exist_ok=True)
@@ -313,8 +318,13 @@ def demo(
                    "pass a folder you can write") from None  # fmt: skip
     try:
         run_demo(workdir, clips, workers, overrides or [], tracking_uri)
+    except RunInterruptedError as error:
+        typer.echo(f"{error} Running the same `svt-ray demo` again continues it too.", err=True)
+        raise typer.Exit(130) from None
     except ConfigError as error:
         raise fail(str(error)) from None
+    except (TrainingDivergedError, RunStoppedError) as error:
+        raise fail(str(error), code=1) from None
 
 
 @app.command("compare")

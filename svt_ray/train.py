@@ -78,6 +78,10 @@ class RunStoppedError(RuntimeError):
     workers within `train.wait_for_workers_s`); its checkpoints are kept for `--resume`."""
 
 
+class RunInterruptedError(RunStoppedError):
+    """The user stopped the run (Ctrl-C); its checkpoints are kept for `--resume`."""
+
+
 # -- storage helpers (local folders and any pyarrow filesystem URI) -------------------------
 
 
@@ -704,6 +708,15 @@ def run_pretraining(
         raise RunStoppedError(
             _stopped_message(resolved, run_name, run_dir, error, _dead_nodes() - dead_before)
         ) from error
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train's SIGINT handler aborts the Train controller, and the driver's
+        # wait for it ends in SystemExit (KeyboardInterrupt before the handler is in place).
+        _end_mlflow_run(resolved.tracking.tracking_uri, mlflow_run_id, "KILLED")
+        kept, command = _resume_hint(resolved, run_name, run_dir)
+        raise RunInterruptedError(
+            f"run {run_name!r} interrupted. It keeps {kept} in {run_dir}; continue it with "
+            f"`{command}`."
+        ) from None
     diverged = read_json(join_uri(run_dir, DIVERGED_FILE))
     checkpoint_path = _checkpoint_location(result.checkpoint, run_dir)
     if diverged is not None:
@@ -804,15 +817,31 @@ def _stopped_message(
             f"{address} (node {node_id[:12]})" for node_id, address in sorted(lost_nodes)
         )
         reason += f"; Ray nodes lost during the run: {listed}"
-    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
-    kept = f"checkpoints up to step {progress['step']}" if progress else "no checkpoint yet"
-    resume = ["svt-ray", "pretrain", "--resume", run_name, "--storage", settings.storage_path]
-    if scaling.address:
-        resume += ["--address", scaling.address]
+    kept, command = _resume_hint(config, run_name, run_dir)
     return (
         f"run {run_name!r} stopped: {reason}. It keeps {kept} in {run_dir}; once the cluster "
-        f"has room for {workers}, continue it with `{shlex.join(resume)}`."
+        f"has room for {workers}, continue it with `{command}`."
     )
+
+
+def _resume_hint(config: ExperimentConfig, run_name: str, run_dir: str) -> tuple[str, str]:
+    """(what a stopped run keeps, the command that continues it)."""
+    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
+    kept = f"checkpoints up to step {progress['step']}" if progress else "no checkpoint yet"
+    resume = ["svt-ray", "pretrain", "--resume", run_name, "--storage", config.train.storage_path]
+    if config.scaling.address:
+        resume += ["--address", config.scaling.address]
+    return kept, shlex.join(resume)
+
+
+def _end_mlflow_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """[driver] Close a run its rank 0 could not close; MLflow being down is only logged."""
+    try:
+        import mlflow
+
+        mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
+    except Exception as error:
+        logger.warning("MLflow run %s not marked %s: %s", run_id, status, error)
 
 
 def _checkpoint_location(checkpoint: ray.train.Checkpoint | None, run_dir: str) -> str | None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,40 @@ def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
     assert "local step 3/3 (100%) | epoch 1.00 | loss " in done.stdout  # rank 0's last line
     assert "row/s" not in done.stdout + done.stderr  # no Ray Data bar redrawn into a file
     assert (runs / "local" / "checkpoint_00000003" / "state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_at_its_checkpoints_and_says_how_to_continue(
+    tmp_path, synthetic_shards, private_ray_env
+):
+    """SIGINT to `svt-ray pretrain`: exit status 130, the MLflow run KILLED (it stayed
+    RUNNING), and the command that continues it (the command printed nothing and exited 1)."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    runs, database = tmp_path / "runs", tmp_path / "mlflow.db"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "svt-ray"), "pretrain", "--preset", "tiny",
+         "--workers", "1", "--data", str(synthetic_shards), "--storage", str(runs),
+         "--run-name", "stopped", "--tracking-uri", f"sqlite:///{database}",
+         *[flag for setting in [*SHORT_RUN, "optim.epochs=100"] for flag in ("--set", setting)]],
+        env=private_ray_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (runs / "stopped" / PROGRESS_FILE).exists() and time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 130, err[-3000:]
+    assert "run 'stopped' interrupted. It keeps checkpoints up to step " in err
+    assert f"`svt-ray pretrain --resume stopped --storage {runs}`" in err
+    step = json.loads((runs / "stopped" / PROGRESS_FILE).read_text())["step"]
+    assert 2 <= step < 300  # stopped mid-run, at a checkpoint it keeps
+    client = MlflowClient(f"sqlite:///{database}")
+    (run,) = client.search_runs([client.get_experiment_by_name("svt-ray").experiment_id])
+    assert run.info.status == "KILLED"
 
 
 def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_path):
