@@ -142,6 +142,10 @@ class StudyOptions:
     num_clips: int = 800
 
 
+class StudyInterruptedError(RuntimeError):
+    """The user stopped the study (Ctrl-C) before every trial ended; Tune saved its state."""
+
+
 # -- the trial: a Tune function trainable that drives one Ray Train run --------------------------
 
 
@@ -522,8 +526,18 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             ),
             run_config=run_config,
         )
-    results = tuner.fit()
+    results, interrupted = _fit_noting_interruption(tuner)
     _close_stopped_runs(options, parent_run_id)
+    if interrupted:  # Tune stopped its trials and saved its state
+        _, finished = _search_runs(
+            options.tracking_uri, options.experiment,
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        )  # fmt: skip
+        raise StudyInterruptedError(
+            f"study {spec.name} interrupted: {len(finished)} of "
+            f"{grid_size(spec, options.seeds)} trials finished. Run the same command again to "
+            "continue it: finished trials are kept, the others resume from their checkpoints."
+        )
     errors = len(results.errors)
     logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
                 (time.perf_counter() - started) / 60)  # fmt: skip
@@ -534,6 +548,29 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     folder = Path(study_dir if "://" not in study_dir else options.workdir) / "report"
     report.files = report.publish(folder, spec)
     return report
+
+
+def _fit_noting_interruption(tuner) -> tuple[Any, bool]:
+    """`tuner.fit()`, and whether Tune stopped on Ctrl-C (SIGINT, or SIGUSR1).
+
+    Tune says so only in a log line, and its results look like those of a finished sweep
+    (the stopped trials end TERMINATED). But `fit()`, in the main thread, installs a SIGINT
+    handler that puts the previous one back when it fires, and leaves itself installed
+    otherwise: the handler in place after `fit()` tells, and the previous one is put back.
+    """
+    import signal
+    import threading
+
+    watched = threading.current_thread() is threading.main_thread() and os.environ.get(
+        "TUNE_DISABLE_SIGINT_HANDLER", "0"
+    ) in ("", "0")
+    before = signal.getsignal(signal.SIGINT)
+    results = tuner.fit()
+    if not watched:
+        return results, False
+    interrupted = signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, before)  # a later Ctrl-C interrupts this process again
+    return results, interrupted
 
 
 def _close_stopped_runs(
@@ -1077,7 +1114,7 @@ def scaling_verdict(report: StudyReport) -> str:
 
 def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: Any) -> int:
     """`python studies/<name>.py [flags]`: parse, run, print the summary. Exit 0 if any trial
-    finished, 1 if none did, 2 on a bad flag."""
+    finished, 1 if none did, 2 on a bad flag, 130 if interrupted (Ctrl-C)."""
     import argparse
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -1131,6 +1168,9 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except StudyInterruptedError as error:  # no report: its verdict would read a partial grid
+        print(error, file=sys.stderr)
+        return 130
     print(report.markdown())
     print(report.summary())
     print("report: " + ", ".join(str(path) for path in report.files.values()))

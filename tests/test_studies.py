@@ -343,6 +343,53 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     assert (tmp_path / "cmp" / "batch_smoke" / "results.md").read_text() == report.markdown()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_on_a_study_says_how_to_continue_and_writes_no_report(
+    tmp_path, synthetic_shards, ray_session
+):
+    """SIGINT to a study's driver: Tune saves its state; the study exits 130 with the command
+    that continues it, closes the running trial's child run, and writes no report (it wrote
+    one, with a verdict on the partial grid, and exited 0)."""
+    driver = tmp_path / "driver.py"
+    paths = [str(ROOT / "tests"), str(ROOT)]
+    driver.write_text(
+        f"import sys; sys.path[:0] = {paths!r}\n"
+        "import ray\n"
+        "from test_studies import SMOKE\n"
+        "from svt_ray.studies import study_main\n"
+        "ray.init(address=sys.argv[1])\n"
+        "sys.exit(study_main(SMOKE, sys.argv[2:]))\n"
+    )
+    options = _smoke_options(tmp_path, synthetic_shards)
+    flags = [flag for item in [*options.overrides, "optim.epochs=20"] for flag in ("--set", item)]
+    process = subprocess.Popen(
+        [sys.executable, str(driver), ray_session.get_runtime_context().gcs_address,
+         "--data", str(synthetic_shards), "--storage", options.storage_path,
+         "--tracking-uri", options.tracking_uri, "--experiment", "smoke", "--no-asha",
+         "--max-concurrent", "1", "--grid", "optim.batch_size=2,4", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            client, children = _children(tmp_path)
+            if children and client.get_metric_history(children[0].info.run_id, "loss"):
+                break
+            time.sleep(1)
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err[-3000:]
+    assert "study batch_smoke interrupted: 0 of 2 trials finished. Run the same command" in err
+    assert "## Verdict" not in out and not (tmp_path / "runs" / "batch_smoke" / "report").exists()
+    _, children = _children(tmp_path)
+    assert [run.info.status for run in children] == ["KILLED"]
+
+
 def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
     tmp_path, synthetic_shards, ray_session
 ):
