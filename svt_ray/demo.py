@@ -35,7 +35,7 @@ def run_demo(
     overrides: list[str],
     tracking_uri: str | None = None,
 ) -> dict:
-    from svt_ray import train
+    from svt_ray import data, train
 
     started = time.perf_counter()
     workdir = workdir.resolve()
@@ -66,7 +66,13 @@ def run_demo(
     _stage(3, f"SVT pretraining: tiny preset, {workers} Ray Train workers on CPU")
     run_dir = train.run_directory(config.train.storage_path, DEMO_RUN)
     progress = train.read_json(train.join_uri(run_dir, train.PROGRESS_FILE))
-    result = train.run_pretraining(config, resume=progress is not None)
+    clips = data.split_count(data.read_dataset_manifest(str(shards)), "train")
+    metrics_file = train.local_log_directory(config, DEMO_RUN) / "metrics.jsonl"
+    with train.progress_from_metrics(  # the workers do not log here: a quiet demo
+        metrics_file, DEMO_RUN, config.resolve(clips).derived.total_steps,
+        config.train.progress_every_s,
+    ):  # fmt: skip
+        result = train.run_pretraining(config, resume=progress is not None)
 
     _stage(4, "evaluation on held-out clips: kNN (k=20) and linear probe")
     backbones = {"SVT (learned)": result.checkpoint_path, "random init": None}

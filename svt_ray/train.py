@@ -19,6 +19,7 @@ middle of a run (`FailureConfig`) and `svt-ray pretrain --resume`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -417,6 +418,48 @@ class ConsoleProgress:
             timing,
         ]
         return " | ".join(parts)
+
+
+@contextlib.contextmanager
+def progress_from_metrics(
+    metrics_file: Path, run_name: str, total_steps: int, every_s: float, poll_s: float = 1.0
+):
+    """[driver] Print a local run's progress lines (`ConsoleProgress`) from the metrics.jsonl
+    its rank 0 appends to, while the body runs: for a driver whose Ray workers do not log to
+    its console (the demo starts Ray with log_to_driver=False). Rows already in the file (a
+    resumed run's) are skipped; the last rows are read once more when the body ends."""
+    progress = ConsoleProgress(run_name, total_steps, time.perf_counter(), every_s)
+    offset = metrics_file.stat().st_size if metrics_file.exists() else 0
+    latest: dict[str, float] = {}
+    stop = threading.Event()
+
+    def read_new_rows() -> None:
+        nonlocal offset
+        if not metrics_file.exists():
+            return
+        with open(metrics_file, "rb") as file:
+            file.seek(offset)
+            chunk = file.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a row being written waits for next time
+        offset += len(complete)
+        rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        for row in rows:
+            latest.update(row)  # the online kNN stays from the row that had it
+        if rows and "loss" in latest:  # the first row may hold only the step-0 online kNN
+            progress.maybe_print(int(latest["step"]), latest, time.perf_counter())
+
+    def follow() -> None:
+        while not stop.wait(poll_s):
+            read_new_rows()
+
+    thread = threading.Thread(target=follow, name="progress-from-metrics", daemon=True)
+    thread.start()
+    try:
+        yield progress
+    finally:
+        stop.set()
+        thread.join()
+        read_new_rows()
 
 
 def _duration(seconds: float) -> str:

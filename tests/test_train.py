@@ -377,3 +377,31 @@ def test_ray_data_draws_progress_bars_on_a_terminal_only(monkeypatch):
     assert progress_bars_wanted(io.StringIO()) is False  # a file, a pipe, `ray job logs`
     monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "0")  # the user decides
     assert progress_bars_wanted(io.StringIO()) is None
+
+
+def test_a_quiet_driver_prints_the_progress_lines_from_the_runs_metrics_file(tmp_path, capsys):
+    """The demo's workers do not log to its console: the driver follows rank 0's
+    metrics.jsonl instead, skipping rows of an earlier session and the kNN-only first row."""
+    from svt_ray.train import progress_from_metrics
+
+    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file.write_text(json.dumps({"step": 3.0, "loss": 9.0}) + "\n")  # a session before
+
+    def row(step, **extra):
+        return {"step": float(step), "epoch": step / 10, "loss": 1.0 / step, "clips_per_s": 8.0,
+                "data_wait_fraction": 0.5, **extra}  # fmt: skip
+
+    following = progress_from_metrics(metrics_file, "demo", 20, every_s=3600, poll_s=0.02)
+    with following, open(metrics_file, "a") as file:
+        file.write(json.dumps({"clips_seen": 0, "online_knn_top1": 25.0}) + "\n")
+        file.write(json.dumps(row(4)) + "\n")
+        file.flush()
+        time.sleep(0.3)  # read: the first line
+        file.write(json.dumps(row(5)) + "\n" + json.dumps(row(20))[:10])  # half a row
+        file.flush()
+        time.sleep(0.3)  # read: step 5, not due; the half row waits
+        file.write(json.dumps(row(20))[10:] + "\n")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("demo step 4/20 (20%) | epoch 0.40 | loss 0.250 | kNN 25.0 |")
+    assert lines[1].startswith("demo step 20/20 (100%) | epoch 2.00 | loss 0.050 | kNN 25.0 |")
