@@ -158,6 +158,17 @@ def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
     return [*trial_config["base"], *swept, f"train.seed={trial_config['seed']}"]
 
 
+def trial_label(trial_config: dict[str, Any]) -> str:
+    """How a trial's progress lines name it: the study, its swept values (labels where the
+    study gives them), its seed; e.g. `view_count views.num_local=4 seed 1`."""
+    labels = trial_config.get("labels", {})
+    swept = [
+        f"{path}={labels.get(path, {}).get(json.dumps(value), value)}"
+        for path, value in trial_config["sweep"].items()
+    ]
+    return " ".join([trial_config["study"], *swept, f"seed {trial_config['seed']}"])
+
+
 def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
     """[Tune trial] Build the trial's config and pretrain; record a failure in MLflow.
 
@@ -206,6 +217,7 @@ def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
             extra_tags=tags,
             callbacks=[TuneReportCallback()],
             cluster_tracking=False,  # the study driver resolved placement's URI for every node
+            label=trial_label(trial_config),
         )
         if result.already_finished:  # no Ray Train ran, so its callback reported nothing
             ray.tune.report(result.metrics)

@@ -238,7 +238,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     started, clips_at_start = time.perf_counter(), step * config.optim.batch_size
     online_knn.seconds = 0.0  # clips/s counts training time only
     progress = ConsoleProgress(
-        loop_config["run_name"], derived.total_steps, started,
+        loop_config.get("label") or loop_config["run_name"], derived.total_steps, started,
         config.train.progress_every_s if rank == 0 else 0.0,
     )  # fmt: skip
     metrics: dict[str, float] = {}
@@ -649,11 +649,14 @@ def run_pretraining(
     fail_at_step: int | None = None,
     fail_rank: int = 0,
     cluster_tracking: bool = True,
+    label: str | None = None,
 ) -> PretrainResult:
     """Pretrain SVT with Ray Train; returns where the run and its checkpoint are.
 
     `cluster_tracking=False`: the tracking URI is already the one every node uses (a study's
     driver resolved it with `cluster_tracking_uri` and warned about it once for all trials).
+    `label`: how the progress lines name the run (default: its run name; a study's trial
+    gives its swept values, which its run name does not show).
     """
     if config.data.path is None:
         raise ConfigError("data.path: no dataset given; pass --data or run `svt-ray demo`")
@@ -717,6 +720,7 @@ def run_pretraining(
             "config": resolved.model_dump(mode="json"),
             "run_dir": run_dir,
             "run_name": run_name,
+            "label": label,
             "log_dir": str(log_dir),
             "mlflow_run_id": mlflow_run_id,
             "fail_at_step": fail_at_step,

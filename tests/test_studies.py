@@ -64,6 +64,19 @@ def test_trial_overrides_expand_coupled_settings():
     ]
 
 
+def test_a_trials_progress_lines_name_its_swept_values():
+    from svt_ray.studies import trial_label
+
+    coupled = {"loss.cross_view_weight": 1.0, "loss.motion_weight": 0.0}
+    trial = {
+        "study": "loss_terms",
+        "seed": 2,
+        "sweep": {"loss_terms": coupled, "views.num_local": 4},
+        "labels": {"loss_terms": {json.dumps(coupled): "cross-view only"}},
+    }
+    assert trial_label(trial) == "loss_terms loss_terms=cross-view only views.num_local=4 seed 2"
+
+
 def test_curve_auc_against_an_explicit_integral():
     curve = [(0, 10.0), (100, 30.0), (300, 50.0)]
     # Trapezoids: 100 * 20 + 200 * 40 = 10000 over 300 clips; then hold 50 to a 400 budget.
@@ -386,6 +399,7 @@ def test_ctrl_c_on_a_study_says_how_to_continue_and_writes_no_report(
     assert process.returncode == 130, err[-3000:]
     assert "study batch_smoke interrupted: 0 of 2 trials finished. Run the same command" in err
     assert "## Verdict" not in out and not (tmp_path / "runs" / "batch_smoke" / "report").exists()
+    assert "batch_smoke optim.batch_size=2 seed 0 step 1/" in out + err  # the trial's first line
     _, children = _children(tmp_path)
     assert [run.info.status for run in children] == ["KILLED"]
 
