@@ -158,14 +158,19 @@ def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
     return [*trial_config["base"], *swept, f"train.seed={trial_config['seed']}"]
 
 
+def _swept_labels(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """{sweep path: the trial's value, or its label where the study gives labels}."""
+    labels = trial_config.get("labels", {})
+    return {
+        path: labels.get(path, {}).get(json.dumps(value), value)
+        for path, value in trial_config["sweep"].items()
+    }
+
+
 def trial_label(trial_config: dict[str, Any]) -> str:
     """How a trial's progress lines name it: the study, its swept values (labels where the
     study gives them), its seed; e.g. `view_count views.num_local=4 seed 1`."""
-    labels = trial_config.get("labels", {})
-    swept = [
-        f"{path}={labels.get(path, {}).get(json.dumps(value), value)}"
-        for path, value in trial_config["sweep"].items()
-    ]
+    swept = [f"{path}={label}" for path, label in _swept_labels(trial_config).items()]
     return " ".join([trial_config["study"], *swept, f"seed {trial_config['seed']}"])
 
 
@@ -189,10 +194,8 @@ def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
         "svt.trial_id": trial_id,
         "svt.seed": str(trial_config["seed"]),
         **{
-            f"svt.sweep.{path}": json.dumps(
-                trial_config["labels"].get(path, {}).get(json.dumps(value), value)
-            )
-            for path, value in trial_config["sweep"].items()
+            f"svt.sweep.{path}": json.dumps(label)
+            for path, label in _swept_labels(trial_config).items()
         },
     }
     tracking_uri = placement["tracking.tracking_uri"]
