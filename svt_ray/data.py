@@ -648,6 +648,14 @@ def progress_bars_wanted(stream=None) -> bool | None:
     return (sys.stderr if stream is None else stream).isatty()
 
 
+def set_progress_bars(wanted: bool | None) -> None:
+    """Apply `progress_bars_wanted()` to this process's Ray Data context (None: leave it)."""
+    import ray.data
+
+    if wanted is not None:
+        ray.data.DataContext.get_current().enable_progress_bars = wanted
+
+
 def preserve_order() -> None:
     """Keep the stream in read order (reproducible runs). Call before building the trainer:
     Ray Train hands the driver's DataContext to the executors that feed its workers."""

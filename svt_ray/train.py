@@ -138,8 +138,7 @@ def dataset_for_run(config_json: dict[str, Any], run_dir: str, progress_bars: bo
     """[Ray Train's dataset manager] The training stream, starting at the epoch of the run's
     latest checkpoint; with Ray Data's progress bars as the driver's console wants them
     (`data.progress_bars_wanted`: this process has the default DataContext, not the driver's)."""
-    if progress_bars is not None:
-        ray.data.DataContext.get_current().enable_progress_bars = progress_bars
+    data.set_progress_bars(progress_bars)
     config = ExperimentConfig.model_validate(config_json)
     progress = read_json(join_uri(run_dir, PROGRESS_FILE)) or {"step": 0}
     start_epoch = progress["step"] // config.derived.steps_per_epoch
@@ -615,9 +614,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any)
             for name, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(name, value)
         ray.init(address=address, num_cpus=None if cluster else num_cpus, **options)
-    bars = data.progress_bars_wanted()  # for the datasets this driver runs (evaluation)
-    if bars is not None:
-        ray.data.DataContext.get_current().enable_progress_bars = bars
+    data.set_progress_bars(data.progress_bars_wanted())  # for datasets the driver runs itself
 
 
 def check_local_gpus(config: ExperimentConfig) -> None:
