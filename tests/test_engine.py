@@ -226,6 +226,15 @@ def _without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([tensor[:width], tensor[2 * width :]])
 
 
+def _on_two_ranks(tmp_path, overrides, batches, out: str) -> None:
+    """`_data_parallel_steps` on 2 gloo processes; their results land in `{out}.2.{rank}`."""
+    torch.multiprocessing.spawn(
+        _data_parallel_steps,
+        args=(2, str(tmp_path / "store"), overrides, batches, out),
+        nprocs=2,
+    )
+
+
 def _assert_trains_like(run: dict, one: dict, label: str) -> None:
     """`run`'s gradients at every step and its final student, teacher and centre equal those
     of `one` (outputs of `_data_parallel_steps`), up to float reassociation."""
@@ -257,11 +266,7 @@ def test_accumulated_pieces_train_like_the_whole_batch(tmp_path):
     _data_parallel_steps(0, 1, "", overrides, batches, whole)
     accumulated = [*overrides, "optim.accumulation_steps=2"]
     _data_parallel_steps(0, 1, "", accumulated, batches, pieces)
-    torch.multiprocessing.spawn(
-        _data_parallel_steps,
-        args=(2, str(tmp_path / "store"), accumulated, batches, pieces),
-        nprocs=2,
-    )
+    _on_two_ranks(tmp_path, accumulated, batches, pieces)
     one = torch.load(f"{whole}.1.0", weights_only=False)
     runs = {
         "1 rank x 2 pieces": torch.load(f"{pieces}.1.0", weights_only=False),
@@ -286,11 +291,7 @@ def test_two_ranks_train_like_one_rank_on_the_global_batch(tmp_path, centering):
     batches = [moving_square_views(config, 8, seed=step) for step in range(3)]
     out = str(tmp_path / "out")
     _data_parallel_steps(0, 1, "", overrides, batches, out)
-    torch.multiprocessing.spawn(
-        _data_parallel_steps,
-        args=(2, str(tmp_path / "store"), overrides, batches, out),
-        nprocs=2,
-    )
+    _on_two_ranks(tmp_path, overrides, batches, out)
     one = torch.load(f"{out}.1.0", weights_only=False)
     two = [torch.load(f"{out}.2.{rank}", weights_only=False) for rank in range(2)]
     mean_losses = [(a + b) / 2 for a, b in zip(two[0]["losses"], two[1]["losses"], strict=True)]

@@ -249,6 +249,23 @@ def _children(folder: Path):
     return client, [r for r in runs if r.data.tags.get("svt.study_role") != "parent"]
 
 
+def _study_driver(tmp_path: Path, call: str) -> Path:
+    """A study driver script for a subprocess: joins the Ray instance at argv[1] (the
+    session's), then runs `call`, which may use SMOKE, _smoke_options, run_study, study_main."""
+    driver = tmp_path / "driver.py"
+    paths = [str(ROOT / "tests"), str(ROOT)]
+    driver.write_text(
+        f"import sys; sys.path[:0] = {paths!r}\n"
+        "from pathlib import Path\n"
+        "import ray\n"
+        "from test_studies import SMOKE, _smoke_options\n"
+        "from svt_ray.studies import run_study, study_main\n"
+        "ray.init(address=sys.argv[1])\n"
+        f"{call}\n"
+    )
+    return driver
+
+
 def _finished_trials(database: Path) -> dict[str, tuple[str, int]]:
     """{trial id: (run id, end time)} of the FINISHED child runs, read with sqlite3: an
     MlflowClient would keep the file open in this process and see it after it moves."""
@@ -273,16 +290,8 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     #    the first trial has finished.
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
-    driver = tmp_path / "driver.py"
-    paths = [str(ROOT / "tests"), str(ROOT)]
-    driver.write_text(
-        f"import sys; sys.path[:0] = {paths!r}\n"
-        "from pathlib import Path\n"
-        "import ray\n"
-        "from test_studies import SMOKE, _smoke_options\n"
-        "from svt_ray.studies import run_study\n"
-        "ray.init(address=sys.argv[1])\n"
-        "run_study(SMOKE, _smoke_options(Path(sys.argv[2]), Path(sys.argv[3])))\n"
+    driver = _study_driver(
+        tmp_path, "run_study(SMOKE, _smoke_options(Path(sys.argv[2]), Path(sys.argv[3])))"
     )
     address = ray_session.get_runtime_context().gcs_address
     process = subprocess.Popen(
@@ -364,16 +373,7 @@ def test_ctrl_c_on_a_study_says_how_to_continue_and_writes_no_report(
     """SIGINT to a study's driver: Tune saves its state; the study exits 130 with the command
     that continues it, closes the running trial's child run, and writes no report (it wrote
     one, with a verdict on the partial grid, and exited 0)."""
-    driver = tmp_path / "driver.py"
-    paths = [str(ROOT / "tests"), str(ROOT)]
-    driver.write_text(
-        f"import sys; sys.path[:0] = {paths!r}\n"
-        "import ray\n"
-        "from test_studies import SMOKE\n"
-        "from svt_ray.studies import study_main\n"
-        "ray.init(address=sys.argv[1])\n"
-        "sys.exit(study_main(SMOKE, sys.argv[2:]))\n"
-    )
+    driver = _study_driver(tmp_path, "sys.exit(study_main(SMOKE, sys.argv[2:]))")
     options = _smoke_options(tmp_path, synthetic_shards)
     flags = [flag for item in [*options.overrides, "optim.epochs=20"] for flag in ("--set", item)]
     process = subprocess.Popen(
