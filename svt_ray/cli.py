@@ -427,6 +427,49 @@ def tracking_restore(
     typer.echo(f"restored {database} from {source}" if restored else f"{database}: unchanged")
 
 
+@tracking_app.command("sync")
+def tracking_sync(
+    run_name: Annotated[str, typer.Argument(help="The run, as `pretrain --resume` names it.")],
+    storage: StorageOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Send MLflow the metrics of a run that it lacks, from the run's metrics.jsonl (after an
+    outage that outlasted the run). Run it where the run's rank 0 ran."""
+    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, sync_metrics
+    from svt_ray.train import (
+        RUN_FILE,
+        join_uri,
+        local_log_directory,
+        read_json,
+        recorded_config,
+        run_directory,
+    )
+
+    storage = storage or "svt_runs"
+    run_dir = run_directory(storage, run_name)
+    recorded = read_json(join_uri(run_dir, RUN_FILE))
+    if recorded is None:
+        raise fail(f"run {run_name}: no run.json in {run_dir}; check --storage and the run name")
+    config = recorded_config(run_name, storage, _cli_overrides(tracking_uri=tracking_uri))
+    metrics_file = local_log_directory(config, run_name) / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise fail(
+            f"run {run_name}: no {metrics_file} on this machine; run `svt-ray tracking sync` "
+            "on the node where the run's rank 0 trained",
+            1,
+        )
+    uri = absolute_tracking_uri(config.tracking.tracking_uri)
+    check_tracking_uri(uri, must_exist=True)
+    steps = sync_metrics(uri, recorded["mlflow_run_id"], metrics_file)
+    if not steps:
+        typer.echo(f"run {run_name}: MLflow ({uri}) has every metric of {metrics_file}")
+        return
+    typer.echo(
+        f"run {run_name}: sent MLflow ({uri}) the values of {len(steps)} step(s) it lacked, "
+        f"clips seen {steps[0]}..{steps[-1]}"
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -361,6 +361,9 @@ class TrackingConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     "MLflow 3's default store in the working directory, so a bare `mlflow ui` finds it."
     experiment: str = "svt-ray"
+    flush_timeout_s: Annotated[float, Field(ge=0.0)] = 60.0
+    "How long rank 0 waits at the end of a run for MLflow to take what it held back in an "
+    "outage; the rest stays in metrics.jsonl (`svt-ray tracking sync` sends it later)."
 
 
 class EvalSettings(_Section):

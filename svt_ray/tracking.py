@@ -3,10 +3,14 @@
 - The store defaults to `sqlite:///mlflow.db` in the working directory (MLflow 3's default,
   so a bare `mlflow ui` finds it); any tracking URI works, an `mlflow server` included.
 - `check_tracking_uri` runs before any compute is spent and fails with one clear line.
-- Every metric also goes to `metrics.jsonl` in the run directory, so an MLflow outage in
-  the middle of a run loses nothing and never stops training.
-- On resume the tracker continues the same MLflow run and skips steps it already logged,
-  so a restart from a checkpoint never logs a step twice.
+- Every metric also goes to `metrics.jsonl` in the run directory first; MLflow gets it from a
+  thread of the tracker's own (`_Sender`), so training never waits on the store. An outage in
+  the middle of a run holds the values back and sends them, in order, when the store answers
+  again; what it has not taken when the run ends stays in `metrics.jsonl`, and
+  `svt-ray tracking sync` sends it later.
+- On resume the tracker continues the same MLflow run and skips steps it already logged
+  (in MLflow or in `metrics.jsonl`), so a restart from a checkpoint never logs a step twice;
+  the steps `metrics.jsonl` has and MLflow lacks (a crash while values were held back) are sent.
 - The MLflow step of every metric is `clips_seen`, so curves of runs with different batch
   sizes line up; the optimisation step is logged as the metric `step`.
 - On a cluster the SQLite store behind `mlflow server` lives on the head's disk;
@@ -16,11 +20,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -30,6 +37,16 @@ from svt_ray.config import ConfigError
 logger = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
+METRICS_PER_CALL = 1000  # MLflow's limit on the metrics of one log_batch
+HELD_VALUES_LIMIT = 1_000_000  # metric values held back in an outage (about 100 MB)
+# MLflow errors that retrying cannot cure: the store answered and refused the call.
+# Any other error (connection refused, timeout, 5xx, a locked database) is the store not
+# answering, and the call is retried.
+REFUSALS = frozenset({
+    "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+    "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED",
+    "CUSTOMER_UNAUTHORIZED", "ENDPOINT_NOT_FOUND",
+})  # fmt: skip
 
 
 class TrackingUnavailableError(ConfigError):
@@ -261,6 +278,9 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None:
         pass
 
+    def close(self) -> bool:
+        return True
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
@@ -306,8 +326,182 @@ def plot_training_curves(metrics_file: str | Path, output: str | Path) -> Path |
     return Path(output)
 
 
+def read_metrics_file(metrics_file: str | Path) -> list[dict[str, float]]:
+    """The lines of a metrics.jsonl; a line cut short by a crash is skipped."""
+    lines = []
+    path = Path(metrics_file)
+    if not path.is_file():
+        return lines
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def missing_metrics(client, run_id: str, lines: list[dict[str, float]], after: int | None):
+    """MLflow Metrics for the values of `lines` (metrics.jsonl) that run `run_id` lacks.
+
+    With `after`, the values of the lines past that step (a restart: MLflow's history ends
+    there, so everything after it is missing, and no history is read). Without it, each key's
+    history is read and compared (`svt-ray tracking sync`: holes anywhere).
+    """
+    from mlflow.entities import Metric
+
+    if after is not None:
+        lines = [line for line in lines if line["clips_seen"] > after]
+        have: dict[str, set[int]] = collections.defaultdict(set)
+    else:
+        keys = {key for line in lines for key in line} - {"clips_seen", "time"}
+        have = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
+    found = []
+    for line in lines:
+        step, stamp = int(line["clips_seen"]), int(line["time"] * 1000)
+        for key, value in line.items():
+            if key not in ("clips_seen", "time") and step not in have[key]:
+                found.append(Metric(key, float(value), stamp, step))
+    return found
+
+
+def sync_metrics(tracking_uri: str, run_id: str, metrics_file: str | Path) -> list[int]:
+    """Send run `run_id` the values of `metrics_file` that MLflow lacks (an outage that
+    outlasted the run, values dropped while too many were held back); returns the steps
+    (clips seen) it sent values of. Raises what MLflow raises if the store does not answer."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    missing = missing_metrics(client, run_id, read_metrics_file(metrics_file), after=None)
+    for start in range(0, len(missing), METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=missing[start : start + METRICS_PER_CALL])
+    return sorted({metric.step for metric in missing})
+
+
+class _Sender:
+    """The MLflow calls of one run, made in order on a thread of their own.
+
+    Training only queues: a slow or absent store never holds up a step. A call the store
+    does not answer (connection refused, timeout, a 5xx, a locked database) stays at the
+    head of the queue and is retried after 2, 4, ... up to 60 s; the calls behind it wait,
+    so the run's record in MLflow stays in order. A call the store refuses (an invalid value,
+    a deleted run: `REFUSALS`) is dropped with a warning. Consecutive metric calls go to
+    MLflow as one log_batch of up to 1000 values.
+    """
+
+    def __init__(self, uri: str, metrics_file: Path, retry_s: tuple[float, float] = (2.0, 60.0)):
+        self.uri, self.metrics_file = uri, metrics_file
+        self.retry_s = retry_s
+        self._calls: collections.deque = collections.deque()  # (what, fn, args, kwargs, values)
+        self._condition = threading.Condition()
+        self._held_values = 0
+        self._flushing = False  # someone waits in flush(): retry at the shortest delay
+        self._stopped = False
+        self._wake = threading.Event()  # cuts a retry delay short
+        self._warned_full = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, what: str, function: Callable, *args, values: int = 0, **kwargs) -> None:
+        """Queue `function(*args, **kwargs)`; `values` > 0 marks a log_batch of that many
+        metrics (merged with its neighbours, counted against HELD_VALUES_LIMIT)."""
+        with self._condition:
+            if values and self._held_values + values > HELD_VALUES_LIMIT:
+                if not self._warned_full:
+                    logger.warning(
+                        "MLflow at %s has not answered for so long that %d metric values are "
+                        "held back; newer ones go to %s only until it answers (then "
+                        "`svt-ray tracking sync` sends them)",
+                        self.uri, self._held_values, self.metrics_file,
+                    )  # fmt: skip
+                    self._warned_full = True
+                return
+            self._held_values += values
+            self._calls.append((what, function, args, kwargs, values))
+            self._condition.notify_all()
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait until the store has taken every queued call, or `timeout_s` passed (retrying
+        at the shortest delay meanwhile); returns the calls still queued."""
+        with self._condition:
+            self._flushing = True
+            self._wake.set()
+            try:
+                self._condition.wait_for(lambda: not self._calls, timeout=timeout_s)
+                return len(self._calls)
+            finally:
+                self._flushing = False
+
+    def stop(self) -> None:
+        """End the thread once its current call returns; what is still queued is dropped
+        (it is in metrics.jsonl)."""
+        with self._condition:
+            self._stopped = True
+            self._wake.set()
+            self._condition.notify_all()
+
+    def _next(self) -> tuple[str, Callable, tuple, dict, int, int] | None:
+        """The head call (or the metric calls at the head, merged into one log_batch) and how
+        many queued calls it covers; None once stopped. The calls stay queued until _done."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._calls or self._stopped)
+            if self._stopped:
+                return None
+            what, function, args, kwargs, values = self._calls[0]
+            if not values:
+                return what, function, args, kwargs, values, 1
+            metrics, taken = [], 0
+            for call in self._calls:
+                if not call[4] or (metrics and len(metrics) + call[4] > METRICS_PER_CALL):
+                    break
+                metrics += call[3]["metrics"]
+                taken += 1
+            return what, function, args, {"metrics": metrics}, len(metrics), taken
+
+    def _done(self, taken: int, values: int) -> None:
+        with self._condition:
+            for _ in range(taken):
+                self._calls.popleft()
+            self._held_values -= values
+            self._condition.notify_all()
+
+    def _run(self) -> None:
+        delay, since = self.retry_s[0], None  # since: when the store stopped answering
+        while (call := self._next()) is not None:
+            what, function, args, kwargs, values, taken = call
+            try:
+                function(*args, **kwargs)
+            except Exception as error:
+                if getattr(error, "error_code", None) in REFUSALS:
+                    logger.warning("MLflow refused %s (%s); dropped it", what, error)
+                    self._done(taken, values)
+                    continue
+                if since is None:
+                    since = time.monotonic()
+                    logger.warning(
+                        "MLflow %s at %s failed (%s); training goes on, and what MLflow has "
+                        "not taken is held back and sent again every <= %.0f s (every metric "
+                        "is also in %s)",
+                        what, self.uri, error, self.retry_s[1], self.metrics_file,
+                    )  # fmt: skip
+                self._wake.wait(self.retry_s[0] if self._flushing else delay)
+                self._wake.clear()
+                delay = min(2 * delay, self.retry_s[1])
+                continue
+            self._done(taken, values)
+            if since is not None:
+                logger.warning(
+                    "MLflow at %s answers again after %.0f s; the values held back are sent",
+                    self.uri, time.monotonic() - since,
+                )  # fmt: skip
+                delay, since, self._warned_full = self.retry_s[0], None, False
+
+
 class MLflowTracker:
-    """One MLflow run, addressed by id through MlflowClient (no global fluent state)."""
+    """One MLflow run, addressed by id through MlflowClient (no global fluent state).
+
+    Every call after the constructor goes through a `_Sender`: it returns at once, and
+    `flush` / `finish` wait for the store (at most `flush_timeout_s`).
+    """
 
     def __init__(
         self,
@@ -318,15 +512,19 @@ class MLflowTracker:
         run_id: str | None = None,
         parent_run_id: str | None = None,
         tags: dict[str, Any] | None = None,
+        flush_timeout_s: float = 60.0,
     ):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        self._warned = False
+        self.metrics_file = self.local_dir / "metrics.jsonl"
+        self.flush_timeout_s = flush_timeout_s
         self.offline = False  # the store did not answer at the start: metrics.jsonl only
         self.last_logged = -1
+        self._sender: _Sender | None = None
         if run_id is None:
             experiment_id_ = experiment_id(self.client, experiment, tracking_uri)
             all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
@@ -334,37 +532,44 @@ class MLflowTracker:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(experiment_id_, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
-        else:  # a Train worker: continue the driver's run, never log a clips_seen twice
-            self.run_id = run_id
-            try:
-                self.client.update_run(run_id, status="RUNNING")
-                history = self.client.get_metric_history(run_id, "loss")
-            except Exception as error:  # e.g. a loopback URI on another node of a cluster
-                self.offline = True
-                logger.warning(
-                    "MLflow at %s is not reachable from this node (%s); training goes on and "
-                    "metrics stay in %s",
-                    tracking_uri,
-                    error,
-                    self.local_dir / "metrics.jsonl",
-                )
-                return
-            self.last_logged = max((m.step for m in history), default=-1)
+            self._sender = _Sender(tracking_uri, self.metrics_file)
+            return
+        # A Train worker (or the driver after it): continue the run, never log a step twice.
+        self.run_id = run_id
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "loss")
+        except Exception as error:  # e.g. a loopback URI on another node of a cluster
+            self.offline = True
+            logger.warning(
+                "MLflow at %s is not reachable from this node (%s); training goes on and "
+                "metrics stay in %s",
+                tracking_uri,
+                error,
+                self.metrics_file,
+            )
+            return
+        self._sender = _Sender(tracking_uri, self.metrics_file)
+        in_mlflow = max((m.step for m in history), default=-1)
+        lines = read_metrics_file(self.metrics_file)
+        self.last_logged = max([in_mlflow, *(int(line["clips_seen"]) for line in lines)])
+        if self.last_logged > in_mlflow:  # held back when the last attempt ended
+            caught_up = missing_metrics(self.client, run_id, lines, after=in_mlflow)
+            self._send_metrics("log_metrics (catching up)", caught_up)
 
     def _safely(self, what: str, call, *args, **kwargs) -> None:
-        if self.offline:  # every call would wait out MLflow's retries again
+        if self._sender is not None:  # None: offline, every call would wait out retries
+            self._sender.put(what, call, *args, **kwargs)
+
+    def _send_metrics(self, what: str, metrics: list) -> None:
+        """Queue `metrics` (MLflow Metrics) in log_batch-sized calls."""
+        if self._sender is None:
             return
-        try:
-            call(*args, **kwargs)
-        except Exception as error:  # a tracking outage must not kill training
-            if not self._warned:
-                logger.warning(
-                    "MLflow %s failed (%s); training goes on and metrics stay in %s",
-                    what,
-                    error,
-                    self.local_dir / "metrics.jsonl",
-                )
-                self._warned = True
+        for start in range(0, len(metrics), METRICS_PER_CALL):
+            chunk = metrics[start : start + METRICS_PER_CALL]
+            self._sender.put(
+                what, self.client.log_batch, self.run_id, metrics=chunk, values=len(chunk)
+            )
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -392,10 +597,11 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        with open(self.local_dir / "metrics.jsonl", "a") as file:
+        with open(self.metrics_file, "a") as file:
             file.write(json.dumps({"clips_seen": step, "time": now / 1000, **metrics}) + "\n")
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._safely("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+        self._send_metrics(
+            "log_metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
         self.last_logged = step
 
     def log_summary(self, metrics: dict[str, float]) -> None:
@@ -403,8 +609,9 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now, step = int(time.time() * 1000), max(self.last_logged, 0)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._safely("log_summary", self.client.log_batch, self.run_id, metrics=items)
+        self._send_metrics(
+            "log_summary", [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self._safely("log_artifact", self.client.log_artifact, self.run_id, str(path), folder)
@@ -412,13 +619,36 @@ class MLflowTracker:
     def log_text(self, text: str, name: str) -> None:
         self._safely("log_text", self.client.log_text, self.run_id, text, name)
 
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until MLflow has taken every call so far (at most `timeout_s`, default
+        `flush_timeout_s`); False, with a warning that says what to do, if it has not."""
+        if self._sender is None:
+            return False
+        left = self._sender.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
+        if left:
+            logger.warning(
+                "MLflow at %s has not taken %d call(s) of run %s; the metrics are in %s, and "
+                "`svt-ray tracking sync` sends them once it answers",
+                self.tracking_uri, left, self.run_id, self.metrics_file,
+            )  # fmt: skip
+        return not left
+
+    def close(self) -> bool:
+        """flush(), then end the sending thread: nothing more is logged to this run here."""
+        taken = self.flush()
+        if self._sender is not None:
+            self._sender.stop()
+        return taken
+
     def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run ended (`status`), after everything logged before it, and close."""
         self._safely("finish", self.client.set_terminated, self.run_id, status)
+        self.close()
 
 
 def make_tracker(rank: int, **kwargs) -> MLflowTracker | NullTracker:
     """MLflow on rank 0, a NullTracker elsewhere: callers never test the rank themselves."""
     if rank != 0:
         return NullTracker()
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the _Sender retries too
     return MLflowTracker(**kwargs)

@@ -224,6 +224,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_name=loop_config["run_name"],
         local_dir=loop_config["log_dir"],
         run_id=loop_config["mlflow_run_id"],
+        flush_timeout_s=config.tracking.flush_timeout_s,
     )
     if checkpoint is not None:  # the latest restart's starting point, for whoever reads the run
         tracker.set_tags({"svt.resumed_at_step": step})
@@ -574,6 +575,7 @@ def _start_mlflow_run(
     )
     tracker.log_params(config.flat())
     tracker.log_text(config.dump(), "config.yaml")
+    tracker.close()  # the run is resumable from here on: run.json names it
     write_json(
         join_uri(run_dir, RUN_FILE),
         {"mlflow_run_id": tracker.run_id, "config": config.model_dump(mode="json")},

@@ -90,6 +90,22 @@ def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
     assert re.search(r"bytes per clip .*kB at 30 fps, .*kB at 15 fps", done.stdout)
 
 
+def test_tracking_benchmark_times_both_paths_with_the_server_up_and_down():
+    command = [sys.executable, "benchmarks/tracking.py", "--steps", "4", "--down-steps", "1"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    paths = r"(synchronous log_batch|tracker\.log_metrics)"
+    row = rf"^\| (server|SQLite file) \| (up|down) \| {paths} \| (\d+) \|"
+    rows = re.findall(row, done.stdout, re.MULTILINE)
+    assert sorted(rows) == sorted([
+        (store, state, path, steps)
+        for store, state, steps in [("server", "up", "4"), ("SQLite file", "up", "4"),
+                                    ("server", "down", "1")]
+        for path in ("synchronous log_batch", "tracker.log_metrics")
+    ]), done.stdout  # fmt: skip
+    assert "tracker, server: flush() after the 4 steps took" in done.stdout
+
+
 def test_cost_estimate_follows_the_written_out_formula():
     row = cost_table.estimate(
         240_000, 20, 8, 80.0, efficiency=0.9, usd_per_gpu_hour=4.0, loader_clips_per_cpu_second=12

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import time
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from svt_ray.tracking import (
     MLflowTracker,
@@ -13,6 +17,7 @@ from svt_ray.tracking import (
     check_tracking_uri,
     make_tracker,
     plot_training_curves,
+    sync_metrics,
 )
 
 
@@ -39,35 +44,166 @@ def tracker(tmp_path, **kwargs) -> MLflowTracker:
     )
 
 
-def test_outage_mid_run_keeps_training_and_the_local_record(tmp_path, caplog):
+class _Outage:
+    """A store that fails every log_batch as a dead server does (after `stall_s`, MLflow's
+    own retries) while `down` is set; `sent` counts the values of each call it took."""
+
+    def __init__(self, run: MLflowTracker, stall_s: float = 0.0):
+        self.down, self.stall_s, self.sent = threading.Event(), stall_s, []
+        self.real = run.client.log_batch
+        run.client.log_batch = self
+        run._sender.retry_s = (0.01, 0.05)
+
+    def __call__(self, *args, **kwargs):
+        if self.down.is_set():
+            time.sleep(self.stall_s)
+            raise MlflowException("API request failed with exception Connection refused")
+        self.real(*args, **kwargs)
+        self.sent.append(len(kwargs.get("metrics") or []))
+
+
+def _history(run: MLflowTracker, key: str = "loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in run.client.get_metric_history(run.run_id, key))
+
+
+def test_an_outage_mid_run_holds_values_back_without_stalling_training(tmp_path, caplog):
     run = tracker(tmp_path)
-
-    def broken(*args, **kwargs):
-        raise ConnectionError("server went away")
-
-    run.client.log_batch = broken
-    run.log_metrics({"loss": 1.5}, step=8)
-    run.log_metrics({"loss": 1.4}, step=16)
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [(x["clips_seen"], x["loss"]) for x in lines] == [(8, 1.5), (16, 1.4)]
+    outage = _Outage(run, stall_s=0.5)
+    run.log_metrics({"loss": 8.0}, step=8)
+    assert run.flush(timeout_s=30)
+    outage.down.set()
+    started = time.perf_counter()
+    for step in range(16, 88, 8):  # 9 steps while the store is down
+        run.log_metrics({"loss": float(step)}, step=step)
+    assert time.perf_counter() - started < 0.5  # one failed call takes 0.5 s: none waited
+    assert not run.flush(timeout_s=0.2)  # still held back
+    assert "has not taken 9 call(s)" in caplog.text and "tracking sync" in caplog.text
+    outage.down.clear()
+    assert run.flush(timeout_s=30)
     assert "training goes on" in caplog.text
+    assert _history(run) == [(step, float(step)) for step in range(8, 88, 8)]  # each once
+    assert len(outage.sent) <= 3  # the 9 held back went as few log_batch calls, not 9
+    assert "answers again" in caplog.text
+    lines = [json.loads(x) for x in run.metrics_file.read_text().splitlines()]
+    assert [x["clips_seen"] for x in lines] == list(range(8, 88, 8))
+
+
+def test_a_refused_call_is_dropped_and_the_calls_behind_it_go_on(tmp_path, caplog):
+    run = tracker(tmp_path)
+    run.log_params({"optim.lr": 1})
+    run.log_params({"optim.lr": 2})  # MLflow refuses to change a logged param
+    run.log_metrics({"loss": 1.0}, step=4)
+    run.finish()
+    assert "refused log_params" in caplog.text
+    assert run.client.get_run(run.run_id).data.params == {"optim.lr": "1"}
+    assert _history(run) == [(4, 1.0)]
+    assert run.client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_run_that_ends_in_an_outage_is_synced_afterwards(tmp_path, caplog):
+    run = tracker(tmp_path, flush_timeout_s=0.3)
+    outage = _Outage(run)
+    run.log_metrics({"loss": 4.0, "lr": 0.1}, step=4)
+    assert run.flush(timeout_s=30)
+    outage.down.set()
+    run.log_metrics({"loss": 8.0, "lr": 0.2}, step=8)
+    run.log_metrics({"loss": 12.0, "lr": 0.3}, step=12)
+    started = time.perf_counter()
+    run.finish()
+    assert time.perf_counter() - started < 10  # waited flush_timeout_s, not for ever
+    assert "has not taken 3 call(s)" in caplog.text and "svt-ray tracking sync" in caplog.text
+    assert run.client.get_run(run.run_id).info.status == "RUNNING"  # set_terminated not taken
+    assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == [8, 12]
+    assert _history(run) == [(4, 4.0), (8, 8.0), (12, 12.0)]
+    assert _history(run, "lr") == [(4, 0.1), (8, 0.2), (12, 0.3)]
+    assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == []  # nothing twice
 
 
 def test_resumed_tracker_skips_steps_already_logged(tmp_path):
     first = tracker(tmp_path)
     for step in (4, 8, 12):
         first.log_metrics({"loss": float(step)}, step=step)
+    first.close()
     again = tracker(tmp_path, run_id=first.run_id)
     assert again.last_logged == 12
     for step in (8, 12, 16):  # a restart from the checkpoint at 4 redoes 8 and 12
         again.log_metrics({"loss": -1.0}, step=step)
-    history = again.client.get_metric_history(first.run_id, "loss")
-    assert sorted((m.step, m.value) for m in history) == [
-        (4, 4.0),
-        (8, 8.0),
-        (12, 12.0),
-        (16, -1.0),
-    ]
+    again.close()
+    assert _history(again) == [(4, 4.0), (8, 8.0), (12, 12.0), (16, -1.0)]
+
+
+def test_a_restart_sends_what_the_crashed_worker_held_back(tmp_path):
+    first = tracker(tmp_path)
+    outage = _Outage(first)
+    first.log_metrics({"loss": 4.0}, step=4)
+    assert first.flush(timeout_s=30)
+    outage.down.set()
+    first.log_metrics({"loss": 8.0}, step=8)
+    first.log_metrics({"loss": 12.0}, step=12)
+    first._sender.stop()  # the worker dies with 8 and 12 held back: only metrics.jsonl has them
+    again = tracker(tmp_path, run_id=first.run_id)  # the restarted worker; the store is back
+    assert again.last_logged == 12  # from metrics.jsonl: 8 and 12 are not logged twice
+    for step in (8, 12, 16):  # redone from the checkpoint at 4
+        again.log_metrics({"loss": -1.0}, step=step)
+    assert again.flush(timeout_s=30)
+    assert _history(again) == [(4, 4.0), (8, 8.0), (12, 12.0), (16, -1.0)]
+    lines = [json.loads(x)["clips_seen"] for x in again.metrics_file.read_text().splitlines()]
+    assert lines == [4, 8, 12, 16]
+
+
+def test_a_real_server_that_restarts_mid_run_gets_every_value(tmp_path, caplog):
+    """`mlflow server` stopped and started again on its port while a run logs."""
+    from conftest import free_port, serving
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]  # fmt: skip
+    with serving("mlflow server", command, f"{uri}/health", tmp_path, timeout_s=120, poll_s=0.5):
+        run = make_tracker(0, tracking_uri=uri, experiment="tests", run_name="run",
+                           local_dir=tmp_path / "run")  # fmt: skip
+        run._sender.retry_s = (0.2, 1.0)
+        run.log_metrics({"loss": 1.0}, step=1)
+        assert run.flush(timeout_s=60)
+    started = time.perf_counter()
+    for step in range(2, 6):  # each call to a dead server takes MLflow's retries (~5 s)
+        run.log_metrics({"loss": float(step)}, step=step)
+    assert time.perf_counter() - started < 1.0
+    with serving("mlflow server", command, f"{uri}/health", tmp_path, timeout_s=120, poll_s=0.5):
+        run.log_metrics({"loss": 6.0}, step=6)
+        run.finish()
+        assert _history(run) == [(step, float(step)) for step in range(1, 7)]
+        assert run.client.get_run(run.run_id).info.status == "FINISHED"
+    assert "training goes on" in caplog.text and "answers again" in caplog.text
+
+
+def test_tracking_sync_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app, build_config
+    from svt_ray.train import RUN_FILE, write_json
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = tmp_path / "runs"
+    config = build_config("tiny", None, [f"tracking.tracking_uri={uri}",
+                                         f"train.storage_path={storage}"])  # fmt: skip
+    run = MLflowTracker(uri, "tests", "r1", storage / "r1")
+    write_json(str(storage / "r1" / RUN_FILE),
+               {"mlflow_run_id": run.run_id, "config": config.model_dump(mode="json")})  # fmt: skip
+    outage = _Outage(run)
+    outage.down.set()
+    run.log_metrics({"loss": 2.0}, step=2)
+    run._sender.stop()
+    runner = CliRunner()
+    result = runner.invoke(app, ["tracking", "sync", "r1", "--storage", str(storage)])
+    assert result.exit_code == 0 and "values of 1 step(s)" in result.output, result.output
+    assert _history(run) == [(2, 2.0)]
+    result = runner.invoke(app, ["tracking", "sync", "r1", "--storage", str(storage)])
+    assert result.exit_code == 0 and "has every metric" in result.output
+    result = runner.invoke(app, ["tracking", "sync", "r2", "--storage", str(storage)])
+    assert result.exit_code != 0 and "no run.json" in result.output
 
 
 def test_training_curves_plot(tmp_path):
@@ -96,6 +232,7 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path):
     run = tracker(tmp_path)
     (tmp_path / "note.txt").write_text("hello")
     run.log_artifact(tmp_path / "note.txt")
+    assert run.flush(timeout_s=30)
     experiment = run.client.get_experiment_by_name("tests")
     assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri())
     assert list((tmp_path / "mlruns").rglob("note.txt"))
