@@ -88,6 +88,18 @@ def _check_indices(indices: Sequence[int], num_frames: int) -> np.ndarray:
     return idx
 
 
+def _unpadded_rgb(frames: np.ndarray) -> np.ndarray:
+    """decord2 3.4 pads RGB rows to a multiple of 64 pixels and, where the padded row is a
+    whole number of pixels' worth of bytes, reports that as channels: a 96-pixel-wide video
+    comes back (n, h, 96, 4) holding rows of 128 RGB pixels (widths 16, 24, 32, 48, 96, 144
+    and a few other small ones; the width it reports is right). Cut the rows back to RGB."""
+    if frames.shape[-1] == 3:
+        return frames
+    count, height, width = frames.shape[:3]
+    rows = np.ascontiguousarray(frames).reshape(count, height, -1)
+    return np.ascontiguousarray(rows[:, :, : width * 3].reshape(count, height, width, 3))
+
+
 class DecordReader:
     """decord.VideoReader over in-memory bytes.
 
@@ -141,13 +153,23 @@ class DecordReader:
 
         idx = _check_indices(indices, self.num_frames)
         try:
-            frames = self._reader.get_batch(idx.tolist()).asnumpy()
+            try:
+                frames = self._reader.get_batch(idx.tolist()).asnumpy()
+            except decord.DECORDError as error:
+                if "DECORDArrayCopyFromTo" not in str(error):
+                    raise
+                # decord2 3.4 cannot copy padded rows (see _unpadded_rgb) into a batch: one
+                # frame at a time, as get_batch would (seek, decode), then stacked.
+                frames = np.stack([
+                    _unpadded_rgb(self._reader[int(i)].asnumpy()[None])[0] for i in idx
+                ])  # fmt: skip
         except decord.DECORDError as error:
             raise VideoDecodeError(
                 f"decord failed to decode frames: {_first_line(error)}"
             ) from error
         # dmlc/decord#197: get_batch keeps decoder buffers alive; seeking back releases them.
         self._reader.seek(0)
+        frames = _unpadded_rgb(frames)
         self._shape = frames.shape[1:3]
         return frames
 
@@ -171,6 +193,7 @@ class DecordReader:
                 raise VideoDecodeError(
                     f"decord failed at frame {index}: {_first_line(error)}"
                 ) from error
+            frame = _unpadded_rgb(frame[None])[0]
             self._shape = frame.shape[:2]
             yield frame
 

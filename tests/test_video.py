@@ -66,6 +66,23 @@ def test_frames_by_index_match_sequential_decode(backend, kind):
     reader.close()
 
 
+@pytest.mark.parametrize("width", [16, 32, 48, 80, 96, 144, 160])
+def test_every_frame_width_decodes_to_rgb(width):
+    """decord2 3.4 returns rows padded to 64 pixels, mis-shaped as 4-12 channels, for some
+    widths (96: (h, 96, 4)); both decord paths must still give the frames PyAV gives."""
+    data = encode(numbered_frames(12, height=32, width=width, seed=2), gop=4)
+    reference = decode_all_frames(data)
+    assert reference.shape == (12, 32, width, 3)
+    reader = open_video(data, backend="decord")
+    indices = [11, 0, 5, 5, 3]
+    by_index = reader.get_frames(indices)
+    sequential = np.stack(list(reader.iter_frames()))
+    for frames, wanted in ((by_index, reference[indices]), (sequential, reference)):
+        assert frames.shape == wanted.shape and frames.dtype == np.uint8
+        assert np.abs(frames.astype(np.int16) - wanted).mean() < MEAN_TOLERANCE
+    assert (reader.height, reader.width) == (32, width)
+
+
 def test_reference_frames_are_distinct_so_the_check_has_teeth():
     reference = decode_all_frames(FILES["short_gop"]).astype(np.int16)
     neighbour_error = np.abs(reference[1:] - reference[:-1]).mean(axis=(1, 2, 3))
