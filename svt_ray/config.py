@@ -298,9 +298,14 @@ class DataConfig(_Section):
     "CPUs reserved by each decode actor."
     decode_actors: PositiveInt | None = None
     "Maximum decode actors; None = what the cluster's free CPUs allow."
+    preserve_order: bool = True
+    "Clips reach the workers in the order of the seeded shuffles, whichever decode actor "
+    "finishes first: a run repeated with its seed ends with the same weights. false lets "
+    "a straggling decode actor's clips be overtaken (only worth it if data loading limits)."
     deterministic: bool = False
-    "Fixed stream order and views that depend on (seed, clip id) only: bit-reproducible runs "
-    "(exact-resume tests, debugging); every epoch then sees the same views."
+    "Views that depend on (seed, clip id) only and one stream per epoch, in order: a run "
+    "resumed mid-run ends with the weights of an uninterrupted one (exact-resume tests); "
+    "every epoch then sees the same views."
 
 
 class ScalingSettings(_Section):

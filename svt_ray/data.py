@@ -656,9 +656,10 @@ def set_progress_bars(wanted: bool | None) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = wanted
 
 
-def preserve_order() -> None:
-    """Keep the stream in read order (reproducible runs). Call before building the trainer:
-    Ray Train hands the driver's DataContext to the executors that feed its workers."""
+def set_preserve_order(wanted: bool) -> None:
+    """Keep the stream in the order of its seeded shuffles, whichever decode actor finishes
+    first (`data.preserve_order`: reproducible runs), or not. Call before building the
+    trainer: Ray Train hands the driver's DataContext to the executors that feed its workers."""
     import ray.data
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ray.data.DataContext.get_current().execution_options.preserve_order = wanted

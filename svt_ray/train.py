@@ -707,8 +707,7 @@ def run_pretraining(
         resolved.derived.lr, resolved.derived.total_steps, run_dir, mlflow_run_id,
     )  # fmt: skip
 
-    if resolved.data.deterministic:
-        data.preserve_order()
+    data.set_preserve_order(resolved.data.deterministic or resolved.data.preserve_order)
     use_gpu = scaling.gpus_per_worker > 0
     resources = {"CPU": scaling.cpus_per_worker}
     if use_gpu:

@@ -131,6 +131,25 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     assert status == "FINISHED"
 
 
+def test_a_run_repeated_with_its_seed_ends_with_the_same_weights(
+    tmp_path, synthetic_shards, ray_session
+):
+    """Shuffled files, a shuffle buffer, two decode actors and two workers: with
+    data.preserve_order (the default) the same seed gives the same batches, so the same
+    weights, bit for bit (without it, the first blocks come in the order their reads finish)."""
+    runs = [
+        run_pretraining(experiment(tmp_path, synthetic_shards, "scaling.num_workers=2",
+                                   "data.decode_actors=2", "data.shuffle_buffer=16",
+                                   f"train.run_name=repeat{index}"))
+        for index in range(2)
+    ]  # fmt: skip
+    a, b = (load_state(run.checkpoint_path) for run in runs)
+    assert a["step"] == b["step"] > 0
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            assert torch.equal(b[key][name], tensor), f"{key}.{name}"
+
+
 # A worker lost mid-run (FailureConfig restart from the last registered checkpoint, each step
 # logged once) is tested where it is most likely: tests/test_multinode.py kills a node; the
 # S3 test kills rank 1 with max_failures=0 and resumes.
