@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -297,7 +298,7 @@ class FeatureUDF:
         self.pixel_grid = pixel_grid
 
     def __call__(self, batch: dict) -> dict:
-        out = {"label": batch["label"]}
+        out = {"label": batch["label"], "clip_id": batch["clip_id"]}
         for column in self.clip_columns:
             clips = torch.from_numpy(batch[column])
             for name, extractor in self.extractors.items():
@@ -387,7 +388,11 @@ def evaluate_backbones(
             decoder=config.data.decoder,
             decode_actors=config.data.decode_actors,
         )
-        features[split] = data.run_batch_inference(dataset, FeatureUDF, kwargs, num_gpus=gpus)
+        rows = data.run_batch_inference(dataset, FeatureUDF, kwargs, num_gpus=gpus)
+        # In clip order, not the order the actors finished in: the linear probe's result
+        # depends on the order of its rows, and an evaluation must not vary run to run.
+        order = np.argsort(rows["clip_id"], kind="stable")
+        features[split] = {column: values[order] for column, values in rows.items()}
     train, test = features[settings.train_split], features[settings.test_split]
     train_labels = torch.from_numpy(train["label"])
     test_labels = torch.from_numpy(test["label"])

@@ -173,19 +173,50 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["student"].values())
 
 
-def test_evaluation_of_a_checkpoint_and_random_init(tmp_path, synthetic_shards, ray_session):
+def test_evaluation_of_a_checkpoint_and_random_init(
+    tmp_path, synthetic_shards, ray_session, monkeypatch
+):
     config = experiment(tmp_path, synthetic_shards, "train.run_name=eval")
     result = run_pretraining(config)
-    rows = evaluate_backbones(
-        result.config,
-        {"learned": result.checkpoint_path, "random": None},
-        str(synthetic_shards),
-        pixel_baseline=True,
-    )
+
+    def evaluate():
+        return evaluate_backbones(
+            result.config,
+            {"learned": result.checkpoint_path, "random": None},
+            str(synthetic_shards),
+            pixel_baseline=True,
+        )
+
+    rows = evaluate()
     names = [row.name for row in rows]
     assert names == ["learned", "learned slow-fast", "random", "random slow-fast", "frame pixels"]
     for row in rows:
         assert 0.0 <= row.knn.top1 <= row.knn.top5 <= 100.0
+    # The kNN and the linear probe get their rows in clip order, whatever order the decode
+    # actors return them in (the linear probe's result depends on the order of its rows).
+    from svt_ray import data
+    from svt_ray import evaluate as evaluate_module
+
+    scored, score = [], evaluate_module.evaluate_features
+
+    def recorded(name, train_x, train_labels, test_x, *args):
+        scored.append((name, train_x, train_labels, test_x))
+        return score(name, train_x, train_labels, test_x, *args)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_features", recorded)
+    in_order = evaluate()
+    arrival = data.run_batch_inference
+
+    def reversed_rows(*args, **kwargs):
+        return {key: values[::-1].copy() for key, values in arrival(*args, **kwargs).items()}
+
+    monkeypatch.setattr(data, "run_batch_inference", reversed_rows)
+    assert [row.row() for row in evaluate()] == [row.row() for row in in_order]
+    half = len(scored) // 2
+    for first, again in zip(scored[:half], scored[half:], strict=True):
+        assert first[0] == again[0]
+        for a, b in zip(first[1:], again[1:], strict=True):
+            assert torch.equal(a, b), first[0]
 
 
 def test_asking_local_ray_for_gpus_it_lacks_fails_at_once(tmp_path, synthetic_shards, ray_session):
