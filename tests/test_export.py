@@ -158,7 +158,12 @@ def test_evaluation_takes_an_exported_file_as_it_takes_the_checkpoint(checkpoint
     exported = export_backbone(str(checkpoint), tmp_path / "backbone.pt").path
     config = torch.load(exported, weights_only=True)["config"]
     udf = FeatureUDF(config, {"ckpt": str(checkpoint), "file": str(exported)}, ["clip"])
-    out = udf({"label": torch.arange(3).numpy(), "clip": clips().numpy()})
+    batch = {
+        "label": torch.arange(3).numpy(),
+        "clip_id": torch.arange(3).numpy(),
+        "clip": clips().numpy(),
+    }
+    out = udf(batch)
     assert (out["ckpt/clip"] == out["file/clip"]).all()
 
 
