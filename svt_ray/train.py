@@ -187,8 +187,22 @@ class RecordProgress(ray.train.UserCallback):
             write_json(join_uri(self.run_dir, PROGRESS_FILE), {"step": int(metrics[0]["step"])})
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train V2 logs reports at INFO on the workers: "Reporting training result N:
+    TrainingReport(checkpoint=..., metrics={...every metric...}) from rank R", about 600
+    characters a line, 8 of a quick-tour log's 39; the progress lines and "Checkpoint
+    successfully created" say what matters. Its logger is named after its file; its
+    warnings still show."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: the lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: restore, wrap in DDP, stream views, step, log, checkpoint."""
+    _quiet_report_lines()
     config = ExperimentConfig.model_validate(loop_config["config"])
     derived = config.derived
     context = ray.train.get_context()

@@ -312,6 +312,7 @@ def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
     assert json.loads((runs / "local" / PROGRESS_FILE).read_text()) == {"step": 3}  # the end
     assert "local step 3/3 (100%) | epoch 1.00 | loss " in done.stdout  # rank 0's last line
     assert "row/s" not in done.stdout + done.stderr  # no Ray Data bar redrawn into a file
+    assert "Reporting training result" not in done.stdout + done.stderr  # Ray's 600-char lines
     assert (runs / "local" / "checkpoint_00000003" / "state.pt").is_file()
 
 
