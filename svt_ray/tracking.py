@@ -466,13 +466,16 @@ class _Sender:
 
     def _run(self) -> None:
         delay, since = self.retry_s[0], None  # since: when the store stopped answering
+        refused: set[str] = set()
         while (call := self._next()) is not None:
             what, function, args, kwargs, values, taken = call
             try:
                 function(*args, **kwargs)
             except Exception as error:
                 if getattr(error, "error_code", None) in REFUSALS:
-                    logger.warning("MLflow refused %s (%s); dropped it", what, error)
+                    if what not in refused:  # once per kind: a deleted run refuses them all
+                        logger.warning("MLflow refused %s (%s); dropped it", what, error)
+                        refused.add(what)
                     self._done(taken, values)
                     continue
                 if since is None:
