@@ -23,6 +23,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,9 +61,10 @@ SHARD_SCHEMA = pa.schema(
 ROW_GROUP_SIZE = 32  # small row groups let a Ray read task split a 256 MB shard
 
 
-def write_file(target: str, data: bytes) -> None:
-    """Write `data` to `target`, a local path or any filesystem URI, atomically (see
-    `Output.write_bytes`): readers see the old file or the new one, never a partial one."""
+def write_file(target: str, data: bytes | Path) -> None:
+    """Write `data` (bytes, or a local file's contents) to `target`, a local path or any
+    filesystem URI, atomically (see `Output.write_bytes`): readers see the old file or the new
+    one, never a partial one."""
     from data_prep.inputs import resolve_filesystem
 
     filesystem, path = resolve_filesystem(target)
@@ -87,14 +89,20 @@ class Output:
     def exists(self, *parts: str) -> bool:
         return self.filesystem.get_file_info(self.path(*parts)).type == pafs.FileType.File
 
-    def write_bytes(self, data: bytes, *parts: str) -> None:
-        """Atomic write: a hidden temporary file in the same folder, then a rename."""
+    def write_bytes(self, data: bytes | Path, *parts: str) -> None:
+        """Atomic write: a hidden temporary file in the same folder, then a rename. A local
+        file (a Path) is streamed in 8 MiB pieces, never held in memory whole."""
         final = self.path(*parts)
         folder, name = final.rsplit("/", 1)
         self.filesystem.create_dir(folder, recursive=True)
         temporary = f"{folder}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
         with self.filesystem.open_output_stream(temporary) as stream:
-            stream.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as source:
+                    while piece := source.read(8 << 20):
+                        stream.write(piece)
+            else:
+                stream.write(data)
         self.filesystem.move(temporary, final)
 
     def read_json(self, *parts: str):

@@ -200,9 +200,8 @@ def backup_sqlite_store(database: str | Path, destination: str) -> int:
         finally:
             writer.close()
             reader.close()
-        data = snapshot.read_bytes()
-    write_file(destination, data)
-    return len(data)
+        write_file(destination, snapshot)  # streamed: the store is never in memory whole
+        return snapshot.stat().st_size
 
 
 def restore_sqlite_store(source: str, database: str | Path) -> bool:

@@ -392,3 +392,16 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
         json.loads((resumed / "manifest.json").read_text())["counts"]
         == json.loads((reference / "manifest.json").read_text())["counts"]
     )
+
+
+def test_write_file_streams_a_local_file_in_pieces_atomically(tmp_path):
+    """A Path is copied in 8 MiB pieces (the MLflow store backup), through a temporary file."""
+    from data_prep.shards import write_file
+
+    source = tmp_path / "big.bin"
+    data = np.random.default_rng(0).integers(0, 256, size=(17 << 20) + 5, dtype=np.uint8)
+    source.write_bytes(data.tobytes())  # pieces of 8, 8 and 1 MiB + 5 bytes
+    target = tmp_path / "bucket" / "copy.bin"
+    write_file(target.as_uri(), source)
+    assert target.read_bytes() == source.read_bytes()
+    assert [p.name for p in target.parent.iterdir()] == ["copy.bin"]  # no temporary left
