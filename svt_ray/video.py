@@ -160,9 +160,7 @@ class DecordReader:
                     raise
                 # decord2 3.4 cannot copy padded rows (see _unpadded_rgb) into a batch: one
                 # frame at a time, as get_batch would (seek, decode), then stacked.
-                frames = np.stack([
-                    _unpadded_rgb(self._reader[int(i)].asnumpy()[None])[0] for i in idx
-                ])  # fmt: skip
+                frames = np.stack([self._reader[int(i)].asnumpy() for i in idx])
         except decord.DECORDError as error:
             raise VideoDecodeError(
                 f"decord failed to decode frames: {_first_line(error)}"
