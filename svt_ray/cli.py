@@ -435,7 +435,12 @@ def tracking_sync(
 ) -> None:
     """Send MLflow the metrics of a run that it lacks, from the run's metrics.jsonl (after an
     outage that outlasted the run). Run it where the run's rank 0 ran."""
-    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, sync_metrics
+    from svt_ray.tracking import (
+        METRICS_FILE,
+        absolute_tracking_uri,
+        check_tracking_uri,
+        sync_metrics,
+    )
     from svt_ray.train import (
         RUN_FILE,
         join_uri,
@@ -451,7 +456,7 @@ def tracking_sync(
     if recorded is None:
         raise fail(f"run {run_name}: no run.json in {run_dir}; check --storage and the run name")
     config = recorded_config(run_name, storage, _cli_overrides(tracking_uri=tracking_uri))
-    metrics_file = local_log_directory(config, run_name) / "metrics.jsonl"
+    metrics_file = local_log_directory(config, run_name) / METRICS_FILE
     if not metrics_file.is_file():
         raise fail(
             f"run {run_name}: no {metrics_file} on this machine; run `svt-ray tracking sync` "

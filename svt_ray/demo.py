@@ -18,6 +18,7 @@ from pathlib import Path
 
 from svt_ray.config import load_config
 from svt_ray.evaluate import evaluate_backbones, format_table
+from svt_ray.tracking import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def run_demo(
     run_dir = train.run_directory(config.train.storage_path, DEMO_RUN)
     progress = train.read_json(train.join_uri(run_dir, train.PROGRESS_FILE))
     clips = data.split_count(data.read_dataset_manifest(str(shards)), "train")
-    metrics_file = train.local_log_directory(config, DEMO_RUN) / "metrics.jsonl"
+    metrics_file = train.local_log_directory(config, DEMO_RUN) / METRICS_FILE
     with train.progress_from_metrics(  # the workers do not log here: a quiet demo
         metrics_file, DEMO_RUN, config.resolve(clips).derived.total_steps,
         config.train.progress_every_s,

@@ -37,6 +37,7 @@ from svt_ray.config import ConfigError
 logger = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
+METRICS_FILE = "metrics.jsonl"  # every logged metric of a run, in its local log directory
 METRICS_PER_CALL = 1000  # MLflow's limit on the metrics of one log_batch
 HELD_VALUES_LIMIT = 1_000_000  # metric values held back in an outage (about 100 MB)
 # MLflow errors that retrying cannot cure: the store answered and refused the call.
@@ -291,10 +292,7 @@ def plot_training_curves(metrics_file: str | Path, output: str | Path) -> Path |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(metrics_file)
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics_file(metrics_file)
     if not rows:
         return None
     rows.sort(key=lambda row: row["clips_seen"])
@@ -332,6 +330,8 @@ def read_metrics_file(metrics_file: str | Path) -> list[dict[str, float]]:
     if not path.is_file():
         return lines
     for text in path.read_text().splitlines():
+        if not text.strip():
+            continue
         try:
             lines.append(json.loads(text))
         except json.JSONDecodeError:
@@ -522,7 +522,7 @@ class MLflowTracker:
         self.tracking_uri = tracking_uri
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = self.local_dir / "metrics.jsonl"
+        self.metrics_file = self.local_dir / METRICS_FILE
         self.flush_timeout_s = flush_timeout_s
         self.offline = False  # the store did not answer at the start: metrics.jsonl only
         self.last_logged = -1

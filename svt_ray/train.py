@@ -47,6 +47,7 @@ from svt_ray import data
 from svt_ray.config import ConfigError, ExperimentConfig
 from svt_ray.engine import NonFiniteLossError, build_state, load_state_dict, state_dict, train_step
 from svt_ray.tracking import (
+    METRICS_FILE,
     absolute_tracking_uri,
     check_tracking_uri,
     cluster_tracking_uri,
@@ -918,7 +919,7 @@ def _log_curves(config: ExperimentConfig, run_name: str, run_id: str, log_dir: P
     """[driver] The loss-curve PNG of a finished run, as an MLflow artifact."""
     from svt_ray.tracking import MLflowTracker, plot_training_curves
 
-    png = plot_training_curves(log_dir / "metrics.jsonl", log_dir / "training_curves.png")
+    png = plot_training_curves(log_dir / METRICS_FILE, log_dir / "training_curves.png")
     if png is None:  # metrics.jsonl lives on the rank-0 node; absent on a remote driver
         return
     tracker = MLflowTracker(
