@@ -118,3 +118,43 @@ def test_the_heads_mlflow_store_outlives_the_cluster(cluster, tmp_path):
     run(restore, new_head)  # the next cluster's head
     restored = MlflowClient(store.replace("/home/ray", str(new_head)))
     assert restored.get_run(run_id).info.experiment_id == client.get_run(run_id).info.experiment_id
+
+
+def test_rerunning_the_heads_setup_keeps_a_running_mlflow_server(cluster, tmp_path):
+    """`ray up --no-restart` reruns head_setup_commands to bring back a stopped server; the
+    yaml's server command starts one only if nothing answers on its port."""
+    import http.server
+    import subprocess
+    import threading
+
+    from conftest import free_port
+
+    server = next(c for c in cluster["head_setup_commands"] if "mlflow server" in c)
+    check, _, start = server.partition(" || ")
+    assert start.startswith("nohup mlflow server") and ":5000/health" in check
+
+    port = free_port()
+    command = server.rstrip(" &").replace("5000", str(port)).replace("/home/ray", str(tmp_path))
+    command = command.replace("python -c", f"{sys.executable} -c", 1)
+
+    def run(text: str) -> int:
+        return subprocess.run(["bash", "-c", text], timeout=60).returncode
+
+    assert run(check.replace("5000", str(port)).replace("python", sys.executable, 1)) != 0
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    answering = http.server.ThreadingHTTPServer(("127.0.0.1", port), Health)
+    thread = threading.Thread(target=answering.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert run(command) == 0
+    finally:
+        answering.shutdown()
+    assert not (tmp_path / "mlflow.log").exists(), "a second server was started"
