@@ -434,15 +434,13 @@ def tracking_sync(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Send MLflow the metrics of a run that it lacks, from the run's metrics.jsonl (after an
-    outage that outlasted the run). Run it where the run's rank 0 ran."""
-    from svt_ray.tracking import (
-        METRICS_FILE,
-        absolute_tracking_uri,
-        check_tracking_uri,
-        sync_metrics,
-    )
+    outage that outlasted the run): the one of this machine, or the run directory's copy on
+    remote storage when that goes further. With a local run directory, run it where the run's
+    rank 0 ran."""
+    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, sync_metrics
     from svt_ray.train import (
         RUN_FILE,
+        fetch_metrics,
         join_uri,
         local_log_directory,
         read_json,
@@ -456,7 +454,7 @@ def tracking_sync(
     if recorded is None:
         raise fail(f"run {run_name}: no run.json in {run_dir}; check --storage and the run name")
     config = recorded_config(run_name, storage, _cli_overrides(tracking_uri=tracking_uri))
-    metrics_file = local_log_directory(config, run_name) / METRICS_FILE
+    metrics_file = fetch_metrics(local_log_directory(config, run_name), run_dir)
     if not metrics_file.is_file():
         raise fail(
             f"run {run_name}: no {metrics_file} on this machine; run `svt-ray tracking sync` "

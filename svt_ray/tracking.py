@@ -339,6 +339,17 @@ def read_metrics_file(metrics_file: str | Path) -> list[dict[str, float]]:
     return lines
 
 
+def _end_cut_line(metrics_file: Path) -> None:
+    """End a last line that a crash cut short, so that the next line appended stays whole
+    (`read_metrics_file` skips the cut one)."""
+    if not metrics_file.is_file() or metrics_file.stat().st_size == 0:
+        return
+    with open(metrics_file, "rb+") as file:
+        file.seek(-1, os.SEEK_END)
+        if file.read(1) != b"\n":
+            file.write(b"\n")
+
+
 def missing_metrics(client, run_id: str, lines: list[dict[str, float]], after: int | None):
     """MLflow Metrics for the values of `lines` (metrics.jsonl) that run `run_id` lacks.
 
@@ -523,8 +534,13 @@ class MLflowTracker:
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = self.local_dir / METRICS_FILE
+        _end_cut_line(self.metrics_file)
         self.flush_timeout_s = flush_timeout_s
         self.offline = False  # the store did not answer at the start: metrics.jsonl only
+        lines = read_metrics_file(self.metrics_file)
+        # The last step metrics.jsonl has, and the last one MLflow has or is sent: each gets
+        # a step once. They differ after a restart on a node whose file ends earlier.
+        self.last_written = max((int(line["clips_seen"]) for line in lines), default=-1)
         self.last_logged = -1
         self._sender: _Sender | None = None
         if run_id is None:
@@ -553,8 +569,7 @@ class MLflowTracker:
             return
         self._sender = _Sender(tracking_uri, self.metrics_file)
         in_mlflow = max((m.step for m in history), default=-1)
-        lines = read_metrics_file(self.metrics_file)
-        self.last_logged = max([in_mlflow, *(int(line["clips_seen"]) for line in lines)])
+        self.last_logged = max(in_mlflow, self.last_written)
         if self.last_logged > in_mlflow:  # held back when the last attempt ended
             caught_up = missing_metrics(self.client, run_id, lines, after=in_mlflow)
             self._send_metrics("log_metrics (catching up)", caught_up)
@@ -593,18 +608,20 @@ class MLflowTracker:
         )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log at MLflow step `step` (clips seen); skipped if that step was already logged."""
-        if step <= self.last_logged:
-            return
+        """Log at MLflow step `step` (clips seen), to metrics.jsonl and to MLflow, each unless
+        it already has that step (a restarted worker redoes the steps after its checkpoint)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        with open(self.metrics_file, "a") as file:
-            file.write(json.dumps({"clips_seen": step, "time": now / 1000, **metrics}) + "\n")
-        self._send_metrics(
-            "log_metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
-        self.last_logged = step
+        if step > self.last_written:
+            with open(self.metrics_file, "a") as file:
+                file.write(json.dumps({"clips_seen": step, "time": now / 1000, **metrics}) + "\n")
+            self.last_written = step
+        if step > self.last_logged:
+            self._send_metrics(
+                "log_metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            )
+            self.last_logged = step
 
     def log_summary(self, metrics: dict[str, float]) -> None:
         """Final values (evaluation results): logged once, at the run's last step."""

@@ -53,6 +53,7 @@ from svt_ray.tracking import (
     cluster_tracking_uri,
     git_commit,
     make_tracker,
+    read_metrics_file,
 )
 from svt_ray.views import view_slots
 
@@ -126,6 +127,46 @@ def local_log_directory(config: ExperimentConfig, run_name: str) -> Path:
         return Path(run_dir)
     digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / "svt_ray_runs" / f"{run_name}-{digest}"
+
+
+def mirror_metrics(log_dir: Path, run_dir: str) -> None:
+    """[rank 0] Copy the run's metrics.jsonl into its run directory when that is remote
+    storage (at every checkpoint): a restart on another node, the driver's curve plot and
+    `svt-ray tracking sync` find it there once the node that trained is gone. A failed copy
+    is only logged; the next checkpoint tries again."""
+    source = log_dir / METRICS_FILE
+    if "://" not in run_dir or not source.is_file():
+        return  # a local run directory is the log directory itself
+    try:
+        write_file(join_uri(run_dir, METRICS_FILE), source)
+    except OSError as error:
+        logger.warning("%s not copied to %s: %s", source, run_dir, error)
+
+
+def fetch_metrics(log_dir: Path, run_dir: str) -> Path:
+    """The run's metrics.jsonl in `log_dir`, replaced by the run directory's copy
+    (`mirror_metrics`) when that copy reaches a later step: rank 0 restarted on another node,
+    or a driver or `tracking sync` on a machine other than the one that trained."""
+    local = log_dir / METRICS_FILE
+    if "://" not in run_dir:
+        return local
+    filesystem, path = resolve_filesystem(join_uri(run_dir, METRICS_FILE))
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return local
+    log_dir.mkdir(parents=True, exist_ok=True)
+    download = log_dir / f".{METRICS_FILE}.download"
+    with filesystem.open_input_stream(path) as stream, open(download, "wb") as file:
+        while piece := stream.read(8 << 20):
+            file.write(piece)
+
+    def last_step(file: Path) -> int:
+        return max((int(line["clips_seen"]) for line in read_metrics_file(file)), default=-1)
+
+    if last_step(download) > last_step(local):
+        os.replace(download, local)
+    else:
+        download.unlink()
+    return local
 
 
 def default_run_name(config: ExperimentConfig) -> str:
@@ -232,12 +273,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if context.get_world_size() > 1:
         state.student = ray.train.torch.prepare_model(state.student, move_to_device=False)  # [3]
 
+    log_dir = Path(loop_config["log_dir"])
+    if rank == 0:  # rank 0 may have moved to this node: the history so far comes along
+        fetch_metrics(log_dir, run_dir)
     tracker = make_tracker(
         rank,
         tracking_uri=config.tracking.tracking_uri,
         experiment=config.tracking.experiment,
         run_name=loop_config["run_name"],
-        local_dir=loop_config["log_dir"],
+        local_dir=log_dir,
         run_id=loop_config["mlflow_run_id"],
         flush_timeout_s=config.tracking.flush_timeout_s,
     )
@@ -308,6 +352,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     tracker.log_metrics(logged, step=clips_seen)
                 if checkpointing:
                     _save_checkpoint(state, step, reported, rank)
+                    if rank == 0:
+                        mirror_metrics(log_dir, run_dir)
                 elif evaluated or step % config.train.report_every == 0:
                     # [5] metrics only, for Tune's schedulers. A collective: the condition
                     # is the same on every rank.
@@ -572,6 +618,13 @@ def _start_mlflow_run(
     state = read_json(join_uri(run_dir, RUN_FILE))
     if state is not None:
         return state["mlflow_run_id"]
+    stale = local_log_directory(config, run_name) / METRICS_FILE
+    if stale.exists():  # of an earlier run of this name whose run directory was deleted
+        kept = stale.with_name(f"{METRICS_FILE}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+        stale.rename(kept)
+        logger.warning(
+            "run %s starts anew: the metrics.jsonl there before is now %s", run_name, kept
+        )
     tracker = make_tracker(
         0,
         tracking_uri=tracking_uri or config.tracking.tracking_uri,
@@ -919,8 +972,9 @@ def _log_curves(config: ExperimentConfig, run_name: str, run_id: str, log_dir: P
     """[driver] The loss-curve PNG of a finished run, as an MLflow artifact."""
     from svt_ray.tracking import MLflowTracker, plot_training_curves
 
-    png = plot_training_curves(log_dir / METRICS_FILE, log_dir / "training_curves.png")
-    if png is None:  # metrics.jsonl lives on the rank-0 node; absent on a remote driver
+    metrics_file = fetch_metrics(log_dir, run_directory(config.train.storage_path, run_name))
+    png = plot_training_curves(metrics_file, log_dir / "training_curves.png")
+    if png is None:  # no metrics.jsonl here: a local run directory on another node
         return
     tracker = MLflowTracker(
         config.tracking.tracking_uri, config.tracking.experiment, run_name, log_dir, run_id=run_id

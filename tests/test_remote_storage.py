@@ -3,6 +3,7 @@ resume against a local S3-compatible server (moto), addressed by pyarrow URIs al
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 import pytest
@@ -12,9 +13,11 @@ from pyarrow import fs as pafs
 import data_prep
 from svt_ray.config import ConfigError, load_config
 from svt_ray.evaluate import load_state
+from svt_ray.tracking import read_metrics_file
 from svt_ray.train import (
     PROGRESS_FILE,
     RUN_FILE,
+    fetch_metrics,
     join_uri,
     read_json,
     recorded_config,
@@ -78,6 +81,8 @@ def test_shards_checkpoints_and_resume_on_s3(tmp_path, synthetic_videos, s3_serv
     with pytest.raises(ConfigError, match="checkpoints up to step 2"):
         run_pretraining(config)  # progress.json on S3 says the run exists
     first_run_id = read_json(join_uri(run_dir, RUN_FILE))["mlflow_run_id"]
+    assert len(read_metrics_file(fetch_metrics(tmp_path / "elsewhere", run_dir))) >= 2
+    shutil.rmtree(tmp_path / "svt_ray_runs")  # rank 0 and the driver move to another node
 
     # `svt-ray pretrain --resume on-s3 --storage <runs>`: the recipe comes from run.json on S3.
     resumed = run_pretraining(recorded_config("on-s3", runs, []), resume=True)
@@ -103,5 +108,11 @@ def test_shards_checkpoints_and_resume_on_s3(tmp_path, synthetic_videos, s3_serv
     logged = [metric.step for metric in client.get_metric_history(first_run_id, "loss")]
     assert logged == [4 * (i + 1) for i in range(steps)]  # each step once, across both attempts
     assert not any(tmp_path.glob("s3*")), "a URI was used as a local path"
-    (metrics,) = tmp_path.glob("svt_ray_runs/on-s3-*/metrics.jsonl")  # rank 0's local copy
-    assert len(metrics.read_text().splitlines()) == steps
+    # rank 0's local metrics.jsonl continues the one the first attempt left in the run
+    # directory, and the copy there is complete: the curves cover the whole run.
+    (metrics,) = tmp_path.glob("svt_ray_runs/on-s3-*/metrics.jsonl")
+    assert [line["step"] for line in read_metrics_file(metrics)] == list(range(1, steps + 1))
+    with s3.open_input_stream("svt/runs/on-s3/metrics.jsonl") as stream:
+        assert stream.read() == metrics.read_bytes()
+    artifacts = [artifact.path for artifact in client.list_artifacts(first_run_id)]
+    assert "training_curves.png" in artifacts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import threading
 import time
 
@@ -11,12 +12,14 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from svt_ray.tracking import (
+    METRICS_FILE,
     MLflowTracker,
     NullTracker,
     TrackingUnavailableError,
     check_tracking_uri,
     make_tracker,
     plot_training_curves,
+    read_metrics_file,
     sync_metrics,
 )
 
@@ -131,6 +134,26 @@ def test_resumed_tracker_skips_steps_already_logged(tmp_path):
         again.log_metrics({"loss": -1.0}, step=step)
     again.close()
     assert _history(again) == [(4, 4.0), (8, 8.0), (12, 12.0), (16, -1.0)]
+    assert [line["clips_seen"] for line in read_metrics_file(again.metrics_file)] == [4, 8, 12, 16]
+
+    # Restarted on a node whose metrics.jsonl ends at the checkpoint (4): the file gets the
+    # redone steps, MLflow only the new one.
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / METRICS_FILE).write_text(_metrics_lines([4]))
+    moved = MLflowTracker(
+        again.tracking_uri, "tests", "run", tmp_path / "moved", run_id=first.run_id
+    )
+    for step in (8, 12, 16, 20):
+        moved.log_metrics({"loss": -2.0}, step=step)
+    moved.close()
+    assert [line["clips_seen"] for line in read_metrics_file(moved.metrics_file)] == [
+        4,
+        8,
+        12,
+        16,
+        20,
+    ]
+    assert _history(moved) == [(4, 4.0), (8, 8.0), (12, 12.0), (16, -1.0), (20, -2.0)]
 
 
 def test_a_restart_sends_what_the_crashed_worker_held_back(tmp_path):
@@ -205,6 +228,73 @@ def test_tracking_sync_command(tmp_path):
     assert result.exit_code == 0 and "has every metric" in result.output
     result = runner.invoke(app, ["tracking", "sync", "r2", "--storage", str(storage)])
     assert result.exit_code != 0 and "no run.json" in result.output
+
+
+def _metrics_lines(steps) -> str:
+    return "".join(
+        json.dumps({"clips_seen": s, "time": 1.0, "loss": 9.0 - s}) + "\n" for s in steps
+    )
+
+
+def test_metrics_travel_with_a_remote_run_directory(tmp_path, monkeypatch):
+    """With remote storage, metrics.jsonl lives on rank 0's node; a copy in the run directory
+    serves a rank 0 restarted elsewhere, the driver's curve plot and `tracking sync`."""
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app, build_config
+    from svt_ray.train import (
+        RUN_FILE,
+        fetch_metrics,
+        local_log_directory,
+        mirror_metrics,
+        write_json,
+    )
+
+    storage = f"file://{tmp_path}/bucket/runs"  # a URI: remote storage to svt-ray
+    run_dir = f"{storage}/r1"
+    trained_on = tmp_path / "node-a"
+    trained_on.mkdir()
+    (trained_on / METRICS_FILE).write_text(_metrics_lines([4, 8, 12]))
+    mirror_metrics(trained_on, run_dir)
+    copy = tmp_path / "bucket/runs/r1" / METRICS_FILE
+    assert copy.read_text() == (trained_on / METRICS_FILE).read_text()
+
+    elsewhere = tmp_path / "node-b"  # nothing here yet: the copy comes down
+    assert fetch_metrics(elsewhere, run_dir).read_text() == copy.read_text()
+    further = tmp_path / "node-c"  # this node's file reaches a later step: it stays
+    further.mkdir()
+    (further / METRICS_FILE).write_text(_metrics_lines([4, 8, 12, 16]))
+    assert len(read_metrics_file(fetch_metrics(further, run_dir))) == 4
+    assert not list(further.glob(".*")), "the downloaded copy is left behind"
+    local_run = tmp_path / "local-runs" / "r1"  # a local run directory: nothing to copy
+    local_run.mkdir(parents=True)
+    (local_run / METRICS_FILE).write_text(_metrics_lines([4]))
+    mirror_metrics(local_run, str(local_run))
+    assert fetch_metrics(local_run, str(local_run)) == local_run / METRICS_FILE
+
+    # `tracking sync` on a machine where the run never trained sends the copy's values.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "sync-machine"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = build_config("tiny", None, [f"tracking.tracking_uri={uri}",
+                                         f"train.storage_path={storage}"])  # fmt: skip
+    run = MLflowTracker(uri, "tests", "r1", tmp_path / "driver")
+    run.close()
+    write_json(f"{run_dir}/{RUN_FILE}",
+               {"mlflow_run_id": run.run_id, "config": config.model_dump(mode="json")})  # fmt: skip
+    assert not (local_log_directory(config, "r1") / METRICS_FILE).exists()
+    result = CliRunner().invoke(app, ["tracking", "sync", "r1", "--storage", storage])
+    assert result.exit_code == 0 and "values of 3 step(s)" in result.output, result.output
+    assert _history(run) == [(4, 5.0), (8, 1.0), (12, -3.0)]
+
+
+def test_a_line_cut_short_by_a_crash_does_not_swallow_the_next(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / METRICS_FILE).write_text(_metrics_lines([4]) + '{"clips_seen": 8, "lo')
+    run = MLflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "tests", "r", folder)
+    run.log_metrics({"loss": 1.0}, step=12)
+    run.close()
+    assert [line["clips_seen"] for line in read_metrics_file(folder / METRICS_FILE)] == [4, 12]
 
 
 def test_training_curves_plot(tmp_path):

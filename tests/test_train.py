@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -359,12 +360,34 @@ def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_pa
 
     given = f"sqlite:///{tmp_path / 'given.db'}"
     reached = f"sqlite:///{tmp_path / 'reached.db'}"  # stands for http://HEAD-IP:5000
-    config = load_config("tiny", overrides=[f"tracking.tracking_uri={given}"]).resolve(64)
+    overrides = [f"tracking.tracking_uri={given}", f"train.storage_path={tmp_path / 'runs'}"]
+    config = load_config("tiny", overrides=overrides).resolve(64)
     run_dir = tmp_path / "runs" / "r"
     run_id = _start_mlflow_run(config, "r", str(run_dir), "sum", None, None, tracking_uri=reached)
     record = json.loads((run_dir / RUN_FILE).read_text())
     assert record["config"]["tracking"]["tracking_uri"] == given
     assert MlflowClient(reached).get_run(run_id).info.run_name == "r"  # created where reached
+
+
+def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, monkeypatch):
+    """A run directory deleted and a run of the same name started again: the metrics.jsonl
+    left in its local log directory (remote storage: a temporary folder) is moved aside, or
+    the new run's tracker would take its steps for logged ones and send them to MLflow."""
+    from svt_ray.tracking import METRICS_FILE
+    from svt_ray.train import _start_mlflow_run, local_log_directory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    runs = f"file://{tmp_path}/bucket/runs"
+    overrides = [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                 f"train.storage_path={runs}"]  # fmt: skip
+    config = load_config("tiny", overrides=overrides).resolve(64)
+    log_dir = local_log_directory(config, "r")
+    log_dir.mkdir(parents=True)
+    (log_dir / METRICS_FILE).write_text('{"clips_seen": 400, "time": 1.0, "loss": 3.0}\n')
+    _start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
+    assert not (log_dir / METRICS_FILE).exists()
+    (old,) = log_dir.glob(f"{METRICS_FILE}.*.old")
+    assert "400" in old.read_text()
 
 
 def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
