@@ -580,12 +580,26 @@ def _fit_noting_interruption(tuner) -> tuple[Any, bool]:
         "TUNE_DISABLE_SIGINT_HANDLER", "0"
     ) in ("", "0")
     before = signal.getsignal(signal.SIGINT)
-    results = tuner.fit()
+    tune_log = logging.getLogger("ray.tune.tune")
+    hint = _WithoutRestoreHint()
+    tune_log.addFilter(hint)
+    try:
+        results = tuner.fit()
+    finally:
+        tune_log.removeFilter(hint)
     if not watched:
         return results, False
     interrupted = signal.getsignal(signal.SIGINT) is before
     signal.signal(signal.SIGINT, before)  # a later Ctrl-C interrupts this process again
     return results, interrupted
+
+
+class _WithoutRestoreHint(logging.Filter):
+    """Drops Tune's "Resume experiment with: Tuner.restore(path=..., trainable=...)" after a
+    Ctrl-C: the study says which command continues it (`StudyInterruptedError`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
 
 
 def _close_stopped_runs(

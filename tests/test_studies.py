@@ -399,6 +399,7 @@ def test_ctrl_c_on_a_study_says_how_to_continue_and_writes_no_report(
     assert process.returncode == 130, err[-3000:]
     assert "study batch_smoke interrupted: 0 of 2 trials finished. Run the same command" in err
     assert "## Verdict" not in out and not (tmp_path / "runs" / "batch_smoke" / "report").exists()
+    assert "Tuner.restore" not in out + err  # Tune's own hint names an API, not the command
     assert "batch_smoke optim.batch_size=2 seed 0 step 1/" in out + err  # the trial's first line
     _, children = _children(tmp_path)
     assert [run.info.status for run in children] == ["KILLED"]
