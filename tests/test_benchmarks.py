@@ -90,6 +90,19 @@ def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
     assert re.search(r"bytes per clip .*kB at 30 fps, .*kB at 15 fps", done.stdout)
 
 
+def test_ordering_benchmark_quick_run_streams_in_order_only_when_asked():
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    command = [sys.executable, "benchmarks/ordering.py", "--quick"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    row = r"^\| 2 \| (on|off) \| ([\d.]+) \| ([\d.]+)% \| ([\d.]+) \| (yes|no) \|$"
+    rows = {m[0]: m[1:] for m in re.findall(row, done.stdout, re.MULTILINE)}
+    assert set(rows) == {"on", "off"}, done.stdout
+    assert rows["on"][3] == "yes"  # preserve_order: the stream in the order of its rows
+    for step_s, waited, longest, _ in rows.values():
+        assert float(step_s) > 0 and 0 <= float(waited) < 100 and float(longest) >= 0
+
+
 def test_tracking_benchmark_times_both_paths_with_the_server_up_and_down():
     command = [sys.executable, "benchmarks/tracking.py", "--steps", "4", "--down-steps", "1"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
