@@ -16,10 +16,12 @@ the shape of `svt_ray.data.build_view_dataset`: a fixed pool of actors, a few cl
 call. Both settings get the same rows and the same times, so only the order differs.
 
 For each actor count and both settings, an emulated training loop reads batches of `--batch`
-clips (2 prefetched, as the Train workers do) and spends a step on each, at `--load` of the
-actors' ideal pace (so the pipeline has headroom, as a tuned run's does). Printed: the share
-of its time it waited for data between 10% and 90% of the rows (`data_wait_fraction` of a
-real run), the longest single wait, and whether the stream came in order.
+clips, `--prefetch` of them ahead (2, as the Train workers do), and spends a step on each, at
+`--load` of the actors' ideal pace (so the pipeline has headroom, as a tuned run's does).
+With `--workers K` it is K loops fed by one stream split K ways (Ray Train's
+`streaming_split`) that step together, as DDP's all-reduce makes them. Printed: the share of its time the loop waited for
+data between 10% and 90% of the rows (`data_wait_fraction` of a real run), the longest single
+wait, and whether each worker's stream came in order.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,24 +90,47 @@ def stream(actors: int, preserve_order: bool, times: np.ndarray, args) -> dict[s
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=0.01,  # sleeping actors: dozens fit on 2 cores
     )
-    step_s = args.batch / (args.load * actors / times.mean())
-    waits, seen, order = [], 0, []
-    asked = time.perf_counter()
-    for batch in dataset.iter_batches(
-        batch_size=args.batch, batch_format="numpy", prefetch_batches=2
-    ):
-        arrived = time.perf_counter()
-        if 0.1 * rows <= seen < 0.9 * rows:
-            waits.append(arrived - asked)
-        seen += len(batch["id"])
-        order.append(int(batch["id"][0]))
-        time.sleep(step_s)  # the training step
-        asked = time.perf_counter()
+    workers = args.workers
+    step_s = args.batch * workers / (args.load * actors / times.mean())
+    # As Ray Train feeds its workers: one stream, split.
+    streams = [dataset] if workers == 1 else dataset.streaming_split(workers, equal=True)
+    # The workers step together (DDP's all-reduce): a step starts when every worker has its
+    # batch. Worker 0 records how long it waited for that, from the end of the last step.
+    together = threading.Barrier(workers)
+    waits, orders = [], [[] for _ in range(workers)]
+    share = len(times) / workers
+
+    def train(index: int) -> None:
+        seen, asked = 0, time.perf_counter()
+        batches = streams[index].iter_batches(
+            batch_size=args.batch,
+            batch_format="numpy",
+            prefetch_batches=args.prefetch,
+            drop_last=True,
+        )
+        try:
+            for batch in batches:
+                together.wait()
+                if index == 0 and 0.1 * share <= seen < 0.9 * share:
+                    waits.append(time.perf_counter() - asked)
+                seen += len(batch["id"])
+                orders[index].append(int(batch["id"][0]))
+                time.sleep(step_s)  # the training step
+                asked = time.perf_counter()
+        except threading.BrokenBarrierError:
+            return  # another worker ran out first
+        together.abort()
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return {
         "wait_fraction": sum(waits) / (sum(waits) + len(waits) * step_s),
         "wait_max_s": max(waits, default=0.0),
         "step_s": step_s,
-        "in_order": order == sorted(order),
+        "in_order": all(order == sorted(order) for order in orders),
     }
 
 
@@ -122,7 +148,12 @@ def main(argv=None) -> int:
     parser.add_argument("--clips-per-call", type=int, default=4, help="as build_view_dataset")
     parser.add_argument("--clips-per-task", type=int, default=64, help="READ_ROWS of svt_ray.data")
     parser.add_argument("--tasks-per-actor", type=float, default=3.0, help="stream length")
-    parser.add_argument("--batch", type=int, default=32, help="clips per consumer batch")
+    parser.add_argument("--batch", type=int, default=32, help="clips per batch, per worker")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches, as _one_pass")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="training workers fed by one stream split (Ray Train's streaming_split), in step",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.actors.split(",")]
@@ -153,7 +184,8 @@ def main(argv=None) -> int:
         f"\nemulated decode: median {args.decode_s} s/clip (lognormal, sigma 0.3), "
         f"{100 * args.slow_fraction:g}% of clips {args.slow_factor:g}x slower; "
         f"{args.clips_per_task} clips per actor task, {args.clips_per_call} per call; training "
-        f"at {100 * args.load:.0f}% of the actors' pace, batches of {args.batch}, 2 prefetched\n"
+        f"at {100 * args.load:.0f}% of the actors' pace, {args.workers} worker(s) in step, "
+        f"batches of {args.batch} per worker, {args.prefetch} prefetched\n"
     )
     print("| decode actors | preserve_order | step s | time waiting for data "
           "| longest wait s | stream in order |")  # fmt: skip

@@ -301,8 +301,9 @@ class DataConfig(_Section):
     preserve_order: bool = True
     "Clips reach the workers in the order of the seeded shuffles, whichever decode actor "
     "finishes first: a run repeated with its seed ends with the same weights. false lets "
-    "a straggling decode actor's clips be overtaken: free up to 16 decode actors, a few "
-    "percent of training time at 32 (docs/data.md); worth it when data_wait_fraction is high."
+    "a straggling decode actor's clips be overtaken: the order was free up to 16 decode "
+    "actors per training worker and cost up to 31% of training time at 32 (docs/data.md); "
+    "worth it when data_wait_fraction is high."
     deterministic: bool = False
     "Views that depend on (seed, clip id) only and one stream per epoch, in order: a run "
     "resumed mid-run ends with the weights of an uninterrupted one (exact-resume tests); "

@@ -92,7 +92,7 @@ def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
 
 def test_ordering_benchmark_quick_run_streams_in_order_only_when_asked():
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    command = [sys.executable, "benchmarks/ordering.py", "--quick"]
+    command = [sys.executable, "benchmarks/ordering.py", "--quick", "--workers", "2"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     row = r"^\| 2 \| (on|off) \| ([\d.]+) \| ([\d.]+)% \| ([\d.]+) \| (yes|no) \|$"
