@@ -301,6 +301,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         config.train.progress_every_s if rank == 0 else 0.0,
     )  # fmt: skip
     metrics: dict[str, float] = {}
+    data_waits = DataWait()
     try:
         while step < derived.total_steps:
             # One pass holds every remaining epoch (`data.training_dataset`; one epoch with
@@ -340,6 +341,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     / max(now - started - online_knn.seconds, 1e-9),
                     data_wait_fraction=data_wait / max(now - waited_since, 1e-9),
                 )
+                data_waits.add(data_wait, now - waited_since)
                 last = step == derived.total_steps
                 evaluated = online_knn.maybe_run(step, force=last)
                 # MLflow gets the online kNN at the steps it was measured; Ray (Tune's
@@ -372,6 +374,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.set_tags({"svt.diverged_at_step": step})
             tracker.finish("FAILED")
         return  # every rank saw the same all-reduced verdict; the last checkpoint stays
+    hint = data_waits.hint(config) if rank == 0 else None
+    if hint:
+        logger.warning("%s", hint)
     tracker.finish("FINISHED")
 
 
@@ -423,6 +428,44 @@ def online_knn_every(config: ExperimentConfig) -> int:
     if settings.online_every_clips:
         return max(1, round(settings.online_every_clips / config.optim.batch_size))
     return settings.online_every
+
+
+DATA_WAIT_WARNING = 0.10  # share of its step time a run waits for data before it says so
+
+
+@dataclass
+class DataWait:
+    """[rank 0] The share of a session's step time spent waiting for data (its first step,
+    which waits for the pipeline to start, left out), and what to try when that is much."""
+
+    waited_s: float = 0.0
+    total_s: float = 0.0
+    steps: int = 0
+
+    def add(self, waited_s: float, total_s: float) -> None:
+        self.steps += 1
+        if self.steps > 1:
+            self.waited_s += waited_s
+            self.total_s += total_s
+
+    @property
+    def share(self) -> float:
+        return self.waited_s / self.total_s if self.total_s > 0 else 0.0
+
+    def hint(self, config: ExperimentConfig) -> str | None:
+        if self.share < DATA_WAIT_WARNING:
+            return None
+        text = (
+            f"training waited for data {100 * self.share:.0f}% of its step time "
+            "(data_wait_fraction): more decode CPUs help (data.decode_actors, CPU worker nodes "
+            "on a cluster)"
+        )
+        if config.data.preserve_order and not config.data.deterministic:
+            text += (
+                "; with more than about 16 decode actors per training worker, "
+                "data.preserve_order=false lets finished clips overtake a slow one (docs/data.md)"
+            )
+        return text
 
 
 @dataclass

@@ -437,6 +437,24 @@ def test_the_console_shows_a_progress_line_every_so_often_and_at_the_end(capsys)
     assert capsys.readouterr().out == ""
 
 
+def test_a_run_that_waits_for_data_says_what_to_try():
+    from svt_ray.train import DataWait
+
+    config = load_config("tiny")
+    waits = DataWait()
+    waits.add(30.0, 30.5)  # the first batch waits for the pipeline to start: left out
+    for _ in range(9):
+        waits.add(0.06, 0.5)
+    assert waits.share == pytest.approx(0.12)
+    assert "12% of its step time" in waits.hint(config)
+    assert "data.preserve_order=false" in waits.hint(config)
+    unordered = load_config("tiny", overrides=["data.preserve_order=false"])
+    assert "decode CPUs" in waits.hint(unordered) and "preserve_order" not in waits.hint(unordered)
+    waits.add(0.0, 1.0)  # 0.54 s of 5.5 s: 9.8%, under the 10% that gets a word
+    assert waits.hint(config) is None
+    assert DataWait().hint(config) is None
+
+
 def test_ray_data_draws_progress_bars_on_a_terminal_only(monkeypatch):
     import io
 
