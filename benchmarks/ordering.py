@@ -118,14 +118,19 @@ def stream(actors: int, preserve_order: bool, times: np.ndarray, args) -> dict[s
                 time.sleep(step_s)  # the training step
                 asked = time.perf_counter()
         except threading.BrokenBarrierError:
-            return  # another worker ran out first
+            return  # another worker ran out first (or failed)
+        except BaseException as error:  # re-raised below; the others must not wait for it
+            errors.append(error)
         together.abort()
 
+    errors: list[BaseException] = []
     threads = [threading.Thread(target=train, args=(i,)) for i in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     return {
         "wait_fraction": sum(waits) / (sum(waits) + len(waits) * step_s),
         "wait_max_s": max(waits, default=0.0),
