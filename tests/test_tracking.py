@@ -146,13 +146,8 @@ def test_resumed_tracker_skips_steps_already_logged(tmp_path):
     for step in (8, 12, 16, 20):
         moved.log_metrics({"loss": -2.0}, step=step)
     moved.close()
-    assert [line["clips_seen"] for line in read_metrics_file(moved.metrics_file)] == [
-        4,
-        8,
-        12,
-        16,
-        20,
-    ]
+    written = [line["clips_seen"] for line in read_metrics_file(moved.metrics_file)]
+    assert written == [4, 8, 12, 16, 20]
     assert _history(moved) == [(4, 4.0), (8, 8.0), (12, 12.0), (16, -1.0), (20, -2.0)]
 
 
