@@ -386,7 +386,7 @@ def _one_pass(shard, config: ExperimentConfig, step: int):
     return shard.iter_torch_batches(
         batch_size=derived.per_worker_batch,
         drop_last=True,
-        prefetch_batches=2,
+        prefetch_batches=config.data.prefetch_batches,
         local_shuffle_buffer_size=config.data.shuffle_buffer or None,
         local_shuffle_seed=config.train.seed + step // derived.steps_per_epoch
         if config.data.shuffle_buffer
@@ -462,8 +462,9 @@ class DataWait:
         )
         if config.data.preserve_order and not config.data.deterministic:
             text += (
-                "; with more than about 16 decode actors per training worker, "
-                "data.preserve_order=false lets finished clips overtake a slow one (docs/data.md)"
+                "; with more than about 16 decode actors per training worker, a slow clip holds "
+                "back the ones after it: raise data.prefetch_batches, or data.preserve_order=false "
+                "lets finished clips overtake it (docs/data.md)"
             )
         return text
 

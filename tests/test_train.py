@@ -448,11 +448,27 @@ def test_a_run_that_waits_for_data_says_what_to_try():
     assert waits.share == pytest.approx(0.12)
     assert "12% of its step time" in waits.hint(config)
     assert "data.preserve_order=false" in waits.hint(config)
+    assert "raise data.prefetch_batches" in waits.hint(config)
     unordered = load_config("tiny", overrides=["data.preserve_order=false"])
     assert "decode CPUs" in waits.hint(unordered) and "preserve_order" not in waits.hint(unordered)
     waits.add(0.0, 1.0)  # 0.54 s of 5.5 s: 9.8%, under the 10% that gets a word
     assert waits.hint(config) is None
     assert DataWait().hint(config) is None
+
+
+def test_a_worker_fetches_the_configured_number_of_batches_ahead():
+    from svt_ray.train import _one_pass
+
+    class Shard:
+        def iter_torch_batches(self, **options):
+            self.options = options
+            return iter(())
+
+    shard = Shard()
+    config = load_config("tiny", overrides=["data.prefetch_batches=6"]).resolve(64)
+    _one_pass(shard, config, step=0)
+    assert shard.options["prefetch_batches"] == 6
+    assert shard.options["batch_size"] == config.derived.per_worker_batch
 
 
 def test_ray_data_draws_progress_bars_on_a_terminal_only(monkeypatch):
