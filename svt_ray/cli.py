@@ -174,8 +174,9 @@ def pretrain(
         str | None,
         typer.Option(
             "--resume",
-            help="Continue the named run from its latest checkpoint, with its recorded config "
-            "(--workers, --address and --tracking-uri may change).",
+            help="Continue the named run from its latest checkpoint, with its recorded config; "
+            "where and how it runs may change (--workers, --address, --tracking-uri, --storage, "
+            "--data, and --set for data loading and failure settings), its recipe may not.",
         ),
     ] = None,
 ) -> None:
@@ -190,7 +191,9 @@ def pretrain(
 
     flags = _cli_overrides(data, workers, gpus_per_worker, address, tracking_uri, storage, run_name)
     if resume:
-        experiment = recorded_config(resume, storage or "svt_runs", flags)
+        if config is not None:
+            raise fail("--resume continues a run with its recorded config; drop --config")
+        experiment = recorded_config(resume, storage or "svt_runs", [*(overrides or []), *flags])
     else:
         experiment = build_config(preset, config, [*(overrides or []), *flags])
     try:

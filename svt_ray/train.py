@@ -1027,6 +1027,16 @@ def _log_curves(config: ExperimentConfig, run_name: str, run_id: str, log_dir: P
     tracker.finish()
 
 
+# Where and how a run runs, not what it learns: `pretrain --resume` may change these.
+RESUMABLE_SETTINGS = frozenset({
+    "scaling.num_workers", "scaling.address", "scaling.gpus_per_worker",
+    "scaling.cpus_per_worker", "tracking.tracking_uri", "tracking.flush_timeout_s",
+    "train.storage_path", "train.run_name", "train.max_failures", "train.wait_for_workers_s",
+    "train.progress_every_s", "data.path", "data.decode_actors", "data.decode_cpus",
+    "data.decode_threads", "data.prefetch_batches", "data.preserve_order",
+})  # fmt: skip
+
+
 def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> ExperimentConfig:
     """The config a run was started with (from its run.json), for `pretrain --resume`.
 
@@ -1043,13 +1053,14 @@ def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> Exper
         )
     tree = recorded["config"]
     tree.pop("derived", None)
-    allowed = {"scaling.num_workers", "scaling.address", "tracking.tracking_uri", "train.storage_path",
-               "scaling.gpus_per_worker", "data.path", "train.run_name"}  # fmt: skip
     for item in flags:
         keys, value = parse_override(item)
         key = ".".join(keys)
-        if key not in allowed:
-            raise ConfigError(f"--resume keeps the recorded recipe; {key} cannot change")
+        if key not in RESUMABLE_SETTINGS:
+            raise ConfigError(
+                f"--resume keeps the recorded recipe; {key} cannot change (what may: "
+                f"{', '.join(sorted(RESUMABLE_SETTINGS))})"
+            )
         tree.setdefault(keys[0], {})[keys[1]] = value
     tree["train"]["run_name"] = run_name
     return validate_config(tree)

@@ -456,6 +456,38 @@ def test_a_run_that_waits_for_data_says_what_to_try():
     assert DataWait().hint(config) is None
 
 
+def test_resume_takes_the_settings_of_where_and_how_a_run_runs_and_refuses_the_rest(tmp_path):
+    """`pretrain --resume RUN --set ...`: a data-loading or failure setting applies, a recipe
+    setting is refused with what may change, and --config is refused (both were ignored)."""
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+    from svt_ray.config import ConfigError
+    from svt_ray.train import RUN_FILE, recorded_config, write_json
+
+    runs = tmp_path / "runs"
+    config = load_config("tiny", overrides=[f"train.storage_path={runs}"]).resolve(64)
+    write_json(str(runs / "r" / RUN_FILE), {"mlflow_run_id": "x", "config": config.model_dump(mode="json")})  # fmt: skip
+    resumed = recorded_config("r", str(runs), ["data.prefetch_batches=6", "train.max_failures=5"])
+    assert resumed.data.prefetch_batches == 6 and resumed.train.max_failures == 5
+    assert resumed.optim == config.optim and resumed.model == config.model
+    with pytest.raises(
+        ConfigError, match=r"optim.epochs cannot change \(what may: .*data.prefetch"
+    ):
+        recorded_config("r", str(runs), ["optim.epochs=9"])
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["pretrain", "--resume", "r", "--storage", str(runs),
+                                  "--set", "optim.epochs=9"])  # fmt: skip
+    assert isinstance(refused.exception, ConfigError)  # main() prints it and exits 2
+    assert "optim.epochs cannot change" in str(refused.exception)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("optim:\n  epochs: 9\n")
+    refused = runner.invoke(app, ["pretrain", "--resume", "r", "--storage", str(runs),
+                                  "--config", str(extra)])  # fmt: skip
+    assert refused.exit_code == 2 and "drop --config" in refused.output
+
+
 def test_a_worker_fetches_the_configured_number_of_batches_ahead():
     from svt_ray.train import _one_pass
 
