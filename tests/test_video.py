@@ -125,13 +125,15 @@ def test_encoder_round_trip_and_validation():
 def test_encoder_output_repeats_but_for_rare_rate_control_variations():
     """The same frames encode to the same bytes, except that libx264 here occasionally (1 to
     29 in 5,000 encodes, in bursts, threads=1) makes other rate-control decisions; such an
-    encode must still decode to the same frames within codec tolerance."""
+    encode must still decode to the same frames within codec tolerance. A burst can take half
+    of 12 encodes (a fresh-clone CI run saw 6 and 6), so the count of distinct encodings is
+    bounded, not the share of the usual one."""
     from svt_ray.synthetic import SynthConfig, render_clip
 
     frames = render_clip(SynthConfig(num_frames=40, height=48, width=60, seed=7), 12)
     encodings = Counter(encode_h264(frames, 15.0, EncoderSettings(gop=16)) for _ in range(12))
-    usual, count = encodings.most_common(1)[0]
-    assert count >= 10, f"{len(encodings)} different encodings in 12"
+    usual, _ = encodings.most_common(1)[0]
+    assert len(encodings) <= 3, f"{len(encodings)} different encodings in 12"
     for other in encodings:
         assert frame_errors(other, usual).max() < REENCODE_TOLERANCE
 
