@@ -662,7 +662,8 @@ def _start_mlflow_run(
     state = read_json(join_uri(run_dir, RUN_FILE))
     if state is not None:
         return state["mlflow_run_id"]
-    stale = local_log_directory(config, run_name) / METRICS_FILE
+    log_dir = local_log_directory(config, run_name)
+    stale = log_dir / METRICS_FILE
     if stale.exists():  # of an earlier run of this name whose run directory was deleted
         kept = stale.with_name(f"{METRICS_FILE}.{time.strftime('%Y%m%d-%H%M%S')}.old")
         stale.rename(kept)
@@ -674,7 +675,7 @@ def _start_mlflow_run(
         tracking_uri=tracking_uri or config.tracking.tracking_uri,
         experiment=config.tracking.experiment,
         run_name=run_name,
-        local_dir=local_log_directory(config, run_name),
+        local_dir=log_dir,
         parent_run_id=parent_run_id,
         tags={
             "svt.preset": config.preset,
@@ -882,7 +883,7 @@ def run_pretraining(
         )
     if result.error is not None:
         raise result.error
-    _log_curves(resolved, run_name, mlflow_run_id, log_dir)
+    _log_curves(resolved, run_name, mlflow_run_id, run_dir, log_dir)
     return PretrainResult(
         run_name=run_name,
         run_dir=run_dir,
@@ -1012,11 +1013,13 @@ def _checkpoint_location(checkpoint: ray.train.Checkpoint | None, run_dir: str) 
     return join_uri(run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
 
 
-def _log_curves(config: ExperimentConfig, run_name: str, run_id: str, log_dir: Path) -> None:
+def _log_curves(
+    config: ExperimentConfig, run_name: str, run_id: str, run_dir: str, log_dir: Path
+) -> None:
     """[driver] The loss-curve PNG of a finished run, as an MLflow artifact."""
     from svt_ray.tracking import MLflowTracker, plot_training_curves
 
-    metrics_file = fetch_metrics(log_dir, run_directory(config.train.storage_path, run_name))
+    metrics_file = fetch_metrics(log_dir, run_dir)
     png = plot_training_curves(metrics_file, log_dir / "training_curves.png")
     if png is None:  # no metrics.jsonl here: a local run directory on another node
         return
