@@ -129,6 +129,13 @@ def local_log_directory(config: ExperimentConfig, run_name: str) -> Path:
     return Path(tempfile.gettempdir()) / "svt_ray_runs" / f"{run_name}-{digest}"
 
 
+def download_file(filesystem: pafs.FileSystem, path: str, destination: Path) -> None:
+    """Stream one file of `filesystem` to a local file, 8 MiB at a time."""
+    with filesystem.open_input_stream(path) as stream, open(destination, "wb") as file:
+        while piece := stream.read(8 << 20):
+            file.write(piece)
+
+
 def mirror_metrics(log_dir: Path, run_dir: str) -> None:
     """[rank 0] Copy the run's metrics.jsonl into its run directory when that is remote
     storage (at every checkpoint): a restart on another node, the driver's curve plot and
@@ -155,9 +162,7 @@ def fetch_metrics(log_dir: Path, run_dir: str) -> Path:
         return local
     log_dir.mkdir(parents=True, exist_ok=True)
     download = log_dir / f".{METRICS_FILE}.download"
-    with filesystem.open_input_stream(path) as stream, open(download, "wb") as file:
-        while piece := stream.read(8 << 20):
-            file.write(piece)
+    download_file(filesystem, path, download)
 
     def last_step(file: Path) -> int:
         return max((int(line["clips_seen"]) for line in read_metrics_file(file)), default=-1)
@@ -198,6 +203,23 @@ def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 def checkpoint_dir_name(step: int) -> str:
     """The folder of the checkpoint at `step` inside the run directory."""
     return f"checkpoint_{step:08d}"
+
+
+def load_checkpoint(checkpoint: ray.train.Checkpoint, device: torch.device | str) -> dict:
+    """The state a checkpoint holds, read by this process alone.
+
+    Not `Checkpoint.as_directory`: on remote storage it downloads into one folder per
+    checkpoint that the ranks of a node share, and a rank arriving after another's download
+    downloads again over the file the other is reading (Ray 2.60). A resume on S3 failed so,
+    with "PytorchStreamReader failed reading file data/N". Each rank here streams its own copy
+    to a private temporary folder; a local checkpoint is read where it is."""
+    path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return torch.load(path, map_location=device, weights_only=True)
+    with tempfile.TemporaryDirectory(prefix="svt_checkpoint_") as directory:
+        local = Path(directory) / CHECKPOINT_FILE
+        download_file(checkpoint.filesystem, path, local)
+        return torch.load(local, map_location=device, weights_only=True)
 
 
 def _save_checkpoint(state, step: int, metrics: dict[str, float], rank: int) -> None:
@@ -256,10 +278,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step, saved = 0, None
     checkpoint = ray.train.get_checkpoint()  # [2]
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            saved = torch.load(
-                Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True
-            )
+        saved = load_checkpoint(checkpoint, device)
         step = int(saved["step"])
     shard = ray.train.get_dataset_shard("train")  # [4]
     # Ray Data starts its read tasks and decode actors at the first batch asked for: ask now,

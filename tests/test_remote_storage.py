@@ -3,10 +3,15 @@ resume against a local S3-compatible server (moto), addressed by pyarrow URIs al
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
+import ray.train
+import torch
 from factories import SHORT_RUN
 from pyarrow import fs as pafs
 
@@ -19,6 +24,7 @@ from svt_ray.train import (
     RUN_FILE,
     fetch_metrics,
     join_uri,
+    load_checkpoint,
     read_json,
     recorded_config,
     run_pretraining,
@@ -37,6 +43,40 @@ def test_paths_in_a_uri_go_before_its_query():
     )
     assert join_uri("gs://svt/runs/", "run") == "gs://svt/runs/run"
     assert join_uri("/data/odd?name/", "run") == "/data/odd?name/run"  # local: no query
+
+
+def test_each_rank_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, monkeypatch):
+    # Ray's Checkpoint.as_directory shares one download folder per node, and a rank arriving
+    # after another's download downloads again over the file the other is reading: a resume on
+    # S3 failed with "PytorchStreamReader failed reading file data/N". Here a second rank loads
+    # the same checkpoint (a pickled copy, as Ray hands each worker) in the middle of the
+    # first one's read; the first one's file must stay as it was.
+    (tmp_path / "checkpoint_00000007").mkdir()
+    saved = {"step": 7, "weights": torch.arange(1000.0)}
+    torch.save(saved, tmp_path / "checkpoint_00000007" / "state.pt")
+    remote = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not local to Ray
+    checkpoint = ray.train.Checkpoint("checkpoint_00000007", filesystem=remote)
+    real_load, other_rank = torch.load, []
+
+    def load_while_another_rank_loads(file, **kwargs):
+        if other_rank:  # the other rank's own read
+            return real_load(file, **kwargs)
+        before = os.stat(file)
+        other_rank.append(pickle.loads(pickle.dumps(checkpoint)))
+        other_rank[0] = load_checkpoint(other_rank[0], "cpu")
+        after = os.stat(file)  # FileNotFoundError: the other rank removed it
+        assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+            before.st_ino,
+            before.st_mtime_ns,
+            before.st_size,
+        ), "another rank's load rewrote the file this rank is reading"
+        return real_load(file, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load_while_another_rank_loads)
+    for state in (load_checkpoint(checkpoint, "cpu"), other_rank[0]):
+        assert state["step"] == 7 and torch.equal(state["weights"], saved["weights"])
+    leftovers = list(Path(tempfile.gettempdir()).glob("svt_checkpoint_*"))
+    assert not leftovers, f"temporary copies left behind: {leftovers}"
 
 
 @pytest.mark.slow
