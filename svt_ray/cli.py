@@ -443,11 +443,11 @@ def tracking_sync(
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, sync_metrics
     from svt_ray.train import (
         RUN_FILE,
+        config_from_record,
         fetch_metrics,
         join_uri,
         local_log_directory,
         read_json,
-        recorded_config,
         run_directory,
     )
 
@@ -456,7 +456,7 @@ def tracking_sync(
     recorded = read_json(join_uri(run_dir, RUN_FILE))
     if recorded is None:
         raise fail(f"run {run_name}: no run.json in {run_dir}; check --storage and the run name")
-    config = recorded_config(run_name, storage, _cli_overrides(tracking_uri=tracking_uri))
+    config = config_from_record(recorded, run_name, _cli_overrides(tracking_uri=tracking_uri))
     metrics_file = fetch_metrics(local_log_directory(config, run_name), run_dir)
     if not metrics_file.is_file():
         raise fail(

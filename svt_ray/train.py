@@ -1065,14 +1065,19 @@ def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> Exper
     Only where and how it runs may change (workers, address, tracking URI, storage); the
     recipe is the recorded one, so a resumed run stays one experiment.
     """
-    from svt_ray.config import parse_override, validate_config
-
     run_dir = run_directory(storage_path, run_name)
     recorded = read_json(join_uri(run_dir, RUN_FILE))
     if recorded is None:
         raise ConfigError(
             f"--resume {run_name}: no run.json in {run_dir}; check --storage and the run name"
         )
+    return config_from_record(recorded, run_name, flags)
+
+
+def config_from_record(recorded: dict, run_name: str, flags: list[str]) -> ExperimentConfig:
+    """A run.json's config with `flags` (`KEY=VALUE`, `RESUMABLE_SETTINGS` only) applied."""
+    from svt_ray.config import parse_override, validate_config
+
     tree = recorded["config"]
     tree.pop("derived", None)
     for item in flags:
