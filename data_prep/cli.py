@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from data_prep.inputs import (
     VIDEO_EXTENSIONS,
@@ -91,6 +91,18 @@ def process_video(
         seconds=time.perf_counter() - start,
     )
     return status, row
+
+
+def process_video_task(
+    video: InputVideo, split: str, label: int, filesystem, options: PrepOptions
+) -> Iterator[dict | None]:
+    """[Ray task, a generator] `None` as soon as it runs, then the status, then the row. The
+    first item tells the driver when the task started: `--file-timeout` counts from there, so
+    a video that waited for a CPU behind others is not taken for a hung one."""
+    yield None
+    status, row = process_video(video, split, label, filesystem, options)
+    yield status
+    yield row
 
 
 def write_shard_task(output: Output, name: str, ids: list[str], *results) -> dict:
@@ -230,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--file-timeout",
         type=float,
         default=1800.0,
-        help="seconds from submission (queueing and worker start included) after which a "
-        "video's task is killed and the video rejected as 'timeout' (0: no limit)",
+        help="seconds from the start of a video's task (time spent waiting for a CPU not "
+        "counted) after which the task is killed and the video rejected as 'timeout' "
+        "(0: no limit)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument(
@@ -369,13 +382,14 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
             logging_level=logging.WARNING,
         )
     try:
-        process = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(process_video)
+        process = ray.remote(num_cpus=1, max_retries=1)(process_video_task)
         writer = ray.remote(num_cpus=0.25, max_retries=3)(write_shard_task)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         largest = max(len(entry["ids"]) for entry in todo)
         window = args.max_in_flight or max(4 * cpus, largest)
         queue = deque(todo)
-        pending: dict = {}  # status ref -> (shard name, position, row ref)
+        # a video task's generator -> [shard name, position, when it started running or None]
+        pending: dict = {}
         slots: dict[str, dict] = {}
         writers: dict = {}
         failed = written = 0
@@ -403,16 +417,15 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
                 for position, video_id in enumerate(entry["ids"]):
                     video = by_id[video_id]
                     label = label_map[video.label_name] if video.label_name is not None else -1
-                    status_ref, row_ref = process.remote(
-                        video, splits[video_id], label, input_fs, options
-                    )
-                    pending[status_ref] = (entry["name"], position, row_ref, time.monotonic())
+                    task = process.remote(video, splits[video_id], label, input_fs, options)
+                    pending[task] = [entry["name"], position, None]
             if args.file_timeout:
                 now = time.monotonic()
-                for ref, (*_, submitted) in pending.items():
-                    if ref not in timed_out and now - submitted > args.file_timeout:
-                        timed_out.add(ref)
-                        ray.cancel(ref, force=True)  # a hung decoder: kill its worker
+                for task, (*_, started) in pending.items():
+                    running_s = now - started if started is not None else 0.0
+                    if running_s > args.file_timeout and task not in timed_out:
+                        timed_out.add(task)
+                        ray.cancel(task, force=True)  # a hung decoder: kill its worker
             ready, _ = ray.wait([*pending, *writers], num_returns=1, timeout=1.0)
             for ref in ready:
                 if ref in writers:
@@ -424,11 +437,15 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
                         failed += 1
                         logger.error("shard %s could not be written: %s", name, error)
                     continue
-                name, position, row_ref, _ = pending.pop(ref)
+                name, position, started = pending[ref]
                 slot = slots[name]
                 try:
-                    status = ray.get(ref)
-                    row = row_ref if status["ok"] else None
+                    if started is None:  # it runs now: its timeout counts from here
+                        ray.get(next(ref))
+                        pending[ref][2] = time.monotonic()
+                        continue
+                    status = ray.get(next(ref))
+                    row = next(ref) if status["ok"] else None  # stays in the object store
                 except ray.exceptions.RayError as error:  # the worker died (decoder crash)
                     video = by_id[slot["ids"][position]]
                     status = {
@@ -437,7 +454,7 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
                         "ok": False,
                         "reason": "timeout" if ref in timed_out else "crash",
                         "detail": (
-                            f"not done after {args.file_timeout}s"
+                            f"not done {args.file_timeout}s after it started"
                             if ref in timed_out
                             else f"decoding crashed the worker: {type(error).__name__}"
                         ),
@@ -445,7 +462,8 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
                         "output_bytes": 0,
                     }
                     row = None
-                    timed_out.discard(ref)
+                del pending[ref]
+                timed_out.discard(ref)
                 slot["statuses"][position], slot["rows"][position] = status, row
                 slot["remaining"] -= 1
                 source_bytes += status["source_bytes"]

@@ -251,14 +251,31 @@ def test_nothing_sharded_exits_non_zero(tmp_path, ray_session, capsys):
     assert data_prep.main([str(tmp_path / "no_videos"), str(tmp_path / "out3")]) == 1
 
 
-def test_hung_read_times_out_and_is_rejected(tmp_path, ray_session):
+def test_hung_reads_time_out_and_the_videos_queued_behind_them_do_not(tmp_path, ray_session):
+    """`--file-timeout` counts from when a video's task starts: videos that wait for a CPU
+    behind hung ones are sharded once the hung tasks are killed, not rejected with them."""
+    from data_prep.inputs import video_id
+
     source = tmp_path / "in"
     source.mkdir()
-    os.mkfifo(source / "hangs.mp4")  # opening it blocks forever, like a stuck network mount
-    code = data_prep.main([str(source), str(tmp_path / "out"), "--file-timeout", "2"])
-    assert code == 1  # the run ends instead of hanging; nothing else to shard
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    hung = [f"hangs_{i}.mp4" for i in range(cpus)]  # one per CPU: the good ones must queue
+    # Tasks are submitted in id order; the good videos' ids come after every hung one's.
+    last_hung = max(video_id(name) for name in hung)
+    good = [name for name in (f"good_{i}.mp4" for i in range(100)) if video_id(name) > last_hung]
+    good = good[:2]
+    for name in hung:
+        os.mkfifo(source / name)  # opening it blocks forever, like a stuck network mount
+    for name in good:
+        encode_to_file(source / name, numbered_frames(20, height=32, width=32))
+    started = time.monotonic()
+    code = data_prep.main([str(source), str(tmp_path / "out"), "--file-timeout", "3"])
+    assert code == 0, "the run ends instead of hanging"
     rejects = _rejects(tmp_path / "out")
-    assert {name: r["reason"] for name, r in rejects.items()} == {"hangs.mp4": "timeout"}
+    assert {name: r["reason"] for name, r in rejects.items()} == dict.fromkeys(hung, "timeout")
+    assert all("after it started" in r["detail"] for r in rejects.values())
+    assert sorted(Path(row["source_path"]).name for row in _rows(tmp_path / "out")) == sorted(good)
+    assert time.monotonic() - started > 3  # they did wait behind the hung ones
 
 
 def test_csv_manifest_input_uri_output_dry_run_and_option_guard(
