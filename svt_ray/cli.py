@@ -338,6 +338,14 @@ def compare(
     runs: Annotated[
         str | None, typer.Option("--runs", help="Comma-separated MLflow run ids to compare.")
     ] = None,
+    parent_run: Annotated[
+        str | None,
+        typer.Option(
+            "--parent-run",
+            help="With --study: the study's parent run id, when several studies share the name "
+            "(the same study run again under another --storage); default: the newest.",
+        ),
+    ] = None,
     tracking_uri: Annotated[
         str, typer.Option("--tracking-uri", help="MLflow tracking URI of the study.")
     ] = "sqlite:///mlflow.db",
@@ -360,7 +368,11 @@ def compare(
         check_tracking_uri(tracking_uri, must_exist=True)  # would leave an empty one behind
     except ConfigError as error:
         raise fail(str(error)) from None
-    report = collect_study(tracking_uri, experiment, study or "runs", run_ids=run_ids)
+    if parent_run is not None and study is None:
+        raise fail("--parent-run picks among the studies named by --study")
+    report = collect_study(
+        tracking_uri, experiment, study or "runs", run_ids=run_ids, parent_run_id=parent_run
+    )
     files = report.write(output / (study or "runs"))
     typer.echo(report.markdown())
     typer.echo(report.summary())

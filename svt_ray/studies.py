@@ -339,22 +339,85 @@ def largest_trial(spec: StudySpec, preset: str, overrides: Sequence[str]) -> Exp
     return largest
 
 
+def _study_recipe(
+    options: StudyOptions, spec: StudySpec, base: list[str], budget: int, grace: int
+) -> dict[str, Any]:
+    """What a study studies (its grid, seeds, shared settings, early stopping), without where
+    it runs: a restore must not change it, since Tune restores the recorded trials."""
+    recipe = {
+        "preset": options.preset,
+        "seeds": list(options.seeds),
+        "asha": options.asha,
+        "asha_grace_clips": grace if options.asha else None,
+        "budget_clips": budget,
+        "overrides": list(base),
+        "sweeps": {s.path: [s.label(v) for v in s.values] for s in spec.sweeps},
+    }
+    return json.loads(json.dumps(recipe))  # as study.json gives it back (tuples are lists)
+
+
+def _recipe_changes(recorded: dict, recipe: dict[str, Any], params: dict[str, str]) -> list[str]:
+    """`setting: recorded -> now` for each part of the recipe that differs. A study.json from
+    before recipes were recorded is compared on the parent run's params it holds."""
+    if "recipe" in recorded:
+        before, now = recorded["recipe"], recipe
+    else:
+        keys = ["preset", "seeds", "asha", "budget_clips", *(k for k in params if "." in k)]
+        before = {key: recorded.get("params", {}).get(key) for key in keys}
+        now = {key: params[key] for key in keys}
+    return [
+        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now[key])}"
+        for key in now
+        if before.get(key) != now[key]
+    ]
+
+
+def _parent_params(
+    options: StudyOptions, spec: StudySpec, shared: list[str], recipe: dict[str, Any]
+) -> dict[str, str]:
+    """The parent run's MLflow params (`svt-ray compare` reads the budget and the sweeps)."""
+    return {
+        "preset": options.preset,
+        "seeds": ",".join(map(str, options.seeds)),
+        "asha": str(options.asha),
+        "asha_grace_clips": str(recipe["asha_grace_clips"]),
+        "budget_clips": str(recipe["budget_clips"]),
+        "base_overrides": " ".join(shared)[:6000],
+        **{
+            f"sweep.{s.path}": ",".join(json.dumps(s.label(v)) for v in s.values)
+            for s in spec.sweeps
+        },
+    }
+
+
 def _parent_run(
     options: StudyOptions,
     spec: StudySpec,
     study_dir: str,
-    base: list[str],
-    budget: int,
-    grace: int,
+    shared: list[str],
+    recipe: dict[str, Any],
 ) -> str:
-    """The study's parent MLflow run: created once, found again on restore (study.json)."""
+    """The study's parent MLflow run: created once, found again on restore (study.json).
+
+    A restore with another recipe (seeds, grid, --set, ASHA) is refused: Tune would restore
+    the recorded trials and drop the new flags without a word."""
     from mlflow.tracking import MlflowClient
 
     from svt_ray.tracking import experiment_id
     from svt_ray.train import join_uri, read_json, write_json
 
+    params = _parent_params(options, spec, shared, recipe)
     recorded = read_json(join_uri(study_dir, STUDY_FILE))
     if recorded is not None:
+        changes = _recipe_changes(recorded, recipe, params)
+        if changes:
+            raise ConfigError(
+                f"study {spec.name} in {study_dir} was started with other settings ("
+                + "; ".join(changes)
+                + "). Run it with its own settings to continue it, or give the new one "
+                "another --name (or --storage) to start a separate study"
+            )
+        _set_parent_status(options, recorded["parent_run_id"], "RUNNING")
         return recorded["parent_run_id"]
     client = MlflowClient(options.tracking_uri)
     run = client.create_run(
@@ -370,27 +433,35 @@ def _parent_run(
         },
     )
     run_id = run.info.run_id
-    params = {
-        "preset": options.preset,
-        "seeds": ",".join(map(str, options.seeds)),
-        "asha": str(options.asha),
-        "asha_grace_clips": str(grace),
-        "budget_clips": str(budget),
-        "base_overrides": " ".join(base)[:6000],
-        **{
-            f"sweep.{s.path}": ",".join(json.dumps(s.label(v)) for v in s.values)
-            for s in spec.sweeps
-        },
-    }
     for key, value in params.items():
         client.log_param(run_id, key, value)
-    write_json(join_uri(study_dir, STUDY_FILE), {"parent_run_id": run_id, "params": params})
+    write_json(
+        join_uri(study_dir, STUDY_FILE),
+        {"parent_run_id": run_id, "params": params, "recipe": recipe},
+    )
     return run_id
+
+
+def _set_parent_status(options: StudyOptions, parent_run_id: str, status: str) -> None:
+    """RUNNING while the sweep runs (again), FINISHED once reported, KILLED on Ctrl-C."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(options.tracking_uri)
+    try:
+        if status == "RUNNING":
+            client.update_run(parent_run_id, status)
+        else:
+            client.set_terminated(parent_run_id, status)
+    except MlflowException as error:  # the store lost it: the report still comes
+        logger.warning("study parent run %s not marked %s: %s", parent_run_id, status, error)
 
 
 def asha_grace(spec: StudySpec, options: StudyOptions, budget: int) -> int:
     """Clips seen at ASHA's first rung: the flag's, the study's, or a quarter of the budget."""
-    return options.asha_grace_clips or spec.asha_grace_clips or max(1, budget // 4)
+    if options.asha_grace_clips is not None:
+        return options.asha_grace_clips
+    return spec.asha_grace_clips or max(1, budget // 4)
 
 
 def _qualified_name(function: Callable) -> str:
@@ -482,7 +553,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             f"budget of {budget} clips per trial; pass a lower --asha-grace, --no-asha, or "
             "raise optim.epochs"
         )
-    parent_run_id = _parent_run(options, spec, study_dir, shared, budget, grace)
+    recipe = _study_recipe(options, spec, base, budget, grace)
+    parent_run_id = _parent_run(options, spec, study_dir, shared, recipe)
 
     param_space = {
         "study": spec.name,
@@ -497,7 +569,15 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         },
     }
     scheduler = (
-        ASHAScheduler(time_attr=TIME_ATTR, max_t=budget, grace_period=grace, reduction_factor=2)
+        # A trial that reaches the budget ends by itself: stopped there (Ray's default), it
+        # was killed while its run was finishing (last metrics, curves, run status).
+        ASHAScheduler(
+            time_attr=TIME_ATTR,
+            max_t=budget,
+            grace_period=grace,
+            reduction_factor=2,
+            stop_last_trials=False,
+        )
         if options.asha
         else FIFOScheduler()
     )
@@ -544,6 +624,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     results, interrupted = _fit_noting_interruption(tuner)
     _close_stopped_runs(options, parent_run_id)
     if interrupted:  # Tune stopped its trials and saved its state
+        _set_parent_status(options, parent_run_id, "KILLED")
         _, finished = _search_runs(
             options.tracking_uri, options.experiment,
             f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'",
@@ -557,11 +638,16 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
                 (time.perf_counter() - started) / 60)  # fmt: skip
     report = collect_study(
-        options.tracking_uri, options.experiment, spec.name, recompute_verdict=False
+        options.tracking_uri,
+        options.experiment,
+        spec.name,
+        parent_run_id=parent_run_id,
+        recompute_verdict=False,
     )
     report.verdict = spec.verdict(report) if spec.verdict else ""
     folder = Path(study_dir if "://" not in study_dir else options.workdir) / "report"
     report.files = report.publish(folder, spec)
+    _set_parent_status(options, parent_run_id, "FINISHED")
     return report
 
 
@@ -824,39 +910,65 @@ def collect_study(
     study: str,
     run_ids: Sequence[str] | None = None,
     recompute_verdict: bool = True,
+    parent_run_id: str | None = None,
 ) -> StudyReport:
     """Everything the report needs, from MLflow alone: the parent, its children, their curves.
 
-    With `run_ids`, compares those runs instead (their differing params become the sweep).
-    The verdict is recomputed with the installed rules unless the caller, holding the
-    study's spec, computes it itself (`recompute_verdict=False`).
+    The study is its parent run: `parent_run_id`, else the newest parent named `study` in
+    `experiment` (a study run again under another --storage has a parent of its own). With
+    `run_ids`, compares those runs instead, of any experiment (their differing params become
+    the sweep; seeds are repeats, not a setting). The verdict is recomputed with the installed
+    rules unless the caller, holding the study's spec, computes it itself
+    (`recompute_verdict=False`).
     """
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ConfigError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
+
+    def get_run(run_id: str, what: str):
+        try:
+            return client.get_run(run_id)
+        except MlflowException as error:
+            raise ConfigError(f"no {what} {run_id!r} in {tracking_uri}: {error.message}") from None
+
     if run_ids:
-        children = [client.get_run(run_id) for run_id in run_ids]
+        children = [get_run(run_id, "MLflow run") for run_id in run_ids]
         parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
         verdict, budget, verdict_fn, x_label = "", None, None, ""
         swept = _differing_params(children)
     else:
-        parents = client.search_runs(
-            [found.experiment_id],
-            filter_string=f"tags.`svt.study` = '{study}' and tags.`svt.study_role` = 'parent'",
-        )
-        if not parents:
-            raise ConfigError(f"no study {study!r} in MLflow experiment {experiment!r}")
-        parent = parents[0]
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ConfigError(
+                f"no MLflow experiment {experiment!r} in {tracking_uri}; pass --experiment"
+            )
+        if parent_run_id is not None:
+            parent = get_run(parent_run_id, "study parent run")
+        else:
+            parents = client.search_runs(
+                [found.experiment_id],
+                filter_string=f"tags.`svt.study` = '{study}' and tags.`svt.study_role` = 'parent'",
+                order_by=["attributes.start_time DESC"],
+            )
+            if not parents:
+                raise ConfigError(f"no study {study!r} in MLflow experiment {experiment!r}")
+            parent = parents[0]
+            if len(parents) > 1:
+                logger.warning(
+                    "%d studies named %s in experiment %s; showing the newest, parent run %s "
+                    "(others: %s; pick one with --parent-run)",
+                    len(parents), study, experiment, parent.info.run_id,
+                    ", ".join(p.info.run_id for p in parents[1:]),
+                )  # fmt: skip
         parent_id, question = parent.info.run_id, parent.data.tags.get("svt.question", "")
         verdict = parent.data.tags.get("svt.verdict", "")
         verdict_fn = parent.data.tags.get("svt.verdict_fn")
         x_label = parent.data.tags.get("svt.x_label", "")
         budget = parent.data.params.get("budget_clips")
         children = client.search_runs(
-            [found.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
         )
         swept = sorted(
             key.removeprefix("sweep.") for key in parent.data.params if key.startswith("sweep.")
@@ -873,7 +985,11 @@ def collect_study(
 
 def _differing_params(runs) -> list[str]:
     keys = set().union(*(run.data.params for run in runs))
-    ignore = ("data.path", "train.storage_path", "train.run_name", "tracking.", "derived.")
+    ignore = (
+        "data.path", "train.storage_path", "train.run_name", "tracking.", "derived.",
+        "train.seed",  # repeats of a setting, averaged over: not a setting
+        "scaling.address",
+    )  # fmt: skip
     return sorted(
         key
         for key in keys
@@ -887,7 +1003,11 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
     def swept_value(path: str):
         if f"svt.sweep.{path}" in tags:
             return json.loads(tags[f"svt.sweep.{path}"])
-        return params.get(path)
+        value = params.get(path)  # MLflow keeps params as text: 8 must sort before 16
+        try:
+            return json.loads(value) if value is not None else None
+        except ValueError:
+            return value
 
     history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.step)
     curve = [(float(m.step), float(m.value)) for m in history]
@@ -978,16 +1098,26 @@ def curve_auc(curve: Sequence[tuple[float, float]], budget: float) -> float | No
     return area / (points[-1][0] - points[0][0]) if points[-1][0] > points[0][0] else points[0][1]
 
 
-def _mean_sem(values: list[float]) -> tuple[float, float | None]:
+def _mean_sem(values: list[float]) -> tuple[float, float | None, int]:
+    """(mean, standard error or None for one value, number of values)."""
     mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+    sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return mean, sem, len(values)
 
 
-def _difference_phrase(a: tuple[float, float | None], b: tuple[float, float | None]) -> str:
-    """'D points (noise N: significant | within noise)' or a single-seed caveat."""
+def _difference_phrase(
+    a: tuple[float, float | None, int], b: tuple[float, float | None, int]
+) -> str:
+    """'D points (noise N: significant | within noise)' or a single-seed caveat; `a` and `b`
+    are (mean, s.e., seeds) of the two settings."""
     difference = a[0] - b[0]
-    if a[1] is None or b[1] is None:
+    if a[1] is None and b[1] is None:
         return f"{difference:+.1f} points (one seed per setting: no error bars, indicative only)"
+    if a[1] is None or b[1] is None:
+        return (
+            f"{difference:+.1f} points ({a[2]} against {b[2]} seed(s): one side has a single "
+            "seed, so no error bar, indicative only)"
+        )
     noise = 2 * math.hypot(a[1], b[1])
     judged = "beyond" if abs(difference) > noise else "within"
     return f"{difference:+.1f} points, {judged} the noise (2 s.e. = {noise:.1f})"
@@ -1003,7 +1133,7 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
         return ", ".join(f"{p}={row[p]}" for p in report.swept)
 
     def stats(row):
-        return row["knn_top1_mean"], row["knn_top1_sem"]
+        return row["knn_top1_mean"], row["knn_top1_sem"], row["finished"]
 
     best = max(rows, key=lambda row: row["knn_top1_mean"])
     worst = min(rows, key=lambda row: row["knn_top1_mean"])
@@ -1171,6 +1301,14 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     parser.add_argument("--num-clips", type=int, default=800, help="synthetic clips when no --data")
     args = parser.parse_args(argv)
     try:
+        try:
+            seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--seeds {args.seeds}: comma-separated integers, e.g. 0,1,2"
+            ) from None
+        if not seeds:
+            raise ConfigError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
         if args.grid:
             spec.sweeps = [Sweep.parse(item) for item in args.grid]
         spec.name = args.name
@@ -1182,7 +1320,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
         options = StudyOptions(
             preset=args.preset,
             overrides=overrides,
-            seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
+            seeds=seeds,
             asha=args.asha,
             asha_grace_clips=args.asha_grace,
             storage_path=args.storage,

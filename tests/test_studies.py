@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -347,6 +348,7 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     # 4. The parent run holds the table and the plots; compare rebuilds the same table.
     artifacts = {a.path for a in client.list_artifacts(report.parent_run_id)}
     assert {"results.csv", "results.md", "curves.png", "final.png"} <= artifacts
+    assert client.get_run(report.parent_run_id).info.status == "FINISHED"
     table = Path(client.download_artifacts(report.parent_run_id, "results.md", str(tmp_path)))
     again = collect_study(options.tracking_uri, "smoke", "batch_smoke")
     assert again.markdown() == table.read_text() == report.markdown()
@@ -401,8 +403,10 @@ def test_ctrl_c_on_a_study_says_how_to_continue_and_writes_no_report(
     assert "## Verdict" not in out and not (tmp_path / "runs" / "batch_smoke" / "report").exists()
     assert "Tuner.restore" not in out + err  # Tune's own hint names an API, not the command
     assert "batch_smoke optim.batch_size=2 seed 0 step 1/" in out + err  # the trial's first line
-    _, children = _children(tmp_path)
+    client, children = _children(tmp_path)
     assert [run.info.status for run in children] == ["KILLED"]
+    parent_id = children[0].data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent_id).info.status == "KILLED"
 
 
 def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
@@ -413,6 +417,7 @@ def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
     spec.asha_grace_clips = 1200
     assert asha_grace(spec, StudyOptions(), 4864) == 1200
     assert asha_grace(spec, StudyOptions(asha_grace_clips=800), 4864) == 800
+    assert asha_grace(spec, StudyOptions(asha_grace_clips=0), 4864) == 0  # refused below, not 1216
     options = _smoke_options(tmp_path, synthetic_shards)
     options.asha, options.asha_grace_clips = True, 10**6
     with pytest.raises(
@@ -523,6 +528,129 @@ def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path):
     parent("foreign", "my_script:verdict")
     assert collect_study(uri, "x", "gone").verdict == "stale words"
     assert collect_study(uri, "x", "foreign").verdict == "stale words"
+
+
+def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path):
+    """Tune restores a study's recorded trials, so new seeds, grids, --set items or ASHA
+    settings would be dropped without a word: they are refused, naming what changed. Where it
+    runs (data, storage, tracking, cluster) may change; the parent run is RUNNING again."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.studies import _parent_run, _study_recipe
+
+    options = StudyOptions(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="x")
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 16))])
+    study_dir, base = str(tmp_path / "s"), ["optim.epochs=2"]
+
+    def parent(placement: str = "data.path=/a") -> str:
+        recipe = _study_recipe(options, spec, base, budget=1000, grace=250)
+        return _parent_run(options, spec, study_dir, [*base, placement], recipe)
+
+    first = parent()
+    client = MlflowClient(options.tracking_uri)
+    client.set_terminated(first, "KILLED")  # as after a Ctrl-C
+    assert parent("data.path=/moved") == first
+    assert client.get_run(first).info.status == "RUNNING"
+    options.seeds = [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"seeds: \[0\] -> \[0, 1, 2\]\)\. .* another --name"):
+        parent()
+    options.seeds = [0]
+    spec.sweeps = [Sweep("optim.batch_size", (8, 32))]
+    with pytest.raises(ConfigError, match=r"sweeps: .*\[8, 16\].* -> .*\[8, 32\]"):
+        parent()
+    spec.sweeps = [Sweep("optim.batch_size", (8, 16))]
+    base = ["optim.epochs=3"]
+    with pytest.raises(ConfigError, match=r"overrides: \[\"optim.epochs=2\"\] ->"):
+        parent()
+    base = ["optim.epochs=2"]
+    options.asha = False
+    with pytest.raises(ConfigError, match=r"asha: true -> false; asha_grace_clips: 250 -> null"):
+        parent()
+    options.asha = True
+    # A study.json from before recipes were recorded is compared on its parent's params.
+    record = json.loads((tmp_path / "s" / "study.json").read_text())
+    del record["recipe"]
+    (tmp_path / "s" / "study.json").write_text(json.dumps(record))
+    assert parent() == first
+    options.seeds = [0, 1]
+    with pytest.raises(ConfigError, match=r'seeds: "0" -> "0,1"'):
+        parent()
+
+
+def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experiment(
+    tmp_path, caplog
+):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    def finished_run(experiment_id: str, knn: float, **tags: str) -> str:
+        run = client.create_run(experiment_id, tags=tags)
+        points = [(0, 30.0), (100, knn)]
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(METRIC, value, 1_000 + step, step) for step, value in points],
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    studies = client.create_experiment("svt-ray-studies")
+    parents = []
+    for start, knn in ((1_000, 40.0), (2_000, 90.0)):  # the same study under two --storage
+        parent = client.create_run(
+            studies, start_time=start, tags={"svt.study": "s", "svt.study_role": "parent"}
+        ).info.run_id
+        client.log_param(parent, "sweep.optim.batch_size", "8")
+        finished_run(studies, knn, **{"mlflow.parentRunId": parent,
+                                      "svt.sweep.optim.batch_size": "8"})  # fmt: skip
+        parents.append(parent)
+    assert (
+        collect_study(uri, "svt-ray-studies", "s", parent_run_id=parents[0]).trials[0].final == 40
+    )
+    newest = collect_study(uri, "svt-ray-studies", "s")
+    assert newest.parent_run_id == parents[1] and newest.trials[0].final == 90
+    assert f"others: {parents[0]}; pick one with --parent-run" in caplog.text
+
+    # Plain pretraining runs, in their own experiment: batch sizes compare as numbers, and
+    # seeds are repeats of a setting, not a setting.
+    plain = client.create_experiment("svt-ray")
+    run_ids = []
+    for batch, seed in itertools.product((64, 8, 16), (0, 1)):
+        run_id = finished_run(plain, 50.0 + batch / 8 + seed)
+        client.log_param(run_id, "optim.batch_size", str(batch))
+        client.log_param(run_id, "train.seed", str(seed))
+        client.log_param(run_id, "train.run_name", f"b{batch}-s{seed}")
+        run_ids.append(run_id)
+    report = collect_study(uri, "svt-ray-studies", "runs", run_ids=run_ids)
+    assert report.swept == ["optim.batch_size"]
+    rows = report.aggregate()
+    assert [row["optim.batch_size"] for row in rows] == [8, 16, 64]
+    assert [(row["finished"], row["knn_top1_mean"]) for row in rows] == [
+        (2, 51.5), (2, 52.5), (2, 58.5)
+    ]  # fmt: skip
+    assert rows[0]["knn_top1_sem"] == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="no MLflow run 'deadbeef' in sqlite"):
+        collect_study(uri, "svt-ray-studies", "runs", run_ids=["deadbeef"])
+
+
+def test_a_verdict_says_which_side_has_a_single_seed():
+    from svt_ray.studies import _difference_phrase
+
+    assert "one seed per setting" in _difference_phrase((70.0, None, 1), (60.0, None, 1))
+    phrase = _difference_phrase((71.0, 2.0, 3), (60.0, None, 1))
+    assert phrase.startswith("+11.0 points (3 against 1 seed(s): one side has a single seed")
+    assert "within" in _difference_phrase((61.0, 2.0, 3), (60.0, 1.0, 3))
+
+
+def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
+    from svt_ray.studies import study_main
+
+    assert (
+        study_main(StudySpec("s", "q", [Sweep("optim.batch_size", (8,))]), ["--seeds", "0,x"]) == 2
+    )
+    assert "--seeds 0,x: comma-separated integers" in capsys.readouterr().err
 
 
 def test_a_trial_whose_placement_group_was_removed_counts_as_stopped_not_failed():
