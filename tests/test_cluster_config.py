@@ -73,6 +73,14 @@ def test_token_authentication_stays_on(cluster):
     )
     assert "RAY_AUTH_MODE=disabled" not in starts + all_commands
     assert starts.count("RAY_AUTH_MODE=token ray start") == 2
+    # `ray start` makes no token (Ray 2.60: "Token authentication is enabled but no
+    # authentication token was found"): the user's goes to every node, where Ray looks for it
+    # (~/.ray/auth_token of the containers' user, ray), and the README says how it is made and
+    # that clients send it only with RAY_AUTH_MODE=token.
+    assert cluster["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    readme = (ROOT / "README.md").read_text()
+    assert "ray get-auth-token --generate" in readme
+    assert "export RAY_AUTH_MODE=token" in readme
 
 
 def test_checkpoints_and_mlflow_artifacts_point_at_shared_storage(cluster):
