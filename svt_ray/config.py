@@ -505,7 +505,13 @@ class ExperimentConfig(_Section):
         if clips_per_epoch <= 0:
             raise ConfigError(f"the dataset has {clips_per_epoch} training clips; need at least 1")
         optim, world = self.optim, self.scaling.num_workers
-        steps_per_epoch = max(1, clips_per_epoch // optim.batch_size)
+        if clips_per_epoch < optim.batch_size:  # no full batch: every worker would fail
+            raise ConfigError(
+                f"optim.batch_size: a global batch of {optim.batch_size} clips needs at least as "
+                f"many training clips, and the dataset has {clips_per_epoch}; lower "
+                "optim.batch_size or prepare more clips"
+            )
+        steps_per_epoch = clips_per_epoch // optim.batch_size
         lr = optim.base_lr * optim.batch_size / optim.lr_reference_batch
         resolved = self.model_copy(deep=True)
         resolved.model.image_size = self.image_size
@@ -526,19 +532,20 @@ class ExperimentConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten_tree(self.model_dump(mode="json"))
 
     def dump(self) -> str:
         """The config as YAML (what `svt-ray config show` prints and runs record)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_tree(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of a nested dict (a config as JSON)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten_tree(value, f"{name}."))
         else:
             flat[name] = value
     return flat

@@ -44,7 +44,7 @@ from ray.train.torch import TorchTrainer
 from data_prep.inputs import resolve_filesystem
 from data_prep.shards import write_file
 from svt_ray import data
-from svt_ray.config import ConfigError, ExperimentConfig
+from svt_ray.config import ConfigError, ExperimentConfig, flatten_tree
 from svt_ray.engine import NonFiniteLossError, build_state, load_state_dict, state_dict, train_step
 from svt_ray.tracking import (
     METRICS_FILE,
@@ -680,7 +680,19 @@ def _start_mlflow_run(
     must not keep: a resume on a new cluster would look for the old head)."""
     state = read_json(join_uri(run_dir, RUN_FILE))
     if state is not None:
-        return state["mlflow_run_id"]
+        changed = _recipe_changes(state["config"], config)
+        if not changed or read_json(join_uri(run_dir, PROGRESS_FILE)) is not None:
+            return state["mlflow_run_id"]
+        # An attempt that ended before its first checkpoint recorded another recipe: nothing
+        # of it can be resumed, and keeping its run.json would hand a later --resume the old
+        # recipe. This run starts anew, in a new MLflow run.
+        logger.warning(
+            "run %s had no checkpoint yet and was started with another recipe (%s): it "
+            "starts anew with this one", run_name, "; ".join(changed[:5]),
+        )  # fmt: skip
+        _end_mlflow_run(
+            tracking_uri or config.tracking.tracking_uri, state["mlflow_run_id"], "KILLED"
+        )
     log_dir = local_log_directory(config, run_name)
     stale = log_dir / METRICS_FILE
     if stale.exists():  # of an earlier run of this name whose run directory was deleted
@@ -715,6 +727,19 @@ def _start_mlflow_run(
     return tracker.run_id
 
 
+def _recipe_changes(recorded: dict[str, Any], config: ExperimentConfig) -> list[str]:
+    """`key: recorded -> now` for the settings of a run's recipe (not where and how it runs,
+    `RESUMABLE_SETTINGS`) that differ between its run.json and `config`."""
+    before, now = flatten_tree(recorded), config.flat()
+    return [
+        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if key not in RESUMABLE_SETTINGS
+        and not key.startswith("derived.")
+        and before.get(key) != now.get(key)
+    ]
+
+
 def cpus_per_run(config: ExperimentConfig) -> float:
     """Logical CPUs one pretraining holds: its Train workers, its decode actor and one CPU for
     Ray Data's read tasks. A run whose Data cannot get a CPU waits forever (ray_notes.md §6.3)."""
@@ -747,7 +772,15 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any)
         if not cluster:
             for name, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(name, value)
-        ray.init(address=address, num_cpus=None if cluster else num_cpus, **options)
+        try:
+            ray.init(address=address, num_cpus=None if cluster else num_cpus, **options)
+        except ConnectionError as error:
+            where = address or os.environ.get("RAY_ADDRESS")
+            raise ConfigError(
+                f"scaling.address: no Ray cluster answers at {where} ({error}); start one "
+                "(`ray start --head`, or `ray up ray_cluster.yaml`), or leave out --address for "
+                "a local Ray instance"
+            ) from None
     data.set_progress_bars(data.progress_bars_wanted())  # for datasets the driver runs itself
 
 
@@ -882,6 +915,7 @@ def run_pretraining(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
+        _end_mlflow_run(resolved.tracking.tracking_uri, mlflow_run_id, "FAILED")
         raise RunStoppedError(
             _stopped_message(resolved, run_name, run_dir, error, _dead_nodes() - dead_before)
         ) from error
@@ -980,25 +1014,42 @@ def _stopped_message(
     if scaling.gpus_per_worker:
         workers += f" + {scaling.gpus_per_worker:g} GPU"
     cause = getattr(error, "controller_failure", None)
-    if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
+    no_room = type(cause).__name__ == "WorkerGroupStartupTimeoutError"
+    if no_room:
         reason = (
             f"the cluster had no room for {workers} within train.wait_for_workers_s="
             f"{settings.wait_for_workers_s:g}"
         )
     elif isinstance(error, ray.train.WorkerGroupError):
         reason = f"its workers failed more than train.max_failures={settings.max_failures} times"
+        failures = sorted(error.worker_failures.items())
+        if failures:  # the same error on every try is a bug or a bad setting, not bad luck
+            rank, failure = failures[0]
+            reason += f"; the last time, rank {rank}: {_one_line(failure)}"
     else:
-        reason = f"Ray Train failed ({type(cause or error).__name__})"
+        reason = f"Ray Train failed ({_one_line(cause or error)})"
     if lost_nodes:
         listed = ", ".join(
             f"{address} (node {node_id[:12]})" for node_id, address in sorted(lost_nodes)
         )
         reason += f"; Ray nodes lost during the run: {listed}"
     kept, command = _resume_hint(config, run_name, run_dir)
-    return (
-        f"run {run_name!r} stopped: {reason}. It keeps {kept} in {run_dir}; once the cluster "
-        f"has room for {workers}, continue it with `{command}`."
+    when = (
+        f"once the cluster has room for {workers}"
+        if no_room or lost_nodes
+        else "once the cause is fixed (the workers' log above has the traceback)"
     )
+    return (
+        f"run {run_name!r} stopped: {reason}. It keeps {kept} in {run_dir}; {when}, continue "
+        f"it with `{command}`."
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: first line of the message` of an error, of the user's code where Ray wraps it."""
+    error = getattr(error, "cause", None) or error  # RayTaskError wraps the worker's own
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _resume_hint(config: ExperimentConfig, run_name: str, run_dir: str) -> tuple[str, str]:
@@ -1065,6 +1116,16 @@ def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> Exper
     Only where and how it runs may change (workers, address, tracking URI, storage); the
     recipe is the recorded one, so a resumed run stays one experiment.
     """
+    from svt_ray.config import parse_override
+
+    for item in flags:  # where the run is may be given as --set too; its name may not change
+        keys, value = parse_override(item)
+        if keys == ["train", "storage_path"]:
+            storage_path = str(value)
+        elif keys == ["train", "run_name"] and value != run_name:
+            raise ConfigError(
+                f"--resume {run_name}: a resumed run keeps its name; drop --run-name {value}"
+            )
     run_dir = run_directory(storage_path, run_name)
     recorded = read_json(join_uri(run_dir, RUN_FILE))
     if recorded is None:

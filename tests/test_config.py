@@ -106,9 +106,14 @@ def test_resolve_derives_batch_lr_and_steps():
     assert config.flat()["derived.lr"] == pytest.approx(6.25e-5)
 
 
-def test_resolve_rejects_an_empty_dataset():
+def test_resolve_rejects_an_empty_dataset_and_one_smaller_than_a_batch():
     with pytest.raises(ConfigError, match="0 training clips"):
         load_config("tiny").resolve(0)
+    # Every worker would fail to get a batch, max_failures + 1 times, before the run stopped.
+    batch = load_config("tiny").optim.batch_size
+    with pytest.raises(ConfigError, match=rf"global batch of {batch} clips .* has {batch - 1};"):
+        load_config("tiny").resolve(batch - 1)
+    assert load_config("tiny").resolve(batch).derived.steps_per_epoch == 1
 
 
 def test_cli_config_show_prints_the_config():
@@ -177,8 +182,9 @@ def test_an_unusable_tracking_uri_is_one_line_and_compare_creates_no_database(
 ):
     unreachable = "http://127.0.0.1:9"  # the discard port: nothing listens
     data = ["--data", str(synthetic_shards), "--storage", str(tmp_path / "runs")]
+    small = ["--set", "optim.batch_size=4"]  # the fixture's 14 training clips hold a batch
     result = CliRunner().invoke(
-        app, ["pretrain", "--preset", "tiny", *data, "--tracking-uri", unreachable]
+        app, ["pretrain", "--preset", "tiny", *data, *small, "--tracking-uri", unreachable]
     )
     assert result.exit_code in (1, 2) and "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -52,10 +52,15 @@ def test_the_stop_message_names_the_lost_nodes_and_the_resume_command(tmp_path):
         "tiny", overrides=[f"train.storage_path={runs}", "scaling.num_workers=2",
                            "train.max_failures=1", "scaling.address=127.0.0.1:6379"]
     )  # fmt: skip
-    error = ray.train.WorkerGroupError("rank 1 died", {1: RuntimeError("gone")})
+    error = ray.train.WorkerGroupError("rank 1 died", {1: RuntimeError("gone\ntraceback")})
     lost = {("a" * 56, "127.0.0.2")}
     message = _stopped_message(config, "run-a", str(tmp_path), error, lost)
     assert "its workers failed more than train.max_failures=1 times" in message
+    assert "the last time, rank 1: RuntimeError: gone;" in message
+    assert "once the cluster has room for 2 workers" in message  # a node was lost
+    # The same error each time, no node lost: a bug or a bad setting; more room will not help.
+    alone = _stopped_message(config, "run-a", str(tmp_path), error, set())
+    assert "room" not in alone and "once the cause is fixed" in alone
     assert f"Ray nodes lost during the run: 127.0.0.2 (node {'a' * 12})" in message
     assert "no checkpoint yet" in message
     resume = f"svt-ray pretrain --resume run-a --storage '{runs}' --address 127.0.0.1:6379"

@@ -390,6 +390,63 @@ def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, monke
     assert "400" in old.read_text()
 
 
+def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path):
+    """An attempt that ended before its first checkpoint left run.json: a new run of that name
+    with another recipe starts anew (new MLflow run, its run.json), or a later --resume would
+    train with the old recipe; the same recipe, or a run with checkpoints, keeps its run."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.train import PROGRESS_FILE, RUN_FILE, _start_mlflow_run, read_json, write_json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = str(tmp_path / "runs")
+
+    def start(*overrides: str) -> str:
+        config = load_config(
+            "tiny",
+            overrides=[f"tracking.tracking_uri={uri}", f"train.storage_path={runs}", *overrides],
+        ).resolve(64)
+        return _start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
+
+    first = start("optim.batch_size=32")
+    assert start("optim.batch_size=32", "scaling.num_workers=2") == first  # how it runs
+    second = start("optim.epochs=6")
+    assert second != first
+    assert MlflowClient(uri).get_run(first).info.status == "KILLED"
+    recorded = read_json(f"{runs}/r/{RUN_FILE}")
+    assert recorded["mlflow_run_id"] == second and recorded["config"]["optim"]["epochs"] == 6
+    write_json(f"{runs}/r/{PROGRESS_FILE}", {"step": 2})  # a checkpoint: the run is kept
+    assert start("optim.epochs=7") == second
+
+
+def test_the_resumed_run_is_found_where_set_says_and_keeps_its_name(tmp_path):
+    from svt_ray.config import ConfigError
+    from svt_ray.train import RUN_FILE, recorded_config, write_json
+
+    runs = tmp_path / "elsewhere"
+    config = load_config("tiny", overrides=[f"train.storage_path={runs}"]).resolve(64)
+    write_json(str(runs / "r" / RUN_FILE), {"mlflow_run_id": "x", "config": config.model_dump(mode="json")})  # fmt: skip
+    resumed = recorded_config("r", "svt_runs", [f"train.storage_path={runs}"])
+    assert resumed.train.storage_path == str(runs)
+    with pytest.raises(ConfigError, match="a resumed run keeps its name; drop --run-name s"):
+        recorded_config("r", str(runs), ["train.run_name=s"])
+
+
+def test_an_address_where_no_ray_answers_is_one_line_naming_the_flag(monkeypatch):
+    import ray
+
+    from svt_ray.config import ConfigError
+    from svt_ray.train import ensure_ray
+
+    def no_cluster(**options):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ConfigError, match=r"scaling.address: no Ray cluster answers at auto .*"):
+        ensure_ray("auto")
+
+
 def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
     """`ray job submit` sets RAY_ADDRESS and `ray.init()` joins it: no local-GPU check there."""
     from svt_ray.train import joins_a_cluster
