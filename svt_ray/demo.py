@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from pathlib import Path
@@ -101,7 +102,8 @@ def run_demo(
 
 def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) -> Path:
     """The embedded default dataset under `workdir`: synthetic videos sized for `config`,
-    sharded by data_prep with a 25% held-out split. Both steps are skipped when done."""
+    sharded by data_prep with a 25% held-out split. Both steps resume: clips already made and
+    shards already written stay, more `num_clips` than before adds clips and shards."""
     from data_prep.cli import main as prep_main
     from svt_ray.synthetic import synth_main
 
@@ -116,15 +118,18 @@ def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) 
     )
     if between is not None:
         between()
-    if (shards / "manifest.json").exists():
-        print(f"shards exist: {shards}")
-        return shards
     code = prep_main(
         [str(videos), str(shards), "--short-side", str(config.data.short_side),
          "--val-fraction", "0.25", "--min-frames", "8", "--min-side", "16"]
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"data_prep failed with exit code {code}")
+    inputs = json.loads((shards / "manifest.json").read_text())["counts"]["inputs"]
+    if inputs > num_clips:
+        print(
+            f"{shards} holds {inputs} clips, made by an earlier run for more than the {num_clips} "
+            f"asked for; it is used as it is (remove {videos} and {shards} for fewer)"
+        )
     return shards
 
 

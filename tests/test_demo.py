@@ -36,3 +36,26 @@ def test_demo_runs_every_stage_and_records_the_evaluation(tmp_path, ray_session,
 
     again = run_demo(tmp_path / "demo", num_clips=40, workers=2, overrides=overrides)
     assert again["knn_top1_learned"] == summary["knn_top1_learned"]  # finished run: eval only
+
+
+def test_the_demo_data_grows_with_more_clips_asked_for(tmp_path, ray_session, capsys):
+    """A second demo with more --clips in the same folder makes and shards the extra clips
+    (it trained on the first demo's shards before); fewer clips than made is said."""
+    import json
+
+    from svt_ray.config import load_config
+    from svt_ray.demo import prepare_synthetic_data
+
+    config = load_config("tiny")
+
+    def sharded(num_clips: int) -> int:
+        shards = prepare_synthetic_data(tmp_path, config, num_clips)
+        return json.loads((shards / "manifest.json").read_text())["counts"]["inputs"]
+
+    assert sharded(8) == 8
+    assert sharded(12) == 12
+    capsys.readouterr()
+    assert sharded(10) == 12
+    assert "holds 12 clips, made by an earlier run for more than the 10 asked for" in (
+        capsys.readouterr().out
+    )
