@@ -19,7 +19,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from svt_ray.video import DecordReader, EncoderSettings, H264Encoder, VideoDecodeError
+from svt_ray.video import (
+    DecordReader,
+    EncoderSettings,
+    H264Encoder,
+    VideoDecodeError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,46 +202,20 @@ def prepare_video(data: bytes, options: PrepOptions) -> dict:
             f"{options.min_frames} frames / {options.min_duration_s}s",
         )
     width, height = output_size(info.width, info.height, options.short_side)
-    try:
-        reader = DecordReader(
-            data,
-            num_threads=options.decode_threads,
-            width=width,
-            height=height,
-            fault_tol=options.fault_tolerance if options.fault_tolerance > 0 else -1,
-        )
-    except VideoDecodeError as error:
-        raise Rejected("decode_error", str(error)) from error
-    source_frames = min(reader.num_frames, info.num_frames)
-    if reader.num_frames != info.num_frames:
-        logger.warning(
-            "decord counts %d frames, the container %d; keeping %d",
-            reader.num_frames,
-            info.num_frames,
-            source_frames,
-        )
-    indices, fps = kept_frames(source_frames, info.fps, options.max_fps)
-    encoder = H264Encoder(
-        width, height, fps, EncoderSettings(gop=options.gop, crf=options.crf, preset=options.preset)
-    )
-    # Sequential decoding only: random access trusts keyframe flags, which some sources (AVI
-    # with B-frames) get wrong; the whole file is decoded anyway.
-    keep = np.zeros(source_frames, dtype=bool)
-    keep[indices] = True
-    written = 0
-    try:
-        for index, frame in enumerate(reader.iter_frames()):
-            if index >= source_frames:
-                break
-            if keep[index]:
-                encoder.write(frame)
-                written += 1
-    except VideoDecodeError as error:
-        raise Rejected("decode_error", str(error)) from error
-    finally:
-        reader.close()
-    if written != len(indices):
-        raise Rejected("decode_error", f"decoded {written} of {len(indices)} frames")
+    encoded = None
+    if "mpegts" not in info.container:  # decord mis-decodes MPEG-TS with B-frames, silently
+        try:
+            decoded = _decord_frames(data, info, width, height, options)
+            encoded = _encode(decoded, info, width, height, options)
+        except VideoDecodeError as error:
+            logger.warning("decord failed (%s); decoding again with PyAV", error)
+    if encoded is None:
+        try:
+            decoded = _pyav_frames(data, info, width, height)
+            encoded = _encode(decoded, info, width, height, options)
+        except VideoDecodeError as error:
+            raise Rejected("decode_error", str(error)) from error
+    encoder, indices, fps = encoded
     video = encoder.finish()
     return {
         "video": video,
@@ -254,6 +233,73 @@ def prepare_video(data: bytes, options: PrepOptions) -> dict:
         "source_height": info.height,
         "source_bytes": len(data),
     }
+
+
+def _decord_frames(data: bytes, info: Probe, width: int, height: int, options: PrepOptions):
+    """(frames in order, scaled inside the decoder, count): sequential decoding only, since
+    random access trusts keyframe flags, which some sources (AVI with B-frames) get wrong."""
+    reader = DecordReader(
+        data,
+        num_threads=options.decode_threads,
+        width=width,
+        height=height,
+        fault_tol=options.fault_tolerance if options.fault_tolerance > 0 else -1,
+    )
+    count = min(reader.num_frames, info.num_frames)
+    if reader.num_frames != info.num_frames:
+        logger.warning(
+            "decord counts %d frames, the container %d; keeping %d",
+            reader.num_frames, info.num_frames, count,
+        )  # fmt: skip
+
+    def frames():
+        try:
+            yield from reader.iter_frames()
+        finally:
+            reader.close()
+
+    return frames(), count
+
+
+def _pyav_frames(data: bytes, info: Probe, width: int, height: int):
+    """(frames in order, scaled after decoding, count): FFmpeg's own decoder, read from the
+    start without seeking, for what decord gets wrong or fails on."""
+    import av
+
+    def frames():
+        with av.open(io.BytesIO(data), mode="r") as container:
+            try:
+                for frame in container.decode(video=0):
+                    yield frame.to_ndarray(
+                        format="rgb24", width=width, height=height, interpolation="AREA", threads=1
+                    )
+            except av.FFmpegError as error:
+                raise VideoDecodeError(f"PyAV failed to decode: {_short(str(error))}") from error
+
+    return frames(), info.num_frames
+
+
+def _encode(
+    decoded, info: Probe, width: int, height: int, options: PrepOptions
+) -> tuple[H264Encoder, np.ndarray, float]:
+    """Re-encode the frames kept under the frame-rate cap: (encoder, kept indices, fps)."""
+    frames, source_frames = decoded
+    indices, fps = kept_frames(source_frames, info.fps, options.max_fps)
+    encoder = H264Encoder(
+        width, height, fps, EncoderSettings(gop=options.gop, crf=options.crf, preset=options.preset)
+    )
+    keep = np.zeros(source_frames, dtype=bool)
+    keep[indices] = True
+    written = 0
+    for index, frame in enumerate(frames):
+        if index >= source_frames:
+            break
+        if keep[index]:
+            encoder.write(frame)
+            written += 1
+    if written != len(indices):
+        raise VideoDecodeError(f"decoded {written} of {len(indices)} frames")
+    return encoder, indices, fps
 
 
 def _short(message: str) -> str:

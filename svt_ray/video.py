@@ -127,7 +127,7 @@ class DecordReader:
                 num_threads=num_threads,
                 fault_tol=fault_tol,
             )
-        except (decord.DECORDError, RuntimeError, AssertionError) as error:
+        except (*_decord_errors(), RuntimeError, AssertionError) as error:
             raise VideoDecodeError(f"decord cannot open the clip: {_first_line(error)}") from error
         self._data = data
         self.num_frames = len(self._reader)
@@ -161,7 +161,7 @@ class DecordReader:
                 # decord2 3.4 cannot copy padded rows (see _unpadded_rgb) into a batch: one
                 # frame at a time, as get_batch would (seek, decode), then stacked.
                 frames = np.stack([self._reader[int(i)].asnumpy() for i in idx])
-        except decord.DECORDError as error:
+        except _decord_errors() as error:
             raise VideoDecodeError(
                 f"decord failed to decode frames: {_first_line(error)}"
             ) from error
@@ -177,8 +177,6 @@ class DecordReader:
         The safe way to read a source of unknown provenance: random access trusts the
         container's keyframe flags, which some files get wrong (docs/data.md).
         """
-        import decord
-
         self._reader.seek(0)
         for index in range(self.num_frames):
             try:
@@ -187,7 +185,7 @@ class DecordReader:
                 raise VideoDecodeError(
                     f"decord stopped at frame {index} of {self.num_frames}"
                 ) from None
-            except decord.DECORDError as error:
+            except _decord_errors() as error:
                 raise VideoDecodeError(
                     f"decord failed at frame {index}: {_first_line(error)}"
                 ) from error
@@ -400,6 +398,15 @@ def encode_h264(
     if encoder is None:
         raise ValueError("no frames to encode")
     return encoder.finish()
+
+
+def _decord_errors() -> tuple[type[Exception], ...]:
+    """What decord raises: DECORDError, and DECORDLimitReachedError (too many corrupt frames
+    under `fault_tol`), which is not a subclass of it."""
+    import decord
+    from decord._ffi import base
+
+    return (decord.DECORDError, getattr(base, "DECORDLimitReachedError", decord.DECORDError))
 
 
 def _first_line(error: BaseException) -> str:

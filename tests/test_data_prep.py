@@ -105,6 +105,49 @@ def test_splits_are_deterministic_by_id_hash_and_from_split_files(tmp_path):
     assert {v.label_name for v in videos} == {"ApplyEyeMakeup", "Archery"}
 
 
+def test_a_source_decord_fails_on_is_decoded_again_with_pyav(monkeypatch):
+    """decord raising part-way (DECORDLimitReachedError, not a DECORDError, escaped as an
+    'error' reject with a traceback) no longer rejects a clip FFmpeg decodes."""
+    from decord._ffi.base import DECORDLimitReachedError
+
+    from svt_ray.video import DecordReader
+
+    source = numbered_frames(40, height=48, width=64, seed=3)
+    reference = prepare_video(encode(source), PrepOptions(min_frames=8))
+
+    opened = DecordReader.__init__
+
+    def failing_at_the_fourth_frame(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        reader, calls = self._reader, iter(range(10**6))
+
+        class Failing:
+            def __getattr__(self, name):
+                return getattr(reader, name)
+
+            def next(self):
+                if next(calls) == 3:
+                    raise DECORDLimitReachedError("more than 15 duplicate frames are corrupted")
+                return reader.next()
+
+        self._reader = Failing()
+
+    monkeypatch.setattr(DecordReader, "__init__", failing_at_the_fourth_frame)
+    row = prepare_video(encode(source), PrepOptions(min_frames=8))
+    assert row["num_frames"] == reference["num_frames"] == 40
+    assert frame_errors(row["video"], reference["video"]).max() < REENCODE_TOLERANCE
+
+
+def test_mpeg_ts_with_b_frames_is_decoded_by_ffmpeg_not_decord():
+    """decord gives other pictures (60+ levels off) for H.264 with B-frames in MPEG-TS, and
+    says nothing unless its fault tolerance is on: such sources go to PyAV."""
+    source = numbered_frames(40, height=48, width=64, seed=5)
+    options = PrepOptions(min_frames=8, fault_tolerance=0)  # decord would not complain
+    reference = prepare_video(mux(source, "matroska", "libx264", fps=15, bf=3), options)
+    row = prepare_video(mux(source, "mpegts", "libx264", fps=15, bf=3), options)
+    assert frame_errors(row["video"], reference["video"]).max() < REENCODE_TOLERANCE
+
+
 def test_rejections_at_the_probe():
     with pytest.raises(Rejected) as info:
         prepare_video(b"", PrepOptions())
@@ -131,6 +174,8 @@ def _bad_and_good_inputs(root: Path) -> dict[str, str | None]:
 
     put(a, "good_h264.mp4", encode(frames), None)
     put(a, "good_mkv_bframes.mkv", mux(frames, "matroska", "libx264", fps=15, bf=3), None)
+    # decord decodes H.264 with B-frames in MPEG-TS to other pictures (60+ levels off), silently
+    put(a, "good_ts_bframes.ts", mux(frames, "mpegts", "libx264", fps=15, bf=3), None)
     put(b, "good_mpeg4_bframes.avi", mux(frames, "avi", "mpeg4", fps=15, g=30, bf=2), None)
     put(
         b,
@@ -180,7 +225,7 @@ def test_bad_input_matrix_rejects_each_with_its_reason(tmp_path, ray_session, ca
         ]
     )
     assert code == 0
-    assert "data_prep: 5 videos" in capsys.readouterr().out
+    assert "data_prep: 6 videos" in capsys.readouterr().out
     rejects = _rejects(out)
     assert {name: reject["reason"] for name, reject in rejects.items()} == {
         name: reason for name, reason in expected.items() if reason
@@ -192,9 +237,9 @@ def test_bad_input_matrix_rejects_each_with_its_reason(tmp_path, ray_session, ca
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["counts"]["inputs"] == len(expected)
-    assert manifest["counts"]["accepted"] == len(rows) == 5
+    assert manifest["counts"]["accepted"] == len(rows) == 6
     assert manifest["counts"]["rejected"] == len(rejects)
-    assert sum(manifest["counts"]["splits"].values()) == 5
+    assert sum(manifest["counts"]["splits"].values()) == 6
     assert manifest["label_map"] == {"class_a": 0, "class_b": 1}
     assert manifest["total_frames"] == sum(row["num_frames"] for row in rows)
     for row in rows:  # shards round-trip: frame i of the shard is frame i of the source
