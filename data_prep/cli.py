@@ -64,6 +64,12 @@ def process_video(
     }
     try:
         try:
+            video.relative_path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected(
+                "unreadable", "the file name is not UTF-8, which Parquet needs: rename it"
+            ) from None
+        try:
             with filesystem.open_input_stream(video.path) as stream:
                 data = stream.read()
         except (OSError, ValueError) as error:
@@ -302,7 +308,7 @@ def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> in
             file=sys.stderr,
         )
         return 1
-    split_files = read_split_files(input_fs, split_assignments)
+    split_files = read_split_files(split_assignments)
     output_fs, output_root = resolve_filesystem(args.output)
     output = Output(output_fs, output_root)
     previous = (

@@ -79,7 +79,10 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def video_id(relative_path: str) -> str:
-    return hashlib.blake2b(relative_path.encode("utf-8"), digest_size=8).hexdigest()
+    """A stable id of a relative path; a file name that is not UTF-8 (its bytes kept by Python
+    as surrogates) gets one too, and is rejected by name later (`unreadable`)."""
+    encoded = relative_path.encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(encoded, digest_size=8).hexdigest()
 
 
 def hash_split(video_id_: str, val_fraction: float, seed: int = 0) -> str:
@@ -118,7 +121,15 @@ def _discover_folder(
     entries: list[tuple[str, int]] = []
     if isinstance(filesystem, pafs.LocalFileSystem):
         # os.walk also yields dangling symlinks, which must be reported as unreadable, not skipped.
-        for directory, _, files in os.walk(root):
+        # Linked folders (a class folder kept elsewhere) are followed, each real folder once.
+        visited: set[str] = set()
+        for directory, folders, files in os.walk(root, followlinks=True):
+            real = os.path.realpath(directory)
+            if real in visited:  # a link back up the tree, or a second link to one folder
+                logger.warning("%s: already listed through another path, skipped", directory)
+                folders[:] = []
+                continue
+            visited.add(real)
             for name in files:
                 full = os.path.join(directory, name)
                 if name.lower().endswith(suffixes) and not name.startswith("."):
@@ -133,13 +144,20 @@ def _discover_folder(
         for full, _ in entries
     ]
     top_levels = {relative.split("/")[0] for relative in relatives if "/" in relative}
-    split_layout = bool(top_levels) and top_levels <= set(SPLIT_FOLDERS)
+    split_layout = any(name.lower() in SPLIT_FOLDERS for name in top_levels)
+    others = sorted(name for name in top_levels if name.lower() not in SPLIT_FOLDERS)
+    if split_layout and others:
+        raise InputError(
+            f"{root}: split folders ({', '.join(sorted(set(top_levels) - set(others)))}) next to "
+            f"other folders ({', '.join(others)}), whose names would become labels; move those "
+            "into a split folder or out of the input, or list the videos in a CSV manifest"
+        )
     videos = []
     for (full, size), relative in zip(entries, relatives, strict=True):
         parts = relative.split("/")
         split = None
         if split_layout and len(parts) > 1:
-            split, parts = SPLIT_FOLDERS[parts[0]], parts[1:]
+            split, parts = SPLIT_FOLDERS[parts[0].lower()], parts[1:]
         label = parts[0] if len(parts) > 1 else None
         videos.append(InputVideo(video_id(relative), full, relative, label, split, size))
     return videos
@@ -156,6 +174,11 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
                 f"{path}: a CSV manifest needs a header with a 'path' column "
                 f"(and optional 'label', 'split'); got {list(rows[0])}"
             )
+    elif text.lstrip().startswith("["):  # a .json file holding one array of objects
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}: invalid JSON: {error}") from error
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -166,6 +189,11 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
                     raise InputError(f"{path}:{number}: invalid JSON: {error}") from error
     videos = []
     for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise InputError(
+                f"{path}: entry {number} is {type(row).__name__}, not an object with 'path' "
+                "(and optional 'label', 'split')"
+            )
         if not row.get("path"):
             raise InputError(f"{path}: row {number} has no 'path'")
         relative = str(row["path"]).replace(os.sep, "/")
@@ -187,9 +215,7 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
     return videos
 
 
-def read_split_files(
-    filesystem: pafs.FileSystem, assignments: Iterable[tuple[str, str]]
-) -> dict[str, str]:
+def read_split_files(assignments: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Map relative path (and bare file name) -> split from UCF-101 style list files.
 
     Each line's first whitespace-separated token is a path relative to the input root
@@ -197,9 +223,7 @@ def read_split_files(
     """
     mapping: dict[str, str] = {}
     for split, list_path in assignments:
-        list_fs, resolved = (
-            (filesystem, list_path) if "://" in list_path else resolve_filesystem(list_path)
-        )
+        list_fs, resolved = resolve_filesystem(list_path)  # a local path or any URI
         try:
             with list_fs.open_input_stream(resolved) as stream:
                 lines = stream.read().decode("utf-8-sig").splitlines()
@@ -236,8 +260,19 @@ def build_label_map(videos: Iterable[InputVideo], previous: dict[str, int] | Non
     """
     names = sorted({video.label_name for video in videos if video.label_name is not None})
     label_map = dict(previous or {})
-    if names and all(name.lstrip("-").isdigit() for name in names) and not label_map:
-        return {name: int(name) for name in names}
+    numeric = [*names, *label_map]
+    as_numbers = all(name.isdigit() for name in numeric) and all(
+        label_map[name] == int(name)
+        for name in label_map  # as an earlier run numbered them
+    )
+    if numeric and as_numbers:
+        values: dict[int, str] = {}
+        for name in numeric:
+            if values.setdefault(int(name), name) != name:
+                raise InputError(
+                    f"labels {values[int(name)]!r} and {name!r} are the same number; rename one"
+                )
+        return {name: int(name) for name in sorted(set(numeric), key=int)}
     for name in names:
         if name not in label_map:
             label_map[name] = max(label_map.values(), default=-1) + 1

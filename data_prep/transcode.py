@@ -201,6 +201,13 @@ def prepare_video(data: bytes, options: PrepOptions) -> dict:
             f"{info.num_frames} frames / {info.duration_s:.2f}s, minimum "
             f"{options.min_frames} frames / {options.min_duration_s}s",
         )
+    kept, kept_fps = kept_frames(info.num_frames, info.fps, options.max_fps)
+    if len(kept) < options.min_frames:
+        raise Rejected(
+            "too_short",
+            f"{len(kept)} frames at {kept_fps:g} fps under the frame-rate cap "
+            f"({info.num_frames} at {info.fps:.3g} fps in the source), minimum {options.min_frames}",
+        )
     width, height = output_size(info.width, info.height, options.short_side)
     encoded = None
     if "mpegts" not in info.container:  # decord mis-decodes MPEG-TS with B-frames, silently

@@ -91,11 +91,13 @@ def test_splits_are_deterministic_by_id_hash_and_from_split_files(tmp_path):
         (tmp_path / "videos" / name).write_bytes(b"x")
     (tmp_path / "trainlist01.txt").write_text("ApplyEyeMakeup/v_a.avi 1\nArchery/v_c.avi 2\n")
     (tmp_path / "testlist01.txt").write_text("ApplyEyeMakeup/v_b.avi\n")
-    videos, filesystem = discover(str(tmp_path / "videos"))
+    videos, _ = discover(str(tmp_path / "videos"))
     lists = read_split_files(
-        filesystem,
-        [("train", str(tmp_path / "trainlist01.txt")), ("val", str(tmp_path / "testlist01.txt"))],
-    )
+        [
+            ("train", f"file://{tmp_path / 'trainlist01.txt'}"),
+            ("val", str(tmp_path / "testlist01.txt")),
+        ]
+    )  # a URI or a path
     got = {v.relative_path: assign_split(v, lists, 0.5, 0) for v in videos}
     assert got == {
         "ApplyEyeMakeup/v_a.avi": "train",
@@ -148,6 +150,70 @@ def test_mpeg_ts_with_b_frames_is_decoded_by_ffmpeg_not_decord():
     assert frame_errors(row["video"], reference["video"]).max() < REENCODE_TOLERANCE
 
 
+def test_discovery_follows_linked_folders_and_refuses_ambiguous_layouts(tmp_path):
+    from data_prep.inputs import InputError, InputVideo, build_label_map
+
+    root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (root / "dog").mkdir(parents=True)
+    (elsewhere / "cat").mkdir(parents=True)
+    (root / "dog" / "b.mp4").write_bytes(b"x")
+    (elsewhere / "cat" / "a.mp4").write_bytes(b"x")
+    (root / "cat").symlink_to(elsewhere / "cat")  # a class folder kept on another disk
+    (root / "dog" / "loop").symlink_to(root)  # a link back up: listed once, no endless walk
+    videos, _ = discover(str(root))
+    assert sorted((v.relative_path, v.label_name) for v in videos) == [
+        ("cat/a.mp4", "cat"), ("dog/b.mp4", "dog")
+    ]  # fmt: skip
+
+    # Kinetics with an extra top folder: its name would have become a label, and the split
+    # folders' names labels too.
+    kinetics = tmp_path / "k400"
+    for top in ("Train", "val", "replacement"):
+        (kinetics / top / "cat").mkdir(parents=True)
+        (kinetics / top / "cat" / "x.mp4").write_bytes(b"x")
+    with pytest.raises(
+        InputError, match=r"split folders \(Train, val\) next to other .*replacement"
+    ):
+        discover(str(kinetics))
+    (kinetics / "replacement" / "cat" / "x.mp4").unlink()
+    (kinetics / "replacement" / "cat").rmdir()
+    (kinetics / "replacement").rmdir()
+    videos, _ = discover(str(kinetics))
+    assert sorted((v.split, v.label_name) for v in videos) == [("train", "cat"), ("val", "cat")]
+
+    # Integer class names keep their value on a re-run that adds one; "01" and "1" collide.
+    def video(label):
+        return InputVideo(label, "p", "p", label, None, 1)
+
+    first = build_label_map([video("0"), video("2")])
+    assert build_label_map([video("0"), video("1"), video("2")], first) == {"0": 0, "1": 1, "2": 2}
+    with pytest.raises(InputError, match="labels '01' and '1' are the same number"):
+        build_label_map([video("01"), video("1")])
+
+
+def test_manifests_of_objects_only_and_names_that_are_not_utf8(tmp_path, ray_session):
+    from data_prep.inputs import InputError
+
+    (tmp_path / "list.json").write_text('[{"path": "a.mp4", "label": "x"}]')
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    ((videos, _),) = [discover(str(tmp_path / "list.json"))]
+    assert [(v.relative_path, v.label_name) for v in videos] == [("a.mp4", "x")]
+    (tmp_path / "bad.jsonl").write_text('{"path": "a.mp4"}\n"b.mp4"\n')
+    with pytest.raises(InputError, match=r"bad.jsonl: entry 2 is str, not an object"):
+        discover(str(tmp_path / "bad.jsonl"))
+
+    # A Latin-1 file name next to a good video: that one is rejected by name, the run goes on.
+    source = tmp_path / "in" / "dog"
+    source.mkdir(parents=True)
+    encode_to_file(source / "good.mp4", numbered_frames(20, height=32, width=32))
+    os.rename(source / "good.mp4", os.fsencode(source) + b"/caf\xe9.mp4")
+    encode_to_file(source / "good.mp4", numbered_frames(20, height=32, width=32))
+    assert data_prep.main([str(tmp_path / "in"), str(tmp_path / "out"), "--min-frames", "8"]) == 0
+    (reject,) = (json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").open())
+    assert reject["reason"] == "unreadable" and "not UTF-8" in reject["detail"]
+    assert [row["source_path"] for row in _rows(tmp_path / "out")] == ["dog/good.mp4"]
+
+
 def test_rejections_at_the_probe():
     with pytest.raises(Rejected) as info:
         prepare_video(b"", PrepOptions())
@@ -155,6 +221,10 @@ def test_rejections_at_the_probe():
     with pytest.raises(Rejected) as info:
         prepare_video(encode(numbered_frames(5)), PrepOptions())
     assert info.value.reason == "too_short"
+    # Long enough at its own rate, too short once capped: 30 frames at 60 fps keep 7 at 15.
+    with pytest.raises(Rejected) as info:
+        prepare_video(encode(numbered_frames(30), fps=60), PrepOptions(max_fps=15))
+    assert info.value.reason == "too_short" and "7 frames at 15 fps" in info.value.detail
 
 
 # -- the command on Ray ---------------------------------------------------------------------------
