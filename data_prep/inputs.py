@@ -137,7 +137,9 @@ def _discover_folder(
     else:
         selector = pafs.FileSelector(root, recursive=True)
         for info in filesystem.get_file_info(selector):
-            if info.type == pafs.FileType.File and info.base_name.lower().endswith(suffixes):
+            name = info.base_name  # hidden ones skipped as locally: macOS's ._x.mp4 is no video
+            video = name.lower().endswith(suffixes) and not name.startswith(".")
+            if info.type == pafs.FileType.File and video:
                 entries.append((info.path, info.size if info.size is not None else -1))
     relatives = [
         posixpath.relpath(full.replace(os.sep, "/"), root.replace(os.sep, "/"))
@@ -187,7 +189,7 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise InputError(f"{path}:{number}: invalid JSON: {error}") from error
-    videos = []
+    videos, unknown_splits = [], set()
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise InputError(
@@ -200,6 +202,10 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
         full = relative if posixpath.isabs(relative) else posixpath.join(base, relative)
         label = row.get("label")
         split = row.get("split") or None
+        if split is not None:  # "validation" is "val", as a folder name would be
+            split = SPLIT_FOLDERS.get(str(split).lower(), str(split))
+            if split not in SPLIT_FOLDERS.values():
+                unknown_splits.add(split)
         info = filesystem.get_file_info(full)
         size = info.size if info.type == pafs.FileType.File and info.size is not None else -1
         videos.append(
@@ -212,6 +218,11 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
                 size,
             )
         )
+    if unknown_splits:
+        logger.warning(
+            "%s: split(s) %s are kept as they are; training reads 'train' and evaluation 'val'",
+            path, ", ".join(sorted(unknown_splits)),
+        )  # fmt: skip
     return videos
 
 

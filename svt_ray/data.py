@@ -76,6 +76,13 @@ def read_dataset_manifest(data_path: str) -> dict:
             f"data.path: {error}; shard the videos again with this version's data_prep "
             f"(schema {SCHEMA_VERSION}) into a new folder"
         ) from None
+    if manifest.get("complete") is False:  # a data_prep run that ended with shards unwritten
+        counts = manifest.get("counts", {})
+        logger.warning(
+            "%s: data_prep did not finish (%s of %s inputs processed); this uses the shards "
+            "written so far. Run the same data_prep command again to complete them.",
+            data_path, counts.get("processed", "?"), counts.get("inputs", "?"),
+        )  # fmt: skip
     return {**manifest, "data_path": data_path}
 
 
@@ -106,7 +113,13 @@ def manifest_checksum(manifest: Mapping) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_shards(data_path: str, split: str | None, shuffle_seed: int | None, epochs: int = 1):
+def _read_shards(
+    data_path: str,
+    split: str | None,
+    shuffle_seed: int | None,
+    epochs: int = 1,
+    labelled: bool = False,
+):
     """The rows of one split, with only the columns decoding needs: `epochs` passes over it
     in one stream, so the decode actors stay up between epochs instead of starting again
     (18-26 s per epoch on 2 cores, 2 workers).
@@ -147,13 +160,13 @@ def _read_shards(data_path: str, split: str | None, shuffle_seed: int | None, ep
         _read_shard_part,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"filesystem": filesystem, "split": split},
+        fn_kwargs={"filesystem": filesystem, "split": split, "labelled": labelled},
     )
 
 
-def _read_shard_part(items, filesystem, split: str | None):
-    """Ray Data UDF: one item -> the rows of `split` in its slice of the shard's row groups
-    (slice `part` of `parts` equal slices)."""
+def _read_shard_part(items, filesystem, split: str | None, labelled: bool = False):
+    """Ray Data UDF: one item -> the rows of `split` (with a label, if `labelled`) in its slice
+    of the shard's row groups (slice `part` of `parts` equal slices)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -169,6 +182,8 @@ def _read_shard_part(items, filesystem, split: str | None):
             table = shard.read_row_groups(range(first, last), columns=READ_COLUMNS)
         if split is not None:
             table = table.filter(pc.equal(table["split"], split))
+        if labelled:  # videos loose at the input root have none (label -1)
+            table = table.filter(pc.greater_equal(table["label"], 0))
         if table.num_rows:  # the pass each row belongs to: its views are drawn per epoch
             yield table.append_column(
                 "epoch", pa.array([item["epoch"]] * table.num_rows, pa.int32())
@@ -513,7 +528,7 @@ def build_eval_dataset(
     (whole video if None), short side resized to the clip size, centre-cropped.
     """
     clips = dict(clips or {"clip": (8, 224)})
-    dataset = _read_shards(data_path, split, shuffle_seed=None)
+    dataset = _read_shards(data_path, split, shuffle_seed=None, labelled=True)
     return dataset.map_batches(
         EvalClipCutter,
         fn_constructor_kwargs={

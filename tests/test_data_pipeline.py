@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data_prep.shards import SCHEMA_VERSION
 from svt_ray import data
 from svt_ray.config import load_config
 from svt_ray.views import view_slots
@@ -26,6 +27,16 @@ def _shard_batch(dataset_dir, count: int = 3) -> dict[str, np.ndarray]:
         else table[name].to_numpy()
         for name in data.READ_COLUMNS
     }
+
+
+def test_a_dataset_data_prep_did_not_finish_is_used_with_a_warning(tmp_path, caplog):
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"schema_version": SCHEMA_VERSION, "complete": False, "shards": [],
+                    "counts": {"inputs": 10, "processed": 4}})
+    )  # fmt: skip
+    data.read_dataset_manifest(str(tmp_path))
+    assert "data_prep did not finish (4 of 10 inputs processed)" in caplog.text
+    assert "Run the same data_prep command again" in caplog.text
 
 
 def test_manifest_helpers(synthetic_shards):
@@ -171,6 +182,15 @@ def test_shard_parts_cover_its_rows_of_a_split_once(tmp_path, parts):
     assert ids == [f"clip{i:03d}" for i in range(rows) if i % 5]
     assert read[0].column_names == [*data.READ_COLUMNS, "epoch"]  # the pass: views per epoch
     assert {e for t in read for e in t["epoch"].to_pylist()} == {7}
+    # Evaluation reads labelled clips only: kNN on an unlabelled one (-1) raised IndexError.
+    unlabelled = table.set_column(1, "label", pa.array([-1 if i % 2 else i for i in range(rows)]))
+    pq.write_table(unlabelled, tmp_path / "part.parquet", row_group_size=32)
+    labelled = [
+        i for part in range(parts)
+        for t in data._read_shard_part(items.slice(part, 1), fs.LocalFileSystem(), "train", True)
+        for i in t["id"].to_pylist()
+    ]  # fmt: skip
+    assert labelled == [f"clip{i:03d}" for i in range(rows) if i % 5 and not i % 2]
 
 
 def test_a_pass_over_one_shard_is_several_blocks_for_the_decode_actors(

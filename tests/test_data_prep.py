@@ -214,6 +214,24 @@ def test_manifests_of_objects_only_and_names_that_are_not_utf8(tmp_path, ray_ses
     assert [row["source_path"] for row in _rows(tmp_path / "out")] == ["dog/good.mp4"]
 
 
+def test_manifest_splits_read_like_folder_names_and_uri_listings_skip_hidden_files(
+    tmp_path, caplog
+):
+    (tmp_path / "list.csv").write_text(
+        "path,label,split\na.mp4,x,Validation\nb.mp4,x,train\nc.mp4,x,holdout\n"
+    )
+    videos, _ = discover(str(tmp_path / "list.csv"))
+    assert sorted(v.split for v in videos) == ["holdout", "train", "val"]
+    assert "split(s) holdout are kept as they are" in caplog.text
+
+    (tmp_path / "in" / "dog").mkdir(parents=True)
+    for name in ("a.mp4", "._a.mp4"):  # macOS's AppleDouble file next to the video
+        (tmp_path / "in" / "dog" / name).write_bytes(b"x")
+    for source in (str(tmp_path / "in"), f"file://{tmp_path / 'in'}"):
+        videos, _ = discover(source)
+        assert [v.relative_path for v in videos] == ["dog/a.mp4"], source
+
+
 def test_rejections_at_the_probe():
     with pytest.raises(Rejected) as info:
         prepare_video(b"", PrepOptions())
