@@ -224,6 +224,7 @@ def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
         )
         if result.already_finished:  # no Ray Train ran, so its callback reported nothing
             ray.tune.report(result.metrics)
+        _clear_earlier_error(tracking_uri, result.mlflow_run_id)
     except Exception as error:
         if _stopped_from_outside(error):
             # Tune stopped the trial (ASHA) or the study driver went away; the driver marks
@@ -232,6 +233,19 @@ def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
             return
         _record_failed_trial(tracking_uri, trial_config, trial_id, tags, error)
         raise
+
+
+def _clear_earlier_error(tracking_uri: str, run_id: str) -> None:
+    """A trial that failed before (a lost node) and finished now keeps no error in its run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        if "svt.error" in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, "svt.error")
+    except MlflowException as error:
+        logger.warning("run %s: earlier error tag not removed: %s", run_id, error)
 
 
 def _stopped_from_outside(error: BaseException) -> bool:
@@ -605,8 +619,10 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     started = time.perf_counter()
     if ray.tune.Tuner.can_restore(study_dir):
         logger.info("restoring study %s from %s (finished trials are kept)", spec.name, study_dir)
+        # A trial that errored runs again: a lost node or a full disk passes, and one whose
+        # settings are invalid fails again at once (its FAILED child run is reused).
         tuner = ray.tune.Tuner.restore(
-            study_dir, trainable, resume_unfinished=True, resume_errored=False,
+            study_dir, trainable, resume_unfinished=True, resume_errored=True,
             restart_errored=False,
         )  # fmt: skip
         # Tune unpickles the old driver's callbacks, whose tracking URI may name the old head.
@@ -1012,7 +1028,13 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
     history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.step)
     curve = [(float(m.step), float(m.value)) for m in history]
     start = run.info.start_time or (history[0].timestamp if history else 0)
-    wall_curve = [((m.timestamp - start) / 3.6e6, float(m.value)) for m in history]
+    pauses = _pauses(client.get_metric_history(run.info.run_id, "wall_time_s"))
+
+    def hours_at(timestamp: int) -> float:  # training time: the pauses between sessions out
+        paused = sum(length for resumed, length in pauses if resumed <= timestamp)
+        return (timestamp - start - paused) / 3.6e6
+
+    wall_curve = [(hours_at(m.timestamp), float(m.value)) for m in history]
     status = run.info.status
     end = run.info.end_time
     return TrialRecord(
@@ -1024,12 +1046,25 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
         final=curve[-1][1] if curve else None,
         best=max(v for _, v in curve) if curve else None,
         clips_seen=run.data.metrics.get(TIME_ATTR),
-        hours=(end - start) / 3.6e6 if end and start else None,
+        hours=hours_at(end) if end and start else None,
         curve=curve,
         wall_curve=wall_curve,
         error=tags.get("svt.error", ""),
         clips_per_s=run.data.metrics.get("clips_per_s"),
     )
+
+
+def _pauses(wall_times) -> list[tuple[float, float]]:
+    """(when training resumed, ms paused before) for each restart of a run: its `wall_time_s`
+    (seconds since its session started) falls back where a session starts (Ctrl-C on a study
+    and a restore the next day; a restart after a lost node)."""
+    points = sorted(wall_times, key=lambda m: m.step)
+    pauses = []
+    for before, after in itertools.pairwise(points):
+        if after.value < before.value:
+            resumed = after.timestamp - after.value * 1000  # when this session started
+            pauses.append((resumed, max(0.0, resumed - before.timestamp)))
+    return pauses
 
 
 def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Path]:

@@ -459,6 +459,32 @@ def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # not a child: untouched
 
 
+def test_a_trial_resumed_a_day_later_counts_its_training_hours_not_the_pause(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.studies import _trial_record
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    hour, day, t0 = 3_600_000, 24 * 3_600_000, 1_000_000
+    run = client.create_run(client.create_experiment("x"), start_time=t0).info.run_id
+    # Session 1: an hour of training (kNN at 0 and 100 clips), Ctrl-C. Session 2, a day
+    # later: half an hour more (wall_time_s starts again from 0), kNN at 200 clips.
+    points = [(0, 0.01, 30.0), (100, 1.0, 40.0), (150, 0.001, None), (200, 0.5, 50.0)]
+    starts = {0: t0, 100: t0, 150: t0 + hour + day, 200: t0 + hour + day}
+    metrics = []
+    for step, hours, knn in points:
+        timestamp = starts[step] + int(hours * hour)
+        metrics.append(Metric("wall_time_s", hours * 3600, timestamp, step))
+        if knn is not None:
+            metrics.append(Metric(METRIC, knn, timestamp, step))
+    client.log_batch(run, metrics=metrics)
+    client.set_terminated(run, "FINISHED", end_time=t0 + hour + day + hour // 2)
+    record = _trial_record(client, client.get_run(run), [])
+    assert record.hours == pytest.approx(1.5, abs=0.01)  # not 25.5
+    assert [round(h, 2) for h, _ in record.wall_curve] == [0.01, 1.0, 1.5]
+
+
 def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_path):
     from types import SimpleNamespace
 
