@@ -624,10 +624,14 @@ class MLflowTracker:
             self.last_logged = step
 
     def log_summary(self, metrics: dict[str, float]) -> None:
-        """Final values (evaluation results): logged once, at the run's last step."""
+        """Final values (evaluation results): logged once, at the run's last step, to
+        metrics.jsonl too (a line of their own), so `svt-ray tracking sync` sends them if
+        MLflow did not take them."""
         from mlflow.entities import Metric
 
-        now, step = int(time.time() * 1000), max(self.last_logged, 0)
+        now, step = int(time.time() * 1000), max(self.last_logged, self.last_written, 0)
+        with open(self.metrics_file, "a") as file:
+            file.write(json.dumps({"clips_seen": step, "time": now / 1000, **metrics}) + "\n")
         self._send_metrics(
             "log_summary", [Metric(k, float(v), now, step) for k, v in metrics.items()]
         )

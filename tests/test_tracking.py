@@ -112,14 +112,16 @@ def test_a_run_that_ends_in_an_outage_is_synced_afterwards(tmp_path, caplog):
     outage.down.set()
     run.log_metrics({"loss": 8.0, "lr": 0.2}, step=8)
     run.log_metrics({"loss": 12.0, "lr": 0.3}, step=12)
+    run.log_summary({"eval/knn_top1": 61.5})  # the demo's evaluation, after training
     started = time.perf_counter()
     run.finish()
     assert time.perf_counter() - started < 10  # waited flush_timeout_s, not for ever
-    assert "has not taken 3 call(s)" in caplog.text and "svt-ray tracking sync" in caplog.text
+    assert "has not taken 4 call(s)" in caplog.text and "svt-ray tracking sync" in caplog.text
     assert run.client.get_run(run.run_id).info.status == "RUNNING"  # set_terminated not taken
     assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == [8, 12]
     assert _history(run) == [(4, 4.0), (8, 8.0), (12, 12.0)]
     assert _history(run, "lr") == [(4, 0.1), (8, 0.2), (12, 0.3)]
+    assert _history(run, "eval/knn_top1") == [(12, 61.5)]  # summaries are in the file too
     assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == []  # nothing twice
 
 
