@@ -186,6 +186,19 @@ def all_ranks_finite(loss: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
+def weights_finite(state: TrainState) -> bool:
+    """True when every weight of student and teacher is finite on every rank (a collective).
+    The loss check of `train_step` stops a run before a non-finite loss touches a weight, but
+    gradients can overflow with a finite loss: checked before each checkpoint, so the last one
+    a diverged run keeps is always usable."""
+    finite = all(
+        bool(torch.isfinite(parameter).all())
+        for model in (state.student_module, state.teacher)
+        for parameter in model.parameters()
+    )
+    return all_ranks_finite(torch.tensor(1.0 if finite else float("nan"), device=state.device))
+
+
 def to_device_views(batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     return [view.to(device, non_blocking=True) for view in batch]
 

@@ -45,7 +45,14 @@ from data_prep.inputs import resolve_filesystem
 from data_prep.shards import write_file
 from svt_ray import data
 from svt_ray.config import ConfigError, ExperimentConfig, flatten_tree
-from svt_ray.engine import NonFiniteLossError, build_state, load_state_dict, state_dict, train_step
+from svt_ray.engine import (
+    NonFiniteLossError,
+    build_state,
+    load_state_dict,
+    state_dict,
+    train_step,
+    weights_finite,
+)
 from svt_ray.tracking import (
     METRICS_FILE,
     absolute_tracking_uri,
@@ -372,6 +379,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if checkpointing or evaluated or step % config.train.log_every == 0:
                     tracker.log_metrics(logged, step=clips_seen)
                 if checkpointing:
+                    if not weights_finite(state):  # never a checkpoint to resume into NaN
+                        raise NonFiniteLossError(
+                            f"step {step}: some weights are not finite (gradients overflowed "
+                            "with a finite loss); this checkpoint was not written. Lower "
+                            "optim.base_lr or optim.clip_grad, or raise optim.warmup_epochs."
+                        )
                     _save_checkpoint(state, step, reported, rank)
                     if rank == 0:
                         mirror_metrics(log_dir, run_dir)

@@ -19,6 +19,7 @@ from svt_ray.engine import (
     state_dict,
     train_step,
     update_teacher,
+    weights_finite,
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_loss_trace.json"
@@ -131,6 +132,16 @@ def test_non_finite_loss_raises_and_touches_no_weight():
         assert torch.equal(value, student[key]) or torch.isnan(value).all(), key
     assert all(torch.equal(v, teacher[k]) for k, v in state.teacher.state_dict().items())
     assert not state.optimizer.state  # the optimiser never stepped
+
+
+def test_weights_that_overflowed_are_caught_before_a_checkpoint():
+    """Gradients can overflow with a finite loss: the weights are checked before each
+    checkpoint, so a diverged run's last checkpoint is one it can resume from."""
+    state = make_state()
+    assert weights_finite(state)
+    with torch.no_grad():
+        next(state.teacher.parameters()).view(-1)[0] = float("inf")
+    assert not weights_finite(state)
 
 
 def test_state_dict_round_trip_resumes_exactly():
