@@ -735,9 +735,34 @@ def _start_mlflow_run(
     tracker.close()  # the run is resumable from here on: run.json names it
     write_json(
         join_uri(run_dir, RUN_FILE),
-        {"mlflow_run_id": tracker.run_id, "config": config.model_dump(mode="json")},
+        {
+            "mlflow_run_id": tracker.run_id,
+            "config": config.model_dump(mode="json"),
+            "dataset_checksum": manifest_checksum,
+        },
     )
     return tracker.run_id
+
+
+def _check_resumed_data(config: ExperimentConfig, run_name: str, run_dir: str, checksum: str):
+    """A resumed run trains on the data it started with (moved is fine): other data with
+    another number of training clips would change its schedule mid-run (steps per epoch, hence
+    the lr, warm-up and momentum curves), so it is refused; other data of the same size is
+    only warned about."""
+    recorded = read_json(join_uri(run_dir, RUN_FILE)) or {}
+    before = recorded.get("config", {}).get("derived", {}).get("clips_per_epoch")
+    now = config.derived.clips_per_epoch
+    if before is not None and before != now:
+        raise ConfigError(
+            f"--resume {run_name}: {config.data.path} holds {now} training clips, the run "
+            f"started with {before}; its schedule would change mid-run. Pass the data it "
+            "started with (moved is fine), or start a new run on this data"
+        )
+    if recorded.get("dataset_checksum") not in (None, checksum):
+        logger.warning(
+            "run %s resumes on other data than it started with (%s; checksum %s, was %s)",
+            run_name, config.data.path, checksum, recorded["dataset_checksum"],
+        )  # fmt: skip
 
 
 def _recipe_changes(recorded: dict[str, Any], config: ExperimentConfig) -> list[str]:
@@ -852,6 +877,8 @@ def run_pretraining(
         )
     if resume and progress is None:
         logger.info("no checkpoint of run %s yet: starting it", run_name)
+    if resume and progress is not None:
+        _check_resumed_data(resolved, run_name, run_dir, data.manifest_checksum(manifest))
     if read_json(join_uri(run_dir, DIVERGED_FILE)) is not None:
         raise TrainingDivergedError(
             f"run {run_name!r} diverged before ({run_dir}/{DIVERGED_FILE}); change the recipe "

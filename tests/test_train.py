@@ -432,6 +432,22 @@ def test_the_resumed_run_is_found_where_set_says_and_keeps_its_name(tmp_path):
         recorded_config("r", str(runs), ["train.run_name=s"])
 
 
+def test_a_resume_on_other_data_is_refused_if_its_schedule_would_change(tmp_path, caplog):
+    from svt_ray.config import ConfigError
+    from svt_ray.train import RUN_FILE, _check_resumed_data, write_json
+
+    run_dir = str(tmp_path / "r")
+    started = load_config("tiny").resolve(64)
+    record = {"mlflow_run_id": "x", "config": started.model_dump(mode="json")}
+    write_json(f"{run_dir}/{RUN_FILE}", {**record, "dataset_checksum": "aaaa"})
+    _check_resumed_data(load_config("tiny").resolve(64), "r", run_dir, "aaaa")  # moved: fine
+    assert not caplog.text
+    _check_resumed_data(load_config("tiny").resolve(64), "r", run_dir, "bbbb")
+    assert "resumes on other data than it started with" in caplog.text
+    with pytest.raises(ConfigError, match="holds 80 training clips, the run started with 64"):
+        _check_resumed_data(load_config("tiny").resolve(80), "r", run_dir, "bbbb")
+
+
 def test_an_address_where_no_ray_answers_is_one_line_naming_the_flag(monkeypatch):
     import ray
 
