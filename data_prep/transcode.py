@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -95,6 +96,8 @@ class Probe:
     num_frames: int
     fps: float
     duration_s: float
+    times: tuple[float, ...] = ()
+    "Presentation times of the frames in order, seconds from the first."
 
 
 def probe(data: bytes) -> Probe:
@@ -159,7 +162,8 @@ def probe(data: bytes) -> Probe:
         raise Rejected("timestamps", f"implausible frame rate {fps:.3g} fps")
     if not width or not height:
         raise Rejected("not_video", f"video stream without a frame size ({codec})")
-    return Probe(format_name, codec, width, height, num_frames, fps, num_frames / fps)
+    times = tuple(float((value - unique[0]) * time_base) for value in unique)
+    return Probe(format_name, codec, width, height, num_frames, fps, num_frames / fps, times)
 
 
 def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -168,15 +172,24 @@ def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def kept_frames(num_frames: int, fps: float, max_fps: float) -> tuple[np.ndarray, float]:
-    """Indices kept under the frame-rate cap, evenly spaced in time, and the output fps."""
-    if not max_fps or fps <= max_fps * 1.01:
-        return np.arange(num_frames), fps
-    count = max(1, math.floor(num_frames * max_fps / fps))
-    indices = np.minimum(
-        np.round(np.arange(count) * fps / max_fps).astype(np.int64), num_frames - 1
-    )
-    return indices, max_fps
+def kept_frames(
+    num_frames: int, fps: float, max_fps: float, times: Sequence[float] = ()
+) -> tuple[np.ndarray, float]:
+    """Source frame indices of the output frames and the output fps: at most `max_fps`, each
+    output frame the source frame shown nearest its time. `times` (presentation times) keep a
+    variable-frame-rate source's timing: a frame shown longer is repeated, frames close
+    together are thinned. Without them the source's frames are taken as evenly spaced."""
+    capped = bool(max_fps) and fps > max_fps * 1.01
+    out_fps = max_fps if capped else fps
+    count = max(1, math.floor(num_frames * out_fps / fps)) if capped else num_frames
+    if len(times) < num_frames:  # evenly spaced: frame i at i / fps
+        indices = np.round(np.arange(count) * fps / out_fps).astype(np.int64)
+        return np.minimum(indices, num_frames - 1), out_fps
+    shown = np.asarray(times[:num_frames], dtype=np.float64)
+    wanted = np.arange(count) / out_fps
+    after = np.clip(np.searchsorted(shown, wanted), 1, num_frames - 1)
+    nearer_before = wanted - shown[after - 1] <= shown[after] - wanted
+    return np.where(nearer_before, after - 1, after).astype(np.int64), out_fps
 
 
 def prepare_video(data: bytes, options: PrepOptions) -> dict:
@@ -201,7 +214,7 @@ def prepare_video(data: bytes, options: PrepOptions) -> dict:
             f"{info.num_frames} frames / {info.duration_s:.2f}s, minimum "
             f"{options.min_frames} frames / {options.min_duration_s}s",
         )
-    kept, kept_fps = kept_frames(info.num_frames, info.fps, options.max_fps)
+    kept, kept_fps = kept_frames(info.num_frames, info.fps, options.max_fps, info.times)
     if len(kept) < options.min_frames:
         raise Rejected(
             "too_short",
@@ -291,17 +304,16 @@ def _encode(
 ) -> tuple[H264Encoder, np.ndarray, float]:
     """Re-encode the frames kept under the frame-rate cap: (encoder, kept indices, fps)."""
     frames, source_frames = decoded
-    indices, fps = kept_frames(source_frames, info.fps, options.max_fps)
+    indices, fps = kept_frames(source_frames, info.fps, options.max_fps, info.times)
     encoder = H264Encoder(
         width, height, fps, EncoderSettings(gop=options.gop, crf=options.crf, preset=options.preset)
     )
-    keep = np.zeros(source_frames, dtype=bool)
-    keep[indices] = True
+    repeats = np.bincount(indices, minlength=source_frames)  # 0: dropped, 2+: shown longer
     written = 0
     for index, frame in enumerate(frames):
         if index >= source_frames:
             break
-        if keep[index]:
+        for _ in range(repeats[index]):
             encoder.write(frame)
             written += 1
     if written != len(indices):

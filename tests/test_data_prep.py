@@ -30,7 +30,14 @@ from media import (
 
 import data_prep
 from data_prep.inputs import assign_split, discover, hash_split, read_split_files
-from data_prep.transcode import PrepOptions, Rejected, kept_frames, output_size, prepare_video
+from data_prep.transcode import (
+    PrepOptions,
+    Rejected,
+    kept_frames,
+    output_size,
+    prepare_video,
+    probe,
+)
 from svt_ray.video import decode_all_frames, open_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,6 +237,36 @@ def test_manifest_splits_read_like_folder_names_and_uri_listings_skip_hidden_fil
     for source in (str(tmp_path / "in"), f"file://{tmp_path / 'in'}"):
         videos, _ = discover(source)
         assert [v.relative_path for v in videos] == ["dog/a.mp4"], source
+
+
+def test_a_variable_frame_rate_source_keeps_its_timing():
+    """60 frames 1/60 s apart, then 20 frames 0.1 s apart: output frame k (15 fps) shows the
+    source frame nearest k / 15 s. Picked by index, the output's second 1.0 showed the
+    source's 0.43 s, and the slow part played 2.2x too fast."""
+    gaps = [1 / 60] * 59 + [0.1] * 21  # gap i follows frame i
+    times = np.concatenate([[0.0], np.cumsum(gaps[:79])])
+    indices, fps = kept_frames(80, 79 / times[-1], 15.0, tuple(times))
+    assert fps == 15.0 and len(indices) == 45  # floor(80 frames x 15 / 26.5 fps)
+    for k, index in enumerate(indices):  # the nearest frame in time, ties to the earlier
+        assert abs(times[index] - k / 15) <= np.abs(times - k / 15).min() + 1e-9
+    assert indices[15] == 59 and indices[30] == 69  # 1.0 s and 2.0 s
+    assert np.diff(indices).min() == 0  # frames shown 0.1 s are repeated at 15 fps
+
+    # Through data_prep: the container keeps times to the millisecond, which moves a tie or
+    # two; each output frame is the source frame data_prep's own probe says it should be.
+    source = numbered_frames(80, height=48, width=64, seed=4)
+    video = encode_vfr(source, gaps)
+    info = probe(video)
+    expected, _ = kept_frames(info.num_frames, info.fps, 15.0, info.times)
+    assert np.abs(expected - indices).max() <= 1
+    row = prepare_video(video, PrepOptions(max_fps=15, min_frames=8))
+    decoded = decode_all_frames(row["video"]).astype(np.int16)
+    assert (row["num_frames"], row["fps"]) == (len(expected), 15.0)
+    shown = [
+        int(np.argmin(np.abs(frame - source.astype(np.int16)).mean(axis=(1, 2, 3))))
+        for frame in decoded
+    ]
+    assert shown == expected.tolist()
 
 
 def test_rejections_at_the_probe():
