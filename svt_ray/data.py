@@ -46,6 +46,7 @@ READ_COLUMNS = ["id", "label", "split", "video", "num_frames", "height", "width"
 READ_ROWS = 64  # rows per read item (data_prep writes 32-row groups)
 READ_BLOCKS = 2000  # most blocks of read items in one stream (see `_read_shards`)
 STATS_ACTOR = "svt_data_decode_stats"
+STATS_NAMESPACE = "svt_ray"
 
 
 # -- the dataset directory -------------------------------------------------------------------
@@ -216,15 +217,20 @@ def _stats_actor():
         def total(self) -> int:
             return self.failures
 
-    return DecodeStats.options(name=STATS_ACTOR, get_if_exists=True, lifetime="detached").remote()
+    # Detached, so it outlives the decode actor that starts it, in a namespace of its own: one
+    # per Ray cluster, not one more process left behind by every job (each job has a namespace).
+    return DecodeStats.options(
+        name=STATS_ACTOR, namespace=STATS_NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()
 
 
 def decode_failure_count() -> int:
-    """Clips skipped because they failed to decode, across all pipelines of this Ray session."""
+    """Clips skipped because they failed to decode, across all pipelines since this Ray
+    instance or cluster started."""
     import ray
 
     try:
-        actor = ray.get_actor(STATS_ACTOR)
+        actor = ray.get_actor(STATS_ACTOR, namespace=STATS_NAMESPACE)
     except ValueError:
         return 0
     return int(ray.get(actor.total.remote()))
