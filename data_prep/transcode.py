@@ -98,6 +98,8 @@ class Probe:
     duration_s: float
     times: tuple[float, ...] = ()
     "Presentation times of the frames in order, seconds from the first."
+    rotation: int = 0
+    "Degrees counter-clockwise the player turns each frame (a phone's portrait video: 90)."
 
 
 def probe(data: bytes) -> Probe:
@@ -139,6 +141,7 @@ def probe(data: bytes) -> Probe:
             ) from error
         num_frames = len(pts) + missing_pts
         time_base = stream.time_base
+        rotation = _display_rotation(container, stream) if pts else 0
         codec = context.name if context else "unknown"
         width, height = context.width, context.height
     if num_frames == 0:
@@ -163,7 +166,25 @@ def probe(data: bytes) -> Probe:
     if not width or not height:
         raise Rejected("not_video", f"video stream without a frame size ({codec})")
     times = tuple(float((value - unique[0]) * time_base) for value in unique)
-    return Probe(format_name, codec, width, height, num_frames, fps, num_frames / fps, times)
+    if rotation in (90, 270):  # as shown: a portrait phone video is taller than wide
+        width, height = height, width
+    return Probe(
+        format_name, codec, width, height, num_frames, fps, num_frames / fps, times, rotation
+    )
+
+
+def _display_rotation(container, stream) -> int:
+    """The display matrix's rotation of the first frame, in 0/90/180/270 (counter-clockwise),
+    0 where there is none or the frame does not decode (the decode itself then says why)."""
+    import av
+
+    try:
+        container.seek(0, stream=stream)
+        frame = next(container.decode(stream), None)
+    except (av.FFmpegError, ValueError):
+        return 0
+    degrees = round(float(getattr(frame, "rotation", 0) or 0) / 90) * 90 % 360
+    return int(degrees)
 
 
 def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -286,13 +307,18 @@ def _pyav_frames(data: bytes, info: Probe, width: int, height: int):
     start without seeking, for what decord gets wrong or fails on."""
     import av
 
+    turns = info.rotation // 90  # counter-clockwise quarter turns, as np.rot90 makes them
+    coded = (height, width) if turns % 2 else (width, height)
+
     def frames():
         with av.open(io.BytesIO(data), mode="r") as container:
             try:
                 for frame in container.decode(video=0):
-                    yield frame.to_ndarray(
-                        format="rgb24", width=width, height=height, interpolation="AREA", threads=1
-                    )
+                    pixels = frame.to_ndarray(
+                        format="rgb24", width=coded[0], height=coded[1], interpolation="AREA",
+                        threads=1,
+                    )  # fmt: skip
+                    yield np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
             except av.FFmpegError as error:
                 raise VideoDecodeError(f"PyAV failed to decode: {_short(str(error))}") from error
 
