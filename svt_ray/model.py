@@ -53,13 +53,36 @@ class DropPath(nn.Module):
     def scales(
         self, like: torch.Tensor, layout: FrameLayout
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One keep/drop factor per clip (B, 1, 1) and the same per frame (F, 1, 1); None = off."""
+        """One keep/drop factor per clip (B, 1, 1) and the same per frame (F, 1, 1); None = off.
+        The MLP branch's draw: the reference drops it per clip."""
         if self.p == 0.0 or not self.training:
             return None, None
         keep = 1.0 - self.p
         clips = sum(count for count, _ in layout)
         per_clip = like.new_empty((clips, 1, 1)).bernoulli_(keep) / keep
         return per_clip, clips_to_frames(per_clip, layout)
+
+    def per_frame(self, like: torch.Tensor) -> torch.Tensor | None:
+        """A factor per frame (F, 1, 1): the spatial branch's draw, as the reference drops it on
+        (B·T)×(1+HW)×D (svt_spec §1.2). None = off."""
+        if self.p == 0.0 or not self.training:
+            return None
+        keep = 1.0 - self.p
+        return like.new_empty((like.shape[0], 1, 1)).bernoulli_(keep) / keep
+
+    def per_position(self, like: torch.Tensor, layout: FrameLayout) -> torch.Tensor | None:
+        """A factor per (clip, spatial position), the same for all the clip's frames
+        (F, n, 1): the temporal branch's draw, as the reference drops it on (B·H·W)×T×D.
+        None = off."""
+        if self.p == 0.0 or not self.training:
+            return None
+        keep = 1.0 - self.p
+        positions = like.shape[1]
+        groups = [
+            like.new_empty((clips, 1, positions, 1)).bernoulli_(keep).expand(-1, frames, -1, -1)
+            for clips, frames in layout
+        ]
+        return torch.cat([g.reshape(-1, positions, 1) for g in groups]) / keep
 
 
 def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -161,17 +184,17 @@ class DividedSpaceTimeBlock(nn.Module):
         ]
         temporal = temporal[0] if len(temporal) == 1 else torch.cat(temporal)  # (F, n, d)
         temporal = self.temporal_attn.proj(temporal)
-        _, frame_scale = self.drop_path.scales(patches, layout)
-        patches = patches + self.temporal_fc(_scaled(temporal, frame_scale))
+        position_scale = self.drop_path.per_position(patches, layout)
+        patches = patches + self.temporal_fc(_scaled(temporal, position_scale))
 
         # Spatial attention: each frame attends over its positions plus a copy of the CLS;
         # the CLS outputs of a clip's frames are averaged into one CLS residual.
         frame_cls = clips_to_frames(cls, layout)  # (F, 1, d)
         spatial = self.attn(self.norm1(torch.cat([frame_cls, patches], dim=1)))  # (F, 1 + n, d)
-        clip_scale, frame_scale = self.drop_path.scales(patches, layout)
+        spatial = _scaled(spatial, self.drop_path.per_frame(spatial))  # frames drop apart
         # The spatial residual adds to the temporal output, not to the block input.
-        cls = cls + _scaled(mean_over_frames(spatial[:, :1], layout), clip_scale)
-        patches = patches + _scaled(spatial[:, 1:], frame_scale)
+        cls = cls + mean_over_frames(spatial[:, :1], layout)
+        patches = patches + spatial[:, 1:]
 
         clip_scale, frame_scale = self.drop_path.scales(patches, layout)
         cls = cls + _scaled(self.mlp(self.norm2(cls)), clip_scale)

@@ -110,12 +110,16 @@ def test_packed_backbone_rejects_mixed_frame_sizes():
         )
 
 
-def test_drop_path_keeps_or_drops_all_frames_of_a_clip_together():
+def test_drop_path_draws_where_the_reference_does():
+    """svt_spec §1.2: the temporal branch is dropped on (B·H·W)×T×D, so per clip and spatial
+    position, alike for the clip's frames; the spatial branch on (B·T)×(1+HW)×D, per frame;
+    the MLP per clip, for the CLS and all the clip's frames together."""
     drop = DropPath(0.5).train()
     layout = ((3, 2), (2, 4))  # 3 clips of 2 frames, 2 clips of 4 frames
+    frames, positions = 3 * 2 + 2 * 4, 9
     torch.manual_seed(0)
     per_clip, per_frame = drop.scales(torch.zeros(1), layout)
-    assert per_clip.shape == (5, 1, 1) and per_frame.shape == (3 * 2 + 2 * 4, 1, 1)
+    assert per_clip.shape == (5, 1, 1) and per_frame.shape == (frames, 1, 1)
     assert set(per_clip.flatten().tolist()) <= {0.0, 2.0}
     expected = torch.cat(
         [per_clip[:3].repeat_interleave(2, 0), per_clip[3:].repeat_interleave(4, 0)]
@@ -123,6 +127,20 @@ def test_drop_path_keeps_or_drops_all_frames_of_a_clip_together():
     torch.testing.assert_close(per_frame, expected)
     torch.testing.assert_close(clips_to_frames(per_clip, layout), expected)
     assert drop.eval().scales(torch.zeros(1), layout) == (None, None)
+
+    drop.train()
+    tokens = torch.zeros(frames, positions, 4)
+    position = drop.per_position(tokens, layout)
+    assert position.shape == (frames, positions, 1)
+    by_clip = torch.cat(
+        [position[:6].reshape(3, 2, positions), position[6:].reshape(2, 4, positions)[:, :2]]
+    )
+    assert (by_clip[:, 0] == by_clip[:, 1]).all()  # a clip's frames share the draw ...
+    assert len(set(position[:, :, 0].flatten().tolist())) == 2  # ... positions do not
+    assert not (position[:, :1] == position).all()  # at p = 0.5 over 45 draws, some differ
+    frame = drop.per_frame(tokens)
+    assert frame.shape == (frames, 1, 1) and len(set(frame.flatten().tolist())) == 2
+    assert drop.eval().per_position(tokens, layout) is None and drop.per_frame(tokens) is None
 
 
 def test_drop_path_trains_in_packed_mode():
