@@ -226,19 +226,23 @@ def evaluate(
     data: DataOption = None,
     address: AddressOption = None,
 ) -> None:
-    """kNN and linear probe of the teacher backbone on labelled shards (single clip, slow-fast)."""
+    """kNN and linear probe of the teacher backbone on labelled shards (single clip, slow-fast).
+
+    With --checkpoint, the settings it was trained with (clips, probe, data loading) apply, as
+    --config and --set change them; --preset applies to random init only."""
     from svt_ray.data import read_dataset_manifest
     from svt_ray.evaluate import cpus_per_evaluation, evaluate_backbones, format_table, load_state
     from svt_ray.train import ensure_ray, local_ray_cpus
 
-    experiment = build_config(
-        preset, config, [*(overrides or []), *_cli_overrides(data, address=address)]
-    )
-    if checkpoint is not None:  # evaluate with the architecture the checkpoint was trained with
+    flags = [*(overrides or []), *_cli_overrides(data, address=address)]
+    if checkpoint is None:
+        experiment = build_config(preset, config, flags)
+    else:  # the checkpoint's own config: its architecture, clips and probe, unless --set says
         try:
-            experiment = build_config_from_dict(load_state(checkpoint)["config"], experiment)
+            recorded = load_state(checkpoint)["config"]
         except FileNotFoundError as error:
             raise fail(str(error)) from None
+        experiment = config_for_checkpoint(recorded, config, flags)
     if experiment.data.path is None:
         raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")
     try:
@@ -276,19 +280,31 @@ def export(
     typer.echo(summary.line())
 
 
-def build_config_from_dict(recorded: dict, current: ExperimentConfig) -> ExperimentConfig:
-    """A checkpoint's recorded config, with the data and eval settings of this invocation."""
-    from svt_ray.config import validate_config
-
-    tree = dict(recorded)
-    tree.pop("derived", None)
-    tree["data"] = current.data.model_dump(mode="json")
-    tree["eval"] = current.eval.model_dump(mode="json")
-    tree["scaling"] = {**tree["scaling"], "address": current.scaling.address}
+def config_for_checkpoint(
+    recorded: dict, config: Path | None, overrides: list[str]
+) -> ExperimentConfig:
+    """The config a checkpoint was trained with (recorded in it), with this command's
+    `--config` and `--set` on top, except for the model: a checkpoint is evaluated with the
+    architecture it was trained with. `--preset` does not apply."""
+    dropped = [item for item in overrides if item.split("=", 1)[0].startswith("model.")]
+    if dropped:
+        typer.echo(
+            f"note: {', '.join(dropped)} ignored: a checkpoint is evaluated with the "
+            "architecture it was trained with",
+            err=True,
+        )
+    kept = [item for item in overrides if item not in dropped]
     try:
-        return validate_config(tree)
+        experiment = load_config(recorded.get("preset", "paper"), config, kept, base=recorded)
+        trained = load_config(base=recorded).model
     except ConfigError as error:
         raise fail(str(error)) from None
+    if experiment.model != trained:
+        raise fail(
+            f"{config}: its model section differs from the checkpoint's architecture; drop it "
+            "to evaluate the checkpoint"
+        )
+    return experiment
 
 
 @app.command("demo")

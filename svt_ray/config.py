@@ -588,13 +588,18 @@ def load_config(
     preset: str = "paper",
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     """Build a validated config: schema defaults < preset < YAML file < dotted overrides.
+    `base`, a config as JSON (a checkpoint's), takes the preset's place.
 
     Raises ConfigError with one line naming the offending field.
     """
-    tree = preset_dict(preset)
-    tree["preset"] = preset
+    if base is not None:
+        tree = {key: value for key, value in copy.deepcopy(base).items() if key != "derived"}
+    else:
+        tree = preset_dict(preset)
+        tree["preset"] = preset
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():

@@ -206,3 +206,26 @@ def test_demo_workdir_that_cannot_be_written_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--workdir", str(blocker / "demo")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.stderr.startswith(f"error: --workdir {blocker / 'demo'}: cannot write there")
+
+
+def test_a_checkpoint_is_evaluated_with_its_own_settings_not_the_default_presets(tmp_path, capsys):
+    """`svt-ray eval --checkpoint` without --preset took the paper preset's clips (8 x 224)
+    and probe for a tiny checkpoint; now the checkpoint's record, with --config/--set on top,
+    and never another architecture."""
+    import typer
+
+    from svt_ray.cli import config_for_checkpoint
+
+    recorded = load_config("tiny").resolve(64).model_dump(mode="json")
+    flags = ["eval.linear_epochs=7", "model.depth=2", "data.path=/shards"]
+    experiment = config_for_checkpoint(recorded, None, flags)
+    tiny = load_config("tiny")
+    assert experiment.eval.clip_size == tiny.eval.clip_size != load_config("paper").eval.clip_size
+    assert experiment.eval.linear_epochs == 7 and experiment.data.path == "/shards"
+    assert experiment.model.depth == tiny.model.depth  # the architecture it was trained with
+    assert "model.depth=2 ignored" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    other.write_text("model:\n  depth: 2\n")
+    with pytest.raises(typer.Exit):
+        config_for_checkpoint(recorded, other, [])
+    assert "differs from the checkpoint's architecture" in capsys.readouterr().err
