@@ -500,13 +500,13 @@ class _Sender:
                 self._wake.clear()
                 delay = min(2 * delay, self.retry_s[1])
                 continue
-            self._done(taken, values)
-            if since is not None:
+            if since is not None:  # said before the call counts as done: a flush sees it
                 logger.warning(
                     "MLflow at %s answers again after %.0f s; the values held back are sent",
                     self.uri, time.monotonic() - since,
                 )  # fmt: skip
                 delay, since, self._warned_full = self.retry_s[0], None, False
+            self._done(taken, values)
 
 
 class MLflowTracker:

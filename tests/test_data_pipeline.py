@@ -129,7 +129,12 @@ def test_a_run_streams_its_remaining_epochs_in_one_pass(synthetic_shards, ray_se
     keeps one epoch per execution."""
     config = load_config(
         "tiny",
-        overrides=[f"data.path={synthetic_shards}", "optim.epochs=3", "data.decode_actors=1"],
+        overrides=[
+            f"data.path={synthetic_shards}",
+            "optim.epochs=3",
+            "data.decode_actors=1",
+            "optim.batch_size=4",
+        ],  # the fixture's 14 training clips hold a batch
     ).resolve(data.split_count(data.read_dataset_manifest(str(synthetic_shards)), "train"))
     one_epoch = {
         row["id"] for row in data._read_shards(str(synthetic_shards), "train", None).iter_rows()
