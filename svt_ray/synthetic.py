@@ -46,9 +46,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from pyarrow import fs as pafs
 
 from data_prep.inputs import resolve_filesystem
 from data_prep.shards import Output
+from svt_ray.config import ConfigError
 from svt_ray.video import EncoderSettings, encode_h264
 
 logger = logging.getLogger(__name__)
@@ -468,6 +470,28 @@ def _write_chunk(jobs: list[tuple[SynthConfig, int, str]]) -> list[tuple[int, in
     return [_write_one(job) for job in jobs]
 
 
+def _check_earlier_config(fs, base: str, root: str, config: SynthConfig) -> None:
+    """Clips found in `root` are kept only if they were made with this config (all but the
+    clip count): a clip's file name says its seed, index and class, not its size, length or
+    frame rate, so a run with other settings would keep the old clips as they are."""
+    if fs.get_file_info(f"{base}/synthetic.json").type != pafs.FileType.File:
+        return
+    with fs.open_input_stream(f"{base}/synthetic.json") as stream:
+        earlier = json.loads(stream.read()).get("config", {})
+    now = asdict(config)
+    changed = [
+        f"{key} {earlier.get(key)} -> {value}"
+        for key, value in now.items()
+        if key != "num_clips"
+        and earlier.get(key) != (list(value) if isinstance(value, tuple) else value)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{root} holds clips made with other settings ({', '.join(changed)}); use another "
+            "folder, or remove this one to make them again"
+        )
+
+
 def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthSummary:
     """Write `config.num_clips` clips under `root` (local path or pyarrow filesystem URI).
 
@@ -475,6 +499,7 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     """
     start = time.perf_counter()
     fs, base = resolve_filesystem(root)
+    _check_earlier_config(fs, base, root, config)
     for label in range(config.num_classes):
         fs.create_dir(f"{base}/{class_folder(config, label)}", recursive=True)
     with fs.open_output_stream(f"{base}/synthetic.json") as stream:

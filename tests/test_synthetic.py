@@ -238,3 +238,18 @@ def test_scene_frames_do_not_tell_the_class_and_do_not_identify_the_clip():
     last = (last - last.mean(1, keepdims=True)) / last.std(1, keepdims=True)
     retrieval = ((first @ last.T).argmax(axis=1) == np.arange(len(clips))).mean()
     assert retrieval < 0.1, f"first frame finds its clip's last frame in {retrieval:.2f}"
+
+
+def test_a_folder_of_clips_is_only_extended_with_the_same_settings(tmp_path):
+    """A clip's file name holds its seed, index and class, not its size or length: clips
+    made with other settings were kept as they were, and synthetic.json rewritten to say
+    otherwise (a demo with longer clips trained on the old ones)."""
+    from svt_ray.config import ConfigError
+    from svt_ray.synthetic import SynthConfig, generate_dataset
+
+    small = dict(num_frames=8, height=32, width=32)
+    generate_dataset(str(tmp_path), SynthConfig(num_clips=2, **small))
+    more = generate_dataset(str(tmp_path), SynthConfig(num_clips=3, **small))
+    assert (more.written, more.skipped) == (1, 2)  # the same settings: topped up
+    with pytest.raises(ConfigError, match=r"other settings \(num_frames 8 -> 16\); use another"):
+        generate_dataset(str(tmp_path), SynthConfig(num_clips=3, **{**small, "num_frames": 16}))
