@@ -240,7 +240,7 @@ def evaluate(
     else:  # the checkpoint's own config: its architecture, clips and probe, unless --set says
         try:
             recorded = load_state(checkpoint)["config"]
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError, KeyError) as error:
             raise fail(str(error)) from None
         experiment = config_for_checkpoint(recorded, config, flags)
     if experiment.data.path is None:
@@ -275,7 +275,7 @@ def export(
         raise fail(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
     try:
         summary = export_backbone(checkpoint, out, weights)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise fail(str(error)) from None
     typer.echo(summary.line())
 

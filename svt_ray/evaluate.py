@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svt_ray.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Accuracy:
@@ -313,24 +315,33 @@ class FeatureUDF:
 def load_state(path: str) -> dict:
     """A checkpoint file (state.pt) or a checkpoint directory holding one; local or a URI.
     Loaded with `weights_only=True`: tensors and plain containers only, so a checkpoint from a
-    shared bucket cannot run code."""
+    shared bucket cannot run code. A file torch cannot read that way is a ValueError."""
     import io
+    import pickle
     from pathlib import Path
 
     if "://" in path:  # object storage: any pyarrow filesystem
         from pyarrow import fs as pafs
 
         filesystem, where = pafs.FileSystem.from_uri(path)
-        if not where.endswith(".pt"):
+        info = filesystem.get_file_info(where)
+        if info.type == pafs.FileType.Directory:
             where = f"{where.rstrip('/')}/state.pt"
+        elif info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no SVT checkpoint at {path}")
         with filesystem.open_input_stream(where) as stream:
-            return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
-    file = Path(path)
-    if file.is_dir():
-        file = file / "state.pt"
-    if not file.is_file():
-        raise FileNotFoundError(f"no SVT checkpoint at {path} (expected state.pt)")
-    return torch.load(file, map_location="cpu", weights_only=True)
+            source = io.BytesIO(stream.read())
+    else:
+        source = Path(path)
+        if source.is_dir():
+            source = source / "state.pt"
+        if not source.is_file():
+            raise FileNotFoundError(f"no SVT checkpoint at {path} (expected state.pt)")
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"{path}: not a checkpoint torch can load safely ({first})") from None
 
 
 def cpus_per_evaluation(config) -> float:
@@ -369,6 +380,14 @@ def evaluate_backbones(
     from svt_ray import data
 
     settings = config.eval
+    counts = data.read_dataset_manifest(data_path)["counts"]["splits"]
+    missing = [s for s in (settings.train_split, settings.test_split) if not counts.get(s)]
+    if missing:  # say so before decoding a whole split
+        raise ConfigError(
+            f"{data_path} has no clips of split {', '.join(map(repr, missing))} (it has "
+            f"{counts}); prepare it with a held-out split (`svt-ray prep ... --val-fraction "
+            "0.1`), or name others with --set eval.train_split=... / eval.test_split=..."
+        )
     clips = {"clip": (settings.clip_frames, settings.clip_size)}
     if settings.slow_fast:
         clips["fast"] = (settings.fast_frames, settings.fast_size)

@@ -87,6 +87,17 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
     from svt_ray.evaluate import load_state
 
     saved = load_state(checkpoint)
+    if saved.get("format") == FORMAT:
+        raise ValueError(
+            f"{checkpoint} is already an exported backbone ({saved['source']['weights']} of "
+            f"{saved['source']['checkpoint']}); export from a training checkpoint"
+        )
+    if not {"config", "step", weights} <= set(saved):
+        raise ValueError(
+            f"{checkpoint} is not an svt-ray training checkpoint (it holds "
+            f"{', '.join(map(str, list(saved)[:6]))}); pass a checkpoint_NNNNNNNN folder or "
+            "its state.pt"
+        )
     state = {key: value.detach().clone() for key, value in backbone_state(saved, weights).items()}
     config = ExperimentConfig.model_validate(saved["config"])
     build_backbone(config).load_state_dict(state)  # the file must rebuild: fail here, not later

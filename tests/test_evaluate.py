@@ -92,6 +92,28 @@ def test_load_state_from_a_folder_a_file_and_a_uri(tmp_path):
     assert load_state(tmp_path.as_uri())["step"] == 7
     with pytest.raises(FileNotFoundError, match="no SVT checkpoint"):
         load_state(str(tmp_path / "missing"))
+    torch.save({"step": 8}, tmp_path / "backbone.pth")  # any file name, over a URI too
+    assert load_state((tmp_path / "backbone.pth").as_uri())["step"] == 8
+    with pytest.raises(FileNotFoundError, match="no SVT checkpoint"):
+        load_state((tmp_path / "missing.pt").as_uri())
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02junk" * 10)
+    with pytest.raises(ValueError, match=r"junk\.pt: not a checkpoint torch can load safely"):
+        load_state(str(tmp_path / "junk.pt"))
+
+
+def test_evaluation_without_a_held_out_split_says_so_before_decoding(tmp_path):
+    import json
+
+    from data_prep.shards import SCHEMA_VERSION
+    from svt_ray.config import ConfigError, load_config
+    from svt_ray.evaluate import evaluate_backbones
+
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"schema_version": SCHEMA_VERSION, "shards": [],
+                    "counts": {"splits": {"train": 40}}})
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"no clips of split 'val' .* --val-fraction 0.1"):
+        evaluate_backbones(load_config("tiny"), {"random": None}, str(tmp_path))
 
 
 class _Payload:
@@ -99,12 +121,10 @@ class _Payload:
 
 
 def test_load_state_refuses_a_checkpoint_that_pickles_objects(tmp_path):
-    import pickle
-
     from svt_ray.evaluate import load_state
 
     torch.save({"step": 7, "payload": _Payload()}, tmp_path / "state.pt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ValueError, match=r"not a checkpoint torch can load safely .*Weights only"):
         load_state(str(tmp_path))
 
 

@@ -149,6 +149,11 @@ def test_cli_export_and_its_errors(checkpoint, tmp_path):
     result = CliRunner().invoke(app, ["export", str(checkpoint), str(out), "--weights", "ema"])
     assert result.exit_code == 2 and "error: --weights: 'ema'" in result.stderr
     assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["export", str(out), str(tmp_path / "again.pt")])
+    assert result.exit_code == 2 and "is already an exported backbone" in result.stderr
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "other.pt"), str(out)])
+    assert result.exit_code == 2 and "is not an svt-ray training checkpoint" in result.stderr
 
 
 def test_evaluation_takes_an_exported_file_as_it_takes_the_checkpoint(checkpoint, tmp_path):
