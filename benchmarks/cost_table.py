@@ -34,8 +34,8 @@ DATASETS = {
     "UCF-101 (split 1)": 9_537,
 }
 # Paper view set from 15 fps shards, one process, `python benchmarks/loader.py` on the 2-core
-# AMD EPYC development VM (docs/data.md, 2026-11-28).
-LOADER_CLIPS_PER_CPU_SECOND = 11.4
+# development VM: 0.080 CPU s a clip (docs/data.md's loader table).
+LOADER_CLIPS_PER_CPU_SECOND = 12.5
 
 
 @dataclass(frozen=True)

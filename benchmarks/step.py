@@ -50,6 +50,7 @@ from svt_ray.config import ExperimentConfig, load_config  # noqa: E402
 from svt_ray.engine import (  # noqa: E402
     TrainState,
     apply_schedule,
+    autocast_dtype_for,
     build_state,
     compile_enabled,
     parameter_groups,
@@ -93,7 +94,10 @@ VIEW_SETS = {
     ],
 }
 
-FAST_OPTIONS = {"model": {"attention": "sdpa", "view_batching": "resolution"}}
+FAST_OPTIONS = {
+    "model": {"attention": "sdpa", "view_batching": "resolution"},
+    "train": {"precision": "auto"},  # bf16 autocast on GPU (the tiny preset records fp32)
+}
 NAIVE_OPTIONS = {
     "model": {"attention": "naive", "view_batching": "view", "activation_checkpointing": False},
     # The naive step sets up its own fp16 autocast + GradScaler on GPU.
@@ -407,7 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
     device_name, peak_tflops = device_description(device)
 
     compiled = compile_enabled(config, device) if args.compile is None else args.compile
-    precision = "bf16 autocast" if on_gpu else "fp32"
+    dtype = autocast_dtype_for(with_options(config, FAST_OPTIONS), device)
+    precision = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "fp32"
     fast_settings = (
         f"SDPA, views batched per frame size, fused loss, foreach clip+EMA, {precision}"
         + (", fused AdamW" if on_gpu else "")

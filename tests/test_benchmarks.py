@@ -146,8 +146,9 @@ def test_cost_table_reads_the_step_benchmark_report(tmp_path, capsys):
     assert cost_table.main(argv) == 0
     printed = capsys.readouterr().out
     assert "100.0 clips/s per GPU: NVIDIA H100 80GB HBM3, preset paper" in printed
-    # Kinetics-400, 20 epochs, 1 GPU: 240,000 x 20 / 100 / 3600 = 13.3 h, $40
-    assert "| Kinetics-400 | 20 | 1 | 13.3 | 13 | 40 | 8.8 |" in printed
+    # Kinetics-400, 20 epochs, 1 GPU: 240,000 x 20 / 100 / 3600 = 13.3 h, $40; decoding
+    # 100 clips/s at 12.5 clips per CPU-second takes 8 cores
+    assert "| Kinetics-400 | 20 | 1 | 13.3 | 13 | 40 | 8.0 |" in printed
 
     (tmp_path / "other.json").write_text(json.dumps({"paths": []}))
     with pytest.raises(SystemExit, match=r"other\.json: not a benchmarks/step\.py --json report"):
