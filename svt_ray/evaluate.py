@@ -9,6 +9,7 @@ from shards with Ray Data lives in `svt_ray.data` and `svt_ray.train`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from svt_ray.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -413,6 +416,12 @@ def evaluate_backbones(
         order = np.argsort(rows["clip_id"], kind="stable")
         features[split] = {column: values[order] for column, values in rows.items()}
     train, test = features[settings.train_split], features[settings.test_split]
+    for split, scored in ((settings.train_split, train), (settings.test_split, test)):
+        if len(scored["label"]) < counts[split]:  # unlabelled, or failed to decode (warned)
+            logger.warning(
+                "evaluation scores %d of the %d %s clips: the others have no label or did not "
+                "decode", len(scored["label"]), counts[split], split,
+            )  # fmt: skip
     train_labels = torch.from_numpy(train["label"])
     test_labels = torch.from_numpy(test["label"])
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
