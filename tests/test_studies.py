@@ -369,6 +369,27 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_asha_lets_a_trial_that_reaches_the_budget_finish(tmp_path, synthetic_shards, ray_session):
+    """Ray's ASHA stops a trial at its last report by default, killing its run while it
+    finishes (last metrics, curves artifact, run status): with ASHA on, a trial that runs to
+    the budget ends FINISHED with its curves. Batch 2 divides the fixture's 14 training clips,
+    so the last report reaches the budget, as the shipped studies' 608 clips in batches do."""
+    spec = StudySpec(
+        "asha_smoke", "smoke: one setting to the end", [Sweep("optim.batch_size", (2,))]
+    )
+    options = _smoke_options(tmp_path, synthetic_shards)
+    options.asha, options.asha_grace_clips = True, 4
+    report = run_study(spec, options)
+    (trial,) = report.trials
+    assert trial.status == "FINISHED" and trial.clips_seen == report.budget_clips
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(options.tracking_uri).list_artifacts(trial.run_id)}
+    assert "training_curves.png" in artifacts
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ctrl_c_on_a_study_says_how_to_continue_and_writes_no_report(
     tmp_path, synthetic_shards, ray_session
 ):
