@@ -1211,9 +1211,14 @@ def _common_rung_verdict(report: StudyReport) -> str:
 
 def batch_size_verdict(report: StudyReport) -> str:
     """'Smaller batches converge faster per clip seen': compare the area under the online-kNN
-    curve over the equal clip budget, smallest against largest batch, and the rank order."""
+    curve over the clips every finished trial saw, smallest against largest batch, and the
+    rank order. A batch that does not divide the training clips sees fewer in its epochs (608
+    clips in batches of 64: 576 an epoch): the area ends where the shortest curve ends, not at
+    the budget with that curve's last value held."""
     path = "optim.batch_size"
     budget = report.budget_clips or max((t.clips_seen or 0 for t in report.trials), default=0)
+    ends = [t.curve[-1][0] for t in report.trials if t.status == "FINISHED" and t.curve]
+    budget = min([budget, *ends]) if ends else budget
     scores: dict[int, list[float]] = {}
     for trial in report.trials:
         auc = curve_auc(trial.curve, budget) if trial.status == "FINISHED" else None

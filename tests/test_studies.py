@@ -137,6 +137,13 @@ def test_batch_size_verdict_reads_the_curves():
     assert "not monotone, best batch 16" in batch_size_verdict(middle)
     one = _report([_trial({bs: 8}, 0, fast)], [bs])
     assert "fewer than two" in batch_size_verdict(one)
+    # Batch 64 saw 180 of the 200 clips (it does not divide the split): both are judged over
+    # the 180 clips both saw, not with batch 64's last value held to 200.
+    short = [(0, 10.0), (100, 20.0), (180, 60.0)]
+    uneven = _report([_trial({bs: 8}, 0, fast), _trial({bs: 64}, 0, short)], [bs])
+    area_8 = curve_auc(fast, 180)
+    area_64 = curve_auc(short, 180)
+    assert f"8: {area_8:.1f}, 64: {area_64:.1f}" in batch_size_verdict(uneven)
 
 
 def test_best_vs_worst_and_scaling_tables():
