@@ -152,7 +152,8 @@ def _discover_folder(
         raise InputError(
             f"{root}: split folders ({', '.join(sorted(set(top_levels) - set(others)))}) next to "
             f"other folders ({', '.join(others)}), whose names would become labels; move those "
-            "into a split folder or out of the input, or list the videos in a CSV manifest"
+            "into a split folder or out of the input, or list the videos in a CSV manifest (also "
+            "the way when a class is named like a split)"
         )
     videos = []
     for (full, size), relative in zip(entries, relatives, strict=True):
