@@ -166,6 +166,41 @@ def plan_shards(
     return plan
 
 
+REJECT_REASONS = (
+    "empty", "not_video", "no_video_stream", "single_frame", "too_short", "resolution",
+    "timestamps", "truncated", "unreadable", "decode_error", "crash", "timeout", "error",
+)  # fmt: skip
+
+
+def _release_for_retry(output: Output, plan: dict, reasons: set[str], write: bool) -> set[str]:
+    """Take videos out of finished shards so that this run processes them again, in new
+    shards: those rejected for one of `reasons` (`--retry`: a decoder crash on a node short of
+    memory, a timeout on a busy one), and any an earlier run stopped here left in its shard's
+    plan entry but not in its state. Each shard's state is rewritten before the plan (the
+    caller's), so a run stopped in between leaves the second kind, which the next run
+    takes. Returns the ids released; `write=False` (a dry run) changes nothing on disk."""
+    states = load_states(output, [entry["name"] for entry in plan["shards"]])
+    released: set[str] = set()
+    for entry in plan["shards"]:
+        state = states.get(entry["name"])
+        if state is None:
+            continue
+        retried = {reject["id"] for reject in state["rejects"] if reject["reason"] in reasons}
+        if retried:
+            state = {
+                **state,
+                "ids": [video_id for video_id in state["ids"] if video_id not in retried],
+                "rejects": [r for r in state["rejects"] if r["id"] not in retried],
+            }
+            if write:
+                output.write_json(state, STATE_DIR, f"{entry['name']}.json")
+        left_out = set(entry["ids"]) - set(state["ids"])
+        if left_out:
+            entry["ids"] = [video_id for video_id in entry["ids"] if video_id not in left_out]
+            released |= left_out
+    return released
+
+
 def _options_record(args: argparse.Namespace, options: PrepOptions) -> dict:
     """Everything that changes shard contents; a resumed run must use the same."""
     return {
@@ -179,6 +214,16 @@ def _options_record(args: argparse.Namespace, options: PrepOptions) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # The command
+
+
+def _reasons(text: str) -> list[str]:
+    reasons = [reason.strip() for reason in text.split(",") if reason.strip()]
+    unknown = sorted(set(reasons) - set(REJECT_REASONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown reject reason(s) {', '.join(unknown)}; choose from {', '.join(REJECT_REASONS)}"
+        )
+    return reasons
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
         "counted) after which the task is killed and the video rejected as 'timeout' "
         "(0: no limit)",
     )
+    parser.add_argument(
+        "--retry",
+        type=_reasons,
+        default=[],
+        metavar="REASON[,REASON]",
+        help="process again the videos an earlier run rejected for these reasons (e.g. "
+        "crash,timeout after giving the workers more memory or time); they go to new shards",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument(
         "--progress",
@@ -323,6 +376,13 @@ def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> in
             f"{args.output} was prepared with other options ({', '.join(changed)}); "
             "use the same options to resume, or a new output directory"
         )
+    released = (
+        _release_for_retry(output, previous, set(args.retry), write=not args.dry_run)
+        if previous
+        else set()
+    )
+    if released:
+        print(f"data_prep: {len(released)} video(s) taken out of finished shards to process again")
     label_map = build_label_map(videos, previous["label_map"] if previous else None)
     plan = plan_shards(
         previous,

@@ -488,6 +488,48 @@ def test_hung_reads_time_out_and_the_videos_queued_behind_them_do_not(tmp_path, 
     assert time.monotonic() - started > 3  # they did wait behind the hung ones
 
 
+@pytest.mark.parametrize("stopped_between_writes", [False, True])
+def test_retry_processes_again_what_a_run_rejected_for_the_reasons_named(
+    tmp_path, ray_session, stopped_between_writes
+):
+    """A video rejected as `timeout` (or `crash`) stayed rejected: its shard was done. With
+    `--retry timeout`, a re-run takes it out of its shard and processes it again in a new
+    one; the counts hold it once. A retry stopped after rewriting the shard's state and
+    before the plan leaves the video in neither: the next run takes it all the same."""
+    source, out = tmp_path / "in" / "dog", tmp_path / "out"
+    source.mkdir(parents=True)
+    encode_to_file(source / "good.mp4", numbered_frames(20, height=32, width=32))
+    os.mkfifo(source / "stuck.mp4")  # a network mount that hung this time
+    argv = [str(tmp_path / "in"), str(out), "--file-timeout", "2", "--min-frames", "8"]
+    assert data_prep.main(argv) == 0
+    assert {name: r["reason"] for name, r in _rejects(out).items()} == {"stuck.mp4": "timeout"}
+    (source / "stuck.mp4").unlink()
+    encode_to_file(source / "stuck.mp4", numbered_frames(20, height=32, width=32, seed=1))
+    assert data_prep.main(argv) == 0  # without --retry: the shard is done, nothing changes
+    assert "stuck.mp4" in _rejects(out)
+
+    if stopped_between_writes:  # what --retry writes first, and nothing after it
+        (state_file,) = (out / "_state").glob("part-*.json")
+        state = json.loads(state_file.read_text())
+        stuck = _rejects(out)["stuck.mp4"]["id"]
+        state["ids"].remove(stuck)
+        state["rejects"] = []
+        state_file.write_text(json.dumps(state))
+        assert data_prep.main(argv) == 0
+    else:
+        assert data_prep.main([*argv, "--retry", "timeout,crash"]) == 0
+    assert not _rejects(out)
+    assert sorted(Path(r["source_path"]).name for r in _rows(out)) == ["good.mp4", "stuck.mp4"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["inputs"] == 2
+    assert (manifest["counts"]["accepted"], manifest["counts"]["rejected"]) == (2, 0)
+    assert data_prep.main([*argv, "--retry", "timeout"]) == 0  # nothing left to retry
+    assert json.loads((out / "manifest.json").read_text())["counts"] == manifest["counts"]
+    with pytest.raises(SystemExit) as typo:  # argparse names it, with the reasons there are
+        data_prep.main([*argv, "--retry", "timout"])
+    assert typo.value.code == 2
+
+
 def test_csv_manifest_input_uri_output_dry_run_and_option_guard(
     tmp_path, synthetic_videos, ray_session, capsys
 ):
