@@ -714,12 +714,20 @@ def _start_mlflow_run(
         logger.warning(
             "run %s starts anew: the metrics.jsonl there before is now %s", run_name, kept
         )
+    uri = tracking_uri or config.tracking.tracking_uri
     tracker = make_tracker(
         0,
-        tracking_uri=tracking_uri or config.tracking.tracking_uri,
+        tracking_uri=uri,
         experiment=config.tracking.experiment,
         run_name=run_name,
         local_dir=log_dir,
+        run_id=_unrecorded_trial_run(
+            uri,
+            config.tracking.experiment,
+            parent_run_id,
+            extra_tags,
+            abandoned=state["mlflow_run_id"] if state else None,
+        ),
         parent_run_id=parent_run_id,
         tags={
             "svt.preset": config.preset,
@@ -742,6 +750,36 @@ def _start_mlflow_run(
         },
     )
     return tracker.run_id
+
+
+def _unrecorded_trial_run(
+    tracking_uri: str,
+    experiment: str,
+    parent_run_id: str | None,
+    tags: dict | None,
+    abandoned: str | None = None,
+) -> str | None:
+    """A study trial's child run that a driver created and never recorded in run.json (it
+    died in between, or the trial failed before training): the trial's run goes on in it,
+    instead of a second child run next to an empty one."""
+    trial = (tags or {}).get("svt.trial_id")
+    if not parent_run_id or trial is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`svt.trial_id` = '{trial}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    unfinished = [
+        run for run in runs if run.info.status != "FINISHED" and run.info.run_id != abandoned
+    ]
+    return unfinished[0].info.run_id if unfinished else None
 
 
 def _check_resumed_data(config: ExperimentConfig, run_name: str, run_dir: str, checksum: str):

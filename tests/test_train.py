@@ -419,6 +419,29 @@ def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path):
     assert start("optim.epochs=7") == second
 
 
+def test_a_trial_whose_driver_died_before_recording_its_run_goes_on_in_that_run(tmp_path):
+    """A study driver killed between creating a trial's MLflow run and writing run.json: the
+    restored trial continues in that child run, not in a second one next to an empty one."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.train import RUN_FILE, _start_mlflow_run, read_json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(
+        "tiny", overrides=[f"tracking.tracking_uri={uri}", f"train.storage_path={tmp_path}"]
+    ).resolve(64)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(config.tracking.experiment)
+    parent = client.create_run(experiment).info.run_id
+    trial = {"svt.trial_id": "t1", "svt.study": "s"}
+    orphan = client.create_run(experiment, tags={"mlflow.parentRunId": parent, **trial}).info.run_id
+    client.set_terminated(orphan, "KILLED")  # the study's closer ended it
+    assert _start_mlflow_run(config, "r", f"{tmp_path}/r", "sum", parent, trial) == orphan
+    assert read_json(f"{tmp_path}/r/{RUN_FILE}")["mlflow_run_id"] == orphan
+    other = _start_mlflow_run(config, "q", f"{tmp_path}/q", "sum", parent, {"svt.trial_id": "t2"})
+    assert other != orphan  # another trial: a run of its own
+
+
 def test_the_resumed_run_is_found_where_set_says_and_keeps_its_name(tmp_path):
     from svt_ray.config import ConfigError
     from svt_ray.train import RUN_FILE, recorded_config, write_json
