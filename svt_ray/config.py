@@ -461,10 +461,13 @@ class ExperimentConfig(_Section):
                 f"model.patch_size={model.patch_size}"
             )
         if self.optim.batch_size % self.scaling.num_workers:
+            fits = [n for n in range(1, min(self.optim.batch_size, 64) + 1)
+                    if self.optim.batch_size % n == 0]  # fmt: skip
             raise ValueError(
                 f"optim.batch_size={self.optim.batch_size} does not split over "
                 f"scaling.num_workers={self.scaling.num_workers}: use a multiple of "
-                f"{self.scaling.num_workers}"
+                f"{self.scaling.num_workers}, or a number of workers that divides it "
+                f"({', '.join(map(str, fits))})"
             )
         pieces = self.scaling.num_workers * self.optim.accumulation_steps
         if self.optim.batch_size % pieces:

@@ -62,7 +62,11 @@ def test_overrides_parse_yaml_values():
         (["loss.student_temp=-1"], "loss.student_temp"),
         (["views.flip_p=1.5"], "views.flip_p"),
         (["views.local_frames=[32]"], "views.local_frames: a 32-frame view needs a span of >= 32"),
-        (["optim.batch_size=30", "scaling.num_workers=4"], "optim.batch_size=30 does not split"),
+        (
+            ["optim.batch_size=30", "scaling.num_workers=4"],
+            "optim.batch_size=30 does not split over scaling.num_workers=4: use a multiple of 4, "
+            "or a number of workers that divides it (1, 2, 3, 5, 6, 10, 15, 30)",
+        ),
         (
             ["optim.batch_size=32", "scaling.num_workers=4", "optim.accumulation_steps=3"],
             "optim.batch_size=32 does not split into optim.accumulation_steps=3 pieces on each of "
