@@ -479,13 +479,14 @@ def test_hung_reads_time_out_and_the_videos_queued_behind_them_do_not(tmp_path, 
     for name in good:
         encode_to_file(source / name, numbered_frames(20, height=32, width=32))
     started = time.monotonic()
-    code = data_prep.main([str(source), str(tmp_path / "out"), "--file-timeout", "3"])
+    # 10 s: a good clip on a cold worker of a loaded 2-core machine is done well within it
+    code = data_prep.main([str(source), str(tmp_path / "out"), "--file-timeout", "10"])
     assert code == 0, "the run ends instead of hanging"
     rejects = _rejects(tmp_path / "out")
     assert {name: r["reason"] for name, r in rejects.items()} == dict.fromkeys(hung, "timeout")
     assert all("after it started" in r["detail"] for r in rejects.values())
     assert sorted(Path(row["source_path"]).name for row in _rows(tmp_path / "out")) == sorted(good)
-    assert time.monotonic() - started > 3  # they did wait behind the hung ones
+    assert time.monotonic() - started > 10  # they did wait behind the hung ones
 
 
 @pytest.mark.parametrize("stopped_between_writes", [False, True])
@@ -500,7 +501,7 @@ def test_retry_processes_again_what_a_run_rejected_for_the_reasons_named(
     source.mkdir(parents=True)
     encode_to_file(source / "good.mp4", numbered_frames(20, height=32, width=32))
     os.mkfifo(source / "stuck.mp4")  # a network mount that hung this time
-    argv = [str(tmp_path / "in"), str(out), "--file-timeout", "2", "--min-frames", "8"]
+    argv = [str(tmp_path / "in"), str(out), "--file-timeout", "10", "--min-frames", "8"]
     assert data_prep.main(argv) == 0
     assert {name: r["reason"] for name, r in _rejects(out).items()} == {"stuck.mp4": "timeout"}
     (source / "stuck.mp4").unlink()
@@ -633,7 +634,7 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
         stderr=log.open("w"),
     )
     state = resumed / "_state"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a fresh Ray on a loaded 2-core machine
     while time.monotonic() < deadline and len(list(state.glob("part-*.json"))) < 2:
         assert process.poll() is None, (
             f"data_prep ended (exit {process.returncode}) before it could be killed:\n"

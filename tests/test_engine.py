@@ -192,6 +192,7 @@ def _data_parallel_steps(rank: int, world: int, store: str, overrides, batches, 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    threads = torch.get_num_threads()  # put back after: rank 0 may run in the test process
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -223,6 +224,7 @@ def _data_parallel_steps(rank: int, world: int, store: str, overrides, batches, 
             f"{out}.{world}.{rank}",
         )
     finally:
+        torch.set_num_threads(threads)
         if world > 1:
             dist.destroy_process_group()
 

@@ -179,7 +179,7 @@ def test_a_run_that_loses_a_node_restarts_from_its_checkpoint_when_a_node_is_bac
         cluster.command("remove")  # the worker node dies with its Train worker
         # Ray Train counts one failure and starts a new worker group, which needs 2 x 2 CPUs
         # while 3 are left: it waits for room.
-        wait_for(lambda: log.read_text(errors="replace").count(STARTING) == 2, 120,
+        wait_for(lambda: log.read_text(errors="replace").count(STARTING) >= 2, 120,
                  "restart after the failure", driver, log)  # fmt: skip
         time.sleep(3)
         waited = log.read_text(errors="replace")

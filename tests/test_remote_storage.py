@@ -7,7 +7,6 @@ import os
 import pickle
 import shutil
 import tempfile
-from pathlib import Path
 
 import pytest
 import ray.train
@@ -73,9 +72,11 @@ def test_each_rank_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, monkeypat
         return real_load(file, **kwargs)
 
     monkeypatch.setattr(torch, "load", load_while_another_rank_loads)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # this test's copies only
+    (tmp_path / "tmp").mkdir()
     for state in (load_checkpoint(checkpoint, "cpu"), other_rank[0]):
         assert state["step"] == 7 and torch.equal(state["weights"], saved["weights"])
-    leftovers = list(Path(tempfile.gettempdir()).glob("svt_checkpoint_*"))
+    leftovers = list((tmp_path / "tmp").glob("svt_checkpoint_*"))
     assert not leftovers, f"temporary copies left behind: {leftovers}"
 
 

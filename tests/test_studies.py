@@ -322,7 +322,12 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     # 2. Run it again somewhere else, as on a new cluster whose head restored the MLflow store
     #    and the study's storage: Tune restores the study; the finished trial is not re-run;
     #    the restored trials use the new places, not the ones Tune saved in their configs.
-    time.sleep(2)  # the killed driver's trial actors go with it
+    # The killed driver's trial actors go with it: wait until Ray has every CPU back.
+    deadline = time.time() + 120
+    while time.time() < deadline and ray_session.available_resources().get(
+        "CPU", 0
+    ) < ray_session.cluster_resources().get("CPU", 0):
+        time.sleep(0.5)
     old.rename(new)
     old.mkdir()  # the old path exists on the new machine, empty: nothing may write there
     options = _smoke_options(new, synthetic_shards)

@@ -53,6 +53,7 @@ class _Outage:
 
     def __init__(self, run: MLflowTracker, stall_s: float = 0.0):
         self.down, self.stall_s, self.sent = threading.Event(), stall_s, []
+        self.refused = threading.Event()  # a call met the outage
         self.real = run.client.log_batch
         run.client.log_batch = self
         run._sender.retry_s = (0.01, 0.05)
@@ -60,6 +61,7 @@ class _Outage:
     def __call__(self, *args, **kwargs):
         if self.down.is_set():
             time.sleep(self.stall_s)
+            self.refused.set()
             raise MlflowException("API request failed with exception Connection refused")
         self.real(*args, **kwargs)
         self.sent.append(len(kwargs.get("metrics") or []))
@@ -81,6 +83,7 @@ def test_an_outage_mid_run_holds_values_back_without_stalling_training(tmp_path,
     assert time.perf_counter() - started < 0.5  # one failed call takes 0.5 s: none waited
     assert not run.flush(timeout_s=0.2)  # still held back
     assert "has not taken 9 call(s)" in caplog.text and "tracking sync" in caplog.text
+    assert outage.refused.wait(30)  # the sender met the outage (its thread's pace, not ours)
     outage.down.clear()
     assert run.flush(timeout_s=30)
     assert "training goes on" in caplog.text

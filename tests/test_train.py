@@ -627,17 +627,25 @@ def test_a_quiet_driver_prints_the_progress_lines_from_the_runs_metrics_file(tmp
         return {"step": float(step), "epoch": step / 10, "loss": 1.0 / step, "clips_per_s": 8.0,
                 "data_wait_fraction": 0.5, **extra}  # fmt: skip
 
+    printed: list[str] = []
+
+    def wait_for_line(deadline_s: float = 30.0) -> None:  # the reader thread's pace, not ours
+        deadline = time.monotonic() + deadline_s
+        while not printed and time.monotonic() < deadline:
+            printed.extend(capsys.readouterr().out.splitlines())
+            time.sleep(0.02)
+
     following = progress_from_metrics(metrics_file, "demo", 20, every_s=3600, poll_s=0.02)
     with following, open(metrics_file, "a") as file:
         file.write(json.dumps({"clips_seen": 0, "online_knn_top1": 25.0}) + "\n")
         file.write(json.dumps(row(4)) + "\n")
         file.flush()
-        time.sleep(0.3)  # read: the first line
+        wait_for_line()  # the first line, printed once read
         file.write(json.dumps(row(5)) + "\n" + json.dumps(row(20))[:10])  # half a row
         file.flush()
-        time.sleep(0.3)  # read: step 5, not due; the half row waits
+        time.sleep(0.3)  # step 5, not due, read or not; the half row waits
         file.write(json.dumps(row(20))[10:] + "\n")
-    lines = capsys.readouterr().out.splitlines()
+    lines = printed + capsys.readouterr().out.splitlines()
     assert len(lines) == 2, lines
     assert lines[0].startswith("demo step 4/20 (20%) | epoch 0.40 | loss 0.250 | kNN 25.0 |")
     assert lines[1].startswith("demo step 20/20 (100%) | epoch 2.00 | loss 0.050 | kNN 25.0 |")
