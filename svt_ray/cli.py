@@ -27,7 +27,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect and validate experiment configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 tracking_app = typer.Typer(
-    help="Back up and restore a SQLite MLflow store (the cluster head's, to the bucket).",
+    help="Send MLflow a run's metrics it lacks (sync), and back up / restore a SQLite MLflow "
+    "store (the cluster head's, to the bucket).",
     no_args_is_help=True,
 )
 app.add_typer(tracking_app, name="tracking")

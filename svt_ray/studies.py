@@ -957,7 +957,9 @@ def collect_study(
         found = client.get_experiment_by_name(experiment)
         if found is None:
             raise ConfigError(
-                f"no MLflow experiment {experiment!r} in {tracking_uri}; pass --experiment"
+                f"no MLflow experiment {experiment!r} in {tracking_uri}: no study has logged to "
+                "this store under that name; run one (`python studies/NAME.py`), or point "
+                "--tracking-uri (and --experiment) at the store a study used"
             )
         if parent_run_id is not None:
             parent = get_run(parent_run_id, "study parent run")

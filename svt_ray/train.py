@@ -803,6 +803,25 @@ def _check_resumed_data(config: ExperimentConfig, run_name: str, run_dir: str, c
         )  # fmt: skip
 
 
+def _check_resumed_recipe(config: ExperimentConfig, run_name: str, run_dir: str) -> None:
+    """A run with checkpoints continues with the recipe it has: `pretrain --resume` takes it
+    from run.json, but the demo (its fixed run name in a used --workdir) and code calling
+    `run_pretraining` pass their own, which would otherwise be dropped without a word (a demo
+    with another seed reported the earlier run's checkpoint against a new random init).
+    Settings the record lacks (added by a later version) are not compared."""
+    recorded = (read_json(join_uri(run_dir, RUN_FILE)) or {}).get("config")
+    if recorded is None:
+        return
+    before = flatten_tree(recorded)
+    changed = [line for line in _recipe_changes(recorded, config) if line.split(":")[0] in before]
+    if changed:
+        raise ConfigError(
+            f"run {run_name!r} has checkpoints of another recipe ({'; '.join(changed[:5])}); "
+            "continue it as it is (`svt-ray pretrain --resume`), or give this one another run "
+            "name (the demo: another --workdir)"
+        )
+
+
 def _recipe_changes(recorded: dict[str, Any], config: ExperimentConfig) -> list[str]:
     """`key: recorded -> now` for the settings of a run's recipe (not where and how it runs,
     `RESUMABLE_SETTINGS`) that differ between its run.json and `config`."""
@@ -911,12 +930,13 @@ def run_pretraining(
     if progress is not None and not resume:
         raise ConfigError(
             f"run {run_name!r} already has checkpoints up to step {progress['step']} in {run_dir}; "
-            "pass --resume to continue it or --set train.run_name=<new name>"
+            f"continue it with `--resume {run_name}`, or name a new one with --run-name NAME"
         )
     if resume and progress is None:
         logger.info("no checkpoint of run %s yet: starting it", run_name)
     if resume and progress is not None:
         _check_resumed_data(resolved, run_name, run_dir, data.manifest_checksum(manifest))
+        _check_resumed_recipe(resolved, run_name, run_dir)
     if read_json(join_uri(run_dir, DIVERGED_FILE)) is not None:
         raise TrainingDivergedError(
             f"run {run_name!r} diverged before ({run_dir}/{DIVERGED_FILE}); change the recipe "

@@ -471,6 +471,25 @@ def test_a_resume_on_other_data_is_refused_if_its_schedule_would_change(tmp_path
         _check_resumed_data(load_config("tiny").resolve(80), "r", run_dir, "bbbb")
 
 
+def test_a_run_with_checkpoints_continues_only_with_its_own_recipe(tmp_path):
+    """The demo runs under a fixed name in its --workdir: `svt-ray demo --set train.seed=1`
+    in a used folder reported the seed-0 checkpoint against a seed-1 random init. A recipe
+    other than the recorded one is refused; where and how it runs may differ, and a setting
+    the record lacks (added by a later version) is not compared."""
+    from svt_ray.config import ConfigError
+    from svt_ray.train import RUN_FILE, _check_resumed_recipe, write_json
+
+    run_dir = str(tmp_path / "demo")
+    recorded = load_config("tiny").resolve(64).model_dump(mode="json")
+    del recorded["data"]["prefetch_batches"]  # a record from before that setting existed
+    write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": "x", "config": recorded})
+    _check_resumed_recipe(load_config("tiny", overrides=["scaling.num_workers=2"]).resolve(64),
+                          "demo", run_dir)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"another recipe \(train.seed: 0 -> 1\)"):
+        _check_resumed_recipe(load_config("tiny", overrides=["train.seed=1"]).resolve(64),
+                              "demo", run_dir)  # fmt: skip
+
+
 def test_an_address_where_no_ray_answers_is_one_line_naming_the_flag(monkeypatch):
     import ray
 
