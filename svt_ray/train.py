@@ -794,7 +794,8 @@ def _check_resumed_data(config: ExperimentConfig, run_name: str, run_dir: str, c
         raise ConfigError(
             f"--resume {run_name}: {config.data.path} holds {now} training clips, the run "
             f"started with {before}; its schedule would change mid-run. Pass the data it "
-            "started with (moved is fine), or start a new run on this data"
+            "started with (moved is fine), or start a new run on this data (the demo: another "
+            "--workdir)"
         )
     if recorded.get("dataset_checksum") not in (None, checksum):
         logger.warning(
