@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from svt_ray.config import load_config
+from svt_ray.config import ConfigError, load_config
 from svt_ray.evaluate import evaluate_backbones, format_table
 from svt_ray.tracking import METRICS_FILE
 
@@ -51,6 +51,15 @@ def run_demo(
     if tracking_uri:
         flags.append(f"tracking.tracking_uri={tracking_uri}")
     config = load_config("tiny", overrides=[*flags, *overrides])
+    run_dir = train.run_directory(config.train.storage_path, DEMO_RUN)
+    progress = train.read_json(train.join_uri(run_dir, train.PROGRESS_FILE))
+    if progress is not None and (shards / "manifest.json").exists():
+        made = json.loads((shards / "manifest.json").read_text())["counts"]["inputs"]
+        if made < num_clips:  # said before any clip is made: the run would refuse the data
+            raise ConfigError(
+                f"{workdir} holds a demo trained on {made} clips; for --clips {num_clips} use "
+                "another --workdir (or remove this one)"
+            )
 
     # Decode actors need CPUs that the Train workers do not hold (ray_notes.md §6.3): on a
     # small machine Ray gets more logical CPUs than cores, so Data is never starved.
@@ -66,8 +75,6 @@ def run_demo(
     prepare_synthetic_data(workdir, config, num_clips, between=stage_2)
 
     _stage(3, f"SVT pretraining: tiny preset, {workers} Ray Train workers on CPU")
-    run_dir = train.run_directory(config.train.storage_path, DEMO_RUN)
-    progress = train.read_json(train.join_uri(run_dir, train.PROGRESS_FILE))
     clips = data.split_count(data.read_dataset_manifest(str(shards)), "train")
     metrics_file = train.local_log_directory(config, DEMO_RUN) / METRICS_FILE
     with train.progress_from_metrics(  # the workers do not log here: a quiet demo

@@ -59,3 +59,20 @@ def test_the_demo_data_grows_with_more_clips_asked_for(tmp_path, ray_session, ca
     assert "holds 12 clips, made by an earlier run for more than the 10 asked for" in (
         capsys.readouterr().out
     )
+
+
+def test_a_demo_with_more_clips_in_a_used_workdir_is_refused_before_any_work(tmp_path):
+    """Its finished run would refuse the grown data (another schedule): said at once, with
+    the way out, before clips are made and sharded."""
+    import json
+
+    from svt_ray.config import ConfigError
+
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "progress.json").write_text('{"step": 304}')
+    (tmp_path / "synthetic_shards").mkdir()
+    manifest = {"counts": {"inputs": 400}}
+    (tmp_path / "synthetic_shards" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="holds a demo trained on 400 clips; for --clips 800"):
+        run_demo(tmp_path, num_clips=800, workers=1, overrides=[])
+    assert not (tmp_path / "synthetic_videos").exists()
