@@ -782,12 +782,11 @@ def _unrecorded_trial_run(
     return unfinished[0].info.run_id if unfinished else None
 
 
-def _check_resumed_data(config: ExperimentConfig, run_name: str, run_dir: str, checksum: str):
+def _check_resumed_data(config: ExperimentConfig, run_name: str, recorded: dict, checksum: str):
     """A resumed run trains on the data it started with (moved is fine): other data with
     another number of training clips would change its schedule mid-run (steps per epoch, hence
     the lr, warm-up and momentum curves), so it is refused; other data of the same size is
     only warned about."""
-    recorded = read_json(join_uri(run_dir, RUN_FILE)) or {}
     before = recorded.get("config", {}).get("derived", {}).get("clips_per_epoch")
     now = config.derived.clips_per_epoch
     if before is not None and before != now:
@@ -804,17 +803,15 @@ def _check_resumed_data(config: ExperimentConfig, run_name: str, run_dir: str, c
         )  # fmt: skip
 
 
-def _check_resumed_recipe(config: ExperimentConfig, run_name: str, run_dir: str) -> None:
+def _check_resumed_recipe(config: ExperimentConfig, run_name: str, recorded: dict) -> None:
     """A run with checkpoints continues with the recipe it has: `pretrain --resume` takes it
     from run.json, but the demo (its fixed run name in a used --workdir) and code calling
     `run_pretraining` pass their own, which would otherwise be dropped without a word (a demo
     with another seed reported the earlier run's checkpoint against a new random init).
     Settings the record lacks (added by a later version) are not compared."""
-    recorded = (read_json(join_uri(run_dir, RUN_FILE)) or {}).get("config")
-    if recorded is None:
+    if "config" not in recorded:
         return
-    before = flatten_tree(recorded)
-    changed = [line for line in _recipe_changes(recorded, config) if line.split(":")[0] in before]
+    changed = _recipe_changes(recorded["config"], config, recorded_keys_only=True)
     if changed:
         raise ConfigError(
             f"run {run_name!r} has checkpoints of another recipe ({'; '.join(changed[:5])}); "
@@ -823,13 +820,17 @@ def _check_resumed_recipe(config: ExperimentConfig, run_name: str, run_dir: str)
         )
 
 
-def _recipe_changes(recorded: dict[str, Any], config: ExperimentConfig) -> list[str]:
+def _recipe_changes(
+    recorded: dict[str, Any], config: ExperimentConfig, recorded_keys_only: bool = False
+) -> list[str]:
     """`key: recorded -> now` for the settings of a run's recipe (not where and how it runs,
-    `RESUMABLE_SETTINGS`) that differ between its run.json and `config`."""
+    `RESUMABLE_SETTINGS`) that differ between its run.json and `config`; with
+    `recorded_keys_only`, the settings the record has (not those a later version added)."""
     before, now = flatten_tree(recorded), config.flat()
+    keys = set(before) if recorded_keys_only else set(before) | set(now)
     return [
         f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
-        for key in sorted(set(before) | set(now))
+        for key in sorted(keys)
         if key not in RESUMABLE_SETTINGS
         and not key.startswith("derived.")
         and before.get(key) != now.get(key)
@@ -936,8 +937,9 @@ def run_pretraining(
     if resume and progress is None:
         logger.info("no checkpoint of run %s yet: starting it", run_name)
     if resume and progress is not None:
-        _check_resumed_data(resolved, run_name, run_dir, data.manifest_checksum(manifest))
-        _check_resumed_recipe(resolved, run_name, run_dir)
+        recorded_run = read_json(join_uri(run_dir, RUN_FILE)) or {}  # read once for both
+        _check_resumed_data(resolved, run_name, recorded_run, data.manifest_checksum(manifest))
+        _check_resumed_recipe(resolved, run_name, recorded_run)
     if read_json(join_uri(run_dir, DIVERGED_FILE)) is not None:
         raise TrainingDivergedError(
             f"run {run_name!r} diverged before ({run_dir}/{DIVERGED_FILE}); change the recipe "

@@ -470,6 +470,20 @@ def test_a_local_study_asking_for_gpus_ray_lacks_fails_before_any_trial(
     assert not (tmp_path / "runs").exists()
 
 
+def _finished_run(client, experiment_id: str, knn: float, **tags: str) -> str:
+    """A FINISHED run whose online kNN goes from 30 at 0 clips seen to `knn` at 100."""
+    from mlflow.entities import Metric
+
+    run = client.create_run(experiment_id, tags=tags)
+    points = [(0, 30.0), (100, knn)]
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(METRIC, value, 1_000 + step, step) for step, value in points],
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
 def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(tmp_path):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -549,7 +563,6 @@ def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_pat
 
 
 def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path):
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -564,17 +577,10 @@ def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path):
         )  # fmt: skip
         client.log_param(run.info.run_id, "sweep.views.num_local", "0,4")
         for locals_, knn in ((0, 40.0), (4, 70.0)):
-            child = client.create_run(
-                experiment_id,
-                tags={"mlflow.parentRunId": run.info.run_id, "svt.seed": "0",
-                      "svt.sweep.views.num_local": str(locals_)},
-            )  # fmt: skip
-            points = [(0, 30.0), (100, knn)]
-            client.log_batch(
-                child.info.run_id,
-                metrics=[Metric(METRIC, value, 1_000 + step, step) for step, value in points],
-            )
-            client.set_terminated(child.info.run_id, "FINISHED")
+            _finished_run(client, experiment_id, knn, **{
+                "mlflow.parentRunId": run.info.run_id, "svt.seed": "0",
+                "svt.sweep.views.num_local": str(locals_),
+            })  # fmt: skip
         return run.info.run_id
 
     parent("current", "svt_ray.studies:best_vs_worst_verdict")
@@ -639,21 +645,10 @@ def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path):
 def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experiment(
     tmp_path, caplog
 ):
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-
-    def finished_run(experiment_id: str, knn: float, **tags: str) -> str:
-        run = client.create_run(experiment_id, tags=tags)
-        points = [(0, 30.0), (100, knn)]
-        client.log_batch(
-            run.info.run_id,
-            metrics=[Metric(METRIC, value, 1_000 + step, step) for step, value in points],
-        )
-        client.set_terminated(run.info.run_id, "FINISHED")
-        return run.info.run_id
 
     studies = client.create_experiment("svt-ray-studies")
     parents = []
@@ -662,7 +657,7 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
             studies, start_time=start, tags={"svt.study": "s", "svt.study_role": "parent"}
         ).info.run_id
         client.log_param(parent, "sweep.optim.batch_size", "8")
-        finished_run(studies, knn, **{"mlflow.parentRunId": parent,
+        _finished_run(client, studies, knn, **{"mlflow.parentRunId": parent,
                                       "svt.sweep.optim.batch_size": "8"})  # fmt: skip
         parents.append(parent)
     assert (
@@ -677,7 +672,7 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
     plain = client.create_experiment("svt-ray")
     run_ids = []
     for batch, seed in itertools.product((64, 8, 16), (0, 1)):
-        run_id = finished_run(plain, 50.0 + batch / 8 + seed)
+        run_id = _finished_run(client, plain, 50.0 + batch / 8 + seed)
         client.log_param(run_id, "optim.batch_size", str(batch))
         client.log_param(run_id, "train.seed", str(seed))
         client.log_param(run_id, "train.run_name", f"b{batch}-s{seed}")

@@ -457,18 +457,19 @@ def test_the_resumed_run_is_found_where_set_says_and_keeps_its_name(tmp_path):
 
 def test_a_resume_on_other_data_is_refused_if_its_schedule_would_change(tmp_path, caplog):
     from svt_ray.config import ConfigError
-    from svt_ray.train import RUN_FILE, _check_resumed_data, write_json
+    from svt_ray.train import RUN_FILE, _check_resumed_data, read_json, write_json
 
     run_dir = str(tmp_path / "r")
     started = load_config("tiny").resolve(64)
     record = {"mlflow_run_id": "x", "config": started.model_dump(mode="json")}
     write_json(f"{run_dir}/{RUN_FILE}", {**record, "dataset_checksum": "aaaa"})
-    _check_resumed_data(load_config("tiny").resolve(64), "r", run_dir, "aaaa")  # moved: fine
+    recorded = read_json(f"{run_dir}/{RUN_FILE}")
+    _check_resumed_data(load_config("tiny").resolve(64), "r", recorded, "aaaa")  # moved: fine
     assert not caplog.text
-    _check_resumed_data(load_config("tiny").resolve(64), "r", run_dir, "bbbb")
+    _check_resumed_data(load_config("tiny").resolve(64), "r", recorded, "bbbb")
     assert "resumes on other data than it started with" in caplog.text
     with pytest.raises(ConfigError, match="holds 80 training clips, the run started with 64"):
-        _check_resumed_data(load_config("tiny").resolve(80), "r", run_dir, "bbbb")
+        _check_resumed_data(load_config("tiny").resolve(80), "r", recorded, "bbbb")
 
 
 def test_a_run_with_checkpoints_continues_only_with_its_own_recipe(tmp_path):
@@ -477,17 +478,18 @@ def test_a_run_with_checkpoints_continues_only_with_its_own_recipe(tmp_path):
     other than the recorded one is refused; where and how it runs may differ, and a setting
     the record lacks (added by a later version) is not compared."""
     from svt_ray.config import ConfigError
-    from svt_ray.train import RUN_FILE, _check_resumed_recipe, write_json
+    from svt_ray.train import RUN_FILE, _check_resumed_recipe, read_json, write_json
 
     run_dir = str(tmp_path / "demo")
     recorded = load_config("tiny").resolve(64).model_dump(mode="json")
     del recorded["data"]["prefetch_batches"]  # a record from before that setting existed
     write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": "x", "config": recorded})
+    record = read_json(f"{run_dir}/{RUN_FILE}")
     _check_resumed_recipe(load_config("tiny", overrides=["scaling.num_workers=2"]).resolve(64),
-                          "demo", run_dir)  # fmt: skip
+                          "demo", record)  # fmt: skip
     with pytest.raises(ConfigError, match=r"another recipe \(train.seed: 0 -> 1\)"):
         _check_resumed_recipe(load_config("tiny", overrides=["train.seed=1"]).resolve(64),
-                              "demo", run_dir)  # fmt: skip
+                              "demo", record)  # fmt: skip
 
 
 def test_an_address_where_no_ray_answers_is_one_line_naming_the_flag(monkeypatch):
