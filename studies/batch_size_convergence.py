@@ -14,7 +14,8 @@ import sys
 
 from _common import SMALL_BUDGET
 
-from svt_ray.studies import StudySpec, Sweep, batch_size_verdict, study_main
+from svt_ray.studies import StudySpec, Sweep, study_main
+from svt_ray.study_report import batch_size_verdict
 
 SPEC = StudySpec(
     name="batch_size_convergence",

@@ -12,7 +12,8 @@ import sys
 
 from _common import SMALL_BUDGET
 
-from svt_ray.studies import StudySpec, Sweep, scaling_verdict, study_main
+from svt_ray.studies import StudySpec, Sweep, study_main
+from svt_ray.study_report import scaling_verdict
 
 SPEC = StudySpec(
     name="scaling",

@@ -11,7 +11,8 @@ import sys
 
 from _common import SMALL_BUDGET
 
-from svt_ray.studies import StudySpec, Sweep, best_vs_worst_verdict, study_main
+from svt_ray.studies import StudySpec, Sweep, study_main
+from svt_ray.study_report import best_vs_worst_verdict
 
 COUNTS = ((2, 0), (2, 2), (2, 4), (2, 8), (3, 4))
 VIEWS = Sweep(

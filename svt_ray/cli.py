@@ -182,11 +182,11 @@ def pretrain(
     ] = None,
 ) -> None:
     """Pretrain SVT with Ray Train; checkpoints to --storage, metrics to MLflow."""
+    from svt_ray.runs import recorded_config
     from svt_ray.train import (
         RunInterruptedError,
         RunStoppedError,
         TrainingDivergedError,
-        recorded_config,
         run_pretraining,
     )
 
@@ -231,9 +231,9 @@ def evaluate(
 
     With --checkpoint, the settings it was trained with (clips, probe, data loading) apply, as
     --config and --set change them; --preset applies to random init only."""
+    from svt_ray.cluster import ensure_ray, local_ray_cpus
     from svt_ray.data import read_dataset_manifest
     from svt_ray.evaluate import cpus_per_evaluation, evaluate_backbones, format_table, load_state
-    from svt_ray.train import ensure_ray, local_ray_cpus
 
     flags = [*(overrides or []), *_cli_overrides(data, address=address)]
     if checkpoint is None:
@@ -374,7 +374,7 @@ def compare(
     ] = Path("compare"),
 ) -> None:
     """Rebuild a study's table and plots from MLflow alone (or compare any runs)."""
-    from svt_ray.studies import collect_study
+    from svt_ray.study_report import collect_study
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri
 
     if (study is None) == (runs is None):
@@ -469,8 +469,7 @@ def tracking_sync(
     outage that outlasted the run): the one of this machine, or the run directory's copy on
     remote storage when that goes further. With a local run directory, run it where the run's
     rank 0 ran."""
-    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, sync_metrics
-    from svt_ray.train import (
+    from svt_ray.runs import (
         RUN_FILE,
         config_from_record,
         fetch_metrics,
@@ -479,6 +478,7 @@ def tracking_sync(
         read_json,
         run_directory,
     )
+    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, sync_metrics
 
     storage = storage or "svt_runs"
     run_dir = run_directory(storage, run_name)

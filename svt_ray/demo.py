@@ -38,6 +38,9 @@ def run_demo(
     tracking_uri: str | None = None,
 ) -> dict:
     from svt_ray import data, train
+    from svt_ray.cluster import cpus_per_run, ensure_ray, local_ray_cpus
+    from svt_ray.progress import progress_from_metrics
+    from svt_ray.runs import PROGRESS_FILE, join_uri, local_log_directory, read_json, run_directory
 
     started = time.perf_counter()
     workdir = workdir.resolve()
@@ -51,8 +54,8 @@ def run_demo(
     if tracking_uri:
         flags.append(f"tracking.tracking_uri={tracking_uri}")
     config = load_config("tiny", overrides=[*flags, *overrides])
-    run_dir = train.run_directory(config.train.storage_path, DEMO_RUN)
-    progress = train.read_json(train.join_uri(run_dir, train.PROGRESS_FILE))
+    run_dir = run_directory(config.train.storage_path, DEMO_RUN)
+    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
     if progress is not None and (shards / "manifest.json").exists():
         made = json.loads((shards / "manifest.json").read_text())["counts"]["inputs"]
         if made < num_clips:  # said before any clip is made: the run would refuse the data
@@ -63,9 +66,9 @@ def run_demo(
 
     # Decode actors need CPUs that the Train workers do not hold (ray_notes.md §6.3): on a
     # small machine Ray gets more logical CPUs than cores, so Data is never starved.
-    train.ensure_ray(
+    ensure_ray(
         None,
-        num_cpus=train.local_ray_cpus(train.cpus_per_run(config)),
+        num_cpus=local_ray_cpus(cpus_per_run(config)),
         include_dashboard=False,
         log_to_driver=False,
     )
@@ -76,8 +79,8 @@ def run_demo(
 
     _stage(3, f"SVT pretraining: tiny preset, {workers} Ray Train workers on CPU")
     clips = data.split_count(data.read_dataset_manifest(str(shards)), "train")
-    metrics_file = train.local_log_directory(config, DEMO_RUN) / METRICS_FILE
-    with train.progress_from_metrics(  # the workers do not log here: a quiet demo
+    metrics_file = local_log_directory(config, DEMO_RUN) / METRICS_FILE
+    with progress_from_metrics(  # the workers do not log here: a quiet demo
         metrics_file, DEMO_RUN, config.resolve(clips).derived.total_steps,
         config.train.progress_every_s,
     ):  # fmt: skip

@@ -349,7 +349,7 @@ def load_state(path: str) -> dict:
 
 def cpus_per_evaluation(config) -> float:
     """Logical CPUs `evaluate_backbones` holds on one node: a decode actor, the inference actor
-    and one CPU for Ray Data's read tasks (the local-Ray rule of `train.cpus_per_run`)."""
+    and one CPU for Ray Data's read tasks (the local-Ray rule of `cluster.cpus_per_run`)."""
     return config.data.decode_cpus + 2
 
 
@@ -361,7 +361,7 @@ def inference_gpus(config) -> float:
     asking for a GPU there would wait forever)."""
     import ray
 
-    from svt_ray.train import joins_a_cluster
+    from svt_ray.cluster import joins_a_cluster
 
     if ray.cluster_resources().get("GPU", 0) >= 1:
         return 1.0

@@ -509,7 +509,7 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     if workers > 1:  # Ray is the distributed engine: one task per chunk of clips
         import ray
 
-        from svt_ray.train import joins_a_cluster
+        from svt_ray.cluster import joins_a_cluster
 
         started_ray = not ray.is_initialized()
         if started_ray:  # a cluster (RAY_ADDRESS in a Ray job) refuses num_cpus

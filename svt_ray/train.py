@@ -15,19 +15,19 @@ step, the checkpoint holds student, teacher, optimiser, loss centre and step, an
 factory starts the stream at the epoch of the latest checkpoint (the worker then skips the
 batches of that epoch it already trained on). The same path serves a worker lost in the
 middle of a run (`FailureConfig`) and `svt-ray pretrain --resume`.
+
+Around it: `runs.py` (the run's folder, run.json and its MLflow run, what a resume may change),
+`cluster.py` (joining a cluster or starting a local Ray sized for the run) and `progress.py`
+(the console's progress lines).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
 import shlex
-import sys
 import tempfile
 import threading
 import time
@@ -42,9 +42,15 @@ from pyarrow import fs as pafs
 from ray.train.torch import TorchTrainer
 
 from data_prep.inputs import resolve_filesystem
-from data_prep.shards import write_file
 from svt_ray import data
-from svt_ray.config import ConfigError, ExperimentConfig, flatten_tree
+from svt_ray.cluster import (
+    check_local_gpus,
+    cpus_per_run,
+    ensure_ray,
+    joins_a_cluster,
+    local_ray_cpus,
+)
+from svt_ray.config import ConfigError, ExperimentConfig
 from svt_ray.engine import (
     NonFiniteLossError,
     build_state,
@@ -53,30 +59,39 @@ from svt_ray.engine import (
     train_step,
     weights_finite,
 )
+from svt_ray.progress import ConsoleProgress, DataWait
+from svt_ray.runs import (
+    DIVERGED_FILE,
+    PROGRESS_FILE,
+    RUN_FILE,
+    check_resumed_data,
+    check_resumed_recipe,
+    default_run_name,
+    download_file,
+    end_mlflow_run,
+    fetch_metrics,
+    join_uri,
+    local_log_directory,
+    mirror_metrics,
+    read_json,
+    run_directory,
+    start_mlflow_run,
+    storage_root,
+    write_json,
+)
 from svt_ray.tracking import (
-    METRICS_FILE,
     absolute_tracking_uri,
     check_tracking_uri,
     cluster_tracking_uri,
-    git_commit,
     make_tracker,
-    read_metrics_file,
 )
 from svt_ray.views import view_slots
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
-PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the latest checkpoint Ray Train registered
-RUN_FILE = "run.json"  # {storage}/{run}/: the MLflow run id and the resolved config
-DIVERGED_FILE = "diverged.json"  # {storage}/{run}/: written when the loss became non-finite
 # Ray Train 2.60's DEFAULT_WORKER_GROUP_START_TIMEOUT_S: how long one worker-group start waits.
 START_TIMEOUT_ENV, START_TIMEOUT_DEFAULT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0
-# Environment of a local Ray instance that `ensure_ray` starts (its processes inherit it; a
-# value the user set wins). Ray Train's controller polls its workers every 2 s by default and
-# acts on a finished run or a registered checkpoint only at a poll: about 6 s of a 29 s test
-# run on 2 cores. At 0.5 s the same run takes 21-24 s. Clusters keep Ray's default.
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -90,99 +105,6 @@ class RunStoppedError(RuntimeError):
 
 class RunInterruptedError(RunStoppedError):
     """The user stopped the run (Ctrl-C); its checkpoints are kept for `--resume`."""
-
-
-# -- storage helpers (local folders and any pyarrow filesystem URI) -------------------------
-
-
-def storage_root(storage_path: str) -> str:
-    """A local storage path made absolute (Ray Train needs that); URIs pass unchanged."""
-    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """`base/part/...` for a local path or a filesystem URI. A URI's query string (pyarrow's
-    options, e.g. `?endpoint_override=HOST:PORT&scheme=http` for an S3-compatible server) stays
-    at the end, where pyarrow reads it."""
-    path, mark, query = base.partition("?") if "://" in base else (base, "", "")
-    return "/".join([path.rstrip("/"), *parts]) + mark + query
-
-
-def read_json(path: str) -> dict | None:
-    filesystem, local = resolve_filesystem(path)
-    if filesystem.get_file_info(local).type == pafs.FileType.NotFound:
-        return None
-    with filesystem.open_input_stream(local) as stream:
-        return json.loads(stream.read())
-
-
-def write_json(path: str, payload: dict) -> None:
-    write_file(path, json.dumps(payload, indent=1).encode())
-
-
-def run_directory(storage_path: str, run_name: str) -> str:
-    """Where a run's checkpoints, run.json and progress.json live (a path or a URI)."""
-    return join_uri(storage_root(storage_path), run_name)
-
-
-def local_log_directory(config: ExperimentConfig, run_name: str) -> Path:
-    """Where metrics.jsonl and plots go: the run directory when it is local, else a temporary
-    folder named after the run's URI, so that runs of one name on two storages never share
-    a metrics.jsonl (a resumed run finds its own again)."""
-    run_dir = run_directory(config.train.storage_path, run_name)
-    if "://" not in run_dir:
-        return Path(run_dir)
-    digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "svt_ray_runs" / f"{run_name}-{digest}"
-
-
-def download_file(filesystem: pafs.FileSystem, path: str, destination: Path) -> None:
-    """Stream one file of `filesystem` to a local file, 8 MiB at a time."""
-    with filesystem.open_input_stream(path) as stream, open(destination, "wb") as file:
-        while piece := stream.read(8 << 20):
-            file.write(piece)
-
-
-def mirror_metrics(log_dir: Path, run_dir: str) -> None:
-    """[rank 0] Copy the run's metrics.jsonl into its run directory when that is remote
-    storage (at every checkpoint): a restart on another node, the driver's curve plot and
-    `svt-ray tracking sync` find it there once the node that trained is gone. A failed copy
-    is only logged; the next checkpoint tries again."""
-    source = log_dir / METRICS_FILE
-    if "://" not in run_dir or not source.is_file():
-        return  # a local run directory is the log directory itself
-    try:
-        write_file(join_uri(run_dir, METRICS_FILE), source)
-    except OSError as error:
-        logger.warning("%s not copied to %s: %s", source, run_dir, error)
-
-
-def fetch_metrics(log_dir: Path, run_dir: str) -> Path:
-    """The run's metrics.jsonl in `log_dir`, replaced by the run directory's copy
-    (`mirror_metrics`) when that copy reaches a later step: rank 0 restarted on another node,
-    or a driver or `tracking sync` on a machine other than the one that trained."""
-    local = log_dir / METRICS_FILE
-    if "://" not in run_dir:
-        return local
-    filesystem, path = resolve_filesystem(join_uri(run_dir, METRICS_FILE))
-    if filesystem.get_file_info(path).type != pafs.FileType.File:
-        return local
-    log_dir.mkdir(parents=True, exist_ok=True)
-    download = log_dir / f".{METRICS_FILE}.download"
-    download_file(filesystem, path, download)
-
-    def last_step(file: Path) -> int:
-        return max((int(line["clips_seen"]) for line in read_metrics_file(file)), default=-1)
-
-    if last_step(download) > last_step(local):
-        os.replace(download, local)
-    else:
-        download.unlink()
-    return local
-
-
-def default_run_name(config: ExperimentConfig) -> str:
-    return config.train.run_name or f"{config.preset}-seed{config.train.seed}"
 
 
 # -- the dataset factory (called by the Train controller at every worker-group start) ------
@@ -462,153 +384,6 @@ def online_knn_every(config: ExperimentConfig) -> int:
     return settings.online_every
 
 
-DATA_WAIT_WARNING = 0.10  # share of its step time a run waits for data before it says so
-
-
-@dataclass
-class DataWait:
-    """[rank 0] The share of a session's step time spent waiting for data (its first step,
-    which waits for the pipeline to start, left out), and what to try when that is much."""
-
-    waited_s: float = 0.0
-    total_s: float = 0.0
-    steps: int = 0
-
-    def add(self, waited_s: float, total_s: float) -> None:
-        self.steps += 1
-        if self.steps > 1:
-            self.waited_s += waited_s
-            self.total_s += total_s
-
-    @property
-    def share(self) -> float:
-        return self.waited_s / self.total_s if self.total_s > 0 else 0.0
-
-    def hint(self, config: ExperimentConfig) -> str | None:
-        if self.share < DATA_WAIT_WARNING:
-            return None
-        text = (
-            f"training waited for data {100 * self.share:.0f}% of its step time "
-            "(data_wait_fraction): more decode CPUs help (data.decode_actors, CPU worker nodes "
-            "on a cluster)"
-        )
-        if config.data.preserve_order and not config.data.deterministic:
-            text += (
-                "; with more than about 16 decode actors per training worker, a slow clip holds "
-                "back the ones after it: raise data.prefetch_batches, or data.preserve_order=false "
-                "lets finished clips overtake it (docs/data.md)"
-            )
-        return text
-
-
-@dataclass
-class ConsoleProgress:
-    """[rank 0] What the console shows of a run: one line at the first step, then one every
-    `every_s` seconds and one at the last step, e.g.
-
-        tiny-seed0 step 120/304 (39%) | epoch 1.97 | loss 7.932 | kNN 41.2 | 61.3 clips/s |
-        data wait 4% | 1m58s, ETA 3m01s
-
-    Ray forwards it from the worker to the driver's console (prefixed with the worker's pid),
-    and to `ray job logs` on a cluster. The ETA extrapolates the steps per second since the
-    first line (online kNN included; the first batch's wait for the pipeline left out).
-    """
-
-    run_name: str
-    total_steps: int
-    started: float  # time.perf_counter() when this session's loop started
-    every_s: float  # 0: never
-    first: tuple[int, float] | None = None  # (step, time) of the first line
-    last_printed: float | None = None
-
-    def maybe_print(self, step: int, metrics: dict[str, float], now: float) -> bool:
-        if self.every_s <= 0:
-            return False
-        due = (
-            self.last_printed is None
-            or step >= self.total_steps
-            or now - self.last_printed >= self.every_s
-        )
-        if due:  # not print(): Ray Train's patched print would log it a second time
-            sys.stdout.write(self.line(step, metrics, now) + "\n")
-            sys.stdout.flush()
-            self.last_printed = now
-            self.first = self.first or (step, now)
-        return due
-
-    def line(self, step: int, metrics: dict[str, float], now: float) -> str:
-        parts = [
-            f"{self.run_name} step {step}/{self.total_steps} "
-            f"({100 * step / self.total_steps:.0f}%)",
-            f"epoch {metrics['epoch']:.2f}",
-            f"loss {metrics['loss']:.3f}",
-        ]
-        if "online_knn_top1" in metrics:
-            parts.append(f"kNN {metrics['online_knn_top1']:.1f}")
-        timing = _duration(now - self.started)
-        if self.first is not None and step > self.first[0] and step < self.total_steps:
-            rate = (step - self.first[0]) / max(now - self.first[1], 1e-9)  # steps per second
-            timing += f", ETA {_duration((self.total_steps - step) / rate)}"
-        parts += [
-            f"{metrics['clips_per_s']:.1f} clips/s",
-            f"data wait {100 * metrics['data_wait_fraction']:.0f}%",
-            timing,
-        ]
-        return " | ".join(parts)
-
-
-@contextlib.contextmanager
-def progress_from_metrics(
-    metrics_file: Path, run_name: str, total_steps: int, every_s: float, poll_s: float = 1.0
-):
-    """[driver] Print a local run's progress lines (`ConsoleProgress`) from the metrics.jsonl
-    its rank 0 appends to, while the body runs: for a driver whose Ray workers do not log to
-    its console (the demo starts Ray with log_to_driver=False). Rows already in the file (a
-    resumed run's) are skipped; the last rows are read once more when the body ends."""
-    progress = ConsoleProgress(run_name, total_steps, time.perf_counter(), every_s)
-    offset = metrics_file.stat().st_size if metrics_file.exists() else 0
-    latest: dict[str, float] = {}
-    stop = threading.Event()
-
-    def read_new_rows() -> None:
-        nonlocal offset
-        if not metrics_file.exists():
-            return
-        with open(metrics_file, "rb") as file:
-            file.seek(offset)
-            chunk = file.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a row being written waits for next time
-        offset += len(complete)
-        rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        for row in rows:
-            latest.update(row)  # the online kNN stays from the row that had it
-        if rows and "loss" in latest:  # the first row may hold only the step-0 online kNN
-            progress.maybe_print(int(latest["step"]), latest, time.perf_counter())
-
-    def follow() -> None:
-        while not stop.wait(poll_s):
-            read_new_rows()
-
-    thread = threading.Thread(target=follow, name="progress-from-metrics", daemon=True)
-    thread.start()
-    try:
-        yield progress
-    finally:
-        stop.set()
-        thread.join()
-        read_new_rows()
-
-
-def _duration(seconds: float) -> str:
-    """3h05m, 4m07s, 12s."""
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
-
-
 class _OnlineMetrics:
     """Online kNN of the teacher on rank 0 every `eval.online_every` steps (off at 0).
 
@@ -677,229 +452,6 @@ class PretrainResult:
     already_finished: bool = False  # resumed at its last step: Ray Train was not started
 
 
-def _start_mlflow_run(
-    config: ExperimentConfig,
-    run_name: str,
-    run_dir: str,
-    manifest_checksum: str,
-    parent_run_id: str | None,
-    extra_tags: dict[str, str] | None,
-    tracking_uri: str | None = None,
-) -> str:
-    """[driver] Create the run (params and tags logged once) or find the one to resume.
-
-    `config` is what is recorded (params, config.yaml, run.json); `tracking_uri`, if given, is
-    where to reach the store from here (the cluster address of a loopback URI, which run.json
-    must not keep: a resume on a new cluster would look for the old head)."""
-    state = read_json(join_uri(run_dir, RUN_FILE))
-    if state is not None:
-        changed = _recipe_changes(state["config"], config)
-        if not changed or read_json(join_uri(run_dir, PROGRESS_FILE)) is not None:
-            return state["mlflow_run_id"]
-        # An attempt that ended before its first checkpoint recorded another recipe: nothing
-        # of it can be resumed, and keeping its run.json would hand a later --resume the old
-        # recipe. This run starts anew, in a new MLflow run.
-        logger.warning(
-            "run %s had no checkpoint yet and was started with another recipe (%s): it "
-            "starts anew with this one", run_name, "; ".join(changed[:5]),
-        )  # fmt: skip
-        _end_mlflow_run(
-            tracking_uri or config.tracking.tracking_uri, state["mlflow_run_id"], "KILLED"
-        )
-    log_dir = local_log_directory(config, run_name)
-    stale = log_dir / METRICS_FILE
-    if stale.exists():  # of an earlier run of this name whose run directory was deleted
-        kept = stale.with_name(f"{METRICS_FILE}.{time.strftime('%Y%m%d-%H%M%S')}.old")
-        stale.rename(kept)
-        logger.warning(
-            "run %s starts anew: the metrics.jsonl there before is now %s", run_name, kept
-        )
-    uri = tracking_uri or config.tracking.tracking_uri
-    tracker = make_tracker(
-        0,
-        tracking_uri=uri,
-        experiment=config.tracking.experiment,
-        run_name=run_name,
-        local_dir=log_dir,
-        run_id=_unrecorded_trial_run(
-            uri,
-            config.tracking.experiment,
-            parent_run_id,
-            extra_tags,
-            abandoned=state["mlflow_run_id"] if state else None,
-        ),
-        parent_run_id=parent_run_id,
-        tags={
-            "svt.preset": config.preset,
-            "svt.git_commit": git_commit(),
-            "svt.dataset_checksum": manifest_checksum,
-            "svt.world_size": config.scaling.num_workers,
-            "svt.run_dir": run_dir,
-            **(extra_tags or {}),
-        },
-    )
-    tracker.log_params(config.flat())
-    tracker.log_text(config.dump(), "config.yaml")
-    tracker.close()  # the run is resumable from here on: run.json names it
-    write_json(
-        join_uri(run_dir, RUN_FILE),
-        {
-            "mlflow_run_id": tracker.run_id,
-            "config": config.model_dump(mode="json"),
-            "dataset_checksum": manifest_checksum,
-        },
-    )
-    return tracker.run_id
-
-
-def _unrecorded_trial_run(
-    tracking_uri: str,
-    experiment: str,
-    parent_run_id: str | None,
-    tags: dict | None,
-    abandoned: str | None = None,
-) -> str | None:
-    """A study trial's child run that a driver created and never recorded in run.json (it
-    died in between, or the trial failed before training): the trial's run goes on in it,
-    instead of a second child run next to an empty one."""
-    trial = (tags or {}).get("svt.trial_id")
-    if not parent_run_id or trial is None:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`svt.trial_id` = '{trial}'",
-        order_by=["attributes.start_time DESC"],
-    )
-    unfinished = [
-        run for run in runs if run.info.status != "FINISHED" and run.info.run_id != abandoned
-    ]
-    return unfinished[0].info.run_id if unfinished else None
-
-
-def _check_resumed_data(config: ExperimentConfig, run_name: str, recorded: dict, checksum: str):
-    """A resumed run trains on the data it started with (moved is fine): other data with
-    another number of training clips would change its schedule mid-run (steps per epoch, hence
-    the lr, warm-up and momentum curves), so it is refused; other data of the same size is
-    only warned about."""
-    before = recorded.get("config", {}).get("derived", {}).get("clips_per_epoch")
-    now = config.derived.clips_per_epoch
-    if before is not None and before != now:
-        raise ConfigError(
-            f"--resume {run_name}: {config.data.path} holds {now} training clips, the run "
-            f"started with {before}; its schedule would change mid-run. Pass the data it "
-            "started with (moved is fine), or start a new run on this data (the demo: another "
-            "--workdir)"
-        )
-    if recorded.get("dataset_checksum") not in (None, checksum):
-        logger.warning(
-            "run %s resumes on other data than it started with (%s; checksum %s, was %s)",
-            run_name, config.data.path, checksum, recorded["dataset_checksum"],
-        )  # fmt: skip
-
-
-def _check_resumed_recipe(config: ExperimentConfig, run_name: str, recorded: dict) -> None:
-    """A run with checkpoints continues with the recipe it has: `pretrain --resume` takes it
-    from run.json, but the demo (its fixed run name in a used --workdir) and code calling
-    `run_pretraining` pass their own, which would otherwise be dropped without a word (a demo
-    with another seed reported the earlier run's checkpoint against a new random init).
-    Settings the record lacks (added by a later version) are not compared."""
-    if "config" not in recorded:
-        return
-    changed = _recipe_changes(recorded["config"], config, recorded_keys_only=True)
-    if changed:
-        raise ConfigError(
-            f"run {run_name!r} has checkpoints of another recipe ({'; '.join(changed[:5])}); "
-            "continue it as it is (`svt-ray pretrain --resume`), or give this one another run "
-            "name (the demo: another --workdir)"
-        )
-
-
-def _recipe_changes(
-    recorded: dict[str, Any], config: ExperimentConfig, recorded_keys_only: bool = False
-) -> list[str]:
-    """`key: recorded -> now` for the settings of a run's recipe (not where and how it runs,
-    `RESUMABLE_SETTINGS`) that differ between its run.json and `config`; with
-    `recorded_keys_only`, the settings the record has (not those a later version added)."""
-    before, now = flatten_tree(recorded), config.flat()
-    keys = set(before) if recorded_keys_only else set(before) | set(now)
-    return [
-        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
-        for key in sorted(keys)
-        if key not in RESUMABLE_SETTINGS
-        and not key.startswith("derived.")
-        and before.get(key) != now.get(key)
-    ]
-
-
-def cpus_per_run(config: ExperimentConfig) -> float:
-    """Logical CPUs one pretraining holds: its Train workers, its decode actor and one CPU for
-    Ray Data's read tasks. A run whose Data cannot get a CPU waits forever (ray_notes.md §6.3)."""
-    scaling = config.scaling
-    return scaling.num_workers * scaling.cpus_per_worker + config.data.decode_cpus + 1
-
-
-def local_ray_cpus(needed: float) -> int:
-    """Logical CPUs for a local Ray instance: the machine's cores, or more when a run needs
-    more (a laptop with 2 cores running 2 workers). Over-declaring is safe here: every Train
-    worker and decode actor sets its own torch thread count."""
-    return max(os.cpu_count() or 1, math.ceil(needed))
-
-
-def joins_a_cluster(address: str | None) -> bool:
-    """Whether Ray runs on a cluster rather than on a local instance this process starts: an
-    address given, or RAY_ADDRESS (set in a `ray job submit` job), which `ray.init()` joins."""
-    if address:
-        return address != "local"
-    return os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
-
-
-def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any) -> None:
-    """Connect to `address` (or to RAY_ADDRESS, as in a `ray job submit` job), or start a local
-    Ray instance with `num_cpus` logical CPUs (and `LOCAL_RAY_ENV`, unless the user set those
-    variables). Ray refuses `num_cpus` when joining a cluster."""
-    if not ray.is_initialized():
-        options.setdefault("log_to_driver", True)
-        cluster = joins_a_cluster(address)
-        if not cluster:
-            for name, value in LOCAL_RAY_ENV.items():
-                os.environ.setdefault(name, value)
-        try:
-            ray.init(address=address, num_cpus=None if cluster else num_cpus, **options)
-        except ConnectionError as error:
-            where = address or os.environ.get("RAY_ADDRESS")
-            raise ConfigError(
-                f"scaling.address: no Ray cluster answers at {where} ({error}); start one "
-                "(`ray start --head`, or `ray up ray_cluster.yaml`), or leave out --address for "
-                "a local Ray instance"
-            ) from None
-    data.set_progress_bars(data.progress_bars_wanted())  # for datasets the driver runs itself
-
-
-def check_local_gpus(config: ExperimentConfig) -> None:
-    """[driver] A local Ray instance has the GPUs of this machine and no more: a run that asks
-    for more would wait for them (`train.wait_for_workers_s`, 20 minutes by default) and then
-    fail. On a cluster (`scaling.address`, or RAY_ADDRESS as in a `ray job submit` job, which
-    `ray.init()` joins) the autoscaler may still add GPUs, so it is not checked there."""
-    scaling = config.scaling
-    needed = scaling.num_workers * scaling.gpus_per_worker
-    if joins_a_cluster(scaling.address) or not needed:
-        return
-    have = ray.cluster_resources().get("GPU", 0)
-    if have < needed:
-        raise ConfigError(
-            f"scaling.gpus_per_worker: {scaling.num_workers} worker(s) x "
-            f"{scaling.gpus_per_worker:g} GPU need {needed:g} GPU(s), and the local Ray instance "
-            f"has {have:g}; pass --gpus-per-worker 0 to train on CPU, fewer --workers, or the "
-            "--address of a cluster with GPUs"
-        )
-
-
 def run_pretraining(
     config: ExperimentConfig,
     *,
@@ -938,8 +490,8 @@ def run_pretraining(
         logger.info("no checkpoint of run %s yet: starting it", run_name)
     if resume and progress is not None:
         recorded_run = read_json(join_uri(run_dir, RUN_FILE)) or {}  # read once for both
-        _check_resumed_data(resolved, run_name, recorded_run, data.manifest_checksum(manifest))
-        _check_resumed_recipe(resolved, run_name, recorded_run)
+        check_resumed_data(resolved, run_name, recorded_run, data.manifest_checksum(manifest))
+        check_resumed_recipe(resolved, run_name, recorded_run)
     if read_json(join_uri(run_dir, DIVERGED_FILE)) is not None:
         raise TrainingDivergedError(
             f"run {run_name!r} diverged before ({run_dir}/{DIVERGED_FILE}); change the recipe "
@@ -957,7 +509,7 @@ def run_pretraining(
         resolved.tracking.tracking_uri = cluster_tracking_uri(
             resolved.tracking.tracking_uri, ray.util.get_node_ip_address()
         )
-    mlflow_run_id = _start_mlflow_run(
+    mlflow_run_id = start_mlflow_run(
         recorded, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags,
         tracking_uri=resolved.tracking.tracking_uri,
     )  # fmt: skip
@@ -1016,14 +568,14 @@ def run_pretraining(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        _end_mlflow_run(resolved.tracking.tracking_uri, mlflow_run_id, "FAILED")
+        end_mlflow_run(resolved.tracking.tracking_uri, mlflow_run_id, "FAILED")
         raise RunStoppedError(
             _stopped_message(resolved, run_name, run_dir, error, _dead_nodes() - dead_before)
         ) from error
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C: Ray Train's SIGINT handler aborts the Train controller, and the driver's
         # wait for it ends in SystemExit (KeyboardInterrupt before the handler is in place).
-        _end_mlflow_run(resolved.tracking.tracking_uri, mlflow_run_id, "KILLED")
+        end_mlflow_run(resolved.tracking.tracking_uri, mlflow_run_id, "KILLED")
         kept, command = _resume_hint(resolved, run_name, run_dir)
         raise RunInterruptedError(
             f"run {run_name!r} interrupted. It keeps {kept} in {run_dir}; continue it with "
@@ -1163,16 +715,6 @@ def _resume_hint(config: ExperimentConfig, run_name: str, run_dir: str) -> tuple
     return kept, shlex.join(resume)
 
 
-def _end_mlflow_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """[driver] Close a run its rank 0 could not close; MLflow being down is only logged."""
-    try:
-        import mlflow
-
-        mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
-    except Exception as error:
-        logger.warning("MLflow run %s not marked %s: %s", run_id, status, error)
-
-
 def _checkpoint_location(checkpoint: ray.train.Checkpoint | None, run_dir: str) -> str | None:
     """Where a checkpoint is, as `load_state` and `svt-ray eval` take it. Ray gives a path
     inside its filesystem (`bucket/runs/...`: no scheme, no query), so a remote one is named
@@ -1199,57 +741,3 @@ def _log_curves(
     )
     tracker.log_artifact(png)
     tracker.finish()
-
-
-# Where and how a run runs, not what it learns: `pretrain --resume` may change these.
-RESUMABLE_SETTINGS = frozenset({
-    "scaling.num_workers", "scaling.address", "scaling.gpus_per_worker",
-    "scaling.cpus_per_worker", "tracking.tracking_uri", "tracking.flush_timeout_s",
-    "train.storage_path", "train.run_name", "train.max_failures", "train.wait_for_workers_s",
-    "train.progress_every_s", "data.path", "data.decode_actors", "data.decode_cpus",
-    "data.decode_threads", "data.prefetch_batches", "data.preserve_order",
-})  # fmt: skip
-
-
-def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> ExperimentConfig:
-    """The config a run was started with (from its run.json), for `pretrain --resume`.
-
-    Only where and how it runs may change (workers, address, tracking URI, storage); the
-    recipe is the recorded one, so a resumed run stays one experiment.
-    """
-    from svt_ray.config import parse_override
-
-    for item in flags:  # where the run is may be given as --set too; its name may not change
-        keys, value = parse_override(item)
-        if keys == ["train", "storage_path"]:
-            storage_path = str(value)
-        elif keys == ["train", "run_name"] and value != run_name:
-            raise ConfigError(
-                f"--resume {run_name}: a resumed run keeps its name; drop --run-name {value}"
-            )
-    run_dir = run_directory(storage_path, run_name)
-    recorded = read_json(join_uri(run_dir, RUN_FILE))
-    if recorded is None:
-        raise ConfigError(
-            f"--resume {run_name}: no run.json in {run_dir}; check --storage and the run name"
-        )
-    return config_from_record(recorded, run_name, flags)
-
-
-def config_from_record(recorded: dict, run_name: str, flags: list[str]) -> ExperimentConfig:
-    """A run.json's config with `flags` (`KEY=VALUE`, `RESUMABLE_SETTINGS` only) applied."""
-    from svt_ray.config import parse_override, validate_config
-
-    tree = recorded["config"]
-    tree.pop("derived", None)
-    for item in flags:
-        keys, value = parse_override(item)
-        key = ".".join(keys)
-        if key not in RESUMABLE_SETTINGS:
-            raise ConfigError(
-                f"--resume keeps the recorded recipe; {key} cannot change (what may: "
-                f"{', '.join(sorted(RESUMABLE_SETTINGS))})"
-            )
-        tree.setdefault(keys[0], {})[keys[1]] = value
-    tree["train"]["run_name"] = run_name
-    return validate_config(tree)

@@ -71,7 +71,7 @@ def ray_session():
     not later changes to it.
     """
     ray = pytest.importorskip("ray")
-    from svt_ray.train import LOCAL_RAY_ENV
+    from svt_ray.cluster import LOCAL_RAY_ENV
 
     started = not ray.is_initialized()
     with pytest.MonkeyPatch.context() as patch:

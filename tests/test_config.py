@@ -143,13 +143,14 @@ def test_a_folder_that_is_not_a_dataset_is_one_line_that_says_what_to_do(
     """pretrain, eval and the study scripts check --data before they start Ray or train."""
     import json
 
-    from svt_ray import studies, train
+    from svt_ray import cluster, studies, train
     from svt_ray.studies import StudySpec, Sweep, study_main
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a folder that is not a dataset")
 
-    monkeypatch.setattr(train, "ensure_ray", no_ray)
+    monkeypatch.setattr(train, "ensure_ray", no_ray)  # pretrain
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)  # eval and the studies
     monkeypatch.setattr(studies, "largest_trial", lambda *args: load_config("tiny"))
     empty = tmp_path / "videos"
     empty.mkdir()

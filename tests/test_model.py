@@ -216,8 +216,18 @@ def test_model_import_pulls_in_neither_ray_nor_mlflow():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_runs_record_and_a_studys_report_load_without_ray():
+    """`svt-ray compare` and `tracking sync` read MLflow and run.json: no Ray start-up cost."""
+    code = (
+        "import sys, svt_ray.runs, svt_ray.progress, svt_ray.study_report; "
+        "assert 'ray' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_import_contracts_hold():
-    """import-linter: the core modules never import Ray, MLflow or Typer, even indirectly."""
+    """import-linter: the core modules never import Ray, MLflow or Typer, even indirectly; a
+    run's record, the console progress and a study's report never import Ray."""
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(["lint-imports"], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

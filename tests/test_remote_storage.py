@@ -17,17 +17,16 @@ from pyarrow import fs as pafs
 import data_prep
 from svt_ray.config import ConfigError, load_config
 from svt_ray.evaluate import load_state
-from svt_ray.tracking import read_metrics_file
-from svt_ray.train import (
+from svt_ray.runs import (
     PROGRESS_FILE,
     RUN_FILE,
     fetch_metrics,
     join_uri,
-    load_checkpoint,
     read_json,
     recorded_config,
-    run_pretraining,
 )
+from svt_ray.tracking import read_metrics_file
+from svt_ray.train import load_checkpoint, run_pretraining
 
 
 def listing(filesystem: pafs.FileSystem, folder: str) -> set[str]:

@@ -207,7 +207,7 @@ def test_tracking_sync_command(tmp_path):
     from typer.testing import CliRunner
 
     from svt_ray.cli import app, build_config
-    from svt_ray.train import RUN_FILE, write_json
+    from svt_ray.runs import RUN_FILE, write_json
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = tmp_path / "runs"
@@ -242,7 +242,7 @@ def test_metrics_travel_with_a_remote_run_directory(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from svt_ray.cli import app, build_config
-    from svt_ray.train import (
+    from svt_ray.runs import (
         RUN_FILE,
         fetch_metrics,
         local_log_directory,

@@ -15,15 +15,11 @@ import torch
 from factories import SHORT_RUN
 
 from svt_ray import train as train_module
+from svt_ray.cluster import cpus_per_run, local_ray_cpus
 from svt_ray.config import ConfigError, load_config
 from svt_ray.evaluate import evaluate_backbones, load_state
-from svt_ray.train import (
-    PROGRESS_FILE,
-    TrainingDivergedError,
-    cpus_per_run,
-    local_ray_cpus,
-    run_pretraining,
-)
+from svt_ray.runs import PROGRESS_FILE
+from svt_ray.train import TrainingDivergedError, run_pretraining
 
 pytestmark = pytest.mark.ray
 
@@ -246,7 +242,7 @@ def test_a_local_ray_instance_has_room_for_the_workers_and_the_data(monkeypatch)
 
 
 def test_a_local_ray_gets_the_local_environment_unless_the_user_set_it(monkeypatch):
-    from svt_ray import train
+    from svt_ray import cluster
 
     seen, cpus = [], []
 
@@ -254,21 +250,21 @@ def test_a_local_ray_gets_the_local_environment_unless_the_user_set_it(monkeypat
         seen.append(dict(os.environ))
         cpus.append(kwargs["num_cpus"])
 
-    monkeypatch.setattr(train.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(train.ray, "init", init)
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", init)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    (name, value), *_ = train.LOCAL_RAY_ENV.items()
+    (name, value), *_ = cluster.LOCAL_RAY_ENV.items()
     monkeypatch.delenv(name, raising=False)
-    train.ensure_ray("ray://head:10001")  # a cluster keeps Ray's defaults
+    cluster.ensure_ray("ray://head:10001")  # a cluster keeps Ray's defaults
     assert name not in seen[-1]
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # a `ray job submit` job: the same,
-    train.ensure_ray(None, num_cpus=2)  # and no num_cpus, which ray.init refuses there
+    cluster.ensure_ray(None, num_cpus=2)  # and no num_cpus, which ray.init refuses there
     assert name not in seen[-1] and cpus[-1] is None
     monkeypatch.delenv("RAY_ADDRESS")
-    train.ensure_ray(None, num_cpus=2)  # a local Ray that svt-ray starts
+    cluster.ensure_ray(None, num_cpus=2)  # a local Ray that svt-ray starts
     assert seen[-1][name] == value and cpus[-1] == 2
     monkeypatch.setenv(name, "3")
-    train.ensure_ray(None, num_cpus=2)
+    cluster.ensure_ray(None, num_cpus=2)
     assert seen[-1][name] == "3"
 
 
@@ -356,14 +352,14 @@ def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_pa
     cluster must find the store the user named, so run.json records that one."""
     from mlflow.tracking import MlflowClient
 
-    from svt_ray.train import RUN_FILE, _start_mlflow_run
+    from svt_ray.runs import RUN_FILE, start_mlflow_run
 
     given = f"sqlite:///{tmp_path / 'given.db'}"
     reached = f"sqlite:///{tmp_path / 'reached.db'}"  # stands for http://HEAD-IP:5000
     overrides = [f"tracking.tracking_uri={given}", f"train.storage_path={tmp_path / 'runs'}"]
     config = load_config("tiny", overrides=overrides).resolve(64)
     run_dir = tmp_path / "runs" / "r"
-    run_id = _start_mlflow_run(config, "r", str(run_dir), "sum", None, None, tracking_uri=reached)
+    run_id = start_mlflow_run(config, "r", str(run_dir), "sum", None, None, tracking_uri=reached)
     record = json.loads((run_dir / RUN_FILE).read_text())
     assert record["config"]["tracking"]["tracking_uri"] == given
     assert MlflowClient(reached).get_run(run_id).info.run_name == "r"  # created where reached
@@ -373,8 +369,8 @@ def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, monke
     """A run directory deleted and a run of the same name started again: the metrics.jsonl
     left in its local log directory (remote storage: a temporary folder) is moved aside, or
     the new run's tracker would take its steps for logged ones and send them to MLflow."""
+    from svt_ray.runs import local_log_directory, start_mlflow_run
     from svt_ray.tracking import METRICS_FILE
-    from svt_ray.train import _start_mlflow_run, local_log_directory
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     runs = f"file://{tmp_path}/bucket/runs"
@@ -384,7 +380,7 @@ def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, monke
     log_dir = local_log_directory(config, "r")
     log_dir.mkdir(parents=True)
     (log_dir / METRICS_FILE).write_text('{"clips_seen": 400, "time": 1.0, "loss": 3.0}\n')
-    _start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
+    start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
     assert not (log_dir / METRICS_FILE).exists()
     (old,) = log_dir.glob(f"{METRICS_FILE}.*.old")
     assert "400" in old.read_text()
@@ -396,7 +392,7 @@ def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path):
     train with the old recipe; the same recipe, or a run with checkpoints, keeps its run."""
     from mlflow.tracking import MlflowClient
 
-    from svt_ray.train import PROGRESS_FILE, RUN_FILE, _start_mlflow_run, read_json, write_json
+    from svt_ray.runs import PROGRESS_FILE, RUN_FILE, read_json, start_mlflow_run, write_json
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs = str(tmp_path / "runs")
@@ -406,7 +402,7 @@ def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path):
             "tiny",
             overrides=[f"tracking.tracking_uri={uri}", f"train.storage_path={runs}", *overrides],
         ).resolve(64)
-        return _start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
+        return start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
 
     first = start("optim.batch_size=32")
     assert start("optim.batch_size=32", "scaling.num_workers=2") == first  # how it runs
@@ -424,7 +420,7 @@ def test_a_trial_whose_driver_died_before_recording_its_run_goes_on_in_that_run(
     restored trial continues in that child run, not in a second one next to an empty one."""
     from mlflow.tracking import MlflowClient
 
-    from svt_ray.train import RUN_FILE, _start_mlflow_run, read_json
+    from svt_ray.runs import RUN_FILE, read_json, start_mlflow_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(
@@ -436,15 +432,15 @@ def test_a_trial_whose_driver_died_before_recording_its_run_goes_on_in_that_run(
     trial = {"svt.trial_id": "t1", "svt.study": "s"}
     orphan = client.create_run(experiment, tags={"mlflow.parentRunId": parent, **trial}).info.run_id
     client.set_terminated(orphan, "KILLED")  # the study's closer ended it
-    assert _start_mlflow_run(config, "r", f"{tmp_path}/r", "sum", parent, trial) == orphan
+    assert start_mlflow_run(config, "r", f"{tmp_path}/r", "sum", parent, trial) == orphan
     assert read_json(f"{tmp_path}/r/{RUN_FILE}")["mlflow_run_id"] == orphan
-    other = _start_mlflow_run(config, "q", f"{tmp_path}/q", "sum", parent, {"svt.trial_id": "t2"})
+    other = start_mlflow_run(config, "q", f"{tmp_path}/q", "sum", parent, {"svt.trial_id": "t2"})
     assert other != orphan  # another trial: a run of its own
 
 
 def test_the_resumed_run_is_found_where_set_says_and_keeps_its_name(tmp_path):
     from svt_ray.config import ConfigError
-    from svt_ray.train import RUN_FILE, recorded_config, write_json
+    from svt_ray.runs import RUN_FILE, recorded_config, write_json
 
     runs = tmp_path / "elsewhere"
     config = load_config("tiny", overrides=[f"train.storage_path={runs}"]).resolve(64)
@@ -457,19 +453,19 @@ def test_the_resumed_run_is_found_where_set_says_and_keeps_its_name(tmp_path):
 
 def test_a_resume_on_other_data_is_refused_if_its_schedule_would_change(tmp_path, caplog):
     from svt_ray.config import ConfigError
-    from svt_ray.train import RUN_FILE, _check_resumed_data, read_json, write_json
+    from svt_ray.runs import RUN_FILE, check_resumed_data, read_json, write_json
 
     run_dir = str(tmp_path / "r")
     started = load_config("tiny").resolve(64)
     record = {"mlflow_run_id": "x", "config": started.model_dump(mode="json")}
     write_json(f"{run_dir}/{RUN_FILE}", {**record, "dataset_checksum": "aaaa"})
     recorded = read_json(f"{run_dir}/{RUN_FILE}")
-    _check_resumed_data(load_config("tiny").resolve(64), "r", recorded, "aaaa")  # moved: fine
+    check_resumed_data(load_config("tiny").resolve(64), "r", recorded, "aaaa")  # moved: fine
     assert not caplog.text
-    _check_resumed_data(load_config("tiny").resolve(64), "r", recorded, "bbbb")
+    check_resumed_data(load_config("tiny").resolve(64), "r", recorded, "bbbb")
     assert "resumes on other data than it started with" in caplog.text
     with pytest.raises(ConfigError, match="holds 80 training clips, the run started with 64"):
-        _check_resumed_data(load_config("tiny").resolve(80), "r", recorded, "bbbb")
+        check_resumed_data(load_config("tiny").resolve(80), "r", recorded, "bbbb")
 
 
 def test_a_run_with_checkpoints_continues_only_with_its_own_recipe(tmp_path):
@@ -478,25 +474,25 @@ def test_a_run_with_checkpoints_continues_only_with_its_own_recipe(tmp_path):
     other than the recorded one is refused; where and how it runs may differ, and a setting
     the record lacks (added by a later version) is not compared."""
     from svt_ray.config import ConfigError
-    from svt_ray.train import RUN_FILE, _check_resumed_recipe, read_json, write_json
+    from svt_ray.runs import RUN_FILE, check_resumed_recipe, read_json, write_json
 
     run_dir = str(tmp_path / "demo")
     recorded = load_config("tiny").resolve(64).model_dump(mode="json")
     del recorded["data"]["prefetch_batches"]  # a record from before that setting existed
     write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": "x", "config": recorded})
     record = read_json(f"{run_dir}/{RUN_FILE}")
-    _check_resumed_recipe(load_config("tiny", overrides=["scaling.num_workers=2"]).resolve(64),
+    check_resumed_recipe(load_config("tiny", overrides=["scaling.num_workers=2"]).resolve(64),
                           "demo", record)  # fmt: skip
     with pytest.raises(ConfigError, match=r"another recipe \(train.seed: 0 -> 1\)"):
-        _check_resumed_recipe(load_config("tiny", overrides=["train.seed=1"]).resolve(64),
+        check_resumed_recipe(load_config("tiny", overrides=["train.seed=1"]).resolve(64),
                               "demo", record)  # fmt: skip
 
 
 def test_an_address_where_no_ray_answers_is_one_line_naming_the_flag(monkeypatch):
     import ray
 
+    from svt_ray.cluster import ensure_ray
     from svt_ray.config import ConfigError
-    from svt_ray.train import ensure_ray
 
     def no_cluster(**options):
         raise ConnectionError("Could not find any running Ray instance.")
@@ -509,7 +505,7 @@ def test_an_address_where_no_ray_answers_is_one_line_naming_the_flag(monkeypatch
 
 def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
     """`ray job submit` sets RAY_ADDRESS and `ray.init()` joins it: no local-GPU check there."""
-    from svt_ray.train import joins_a_cluster
+    from svt_ray.cluster import joins_a_cluster
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert not joins_a_cluster(None) and not joins_a_cluster("local")
@@ -521,7 +517,7 @@ def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
 
 
 def test_the_console_shows_a_progress_line_every_so_often_and_at_the_end(capsys):
-    from svt_ray.train import ConsoleProgress
+    from svt_ray.progress import ConsoleProgress
 
     def metrics(step, **extra):
         return {"epoch": step / 38, "loss": 7.5, "clips_per_s": 61.25,
@@ -555,7 +551,7 @@ def test_the_console_shows_a_progress_line_every_so_often_and_at_the_end(capsys)
 
 
 def test_a_run_that_waits_for_data_says_what_to_try():
-    from svt_ray.train import DataWait
+    from svt_ray.progress import DataWait
 
     config = load_config("tiny")
     waits = DataWait()
@@ -580,7 +576,7 @@ def test_resume_takes_the_settings_of_where_and_how_a_run_runs_and_refuses_the_r
 
     from svt_ray.cli import app
     from svt_ray.config import ConfigError
-    from svt_ray.train import RUN_FILE, recorded_config, write_json
+    from svt_ray.runs import RUN_FILE, recorded_config, write_json
 
     runs = tmp_path / "runs"
     config = load_config("tiny", overrides=[f"train.storage_path={runs}"]).resolve(64)
@@ -639,7 +635,7 @@ def test_ray_data_draws_progress_bars_on_a_terminal_only(monkeypatch):
 def test_a_quiet_driver_prints_the_progress_lines_from_the_runs_metrics_file(tmp_path, capsys):
     """The demo's workers do not log to its console: the driver follows rank 0's
     metrics.jsonl instead, skipping rows of an earlier session and the kNN-only first row."""
-    from svt_ray.train import progress_from_metrics
+    from svt_ray.progress import progress_from_metrics
 
     metrics_file = tmp_path / "metrics.jsonl"
     metrics_file.write_text(json.dumps({"step": 3.0, "loss": 9.0}) + "\n")  # a session before

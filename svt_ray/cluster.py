@@ -1,0 +1,84 @@
+"""Which Ray a command runs on: a cluster it joins (`--address`, or RAY_ADDRESS in a `ray job
+submit` job), or a local instance it starts, sized for the run, with the settings that keep
+short local runs quick. Also what one pretraining holds of it (`cpus_per_run`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ray
+
+from svt_ray import data
+from svt_ray.config import ConfigError, ExperimentConfig
+
+# Environment of a local Ray instance that `ensure_ray` starts (its processes inherit it; a
+# value the user set wins). Ray Train's controller polls its workers every 2 s by default and
+# acts on a finished run or a registered checkpoint only at a poll: about 6 s of a 29 s test
+# run on 2 cores. At 0.5 s the same run takes 21-24 s. Clusters keep Ray's default.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def cpus_per_run(config: ExperimentConfig) -> float:
+    """Logical CPUs one pretraining holds: its Train workers, its decode actor and one CPU for
+    Ray Data's read tasks. A run whose Data cannot get a CPU waits forever (ray_notes.md §6.3)."""
+    scaling = config.scaling
+    return scaling.num_workers * scaling.cpus_per_worker + config.data.decode_cpus + 1
+
+
+def local_ray_cpus(needed: float) -> int:
+    """Logical CPUs for a local Ray instance: the machine's cores, or more when a run needs
+    more (a laptop with 2 cores running 2 workers). Over-declaring is safe here: every Train
+    worker and decode actor sets its own torch thread count."""
+    return max(os.cpu_count() or 1, math.ceil(needed))
+
+
+def joins_a_cluster(address: str | None) -> bool:
+    """Whether Ray runs on a cluster rather than on a local instance this process starts: an
+    address given, or RAY_ADDRESS (set in a `ray job submit` job), which `ray.init()` joins."""
+    if address:
+        return address != "local"
+    return os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any) -> None:
+    """Connect to `address` (or to RAY_ADDRESS, as in a `ray job submit` job), or start a local
+    Ray instance with `num_cpus` logical CPUs (and `LOCAL_RAY_ENV`, unless the user set those
+    variables). Ray refuses `num_cpus` when joining a cluster."""
+    if not ray.is_initialized():
+        options.setdefault("log_to_driver", True)
+        cluster = joins_a_cluster(address)
+        if not cluster:
+            for name, value in LOCAL_RAY_ENV.items():
+                os.environ.setdefault(name, value)
+        try:
+            ray.init(address=address, num_cpus=None if cluster else num_cpus, **options)
+        except ConnectionError as error:
+            where = address or os.environ.get("RAY_ADDRESS")
+            raise ConfigError(
+                f"scaling.address: no Ray cluster answers at {where} ({error}); start one "
+                "(`ray start --head`, or `ray up ray_cluster.yaml`), or leave out --address for "
+                "a local Ray instance"
+            ) from None
+    data.set_progress_bars(data.progress_bars_wanted())  # for datasets the driver runs itself
+
+
+def check_local_gpus(config: ExperimentConfig) -> None:
+    """[driver] A local Ray instance has the GPUs of this machine and no more: a run that asks
+    for more would wait for them (`train.wait_for_workers_s`, 20 minutes by default) and then
+    fail. On a cluster (`scaling.address`, or RAY_ADDRESS as in a `ray job submit` job, which
+    `ray.init()` joins) the autoscaler may still add GPUs, so it is not checked there."""
+    scaling = config.scaling
+    needed = scaling.num_workers * scaling.gpus_per_worker
+    if joins_a_cluster(scaling.address) or not needed:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if have < needed:
+        raise ConfigError(
+            f"scaling.gpus_per_worker: {scaling.num_workers} worker(s) x "
+            f"{scaling.gpus_per_worker:g} GPU need {needed:g} GPU(s), and the local Ray instance "
+            f"has {have:g}; pass --gpus-per-worker 0 to train on CPU, fewer --workers, or the "
+            "--address of a cluster with GPUs"
+        )

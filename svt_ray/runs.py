@@ -1,0 +1,361 @@
+"""A pretraining run's folder and record: where it lives, what run.json and progress.json say,
+its MLflow run, and what `--resume` may change.
+
+A run lives in `{storage_path}/{run_name}/`, a local folder or any pyarrow filesystem URI
+(`s3://`, `gs://`): Ray Train's checkpoints, `run.json` (the MLflow run id, the resolved
+config, the dataset checksum), `progress.json` (the latest checkpoint Ray Train registered),
+`diverged.json` when the loss became non-finite, and a copy of rank 0's `metrics.jsonl` when
+the folder is remote. Nothing here imports Ray: the Train driver (`train.py`), the CLI and
+`svt-ray tracking sync` read the same record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pyarrow import fs as pafs
+
+from data_prep.inputs import resolve_filesystem
+from data_prep.shards import write_file
+from svt_ray.config import ConfigError, ExperimentConfig, flatten_tree
+from svt_ray.tracking import METRICS_FILE, git_commit, make_tracker, read_metrics_file
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the latest checkpoint Ray Train registered
+
+
+RUN_FILE = "run.json"  # {storage}/{run}/: the MLflow run id and the resolved config
+
+
+DIVERGED_FILE = "diverged.json"  # {storage}/{run}/: written when the loss became non-finite
+
+
+# -- where a run lives (a local folder or any pyarrow filesystem URI) ---------------------
+
+
+def storage_root(storage_path: str) -> str:
+    """A local storage path made absolute (Ray Train needs that); URIs pass unchanged."""
+    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path or a filesystem URI. A URI's query string (pyarrow's
+    options, e.g. `?endpoint_override=HOST:PORT&scheme=http` for an S3-compatible server) stays
+    at the end, where pyarrow reads it."""
+    path, mark, query = base.partition("?") if "://" in base else (base, "", "")
+    return "/".join([path.rstrip("/"), *parts]) + mark + query
+
+
+def read_json(path: str) -> dict | None:
+    filesystem, local = resolve_filesystem(path)
+    if filesystem.get_file_info(local).type == pafs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(local) as stream:
+        return json.loads(stream.read())
+
+
+def write_json(path: str, payload: dict) -> None:
+    write_file(path, json.dumps(payload, indent=1).encode())
+
+
+def run_directory(storage_path: str, run_name: str) -> str:
+    """Where a run's checkpoints, run.json and progress.json live (a path or a URI)."""
+    return join_uri(storage_root(storage_path), run_name)
+
+
+def local_log_directory(config: ExperimentConfig, run_name: str) -> Path:
+    """Where metrics.jsonl and plots go: the run directory when it is local, else a temporary
+    folder named after the run's URI, so that runs of one name on two storages never share
+    a metrics.jsonl (a resumed run finds its own again)."""
+    run_dir = run_directory(config.train.storage_path, run_name)
+    if "://" not in run_dir:
+        return Path(run_dir)
+    digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "svt_ray_runs" / f"{run_name}-{digest}"
+
+
+def download_file(filesystem: pafs.FileSystem, path: str, destination: Path) -> None:
+    """Stream one file of `filesystem` to a local file, 8 MiB at a time."""
+    with filesystem.open_input_stream(path) as stream, open(destination, "wb") as file:
+        while piece := stream.read(8 << 20):
+            file.write(piece)
+
+
+def mirror_metrics(log_dir: Path, run_dir: str) -> None:
+    """[rank 0] Copy the run's metrics.jsonl into its run directory when that is remote
+    storage (at every checkpoint): a restart on another node, the driver's curve plot and
+    `svt-ray tracking sync` find it there once the node that trained is gone. A failed copy
+    is only logged; the next checkpoint tries again."""
+    source = log_dir / METRICS_FILE
+    if "://" not in run_dir or not source.is_file():
+        return  # a local run directory is the log directory itself
+    try:
+        write_file(join_uri(run_dir, METRICS_FILE), source)
+    except OSError as error:
+        logger.warning("%s not copied to %s: %s", source, run_dir, error)
+
+
+def fetch_metrics(log_dir: Path, run_dir: str) -> Path:
+    """The run's metrics.jsonl in `log_dir`, replaced by the run directory's copy
+    (`mirror_metrics`) when that copy reaches a later step: rank 0 restarted on another node,
+    or a driver or `tracking sync` on a machine other than the one that trained."""
+    local = log_dir / METRICS_FILE
+    if "://" not in run_dir:
+        return local
+    filesystem, path = resolve_filesystem(join_uri(run_dir, METRICS_FILE))
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return local
+    log_dir.mkdir(parents=True, exist_ok=True)
+    download = log_dir / f".{METRICS_FILE}.download"
+    download_file(filesystem, path, download)
+
+    def last_step(file: Path) -> int:
+        return max((int(line["clips_seen"]) for line in read_metrics_file(file)), default=-1)
+
+    if last_step(download) > last_step(local):
+        os.replace(download, local)
+    else:
+        download.unlink()
+    return local
+
+
+def default_run_name(config: ExperimentConfig) -> str:
+    return config.train.run_name or f"{config.preset}-seed{config.train.seed}"
+
+
+# -- the run's MLflow record ---------------------------------------------------------------
+
+
+def start_mlflow_run(
+    config: ExperimentConfig,
+    run_name: str,
+    run_dir: str,
+    manifest_checksum: str,
+    parent_run_id: str | None,
+    extra_tags: dict[str, str] | None,
+    tracking_uri: str | None = None,
+) -> str:
+    """[driver] Create the run (params and tags logged once) or find the one to resume.
+
+    `config` is what is recorded (params, config.yaml, run.json); `tracking_uri`, if given, is
+    where to reach the store from here (the cluster address of a loopback URI, which run.json
+    must not keep: a resume on a new cluster would look for the old head)."""
+    state = read_json(join_uri(run_dir, RUN_FILE))
+    if state is not None:
+        changed = recipe_changes(state["config"], config)
+        if not changed or read_json(join_uri(run_dir, PROGRESS_FILE)) is not None:
+            return state["mlflow_run_id"]
+        # An attempt that ended before its first checkpoint recorded another recipe: nothing
+        # of it can be resumed, and keeping its run.json would hand a later --resume the old
+        # recipe. This run starts anew, in a new MLflow run.
+        logger.warning(
+            "run %s had no checkpoint yet and was started with another recipe (%s): it "
+            "starts anew with this one", run_name, "; ".join(changed[:5]),
+        )  # fmt: skip
+        end_mlflow_run(
+            tracking_uri or config.tracking.tracking_uri, state["mlflow_run_id"], "KILLED"
+        )
+    log_dir = local_log_directory(config, run_name)
+    stale = log_dir / METRICS_FILE
+    if stale.exists():  # of an earlier run of this name whose run directory was deleted
+        kept = stale.with_name(f"{METRICS_FILE}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+        stale.rename(kept)
+        logger.warning(
+            "run %s starts anew: the metrics.jsonl there before is now %s", run_name, kept
+        )
+    uri = tracking_uri or config.tracking.tracking_uri
+    tracker = make_tracker(
+        0,
+        tracking_uri=uri,
+        experiment=config.tracking.experiment,
+        run_name=run_name,
+        local_dir=log_dir,
+        run_id=_unrecorded_trial_run(
+            uri,
+            config.tracking.experiment,
+            parent_run_id,
+            extra_tags,
+            abandoned=state["mlflow_run_id"] if state else None,
+        ),
+        parent_run_id=parent_run_id,
+        tags={
+            "svt.preset": config.preset,
+            "svt.git_commit": git_commit(),
+            "svt.dataset_checksum": manifest_checksum,
+            "svt.world_size": config.scaling.num_workers,
+            "svt.run_dir": run_dir,
+            **(extra_tags or {}),
+        },
+    )
+    tracker.log_params(config.flat())
+    tracker.log_text(config.dump(), "config.yaml")
+    tracker.close()  # the run is resumable from here on: run.json names it
+    write_json(
+        join_uri(run_dir, RUN_FILE),
+        {
+            "mlflow_run_id": tracker.run_id,
+            "config": config.model_dump(mode="json"),
+            "dataset_checksum": manifest_checksum,
+        },
+    )
+    return tracker.run_id
+
+
+def _unrecorded_trial_run(
+    tracking_uri: str,
+    experiment: str,
+    parent_run_id: str | None,
+    tags: dict | None,
+    abandoned: str | None = None,
+) -> str | None:
+    """A study trial's child run that a driver created and never recorded in run.json (it
+    died in between, or the trial failed before training): the trial's run goes on in it,
+    instead of a second child run next to an empty one."""
+    trial = (tags or {}).get("svt.trial_id")
+    if not parent_run_id or trial is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`svt.trial_id` = '{trial}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    unfinished = [
+        run for run in runs if run.info.status != "FINISHED" and run.info.run_id != abandoned
+    ]
+    return unfinished[0].info.run_id if unfinished else None
+
+
+def end_mlflow_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """[driver] Close a run its rank 0 could not close; MLflow being down is only logged."""
+    try:
+        import mlflow
+
+        mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
+    except Exception as error:
+        logger.warning("MLflow run %s not marked %s: %s", run_id, status, error)
+
+
+# -- resuming: the recorded recipe, and where a run may move ------------------------------
+
+
+# Where and how a run runs, not what it learns: `pretrain --resume` may change these.
+RESUMABLE_SETTINGS = frozenset({
+    "scaling.num_workers", "scaling.address", "scaling.gpus_per_worker",
+    "scaling.cpus_per_worker", "tracking.tracking_uri", "tracking.flush_timeout_s",
+    "train.storage_path", "train.run_name", "train.max_failures", "train.wait_for_workers_s",
+    "train.progress_every_s", "data.path", "data.decode_actors", "data.decode_cpus",
+    "data.decode_threads", "data.prefetch_batches", "data.preserve_order",
+})  # fmt: skip
+
+
+def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> ExperimentConfig:
+    """The config a run was started with (from its run.json), for `pretrain --resume`.
+
+    Only where and how it runs may change (workers, address, tracking URI, storage); the
+    recipe is the recorded one, so a resumed run stays one experiment.
+    """
+    from svt_ray.config import parse_override
+
+    for item in flags:  # where the run is may be given as --set too; its name may not change
+        keys, value = parse_override(item)
+        if keys == ["train", "storage_path"]:
+            storage_path = str(value)
+        elif keys == ["train", "run_name"] and value != run_name:
+            raise ConfigError(
+                f"--resume {run_name}: a resumed run keeps its name; drop --run-name {value}"
+            )
+    run_dir = run_directory(storage_path, run_name)
+    recorded = read_json(join_uri(run_dir, RUN_FILE))
+    if recorded is None:
+        raise ConfigError(
+            f"--resume {run_name}: no run.json in {run_dir}; check --storage and the run name"
+        )
+    return config_from_record(recorded, run_name, flags)
+
+
+def config_from_record(recorded: dict, run_name: str, flags: list[str]) -> ExperimentConfig:
+    """A run.json's config with `flags` (`KEY=VALUE`, `RESUMABLE_SETTINGS` only) applied."""
+    from svt_ray.config import parse_override, validate_config
+
+    tree = recorded["config"]
+    tree.pop("derived", None)
+    for item in flags:
+        keys, value = parse_override(item)
+        key = ".".join(keys)
+        if key not in RESUMABLE_SETTINGS:
+            raise ConfigError(
+                f"--resume keeps the recorded recipe; {key} cannot change (what may: "
+                f"{', '.join(sorted(RESUMABLE_SETTINGS))})"
+            )
+        tree.setdefault(keys[0], {})[keys[1]] = value
+    tree["train"]["run_name"] = run_name
+    return validate_config(tree)
+
+
+def check_resumed_data(config: ExperimentConfig, run_name: str, recorded: dict, checksum: str):
+    """A resumed run trains on the data it started with (moved is fine): other data with
+    another number of training clips would change its schedule mid-run (steps per epoch, hence
+    the lr, warm-up and momentum curves), so it is refused; other data of the same size is
+    only warned about."""
+    before = recorded.get("config", {}).get("derived", {}).get("clips_per_epoch")
+    now = config.derived.clips_per_epoch
+    if before is not None and before != now:
+        raise ConfigError(
+            f"--resume {run_name}: {config.data.path} holds {now} training clips, the run "
+            f"started with {before}; its schedule would change mid-run. Pass the data it "
+            "started with (moved is fine), or start a new run on this data (the demo: another "
+            "--workdir)"
+        )
+    if recorded.get("dataset_checksum") not in (None, checksum):
+        logger.warning(
+            "run %s resumes on other data than it started with (%s; checksum %s, was %s)",
+            run_name, config.data.path, checksum, recorded["dataset_checksum"],
+        )  # fmt: skip
+
+
+def check_resumed_recipe(config: ExperimentConfig, run_name: str, recorded: dict) -> None:
+    """A run with checkpoints continues with the recipe it has: `pretrain --resume` takes it
+    from run.json, but the demo (its fixed run name in a used --workdir) and code calling
+    `run_pretraining` pass their own, which would otherwise be dropped without a word (a demo
+    with another seed reported the earlier run's checkpoint against a new random init).
+    Settings the record lacks (added by a later version) are not compared."""
+    if "config" not in recorded:
+        return
+    changed = recipe_changes(recorded["config"], config, recorded_keys_only=True)
+    if changed:
+        raise ConfigError(
+            f"run {run_name!r} has checkpoints of another recipe ({'; '.join(changed[:5])}); "
+            "continue it as it is (`svt-ray pretrain --resume`), or give this one another run "
+            "name (the demo: another --workdir)"
+        )
+
+
+def recipe_changes(
+    recorded: dict[str, Any], config: ExperimentConfig, recorded_keys_only: bool = False
+) -> list[str]:
+    """`key: recorded -> now` for the settings of a run's recipe (not where and how it runs,
+    `RESUMABLE_SETTINGS`) that differ between its run.json and `config`; with
+    `recorded_keys_only`, the settings the record has (not those a later version added)."""
+    before, now = flatten_tree(recorded), config.flat()
+    keys = set(before) if recorded_keys_only else set(before) | set(now)
+    return [
+        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(keys)
+        if key not in RESUMABLE_SETTINGS
+        and not key.startswith("derived.")
+        and before.get(key) != now.get(key)
+    ]

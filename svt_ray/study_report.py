@@ -1,0 +1,609 @@
+"""A study's report, rebuilt from MLflow alone: its trials and their curves, the results table
+(CSV and Markdown), the plots, and the verdicts, the answers computed from the data.
+
+`collect_study` reads a study's parent run and its children (or any runs, for `svt-ray
+compare --runs`); `studies.run_study` calls it after the sweep, and `svt-ray compare` calls it
+at any later time, so the report a sweep prints and the one a later compare prints cannot
+disagree. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from svt_ray.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+METRIC = "online_knn_top1"
+TIME_ATTR = "clips_seen"
+
+
+# -- the report, rebuilt from MLflow -------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    run_id: str
+    trial_id: str
+    status: str
+    seed: int
+    sweep: dict[str, Any]
+    final: float | None
+    best: float | None
+    clips_seen: float | None
+    hours: float | None
+    curve: list[tuple[float, float]]
+    "(clips seen, online kNN top-1) points."
+    wall_curve: list[tuple[float, float]]
+    "(hours since the run started, online kNN top-1) points."
+    error: str = ""
+    clips_per_s: float | None = None
+
+
+@dataclass
+class StudyReport:
+    study: str
+    question: str
+    parent_run_id: str
+    tracking_uri: str
+    swept: list[str]
+    trials: list[TrialRecord]
+    verdict: str = ""
+    budget_clips: int | None = None
+    x_label: str = ""
+    "The plots' x axis (the study's `x_label`; default: the first swept path)."
+    files: dict[str, Path] = field(default_factory=dict)
+    "Where publish()/write() put the table and plots."
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per trial."""
+        rows = []
+        for t in sorted(self.trials, key=lambda t: (_sort_key(t.sweep), t.seed)):
+            rows.append(
+                {
+                    **{path: t.sweep.get(path) for path in self.swept},
+                    "seed": t.seed,
+                    "status": t.status,
+                    "final_knn_top1": _round(t.final),
+                    "best_knn_top1": _round(t.best),
+                    "clips_seen": None if t.clips_seen is None else int(t.clips_seen),
+                    "hours": _round(t.hours, 4),
+                    "clips_per_s": _round(t.clips_per_s),
+                    "error": t.error,
+                }
+            )
+        return rows
+
+    def aggregate(self) -> list[dict[str, Any]]:
+        """One row per swept setting: mean and standard error of the final kNN over seeds."""
+        groups: dict[str, list[TrialRecord]] = {}
+        for t in self.trials:
+            groups.setdefault(json.dumps([t.sweep.get(p) for p in self.swept]), []).append(t)
+        rows = []
+        for key, trials in sorted(groups.items(), key=lambda kv: _sort_key(json.loads(kv[0]))):
+            finals = [t.final for t in trials if t.final is not None and t.status == "FINISHED"]
+            mean = statistics.fmean(finals) if finals else None
+            sem = statistics.stdev(finals) / math.sqrt(len(finals)) if len(finals) > 1 else None
+            rows.append(
+                {
+                    **dict(zip(self.swept, json.loads(key), strict=True)),
+                    "trials": len(trials),
+                    "finished": len(finals),
+                    "knn_top1_mean": _round(mean),
+                    "knn_top1_sem": _round(sem),
+                }
+            )
+        return rows
+
+    def best(self) -> dict[str, Any] | None:
+        scored = [row for row in self.aggregate() if row["knn_top1_mean"] is not None]
+        return max(scored, key=lambda row: row["knn_top1_mean"]) if scored else None
+
+    def markdown(self) -> str:
+        lines = [f"# Study `{self.study}`", "", self.question, ""]
+        if self.budget_clips:
+            lines += [f"Budget: {self.budget_clips} clips seen per trial.", ""]
+        lines += ["## By setting (mean ± s.e. over seeds, finished trials)", "",
+                  _markdown_table(self.aggregate()), "", "## Trials", "",
+                  _markdown_table(self.rows()), ""]  # fmt: skip
+        if "scaling.num_workers" in self.swept:
+            lines += ["## Scaling", "", _markdown_table(scaling_table(self)), ""]
+        if self.verdict:
+            lines += ["## Verdict", "", self.verdict, ""]
+        return "\n".join(lines)
+
+    def csv(self) -> str:
+        rows = self.rows()
+        buffer = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return buffer.getvalue()
+
+    def summary(self) -> str:
+        """The honest few lines a study prints at the end."""
+        failed = sum(t.status == "FAILED" for t in self.trials)
+        stopped = sum(t.status == "KILLED" for t in self.trials)
+        lines = [
+            f"study {self.study}: {self.question}",
+            f"swept {', '.join(self.swept)}; {len(self.trials)} trials "
+            f"({failed} failed, {stopped} stopped early)"
+            + (f"; budget {self.budget_clips} clips each" if self.budget_clips else ""),
+        ]
+        best = self.best()
+        if best is not None:
+            setting = ", ".join(f"{p}={best[p]}" for p in self.swept)
+            spread = f" ± {best['knn_top1_sem']}" if best["knn_top1_sem"] is not None else ""
+            lines.append(
+                f"best: {setting}: online kNN top-1 {best['knn_top1_mean']}{spread} "
+                f"({best['finished']} seed(s))"
+            )
+        if self.verdict:
+            lines.append(f"verdict: {self.verdict}")
+        return "\n".join(lines)
+
+    def publish(self, folder: Path) -> dict[str, Path]:
+        """Write the table and plots (`write`) and log them to the study's parent run."""
+        from mlflow.tracking import MlflowClient
+
+        files = self.write(folder)
+        client = MlflowClient(self.tracking_uri)
+        for path in files.values():
+            client.log_artifact(self.parent_run_id, str(path))
+        if self.verdict:
+            client.set_tag(self.parent_run_id, "svt.verdict", self.verdict[:5000])
+        return files
+
+    def write(self, folder: Path) -> dict[str, Path]:
+        """results.csv, results.md, curves.png and final.png in `folder`."""
+        from data_prep.shards import write_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {
+            "results.csv": folder / "results.csv",
+            "results.md": folder / "results.md",
+        }
+        for name, text in (("results.csv", self.csv()), ("results.md", self.markdown())):
+            write_file(str(files[name]), text.encode())
+        x_label = self.x_label or (self.swept[0] if self.swept else "setting")
+        files.update(plot_study(self, folder, x_label))
+        return files
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def _sort_key(values) -> list:
+    items = values.values() if isinstance(values, dict) else values
+    return [(0, v) if isinstance(v, int | float) else (1, json.dumps(v)) for v in items]
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no trials)"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["" if row[c] is None else str(row[c]).replace("|", "/") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def collect_study(
+    tracking_uri: str,
+    experiment: str,
+    study: str,
+    run_ids: Sequence[str] | None = None,
+    recompute_verdict: bool = True,
+    parent_run_id: str | None = None,
+) -> StudyReport:
+    """Everything the report needs, from MLflow alone: the parent, its children, their curves.
+
+    The study is its parent run: `parent_run_id`, else the newest parent named `study` in
+    `experiment` (a study run again under another --storage has a parent of its own). With
+    `run_ids`, compares those runs instead, of any experiment (their differing params become
+    the sweep; seeds are repeats, not a setting). The verdict is recomputed with the installed
+    rules unless the caller, holding the study's spec, computes it itself
+    (`recompute_verdict=False`).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+
+    def get_run(run_id: str, what: str):
+        try:
+            return client.get_run(run_id)
+        except MlflowException as error:
+            raise ConfigError(f"no {what} {run_id!r} in {tracking_uri}: {error.message}") from None
+
+    if run_ids:
+        children = [get_run(run_id, "MLflow run") for run_id in run_ids]
+        parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
+        verdict, budget, verdict_fn, x_label = "", None, None, ""
+        swept = _differing_params(children)
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ConfigError(
+                f"no MLflow experiment {experiment!r} in {tracking_uri}: no study has logged to "
+                "this store under that name; run one (`python studies/NAME.py`), or point "
+                "--tracking-uri (and --experiment) at the store a study used"
+            )
+        if parent_run_id is not None:
+            parent = get_run(parent_run_id, "study parent run")
+        else:
+            parents = client.search_runs(
+                [found.experiment_id],
+                filter_string=f"tags.`svt.study` = '{study}' and tags.`svt.study_role` = 'parent'",
+                order_by=["attributes.start_time DESC"],
+            )
+            if not parents:
+                raise ConfigError(f"no study {study!r} in MLflow experiment {experiment!r}")
+            parent = parents[0]
+            if len(parents) > 1:
+                logger.warning(
+                    "%d studies named %s in experiment %s; showing the newest, parent run %s "
+                    "(others: %s; pick one with --parent-run)",
+                    len(parents), study, experiment, parent.info.run_id,
+                    ", ".join(p.info.run_id for p in parents[1:]),
+                )  # fmt: skip
+        parent_id, question = parent.info.run_id, parent.data.tags.get("svt.question", "")
+        verdict = parent.data.tags.get("svt.verdict", "")
+        verdict_fn = parent.data.tags.get("svt.verdict_fn")
+        x_label = parent.data.tags.get("svt.x_label", "")
+        budget = parent.data.params.get("budget_clips")
+        children = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        )
+        swept = sorted(
+            key.removeprefix("sweep.") for key in parent.data.params if key.startswith("sweep.")
+        )
+    trials = [_trial_record(client, run, swept) for run in children]
+    report = StudyReport(
+        study, question, parent_id, tracking_uri, swept, trials, verdict,
+        int(budget) if budget else None, x_label,
+    )  # fmt: skip
+    if verdict_fn and recompute_verdict:
+        report.verdict = _recomputed_verdict(report, verdict_fn) or verdict
+    return report
+
+
+def _recomputed_verdict(report: StudyReport, name: str) -> str | None:
+    """The verdict the named function (a `module:function` of this package) gives on
+    `report` now: a study's stored verdict is as old as the code that ran it."""
+    import importlib
+
+    module, _, qualname = name.partition(":")
+    if module == "svt_ray.studies":  # the verdicts lived there before this module split off
+        module = __name__
+    if not module.startswith("svt_ray.") or not qualname.isidentifier():
+        return None  # a verdict from a user's script: keep the stored one
+    try:
+        return getattr(importlib.import_module(module), qualname)(report)
+    except Exception as error:  # an older study the current rules cannot read
+        logger.warning("verdict %s not recomputed (%s): the stored one is shown", name, error)
+        return None
+
+
+def _differing_params(runs) -> list[str]:
+    keys = set().union(*(run.data.params for run in runs))
+    ignore = (
+        "data.path", "train.storage_path", "train.run_name", "tracking.", "derived.",
+        "train.seed",  # repeats of a setting, averaged over: not a setting
+        "scaling.address",
+    )  # fmt: skip
+    return sorted(
+        key
+        for key in keys
+        if not key.startswith(ignore) and len({run.data.params.get(key) for run in runs}) > 1
+    )
+
+
+def _trial_record(client, run, swept: list[str]) -> TrialRecord:
+    tags, params = run.data.tags, run.data.params
+
+    def swept_value(path: str):
+        if f"svt.sweep.{path}" in tags:
+            return json.loads(tags[f"svt.sweep.{path}"])
+        value = params.get(path)  # MLflow keeps params as text: 8 must sort before 16
+        try:
+            return json.loads(value) if value is not None else None
+        except ValueError:
+            return value
+
+    history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.step)
+    curve = [(float(m.step), float(m.value)) for m in history]
+    start = run.info.start_time or (history[0].timestamp if history else 0)
+    pauses = _pauses(client.get_metric_history(run.info.run_id, "wall_time_s"))
+
+    def hours_at(timestamp: int) -> float:  # training time: the pauses between sessions out
+        paused = sum(length for resumed, length in pauses if resumed <= timestamp)
+        return (timestamp - start - paused) / 3.6e6
+
+    wall_curve = [(hours_at(m.timestamp), float(m.value)) for m in history]
+    status = run.info.status
+    end = run.info.end_time
+    return TrialRecord(
+        run_id=run.info.run_id,
+        trial_id=tags.get("svt.trial_id", run.info.run_name or run.info.run_id),
+        status=status,
+        seed=int(tags.get("svt.seed", params.get("train.seed", 0))),
+        sweep={path: swept_value(path) for path in swept},
+        final=curve[-1][1] if curve else None,
+        best=max(v for _, v in curve) if curve else None,
+        clips_seen=run.data.metrics.get(TIME_ATTR),
+        hours=hours_at(end) if end and start else None,
+        curve=curve,
+        wall_curve=wall_curve,
+        error=tags.get("svt.error", ""),
+        clips_per_s=run.data.metrics.get("clips_per_s"),
+    )
+
+
+def _pauses(wall_times) -> list[tuple[float, float]]:
+    """(when training resumed, ms paused before) for each restart of a run: its `wall_time_s`
+    (seconds since its session started) falls back where a session starts (Ctrl-C on a study
+    and a restore the next day; a restart after a lost node)."""
+    points = sorted(wall_times, key=lambda m: m.step)
+    pauses = []
+    for before, after in itertools.pairwise(points):
+        if after.value < before.value:
+            resumed = after.timestamp - after.value * 1000  # when this session started
+            pauses.append((resumed, max(0.0, resumed - before.timestamp)))
+    return pauses
+
+
+def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Path]:
+    """Online kNN against clips seen and against hours (one curve per trial), and the final
+    kNN against the swept setting with standard-error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    figure, (per_clip, per_hour) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.get_cmap("tab10")
+    settings = sorted({json.dumps([t.sweep.get(p) for p in report.swept]) for t in report.trials})
+    for trial in report.trials:
+        if not trial.curve:
+            continue
+        key = json.dumps([trial.sweep.get(p) for p in report.swept])
+        colour = colours(settings.index(key) % 10)
+        label = ", ".join(f"{p.split('.')[-1]}={trial.sweep.get(p)}" for p in report.swept)
+        label = f"{label} (seed {trial.seed})"
+        style = "--" if trial.status == "KILLED" else "-"
+        per_clip.plot(*zip(*trial.curve, strict=True), style, color=colour, marker=".", label=label)
+        per_hour.plot(*zip(*trial.wall_curve, strict=True), style, color=colour, marker=".")
+    per_clip.set(xlabel="clips seen", ylabel="online kNN top-1 (%)", title=report.study)
+    per_hour.set(xlabel="hours", ylabel="online kNN top-1 (%)", title="against wall time")
+    for axes in (per_clip, per_hour):
+        axes.grid(alpha=0.3)
+    if report.trials:
+        per_clip.legend(fontsize=7)
+    figure.tight_layout()
+    files["curves.png"] = folder / "curves.png"
+    figure.savefig(files["curves.png"], dpi=110)
+    plt.close(figure)
+
+    rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    labels = [", ".join(str(row[p]) for p in report.swept) for row in rows]
+    means = [row["knn_top1_mean"] for row in rows]
+    errors = [row["knn_top1_sem"] or 0.0 for row in rows]
+    axes.errorbar(range(len(rows)), means, yerr=errors, fmt="o-", capsize=4)
+    axes.set_xticks(range(len(rows)), labels)
+    axes.set(xlabel=x_label, ylabel="final online kNN top-1 (%)", title=report.study)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    files["final.png"] = folder / "final.png"
+    figure.savefig(files["final.png"], dpi=110)
+    plt.close(figure)
+    return files
+
+
+# -- verdicts: answers computed from the data --------------------------------------------------
+
+
+def curve_auc(curve: Sequence[tuple[float, float]], budget: float) -> float | None:
+    """Mean accuracy over [0, budget] clips seen (trapezoids; the last value held to the end).
+    Higher = learned faster per clip seen."""
+    if not curve or budget <= 0:
+        return None
+    points = [(x, y) for x, y in curve if x <= budget]
+    if not points:
+        return None
+    if points[-1][0] < budget:
+        points.append((budget, points[-1][1]))
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(points))
+    return area / (points[-1][0] - points[0][0]) if points[-1][0] > points[0][0] else points[0][1]
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float | None, int]:
+    """(mean, standard error or None for one value, number of values)."""
+    mean = statistics.fmean(values)
+    sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return mean, sem, len(values)
+
+
+def _difference_phrase(
+    a: tuple[float, float | None, int], b: tuple[float, float | None, int]
+) -> str:
+    """'D points (noise N: significant | within noise)' or a single-seed caveat; `a` and `b`
+    are (mean, s.e., seeds) of the two settings."""
+    difference = a[0] - b[0]
+    if a[1] is None and b[1] is None:
+        return f"{difference:+.1f} points (one seed per setting: no error bars, indicative only)"
+    if a[1] is None or b[1] is None:
+        return (
+            f"{difference:+.1f} points ({a[2]} against {b[2]} seed(s): one side has a single "
+            "seed, so no error bar, indicative only)"
+        )
+    noise = 2 * math.hypot(a[1], b[1])
+    judged = "beyond" if abs(difference) > noise else "within"
+    return f"{difference:+.1f} points, {judged} the noise (2 s.e. = {noise:.1f})"
+
+
+def best_vs_worst_verdict(report: StudyReport) -> str:
+    """Which setting is best on final online kNN, and whether it beats the worst beyond noise."""
+    rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
+    if len(rows) < 2:
+        return _common_rung_verdict(report)
+
+    def name(row):
+        return ", ".join(f"{p}={row[p]}" for p in report.swept)
+
+    def stats(row):
+        return row["knn_top1_mean"], row["knn_top1_sem"], row["finished"]
+
+    best = max(rows, key=lambda row: row["knn_top1_mean"])
+    worst = min(rows, key=lambda row: row["knn_top1_mean"])
+    if best["knn_top1_mean"] == worst["knn_top1_mean"]:
+        answer = (
+            f"the finished settings tie at {best['knn_top1_mean']} ("
+            + "; ".join(name(row) for row in rows)
+            + ")"
+        )
+    else:
+        answer = f"best {name(best)} ({best['knn_top1_mean']}); over worst {name(worst)}: "
+        answer += _difference_phrase(stats(best), stats(worst))
+    if any(t.status == "KILLED" for t in report.trials):
+        # the settings ASHA stopped are compared where every setting was measured
+        answer = f"finished: {answer}; {_common_rung_verdict(report)}"
+    return answer
+
+
+def _common_rung_verdict(report: StudyReport) -> str:
+    """With ASHA, usually only the best setting runs to the end: compare every setting at the
+    largest clip count all of them reached (each trial's last measurement up to it)."""
+    curves = [t for t in report.trials if t.curve and t.status in ("FINISHED", "KILLED")]
+    if len({json.dumps([t.sweep.get(p) for p in report.swept]) for t in curves}) < 2:
+        return "fewer than two settings were measured: no comparison"
+    rung = min(t.curve[-1][0] for t in curves)
+    scores: dict[str, list[float]] = {}
+    for trial in curves:
+        value = [v for x, v in trial.curve if x <= rung][-1]
+        name = ", ".join(f"{p}={trial.sweep.get(p)}" for p in report.swept)
+        scores.setdefault(name, []).append(value)
+    stats = {name: _mean_sem(values) for name, values in scores.items()}
+    best = max(stats, key=lambda name: stats[name][0])
+    worst = min(stats, key=lambda name: stats[name][0])
+    return (
+        f"at {rung:.0f} clips seen (the furthest every setting got before ASHA stopped it): "
+        f"best {best} ({stats[best][0]:.1f}); over worst {worst}: "
+        + _difference_phrase(stats[best], stats[worst])
+    )
+
+
+def batch_size_verdict(report: StudyReport) -> str:
+    """'Smaller batches converge faster per clip seen': compare the area under the online-kNN
+    curve over the clips every finished trial saw, smallest against largest batch, and the
+    rank order. A batch that does not divide the training clips sees fewer in its epochs (608
+    clips in batches of 64: 576 an epoch): the area ends where the shortest curve ends, not at
+    the budget with that curve's last value held."""
+    path = "optim.batch_size"
+    budget = report.budget_clips or max((t.clips_seen or 0 for t in report.trials), default=0)
+    ends = [t.curve[-1][0] for t in report.trials if t.status == "FINISHED" and t.curve]
+    budget = min([budget, *ends]) if ends else budget
+    scores: dict[int, list[float]] = {}
+    for trial in report.trials:
+        auc = curve_auc(trial.curve, budget) if trial.status == "FINISHED" else None
+        if auc is not None and path in trial.sweep:
+            scores.setdefault(int(trial.sweep[path]), []).append(auc)
+    if len(scores) < 2:
+        return "fewer than two batch sizes finished: no answer"
+    sizes = sorted(scores)
+    means = [statistics.fmean(scores[b]) for b in sizes]
+    monotone_down = all(means[i] >= means[i + 1] for i in range(len(means) - 1))
+    monotone_up = all(means[i] <= means[i + 1] for i in range(len(means) - 1))
+    best = sizes[means.index(max(means))]
+    if monotone_down:
+        shape = "smaller is better at every step"
+    elif monotone_up:
+        shape = "larger is better at every step"
+    else:
+        shape = f"not monotone, best batch {best}"
+    small, large = _mean_sem(scores[sizes[0]]), _mean_sem(scores[sizes[-1]])
+    phrase = _difference_phrase(small, large)
+    order = ", ".join(f"{b}: {m:.1f}" for b, m in zip(sizes, means, strict=True))
+    if small[1] is None or large[1] is None:  # one seed: a direction, not an answer
+        answer = "leans yes" if small[0] > large[0] else "leans no"
+    elif "within" in phrase:
+        answer = "inconclusive"
+    elif small[0] > large[0]:
+        answer = "yes" if monotone_down else "partly (not monotone)"
+    else:
+        answer = "no"
+    return (
+        f"{answer}: mean online kNN over the budget (per batch size: {order}; {shape}); batch "
+        f"{sizes[0]} vs {sizes[-1]}: {phrase}"
+    )
+
+
+def scaling_table(report: StudyReport, threshold: float | None = None) -> list[dict[str, Any]]:
+    """Clips/s, scaling efficiency against the smallest worker count, and hours to reach
+    `threshold` online kNN (default: 90% of the way from the accuracy at initialisation to the
+    lowest final accuracy among finished runs; none when some run ended no better than it
+    started, since any noise would then count as reaching it)."""
+    path = "scaling.num_workers"
+    finished = [t for t in report.trials if t.status == "FINISHED" and path in t.sweep]
+    if not finished:
+        return []
+    finals = [t.final for t in finished if t.final is not None]
+    starts = [t.curve[0][1] for t in finished if t.curve]
+    if threshold is None and finals and starts:
+        start = statistics.fmean(starts)
+        if min(finals) > start:
+            threshold = start + 0.9 * (min(finals) - start)
+    by_workers: dict[int, list[TrialRecord]] = {}
+    for trial in finished:
+        by_workers.setdefault(int(trial.sweep[path]), []).append(trial)
+    base_workers = min(by_workers)
+    speeds = {n: statistics.fmean(t.clips_per_s or 0 for t in ts) for n, ts in by_workers.items()}
+    rows = []
+    for workers in sorted(by_workers):
+        reach = [
+            next((h for h, v in t.wall_curve if v >= threshold), None)
+            for t in by_workers[workers]
+            if threshold is not None
+        ]
+        reached = [h for h in reach if h is not None]
+        efficiency = speeds[workers] / (speeds[base_workers] * workers / base_workers or 1)
+        rows.append(
+            {
+                "workers": workers,
+                "clips_per_s": round(speeds[workers], 2),
+                "efficiency": round(efficiency, 2),
+                "hours_to_threshold": round(statistics.fmean(reached), 4) if reached else None,
+                "threshold_knn_top1": None if threshold is None else round(threshold, 1),
+            }
+        )
+    return rows
+
+
+def scaling_verdict(report: StudyReport) -> str:
+    rows = scaling_table(report)
+    if len(rows) < 2:
+        return "fewer than two worker counts finished: no scaling figure"
+    last = rows[-1]
+    return (
+        f"{last['workers']} workers: {last['clips_per_s']} clips/s, scaling efficiency "
+        f"{last['efficiency']:.2f} against {rows[0]['workers']} worker(s) "
+        f"({'at or above' if last['efficiency'] >= 0.8 else 'below'} the 0.8 mark); "
+        + "; ".join(f"{r['workers']}: {r['efficiency']:.2f}" for r in rows)
+    )

@@ -1,0 +1,286 @@
+"""A study's report from MLflow alone: verdicts against written-out data, training hours
+without the pauses, the parent run a report reads, and `compare` over runs of any experiment.
+No Ray: the runs are made with MlflowClient."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from svt_ray.config import ConfigError
+from svt_ray.study_report import (
+    METRIC,
+    StudyReport,
+    TrialRecord,
+    batch_size_verdict,
+    best_vs_worst_verdict,
+    collect_study,
+    curve_auc,
+    scaling_table,
+)
+
+
+def test_curve_auc_against_an_explicit_integral():
+    curve = [(0, 10.0), (100, 30.0), (300, 50.0)]
+    # Trapezoids: 100 * 20 + 200 * 40 = 10000 over 300 clips; then hold 50 to a 400 budget.
+    assert curve_auc(curve, 300) == pytest.approx(10000 / 300)
+    assert curve_auc(curve, 400) == pytest.approx((10000 + 100 * 50) / 400)
+    assert curve_auc([], 100) is None
+
+
+def _trial(sweep, seed, curve, status="FINISHED", clips_per_s=None, hours_per_point=0.01):
+    wall = [(hours_per_point * i, v) for i, (_, v) in enumerate(curve)]
+    return TrialRecord(
+        run_id=f"r{seed}{sweep}", trial_id="t", status=status, seed=seed, sweep=sweep,
+        final=curve[-1][1] if curve else None, best=max(v for _, v in curve) if curve else None,
+        clips_seen=curve[-1][0] if curve else None, hours=0.1, curve=curve, wall_curve=wall,
+        clips_per_s=clips_per_s,
+    )  # fmt: skip
+
+
+def _report(trials, swept):
+    return StudyReport("s", "q?", "", "sqlite://", swept, trials, budget_clips=200)
+
+
+def test_batch_size_verdict_reads_the_curves():
+    bs = "optim.batch_size"
+    fast = [(0, 10.0), (100, 40.0), (200, 50.0)]
+    slow = [(0, 10.0), (100, 20.0), (200, 50.0)]
+    seeds = [(0, 0.0), (1, 1.0), (2, -1.0)]
+
+    def shifted(curve, d):
+        return [(x, y + d) for x, y in curve]
+
+    yes = _report(
+        [_trial({bs: 8}, s, shifted(fast, d)) for s, d in seeds]
+        + [_trial({bs: 64}, s, shifted(slow, d)) for s, d in seeds],
+        [bs],
+    )
+    assert batch_size_verdict(yes).startswith("yes")
+    assert "smaller is better at every step" in batch_size_verdict(yes)
+    no = _report(
+        [_trial({bs: 8}, s, shifted(slow, d)) for s, d in seeds]
+        + [_trial({bs: 64}, s, shifted(fast, d)) for s, d in seeds],
+        [bs],
+    )
+    assert batch_size_verdict(no).startswith("no")
+    single = _report([_trial({bs: 8}, 0, slow), _trial({bs: 64}, 0, fast)], [bs])
+    assert batch_size_verdict(single).startswith("leans no")
+    assert "one seed per setting" in batch_size_verdict(single)
+    noisy = _report(
+        [_trial({bs: 8}, s, shifted(slow, d * 20 + 1)) for s, d in seeds]
+        + [_trial({bs: 64}, s, shifted(slow, d * 20)) for s, d in seeds],
+        [bs],
+    )
+    assert batch_size_verdict(noisy).startswith("inconclusive")
+    middle = _report(
+        [_trial({bs: 8}, 0, slow), _trial({bs: 16}, 0, fast), _trial({bs: 64}, 0, slow)], [bs]
+    )
+    assert "not monotone, best batch 16" in batch_size_verdict(middle)
+    one = _report([_trial({bs: 8}, 0, fast)], [bs])
+    assert "fewer than two" in batch_size_verdict(one)
+    # Batch 64 saw 180 of the 200 clips (it does not divide the split): both are judged over
+    # the 180 clips both saw, not with batch 64's last value held to 200.
+    short = [(0, 10.0), (100, 20.0), (180, 60.0)]
+    uneven = _report([_trial({bs: 8}, 0, fast), _trial({bs: 64}, 0, short)], [bs])
+    area_8 = curve_auc(fast, 180)
+    area_64 = curve_auc(short, 180)
+    assert f"8: {area_8:.1f}, 64: {area_64:.1f}" in batch_size_verdict(uneven)
+
+
+def test_best_vs_worst_and_scaling_tables():
+    views = "views.num_local"
+    report = _report(
+        [_trial({views: 0}, s, [(0, 10.0), (200, 20.0 + s)]) for s in (0, 1)]
+        + [_trial({views: 4}, s, [(0, 10.0), (200, 40.0 + s)]) for s in (0, 1)],
+        [views],
+    )
+    verdict = best_vs_worst_verdict(report)
+    assert verdict.startswith("best views.num_local=4 (40.5)") and "beyond the noise" in verdict
+    rows = report.aggregate()
+    assert [r["knn_top1_mean"] for r in rows] == [20.5, 40.5] and rows[0]["knn_top1_sem"] == 0.5
+    assert "| views.num_local | trials |" in report.markdown()
+    assert report.csv().splitlines()[0].startswith("views.num_local,seed,status")
+
+    # ASHA stopped all but one setting: they are compared where all of them were measured.
+    asha = _report(
+        [_trial({views: 0}, 0, [(0, 10.0), (100, 12.0), (200, 15.0)]),
+         _trial({views: 4}, 0, [(0, 10.0), (100, 20.0)], status="KILLED"),
+         _trial({views: 8}, 0, [(0, 10.0), (50, 11.0), (150, 30.0)], status="KILLED")],
+        [views],
+    )  # fmt: skip
+    assert best_vs_worst_verdict(asha).startswith(
+        "at 100 clips seen (the furthest every setting got before ASHA stopped it): best "
+        "views.num_local=4 (20.0); over worst views.num_local=8: +9.0 points"
+    )
+
+    # Two settings finished with the same accuracy and ASHA stopped a third: a tie, then the
+    # comparison at the clip count every setting reached.
+    tie = _report(
+        [_trial({views: 0}, 0, [(0, 10.0), (100, 30.0), (200, 50.0)]),
+         _trial({views: 4}, 0, [(0, 10.0), (100, 20.0), (200, 50.0)]),
+         _trial({views: 8}, 0, [(0, 10.0), (100, 12.0)], status="KILLED")],
+        [views],
+    )  # fmt: skip
+    assert best_vs_worst_verdict(tie) == (
+        "finished: the finished settings tie at 50.0 (views.num_local=0; views.num_local=4); "
+        "at 100 clips seen (the furthest every setting got before ASHA stopped it): best "
+        "views.num_local=0 (30.0); over worst views.num_local=8: +18.0 points (one seed per "
+        "setting: no error bars, indicative only)"
+    )
+
+    workers = "scaling.num_workers"
+    scaling = _report(
+        [_trial({workers: 1}, 0, [(0, 10.0), (200, 30.0)], clips_per_s=10.0, hours_per_point=1),
+         _trial({workers: 2}, 0, [(0, 10.0), (200, 30.0)], clips_per_s=16.0,
+                hours_per_point=0.5)],
+        [workers],
+    )  # fmt: skip
+    table = scaling_table(scaling, threshold=30.0)
+    assert [(r["workers"], r["efficiency"], r["hours_to_threshold"]) for r in table] == [
+        (1, 1.0, 1.0),
+        (2, 0.8, 0.5),
+    ]
+    # Default threshold: 90% of the way from the start (10) to the lowest final (30) = 28.
+    assert [(r["threshold_knn_top1"], r["hours_to_threshold"]) for r in scaling_table(scaling)] == [
+        (28.0, 1.0),
+        (28.0, 0.5),
+    ]
+    flat = _report(
+        [_trial({workers: n}, 0, [(0, 10.0), (200, 9.0)], clips_per_s=10.0 * n) for n in (1, 2)],
+        [workers],
+    )
+    assert [r["hours_to_threshold"] for r in scaling_table(flat)] == [None, None]
+
+
+def _finished_run(client, experiment_id: str, knn: float, **tags: str) -> str:
+    """A FINISHED run whose online kNN goes from 30 at 0 clips seen to `knn` at 100."""
+    from mlflow.entities import Metric
+
+    run = client.create_run(experiment_id, tags=tags)
+    points = [(0, 30.0), (100, knn)]
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(METRIC, value, 1_000 + step, step) for step, value in points],
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_a_trial_resumed_a_day_later_counts_its_training_hours_not_the_pause(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.study_report import _trial_record
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    hour, day, t0 = 3_600_000, 24 * 3_600_000, 1_000_000
+    run = client.create_run(client.create_experiment("x"), start_time=t0).info.run_id
+    # Session 1: an hour of training (kNN at 0 and 100 clips), Ctrl-C. Session 2, a day
+    # later: half an hour more (wall_time_s starts again from 0), kNN at 200 clips.
+    points = [(0, 0.01, 30.0), (100, 1.0, 40.0), (150, 0.001, None), (200, 0.5, 50.0)]
+    starts = {0: t0, 100: t0, 150: t0 + hour + day, 200: t0 + hour + day}
+    metrics = []
+    for step, hours, knn in points:
+        timestamp = starts[step] + int(hours * hour)
+        metrics.append(Metric("wall_time_s", hours * 3600, timestamp, step))
+        if knn is not None:
+            metrics.append(Metric(METRIC, knn, timestamp, step))
+    client.log_batch(run, metrics=metrics)
+    client.set_terminated(run, "FINISHED", end_time=t0 + hour + day + hour // 2)
+    record = _trial_record(client, client.get_run(run), [])
+    assert record.hours == pytest.approx(1.5, abs=0.01)  # not 25.5
+    assert [round(h, 2) for h, _ in record.wall_curve] == [0.01, 1.0, 1.5]
+
+
+def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("x")
+
+    def parent(name: str, verdict_fn: str) -> str:
+        run = client.create_run(
+            experiment_id,
+            tags={"svt.study": name, "svt.study_role": "parent", "svt.x_label": "local views",
+                  "svt.verdict": "stale words", "svt.verdict_fn": verdict_fn},
+        )  # fmt: skip
+        client.log_param(run.info.run_id, "sweep.views.num_local", "0,4")
+        for locals_, knn in ((0, 40.0), (4, 70.0)):
+            _finished_run(client, experiment_id, knn, **{
+                "mlflow.parentRunId": run.info.run_id, "svt.seed": "0",
+                "svt.sweep.views.num_local": str(locals_),
+            })  # fmt: skip
+        return run.info.run_id
+
+    parent("current", "svt_ray.study_report:best_vs_worst_verdict")
+    report = collect_study(uri, "x", "current")
+    assert report.verdict.startswith("best views.num_local=4 (70")
+    assert report.verdict == best_vs_worst_verdict(report)
+    assert report.x_label == "local views"
+    # Studies run before the report moved out of svt_ray.studies recorded the old module.
+    parent("older", "svt_ray.studies:best_vs_worst_verdict")
+    assert collect_study(uri, "x", "older").verdict == report.verdict
+    # A verdict function that is gone, or not this package's, leaves the stored words.
+    parent("gone", "svt_ray.studies:no_such_verdict")
+    parent("foreign", "my_script:verdict")
+    assert collect_study(uri, "x", "gone").verdict == "stale words"
+    assert collect_study(uri, "x", "foreign").verdict == "stale words"
+
+
+def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experiment(
+    tmp_path, caplog
+):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    studies = client.create_experiment("svt-ray-studies")
+    parents = []
+    for start, knn in ((1_000, 40.0), (2_000, 90.0)):  # the same study under two --storage
+        parent = client.create_run(
+            studies, start_time=start, tags={"svt.study": "s", "svt.study_role": "parent"}
+        ).info.run_id
+        client.log_param(parent, "sweep.optim.batch_size", "8")
+        _finished_run(client, studies, knn, **{"mlflow.parentRunId": parent,
+                                      "svt.sweep.optim.batch_size": "8"})  # fmt: skip
+        parents.append(parent)
+    assert (
+        collect_study(uri, "svt-ray-studies", "s", parent_run_id=parents[0]).trials[0].final == 40
+    )
+    newest = collect_study(uri, "svt-ray-studies", "s")
+    assert newest.parent_run_id == parents[1] and newest.trials[0].final == 90
+    assert f"others: {parents[0]}; pick one with --parent-run" in caplog.text
+
+    # Plain pretraining runs, in their own experiment: batch sizes compare as numbers, and
+    # seeds are repeats of a setting, not a setting.
+    plain = client.create_experiment("svt-ray")
+    run_ids = []
+    for batch, seed in itertools.product((64, 8, 16), (0, 1)):
+        run_id = _finished_run(client, plain, 50.0 + batch / 8 + seed)
+        client.log_param(run_id, "optim.batch_size", str(batch))
+        client.log_param(run_id, "train.seed", str(seed))
+        client.log_param(run_id, "train.run_name", f"b{batch}-s{seed}")
+        run_ids.append(run_id)
+    report = collect_study(uri, "svt-ray-studies", "runs", run_ids=run_ids)
+    assert report.swept == ["optim.batch_size"]
+    rows = report.aggregate()
+    assert [row["optim.batch_size"] for row in rows] == [8, 16, 64]
+    assert [(row["finished"], row["knn_top1_mean"]) for row in rows] == [
+        (2, 51.5), (2, 52.5), (2, 58.5)
+    ]  # fmt: skip
+    assert rows[0]["knn_top1_sem"] == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="no MLflow run 'deadbeef' in sqlite"):
+        collect_study(uri, "svt-ray-studies", "runs", run_ids=["deadbeef"])
+
+
+def test_a_verdict_says_which_side_has_a_single_seed():
+    from svt_ray.study_report import _difference_phrase
+
+    assert "one seed per setting" in _difference_phrase((70.0, None, 1), (60.0, None, 1))
+    phrase = _difference_phrase((71.0, 2.0, 3), (60.0, None, 1))
+    assert phrase.startswith("+11.0 points (3 against 1 seed(s): one side has a single seed")
+    assert "within" in _difference_phrase((61.0, 2.0, 3), (60.0, 1.0, 3))
