@@ -40,6 +40,8 @@ from data_prep.shards import (
     write_shard,
 )
 from data_prep.transcode import PrepOptions, Rejected, prepare_video
+from svt_ray.config import HelpFormatter
+from svt_ray.video import X264_PRESETS
 
 logger = logging.getLogger("data_prep")
 
@@ -226,11 +228,12 @@ def _reasons(text: str) -> list[str]:
     return reasons
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
     defaults = PrepOptions()
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog=prog,
         description="Shard a video collection into Parquet for svt-ray (see docs/data.md).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "input",
@@ -241,42 +244,86 @@ def build_parser() -> argparse.ArgumentParser:
         "output",
         help="dataset directory: local path or pyarrow filesystem URI (s3://..., gs://...)",
     )
-    parser.add_argument("--short-side", type=int, default=defaults.short_side)
+    parser.add_argument(
+        "--short-side",
+        type=int,
+        default=defaults.short_side,
+        help="short side of the re-encoded videos in pixels (even; smaller sources are not "
+        "upscaled)",
+    )
     parser.add_argument(
         "--max-fps",
         type=float,
         default=defaults.max_fps,
-        help="frame-rate cap (0: keep the source rate)",
+        help="frame-rate cap in frames per second (0: keep the source rate)",
     )
-    parser.add_argument("--gop", type=int, default=defaults.gop)
-    parser.add_argument("--crf", type=int, default=defaults.crf)
-    parser.add_argument("--preset", default=defaults.preset)
-    parser.add_argument("--min-frames", type=int, default=defaults.min_frames)
-    parser.add_argument("--min-duration", type=float, default=defaults.min_duration_s)
-    parser.add_argument("--min-side", type=int, default=defaults.min_side)
-    parser.add_argument("--max-side", type=int, default=defaults.max_side)
-    parser.add_argument("--max-aspect", type=float, default=defaults.max_aspect)
+    parser.add_argument(
+        "--gop", type=int, default=defaults.gop, help="H.264 keyframe interval in frames"
+    )
+    parser.add_argument(
+        "--crf", type=int, default=defaults.crf, help="H.264 quality (0-51, lower is better)"
+    )
+    parser.add_argument(
+        "--preset",
+        default=defaults.preset,
+        choices=X264_PRESETS,
+        metavar="X264_PRESET",
+        help=f"x264 encoder speed preset ({', '.join(X264_PRESETS)}); not an svt-ray recipe",
+    )
+    parser.add_argument(
+        "--min-frames",
+        type=int,
+        default=defaults.min_frames,
+        help="reject videos with fewer frames (after the frame-rate cap)",
+    )
+    parser.add_argument(
+        "--min-duration",
+        type=float,
+        default=defaults.min_duration_s,
+        help="reject videos shorter than this many seconds",
+    )
+    parser.add_argument(
+        "--min-side", type=int, default=defaults.min_side, help="reject smaller videos (pixels)"
+    )
+    parser.add_argument(
+        "--max-side", type=int, default=defaults.max_side, help="reject larger videos (pixels)"
+    )
+    parser.add_argument(
+        "--max-aspect",
+        type=float,
+        default=defaults.max_aspect,
+        help="reject videos whose long side is more than this times the short side",
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
         default=0.1,
         help="fraction of ids hashed into 'val' when no split is given",
     )
-    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the hashed train/val split"
+    )
     parser.add_argument(
         "--split-file",
         action="append",
         metavar="SPLIT=PATH",
         help="UCF-101 style list of relative paths for SPLIT (repeatable)",
     )
-    parser.add_argument("--extensions", nargs="+", default=list(VIDEO_EXTENSIONS))
+    parser.add_argument(
+        "--extensions",
+        nargs="+",
+        default=list(VIDEO_EXTENSIONS),
+        help="file endings that count as videos when a folder is listed",
+    )
     parser.add_argument(
         "--shard-size-mb",
         type=float,
         default=256.0,
         help="pack up to this many MB of source video per shard",
     )
-    parser.add_argument("--max-videos-per-shard", type=int, default=1024)
+    parser.add_argument(
+        "--max-videos-per-shard", type=int, default=1024, help="at most this many videos a shard"
+    )
     parser.add_argument(
         "--address",
         default=None,
@@ -312,13 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar (default: when stderr is a terminal)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m data_prep") -> int:
     """Entry point of `python -m data_prep` and `svt-ray prep`; returns the exit code."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(

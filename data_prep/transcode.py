@@ -81,7 +81,7 @@ class PrepOptions:
             raise ValueError(f"max_fps must be >= 0 (0 disables the cap), got {self.max_fps}")
         if self.min_frames < 2:
             raise ValueError(f"min_frames must be >= 2, got {self.min_frames}")
-        EncoderSettings(gop=self.gop, crf=self.crf)  # validates gop and crf
+        EncoderSettings(gop=self.gop, crf=self.crf, preset=self.preset)  # validates them
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,7 +2,8 @@
 
 Every command that takes an experiment builds it the same way: --preset, then --config (a
 YAML file), then --set section.field=value overrides, validated in one place. A bad value
-prints one line naming the field and exits with status 2, never a traceback.
+prints one line naming the field and exits with status 2 (1 once a run has started and
+stops: bad data found by the run, a diverged loss, a cluster without room), never a traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ app.add_typer(tracking_app, name="tracking")
 
 PresetOption = Annotated[
     str, typer.Option("--preset", "-p", help=f"Starting recipe: {', '.join(PRESETS)}.")
+]
+# Where a recorded recipe applies (a resumed run, a checkpoint), --preset has no default, so
+# that one given for another recipe is refused instead of dropped without a word.
+RecipePresetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help=f"Starting recipe: {', '.join(PRESETS)} (default: paper; a resumed run or a "
+        "checkpoint keeps its own).",
+        show_default=False,
+    ),
 ]
 ConfigOption = Annotated[
     Path | None,
@@ -98,7 +111,7 @@ def prep(ctx: typer.Context) -> None:
     """Shard a folder or manifest of videos into Parquet (same as `python -m data_prep`)."""
     from data_prep.cli import main as prep_cli
 
-    raise typer.Exit(prep_cli(ctx.args))
+    raise typer.Exit(prep_cli(ctx.args, prog="svt-ray prep"))
 
 
 DataOption = Annotated[
@@ -115,13 +128,23 @@ GpusOption = Annotated[
 AddressOption = Annotated[
     str | None,
     typer.Option(
-        "--address", help="Ray cluster to join ('auto' on a cluster node); default: local Ray."
+        "--address",
+        help="Ray cluster to join ('auto' on a cluster node); default: RAY_ADDRESS (set in a "
+        "`ray job submit` job) or a new local Ray.",
     ),
 ]
 TrackingOption = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri", help="MLflow store; default sqlite:///mlflow.db in this folder."
+    ),
+]
+RecordedTrackingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow store; default: the one the run was started with (its run.json), or "
+        "sqlite:///mlflow.db in this folder for a new run.",
     ),
 ]
 StorageOption = Annotated[
@@ -154,16 +177,21 @@ def _cli_overrides(
     return [f"{key}={value}" for key, value in pairs.items() if value is not None]
 
 
+def _check_recorded_preset(preset: str | None, recorded: str | None, what: str) -> None:
+    if preset is not None and recorded is not None and preset != recorded:
+        raise fail(f"--preset {preset}: {what} was made with the {recorded} preset; drop --preset")
+
+
 @app.command("pretrain")
 def pretrain(
-    preset: PresetOption = "paper",
+    preset: RecipePresetOption = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     data: DataOption = None,
     workers: WorkersOption = None,
     gpus_per_worker: GpusOption = None,
     address: AddressOption = None,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: RecordedTrackingOption = None,
     storage: StorageOption = None,
     run_name: Annotated[
         str | None,
@@ -175,9 +203,12 @@ def pretrain(
         str | None,
         typer.Option(
             "--resume",
-            help="Continue the named run from its latest checkpoint, with its recorded config; "
-            "where and how it runs may change (--workers, --address, --tracking-uri, --storage, "
-            "--data, and --set for data loading and failure settings), its recipe may not.",
+            help="Continue the named run from its latest checkpoint, with its recorded recipe. "
+            "Where and how it runs may change: --workers, --gpus-per-worker, --address, "
+            "--tracking-uri, --storage, --data, and --set data.decode_actors / decode_cpus / "
+            "decode_threads / prefetch_batches / preserve_order, train.max_failures / "
+            "wait_for_workers_s / progress_every_s, scaling.cpus_per_worker, "
+            "tracking.flush_timeout_s; nothing else.",
         ),
     ] = None,
 ) -> None:
@@ -195,8 +226,9 @@ def pretrain(
         if config is not None:
             raise fail("--resume continues a run with its recorded config; drop --config")
         experiment = recorded_config(resume, storage or "svt_runs", [*(overrides or []), *flags])
+        _check_recorded_preset(preset, experiment.preset, f"run {resume}")
     else:
-        experiment = build_config(preset, config, [*(overrides or []), *flags])
+        experiment = build_config(preset or "paper", config, [*(overrides or []), *flags])
     try:
         result = run_pretraining(experiment, resume=resume is not None)
     except RunInterruptedError as error:  # Ctrl-C: not a failure; 130 as a shell reports it
@@ -221,7 +253,7 @@ def evaluate(
             "random init.",
         ),
     ] = None,
-    preset: PresetOption = "paper",
+    preset: RecipePresetOption = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     data: DataOption = None,
@@ -237,12 +269,13 @@ def evaluate(
 
     flags = [*(overrides or []), *_cli_overrides(data, address=address)]
     if checkpoint is None:
-        experiment = build_config(preset, config, flags)
+        experiment = build_config(preset or "paper", config, flags)
     else:  # the checkpoint's own config: its architecture, clips and probe, unless --set says
         try:
             recorded = load_state(checkpoint)["config"]
         except (FileNotFoundError, ValueError, KeyError) as error:
             raise fail(str(error)) from None
+        _check_recorded_preset(preset, recorded.get("preset"), f"checkpoint {checkpoint}")
         experiment = config_for_checkpoint(recorded, config, flags)
     if experiment.data.path is None:
         raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")
@@ -367,10 +400,15 @@ def compare(
         str, typer.Option("--tracking-uri", help="MLflow tracking URI of the study.")
     ] = "sqlite:///mlflow.db",
     experiment: Annotated[
-        str, typer.Option("--experiment", help="MLflow experiment of the runs.")
+        str, typer.Option("--experiment", help="MLflow experiment searched for --study.")
     ] = "svt-ray-studies",
     output: Annotated[
-        Path, typer.Option("--output", help="Folder for results.csv/.md and the PNG plots.")
+        Path,
+        typer.Option(
+            "--output",
+            help="Folder; results.csv/.md and the PNG plots go to OUTPUT/STUDY (OUTPUT/runs "
+            "with --runs).",
+        ),
     ] = Path("compare"),
 ) -> None:
     """Rebuild a study's table and plots from MLflow alone (or compare any runs)."""
@@ -463,7 +501,7 @@ def tracking_restore(
 def tracking_sync(
     run_name: Annotated[str, typer.Argument(help="The run, as `pretrain --resume` names it.")],
     storage: StorageOption = None,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: RecordedTrackingOption = None,
 ) -> None:
     """Send MLflow the metrics of a run that it lacks, from the run's metrics.jsonl (after an
     outage that outlasted the run): the one of this machine, or the run directory's copy on

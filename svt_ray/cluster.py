@@ -82,3 +82,28 @@ def check_local_gpus(config: ExperimentConfig) -> None:
             f"has {have:g}; pass --gpus-per-worker 0 to train on CPU, fewer --workers, or the "
             "--address of a cluster with GPUs"
         )
+
+
+def cpu_training_note(config: ExperimentConfig) -> str | None:
+    """[driver] What to say about a run that trains on CPU (`scaling.gpus_per_worker` is 0 by
+    default) where that is likely a slip: this machine has GPUs the run leaves idle, or the
+    model is far beyond what a CPU trains in useful time (the paper's ViT-B: days an epoch)."""
+    scaling, model = config.scaling, config.model
+    if scaling.gpus_per_worker:
+        return None
+    if not joins_a_cluster(scaling.address):
+        import torch
+
+        if gpus := torch.cuda.device_count():
+            return (
+                f"this machine has {gpus} CUDA GPU(s) and the run uses none: pass "
+                "--gpus-per-worker 1 to train on them"
+            )
+    parameters = 12 * model.depth * model.embed_dim**2  # the blocks' weights, roughly
+    if parameters < 20e6:
+        return None
+    return (
+        f"the {config.preset} preset's model (~{parameters / 1e6:.0f}M parameters) trains on "
+        "CPU: expect days an epoch. --gpus-per-worker 1 trains on GPUs; --preset tiny is the "
+        "CPU recipe"
+    )

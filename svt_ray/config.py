@@ -12,6 +12,7 @@ The schema defaults are the paper's recipe (design.md §3); presets live in `con
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 from importlib import resources
@@ -221,6 +222,7 @@ class LossConfig(_Section):
     motion_weight: Annotated[float, Field(ge=0)] = 1.0
     "Weight of the motion terms (teacher global -> student other global); 0 switches them off."
     student_temp: Annotated[float, Field(gt=0)] = 0.1
+    "Temperature of the student's softmax over the prototypes."
     teacher_temp: Annotated[float, Field(gt=0)] = 0.04
     "Teacher temperature after warm-up."
     warmup_teacher_temp: Annotated[float, Field(gt=0)] = 0.04
@@ -230,7 +232,9 @@ class LossConfig(_Section):
     centering: Literal["ema", "sinkhorn_knopp"] = "ema"
     "ema = DINO centring with momentum; sinkhorn_knopp = DINOv2's batch-balanced teacher targets."
     center_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    "EMA momentum of the centre subtracted from the teacher's logits (centering=ema)."
     sinkhorn_iterations: PositiveInt = 3
+    "Row and column normalisations of Sinkhorn-Knopp (centering=sinkhorn_knopp)."
     koleo_weight: Annotated[float, Field(ge=0)] = 0.0
     "Weight of DINOv2's KoLeo regulariser on the student's global-view features (spreads them out)."
 
@@ -260,17 +264,20 @@ class OptimConfig(_Section):
     base_lr: Annotated[float, Field(gt=0)] = 5e-4
     "Peak learning rate for a batch of lr_reference_batch; scaled linearly with the batch."
     lr_reference_batch: PositiveInt = 256
+    "The batch base_lr is given for: peak lr = base_lr x batch_size / lr_reference_batch."
     min_lr: Annotated[float, Field(ge=0)] = 1e-6
     "Learning rate at the end of the cosine decay."
     warmup_epochs: Annotated[float, Field(ge=0)] = 10
     "Epochs of linear lr warm-up from 0 (DINO default; a 20-epoch run spends half of it warming)."
     weight_decay: Annotated[float, Field(ge=0)] = 0.04
+    "Weight decay at step 0 (biases and 1-D parameters such as norms get none, as in DINO)."
     weight_decay_end: Annotated[float, Field(ge=0)] = 0.4
     "Weight decay follows a cosine from weight_decay to weight_decay_end."
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
         0.9,
         0.999,
     )
+    "AdamW's (beta1, beta2)."
     momentum_teacher: Annotated[float, Field(ge=0, le=1)] = 0.996
     momentum_teacher_end: Annotated[float, Field(ge=0, le=1)] = 1.0
     "EMA momentum of the teacher follows a cosine from momentum_teacher to momentum_teacher_end."
@@ -286,14 +293,26 @@ class DataConfig(_Section):
     """Where clips come from and how they are decoded."""
 
     path: str | None = None
-    "Dataset directory or URI (s3://, gs://, local) of data_prep shards; None = synthetic default."
+    (
+        "Dataset directory or URI (s3://, gs://, local) of data_prep shards. pretrain and eval "
+        "require one; the study scripts make the synthetic default when it is None."
+    )
     decoder: Literal["decord", "pyav"] = "decord"
+    "Decoder of the training and evaluation clips (pyav: the slower reference backend)."
     decode_threads: PositiveInt = 1
     "Threads per decoder (one decoder per Ray Data actor)."
     short_side: PositiveInt = 256
-    "Short side the shards were re-encoded to; crops are taken from frames of this size."
+    (
+        "Short side the shards are expected to have (data_prep --short-side): views larger "
+        "than it are refused. The loader neither checks nor resizes to it; the demo and the "
+        "studies make their synthetic clips this size."
+    )
     shuffle_buffer: Annotated[int, Field(ge=0)] = 64
-    "Local shuffle buffer in clips, on top of a random file order."
+    (
+        "Clips in each worker's local shuffle buffer (0: none), on top of the order of the "
+        "64-clip slices of the shards, drawn anew each epoch from train.seed (with "
+        "deterministic, the slices keep a fixed order)."
+    )
     decode_cpus: Annotated[float, Field(gt=0)] = 1.0
     "CPUs reserved by each decode actor."
     decode_actors: PositiveInt | None = None
@@ -318,16 +337,23 @@ class ScalingSettings(_Section):
     """How many Ray Train workers, and what each reserves."""
 
     num_workers: PositiveInt = 1
+    "Ray Train workers (DDP ranks); the global batch is split evenly over them."
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    "GPUs each worker reserves; 0 trains on CPU (gloo). The default: say 1 to use GPUs."
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    "CPUs each worker reserves; also its torch thread count on CPU."
     address: str | None = None
-    "Ray cluster address ('auto' for the cluster this machine belongs to); None starts local Ray."
+    (
+        "Ray cluster address ('auto' for the cluster this machine belongs to); None joins "
+        "RAY_ADDRESS (set in a `ray job submit` job) or starts a local Ray."
+    )
 
 
 class TrainSettings(_Section):
     """Run-level settings of a pretraining run."""
 
     seed: int = 0
+    "Seeds the weights, the views and the data order; part of the default run name."
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     "auto = bf16 autocast on GPU, fp32 on CPU."
     compile: bool | None = None
@@ -372,6 +398,7 @@ class TrackingConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     "MLflow 3's default store in the working directory, so a bare `mlflow ui` finds it."
     experiment: str = "svt-ray"
+    "MLflow experiment of pretraining runs (the studies use their own, svt-ray-studies)."
     flush_timeout_s: Annotated[float, Field(ge=0.0)] = 60.0
     "How long rank 0 waits at the end of a run for MLflow to take what it held back in an "
     "outage; the rest stays in metrics.jsonl (`svt-ray tracking sync` sends it later)."
@@ -563,6 +590,19 @@ def preset_dict(name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     text = resources.files("svt_ray").joinpath("configs", f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` of the argparse commands (data_prep, synth, the studies): each option's default
+    is shown, unless it has none or its help already says what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        switch = action.nargs == 0 and action.default is False  # a store_true flag
+        if switch or action.default in (None, [], argparse.SUPPRESS):
+            return action.help
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

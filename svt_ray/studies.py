@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svt_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
+from svt_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    HelpFormatter,
+    load_config,
+    parse_override,
+)
 from svt_ray.study_report import METRIC, TIME_ATTR, StudyReport, collect_study
 
 logger = logging.getLogger(__name__)
@@ -732,16 +738,21 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     import argparse
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=spec.question)
-    parser.add_argument("--preset", default=defaults.get("preset", "tiny"))
-    parser.add_argument("--data", help="data_prep output (local path or URI); default: synthetic")
-    parser.add_argument("--workers", type=int, help="Train workers per trial")
-    parser.add_argument("--gpus-per-worker", type=float)
-    parser.add_argument("--address", help="Ray cluster address ('auto' on a cluster node)")
+    parser = argparse.ArgumentParser(description=spec.question, formatter_class=HelpFormatter)
+    parser.add_argument("--preset", default=defaults.get("preset", "tiny"),
+                        help="starting recipe of every trial (tiny, paper, reference_code)")  # fmt: skip
+    parser.add_argument("--data", help="data_prep output (local path or URI); default: synthetic "
+                        "clips made once in this folder")  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, help="Train workers per trial (default: the preset's)"
+    )
+    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per Train worker (default: 0)")
+    parser.add_argument("--address", help="Ray cluster address ('auto' on a cluster node); "
+                        "default: RAY_ADDRESS or a new local Ray")  # fmt: skip
     parser.add_argument("--grid", action="append", default=[],
                         help="replace the sweep: section.field=v1,v2 (repeatable)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="extra section.field=value for every trial")  # fmt: skip
+                        help="extra section.field=value for every trial (not a swept one)")  # fmt: skip
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (repeats)")
     parser.add_argument("--asha", action=argparse.BooleanOptionalAction, default=spec.asha,
                         help="ASHA early stopping on online kNN (--no-asha: the full grid)")  # fmt: skip
@@ -749,10 +760,14 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
                         help="clips seen at ASHA's first rung (default: the study's, or a "
                              "quarter of the budget)")  # fmt: skip
     parser.add_argument("--storage", default="svt_runs", help="Tune/Train storage path or URI")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    parser.add_argument("--experiment", default="svt-ray-studies")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store")
+    parser.add_argument("--experiment", default="svt-ray-studies",
+                        help="MLflow experiment of the parent and child runs")  # fmt: skip
     parser.add_argument("--name", default=spec.name, help="study name (restore key)")
-    parser.add_argument("--max-concurrent", type=int)
+    parser.add_argument("--max-concurrent", type=int,
+                        help="trials at once (default: as many as the cluster holds"
+                        + ("; this study runs one at a time whatever is given)" if spec.exclusive
+                           else ")"))  # fmt: skip
     parser.add_argument("--num-clips", type=int, default=800, help="synthetic clips when no --data")
     args = parser.parse_args(argv)
     try:
@@ -772,6 +787,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             overrides.append(f"scaling.num_workers={args.workers}")
         if args.gpus_per_worker is not None:
             overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
+        _refuse_swept_overrides(spec, overrides)
         options = StudyOptions(
             preset=args.preset,
             overrides=overrides,
@@ -799,6 +815,24 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     print(f"MLflow: mlflow ui --backend-store-uri {options.tracking_uri}  (parent run "
           f"{report.parent_run_id}, experiment {options.experiment})")  # fmt: skip
     return 0 if any(t.status in ("FINISHED", "KILLED") for t in report.trials) else 1
+
+
+def _refuse_swept_overrides(spec: StudySpec, overrides: Sequence[str]) -> None:
+    """A flag or --set for a path the study sweeps would be overridden by every trial's own
+    value (`scaling.py --workers 4` still ran 1 and 2 workers): refused, naming the sweep."""
+    swept = {}
+    for sweep in spec.sweeps:
+        for value in sweep.values:
+            for path in value if isinstance(value, dict) else [sweep.path]:
+                swept[path] = sweep
+    for item in overrides:
+        path = ".".join(parse_override(item)[0])
+        if path in swept:
+            values = ",".join(json.dumps(v) for v in swept[path].values)
+            raise ConfigError(
+                f"{item}: study {spec.name} sweeps {path} itself ({swept[path].path}={values}); "
+                f"drop it, or give the values with --grid {swept[path].path}=..."
+            )
 
 
 def grid_size(spec: StudySpec, seeds: Sequence[int]) -> int:

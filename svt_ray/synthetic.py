@@ -50,7 +50,7 @@ from pyarrow import fs as pafs
 
 from data_prep.inputs import resolve_filesystem
 from data_prep.shards import Output
-from svt_ray.config import ConfigError
+from svt_ray.config import ConfigError, HelpFormatter
 from svt_ray.video import EncoderSettings, encode_h264
 
 logger = logging.getLogger(__name__)
@@ -573,15 +573,18 @@ def synth_main(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m svt_ray.synthetic OUTPUT [options]`."""
-    parser = argparse.ArgumentParser(prog="svt-ray synth", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="svt-ray synth", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("output", help="output folder or pyarrow filesystem URI")
-    parser.add_argument("--num-clips", type=int, default=SynthConfig.num_clips)
+    parser.add_argument("--num-clips", type=int, default=SynthConfig.num_clips, help="clips made")
     parser.add_argument(
         "--style",
         choices=sorted(STYLES),
         default=SynthConfig.style,
-        help="scene: the whole frame's texture moves (8 classes); objects: an object moves "
-        "over a drifting background (10 classes)",
+        help=f"scene: the whole frame's texture moves (up to {len(STYLES['scene'])} classes); "
+        f"objects: an object moves over a drifting background (up to "
+        f"{len(STYLES['objects'])} classes)",
     )
     parser.add_argument(
         "--num-classes",
@@ -589,13 +592,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=SynthConfig.num_classes,
         help="the first N classes of the style",
     )
-    parser.add_argument("--num-frames", type=int, default=SynthConfig.num_frames)
-    parser.add_argument("--height", type=int, default=SynthConfig.height)
-    parser.add_argument("--width", type=int, default=SynthConfig.width)
-    parser.add_argument("--fps", type=float, default=SynthConfig.fps)
-    parser.add_argument("--seed", type=int, default=SynthConfig.seed)
     parser.add_argument(
-        "--workers", type=int, default=1, help="Ray tasks encoding in parallel (1: in this process)"
+        "--num-frames", type=int, default=SynthConfig.num_frames, help="frames per clip"
+    )
+    parser.add_argument("--height", type=int, default=SynthConfig.height, help="pixels (even)")
+    parser.add_argument("--width", type=int, default=SynthConfig.width, help="pixels (even)")
+    parser.add_argument(
+        "--fps", type=float, default=SynthConfig.fps, help="frame rate written to the videos"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=SynthConfig.seed, help="the same seed makes the same clips"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray tasks encoding in parallel (1: in this process; on a cluster, set by "
+        "RAY_ADDRESS, Ray spreads the tasks and this does not cap them)",
     )
     args = parser.parse_args(argv)
     try:

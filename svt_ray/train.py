@@ -45,6 +45,7 @@ from data_prep.inputs import resolve_filesystem
 from svt_ray import data
 from svt_ray.cluster import (
     check_local_gpus,
+    cpu_training_note,
     cpus_per_run,
     ensure_ray,
     joins_a_cluster,
@@ -502,6 +503,8 @@ def run_pretraining(
         if finished is not None:
             return finished
     scaling = resolved.scaling
+    if note := cpu_training_note(resolved):
+        logger.warning("run %s: %s", run_name, note)
     ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
     recorded = resolved.model_copy(deep=True)  # run.json keeps the URI as the user gave it

@@ -299,6 +299,13 @@ def probe_frame_size(data: bytes) -> tuple[int, int]:
         return context.height, context.width
 
 
+# libx264's speed presets, fastest first.
+X264_PRESETS = (
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+    "veryslow", "placebo",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class EncoderSettings:
     """H.264 settings of the project's one encoding path.
@@ -319,6 +326,11 @@ class EncoderSettings:
             raise ValueError(f"gop must be >= 1, got {self.gop}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"crf must lie in [0, 51], got {self.crf}")
+        if self.preset not in X264_PRESETS:
+            raise ValueError(
+                f"preset {self.preset!r} is not an x264 preset; choose from "
+                f"{', '.join(X264_PRESETS)}"
+            )
 
 
 class H264Encoder:

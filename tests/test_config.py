@@ -234,3 +234,35 @@ def test_a_checkpoint_is_evaluated_with_its_own_settings_not_the_default_presets
     with pytest.raises(typer.Exit):
         config_for_checkpoint(recorded, other, [])
     assert "differs from the checkpoint's architecture" in capsys.readouterr().err
+
+
+def test_a_preset_other_than_the_recorded_one_is_refused_not_dropped(tmp_path, monkeypatch):
+    """`pretrain --resume` and `eval --checkpoint` keep the recorded recipe: `--preset paper`
+    on a tiny run was dropped without a word (it had a default, so its use went unseen). The
+    recorded preset itself is accepted."""
+    import torch
+
+    from svt_ray import cli
+    from svt_ray.runs import RUN_FILE, write_json
+
+    recorded = load_config("tiny", overrides=["data.path=/gone"]).resolve(64)
+    write_json(
+        str(tmp_path / "runs" / "r" / RUN_FILE),
+        {"mlflow_run_id": "x", "config": recorded.model_dump(mode="json")},
+    )
+    resume = ["pretrain", "--resume", "r", "--storage", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, [*resume, "--preset", "paper"])
+    assert result.exit_code == 2
+    assert "--preset paper: run r was made with the tiny preset; drop --preset" in result.stderr
+    result = CliRunner().invoke(app, [*resume, "--preset", "tiny"])
+    assert "preset" not in result.stderr and "/gone" in result.stderr  # went on to the data
+
+    checkpoint = tmp_path / "state.pt"
+    torch.save({"config": recorded.model_dump(mode="json")}, checkpoint)
+    monkeypatch.setattr(cli, "config_for_checkpoint", lambda *args: load_config("tiny"))
+    evaluate = ["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "none")]
+    result = CliRunner().invoke(app, [*evaluate, "--preset", "paper"])
+    assert result.exit_code == 2
+    assert f"checkpoint {checkpoint} was made with the tiny preset" in result.stderr
+    result = CliRunner().invoke(app, [*evaluate, "--preset", "tiny"])
+    assert "preset" not in result.stderr

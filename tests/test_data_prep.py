@@ -675,3 +675,15 @@ def test_write_file_streams_a_local_file_in_pieces_atomically(tmp_path):
     write_file(target.as_uri(), source)
     assert target.read_bytes() == source.read_bytes()
     assert [p.name for p in target.parent.iterdir()] == ["copy.bin"]  # no temporary left
+
+
+def test_an_svt_ray_recipe_given_as_the_encoder_preset_is_refused_before_any_work(tmp_path, capsys):
+    """`--preset` of data_prep is x264's: `--preset tiny` used to encode nothing and reject
+    every video as `error` after a full pass. It is now a usage error naming the choices."""
+    with pytest.raises(SystemExit) as exit_info:
+        data_prep.cli.main([str(tmp_path / "videos"), str(tmp_path / "out"), "--preset", "tiny"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'tiny'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="not an x264 preset"):
+        PrepOptions(preset="tiny")

@@ -437,6 +437,23 @@ def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     assert "--seeds 0,x: comma-separated integers" in capsys.readouterr().err
 
 
+def test_a_flag_for_a_swept_setting_is_refused_not_overridden_by_every_trial(capsys):
+    """`studies/scaling.py --workers 4` ran 1 and 2 workers: each trial's swept value came
+    after the flag. Coupled settings (one sweep moving two paths) count too."""
+    from svt_ray.studies import study_main
+
+    scaling = StudySpec("scaling", "q", [Sweep("scaling.num_workers", (1, 2))])
+    assert study_main(scaling, ["--workers", "4"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: scaling.num_workers=4: study scaling sweeps scaling.num_workers itself "
+        "(scaling.num_workers=1,2); drop it, or give the values with --grid"
+    )
+    coupled = {"loss.cross_view_weight": 1.0, "loss.motion_weight": 0.0}
+    terms = StudySpec("terms", "q", [Sweep("terms", (coupled,), labels=("cross",))])
+    assert study_main(terms, ["--set", "loss.motion_weight=1"]) == 2
+    assert "sweeps loss.motion_weight itself (terms=" in capsys.readouterr().err
+
+
 def test_a_trial_whose_placement_group_was_removed_counts_as_stopped_not_failed():
     import ray.exceptions
     from ray.core.generated.common_pb2 import ActorDiedErrorContext

@@ -516,6 +516,29 @@ def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
     assert joins_a_cluster(None)
 
 
+def test_a_run_left_on_cpu_by_the_default_is_told_what_it_costs(monkeypatch):
+    """gpus_per_worker defaults to 0: `svt-ray pretrain --data X` on a GPU box, or the paper
+    model anywhere without --gpus-per-worker, trained on CPU without a word."""
+    import torch
+
+    from svt_ray.cluster import cpu_training_note
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert cpu_training_note(load_config("tiny")) is None
+    note = cpu_training_note(load_config("paper"))
+    assert note.startswith("the paper preset's model (~85M parameters) trains on CPU")
+    assert cpu_training_note(load_config("paper", overrides=["scaling.gpus_per_worker=1"])) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    note = cpu_training_note(load_config("tiny"))
+    assert note == (
+        "this machine has 2 CUDA GPU(s) and the run uses none: pass --gpus-per-worker 1 to "
+        "train on them"
+    )
+    # On a cluster the driver's machine says nothing of the workers' GPUs.
+    assert cpu_training_note(load_config("tiny", overrides=["scaling.address=auto"])) is None
+
+
 def test_the_console_shows_a_progress_line_every_so_often_and_at_the_end(capsys):
     from svt_ray.progress import ConsoleProgress
 

@@ -118,6 +118,8 @@ def test_encoder_round_trip_and_validation():
         encode_h264([], 10.0)
     with pytest.raises(ValueError, match="gop"):
         EncoderSettings(gop=0)
+    with pytest.raises(ValueError, match="'tiny' is not an x264 preset"):
+        EncoderSettings(preset="tiny")  # svt-ray's recipe name, given to data_prep by mistake
     with pytest.raises(ValueError, match="backend"):
         open_video(data, backend="opencv")
 
