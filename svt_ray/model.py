@@ -409,7 +409,13 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, learn_gain=not norm_last_layer)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(features), dim=-1))
+        bottleneck = F.normalize(self.mlp(features), dim=-1)
+        # The prototypes in fp32 whatever the autocast: logits are cosines in [-1, 1] that the
+        # loss divides by temperatures down to 0.04, so bf16's 3 significant digits would
+        # become errors of ~0.1 in the softmax's exponent. 256 x 65536 per clip and view: a
+        # small share of the step.
+        with torch.autocast(bottleneck.device.type, enabled=False):
+            return self.last_layer(bottleneck.float())
 
 
 @dataclass

@@ -231,3 +231,25 @@ def test_gpu_compiled_blocks_match_eager_and_never_recompile():
             torch._dynamo.config.error_on_recompile = False
     for eager_loss, compiled_loss in losses:
         assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+
+
+def test_the_heads_prototypes_run_in_fp32_under_bf16_autocast():
+    """The last layer's cosines are divided by temperatures down to 0.04 in the loss: in
+    bf16 their rounding (~4e-3 near 1) would shift the softmax's exponents by ~0.1. They are
+    computed in fp32 from the (autocast) bottleneck."""
+    import torch.nn.functional as F
+
+    from svt_ray.model import DINOHead
+
+    torch.manual_seed(0)
+    head = DINOHead(32, out_dim=512, hidden_dim=64, bottleneck_dim=16)
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x)
+        bottleneck = F.normalize(head.mlp(x), dim=-1)
+    assert bottleneck.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    prototypes = F.normalize(head.last_layer.weight, dim=1)
+    expected = bottleneck.float() @ prototypes.T  # written out, in fp32
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    rounded = (bottleneck @ prototypes.to(torch.bfloat16).T).float()
+    assert (rounded - expected).abs().max() > 1e-3  # what bf16 prototypes would have given
