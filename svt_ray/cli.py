@@ -265,7 +265,13 @@ def evaluate(
     --config and --set change them; --preset applies to random init only."""
     from svt_ray.cluster import ensure_ray, local_ray_cpus
     from svt_ray.data import read_dataset_manifest
-    from svt_ray.evaluate import cpus_per_evaluation, evaluate_backbones, format_table, load_state
+    from svt_ray.evaluate import (
+        cpus_per_evaluation,
+        evaluate_backbones,
+        format_table,
+        initial_row_name,
+        load_state,
+    )
 
     flags = [*(overrides or []), *_cli_overrides(data, address=address)]
     if checkpoint is None:
@@ -284,7 +290,7 @@ def evaluate(
     except ConfigError as error:
         raise fail(str(error)) from None
     ensure_ray(experiment.scaling.address, num_cpus=local_ray_cpus(cpus_per_evaluation(experiment)))
-    name = "checkpoint" if checkpoint else "random init"
+    name = "checkpoint" if checkpoint else initial_row_name(experiment)
     results = evaluate_backbones(experiment, {name: checkpoint}, experiment.data.path)
     typer.echo(format_table([result.row() for result in results]))
 

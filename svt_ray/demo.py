@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from svt_ray.config import ConfigError, load_config
-from svt_ray.evaluate import evaluate_backbones, format_table
+from svt_ray.evaluate import evaluate_backbones, format_table, initial_row_name
 from svt_ray.tracking import METRICS_FILE
 
 logger = logging.getLogger(__name__)
@@ -87,12 +87,13 @@ def run_demo(
         result = train.run_pretraining(config, resume=progress is not None)
 
     _stage(4, "evaluation on held-out clips: kNN (k=20) and linear probe")
-    backbones = {"SVT (learned)": result.checkpoint_path, "random init": None}
+    start = initial_row_name(result.config)  # random init, or model.init_from's weights
+    backbones = {"SVT (learned)": result.checkpoint_path, start: None}
     results = evaluate_backbones(result.config, backbones, str(shards), pixel_baseline=True)
     table = format_table([r.row() for r in results])
     print(table)
     learned = next(r for r in results if r.name == "SVT (learned)")
-    baseline = next(r for r in results if r.name == "random init")
+    baseline = next(r for r in results if r.name == start)
     summary = {
         "knn_top1_learned": learned.knn.top1,
         "knn_top1_random_init": baseline.knn.top1,
@@ -101,7 +102,7 @@ def run_demo(
     }
     _log_to_run(result, results, table, summary)
     print(
-        f"\nSVT features beat random initialisation by {summary['knn_gain_points']:+.1f} kNN "
+        f"\nSVT features beat the {start} weights by {summary['knn_gain_points']:+.1f} kNN "
         f"top-1 points ({summary['minutes']:.1f} min in all).\n"
         f"Checkpoint: {result.checkpoint_path}\n"
         f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri "

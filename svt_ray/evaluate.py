@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -286,15 +287,17 @@ class FeatureUDF:
     ):
         from svt_ray.config import ExperimentConfig
         from svt_ray.export import backbone_state
-        from svt_ray.model import build_backbone
+        from svt_ray.model import build_backbone, initial_backbone
 
         experiment = ExperimentConfig.model_validate(config)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.extractors = {}
         for name, path in backbones.items():
-            torch.manual_seed(experiment.train.seed)  # "random" = the run's own initialisation
-            backbone = build_backbone(experiment)
-            if path is not None:
+            if path is None:  # the run's own starting point: its seed, and init_from if set
+                torch.manual_seed(experiment.train.seed)
+                backbone = initial_backbone(experiment)
+            else:
+                backbone = build_backbone(experiment)
                 backbone.load_state_dict(backbone_state(load_state(path), "teacher"))
             self.extractors[name] = FeatureExtractor(
                 backbone, experiment.views.mean, experiment.views.std, device
@@ -369,6 +372,13 @@ def inference_gpus(config) -> float:
     return 1.0 if joins_a_cluster(scaling.address) and scaling.gpus_per_worker > 0 else 0.0
 
 
+def initial_row_name(config) -> str:
+    """How a table names the run's starting point: random weights, or an image ViT's."""
+    if config.model.init_from:
+        return f"start ({Path(config.model.init_from).name})"
+    return "random init"
+
+
 def evaluate_backbones(
     config,
     backbones: dict[str, str | None],
@@ -377,8 +387,8 @@ def evaluate_backbones(
 ) -> list[EvalResult]:
     """kNN and linear probe of each backbone's features (single clip and slow-fast).
 
-    `backbones` maps a row name to a checkpoint path, or to None for the run's random
-    initialisation. Clips are decoded once per split and every backbone sees the same ones.
+    `backbones` maps a row name to a checkpoint path, or to None for the run's starting point
+    (`initial_row_name`: random with its seed, or `model.init_from`). Clips are decoded once per split and every backbone sees the same ones.
     """
     from svt_ray import data
 

@@ -506,13 +506,20 @@ def build_backbone(config: ExperimentConfig) -> TimeSformer:
     )
 
 
+def initial_backbone(config: ExperimentConfig) -> TimeSformer:
+    """The backbone a run starts from: random (seed the generator first), then
+    `model.init_from`'s image ViT weights if set."""
+    backbone = build_backbone(config)
+    if config.model.init_from:
+        report = load_image_vit(backbone, config.model.init_from)
+        logger.info("%s", report.summary())
+    return backbone
+
+
 def build_model(config: ExperimentConfig) -> SVTModel:
     """The student (or teacher) network of an experiment; loads `model.init_from` if set."""
     m = config.model
-    backbone = build_backbone(config)
-    if m.init_from:
-        report = load_image_vit(backbone, m.init_from)
-        logger.info("%s", report.summary())
+    backbone = initial_backbone(config)
     head = DINOHead(
         m.embed_dim,
         m.head_out_dim,

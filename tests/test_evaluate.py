@@ -83,6 +83,36 @@ def test_format_table():
     assert table.splitlines() == ["| features | knn_top1 |", "|---|---|", "| single | 51.2 |"]
 
 
+def test_the_starting_point_row_is_the_runs_own_initialisation_with_init_from(tmp_path):
+    """The baseline row (backbone None) is the network the run started from: its seed's
+    random weights, and with `model.init_from` the image ViT's spatial weights on top, not
+    a random network that the run never was."""
+    from factories import small_config
+
+    from svt_ray.engine import build_state
+    from svt_ray.evaluate import FeatureUDF, initial_row_name
+    from svt_ray.model import build_backbone
+
+    config = small_config("tiny")
+    assert initial_row_name(config) == "random init"
+    image_vit = {
+        key: torch.randn_like(value)
+        for key, value in build_backbone(config).state_dict().items()
+        if "temporal" not in key and key != "time_embed"
+    }
+    torch.save({"model": image_vit}, tmp_path / "vit_small.pth")
+    config = small_config("tiny", f"model.init_from={tmp_path / 'vit_small.pth'}").resolve(64)
+    assert initial_row_name(config) == "start (vit_small.pth)"
+    udf = FeatureUDF(config.model_dump(mode="json"), {"start": None}, ["clip"], device="cpu")
+    started = udf.extractors["start"].backbone.state_dict()
+    teacher = build_state(config).teacher.backbone.state_dict()  # the run at step 0
+    assert started.keys() == teacher.keys()
+    for key, value in teacher.items():
+        torch.testing.assert_close(started[key], value, rtol=0, atol=0, msg=key)
+    loaded = image_vit["blocks.0.attn.qkv.weight"]
+    assert torch.equal(started["blocks.0.attn.qkv.weight"], loaded)
+
+
 def test_load_state_from_a_folder_a_file_and_a_uri(tmp_path):
     from svt_ray.evaluate import load_state
 
