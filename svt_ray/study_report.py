@@ -113,7 +113,12 @@ class StudyReport:
     def markdown(self) -> str:
         lines = [f"# Study `{self.study}`", "", self.question, ""]
         if self.budget_clips:
-            lines += [f"Budget: {self.budget_clips} clips seen per trial.", ""]
+            lines += [
+                f"Budget: {self.budget_clips} clips per trial (epochs x training clips; a batch "
+                "that does not divide an epoch's clips sees fewer: the last partial batch of an "
+                "epoch is dropped).",
+                "",
+            ]
         lines += ["## By setting (mean ± s.e. over seeds, finished trials)", "",
                   _markdown_table(self.aggregate()), "", "## Trials", "",
                   _markdown_table(self.rows()), ""]  # fmt: skip
@@ -140,7 +145,7 @@ class StudyReport:
             f"study {self.study}: {self.question}",
             f"swept {', '.join(self.swept)}; {len(self.trials)} trials "
             f"({failed} failed, {stopped} stopped early)"
-            + (f"; budget {self.budget_clips} clips each" if self.budget_clips else ""),
+            + (f"; budget up to {self.budget_clips} clips each" if self.budget_clips else ""),
         ]
         best = self.best()
         if best is not None:
