@@ -180,3 +180,117 @@ def test_gaussian_blur_matches_a_reference_and_zero_sigma_is_identity():
     ref = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
     torch.testing.assert_close(out[1], ref.view(3, 2, 16, 16), atol=1e-5, rtol=1e-5)
     assert out[1].std() < x[1].std()
+
+
+def _jitter_only(*overrides):
+    """Views whose only augmentation is a colour jitter that always happens."""
+    return load_config(
+        "tiny",
+        overrides=[
+            "views.flip_p=0",
+            "views.color_jitter_p=1",
+            "views.grayscale_p=0",
+            "views.global_blur_p=[0]",
+            "views.local_blur_p=0",
+            "views.global_solarize_p=[0]",
+            "views.local_solarize_p=0",
+            *overrides,
+        ],
+    ).views
+
+
+def _frames_of_different_levels(batch=3, frames=4, size=6, seed=0):
+    """Float clips in [0.15, 0.85] whose frames differ in mean brightness (so a per-frame
+    contrast anchor differs from the whole view's) and whose channels differ (so saturation
+    and hue have something to act on)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = 0.15 + 0.5 * torch.rand(batch, 3, frames, size, size, generator=generator)
+    levels = torch.linspace(0.0, 0.2, frames).view(1, 1, frames, 1, 1)
+    return (x + levels).double()
+
+
+def _yiq_rotation_reference(rgb: np.ndarray, shift: float) -> np.ndarray:
+    """Hue rotation written out: NTSC RGB -> YIQ, rotate (I, Q) by 2*pi*shift, back, clamp."""
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    y, i, q = np.einsum("ij,jthw->ithw", to_yiq, rgb)
+    angle = 2 * np.pi * shift
+    i, q = i * np.cos(angle) - q * np.sin(angle), i * np.sin(angle) + q * np.cos(angle)
+    back = np.einsum("ij,jthw->ithw", np.linalg.inv(to_yiq), np.stack([y, i, q]))
+    return np.clip(back, 0.0, 1.0)
+
+
+def test_brightness_contrast_saturation_blend_with_their_anchors_in_the_drawn_order():
+    """With jitter certain, each view gets f * x + (1 - f) * anchor per op, in a random order
+    per view: black for brightness, the view's mean luma over all its frames and pixels for
+    contrast, the pixel's luma for saturation; clamped to [0, 1] after every op. The factors
+    and the order are recomputed from the generator's draws (flip, jitter, the three factors,
+    the order keys)."""
+    views = _jitter_only("views.brightness=0.4", "views.contrast=0.6", "views.saturation=0.5")
+    x = _frames_of_different_levels()
+    batch = x.shape[0]
+    augmented = ViewAugmenter(views).augment(
+        x.float(), view_slots(views)[0], torch.Generator().manual_seed(11)
+    )
+
+    draws = torch.Generator().manual_seed(11)
+    torch.rand(batch, generator=draws)  # flip
+    torch.rand(batch, generator=draws)  # jitter (certain)
+    strengths = torch.tensor([0.4, 0.6, 0.5])
+    factors = 1 + (2 * torch.rand(batch, 3, generator=draws) - 1) * strengths
+    order = torch.argsort(torch.rand(batch, 3, generator=draws), dim=1)
+    luma = np.array([0.299, 0.587, 0.114]).reshape(3, 1, 1, 1)
+    seen_orders = set()
+    for b in range(batch):
+        view = x[b].numpy()
+        seen_orders.add(tuple(order[b].tolist()))
+        for op in order[b].tolist():
+            f = float(factors[b, op])
+            gray = (view * luma).sum(axis=0, keepdims=True)
+            anchor = [np.zeros_like(view), gray.mean(), gray][op]  # brightness, contrast, sat.
+            view = np.clip(f * view + (1 - f) * anchor, 0.0, 1.0)
+        np.testing.assert_allclose(augmented[b].numpy(), view, atol=1e-5, rtol=0)
+    assert len(seen_orders) > 1  # the draws exercise more than one order
+    assert (factors - 1).abs().min() > 0.02  # every op changes every view
+    assert (factors[:, 1] - 1).abs().max() > 0.3  # one strong contrast: its anchor matters
+
+
+def test_hue_jitter_rotates_i_and_q_in_yiq_space():
+    """hue > 0 rotates each view's chroma (I, Q) by 2*pi*shift turns, shift ~ U(-hue, hue)
+    drawn after the order keys; luma is kept (before clamping)."""
+    views = _jitter_only(
+        "views.brightness=0", "views.contrast=0", "views.saturation=0", "views.hue=0.4"
+    )
+    x = _frames_of_different_levels(seed=1)
+    batch = x.shape[0]
+    augmented = ViewAugmenter(views).augment(
+        x.float(), view_slots(views)[0], torch.Generator().manual_seed(3)
+    )
+
+    draws = torch.Generator().manual_seed(3)
+    torch.rand(batch, generator=draws)  # flip
+    torch.rand(batch, generator=draws)  # jitter (certain)
+    torch.rand(batch, 3, generator=draws)  # factors (all 1: strengths 0)
+    torch.rand(batch, 3, generator=draws)  # order keys
+    shifts = (2 * torch.rand(batch, generator=draws) - 1) * 0.4
+    assert shifts.abs().min() > 0.02  # every view is rotated visibly
+    for b in range(batch):
+        expected = _yiq_rotation_reference(x[b].numpy(), float(shifts[b]))
+        np.testing.assert_allclose(augmented[b].numpy(), expected, atol=1e-5, rtol=0)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1, 1)
+    unclamped = ((augmented > 0) & (augmented < 1)).all(dim=1, keepdim=True)
+    kept = ((augmented * luma).sum(1, keepdim=True) - (x.float() * luma).sum(1, keepdim=True)).abs()
+    assert kept[unclamped].max() < 1e-5 and unclamped.float().mean() > 0.5
+
+
+def test_sample_crop_falls_back_to_the_largest_centred_box_of_an_allowed_ratio():
+    """When no attempt fits (the areas asked for exceed the frame), the box is centred: the
+    full height of a frame wider than the widest ratio, the full width of one narrower than
+    the narrowest, and the whole frame when its own ratio is allowed."""
+    ratio = (3 / 4, 4 / 3)
+    rng = np.random.default_rng(0)
+    wide = sample_crop(10, 100, (0.9, 1.0), ratio, rng)  # every try is taller than 10 px
+    assert (wide.top, wide.left, wide.height, wide.width) == (0, (100 - 13) // 2, 10, 13)
+    tall = sample_crop(100, 10, (0.9, 1.0), ratio, rng)
+    assert (tall.top, tall.left, tall.height, tall.width) == ((100 - 13) // 2, 0, 13, 10)
+    square = sample_crop(30, 30, (2.0, 3.0), ratio, rng)  # twice the frame: never fits
+    assert (square.top, square.left, square.height, square.width) == (0, 0, 30, 30)
