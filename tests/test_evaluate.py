@@ -44,6 +44,35 @@ def test_knn_votes_match_a_written_out_reference():
         torch.testing.assert_close(scores[i], expected)
 
 
+def test_knn_scores_in_chunks_match_a_written_out_reference():
+    """Queries scored a few at a time (a chunk that does not divide them) get DINO's votes:
+    sum over the k most cosine-similar training features of exp(similarity / T), per class."""
+    train, labels = separable(5, 4, 6, seed=2)
+    test = torch.randn(7, 6, generator=torch.Generator().manual_seed(3))
+    scores = knn_scores(train, labels, test, num_classes=4, k=5, temperature=0.2, chunk=3)
+    assert scores.shape == (7, 4)
+    normed_train = train / train.norm(dim=1, keepdim=True)
+    for i, query in enumerate(test / test.norm(dim=1, keepdim=True)):
+        similarity = normed_train @ query
+        expected = torch.zeros(4)
+        for j in similarity.argsort(descending=True)[:5]:
+            expected[labels[j]] += torch.exp(similarity[j] / 0.2)
+        torch.testing.assert_close(scores[i], expected)
+
+
+def test_linear_probe_standardises_test_features_with_the_training_statistics():
+    """One feature: the training classes sit at 0..3 and 7..10, so the learnt boundary is
+    near 5 in raw units. The test set is mostly far-right class-1 clips: standardised with
+    its own mean (about 18) the clips at 8 would fall on the class-0 side; with the training
+    statistics every test clip is on its side of 5."""
+    train = torch.tensor([0.0, 1, 2, 3, 7, 8, 9, 10]).repeat(4)[:, None]
+    train_labels = (train[:, 0] > 5).long()
+    test = torch.tensor([2.0, 3, 8, 8, 8, 30, 30, 30, 30, 30])[:, None]
+    test_labels = (test[:, 0] > 5).long()
+    accuracy = linear_probe_accuracy(train, train_labels, test, test_labels, 2, epochs=20)
+    assert accuracy.top1 == 100.0
+
+
 def test_knn_and_linear_are_perfect_on_separable_features():
     train, train_labels = separable(seed=0)
     test, test_labels = separable(seed=0)
@@ -76,6 +105,34 @@ def test_slow_fast_features_average_the_two_clips():
     combined = extractor.slow_fast(slow, fast)
     torch.testing.assert_close(combined, (extractor.features(slow) + extractor.features(fast)) / 2)
     assert combined.shape == (2, 16)
+
+
+def test_extracted_features_are_the_backbone_on_normalised_pixels():
+    """uint8 (b, 3, t, h, w) clips go in as (clips / 255 - mean) / std, per channel, into the
+    backbone's forward_features in eval mode (no drop path), as float32 on the CPU."""
+    torch.manual_seed(0)
+    backbone = TimeSformer(
+        patch_size=8,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        image_size=32,
+        num_frames=4,
+        drop_path_rate=0.5,
+    )
+    mean, std = (0.2, 0.5, 0.7), (0.1, 0.3, 0.6)
+    extractor = FeatureExtractor(backbone.train(), mean=mean, std=std)
+    clips = torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8)
+    features = extractor.features(clips)
+    pixels = clips.float() / 255
+    channel = (3, 1, 1, 1)
+    normalised = (pixels - torch.tensor(mean).view(channel)) / torch.tensor(std).view(channel)
+    with torch.no_grad():
+        expected = backbone.eval().forward_features(normalised)
+        unnormalised = backbone.forward_features(pixels)
+    assert features.dtype == torch.float32 and features.shape == (2, 16)
+    torch.testing.assert_close(features, expected)
+    assert not torch.allclose(features, unnormalised, atol=1e-3)  # the normalisation shows
 
 
 def test_format_table():
