@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -11,11 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
+from media import encode, numbered_frames
 
 from data_prep.shards import SCHEMA_VERSION
 from svt_ray import data
 from svt_ray.config import load_config
-from svt_ray.views import view_slots
+from svt_ray.video import decode_all_frames
+from svt_ray.views import ViewSampler, view_slots
 
 
 def _shard_batch(dataset_dir, count: int = 3) -> dict[str, np.ndarray]:
@@ -62,6 +66,48 @@ def test_view_cutter_shapes_and_determinism_without_ray(synthetic_shards, preset
     np.testing.assert_array_equal(out["l0"], again["l0"])
     fresh = data.ViewCutter(views, seed=5, report_failures=False)(batch)
     assert not np.array_equal(out["g0"], fresh["g0"])
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_view_cutter_cuts_each_view_from_the_planned_frames_of_its_own_clip(decoder):
+    """Without Ray or shards: a clip's plan comes from numpy's generator seeded with (seed,
+    crc32 of the clip id, epoch, 1); each view is its planned frames of a sequential PyAV
+    decode, cropped to its box and resized (antialiased, uint8) to the slot's size; rows keep
+    their labels and ids. decord is within its decode tolerance of PyAV (test_video)."""
+    views = load_config("tiny").views
+    videos = [encode(numbered_frames(40, 48, 64, seed=seed), gop=8) for seed in range(3)]
+    batch = {
+        "id": np.asarray(["00000000000000a1", "00000000000000b2", "00000000000000c3"]),
+        "label": np.asarray([2, 0, 1]),
+        "video": np.asarray(videos, dtype=object),
+        "num_frames": np.asarray([40, 40, 40]),
+        "height": np.asarray([48, 48, 48]),
+        "width": np.asarray([64, 64, 64]),
+        "epoch": np.asarray([0, 3, 1], dtype=np.int32),
+    }
+    out = data.ViewCutter(views, seed=9, decoder=decoder, report_failures=False)(batch)
+    assert [data.clip_id_hex(key) for key in out["clip_id"]] == list(batch["id"])
+    assert out["label"].tolist() == [2, 0, 1]
+    sampler = ViewSampler(views)
+    for row, (clip_id, video, epoch) in enumerate(
+        zip(batch["id"], videos, batch["epoch"], strict=True)
+    ):
+        decoded = decode_all_frames(video)
+        rng = np.random.default_rng([9, zlib.crc32(clip_id.encode()), int(epoch), 1])
+        plan = sampler.plan(40, 48, 64, rng)
+        for slot, indices, box in zip(sampler.slots, plan.frame_indices, plan.boxes, strict=True):
+            crop = decoded[indices, box.top : box.top + box.height, box.left : box.left + box.width]
+            crop = torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2)
+            resized = F.interpolate(
+                crop, size=(slot.size, slot.size), mode=views.interpolation, antialias=True
+            )
+            expected = resized.permute(1, 0, 2, 3).numpy()  # (3, t, s, s)
+            view = out[slot.name][row]
+            if decoder == "pyav":
+                np.testing.assert_array_equal(view, expected, err_msg=f"{clip_id} {slot.name}")
+            else:
+                error = np.abs(view.astype(np.int16) - expected).mean(axis=(0, 2, 3))
+                assert error.max() < 1.0, (clip_id, slot.name, error)
 
 
 def test_training_views_are_a_function_of_seed_clip_and_epoch(synthetic_shards):
@@ -292,6 +338,24 @@ def test_clip_keys_round_trip():
         key = data.clip_key(clip_id)
         assert -(2**63) <= key < 2**63 and data.clip_id_hex(key) == clip_id
     assert data.clip_key("synth-s0-000001") != data.clip_key("synth-s0-000002")
+
+
+@pytest.mark.parametrize(("height", "width"), [(30, 52), (50, 28)])
+def test_centre_crop_resized_scales_the_short_side_then_takes_the_centre(height, width):
+    """The short side goes to `size` (the long one in proportion, rounded), with the resize
+    the eval clips use (bilinear, antialiased, on uint8), then the centred size x size square."""
+    frames = np.random.default_rng(0).integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+    size = 20
+    scale = size / min(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)
+    clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(clip, size=(new_height, new_width), mode="bilinear", antialias=True)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    assert max(top, left) >= 4  # a corner crop would be visibly off
+    expected = resized[:, :, top : top + size, left : left + size].permute(1, 0, 2, 3).numpy()
+    out = data.centre_crop_resized(frames, size)
+    assert out.dtype == np.uint8 and out.shape == (3, 3, size, size)
+    assert np.abs(out.astype(np.float32) - expected).max() <= 1.0  # uint8 rounding only
 
 
 def test_eval_indices_are_centred_and_spread():

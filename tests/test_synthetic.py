@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -253,3 +254,99 @@ def test_a_folder_of_clips_is_only_extended_with_the_same_settings(tmp_path):
     assert (more.written, more.skipped) == (1, 2)  # the same settings: topped up
     with pytest.raises(ConfigError, match=r"other settings \(num_frames 8 -> 16\); use another"):
         generate_dataset(str(tmp_path), SynthConfig(num_clips=3, **{**small, "num_frames": 16}))
+
+
+# -- objects style: the object's motion read off a plain rendering ---------------------------
+
+
+def _object_rotation(before: np.ndarray, after: np.ndarray, angles: np.ndarray) -> float:
+    """The turn (radians, clockwise on a y-down screen positive) that best maps the object's
+    coverage in `before` onto `after` about their centroids: `after` is sampled back into
+    `before` bilinearly for each candidate angle; ties take their mean."""
+    height, width = before.shape
+    ys, xs = np.nonzero(after > 0)
+    weight = after[ys, xs]
+    grid = np.mgrid[0:height, 0:width] + 0.5
+    centre_before = (grid * before).sum((1, 2)) / before.sum()  # (y, x)
+    centre_after = (grid * after).sum((1, 2)) / after.sum()
+    px, py = xs + 0.5 - centre_after[1], ys + 0.5 - centre_after[0]
+    padded = np.pad(before, 1)
+    scores = []
+    for angle in angles:
+        cos, sin = np.cos(angle), np.sin(angle)
+        sx = cos * px + sin * py + centre_before[1] + 0.5  # in padded pixel-index units
+        sy = -sin * px + cos * py + centre_before[0] + 0.5
+        x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+        fx, fy = sx - x0, sy - y0
+        x0, x1 = np.clip(x0, 0, width + 1), np.clip(x0 + 1, 0, width + 1)
+        y0, y1 = np.clip(y0, 0, height + 1), np.clip(y0 + 1, 0, height + 1)
+        sampled = (
+            padded[y0, x0] * (1 - fx) * (1 - fy)
+            + padded[y0, x1] * fx * (1 - fy)
+            + padded[y1, x0] * (1 - fx) * fy
+            + padded[y1, x1] * fx * fy
+        )
+        scores.append((sampled * weight).sum())
+    scores = np.asarray(scores)
+    return float(angles[scores >= scores.max() - 1e-9].mean())
+
+
+def test_objects_move_turn_and_scale_as_their_class_says(monkeypatch):
+    """Rendered with a black scene, a white object and no distractors (appearance only: the
+    motion is the renderer's own), the object's pixels give per clip its centroid path, its
+    area and its frame-to-frame turn: move_* translate the stated way (x right, y down),
+    rotate_cw turns clockwise on screen and rotate_ccw the other way, grow and shrink change
+    the area that way, bounce moves vertically and shake horizontally, and no class does
+    what another's motion does. 16 frames: the object keeps one shape (shapes last 16+)."""
+    import svt_ray.synthetic as synthetic
+
+    calls = []
+
+    def plain_colour(rng, t):  # background colours first, then the object's stripes
+        calls.append(len(calls))
+        return np.full((t.size, 3), 0.0 if len(calls) <= 2 else 1.0)
+
+    monkeypatch.setattr(synthetic, "_drifting_colour", plain_colour)
+    config = SynthConfig(
+        num_clips=20,
+        num_classes=10,
+        num_frames=16,
+        height=64,
+        width=64,
+        style="objects",
+        num_distractors=0,
+    )
+    angles = np.linspace(-0.8, 0.8, 41)
+    directions = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
+    for index in range(config.num_clips):
+        calls.clear()
+        object_ = render_clip(config, index)[..., 0].astype(np.float64) / 255
+        assert len(calls) == 4, "the renderer's colour draws changed: update the test"
+        object_ = np.clip(object_, 0.0, 1.0)  # (T, H, W) coverage (times a flicker gain)
+        name = config.class_names[clip_label(config, index)]
+        area = object_.sum((1, 2))
+        y, x = np.mgrid[0:64, 0:64] + 0.5
+        cx, cy = (object_ * x).sum((1, 2)) / area, (object_ * y).sum((1, 2)) / area
+        dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
+        growth = np.log(area[-1] / area[0])
+        turn = sum(_object_rotation(a, b, angles) for a, b in itertools.pairwise(object_))
+        facts = (name, index, round(dx, 1), round(dy, 1), round(growth, 2), round(turn, 2))
+        if name.startswith("move_"):
+            along_x, along_y = directions[name[5:]]
+            along, across = dx * along_x + dy * along_y, dx * along_y - dy * along_x
+            assert along > 16 and abs(across) < 2, facts  # 0.3-0.5 of 64 px
+        elif name != "shake":
+            assert abs(dx) < 6 and abs(dy) < 6, facts
+        if name.startswith("rotate_"):
+            sign = 1 if name == "rotate_cw" else -1
+            assert sign * turn > 2.0, facts  # half to one whole turn over the clip
+        else:
+            assert abs(turn) < 0.6, facts
+        if name in ("grow", "shrink"):
+            sign = 1 if name == "grow" else -1
+            assert sign * growth > 0.7, facts  # the scale changes 2-3x, the area its square
+        else:
+            assert abs(growth) < 0.4, facts
+        if name in ("bounce", "shake"):
+            moving, still = (cy, cx) if name == "bounce" else (cx, cy)
+            assert moving.std() > 3 and still.std() < 1, facts
