@@ -162,6 +162,46 @@ def test_dino_head_prototypes_are_unit_norm_and_frozen_gain():
     assert learnable.last_layer.gain.requires_grad
 
 
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_dino_head_is_cosine_to_row_normalised_prototypes(norm_last_layer):
+    """logits = normalize(mlp(x)) @ (g * v / ||v|| per output row)^T; with the frozen gain of
+    norm_last_layer each of the 50 prototypes (rows of the 50x8 weight) has norm 1."""
+    torch.manual_seed(0)
+    head = DINOHead(
+        32, out_dim=50, hidden_dim=16, bottleneck_dim=8, norm_last_layer=norm_last_layer
+    )
+    gain = torch.ones(50, 1)
+    if not norm_last_layer:
+        with torch.no_grad():
+            head.last_layer.gain.uniform_(0.5, 2.0)
+        gain = head.last_layer.gain.detach()
+    x = torch.randn(4, 32)
+    v = head.last_layer.weight.detach()
+    prototypes = gain * v / v.square().sum(dim=1, keepdim=True).sqrt()  # (50, 8)
+    bottleneck = head.mlp(x)
+    bottleneck = bottleneck / bottleneck.square().sum(dim=1, keepdim=True).sqrt()
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), bottleneck @ prototypes.T)
+        effective = head.last_layer(torch.eye(8)).T  # (50, 8): the layer's own prototype rows
+    torch.testing.assert_close(effective, prototypes)
+    if norm_last_layer:
+        torch.testing.assert_close(effective.norm(dim=1), torch.ones(50))
+
+
+def test_spatial_table_for_a_non_square_2x5_grid():
+    """Rows resize 14 -> 2 and columns 14 -> 5 with nearest (source floor(i * 14 / out)),
+    flattened row-major after the CLS position."""
+    backbone = tiny_backbone()
+    table = backbone.spatial_pos_embed(2, 5)
+    assert table.shape == (1, 1 + 10, 32)
+    assert torch.equal(table[:, 0], backbone.pos_embed[:, 0])
+    grid = backbone.pos_embed[0, 1:].reshape(14, 14, 32)
+    rows, columns = [0, 7], [0, 2, 5, 8, 11]  # floor(14/2 * i), floor(14/5 * j)
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            assert torch.equal(table[0, 1 + 5 * i + j], grid[row, column]), (i, j)
+
+
 def _fake_image_vit_checkpoint(backbone: TimeSformer, grid: int) -> dict:
     """A timm-layout ViT state dict (spatial names, a classifier head, a 14x14 pos table)."""
     state = {
@@ -293,3 +333,152 @@ def test_difference_init_scale_scales_only_the_difference_filters_of_the_default
     assert reference.abs().max() <= bound and reference.abs().max() > 0.9 * bound
     scaled.reset_parameters()  # idempotent: the scale is applied to a fresh init, not compounded
     assert weight[:, 3:].abs().max() <= 4 * bound and weight[:, 3:].abs().max() > 3.6 * bound
+
+
+# -- the divided block, written out (svt_spec §1.2) --------------------------------------------
+
+
+def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    return x @ layer.weight.T + layer.bias
+
+
+def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(variance + norm.eps) * norm.weight + norm.bias
+
+
+def _attend(tokens: torch.Tensor, attention) -> torch.Tensor:
+    """Multi-head softmax attention over the rows of `tokens` (n, d), head by head."""
+    n, d = tokens.shape
+    heads = attention.num_heads
+    q, k, v = _linear(tokens, attention.qkv).split(d, dim=-1)
+    out = torch.empty(n, d, dtype=tokens.dtype)
+    for head in range(heads):
+        part = slice(head * d // heads, (head + 1) * d // heads)
+        scores = q[:, part] @ k[:, part].T / math.sqrt(d // heads)
+        out[:, part] = torch.softmax(scores, dim=-1) @ v[:, part]
+    return _linear(out, attention.proj)
+
+
+def _mlp(x: torch.Tensor, mlp) -> torch.Tensor:
+    hidden = _linear(x, mlp.fc1)
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))  # exact GELU
+    return _linear(hidden, mlp.fc2)
+
+
+def written_out_block(block, cls: torch.Tensor, patches: torch.Tensor):
+    """One clip through a divided block: cls (d,), patches (t, n, d) -> the same shapes."""
+    frames, positions, _ = patches.shape
+    # 1. Temporal attention: each spatial position attends over the clip's frames, no CLS.
+    normed = _layer_norm(patches, block.temporal_norm1)
+    temporal = torch.empty_like(patches)
+    for p in range(positions):
+        temporal[:, p] = _attend(normed[:, p], block.temporal_attn)
+    x_t = patches + _linear(temporal, block.temporal_fc)
+    # 2. Spatial attention per frame over [CLS copy, that frame's positions]; the frames' CLS
+    #    outputs are averaged; the residual adds to x_t.
+    cls_outputs, spatial = [], torch.empty_like(patches)
+    for t in range(frames):
+        tokens = torch.cat([cls[None], x_t[t]])
+        out = _attend(_layer_norm(tokens, block.norm1), block.attn)
+        cls_outputs.append(out[0])
+        spatial[t] = x_t[t] + out[1:]
+    cls = cls + torch.stack(cls_outputs).mean(0)
+    # 3. MLP on every token.
+    cls = cls + _mlp(_layer_norm(cls, block.norm2), block.mlp)
+    spatial = spatial + _mlp(_layer_norm(spatial, block.norm2), block.mlp)
+    return cls, spatial
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter random (temporal_fc, norms and tables included: nothing silent)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_divided_block_equals_the_written_out_block():
+    """Packed clips of 3 and 2 frames: temporal attention over each clip's frames per position,
+    temporal_fc, spatial attention per frame with the CLS copy, averaged CLS, then the MLP."""
+    torch.manual_seed(0)
+    block = tiny_backbone(depth=1).blocks[0].double().eval()
+    _randomise(block, seed=1)
+    layout = ((2, 3), (1, 2))  # 2 clips of 3 frames, then 1 clip of 2 frames
+    cls, patches = torch.randn(3, 1, 32).double(), torch.randn(2 * 3 + 2, 5, 32).double()
+    with torch.no_grad():
+        got_cls, got_patches = block(cls, patches, layout)
+    clip_frames = [(0, 0, 3), (1, 3, 3), (2, 6, 2)]  # (clip, first frame row, frames)
+    for clip, first, frames in clip_frames:
+        rows = slice(first, first + frames)
+        want_cls, want_patches = written_out_block(block, cls[clip, 0], patches[rows])
+        torch.testing.assert_close(got_cls[clip, 0], want_cls, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_patches[rows], want_patches, rtol=1e-10, atol=1e-10)
+
+
+def test_backbone_equals_the_written_out_timesformer():
+    """Patch embedding, spatial table per frame (CLS position included), time table on the
+    patches only, two divided blocks, final LayerNorm on the CLS; every table non-zero."""
+    backbone = tiny_backbone(image_size=32, num_frames=4).double().eval()
+    _randomise(backbone, seed=2)
+    video = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(3)).double()
+    with torch.no_grad():
+        got = backbone(video)
+    conv = backbone.patch_embed.proj
+    filters = conv.weight.reshape(32, -1)  # (d, c * 16 * 16)
+    for b in range(2):
+        patches = torch.empty(4, 4, 32, dtype=torch.float64)  # (t, 2x2 positions row-major, d)
+        for t in range(4):
+            for gy in range(2):
+                for gx in range(2):
+                    pixels = video[b, :, t, 16 * gy : 16 * gy + 16, 16 * gx : 16 * gx + 16]
+                    patch = filters @ pixels.reshape(-1) + conv.bias
+                    patches[t, 2 * gy + gx] = (
+                        patch + backbone.pos_embed[0, 1 + 2 * gy + gx] + backbone.time_embed[0, t]
+                    )
+        cls = backbone.cls_token[0, 0] + backbone.pos_embed[0, 0]
+        for block in backbone.blocks:
+            cls, patches = written_out_block(block, cls, patches)
+        want = _layer_norm(cls, backbone.norm)
+        torch.testing.assert_close(got[b], want, rtol=1e-10, atol=1e-10)
+
+
+def _first_block_patches(backbone: TimeSformer, video: torch.Tensor) -> torch.Tensor:
+    """The patch tokens (b*t, n, d) that the first block outputs."""
+    seen = []
+    handle = backbone.blocks[0].register_forward_hook(lambda _m, _i, out: seen.append(out[1]))
+    try:
+        with torch.no_grad():
+            backbone(video)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_time_flows_along_a_spatial_position_and_only_through_the_temporal_branch():
+    """Depth 1, 2x2 patches, 2 frames; frame 1 changes at patch 3. With the spatial attention's
+    output zeroed, frame 0 changes at patch 3 only (temporal attention runs per position);
+    with the temporal branch silent, frame 0 does not change at all (space keeps frames apart)."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone(depth=1, image_size=32, num_frames=2).eval()
+    _randomise(backbone, seed=4)
+    video = torch.randn(1, 3, 2, 32, 32)
+    changed = video.clone()
+    changed[0, :, 1, 16:, 16:] += 1.0  # frame 1, patch (1, 1) = position 3
+    block = backbone.blocks[0]
+    with torch.no_grad():
+        block.attn.proj.weight.zero_()
+        block.attn.proj.bias.zero_()
+    before, after = _first_block_patches(backbone, video), _first_block_patches(backbone, changed)
+    moved = (after[0] - before[0]).abs().amax(dim=-1)  # frame 0, per position
+    assert moved[3] > 1e-3
+    assert torch.equal(moved[:3], torch.zeros(3))
+
+    _randomise(backbone, seed=4)  # spatial attention back; temporal branch silent
+    with torch.no_grad():
+        block.temporal_fc.weight.zero_()
+        block.temporal_fc.bias.zero_()
+    before, after = _first_block_patches(backbone, video), _first_block_patches(backbone, changed)
+    assert torch.equal(after[0], before[0])  # frame 0 untouched
+    assert not torch.equal(after[1], before[1])  # frame 1 itself did change
