@@ -13,9 +13,11 @@ from factories import moving_square_views, random_views, small_config
 
 from svt_ray.engine import (
     NonFiniteLossError,
+    apply_schedule,
     build_state,
     clip_gradients,
     load_state_dict,
+    parameter_groups,
     state_dict,
     train_step,
     update_teacher,
@@ -38,7 +40,22 @@ def run(state, batch, steps, start=0):
 
 
 def test_step_returns_floats_for_every_signal():
-    state = make_state()
+    """Every signal is a float. grad_norm = sqrt(sum of every student gradient's squared
+    entries) before clipping (a clip_grad of 1e-3 then shrinks each tensor); *_feature_std =
+    mean over dimensions of the std over the global views' (g x b) L2-normalised CLS features."""
+    state = make_state("optim.clip_grad=1e-3")
+    raw, features = [], {}
+    for p in state.student_module.parameters():  # the gradient as backward delivers it
+        p.register_hook(lambda grad: raw.append(grad.detach().clone()))
+
+    def keep(name):
+        def hook(_module, _inputs, out):
+            features[name] = out.features[:2].detach()  # the step runs each model once
+
+        return hook
+
+    state.student.register_forward_hook(keep("student"))
+    state.teacher.register_forward_hook(keep("teacher"))
     metrics = run(state, random_views(state.config, 8), 1)[0]
     expected = {
         "loss", "loss_motion", "loss_cross_view", "loss_koleo", "lr", "weight_decay", "momentum",
@@ -47,6 +64,62 @@ def test_step_returns_floats_for_every_signal():
     }  # fmt: skip
     assert expected <= set(metrics)
     assert all(isinstance(value, float) for value in metrics.values())
+
+    assert len(raw) == len(list(state.student_module.parameters()))
+    by_hand = sum(g.double().square().sum() for g in raw).sqrt().item()
+    assert metrics["grad_norm"] == pytest.approx(by_hand, rel=1e-5)
+    assert by_hand > 1e-2  # the clipping below really shrank the gradients
+    for p in state.student_module.parameters():
+        assert p.grad.norm() <= 1e-3 * (1 + 1e-4)
+
+    for name in ("student", "teacher"):
+        rows = features[name].reshape(-1, features[name].shape[-1]).double()  # (2 x 8, d)
+        assert rows.shape == (16, state.config.model.embed_dim)
+        rows = rows / rows.square().sum(dim=1, keepdim=True).sqrt()
+        mean = rows.sum(dim=0) / 16
+        std = ((rows - mean).square().sum(dim=0) / (16 - 1)).sqrt()  # unbiased, per dimension
+        assert metrics[f"{name}_feature_std"] == pytest.approx(std.mean().item(), rel=1e-5)
+
+
+def test_only_biases_and_1d_parameters_escape_weight_decay():
+    """DINO's get_params_groups (svt_spec §1.3, §4): Linear/conv weights, the head's prototypes
+    and the 3-D pos_embed, cls_token and time_embed are decayed; biases and LayerNorm weights
+    are not. After the schedule the first group has this step's decay, the second 0; a step
+    with zero gradients shrinks exactly the decayed tensors by (1 - lr * wd)."""
+    state = make_state()
+    model = state.student_module
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    decayed = {"head.last_layer.weight", "backbone.pos_embed", "backbone.cls_token"}
+    decayed.add("backbone.time_embed")
+    exempt = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            exempt |= {f"{prefix}.weight", f"{prefix}.bias"}
+        elif isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            decayed.add(f"{prefix}.weight")
+            exempt.add(f"{prefix}.bias")
+    assert decayed | exempt == set(name_of.values())  # every parameter classified
+    assert "backbone.blocks.0.temporal_norm1.weight" in exempt
+    groups = parameter_groups(model)
+    assert sorted(name_of[id(p)] for p in groups[0]["params"]) == sorted(decayed)
+    assert sorted(name_of[id(p)] for p in groups[1]["params"]) == sorted(exempt)
+
+    values = apply_schedule(state, 300)
+    assert values.weight_decay > 0.05  # between 0.04 and 0.4, this step's value
+    decay_group, exempt_group = state.optimizer.param_groups
+    assert decay_group["weight_decay"] == values.weight_decay
+    assert exempt_group["weight_decay"] == 0.0
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    state.optimizer.step()
+    shrink = 1 - values.lr * values.weight_decay
+    assert shrink < 1 - 1e-6
+    for name, p in model.named_parameters():
+        if name in exempt:
+            assert torch.equal(p, before[name]), name
+        else:
+            torch.testing.assert_close(p, before[name] * shrink, rtol=1e-6, atol=0, msg=name)
 
 
 def test_teacher_gets_no_gradient_and_stays_in_eval_mode():
@@ -69,7 +142,15 @@ def test_ema_with_momentum_one_keeps_and_zero_copies():
     update_teacher(student, teacher, momentum=0.0)
     for (name, t), s in zip(teacher.named_parameters(), student.parameters(), strict=True):
         assert torch.equal(t, s), name
-    update_teacher(student, teacher, momentum=0.5)  # still equal: a mix of two equal things
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    copied = [t.clone() for t in teacher.parameters()]
+    update_teacher(student, teacher, momentum=0.5)
+    for (name, t), before_t, s in zip(
+        teacher.named_parameters(), copied, student.parameters(), strict=True
+    ):
+        torch.testing.assert_close(t, (before_t + s) / 2, msg=name)  # the midpoint
 
 
 def test_ema_mixes_with_the_momentum():
