@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,29 @@ def test_center_update_is_an_ema_of_the_batch_mean():
     torch.testing.assert_close(loss.center, expected)
 
 
+def written_out_sinkhorn(logits: np.ndarray, temperature: float, iterations: int) -> np.ndarray:
+    """DINOv2's `sinkhorn_knopp_teacher` on one rank, in float64: (rows, k) -> (rows, k)."""
+    q = np.exp(logits.astype(np.float64) / temperature).T  # (k, rows)
+    k, rows = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(axis=1, keepdims=True)  # every prototype the same total mass...
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)  # ...and every sample a distribution
+        q /= rows
+    return (q * rows).T
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_sinkhorn_equals_the_written_out_dinov2_algorithm(iterations):
+    """T = 0.5 on a 6 x 5 matrix, few iterations: far from the fixed point, so the temperature
+    and the order of the normalisations show."""
+    logits = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    got = sinkhorn_knopp(torch.from_numpy(logits), temperature=0.5, iterations=iterations)
+    want = written_out_sinkhorn(logits, 0.5, iterations)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-7)
+
+
 def test_sinkhorn_targets_balance_prototypes():
     torch.manual_seed(4)
     logits = torch.randn(64, 16)
@@ -91,11 +115,31 @@ def test_sinkhorn_targets_balance_prototypes():
     torch.testing.assert_close(q.sum(0), torch.full((16,), 4.0), atol=1e-3, rtol=0)  # equal shares
 
 
+def explicit_cross_entropy(student, targets, student_temp, g):
+    """Mean over the teacher x student pairs (v != i) of H(target_i, softmax(student_v / T))."""
+    terms = [
+        torch.sum(-targets[i] * F.log_softmax(student[v] / student_temp, dim=-1), dim=-1).mean()
+        for i in range(g)
+        for v in range(student.shape[0])
+        if v != i
+    ]
+    return torch.stack(terms).mean()
+
+
 def test_sinkhorn_centering_in_the_loss_needs_no_center_update():
+    torch.manual_seed(7)
     loss = SVTLoss(16, 2, 2, centering="sinkhorn_knopp")
     teacher = torch.randn(2, 8, 16)
     targets = loss.teacher_targets(teacher, 0.05)
     assert targets.shape == teacher.shape
+    # Both globals' rows are balanced together (2 x 8 = 16 rows), 3 iterations (the default).
+    want = written_out_sinkhorn(teacher.reshape(16, 16).numpy(), 0.05, 3).reshape(2, 8, 16)
+    np.testing.assert_allclose(targets.numpy(), want, rtol=1e-4, atol=1e-6)
+    student = torch.randn(4, 8, 16)
+    out = loss(student, teacher, 0.05)
+    torch.testing.assert_close(out["targets"], targets)
+    want_loss = explicit_cross_entropy(student, torch.from_numpy(want).float(), 0.1, g=2)
+    torch.testing.assert_close(out["loss"], want_loss, rtol=1e-4, atol=1e-6)
     loss.update_center(teacher)
     assert torch.count_nonzero(loss.center) == 0
 

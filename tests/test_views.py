@@ -22,8 +22,11 @@ def test_slots_are_globals_then_locals_with_fixed_shapes():
 
 
 def test_plan_spans_and_frame_counts():
+    """svt_spec §2.1-2.2: globals span a random ~90% of the clip window, locals a random 1/8,
+    each view's start drawn on its own; the clip window itself starts at random in the video."""
     sampler = ViewSampler(paper_views())
     rng = np.random.default_rng(0)
+    first_frames, global_offsets, local_offsets, distinct_local_starts = [], [], [], []
     for _ in range(50):
         plan = sampler.plan(num_frames=300, height=256, width=340, rng=rng)
         window_starts = []
@@ -40,6 +43,18 @@ def test_plan_spans_and_frame_counts():
         assert union.min() >= 0 and union.max() < 300
         assert union.max() - union.min() < 128  # all views inside one clip window
         assert np.array_equal(union, np.unique(np.concatenate(plan.frame_indices)))
+        # Offsets from the plan's earliest view: a global (115 of 128 frames) has 13 frames of
+        # play, a local (16 frames) 112; the locals' starts are independent draws.
+        starts = np.array(window_starts) - min(window_starts)
+        assert np.all(starts[:2] <= 128 - 115) and np.all(starts[2:] <= 128 - 16)
+        first_frames.append(min(window_starts))
+        global_offsets.extend(starts[:2])
+        local_offsets.extend(starts[2:])
+        distinct_local_starts.append(len(set(window_starts[2:])))
+    assert len(set(first_frames)) > 25  # the 128-frame window moves over the 300-frame video
+    assert max(local_offsets) >= 100  # locals reach across the whole window...
+    assert min(distinct_local_starts) >= 4  # ...each at its own start (8 draws from 113)
+    assert len(set(global_offsets)) >= 8  # the globals' 90% windows move too (14 positions)
 
 
 def test_plan_of_a_short_video_stays_in_bounds():
