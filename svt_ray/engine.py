@@ -50,7 +50,8 @@ class TrainState:
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
-    """Matrices are weight-decayed; biases and 1-D parameters (norms, gains) are not (DINO)."""
+    """Biases and 1-D parameters (norms) get no weight decay; everything else does, the
+    position tables and the prototype gain (out, 1) included, as in DINO."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
