@@ -240,6 +240,41 @@ def test_state_dict_round_trip_resumes_exactly():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_the_first_steps_loss_is_the_double_loop_over_the_models_own_outputs():
+    """An independent check of step 0, where the golden trace only guards against drift: the
+    student sees every augmented view, the teacher (the same weights at step 0) only the
+    globals, and the loss is the reference's double loop over them at the scheduled teacher
+    temperature with a zero centre. KoLeo off, so the loss is the SVT loss alone."""
+    from test_losses import explicit_loss
+
+    state = make_state("loss.koleo_weight=0", "loss.motion_weight=0.5")
+    config, g = state.config, state.config.views.num_global
+    student, teacher = copy.deepcopy(state.student_module), copy.deepcopy(state.teacher)
+    augmented = []
+    augment = state.augmenter
+
+    def keep_views(views, generator):
+        augmented.extend(augment(views, generator))
+        return augmented
+
+    state.augmenter = keep_views
+    metrics = run(state, random_views(config, 8), 1)[0]
+    with torch.no_grad():
+        student_logits = student(augmented).logits  # (v, b, k), views in slot order
+        teacher_logits = teacher(augmented[:g]).logits
+    expected = explicit_loss(
+        student_logits,
+        teacher_logits,
+        torch.zeros(1, config.model.head_out_dim),
+        config.loss.student_temp,
+        apply_schedule(copy.deepcopy(state), 0).teacher_temp,
+        config.loss.cross_view_weight,
+        config.loss.motion_weight,
+        g,
+    )
+    assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_seeded_five_step_trace_matches_the_golden_file():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one summation order, whatever the machine
