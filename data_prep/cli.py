@@ -40,7 +40,7 @@ from data_prep.shards import (
     write_shard,
 )
 from data_prep.transcode import PrepOptions, Rejected, prepare_video
-from svt_ray.config import HelpFormatter
+from svt_ray.help_format import HelpFormatter
 from svt_ray.video import X264_PRESETS
 
 logger = logging.getLogger("data_prep")

@@ -213,6 +213,7 @@ def pretrain(
     ] = None,
 ) -> None:
     """Pretrain SVT with Ray Train; checkpoints to --storage, metrics to MLflow."""
+    from svt_ray.cluster import cpu_training_note
     from svt_ray.runs import recorded_config
     from svt_ray.train import (
         RunInterruptedError,
@@ -229,6 +230,8 @@ def pretrain(
         _check_recorded_preset(preset, experiment.preset, f"run {resume}")
     else:
         experiment = build_config(preset or "paper", config, [*(overrides or []), *flags])
+    if note := cpu_training_note(experiment):
+        typer.secho(f"note: {note}", err=True, fg=typer.colors.YELLOW)
     try:
         result = run_pretraining(experiment, resume=resume is not None)
     except RunInterruptedError as error:  # Ctrl-C: not a failure; 130 as a shell reports it
@@ -281,7 +284,7 @@ def evaluate(
             recorded = load_state(checkpoint)["config"]
         except (FileNotFoundError, ValueError, KeyError) as error:
             raise fail(str(error)) from None
-        _check_recorded_preset(preset, recorded.get("preset"), f"checkpoint {checkpoint}")
+        _check_recorded_preset(preset, recorded.get("preset", "paper"), f"checkpoint {checkpoint}")
         experiment = config_for_checkpoint(recorded, config, flags)
     if experiment.data.path is None:
         raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")

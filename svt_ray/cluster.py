@@ -1,6 +1,8 @@
 """Which Ray a command runs on: a cluster it joins (`--address`, or RAY_ADDRESS in a `ray job
 submit` job), or a local instance it starts, sized for the run, with the settings that keep
-short local runs quick. Also what one pretraining holds of it (`cpus_per_run`).
+short local runs quick. Also what one pretraining holds of it (`cpus_per_run`), whether the
+GPUs it asks for are there (`check_local_gpus`), and what to say of a run left on CPU
+(`cpu_training_note`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 from typing import Any
 
 import ray
+import torch
 
 from svt_ray import data
 from svt_ray.config import ConfigError, ExperimentConfig
@@ -91,14 +94,12 @@ def cpu_training_note(config: ExperimentConfig) -> str | None:
     scaling, model = config.scaling, config.model
     if scaling.gpus_per_worker:
         return None
-    if not joins_a_cluster(scaling.address):
-        import torch
-
-        if gpus := torch.cuda.device_count():
-            return (
-                f"this machine has {gpus} CUDA GPU(s) and the run uses none: pass "
-                "--gpus-per-worker 1 to train on them"
-            )
+    gpus = 0 if joins_a_cluster(scaling.address) else torch.cuda.device_count()
+    if gpus:
+        return (
+            f"this machine has {gpus} CUDA GPU(s) and the run uses none: pass "
+            "--gpus-per-worker 1 to train on them"
+        )
     parameters = 12 * model.depth * model.embed_dim**2  # the blocks' weights, roughly
     if parameters < 20e6:
         return None

@@ -12,7 +12,6 @@ The schema defaults are the paper's recipe (design.md §3); presets live in `con
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 from importlib import resources
@@ -86,7 +85,11 @@ class ModelConfig(_Section):
     norm_last_layer: bool = True
     "Freeze the weight-norm gain of the last layer at 1 (DINO default; stabilises training)."
     init_from: str | None = None
-    "Local image-ViT checkpoint (DINO or timm ViT layout) loaded into the spatial weights."
+    (
+        "Local image-ViT checkpoint (DINO or timm ViT layout) loaded into the spatial weights. "
+        "Made absolute and checked on the driver; on a cluster every node needs the file at "
+        "that path (a file mount of ray_cluster.yaml)."
+    )
     frame_difference: bool = False
     (
         "Give the patch embedding each frame's difference to the view's previous frame as 3 "
@@ -590,19 +593,6 @@ def preset_dict(name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     text = resources.files("svt_ray").joinpath("configs", f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` of the argparse commands (data_prep, synth, the studies): each option's default
-    is shown, unless it has none or its help already says what happens without it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        switch = action.nargs == 0 and action.default is False  # a store_true flag
-        if switch or action.default in (None, [], argparse.SUPPRESS):
-            return action.help
-        if "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

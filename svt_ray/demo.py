@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def _log_to_run(result, results, table: str, summary: dict) -> None:
     tracker.log_text(table + "\n", "evaluation.md")
     tracker.log_summary(
         {
-            f"eval/{row.name.replace(' ', '_').replace('(', '').replace(')', '')}/{metric}": value
+            f"eval/{re.sub(r'[^A-Za-z0-9_.-]+', '_', row.name).strip('_')}/{metric}": value
             for row in results
             for metric, value in row.row().items()
             if metric != "features"

@@ -391,8 +391,12 @@ def evaluate_backbones(
     (`initial_row_name`: random with its seed, or `model.init_from`). Clips are decoded once per split and every backbone sees the same ones.
     """
     from svt_ray import data
+    from svt_ray.model import check_init_from
 
     settings = config.eval
+    if None in backbones.values():  # the starting point's init_from: there, on the driver
+        config = config.model_copy(deep=True)
+        check_init_from(config)
     counts = data.read_dataset_manifest(data_path)["counts"]["splits"]
     missing = [s for s in (settings.train_split, settings.test_split) if not counts.get(s)]
     if missing:  # say so before decoding a whole split

@@ -24,7 +24,7 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from svt_ray.config import ExperimentConfig
+from svt_ray.config import ConfigError, ExperimentConfig
 
 RGB = 3
 """Colour channels of a frame; a frame-difference patch embedding takes 2 x RGB."""
@@ -415,7 +415,7 @@ class DINOHead(nn.Module):
         # become errors of ~0.1 in the softmax's exponent. 256 x 65536 per clip and view: a
         # small share of the step.
         with torch.autocast(bottleneck.device.type, enabled=False):
-            return self.last_layer(bottleneck.float())
+            return self.last_layer(bottleneck.to(self.last_layer.weight.dtype))
 
 
 @dataclass
@@ -504,6 +504,26 @@ def build_backbone(config: ExperimentConfig) -> TimeSformer:
         frame_difference=m.frame_difference,
         difference_init_scale=m.difference_init_scale,
     )
+
+
+def check_init_from(config: ExperimentConfig) -> None:
+    """[driver] `model.init_from` made absolute and checked before any Ray worker loads it: a
+    worker resolves a relative path in its own working directory, and a missing file would
+    fail every worker (and each of their restarts) instead of the command."""
+    path = config.model.init_from
+    if not path:
+        return
+    if "://" in path:
+        raise ConfigError(
+            f"model.init_from: {path}: a local file is read, not a URI; copy it to every node"
+        )
+    absolute = Path(path).expanduser().resolve()
+    if not absolute.is_file():
+        raise ConfigError(
+            f"model.init_from: no checkpoint at {absolute} (nothing is downloaded); give the "
+            "path of a local DINO or timm ViT file"
+        )
+    config.model.init_from = str(absolute)
 
 
 def initial_backbone(config: ExperimentConfig) -> TimeSformer:

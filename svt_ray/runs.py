@@ -259,6 +259,7 @@ RESUMABLE_SETTINGS = frozenset({
     "train.storage_path", "train.run_name", "train.max_failures", "train.wait_for_workers_s",
     "train.progress_every_s", "data.path", "data.decode_actors", "data.decode_cpus",
     "data.decode_threads", "data.prefetch_batches", "data.preserve_order",
+    "model.init_from",  # where the starting weights are: read at step 0 only
 })  # fmt: skip
 
 

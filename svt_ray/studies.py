@@ -31,10 +31,10 @@ from typing import Any
 from svt_ray.config import (
     ConfigError,
     ExperimentConfig,
-    HelpFormatter,
     load_config,
     parse_override,
 )
+from svt_ray.help_format import HelpFormatter
 from svt_ray.study_report import METRIC, TIME_ATTR, StudyReport, collect_study
 
 logger = logging.getLogger(__name__)
@@ -371,7 +371,9 @@ def _study_recipe(
     return json.loads(json.dumps(recipe))  # as study.json gives it back (tuples are lists)
 
 
-def _recipe_changes(recorded: dict, recipe: dict[str, Any], params: dict[str, str]) -> list[str]:
+def _study_recipe_changes(
+    recorded: dict, recipe: dict[str, Any], params: dict[str, str]
+) -> list[str]:
     """`setting: recorded -> now` for each part of the recipe that differs. A study.json from
     before recipes were recorded is compared on the parent run's params it holds."""
     if "recipe" in recorded:
@@ -424,7 +426,7 @@ def _parent_run(
     params = _parent_params(options, spec, shared, recipe)
     recorded = read_json(join_uri(study_dir, STUDY_FILE))
     if recorded is not None:
-        changes = _recipe_changes(recorded, recipe, params)
+        changes = _study_recipe_changes(recorded, recipe, params)
         if changes:
             raise ConfigError(
                 f"study {spec.name} in {study_dir} was started with other settings ("
@@ -491,12 +493,14 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
 
     from svt_ray.cluster import (
         check_local_gpus,
+        cpu_training_note,
         cpus_per_run,
         ensure_ray,
         joins_a_cluster,
         local_ray_cpus,
     )
-    from svt_ray.runs import join_uri, storage_root
+    from svt_ray.model import check_init_from
+    from svt_ray.runs import join_uri, read_json, storage_root
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, cluster_tracking_uri
     from svt_ray.train import online_knn_every
 
@@ -504,6 +508,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     check_tracking_uri(options.tracking_uri)
     storage = storage_root(_absolute(options.storage_path))
     study_dir = join_uri(storage, spec.name)
+    recorded_recipe = (read_json(join_uri(study_dir, STUDY_FILE)) or {}).get("recipe", {})
+    _refuse_swept_overrides(spec, options.overrides, recorded_recipe.get("overrides", []))
     probe = load_config(options.preset, overrides=options.overrides)
     # Locally, room for the largest trial (the scaling study's 2 workers) plus its driver's
     # sliver: without the sliver, 4 CPUs left Ray Data's read tasks 0.99 of the 1 CPU they
@@ -517,6 +523,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         options.address,
         num_cpus=local_ray_cpus(cpus_per_run(largest) + TRIAL_DRIVER_CPUS),
     )
+    if note := cpu_training_note(largest):  # the trials' drivers see no GPU: said here
+        logger.warning("study %s: %s", spec.name, note)
     if not joins_a_cluster(options.address):  # trials asking for GPUs it lacks would wait
         check_local_gpus(largest)
     else:  # trials and their Train workers log from other nodes
@@ -531,8 +539,10 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             prepare_synthetic_data(Path(options.workdir).resolve(), probe, options.num_clips)
         )
     base = [*spec.fixed, *options.overrides, f"tracking.experiment={options.experiment}"]
+    check_init_from(probe)  # before any trial: each would fail on its own
     placement = {  # where things are: this driver's, also for the trials of a restored study
         "data.path": _absolute(data_path),
+        **({"model.init_from": probe.model.init_from} if probe.model.init_from else {}),
         "train.storage_path": join_uri(study_dir, "runs"),
         "tracking.tracking_uri": options.tracking_uri,
         **({"scaling.address": options.address} if options.address else {}),
@@ -787,7 +797,6 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             overrides.append(f"scaling.num_workers={args.workers}")
         if args.gpus_per_worker is not None:
             overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
-        _refuse_swept_overrides(spec, overrides)
         options = StudyOptions(
             preset=args.preset,
             overrides=overrides,
@@ -817,9 +826,12 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     return 0 if any(t.status in ("FINISHED", "KILLED") for t in report.trials) else 1
 
 
-def _refuse_swept_overrides(spec: StudySpec, overrides: Sequence[str]) -> None:
+def _refuse_swept_overrides(
+    spec: StudySpec, overrides: Sequence[str], recorded: Sequence[str] = ()
+) -> None:
     """A flag or --set for a path the study sweeps would be overridden by every trial's own
-    value (`scaling.py --workers 4` still ran 1 and 2 workers): refused, naming the sweep."""
+    value (`scaling.py --workers 4` still ran 1 and 2 workers): refused, naming the sweep,
+    unless the study recorded it before this check (it continues as it was started)."""
     swept = {}
     for sweep in spec.sweeps:
         for value in sweep.values:
@@ -827,11 +839,12 @@ def _refuse_swept_overrides(spec: StudySpec, overrides: Sequence[str]) -> None:
                 swept[path] = sweep
     for item in overrides:
         path = ".".join(parse_override(item)[0])
-        if path in swept:
+        if path in swept and item not in recorded:
             values = ",".join(json.dumps(v) for v in swept[path].values)
             raise ConfigError(
                 f"{item}: study {spec.name} sweeps {path} itself ({swept[path].path}={values}); "
-                f"drop it, or give the values with --grid {swept[path].path}=..."
+                f"drop it, or sweep other values with --grid {path}=V1,V2 (it replaces the "
+                "study's grid)"
             )
 
 

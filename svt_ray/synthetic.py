@@ -50,7 +50,8 @@ from pyarrow import fs as pafs
 
 from data_prep.inputs import resolve_filesystem
 from data_prep.shards import Output
-from svt_ray.config import ConfigError, HelpFormatter
+from svt_ray.config import ConfigError
+from svt_ray.help_format import HelpFormatter
 from svt_ray.video import EncoderSettings, encode_h264
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,6 @@ from data_prep.inputs import resolve_filesystem
 from svt_ray import data
 from svt_ray.cluster import (
     check_local_gpus,
-    cpu_training_note,
     cpus_per_run,
     ensure_ray,
     joins_a_cluster,
@@ -60,6 +59,7 @@ from svt_ray.engine import (
     train_step,
     weights_finite,
 )
+from svt_ray.model import check_init_from
 from svt_ray.progress import ConsoleProgress, DataWait
 from svt_ray.runs import (
     DIVERGED_FILE,
@@ -479,6 +479,7 @@ def run_pretraining(
     resolved = config.resolve(clips)
     resolved.tracking.tracking_uri = absolute_tracking_uri(resolved.tracking.tracking_uri)
     check_tracking_uri(resolved.tracking.tracking_uri)  # before any compute is spent
+    check_init_from(resolved)  # absolute, and there: each worker loads it
     run_name = default_run_name(resolved)
     run_dir = run_directory(resolved.train.storage_path, run_name)
     progress = read_json(join_uri(run_dir, PROGRESS_FILE))
@@ -503,8 +504,6 @@ def run_pretraining(
         if finished is not None:
             return finished
     scaling = resolved.scaling
-    if note := cpu_training_note(resolved):
-        logger.warning("run %s: %s", run_name, note)
     ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
     recorded = resolved.model_copy(deep=True)  # run.json keeps the URI as the user gave it

@@ -173,6 +173,11 @@ def test_a_folder_that_is_not_a_dataset_is_one_line_that_says_what_to_do(
     assert "schema_version 0 != 1" in result.stderr and "shard the videos again" in result.stderr
 
 
+def test_pretraining_the_paper_model_on_cpu_by_default_says_what_it_costs(tmp_path):
+    result = CliRunner().invoke(app, ["pretrain", "--data", str(tmp_path)])
+    assert result.stderr.startswith("note: the paper preset's model (~85M parameters) trains on")
+
+
 def test_a_folder_of_videos_as_data_is_told_to_shard_them(tmp_path):
     videos = tmp_path / "raw"
     (videos / "class_a").mkdir(parents=True)

@@ -355,7 +355,7 @@ def test_centre_crop_resized_scales_the_short_side_then_takes_the_centre(height,
     expected = resized[:, :, top : top + size, left : left + size].permute(1, 0, 2, 3).numpy()
     out = data.centre_crop_resized(frames, size)
     assert out.dtype == np.uint8 and out.shape == (3, 3, size, size)
-    assert np.abs(out.astype(np.float32) - expected).max() <= 1.0  # uint8 rounding only
+    assert np.abs(out.astype(np.float32) - expected).max() <= 1.01  # uint8 rounding (+ float noise)
 
 
 def test_eval_indices_are_centred_and_spread():

@@ -170,6 +170,30 @@ def test_the_starting_point_row_is_the_runs_own_initialisation_with_init_from(tm
     assert torch.equal(started["blocks.0.attn.qkv.weight"], loaded)
 
 
+def test_init_from_is_made_absolute_and_checked_on_the_driver(tmp_path, monkeypatch):
+    """Ray workers resolve a relative path in their own working directory, and a missing file
+    failed every worker (and its restarts): the driver checks it and hands on the absolute
+    path, for training (`run_pretraining`, the studies) and the evaluation's start row."""
+    from factories import small_config
+
+    from svt_ray.config import ConfigError
+    from svt_ray.evaluate import evaluate_backbones
+    from svt_ray.model import check_init_from
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vit.pth").write_bytes(b"")
+    config = small_config("tiny", "model.init_from=vit.pth")
+    check_init_from(config)
+    assert config.model.init_from == str(tmp_path / "vit.pth")
+    for path, message in (("gone.pth", f"no checkpoint at {tmp_path / 'gone.pth'}"),
+                          ("s3://b/vit.pth", "a local file is read, not a URI")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            check_init_from(small_config("tiny", f"model.init_from={path}"))
+    missing = small_config("tiny", "model.init_from=gone.pth")
+    with pytest.raises(ConfigError, match="no checkpoint at"):  # before any data is read
+        evaluate_backbones(missing, {"start": None}, str(tmp_path / "no_dataset"))
+
+
 def test_load_state_from_a_folder_a_file_and_a_uri(tmp_path):
     from svt_ray.evaluate import load_state
 

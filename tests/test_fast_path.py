@@ -253,3 +253,5 @@ def test_the_heads_prototypes_run_in_fp32_under_bf16_autocast():
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
     rounded = (bottleneck @ prototypes.to(torch.bfloat16).T).float()
     assert (rounded - expected).abs().max() > 1e-3  # what bf16 prototypes would have given
+    double = head.double()  # a head kept in another precision computes in it
+    assert double(x.double()).dtype == torch.float64

@@ -437,21 +437,27 @@ def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     assert "--seeds 0,x: comma-separated integers" in capsys.readouterr().err
 
 
-def test_a_flag_for_a_swept_setting_is_refused_not_overridden_by_every_trial(capsys):
+def test_a_flag_for_a_swept_setting_is_refused_not_overridden_by_every_trial(tmp_path, capsys):
     """`studies/scaling.py --workers 4` ran 1 and 2 workers: each trial's swept value came
-    after the flag. Coupled settings (one sweep moving two paths) count too."""
-    from svt_ray.studies import study_main
+    after the flag. Coupled settings (one sweep moving two paths) count too. A study that
+    recorded such a flag before the check continues with it."""
+    from svt_ray.studies import _refuse_swept_overrides, study_main
 
+    where = ["--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     scaling = StudySpec("scaling", "q", [Sweep("scaling.num_workers", (1, 2))])
-    assert study_main(scaling, ["--workers", "4"]) == 2
+    assert study_main(scaling, ["--workers", "4", *where]) == 2
     assert capsys.readouterr().err.startswith(
         "error: scaling.num_workers=4: study scaling sweeps scaling.num_workers itself "
-        "(scaling.num_workers=1,2); drop it, or give the values with --grid"
+        "(scaling.num_workers=1,2); drop it, or sweep other values with --grid "
+        "scaling.num_workers=V1,V2"
     )
     coupled = {"loss.cross_view_weight": 1.0, "loss.motion_weight": 0.0}
     terms = StudySpec("terms", "q", [Sweep("terms", (coupled,), labels=("cross",))])
-    assert study_main(terms, ["--set", "loss.motion_weight=1"]) == 2
-    assert "sweeps loss.motion_weight itself (terms=" in capsys.readouterr().err
+    assert study_main(terms, ["--set", "loss.motion_weight=1", *where]) == 2
+    err = capsys.readouterr().err
+    assert "sweeps loss.motion_weight itself (terms=" in err
+    assert "--grid loss.motion_weight=V1,V2" in err
+    _refuse_swept_overrides(scaling, ["scaling.num_workers=4"], ["scaling.num_workers=4"])
 
 
 def test_a_trial_whose_placement_group_was_removed_counts_as_stopped_not_failed():
