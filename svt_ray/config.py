@@ -35,7 +35,11 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # use_attribute_docstrings: the string under each field is its description (json schema,
+    # and the test that every field has one).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, use_attribute_docstrings=True
+    )
 
 
 class ModelConfig(_Section):
@@ -152,10 +156,13 @@ class ViewsConfig(_Section):
     color_jitter_p: Probability = 0.8
     "Probability of colour jitter per view."
     brightness: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    "Colour jitter: the brightness factor is drawn from [1 - x, 1 + x] (blend with black)."
     contrast: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    "Colour jitter: the contrast factor is drawn from [1 - x, 1 + x] (blend with mean grey)."
     saturation: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    "Colour jitter: the saturation factor is drawn from [1 - x, 1 + x] (blend with grey)."
     hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0
-    "Colour jitter strengths (the reference uses no hue)."
+    "Colour jitter: a hue turn drawn from [-x, x] turns, in YIQ (the reference uses none)."
     grayscale_p: Probability = 0.2
     "Probability of converting a view to grayscale."
     global_blur_p: list[Probability] = Field(default_factory=lambda: [1.0, 0.1])
@@ -171,8 +178,9 @@ class ViewsConfig(_Section):
     solarize_threshold: Probability = 0.5
     "Pixel value (0..1) above which solarize inverts."
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    "Per-channel mean subtracted from the [0, 1] pixels (ImageNet's, as in pretraining)."
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    "Normalisation (ImageNet statistics, as in pretraining)."
+    "Per-channel std the centred pixels are divided by (ImageNet's)."
 
     @model_validator(mode="after")
     def _consistent(self) -> ViewsConfig:
@@ -282,6 +290,7 @@ class OptimConfig(_Section):
     )
     "AdamW's (beta1, beta2)."
     momentum_teacher: Annotated[float, Field(ge=0, le=1)] = 0.996
+    "EMA momentum of the teacher at step 0."
     momentum_teacher_end: Annotated[float, Field(ge=0, le=1)] = 1.0
     "EMA momentum of the teacher follows a cosine from momentum_teacher to momentum_teacher_end."
     clip_grad: Annotated[float, Field(ge=0)] = 3.0
@@ -321,19 +330,25 @@ class DataConfig(_Section):
     decode_actors: PositiveInt | None = None
     "Maximum decode actors; None = what the cluster's free CPUs allow."
     prefetch_batches: PositiveInt = 2
-    "Batches each training worker fetches ahead of its step. More absorb a slow decode (or, "
-    "with preserve_order, a straggler's hold-back) at the cost of host memory: each batch "
-    "holds per-worker batch x the views' uint8 bytes (paper views: 5.3 MB a clip)."
+    (
+        "Batches each training worker fetches ahead of its step. More absorb a slow decode (or, "
+        "with preserve_order, a straggler's hold-back) at the cost of host memory: each batch "
+        "holds per-worker batch x the views' uint8 bytes (paper views: 5.3 MB a clip)."
+    )
     preserve_order: bool = True
-    "Clips reach the workers in the order of the seeded shuffles, whichever decode actor "
-    "finishes first: a run repeated with its seed ends with the same weights. false lets "
-    "a straggling decode actor's clips be overtaken: the order was free up to 16 decode "
-    "actors per training worker and cost up to 31% of training time at 32 (docs/data.md); "
-    "worth it when data_wait_fraction is high."
+    (
+        "Clips reach the workers in the order of the seeded shuffles, whichever decode actor "
+        "finishes first: a run repeated with its seed ends with the same weights. false lets "
+        "a straggling decode actor's clips be overtaken: the order was free up to 16 decode "
+        "actors per training worker and cost up to 31% of training time at 32 (docs/data.md); "
+        "worth it when data_wait_fraction is high."
+    )
     deterministic: bool = False
-    "Views that depend on (seed, clip id) only and one stream per epoch, in order: a run "
-    "resumed mid-run ends with the weights of an uninterrupted one (exact-resume tests); "
-    "every epoch then sees the same views."
+    (
+        "Views that depend on (seed, clip id) only and one stream per epoch, in order: a run "
+        "resumed mid-run ends with the weights of an uninterrupted one (exact-resume tests); "
+        "every epoch then sees the same views."
+    )
 
 
 class ScalingSettings(_Section):
@@ -403,8 +418,10 @@ class TrackingConfig(_Section):
     experiment: str = "svt-ray"
     "MLflow experiment of pretraining runs (the studies use their own, svt-ray-studies)."
     flush_timeout_s: Annotated[float, Field(ge=0.0)] = 60.0
-    "How long rank 0 waits at the end of a run for MLflow to take what it held back in an "
-    "outage; the rest stays in metrics.jsonl (`svt-ray tracking sync` sends it later)."
+    (
+        "How long rank 0 waits at the end of a run for MLflow to take what it held back in an "
+        "outage; the rest stays in metrics.jsonl (`svt-ray tracking sync` sends it later)."
+    )
 
 
 class EvalSettings(_Section):
@@ -417,11 +434,13 @@ class EvalSettings(_Section):
     slow_fast: bool = True
     "Also evaluate slow-fast features: mean CLS of the single (slow) clip and a fast clip."
     fast_frames: PositiveInt = 64
+    "Frames of the fast clip of slow-fast evaluation (paper: 64)."
     fast_size: PositiveInt = 96
-    "The fast clip of slow-fast evaluation (paper: 64 frames of 96 px)."
+    "Side of the fast clip (paper: 96 px)."
     knn_k: PositiveInt = 20
+    "Neighbours that vote in DINO's weighted kNN."
     knn_temperature: Annotated[float, Field(gt=0)] = 0.07
-    "DINO's weighted kNN: k neighbours, votes exp(similarity / T)."
+    "Temperature of the kNN votes, exp(similarity / T)."
     linear_epochs: PositiveInt = 100
     "Epochs of the linear probe on frozen, precomputed features."
     train_split: str = "train"
@@ -442,16 +461,25 @@ class Derived(_Section):
     """Values computed by resolve(); never set them by hand."""
 
     world_size: PositiveInt
+    "Training workers: scaling.num_workers."
     per_worker_batch: PositiveInt
+    "optim.batch_size / world_size."
     lr: float
     "Peak lr = optim.base_lr x optim.batch_size / optim.lr_reference_batch."
     min_lr: float
+    "The lr at the end of the cosine: optim.min_lr, not scaled."
     steps_per_epoch: PositiveInt
+    "clips_per_epoch // optim.batch_size: an epoch's last partial batch is dropped."
     total_steps: PositiveInt
+    "optim.epochs x steps_per_epoch, rounded."
     warmup_steps: int
+    "optim.warmup_epochs in steps."
     freeze_last_layer_steps: int
+    "optim.freeze_last_layer_epochs in steps."
     teacher_temp_warmup_steps: int
+    "loss.warmup_teacher_temp_epochs in steps."
     clips_per_epoch: PositiveInt
+    "Training clips of the dataset (its manifest's train split)."
 
 
 class ExperimentConfig(_Section):
@@ -460,14 +488,23 @@ class ExperimentConfig(_Section):
     preset: str = "paper"
     "The preset this config started from (recorded for tracking)."
     model: ModelConfig = Field(default_factory=ModelConfig)
+    "The network: backbone and head."
     views: ViewsConfig = Field(default_factory=ViewsConfig)
+    "What each view is: frames, crops, augmentations."
     loss: LossConfig = Field(default_factory=LossConfig)
+    "The SVT loss and its targets."
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    "Batch, optimiser and schedules."
     data: DataConfig = Field(default_factory=DataConfig)
+    "Where clips come from and how they are decoded."
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    "Ray Train workers and what each reserves."
     train: TrainSettings = Field(default_factory=TrainSettings)
+    "The run: seed, precision, checkpoints, storage, failures."
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    "MLflow."
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    "Frozen-feature evaluation, online and at the end."
     derived: Derived | None = None
     "Filled by resolve()."
 
@@ -671,7 +708,7 @@ def format_validation_error(error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             section = ".".join(str(part) for part in item["loc"][:-1]) or "the top level"
             message = f"unknown key (not a field of {section})"
-        elif message.startswith(("views.", "model.", "optim.", "loss.", "data.")):
+        elif message.startswith(tuple(f"{name}." for name in ExperimentConfig.model_fields)):
             location = ""
         lines.append(f"{location}: {message}" if location else message)
     return "; ".join(lines)

@@ -779,6 +779,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
                         + ("; this study runs one at a time whatever is given)" if spec.exclusive
                            else ")"))  # fmt: skip
     parser.add_argument("--num-clips", type=int, default=800, help="synthetic clips when no --data")
+    parser.add_argument("--workdir", default=".", help="where the synthetic clips are made "
+                        "when no --data (synthetic_videos/, synthetic_shards/)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         try:
@@ -810,6 +812,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             max_concurrent_trials=args.max_concurrent,
             data_path=args.data,
             num_clips=args.num_clips,
+            workdir=args.workdir,
         )
         report = run_study(spec, options)
     except ConfigError as error:

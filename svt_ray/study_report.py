@@ -148,7 +148,15 @@ class StudyReport:
             + (f"; budget up to {self.budget_clips} clips each" if self.budget_clips else ""),
         ]
         best = self.best()
-        if best is not None:
+        tied = [
+            row
+            for row in self.aggregate()
+            if best and row["knn_top1_mean"] == best["knn_top1_mean"]
+        ]
+        if len(tied) > 1:
+            settings = "; ".join(", ".join(f"{p}={row[p]}" for p in self.swept) for row in tied)
+            lines.append(f"best: a tie at online kNN top-1 {best['knn_top1_mean']} ({settings})")
+        elif best is not None:
             setting = ", ".join(f"{p}={best[p]}" for p in self.swept)
             spread = f" ± {best['knn_top1_sem']}" if best["knn_top1_sem"] is not None else ""
             lines.append(

@@ -171,3 +171,11 @@ def private_ray_env():
     env["RAY_TMPDIR"] = ray_tmp
     yield env
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the Ray session, even through a fixture (`synthetic_shards`,
+    `s3_server`), is a `ray` test: `-m "not ray"` then starts no Ray."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

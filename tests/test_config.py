@@ -271,3 +271,25 @@ def test_a_preset_other_than_the_recorded_one_is_refused_not_dropped(tmp_path, m
     assert f"checkpoint {checkpoint} was made with the tiny preset" in result.stderr
     result = CliRunner().invoke(app, [*evaluate, "--preset", "tiny"])
     assert "preset" not in result.stderr
+
+
+def test_every_config_field_is_documented():
+    """The string under each field is its description (pydantic's attribute docstrings): a
+    field without one, or a docstring split over several string statements (only the first
+    would count), fails here."""
+    from pydantic import BaseModel
+
+    from svt_ray.config import ExperimentConfig
+
+    undocumented, sections = [], [ExperimentConfig]
+    while sections:
+        section = sections.pop()
+        for name, field in section.model_fields.items():
+            if not (field.description or "").strip():
+                undocumented.append(f"{section.__name__}.{name}")
+            for kind in getattr(field.annotation, "__args__", (field.annotation,)):
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    sections.append(kind)
+    assert not undocumented
+    prefetch = ExperimentConfig.model_fields["data"].annotation.model_fields["prefetch_batches"]
+    assert prefetch.description.endswith("(paper views: 5.3 MB a clip).")  # all of its lines

@@ -265,6 +265,15 @@ def test_a_runs_record_and_a_studys_report_load_without_ray():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_code_passes_ruff_lint_and_format():
+    """`ruff check .` and `ruff format --check .`, as the README's Development section asks,
+    so that CI (which runs pytest only) catches what a contributor forgot."""
+    root = Path(__file__).resolve().parents[1]
+    for command in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True)
+        assert result.returncode == 0, " ".join(command) + "\n" + result.stdout + result.stderr
+
+
 def test_import_contracts_hold():
     """import-linter: the core modules never import Ray, MLflow or Typer, even indirectly; a
     run's record, the console progress and a study's report never import Ray."""

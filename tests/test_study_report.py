@@ -129,6 +129,9 @@ def test_best_vs_worst_and_scaling_tables():
         "views.num_local=0 (30.0); over worst views.num_local=8: +18.0 points (one seed per "
         "setting: no error bars, indicative only)"
     )
+    assert "best: a tie at online kNN top-1 50.0 (views.num_local=0; views.num_local=4)" in (
+        tie.summary()
+    )
 
     workers = "scaling.num_workers"
     scaling = _report(
