@@ -10,9 +10,10 @@
 ```
 
 Every file is written to a hidden temporary name and renamed into place, so a reader (or a run
-killed with -9) never sees a partial file. The plan is fixed at the first run, and shard
-contents are deterministic (rows sorted by id, deterministic encoder), so an interrupted and
-resumed run produces the same shards as an uninterrupted one. New inputs found by a later run
+killed with -9) never sees a partial file. The plan is fixed at the first run, and rows
+are sorted by id, so an interrupted and resumed run produces the same rows, ids and columns
+as an uninterrupted one (a clip encoded again may differ in its `video` bytes: libx264 now and
+then does, docs/data.md). New inputs found by a later run
 go into new shards appended to the plan.
 """
 

@@ -1,7 +1,8 @@
 """Settings every study script shares on the embedded default (tiny preset, synthetic data).
 
 On a cluster these are starting points: pass `--preset paper --data <uri> --workers N
---gpus-per-worker 1 --address auto` and `--set optim.epochs=...` for a real budget.
+--gpus-per-worker 1 --address auto --storage <uri> --tracking-uri <server>` (storage and
+tracking every node reaches) and `--set optim.epochs=...` for a real budget.
 """
 
 SMALL_BUDGET = [

@@ -5,7 +5,8 @@ config derives it); the table gives scaling efficiency = clips/s(N) / (N x clips
 On a laptop the CPU count caps what can be shown; on a cluster:
 
     python studies/scaling.py --preset paper --data s3://bucket/k400 --gpus-per-worker 1 \
-        --address auto --grid scaling.num_workers=1,2,4,8
+        --address auto --grid scaling.num_workers=1,2,4,8 --storage s3://bucket/runs \
+        --tracking-uri http://127.0.0.1:5000
 """
 
 import sys

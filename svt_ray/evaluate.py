@@ -3,8 +3,9 @@
 References: DINO `eval_knn.py` (weighted vote with exp(sim / T), k=20, T=0.07), SVT
 `eval_linear.py` (linear layer on the frozen teacher CLS), and the paper's slow-fast
 inference (svt_spec §5): one slow clip (8 x 224) and one fast clip (64 x 96) per video, CLS
-averaged. Everything here is plain torch on in-memory features; extracting the features
-from shards with Ray Data lives in `svt_ray.data` and `svt_ray.train`.
+averaged. kNN and the probe are plain torch on in-memory features; `evaluate_backbones`
+extracts those features from labelled shards by Ray Data batch inference (`FeatureUDF`, the
+pipelines in `svt_ray.data`); `OnlineKNN` scores the teacher during pretraining.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ rank-0 report, so ASHA sees the online kNN (`eval.online_every`) against clips s
 
 MLflow holds the study: one parent run (tag `svt.study`), one child run per trial
 (`mlflow.parentRunId`, tags `svt.trial_id` and `svt.sweep.<path>`), a FAILED child with the
-error for a trial that failed before training started. The results table and the plots are
+error for a trial that failed before or while training. The results table and the plots are
 rebuilt from MLflow alone (`collect_study`), after the sweep and by `svt-ray compare`, so the
 two cannot disagree (`study_report.py`).
 
@@ -752,7 +752,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     parser.add_argument("--preset", default=defaults.get("preset", "tiny"),
                         help="starting recipe of every trial (tiny, paper, reference_code)")  # fmt: skip
     parser.add_argument("--data", help="data_prep output (local path or URI); default: synthetic "
-                        "clips made once in this folder")  # fmt: skip
+                        "clips made once in --workdir")  # fmt: skip
     parser.add_argument(
         "--workers", type=int, help="Train workers per trial (default: the preset's)"
     )
