@@ -102,8 +102,10 @@ def run_demo(
         "minutes": (time.perf_counter() - started) / 60,
     }
     _log_to_run(result, results, table, summary)
+    init_from = result.config.model.init_from
+    baseline_words = f"their starting point ({init_from})" if init_from else "random initialisation"
     print(
-        f"\nSVT features beat the {start} weights by {summary['knn_gain_points']:+.1f} kNN "
+        f"\nSVT features beat {baseline_words} by {summary['knn_gain_points']:+.1f} kNN "
         f"top-1 points ({summary['minutes']:.1f} min in all).\n"
         f"Checkpoint: {result.checkpoint_path}\n"
         f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri "

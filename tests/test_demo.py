@@ -23,6 +23,7 @@ def test_demo_runs_every_stage_and_records_the_evaluation(tmp_path, ray_session,
     printed = capsys.readouterr().out
     for row in ("SVT (learned)", "random init", "frame pixels", "slow-fast"):
         assert row in printed
+    assert "SVT features beat random initialisation by" in printed
     assert 0 <= summary["knn_top1_learned"] <= 100 and 0 <= summary["knn_top1_random_init"] <= 100
 
     from mlflow.tracking import MlflowClient
