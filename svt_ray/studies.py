@@ -37,6 +37,11 @@ from svt_ray.config import (
 from svt_ray.help_format import HelpFormatter
 from svt_ray.study_report import METRIC, TIME_ATTR, StudyReport, collect_study
 
+# Re-exported: study scripts written before the report moved out import the verdicts from here.
+from svt_ray.study_report import batch_size_verdict as batch_size_verdict
+from svt_ray.study_report import best_vs_worst_verdict as best_vs_worst_verdict
+from svt_ray.study_report import scaling_verdict as scaling_verdict
+
 logger = logging.getLogger(__name__)
 
 # CPUs a trial's Tune function (the Ray Train driver) holds besides its Train run.
