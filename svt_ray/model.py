@@ -350,7 +350,9 @@ class TimeSformer(nn.Module):
         ]  # (F, 1, d); the CLS gets no time embedding
         patches = patches + pos[:, 1:] + (time[0] if len(time) == 1 else torch.cat(time))
         total_clips = sum(clips for clips, _ in layout)
-        cls = (self.cls_token + pos[:, :1]).expand(total_clips, -1, -1)  # (B, 1, d)
+        # (B, 1, d), contiguous: the blocks' outputs are, and a compiled block specialises on
+        # strides, so an expanded (stride 0) CLS would cost a second graph per layout.
+        cls = (self.cls_token + pos[:, :1]).expand(total_clips, -1, -1).contiguous()
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 cls, patches = checkpoint(block, cls, patches, layout, use_reentrant=False)

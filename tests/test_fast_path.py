@@ -255,3 +255,19 @@ def test_the_heads_prototypes_run_in_fp32_under_bf16_autocast():
     assert (rounded - expected).abs().max() > 1e-3  # what bf16 prototypes would have given
     double = head.double()  # a head kept in another precision computes in it
     assert double(x.double()).dtype == torch.float64
+
+
+def test_every_block_gets_the_cls_in_one_layout_so_a_compiled_block_has_one_graph():
+    """A compiled block specialises on input strides: the CLS expanded from the learned token
+    (stride 0 along clips) made block 0 compile a second graph per view layout, next to the
+    one for the contiguous CLS the other blocks get (seen with TORCH_LOGS=recompiles: 6 graphs
+    for the tiny preset's training, 3 after)."""
+    config = small_config("tiny")
+    model = build_model(config)
+    strides = []
+    for block in model.backbone.blocks:
+        block.register_forward_pre_hook(lambda _m, args: strides.append(args[0].stride()))
+    model([view.float() / 255 for view in random_views(config, 2)])
+    per_call = len(model.backbone.blocks)
+    for call in range(0, len(strides), per_call):
+        assert len(set(strides[call : call + per_call])) == 1, strides[call : call + per_call]
