@@ -37,14 +37,19 @@ FrameLayout = tuple[tuple[int, int], ...]
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a clip with probability p."""
+    """Stochastic depth: drop the whole residual branch of a clip with probability p.
+
+    Eval mode returns before p is looked at: a compiled block specialises on the branch it
+    took, and blocks of different p (0 in the first) would compile a graph each for the
+    teacher and the evaluation too.
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
@@ -55,7 +60,7 @@ class DropPath(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One keep/drop factor per clip (B, 1, 1) and the same per frame (F, 1, 1); None = off.
         The MLP branch's draw: the reference drops it per clip."""
-        if self.p == 0.0 or not self.training:
+        if not self.training or self.p == 0.0:
             return None, None
         keep = 1.0 - self.p
         clips = sum(count for count, _ in layout)
@@ -65,7 +70,7 @@ class DropPath(nn.Module):
     def per_frame(self, like: torch.Tensor) -> torch.Tensor | None:
         """A factor per frame (F, 1, 1): the spatial branch's draw, as the reference drops it on
         (B·T)×(1+HW)×D (svt_spec §1.2). None = off."""
-        if self.p == 0.0 or not self.training:
+        if not self.training or self.p == 0.0:
             return None
         keep = 1.0 - self.p
         return like.new_empty((like.shape[0], 1, 1)).bernoulli_(keep) / keep
@@ -74,7 +79,7 @@ class DropPath(nn.Module):
         """A factor per (clip, spatial position), the same for all the clip's frames
         (F, n, 1): the temporal branch's draw, as the reference drops it on (B·H·W)×T×D.
         None = off."""
-        if self.p == 0.0 or not self.training:
+        if not self.training or self.p == 0.0:
             return None
         keep = 1.0 - self.p
         positions = like.shape[1]

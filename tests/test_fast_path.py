@@ -254,6 +254,18 @@ def test_compiled_blocks_match_eager_and_compile_each_layout_once_on_cpu():
     finally:
         torch._dynamo.config.error_on_recompile = False
 
+    # With stochastic depth the blocks' p differ (0 in the first): in eval mode (the teacher,
+    # the evaluation) they still share one graph per layout.
+    from svt_ray.engine import compile_blocks
+
+    deep = build_model(small_config("tiny", "model.drop_path_rate=0.2")).eval()
+    compile_blocks(deep)
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for count in (4, 2):
+            deep.backbone.forward_features(torch.randn(count, 3, frames, size, size))
+    assert counters["stats"]["unique_graphs"] - before == 2
+
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
