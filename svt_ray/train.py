@@ -731,15 +731,19 @@ def _checkpoint_location(checkpoint: ray.train.Checkpoint | None, run_dir: str) 
 def _log_curves(
     config: ExperimentConfig, run_name: str, run_id: str, run_dir: str, log_dir: Path
 ) -> None:
-    """[driver] The loss-curve PNG of a finished run, as an MLflow artifact."""
-    from svt_ray.tracking import MLflowTracker, plot_training_curves
+    """[driver] The loss-curve PNG of a finished run, as an MLflow artifact. The run keeps
+    the status rank 0 gave it: continuing it (a tracker) would set it RUNNING until this
+    ends, and a driver killed in between (a study stopped as a trial finished) left a
+    finished run RUNNING for good."""
+    import mlflow
+
+    from svt_ray.tracking import plot_training_curves
 
     metrics_file = fetch_metrics(log_dir, run_dir)
     png = plot_training_curves(metrics_file, log_dir / "training_curves.png")
     if png is None:  # no metrics.jsonl here: a local run directory on another node
         return
-    tracker = MLflowTracker(
-        config.tracking.tracking_uri, config.tracking.experiment, run_name, log_dir, run_id=run_id
-    )
-    tracker.log_artifact(png)
-    tracker.finish()
+    try:
+        mlflow.MlflowClient(config.tracking.tracking_uri).log_artifact(run_id, str(png))
+    except Exception as error:  # MLflow down: the plot stays in the log directory
+        logger.warning("run %s: %s not logged to MLflow (%s)", run_name, png, error)
