@@ -148,6 +148,7 @@ def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) 
 
 
 def _log_to_run(result, results, table: str, summary: dict) -> None:
+    """The evaluation, added to the finished pretraining run; its status stays FINISHED."""
     from svt_ray.tracking import MLflowTracker
 
     tracker = MLflowTracker(
@@ -156,6 +157,7 @@ def _log_to_run(result, results, table: str, summary: dict) -> None:
         result.run_name,
         local_dir=Path(result.run_dir),
         run_id=result.mlflow_run_id,
+        reopen=False,
     )
     tracker.log_text(table + "\n", "evaluation.md")
     tracker.log_summary(
@@ -167,4 +169,4 @@ def _log_to_run(result, results, table: str, summary: dict) -> None:
         }
     )
     tracker.set_tags({f"svt.demo.{k}": f"{v:.2f}" for k, v in summary.items()})
-    tracker.finish()
+    tracker.close()

@@ -325,6 +325,7 @@ def load_state(path: str) -> dict:
     shared bucket cannot run code. A file torch cannot read that way is a ValueError."""
     import io
     import pickle
+    import zipfile
     from pathlib import Path
 
     if "://" in path:  # object storage: any pyarrow filesystem
@@ -344,8 +345,12 @@ def load_state(path: str) -> dict:
             source = source / "state.pt"
         if not source.is_file():
             raise FileNotFoundError(f"no SVT checkpoint at {path} (expected state.pt)")
+    # A local checkpoint is mapped, not read: `svt-ray eval` wants only the config of a file
+    # that holds both networks and the optimiser (GBs for the paper model). torch maps only
+    # its zip format; anything else is read as before.
+    mmap = isinstance(source, Path) and zipfile.is_zipfile(source)
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ValueError(f"{path}: not a checkpoint torch can load safely ({first})") from None

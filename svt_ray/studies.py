@@ -37,7 +37,8 @@ from svt_ray.config import (
 from svt_ray.help_format import HelpFormatter
 from svt_ray.study_report import METRIC, TIME_ATTR, StudyReport, collect_study
 
-# Re-exported: study scripts written before the report moved out import the verdicts from here.
+# Re-exported: study scripts written before the report moved out import the verdicts from here,
+# and studies recorded before it name them `svt_ray.studies:...` (`svt.verdict_fn`).
 from svt_ray.study_report import batch_size_verdict as batch_size_verdict
 from svt_ray.study_report import best_vs_worst_verdict as best_vs_worst_verdict
 from svt_ray.study_report import scaling_verdict as scaling_verdict
@@ -418,18 +419,19 @@ def _parent_run(
     study_dir: str,
     shared: list[str],
     recipe: dict[str, Any],
+    recorded: dict[str, Any] | None,
 ) -> str:
-    """The study's parent MLflow run: created once, found again on restore (study.json).
+    """The study's parent MLflow run: created once, found again on restore (`recorded`,
+    the study's study.json, None for a new study).
 
     A restore with another recipe (seeds, grid, --set, ASHA) is refused: Tune would restore
     the recorded trials and drop the new flags without a word."""
     from mlflow.tracking import MlflowClient
 
-    from svt_ray.runs import join_uri, read_json, write_json
+    from svt_ray.runs import join_uri, write_json
     from svt_ray.tracking import experiment_id
 
     params = _parent_params(options, spec, shared, recipe)
-    recorded = read_json(join_uri(study_dir, STUDY_FILE))
     if recorded is not None:
         changes = _study_recipe_changes(recorded, recipe, params)
         if changes:
@@ -513,8 +515,9 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     check_tracking_uri(options.tracking_uri)
     storage = storage_root(_absolute(options.storage_path))
     study_dir = join_uri(storage, spec.name)
-    recorded_recipe = (read_json(join_uri(study_dir, STUDY_FILE)) or {}).get("recipe", {})
-    _refuse_swept_overrides(spec, options.overrides, recorded_recipe.get("overrides", []))
+    recorded = read_json(join_uri(study_dir, STUDY_FILE))  # None: a new study
+    recorded_overrides = ((recorded or {}).get("recipe") or {}).get("overrides", [])
+    _refuse_swept_overrides(spec, options.overrides, recorded_overrides)
     probe = load_config(options.preset, overrides=options.overrides)
     # Locally, room for the largest trial (the scaling study's 2 workers) plus its driver's
     # sliver: without the sliver, 4 CPUs left Ray Data's read tasks 0.99 of the 1 CPU they
@@ -568,7 +571,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             "raise optim.epochs"
         )
     recipe = _study_recipe(options, spec, base, budget, grace)
-    parent_run_id = _parent_run(options, spec, study_dir, shared, recipe)
+    parent_run_id = _parent_run(options, spec, study_dir, shared, recipe, recorded)
 
     param_space = {
         "study": spec.name,

@@ -302,8 +302,6 @@ def _recomputed_verdict(report: StudyReport, name: str) -> str | None:
     import importlib
 
     module, _, qualname = name.partition(":")
-    if module == "svt_ray.studies":  # the verdicts lived there before this module split off
-        module = __name__
     if not module.startswith("svt_ray.") or not qualname.isidentifier():
         return None  # a verdict from a user's script: keep the stored one
     try:

@@ -526,7 +526,11 @@ class MLflowTracker:
         parent_run_id: str | None = None,
         tags: dict[str, Any] | None = None,
         flush_timeout_s: float = 60.0,
+        reopen: bool = True,
     ):
+        """`run_id` continues that run: RUNNING again until `finish`, or, with
+        `reopen=False`, with its status untouched (results added to an ended run, which a
+        process killed meanwhile must not leave RUNNING; end with `close`)."""
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -555,7 +559,8 @@ class MLflowTracker:
         # A Train worker (or the driver after it): continue the run, never log a step twice.
         self.run_id = run_id
         try:
-            self.client.update_run(run_id, status="RUNNING")
+            if reopen:
+                self.client.update_run(run_id, status="RUNNING")
             history = self.client.get_metric_history(run_id, "loss")
         except Exception as error:  # e.g. a loopback URI on another node of a cluster
             self.offline = True

@@ -31,6 +31,7 @@ def test_demo_runs_every_stage_and_records_the_evaluation(tmp_path, ray_session,
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("svt-ray").experiment_id)
     assert "eval/SVT_learned/knn_top1" in run.data.metrics
+    assert run.info.status == "FINISHED"  # the evaluation was added without reopening it
     assert {"evaluation.md", "training_curves.png", "config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)
     }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -210,6 +213,29 @@ def test_load_state_from_a_folder_a_file_and_a_uri(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x80\x02junk" * 10)
     with pytest.raises(ValueError, match=r"junk\.pt: not a checkpoint torch can load safely"):
         load_state(str(tmp_path / "junk.pt"))
+
+
+def test_load_state_maps_a_local_checkpoint_instead_of_reading_it(tmp_path):
+    """`svt-ray eval --checkpoint` reads only the config of a checkpoint that holds both
+    networks and the optimiser: mapped, the tensors cost no memory until they are used."""
+    from svt_ray.evaluate import load_state
+
+    def resident_mb() -> float:
+        return (
+            int(Path("/proc/self/statm").read_text().split()[1])
+            * os.sysconf("SC_PAGE_SIZE")
+            / 2**20
+        )
+
+    torch.save(
+        {"config": {"preset": "tiny"}, "weights": torch.ones(16 * 2**20 // 4)},
+        tmp_path / "state.pt",
+    )  # 16 MiB
+    before = resident_mb()
+    state = load_state(str(tmp_path))
+    assert state["config"] == {"preset": "tiny"}
+    assert resident_mb() - before < 8
+    assert float(state["weights"][-1]) == 1.0  # read when used
 
 
 def test_evaluation_without_a_held_out_split_says_so_before_decoding(tmp_path):

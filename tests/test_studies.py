@@ -387,7 +387,8 @@ def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path):
     runs (data, storage, tracking, cluster) may change; the parent run is RUNNING again."""
     from mlflow.tracking import MlflowClient
 
-    from svt_ray.studies import _parent_run, _study_recipe
+    from svt_ray.runs import join_uri, read_json
+    from svt_ray.studies import STUDY_FILE, _parent_run, _study_recipe
 
     options = StudyOptions(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="x")
     spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 16))])
@@ -395,7 +396,8 @@ def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path):
 
     def parent(placement: str = "data.path=/a") -> str:
         recipe = _study_recipe(options, spec, base, budget=1000, grace=250)
-        return _parent_run(options, spec, study_dir, [*base, placement], recipe)
+        recorded = read_json(join_uri(study_dir, STUDY_FILE))  # as run_study reads it
+        return _parent_run(options, spec, study_dir, [*base, placement], recipe, recorded)
 
     first = parent()
     client = MlflowClient(options.tracking_uri)

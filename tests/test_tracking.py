@@ -156,6 +156,27 @@ def test_resumed_tracker_skips_steps_already_logged(tmp_path):
     assert _history(moved) == [(4, 4.0), (8, 8.0), (12, 12.0), (16, -1.0), (20, -2.0)]
 
 
+def test_results_added_to_an_ended_run_leave_its_status_alone(tmp_path):
+    """The demo adds its evaluation to the finished pretraining run. Continued as a worker
+    continues one, the run was RUNNING until the last call: a process killed in between
+    left a finished run RUNNING for good. `reopen=False` never touches the status."""
+    first = tracker(tmp_path)
+    first.log_metrics({"loss": 1.0}, step=8)
+    first.finish()
+    added = tracker(tmp_path, run_id=first.run_id, reopen=False)
+    assert added.client.get_run(first.run_id).info.status == "FINISHED"
+    added.log_summary({"eval/knn": 70.0})
+    added.log_text("| table |\n", "evaluation.md")
+    assert added.flush(timeout_s=30)
+    assert added.client.get_run(first.run_id).info.status == "FINISHED"
+    added.close()
+    assert _history(added, "eval/knn") == [(8, 70.0)]
+    assert added.client.get_run(first.run_id).info.status == "FINISHED"
+    # Continued as a worker does, the run is RUNNING until finish().
+    tracker(tmp_path, run_id=first.run_id).close()
+    assert added.client.get_run(first.run_id).info.status == "RUNNING"
+
+
 def test_a_restart_sends_what_the_crashed_worker_held_back(tmp_path):
     first = tracker(tmp_path)
     outage = _Outage(first)
