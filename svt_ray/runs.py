@@ -249,6 +249,27 @@ def end_mlflow_run(tracking_uri: str, run_id: str, status: str) -> None:
         logger.warning("MLflow run %s not marked %s: %s", run_id, status, error)
 
 
+def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str) -> None:
+    """[driver] After training ended well: FINISHED, if rank 0's own last calls did not reach
+    the store in time (`tracking.flush_timeout_s`) and left the run RUNNING, where a study
+    would mark it KILLED as if it had been stopped."""
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        client.set_terminated(run_id, "FINISHED")
+    except Exception as error:
+        logger.warning("MLflow run %s not marked FINISHED: %s", run_id, error)
+        return
+    logger.warning(
+        "run %s: its last MLflow calls from training did not reach %s in time; MLflow run %s "
+        "is marked FINISHED now, and `svt-ray tracking sync %s` sends any metrics it lacks",
+        run_name, tracking_uri, run_id, run_name,
+    )  # fmt: skip
+
+
 # -- resuming: the recorded recipe, and where a run may move ------------------------------
 
 

@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 # CPUs a trial's Tune function (the Ray Train driver) holds besides its Train run.
 TRIAL_DRIVER_CPUS = 0.01
+# A custom resource a cluster's on-demand head declares (ray_cluster.yaml) so that the trials'
+# drivers run there: Ray Train pins each run's controller to its driver's node, and a spot
+# node reclaimed under a driver would end its trial (ray_notes.md §4).
+DRIVER_RESOURCE = "TRAIN_DRIVER"
 
 STUDY_FILE = "study.json"
 
@@ -332,15 +336,60 @@ def _absolute(path_or_uri: str) -> str:
 def trials_per_cluster(config: ExperimentConfig, resources: dict[str, float]) -> int:
     """Trials that fit at once, each holding what one pretraining holds (`cpus_per_run`) and
     its Tune driver's sliver."""
-    from svt_ray.cluster import cpus_per_run
-
     scaling = config.scaling
-    fits = int(resources.get("CPU", 1) // (cpus_per_run(config) + TRIAL_DRIVER_CPUS))
+    fits = int(resources.get("CPU", 1) // trials_per_cluster_cpus(config))
     if scaling.gpus_per_worker:
         fits = min(
             fits, int(resources.get("GPU", 0) // (scaling.num_workers * scaling.gpus_per_worker))
         )
     return max(1, fits)
+
+
+def trials_at_once(
+    spec: StudySpec,
+    options: StudyOptions,
+    largest: ExperimentConfig,
+    resources: dict[str, float],
+    on_cluster: bool,
+) -> int:
+    """`max_concurrent_trials`: 1 for a timing study, --max-concurrent, or what the cluster
+    holds now. On a cluster that is said when it limits the grid: an autoscaling cluster
+    (ray_cluster.yaml's workers start at 0) holds little until it is given work, and Tune
+    starts no more trials than this, so the study would stay this narrow."""
+    if spec.exclusive:
+        return 1
+    if options.max_concurrent_trials:
+        return options.max_concurrent_trials
+    fits = trials_per_cluster(largest, resources)
+    trials = grid_size(spec, options.seeds)
+    if on_cluster and fits < trials:
+        scaling = largest.scaling
+        gpus = scaling.num_workers * scaling.gpus_per_worker
+        logger.warning(
+            "study %s: %d of %d trials at a time, sized from what the cluster has now (%g CPUs, "
+            "%g GPUs; a trial holds %g CPUs%s). An autoscaling cluster starts nodes only for "
+            "work it is given: pass --max-concurrent N to run N trials at once",
+            spec.name, fits, trials, resources.get("CPU", 0), resources.get("GPU", 0),
+            trials_per_cluster_cpus(largest), f" and {gpus:g} GPUs" if gpus else "",
+        )  # fmt: skip
+    return min(fits, trials)
+
+
+def trials_per_cluster_cpus(config: ExperimentConfig) -> float:
+    """CPUs one trial holds: its pretraining's and its Tune driver's."""
+    from svt_ray.cluster import cpus_per_run
+
+    return cpus_per_run(config) + TRIAL_DRIVER_CPUS
+
+
+def trial_driver_resources(resources: dict[str, float]) -> dict[str, float]:
+    """What a trial's Tune function asks for: a sliver of a CPU, and of the head's
+    `DRIVER_RESOURCE` where the cluster declares one (ray_cluster.yaml), which keeps the drivers
+    off spot nodes."""
+    return {
+        "CPU": TRIAL_DRIVER_CPUS,
+        **({DRIVER_RESOURCE: TRIAL_DRIVER_CPUS} if resources.get(DRIVER_RESOURCE) else {}),
+    }
 
 
 def largest_trial(spec: StudySpec, preset: str, overrides: Sequence[str]) -> ExperimentConfig:
@@ -464,6 +513,22 @@ def _parent_run(
         {"parent_run_id": run_id, "params": params, "recipe": recipe},
     )
     return run_id
+
+
+def _note_restored_concurrency(spec: StudySpec, tuner, concurrent: int) -> None:
+    """Tune restores a study's `max_concurrent_trials` (its grid's generator is restored with
+    it) and cannot be given another: say so when this cluster would size it otherwise."""
+    recorded = getattr(
+        getattr(tuner._local_tuner, "_tune_config", None), "max_concurrent_trials", None
+    )
+    if recorded and recorded != concurrent:
+        logger.warning(
+            "study %s continues with %d trials at a time, as it was started (Tune restores that "
+            "number; --max-concurrent cannot change it); %d would suit this cluster%s",
+            spec.name, recorded, concurrent,
+            ". Trials that find no room wait for it, up to train.wait_for_workers_s, and fail "
+            "after that; the same command runs them again" if recorded > concurrent else "",
+        )  # fmt: skip
 
 
 def _set_parent_status(options: StudyOptions, parent_run_id: str, status: str) -> None:
@@ -599,11 +664,10 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         else FIFOScheduler()
     )
     resources = dict(ray.cluster_resources())
-    if options.address is None:  # local Ray was given extra logical CPUs: count real cores
+    on_cluster = joins_a_cluster(options.address)
+    if not on_cluster:  # local Ray was given extra logical CPUs: count real cores
         resources["CPU"] = min(resources.get("CPU", 1), os.cpu_count() or 1)
-    concurrent = options.max_concurrent_trials or trials_per_cluster(largest, resources)
-    if spec.exclusive:
-        concurrent = 1
+    concurrent = trials_at_once(spec, options, largest, resources, on_cluster)
     logger.info(
         "study %s: %d trials (%d settings x %d seeds), %d clips seen each%s, %d at a time",
         spec.name, grid_size(spec, options.seeds), len(spec.settings()), len(options.seeds),
@@ -611,7 +675,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         concurrent,
     )  # fmt: skip
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_run_trial, placement=placement), {"CPU": TRIAL_DRIVER_CPUS}
+        ray.tune.with_parameters(_run_trial, placement=placement),
+        trial_driver_resources(resources),
     )
     run_config = ray.tune.RunConfig(
         name=spec.name,
@@ -631,6 +696,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         # Tune unpickles the old driver's callbacks, whose tracking URI may name the old head.
         if getattr(tuner, "_local_tuner", None) is not None:  # None under Ray Client
             tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
+            _note_restored_concurrency(spec, tuner, concurrent)
     else:
         tuner = ray.tune.Tuner(
             trainable,

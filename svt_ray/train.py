@@ -71,6 +71,7 @@ from svt_ray.runs import (
     download_file,
     end_mlflow_run,
     fetch_metrics,
+    finish_mlflow_run,
     join_uri,
     local_log_directory,
     mirror_metrics,
@@ -591,6 +592,7 @@ def run_pretraining(
         )
     if result.error is not None:
         raise result.error
+    finish_mlflow_run(resolved.tracking.tracking_uri, mlflow_run_id, run_name)
     _log_curves(resolved, run_name, mlflow_run_id, run_dir, log_dir)
     return PretrainResult(
         run_name=run_name,

@@ -535,6 +535,48 @@ def test_trials_per_cluster_counts_workers_decode_and_gpus():
     assert trials_per_cluster(gpu, {"CPU": 64, "GPU": 8}) == 4
 
 
+def test_a_cluster_too_small_for_the_grid_is_named_and_max_concurrent_wins(caplog):
+    """An autoscaling cluster (ray_cluster.yaml: workers from 0) holds little when the study
+    starts, and Tune would keep the whole study that narrow: that is said, with the flag."""
+    from svt_ray.config import load_config
+    from svt_ray.studies import trials_at_once
+
+    gpu = load_config("tiny", overrides=["scaling.num_workers=2", "scaling.gpus_per_worker=1"])
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 16, 32))])
+    options = StudyOptions(seeds=[0, 1])
+    head_only = {"CPU": 8}
+    with caplog.at_level("WARNING", logger="svt_ray.studies"):
+        assert trials_at_once(spec, options, gpu, head_only, on_cluster=True) == 1
+    assert "1 of 6 trials at a time" in caplog.text and "0 GPUs" in caplog.text
+    assert "holds 4.01 CPUs and 2 GPUs" in caplog.text and "--max-concurrent N" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="svt_ray.studies"):
+        assert trials_at_once(spec, options, gpu, {"CPU": 64, "GPU": 16}, on_cluster=True) == 6
+        assert trials_at_once(spec, options, gpu, head_only, on_cluster=False) == 1  # a laptop
+        options.max_concurrent_trials = 3
+        assert trials_at_once(spec, options, gpu, head_only, on_cluster=True) == 3
+    assert not caplog.text
+    spec.exclusive = True  # a timing study runs alone whatever is given
+    assert trials_at_once(spec, options, gpu, {"CPU": 64, "GPU": 16}, on_cluster=True) == 1
+
+
+def test_trial_drivers_stay_on_the_node_that_declares_the_driver_resource():
+    """ray_cluster.yaml's on-demand head declares TRAIN_DRIVER; a trial's driver (and the Train
+    controller Ray pins to it) asks for a sliver of it there, and only there."""
+    import yaml
+
+    from svt_ray.studies import DRIVER_RESOURCE, TRIAL_DRIVER_CPUS, trial_driver_resources
+
+    assert trial_driver_resources({"CPU": 2}) == {"CPU": TRIAL_DRIVER_CPUS}  # a laptop
+    assert trial_driver_resources({"CPU": 8, DRIVER_RESOURCE: 1000}) == {
+        "CPU": TRIAL_DRIVER_CPUS, DRIVER_RESOURCE: TRIAL_DRIVER_CPUS,
+    }  # fmt: skip
+    node_types = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())["available_node_types"]
+    declares = {name for name, t in node_types.items() if DRIVER_RESOURCE in t["resources"]}
+    assert declares == {"head"}
+    assert "InstanceMarketOptions" not in node_types["head"]["node_config"]  # on demand
+
+
 def test_the_local_instance_is_sized_for_the_largest_valid_trial():
     from svt_ray.cluster import cpus_per_run
     from svt_ray.studies import largest_trial

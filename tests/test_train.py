@@ -365,6 +365,31 @@ def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_pa
     assert MlflowClient(reached).get_run(run_id).info.run_name == "r"  # created where reached
 
 
+def test_a_run_that_trained_to_the_end_is_finished_even_if_rank_0_could_not_say_so(
+    tmp_path, caplog
+):
+    """Rank 0 gives the store `tracking.flush_timeout_s` for its last calls; a slow store left
+    the run RUNNING, and a study then marked it KILLED as if ASHA had stopped it. The driver,
+    once training ended well, finishes it (and says how to send what it lacks); a run rank 0
+    did end keeps its status."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.runs import finish_mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("x")
+    lost, killed = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.set_terminated(killed, "KILLED")
+    with caplog.at_level("WARNING", logger="svt_ray.runs"):
+        finish_mlflow_run(uri, lost, "tiny-seed0")
+        finish_mlflow_run(uri, killed, "other")
+    assert client.get_run(lost).info.status == "FINISHED"
+    assert client.get_run(killed).info.status == "KILLED"
+    assert "svt-ray tracking sync tiny-seed0" in caplog.text and "other" not in caplog.text
+    finish_mlflow_run("sqlite:///" + str(tmp_path / "no" / "such.db"), lost, "r")  # only logged
+
+
 def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, monkeypatch):
     """A run directory deleted and a run of the same name started again: the metrics.jsonl
     left in its local log directory (remote storage: a temporary folder) is moved aside, or
