@@ -251,7 +251,14 @@ def read_split_files(assignments: Iterable[tuple[str, str]]) -> dict[str, str]:
     (`ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1`).
     """
     mapping: dict[str, str] = {}
-    for split, list_path in assignments:
+    for given, list_path in assignments:
+        # `training=trainlist01.txt` is split train, as a folder or a manifest's split would be
+        split = SPLIT_FOLDERS.get(given.lower(), given)
+        if split not in SPLIT_FOLDERS.values():
+            logger.warning(
+                "--split-file %s=%s: split %r is kept as it is; training reads 'train' and "
+                "evaluation 'val'", given, list_path, split,
+            )  # fmt: skip
         list_fs, resolved = resolve_filesystem(list_path)  # a local path or any URI
         try:
             with list_fs.open_input_stream(resolved) as stream:

@@ -107,8 +107,16 @@ class Output:
         self.filesystem.move(temporary, final)
 
     def read_json(self, *parts: str):
+        """A JSON file of the output; one that does not parse (they are written atomically,
+        so cut short by a copy, or edited by hand) is a ValueError that names it."""
         with self.filesystem.open_input_stream(self.path(*parts)) as stream:
-            return json.loads(stream.read())
+            raw = stream.read()
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{self.path(*parts)}: not valid JSON ({error}); it was cut short or edited"
+            ) from None
 
     def write_json(self, value, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
@@ -170,7 +178,11 @@ def load_states(output: Output, names: list[str]) -> dict[str, dict]:
     for name in names:
         if not output.exists(STATE_DIR, f"{name}.json"):
             continue
-        state = output.read_json(STATE_DIR, f"{name}.json")
+        try:
+            state = output.read_json(STATE_DIR, f"{name}.json")
+        except ValueError as error:  # what the shard holds is unknown: written again
+            logger.warning("%s; redoing shard %s", error, name)
+            continue
         if state["file"] and not output.exists(state["file"]):
             logger.warning(
                 "%s is recorded as done but %s is missing; redoing it", name, state["file"]

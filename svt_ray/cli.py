@@ -281,9 +281,16 @@ def evaluate(
         experiment = build_config(preset or "paper", config, flags)
     else:  # the checkpoint's own config: its architecture, clips and probe, unless --set says
         try:
-            recorded = load_state(checkpoint)["config"]
-        except (FileNotFoundError, ValueError, KeyError) as error:
+            saved = load_state(checkpoint)
+        except (FileNotFoundError, ValueError) as error:
             raise fail(str(error)) from None
+        if "config" not in saved:  # e.g. an image ViT's or the reference SVT's weights
+            raise fail(
+                f"--checkpoint: {checkpoint} is not an svt-ray checkpoint or export (it holds "
+                f"{', '.join(map(str, list(saved)[:6]))}, no recorded config); pass a "
+                "checkpoint_NNNNNNNN folder, its state.pt, or a file of `svt-ray export`"
+            )
+        recorded = saved["config"]
         _check_recorded_preset(preset, recorded.get("preset", "paper"), f"checkpoint {checkpoint}")
         experiment = config_for_checkpoint(recorded, config, flags)
     if experiment.data.path is None:

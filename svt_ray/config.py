@@ -36,9 +36,14 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # use_attribute_docstrings: the string under each field is its description (json schema,
-    # and the test that every field has one).
+    # and the test that every field has one). allow_inf_nan=False: `.inf` and `.nan` parse as
+    # YAML floats, and an infinite epoch count or learning rate is never meant.
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, frozen=False, use_attribute_docstrings=True
+        extra="forbid",
+        validate_assignment=True,
+        frozen=False,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
     )
 
 

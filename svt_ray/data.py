@@ -77,6 +77,11 @@ def read_dataset_manifest(data_path: str) -> dict:
             f"data.path: {error}; shard the videos again with this version's data_prep "
             f"(schema {SCHEMA_VERSION}) into a new folder"
         ) from None
+    except ValueError as error:  # a manifest.json that does not parse
+        raise ConfigError(
+            f"data.path: {error}. Run the data_prep command that made it again, on the same "
+            "output: it writes manifest.json anew from the shards' records"
+        ) from None
     if manifest.get("complete") is False:  # a data_prep run that ended with shards unwritten
         counts = manifest.get("counts", {})
         logger.warning(
@@ -106,6 +111,20 @@ def split_count(manifest: Mapping, split: str | None) -> int:
     """Clips of one split (all clips for None) according to the manifest."""
     splits = manifest["counts"]["splits"]
     return sum(splits.values()) if split is None else int(splits.get(split, 0))
+
+
+def training_clips(manifest: Mapping) -> int:
+    """Clips of split 'train', which pretraining reads; none is a ConfigError that names the
+    splits the dataset has (split lists named `training` made a dataset of none)."""
+    clips = split_count(manifest, "train")
+    if clips == 0:
+        raise ConfigError(
+            f"data.path: {manifest.get('data_path', 'the dataset')} has no clips of split "
+            f"'train', which pretraining reads (it has {dict(manifest['counts']['splits'])}). "
+            "Prepare it again into a new folder with its training videos in split train "
+            "(--split-file train=LIST, a train/ folder, or a manifest's split column)"
+        )
+    return clips
 
 
 def manifest_checksum(manifest: Mapping) -> str:
@@ -675,6 +694,12 @@ def set_progress_bars(wanted: bool | None) -> None:
 
     if wanted is not None:
         ray.data.DataContext.get_current().enable_progress_bars = wanted
+
+
+def absolute_path(path_or_uri: str) -> str:
+    """A local dataset path made absolute (a URI as it is): Ray Train runs each worker in a
+    working directory of its own, where a relative path names nothing."""
+    return path_or_uri if "://" in path_or_uri else os.path.abspath(path_or_uri)
 
 
 def set_preserve_order(wanted: bool) -> None:

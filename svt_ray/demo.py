@@ -79,7 +79,7 @@ def run_demo(
     prepare_synthetic_data(workdir, config, num_clips, between=stage_2)
 
     _stage(3, f"SVT pretraining: tiny preset, {workers} Ray Train workers on CPU")
-    clips = data.split_count(data.read_dataset_manifest(str(shards)), "train")
+    clips = data.training_clips(data.read_dataset_manifest(str(shards)))
     metrics_file = local_log_directory(config, DEMO_RUN) / METRICS_FILE
     with progress_from_metrics(  # the workers do not log here: a quiet demo
         metrics_file, DEMO_RUN, config.resolve(clips).derived.total_steps,

@@ -350,10 +350,13 @@ def load_state(path: str) -> dict:
     # its zip format; anything else is read as before.
     mmap = isinstance(source, Path) and zipfile.is_zipfile(source)
     try:
-        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as error:
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, OSError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ValueError(f"{path}: not a checkpoint torch can load safely ({first})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not an svt-ray checkpoint")
+    return state
 
 
 def cpus_per_evaluation(config) -> float:
@@ -385,6 +388,28 @@ def initial_row_name(config) -> str:
     return "random init"
 
 
+def check_eval_data(data_path: str, manifest: dict, settings, also: str = "") -> None:
+    """Before any clip is decoded: the kNN bank's and the queries' splits (`settings`: the
+    `eval` section) hold clips, and the dataset has class labels. `also`: one more way out,
+    for the error."""
+    counts = manifest["counts"]
+    splits = counts.get("splits", {})
+    missing = [s for s in (settings.train_split, settings.test_split) if not splits.get(s)]
+    if missing:
+        raise ConfigError(
+            f"{data_path} has no clips of split {', '.join(map(repr, missing))} (it has "
+            f"{splits}); prepare it with a held-out split (`svt-ray prep ... --val-fraction "
+            f"0.1`), or name others with --set eval.train_split=... / eval.test_split=...{also}"
+        )
+    labels = counts.get("labels")
+    if labels and not any(int(label) >= 0 for label in labels):
+        raise ConfigError(
+            f"{data_path}: none of its clips has a class label (videos loose at the input's "
+            "root get none), and kNN and the linear probe score class labels. Prepare it from "
+            "class folders (ROOT/CLASS/video.mp4) or a CSV with a label column" + also
+        )
+
+
 def evaluate_backbones(
     config,
     backbones: dict[str, str | None],
@@ -403,14 +428,10 @@ def evaluate_backbones(
     if None in backbones.values():  # the starting point's init_from: there, on the driver
         config = config.model_copy(deep=True)
         check_init_from(config)
-    counts = data.read_dataset_manifest(data_path)["counts"]["splits"]
-    missing = [s for s in (settings.train_split, settings.test_split) if not counts.get(s)]
-    if missing:  # say so before decoding a whole split
-        raise ConfigError(
-            f"{data_path} has no clips of split {', '.join(map(repr, missing))} (it has "
-            f"{counts}); prepare it with a held-out split (`svt-ray prep ... --val-fraction "
-            "0.1`), or name others with --set eval.train_split=... / eval.test_split=..."
-        )
+    data_path = data.absolute_path(data_path)
+    manifest = data.read_dataset_manifest(data_path)
+    check_eval_data(data_path, manifest, settings)  # before a whole split is decoded
+    counts = manifest["counts"]["splits"]
     clips = {"clip": (settings.clip_frames, settings.clip_size)}
     if settings.slow_fast:
         clips["fast"] = (settings.fast_frames, settings.fast_size)

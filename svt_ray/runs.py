@@ -55,11 +55,20 @@ def join_uri(base: str, *parts: str) -> str:
 
 
 def read_json(path: str) -> dict | None:
+    """A run's or a study's record, None if there is none. They are written atomically, so
+    one that does not parse was cut short by a copy or edited by hand: a ConfigError naming it."""
     filesystem, local = resolve_filesystem(path)
     if filesystem.get_file_info(local).type == pafs.FileType.NotFound:
         return None
     with filesystem.open_input_stream(local) as stream:
-        return json.loads(stream.read())
+        raw = stream.read()
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path}: not valid JSON ({error}); it was cut short or edited. Restore it from a "
+            "copy, or move its folder aside to start anew"
+        ) from None
 
 
 def write_json(path: str, payload: dict) -> None:

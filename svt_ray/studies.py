@@ -810,7 +810,7 @@ def _budget_clips(config: ExperimentConfig) -> int:
     from svt_ray import data
 
     manifest = data.read_dataset_manifest(config.data.path)
-    return int(config.optim.epochs * data.split_count(manifest, "train"))
+    return int(config.optim.epochs * data.training_clips(manifest))
 
 
 # -- the scripts' shared command line ------------------------------------------------------------

@@ -91,6 +91,8 @@ from svt_ray.views import view_slots
 
 logger = logging.getLogger(__name__)
 
+NO_CHECKPOINT = "no checkpoint yet"
+
 CHECKPOINT_FILE = "state.pt"
 # Ray Train 2.60's DEFAULT_WORKER_GROUP_START_TIMEOUT_S: how long one worker-group start waits.
 START_TIMEOUT_ENV, START_TIMEOUT_DEFAULT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0
@@ -476,8 +478,17 @@ def run_pretraining(
     if config.data.path is None:
         raise ConfigError("data.path: no dataset given; pass --data or run `svt-ray demo`")
     manifest = data.read_dataset_manifest(config.data.path)
-    clips = data.split_count(manifest, "train")
+    clips = data.training_clips(manifest)
     resolved = config.resolve(clips)
+    resolved.data.path = data.absolute_path(resolved.data.path)  # as the workers find it
+    if online_knn_every(resolved):  # each worker would fail on its own, max_failures times
+        from svt_ray.evaluate import check_eval_data
+
+        check_eval_data(
+            resolved.data.path, manifest, resolved.eval,
+            also="; or train without online kNN: --set eval.online_every=0 --set "
+            "eval.online_every_clips=0",
+        )  # fmt: skip
     resolved.tracking.tracking_uri = absolute_tracking_uri(resolved.tracking.tracking_uri)
     check_tracking_uri(resolved.tracking.tracking_uri)  # before any compute is spent
     check_init_from(resolved)  # absolute, and there: each worker loads it
@@ -696,9 +707,15 @@ def _stopped_message(
         if no_room or lost_nodes
         else "once the cause is fixed (the workers' log above has the traceback)"
     )
+    fresh = (
+        " (with nothing to keep yet, your own command run again, with other settings if "
+        "they caused this, starts it anew; --resume keeps the recorded ones)"
+        if kept == NO_CHECKPOINT
+        else ""
+    )
     return (
         f"run {run_name!r} stopped: {reason}. It keeps {kept} in {run_dir}; {when}, continue "
-        f"it with `{command}`."
+        f"it with `{command}`{fresh}."
     )
 
 
@@ -712,7 +729,7 @@ def _one_line(error: BaseException) -> str:
 def _resume_hint(config: ExperimentConfig, run_name: str, run_dir: str) -> tuple[str, str]:
     """(what a stopped run keeps, the command that continues it)."""
     progress = read_json(join_uri(run_dir, PROGRESS_FILE))
-    kept = f"checkpoints up to step {progress['step']}" if progress else "no checkpoint yet"
+    kept = f"checkpoints up to step {progress['step']}" if progress else NO_CHECKPOINT
     resume = ["svt-ray", "pretrain", "--resume", run_name, "--storage", config.train.storage_path]
     if config.scaling.address:
         resume += ["--address", config.scaling.address]

@@ -79,6 +79,8 @@ def test_overrides_parse_yaml_values():
         (["views.num_local=0", "loss.motion_weight=0"], "no loss term has a pair"),
         (["views.num_global=1", "views.num_local=0"], "no loss term has a pair"),
         (["optim"], "must look like section.field=value"),
+        (["optim.epochs=.inf"], "optim.epochs: Input should be a finite number"),  # YAML floats
+        (["optim.base_lr=.nan"], "optim.base_lr: Input should be a finite number"),
     ],
 )
 def test_bad_configs_name_the_field(overrides, fragment):
@@ -271,6 +273,20 @@ def test_a_preset_other_than_the_recorded_one_is_refused_not_dropped(tmp_path, m
     assert f"checkpoint {checkpoint} was made with the tiny preset" in result.stderr
     result = CliRunner().invoke(app, [*evaluate, "--preset", "tiny"])
     assert "preset" not in result.stderr
+
+
+def test_eval_of_weights_that_are_not_an_svt_ray_checkpoint_says_what_to_pass(tmp_path):
+    """An image ViT's state dict printed `error: 'config'`; a file of one tensor, a traceback."""
+    import torch
+
+    foreign = tmp_path / "vit.pt"
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}, foreign)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    for path, said in ((foreign, "it holds blocks.0.attn.qkv.weight"), (tensor, "holds a Tensor")):
+        result = CliRunner().invoke(app, ["eval", "--checkpoint", str(path), "--data", "x"])
+        assert result.exit_code == 2, result.output
+        assert said in result.stderr and "not an svt-ray checkpoint" in result.stderr
 
 
 def test_every_config_field_is_documented():

@@ -87,7 +87,7 @@ def test_output_size_and_kept_frames():
     assert len(indices) == 100
 
 
-def test_splits_are_deterministic_by_id_hash_and_from_split_files(tmp_path):
+def test_splits_are_deterministic_by_id_hash_and_from_split_files(tmp_path, caplog):
     ids = [f"{i:016x}" for i in range(2000)]
     splits = [hash_split(i, 0.1) for i in ids]
     assert splits == [hash_split(i, 0.1) for i in ids]
@@ -112,6 +112,16 @@ def test_splits_are_deterministic_by_id_hash_and_from_split_files(tmp_path):
         "Archery/v_c.avi": "train",
     }
     assert {v.label_name for v in videos} == {"ApplyEyeMakeup", "Archery"}
+    # Split lists named as folders may be (training, Validation) are train and val; a name
+    # training would never read is kept, with a warning.
+    named = [("Training", str(tmp_path / "trainlist01.txt")),
+             ("validation", str(tmp_path / "testlist01.txt"))]  # fmt: skip
+    assert read_split_files(named) == lists
+    with caplog.at_level("WARNING", logger="data_prep.inputs"):
+        assert set(read_split_files([("holdout", str(tmp_path / "testlist01.txt"))]).values()) == {
+            "holdout"
+        }
+    assert "split 'holdout' is kept as it is" in caplog.text
 
 
 def test_a_source_decord_fails_on_is_decoded_again_with_pyav(monkeypatch):
@@ -687,3 +697,33 @@ def test_an_svt_ray_recipe_given_as_the_encoder_preset_is_refused_before_any_wor
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="not an x264 preset"):
         PrepOptions(preset="tiny")
+
+
+def test_a_record_cut_short_is_named_and_a_shards_record_is_redone(tmp_path, caplog):
+    """The records are written atomically, so a broken one was cut short by a copy or edited
+    by hand. A shard's record broken: the shard is written again. The plan or the manifest
+    broken: an error that names the file (was a bare JSONDecodeError, no file named)."""
+    from pyarrow import fs as pafs
+
+    from data_prep.shards import STATE_DIR, Output, load_states
+    from svt_ray.config import ConfigError
+    from svt_ray.data import read_dataset_manifest
+
+    output = Output(pafs.LocalFileSystem(), str(tmp_path))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "part-00000.parquet").write_bytes(b"rows")
+    output.write_json({"file": "shards/part-00000.parquet"}, STATE_DIR, "part-00000.json")
+    output.write_json({"file": "shards/part-00001.parquet"}, STATE_DIR, "part-00001.json")
+    whole = (tmp_path / STATE_DIR / "part-00001.json").read_text()
+    (tmp_path / STATE_DIR / "part-00001.json").write_text(whole[: len(whole) // 2])
+    with caplog.at_level("WARNING", logger="data_prep.shards"):
+        states = load_states(output, ["part-00000", "part-00001"])
+    assert list(states) == ["part-00000"]
+    assert "part-00001.json: not valid JSON" in caplog.text and "redoing shard" in caplog.text
+
+    (tmp_path / STATE_DIR / "plan.json").write_text('{"shards": [')
+    with pytest.raises(ValueError, match=r"_state/plan.json: not valid JSON .* cut short"):
+        output.read_json(STATE_DIR, "plan.json")
+    (tmp_path / "manifest.json").write_text('{"schema_version": ')
+    with pytest.raises(ConfigError, match=r"data.path: .*manifest.json: not valid JSON.*again"):
+        read_dataset_manifest(str(tmp_path))

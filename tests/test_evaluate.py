@@ -251,6 +251,14 @@ def test_evaluation_without_a_held_out_split_says_so_before_decoding(tmp_path):
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"no clips of split 'val' .* --val-fraction 0.1"):
         evaluate_backbones(load_config("tiny"), {"random": None}, str(tmp_path))
+    # Videos loose at the input's root have no class: nothing to score (was a bare ValueError
+    # from the inference after every clip had been decoded).
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"schema_version": SCHEMA_VERSION, "shards": [],
+                    "counts": {"splits": {"train": 40, "val": 10}, "labels": {"-1": 50}}})
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"none of its clips has a class label .*class folders"):
+        evaluate_backbones(load_config("tiny"), {"random": None}, str(tmp_path))
 
 
 class _Payload:

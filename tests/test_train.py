@@ -44,12 +44,16 @@ def mlflow_client(tmp_path: Path):
 
 
 def test_two_worker_run_is_recorded_in_mlflow(
-    tmp_path, synthetic_shards, ray_session, mlflow_server
+    tmp_path, synthetic_shards, ray_session, mlflow_server, monkeypatch
 ):
-    """Recorded through a real `mlflow server` (server mode); SQLite is the other tests' store."""
+    """Recorded through a real `mlflow server` (server mode); SQLite is the other tests' store.
+    The data is named by a relative path, as the quick tour does: each Ray Train worker runs in
+    a working directory of its own, where the online kNN found no dataset."""
+    monkeypatch.chdir(synthetic_shards.parent)
     config = experiment(
         tmp_path,
         synthetic_shards,
+        f"data.path={synthetic_shards.name}",
         "scaling.num_workers=2",
         "train.run_name=two",
         f"tracking.tracking_uri={mlflow_server}",
@@ -57,6 +61,7 @@ def test_two_worker_run_is_recorded_in_mlflow(
         "eval.clip_size=32",
     )
     result = run_pretraining(config)
+    assert result.config.data.path == str(synthetic_shards)
     steps = result.config.derived.total_steps
     assert Path(result.checkpoint_path, "state.pt").is_file()
     assert load_state(result.checkpoint_path)["step"] == steps
@@ -388,6 +393,55 @@ def test_a_run_that_trained_to_the_end_is_finished_even_if_rank_0_could_not_say_
     assert client.get_run(killed).info.status == "KILLED"
     assert "svt-ray tracking sync tiny-seed0" in caplog.text and "other" not in caplog.text
     finish_mlflow_run("sqlite:///" + str(tmp_path / "no" / "such.db"), lost, "r")  # only logged
+
+
+def test_online_knn_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """Found only in the workers, this failed each of them max_failures + 1 times, and the
+    message then advised a --resume that refuses the changed eval settings."""
+    from data_prep.shards import SCHEMA_VERSION
+
+    monkeypatch.setattr(train_module, "ensure_ray", _no_ray)
+
+    def dataset(name: str, splits: dict, labels: dict) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({
+            "schema_version": SCHEMA_VERSION, "shards": [],
+            "counts": {"splits": splits, "labels": labels},
+        }))  # fmt: skip
+        return str(tmp_path / name)
+
+    knn = ["eval.online_every=3", f"train.storage_path={tmp_path / 'runs'}"]
+    no_val = dataset("no_val", {"train": 40, "test": 10}, {"0": 25, "1": 25})
+    with pytest.raises(ConfigError, match=r"no clips of split 'val' .* eval.online_every=0"):
+        run_pretraining(load_config("tiny", overrides=[*knn, f"data.path={no_val}"]))
+    loose = dataset("loose", {"train": 40, "val": 10}, {"-1": 50})
+    with pytest.raises(ConfigError, match=r"loose: none of its clips has a class label"):
+        run_pretraining(load_config("tiny", overrides=[*knn, f"data.path={loose}"]))
+    with pytest.raises(_RayStarted):  # without online kNN, unlabelled clips are what SSL takes
+        run_pretraining(load_config("tiny", overrides=[knn[1], f"data.path={loose}"]))
+    # A dataset without split train (split lists named `training` made one) names its splits.
+    no_train = dataset("no_train", {"training": 40, "val": 10}, {"0": 50})
+    with pytest.raises(ConfigError, match=r"no clips of split 'train'.*\{'training': 40, 'val'"):
+        run_pretraining(load_config("tiny", overrides=[knn[1], f"data.path={no_train}"]))
+
+
+def test_a_run_record_cut_short_is_named(tmp_path):
+    """run.json, progress.json and study.json are written atomically; one that does not parse
+    was cut short by a copy or edited by hand, and gets an error naming it, not a traceback."""
+    from svt_ray.runs import read_json
+
+    (tmp_path / "run.json").write_text('{"config": {"preset": "ti')
+    with pytest.raises(ConfigError, match=r"run.json: not valid JSON .* Restore it"):
+        read_json(str(tmp_path / "run.json"))
+    assert read_json(str(tmp_path / "missing.json")) is None
+
+
+class _RayStarted(Exception):
+    pass
+
+
+def _no_ray(*args, **kwargs):
+    raise _RayStarted
 
 
 def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, monkeypatch):
