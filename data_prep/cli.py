@@ -174,6 +174,28 @@ REJECT_REASONS = (
 )  # fmt: skip
 
 
+def _check_same_input(args: argparse.Namespace, previous: dict, videos: list[InputVideo]) -> None:
+    """An output continues the input it was made from (ids are paths relative to the input,
+    so a moved folder still matches). Another input would be merged into it without a word;
+    inputs gone since the earlier run stay in the dataset, which is said."""
+    planned = {video_id for entry in previous["shards"] for video_id in entry["ids"]}
+    listed = {video.id for video in videos}
+    if planned and not planned & listed:
+        raise InputError(
+            f"{args.output} holds shards of {previous.get('source', 'another input')} "
+            f"({len(planned)} inputs), none of which is listed under {args.input}: preparing "
+            "it there would merge two datasets. Use a new output directory for it"
+        )
+    gone = planned - listed
+    if gone:
+        print(
+            f"data_prep: {len(gone)} of the {len(planned)} inputs already planned into "
+            f"{args.output} are no longer listed under {args.input}; the ones already written "
+            "stay in the dataset (prepare into a new output directory to leave them out)",
+            file=sys.stderr,
+        )
+
+
 def _release_for_retry(output: Output, plan: dict, reasons: set[str], write: bool) -> set[str]:
     """Take videos out of finished shards so that this run processes them again, in new
     shards: those rejected for one of `reasons` (`--retry`: a decoder crash on a node short of
@@ -414,6 +436,8 @@ def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> in
     previous = (
         output.read_json(STATE_DIR, "plan.json") if output.exists(STATE_DIR, "plan.json") else None
     )
+    if previous:
+        _check_same_input(args, previous, videos)
     options_record = _options_record(args, options)
     if previous and previous["options"] != options_record:
         changed = sorted(

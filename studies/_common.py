@@ -2,7 +2,8 @@
 
 On a cluster these are starting points: pass `--preset paper --data <uri> --workers N
 --gpus-per-worker 1 --address auto --storage <uri> --tracking-uri <server>` (storage and
-tracking every node reaches) and `--set optim.epochs=...` for a real budget.
+tracking every node reaches), `--max-concurrent N` (an autoscaling cluster holds little when
+the study starts) and `--set optim.epochs=...` for a real budget.
 """
 
 SMALL_BUDGET = [

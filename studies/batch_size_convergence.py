@@ -8,7 +8,7 @@ same clip counts for every batch; the verdict compares the area under those curv
     python studies/batch_size_convergence.py --seeds 0,1,2   # error bars
     python studies/batch_size_convergence.py --preset paper --data s3://bucket/k400 \
         --workers 8 --gpus-per-worker 1 --address auto --grid optim.batch_size=64,128,256,512 \
-        --storage s3://bucket/runs --tracking-uri http://127.0.0.1:5000
+        --storage s3://bucket/runs --tracking-uri http://127.0.0.1:5000 --max-concurrent 4
 """
 
 import sys

@@ -136,8 +136,11 @@ def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) 
         [str(videos), str(shards), "--short-side", str(config.data.short_side),
          "--val-fraction", "0.25", "--min-frames", "8", "--min-side", "16"]
     )  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"data_prep failed with exit code {code}")
+    if code != 0:  # its own message is above; a traceback would bury it
+        raise ConfigError(
+            f"data_prep failed (exit code {code}, its message is above) sharding {videos} into "
+            f"{shards}"
+        )
     inputs = json.loads((shards / "manifest.json").read_text())["counts"]["inputs"]
     if inputs > num_clips:
         print(

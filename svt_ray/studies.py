@@ -849,7 +849,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
                         help="MLflow experiment of the parent and child runs")  # fmt: skip
     parser.add_argument("--name", default=spec.name, help="study name (restore key)")
     parser.add_argument("--max-concurrent", type=int,
-                        help="trials at once (default: as many as the cluster holds"
+                        help="trials at once (default: as many as the cluster holds when the "
+                        "study starts; kept when it is continued"
                         + ("; this study runs one at a time whatever is given)" if spec.exclusive
                            else ")"))  # fmt: skip
     parser.add_argument("--num-clips", type=int, default=800, help="synthetic clips when no --data")

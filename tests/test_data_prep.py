@@ -564,6 +564,15 @@ def test_csv_manifest_input_uri_output_dry_run_and_option_guard(
     assert all(row["label_name"].startswith("0") for row in rows)
     code = data_prep.main([*args[:2], "--short-side", "64"])
     assert code == 2 and "other options (short_side)" in capsys.readouterr().err
+    # Another input into the same output would merge two datasets: refused. The same input
+    # with videos gone since: said, as their shards stay.
+    others = sorted(root.rglob("*.mp4"))[6:9]
+    (root / "others.csv").write_text("path\n" + "".join(f"{c.relative_to(root)}\n" for c in others))
+    assert data_prep.main([str(root / "others.csv"), out_uri, "--short-side", "48"]) == 2
+    assert "none of which is listed under" in capsys.readouterr().err
+    (root / "fewer.csv").write_text("\n".join(lines[:5]) + "\n")
+    assert data_prep.main([str(root / "fewer.csv"), *args[1:], "--dry-run"]) == 0
+    assert "2 of the 6 inputs already planned" in capsys.readouterr().err
 
 
 # data_prep whose shard writes from part-00004 on wait a minute, so that a kill -9 lands mid-run
