@@ -444,7 +444,10 @@ def compare(
     report = collect_study(
         tracking_uri, experiment, study or "runs", run_ids=run_ids, parent_run_id=parent_run
     )
-    files = report.write(output / (study or "runs"))
+    try:
+        files = report.write(output / (study or "runs"))
+    except OSError as error:
+        raise fail(f"--output {output}: cannot write the report there ({error})") from None
     typer.echo(report.markdown())
     typer.echo(report.summary())
     typer.echo("written: " + ", ".join(str(path) for path in files.values()))

@@ -82,7 +82,10 @@ class Sweep:
         path, sep, raw = text.partition("=")
         if not sep or not raw.strip():
             raise ConfigError(f"--grid {text!r} must look like section.field=v1,v2,...")
-        values = tuple(parse_override(f"{path}={item.strip()}")[1] for item in _split_values(raw))
+        items = [item.strip() for item in _split_values(raw)]
+        if "" in items:
+            raise ConfigError(f"--grid {text!r} has an empty value (a comma too many?)")
+        values = tuple(parse_override(f"{path}={item}")[1] for item in items)
         if len(set(map(json.dumps, values))) != len(values):
             raise ConfigError(f"--grid {text!r} repeats a value")
         return cls(path.strip(), values)
@@ -329,6 +332,20 @@ def _record_failed_trial(
 # -- the driver --------------------------------------------------------------------------------
 
 
+def _check_writable(folder: Path, flag: str) -> None:
+    """Before Ray starts: a folder we cannot write is the user's to fix, not a traceback."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".svt_ray_write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"{flag} {folder}: cannot write there ({error.strerror or error}); pass a folder "
+            "you can write"
+        ) from None
+
+
 def _absolute(path_or_uri: str) -> str:
     return path_or_uri if "://" in path_or_uri else os.path.abspath(path_or_uri)
 
@@ -390,6 +407,25 @@ def trial_driver_resources(resources: dict[str, float]) -> dict[str, float]:
         "CPU": TRIAL_DRIVER_CPUS,
         **({DRIVER_RESOURCE: TRIAL_DRIVER_CPUS} if resources.get(DRIVER_RESOURCE) else {}),
     }
+
+
+def check_grid(spec: StudySpec, preset: str, overrides: Sequence[str]) -> None:
+    """Before Ray: a grid whose every setting the config rejects (a misspelt path, values of
+    the wrong kind) is refused with the first reason; a grid with some invalid settings runs,
+    and those fail alone, so it is said which."""
+    errors = {}
+    for sweep in spec.settings():
+        trial = {"base": list(overrides), "sweep": sweep, "seed": 0}
+        try:
+            load_config(preset, overrides=trial_overrides(trial))
+        except ConfigError as error:
+            errors[json.dumps(sweep)] = str(error)
+    if errors and len(errors) == len(spec.settings()):
+        raise ConfigError(
+            f"no setting of study {spec.name}'s grid is valid: {next(iter(errors.values()))}"
+        )
+    for setting, error in errors.items():
+        logger.warning("study %s: setting %s will fail: %s", spec.name, setting, error)
 
 
 def largest_trial(spec: StudySpec, preset: str, overrides: Sequence[str]) -> ExperimentConfig:
@@ -506,12 +542,19 @@ def _parent_run(
         },
     )
     run_id = run.info.run_id
+    try:
+        write_json(
+            join_uri(study_dir, STUDY_FILE),
+            {"parent_run_id": run_id, "params": params, "recipe": recipe},
+        )
+    except OSError as error:  # no study to find again: its parent run must not stay behind
+        client.delete_run(run_id)
+        raise ConfigError(
+            f"--storage {options.storage_path}: cannot write {study_dir} ({error}); pass "
+            "storage you can write"
+        ) from None
     for key, value in params.items():
         client.log_param(run_id, key, value)
-    write_json(
-        join_uri(study_dir, STUDY_FILE),
-        {"parent_run_id": run_id, "params": params, "recipe": recipe},
-    )
     return run_id
 
 
@@ -584,10 +627,21 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     recorded_overrides = ((recorded or {}).get("recipe") or {}).get("overrides", [])
     _refuse_swept_overrides(spec, options.overrides, recorded_overrides)
     probe = load_config(options.preset, overrides=options.overrides)
+    shared_recipe = [*spec.fixed, *options.overrides]
+    check_grid(spec, options.preset, shared_recipe)
+    if online_knn_every(load_config(options.preset, overrides=shared_recipe)) == 0:
+        raise ConfigError(
+            "eval.online_every_clips: studies compare online kNN curves; set it (or "
+            "eval.online_every) above 0"
+        )
+    if options.asha and options.asha_grace_clips is not None and options.asha_grace_clips < 1:
+        raise ConfigError(f"--asha-grace {options.asha_grace_clips}: give clips seen, 1 or more")
+    if options.data_path is None:  # the synthetic clips go there: a folder we can write
+        _check_writable(Path(options.workdir), "--workdir")
     # Locally, room for the largest trial (the scaling study's 2 workers) plus its driver's
     # sliver: without the sliver, 4 CPUs left Ray Data's read tasks 0.99 of the 1 CPU they
     # ask for, and a 2-worker trial waited forever.
-    largest = largest_trial(spec, options.preset, [*spec.fixed, *options.overrides])
+    largest = largest_trial(spec, options.preset, shared_recipe)
     if options.data_path is not None:  # a wrong --data fails here, before Ray starts
         from svt_ray import data
 
@@ -622,11 +676,6 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     }
     shared = [*base, *(f"{path}={value}" for path, value in placement.items())]
     probe = load_config(options.preset, overrides=shared)  # the study's shared settings are valid
-    if online_knn_every(probe) == 0:
-        raise ConfigError(
-            "eval.online_every_clips: studies compare online kNN curves; set it (or "
-            "eval.online_every) above 0"
-        )
     budget = _budget_clips(probe)
     grace = asha_grace(spec, options, budget)
     if options.asha and not 0 < grace < budget:
@@ -821,6 +870,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     finished, 1 if none did, 2 on a bad flag, 130 if interrupted (Ctrl-C)."""
     import argparse
 
+    from data_prep.inputs import InputError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=spec.question, formatter_class=HelpFormatter)
     parser.add_argument("--preset", default=defaults.get("preset", "tiny"),
@@ -866,8 +917,20 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             ) from None
         if not seeds:
             raise ConfigError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
+        if len(set(seeds)) != len(seeds):  # a repeat would count as another seed in the s.e.
+            raise ConfigError(f"--seeds {args.seeds} repeats a seed")
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent {args.max_concurrent}: give 1 or more")
+        if args.num_clips < 1:
+            raise ConfigError(f"--num-clips {args.num_clips}: give 1 or more")
         if args.grid:
             spec.sweeps = [Sweep.parse(item) for item in args.grid]
+            paths = [sweep.path for sweep in spec.sweeps]
+            if len(set(paths)) != len(paths):  # the second would replace the first
+                raise ConfigError(
+                    f"--grid names {sorted({p for p in paths if paths.count(p) > 1})[0]} twice; "
+                    "give all its values in one --grid PATH=V1,V2,..."
+                )
         spec.name = args.name
         overrides = list(args.overrides)
         if args.workers is not None:
@@ -890,7 +953,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             workdir=args.workdir,
         )
         report = run_study(spec, options)
-    except ConfigError as error:
+    except (ConfigError, InputError) as error:  # InputError: a path or URI that cannot be read
         print(f"error: {error}", file=sys.stderr)
         return 2
     except StudyInterruptedError as error:  # no report: its verdict would read a partial grid

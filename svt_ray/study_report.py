@@ -258,6 +258,12 @@ def collect_study(
             )
         if parent_run_id is not None:
             parent = get_run(parent_run_id, "study parent run")
+            if parent.data.tags.get("svt.study") != study:  # its report would be written as study's
+                raise ConfigError(
+                    f"--parent-run {parent_run_id} is the parent run of study "
+                    f"{parent.data.tags.get('svt.study', '(none: not a study parent run)')!r}, "
+                    f"not of {study!r}; pass that --study, or another --parent-run"
+                )
         else:
             parents = client.search_runs(
                 [found.experiment_id],

@@ -143,6 +143,15 @@ class SynthConfig:
             raise ValueError(
                 f"height and width must be even and >= 16, got {self.height}x{self.width}"
             )
+        # Checked here, before synthetic.json records them: a folder made with a bad value
+        # would refuse the corrected command as "other settings".
+        if not 0 < self.fps < 1000:
+            raise ValueError(f"fps must lie in (0, 1000), got {self.fps}")
+        if self.gop < 1 or not 0 <= self.crf <= 51 or self.num_distractors < 0:
+            raise ValueError(
+                f"gop must be >= 1, crf in [0, 51] and num_distractors >= 0, got gop "
+                f"{self.gop}, crf {self.crf}, num_distractors {self.num_distractors}"
+            )
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -616,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return synth_main(**vars(args))
     except ValueError as error:
         parser.error(str(error))
+    except OSError as error:  # a root that cannot be written
+        parser.error(f"{args.output}: cannot write there ({error})")
     return 2
 
 

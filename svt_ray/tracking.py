@@ -76,6 +76,12 @@ def artifact_location_for(uri: str) -> str | None:
 def experiment_id(client, experiment: str, tracking_uri: str) -> str:
     """The id of `experiment`, created (artifacts beside a SQLite database) if missing."""
     found = client.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":  # MLflow refuses runs in it
+        raise TrackingUnavailableError(
+            f"MLflow experiment {experiment!r} in {tracking_uri} is deleted; restore it "
+            f"(`mlflow experiments restore --experiment-id {found.experiment_id}` with "
+            "MLFLOW_TRACKING_URI set to that store) or name another"
+        )
     if found is not None:
         return found.experiment_id
     return client.create_experiment(experiment, artifact_location_for(tracking_uri))
@@ -86,17 +92,12 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = Fal
     `must_exist`, holds no database to read: MLflow would create an empty one)."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
-        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-        if path is not None and must_exist and not path.is_file():
+        if not uri.startswith("sqlite:///"):  # sqlite://mlflow.db: SQLAlchemy refuses it late
             raise TrackingUnavailableError(
-                f"--tracking-uri {uri}: no MLflow database at {path}; pass the --tracking-uri "
-                "the study or runs were recorded in"
+                f"tracking URI {uri}: a SQLite store is sqlite:/// and its path "
+                "(sqlite:///mlflow.db, or sqlite:////abs/path/mlflow.db)"
             )
-        if path is not None and not path.parent.exists():
-            raise TrackingUnavailableError(
-                f"tracking URI {uri}: folder {path.parent} does not exist; create it or pass "
-                "--tracking-uri sqlite:///mlflow.db"
-            )
+        _check_sqlite_file(uri, Path(uri.removeprefix("sqlite:///")), must_exist)
         return
     if parsed.scheme in ("http", "https"):
         import urllib.error
@@ -121,6 +122,56 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = Fal
             f"tracking URI {uri!r}: MLflow 3 no longer writes file stores; use "
             "sqlite:///mlflow.db or an http:// tracking server"
         )
+    if parsed.scheme not in _tracking_schemes():  # htp://...: MLflow would fail on first use
+        raise TrackingUnavailableError(
+            f"tracking URI {uri}: MLflow has no store for scheme {parsed.scheme!r} (it has "
+            f"{', '.join(sorted(s for s in _tracking_schemes() if s))})"
+        )
+
+
+def _check_sqlite_file(uri: str, path: Path, must_exist: bool) -> None:
+    """A SQLite store's file: there when it must be, a SQLite database if it is there, and
+    writable (or its folder, for a new one): MLflow retries a store it cannot write for a
+    minute before it fails, and opens any other file as a database."""
+    if must_exist and not path.is_file():
+        raise TrackingUnavailableError(
+            f"--tracking-uri {uri}: no MLflow database at {path}; pass the --tracking-uri "
+            "the study or runs were recorded in"
+        )
+    if not path.parent.is_dir():
+        raise TrackingUnavailableError(
+            f"tracking URI {uri}: folder {path.parent} does not exist; create it or pass "
+            "--tracking-uri sqlite:///mlflow.db"
+        )
+    if path.exists():
+        try:
+            with open(path, "rb") as file:
+                header = file.read(16)
+        except OSError as error:
+            raise TrackingUnavailableError(
+                f"tracking URI {uri}: cannot read {path} ({error.strerror or error})"
+            ) from None
+        if header and header != b"SQLite format 3\x00":
+            raise TrackingUnavailableError(
+                f"tracking URI {uri}: {path} is not a SQLite database; name another file"
+            )
+    writable = path if path.exists() else path.parent
+    if not must_exist and not os.access(writable, os.W_OK):
+        raise TrackingUnavailableError(
+            f"tracking URI {uri}: {writable} is not writable; pass a --tracking-uri in a "
+            "folder you can write"
+        )
+
+
+def _tracking_schemes() -> set[str]:
+    """The URI schemes MLflow has a tracking store for (plugins included)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):  # another MLflow: its own error will have to do
+        return {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql",
+                "databricks", "databricks-uc", "uc"}  # fmt: skip
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

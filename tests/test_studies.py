@@ -439,6 +439,53 @@ def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     assert "--seeds 0,x: comma-separated integers" in capsys.readouterr().err
 
 
+class _RayStarted(Exception):
+    pass
+
+
+def test_bad_study_input_is_refused_before_ray_starts(tmp_path, capsys, caplog, monkeypatch):
+    """Each of these passed every check before Ray and then failed every trial inside Tune, or
+    ended in a traceback after Ray started and the synthetic data was made."""
+    from svt_ray import cluster
+    from svt_ray.studies import study_main
+
+    def no_ray(*args, **kwargs):
+        raise _RayStarted
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
+    where = ["--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+             "--workdir", str(tmp_path / "work")]  # fmt: skip
+
+    def refused(flags: list[str], said: str) -> None:
+        spec = StudySpec("s", "q", [Sweep("views.num_local", (2, 4))],
+                         fixed=["eval.online_every_clips=400"])  # fmt: skip
+        assert study_main(spec, [*where, *flags]) == 2, flags  # the later flag wins
+        assert said in capsys.readouterr().err, flags
+
+    refused(
+        ["--grid", "views.num_locl=0,2"], "no setting of study s's grid is valid: views.num_locl"
+    )
+    refused(["--grid", "views.num_local=0,2,"], "has an empty value (a comma too many?)")
+    refused(
+        ["--grid", "views.num_local=0", "--grid", "views.num_local=2"],
+        "names views.num_local twice",
+    )
+    refused(["--seeds", "0,0"], "--seeds 0,0 repeats a seed")
+    refused(["--max-concurrent", "0"], "--max-concurrent 0: give 1 or more")
+    refused(["--num-clips", "0"], "--num-clips 0: give 1 or more")
+    refused(["--asha-grace", "0"], "--asha-grace 0: give clips seen")
+    refused(["--set", "eval.online_every_clips=0"], "studies compare online kNN curves")
+    refused(["--workdir", "/proc/no/such"], "--workdir /proc/no/such: cannot write there")
+    refused(["--tracking-uri", "sqlite://m.db"], "a SQLite store is sqlite:/// and its path")
+    refused(["--storage", "s4://bucket/runs"], "s4://bucket/runs")
+    # Some settings invalid: the study runs, they fail alone, and it is said which.
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 30))], fixed=[
+        "eval.online_every_clips=400", "scaling.num_workers=4"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="svt_ray.studies"), pytest.raises(_RayStarted):
+        study_main(spec, where)
+    assert 'setting {"optim.batch_size": 30} will fail: optim.batch_size=30' in caplog.text
+
+
 def test_a_flag_for_a_swept_setting_is_refused_not_overridden_by_every_trial(tmp_path, capsys):
     """`studies/scaling.py --workers 4` ran 1 and 2 workers: each trial's swept value came
     after the flag. Coupled settings (one sweep moving two paths) count too. A study that

@@ -257,6 +257,10 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
     newest = collect_study(uri, "svt-ray-studies", "s")
     assert newest.parent_run_id == parents[1] and newest.trials[0].final == 90
     assert f"others: {parents[0]}; pick one with --parent-run" in caplog.text
+    # Another study's parent run would be reported (and written) as study s.
+    other = client.create_run(studies, tags={"svt.study": "t", "svt.study_role": "parent"})
+    with pytest.raises(ConfigError, match=r"parent run of study 't', not of 's'; pass that"):
+        collect_study(uri, "svt-ray-studies", "s", parent_run_id=other.info.run_id)
 
     # Plain pretraining runs, in their own experiment: batch sizes compare as numbers, and
     # seeds are repeats of a setting, not a setting.

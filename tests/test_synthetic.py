@@ -175,6 +175,11 @@ def test_config_validation():
         SynthConfig(style="cartoon")
     with pytest.raises(ValueError, match="even"):
         SynthConfig(height=33)
+    # Refused before synthetic.json records them: the folder then refused the corrected
+    # command as made "with other settings (fps 0.0 -> 15.0)", with no clip in it.
+    for bad in ({"fps": 0}, {"fps": float("nan")}, {"gop": 0}, {"crf": 60}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SynthConfig(**bad)
 
 
 # -- scene style: motion read off the pixels by a written-out least-squares flow fit ----------

@@ -37,6 +37,29 @@ def test_file_store_and_missing_folder_are_explained(tmp_path):
     check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
 
 
+def test_mistyped_tracking_uris_are_refused_before_any_work(tmp_path):
+    """Each passed the check and failed at MLflow's first use: SQLAlchemy's 'Invalid SQLite
+    URL', 'file is not a database', MLflow's unknown-scheme error."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.tracking import experiment_id
+
+    with pytest.raises(TrackingUnavailableError, match="a SQLite store is sqlite:/// and its"):
+        check_tracking_uri("sqlite://mlflow.db")
+    (tmp_path / "notes.txt").write_text("not a database")
+    with pytest.raises(TrackingUnavailableError, match=r"notes\.txt is not a SQLite database"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/notes.txt")
+    with pytest.raises(TrackingUnavailableError, match=r"no store for scheme .htp. .*http, https"):
+        check_tracking_uri("htp://127.0.0.1:5000")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id(client, "gone", uri)
+    check_tracking_uri(uri)  # the database MLflow made passes
+    client.delete_experiment(client.get_experiment_by_name("gone").experiment_id)
+    with pytest.raises(TrackingUnavailableError, match=r"experiment .gone. .* is deleted; restore"):
+        experiment_id(client, "gone", uri)
+
+
 def test_only_rank_zero_tracks(tmp_path):
     assert isinstance(make_tracker(1, tracking_uri="unused"), NullTracker)
 
