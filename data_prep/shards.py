@@ -19,6 +19,7 @@ go into new shards appended to the plan.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -91,20 +92,28 @@ class Output:
         return self.filesystem.get_file_info(self.path(*parts)).type == pafs.FileType.File
 
     def write_bytes(self, data: bytes | Path, *parts: str) -> None:
-        """Atomic write: a hidden temporary file in the same folder, then a rename. A local
-        file (a Path) is streamed in 8 MiB pieces, never held in memory whole."""
+        """Atomic write: a hidden temporary file in the same folder, then a rename; a write
+        or rename that fails removes the temporary file. A local file (a Path) is streamed in
+        8 MiB pieces, never held in memory whole."""
         final = self.path(*parts)
         folder, name = final.rsplit("/", 1)
         self.filesystem.create_dir(folder, recursive=True)
         temporary = f"{folder}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
-        with self.filesystem.open_output_stream(temporary) as stream:
-            if isinstance(data, Path):
-                with open(data, "rb") as source:
-                    while piece := source.read(8 << 20):
-                        stream.write(piece)
-            else:
-                stream.write(data)
-        self.filesystem.move(temporary, final)
+        try:
+            with self.filesystem.open_output_stream(temporary) as stream:
+                if isinstance(data, Path):
+                    with open(data, "rb") as source:
+                        while piece := source.read(8 << 20):
+                            stream.write(piece)
+                else:
+                    stream.write(data)
+            self.filesystem.move(temporary, final)
+        except BaseException:
+            # A loop that writes again (`svt-ray tracking backup --every`) would otherwise
+            # leave a whole copy behind on every failed round.
+            with contextlib.suppress(OSError):  # not written yet, or the store unreachable
+                self.filesystem.delete_file(temporary)
+            raise
 
     def read_json(self, *parts: str):
         """A JSON file of the output; one that does not parse (they are written atomically,

@@ -696,6 +696,24 @@ def test_write_file_streams_a_local_file_in_pieces_atomically(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["copy.bin"]  # no temporary left
 
 
+def test_a_failed_write_file_leaves_no_temporary(tmp_path):
+    """`svt-ray tracking backup DB DEST --every 300` left a whole copy of the store as a
+    .tmp-* file on every failed round (DEST a folder): a failed move or write removes it."""
+    from data_prep.shards import write_file
+
+    source = tmp_path / "in" / "mlflow.db"
+    source.parent.mkdir()
+    source.write_bytes(b"a store")
+    (tmp_path / "out" / "mlflow.db").mkdir(parents=True)  # the destination is a folder
+    for _ in range(2):
+        with pytest.raises(IsADirectoryError):
+            write_file(str(tmp_path / "out" / "mlflow.db"), source)
+    with pytest.raises(FileNotFoundError):  # the source gone: the write itself fails
+        write_file((tmp_path / "out" / "copy.db").as_uri(), tmp_path / "in" / "gone.db")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mlflow.db"]
+    assert list((tmp_path / "out" / "mlflow.db").iterdir()) == []
+
+
 def test_an_svt_ray_recipe_given_as_the_encoder_preset_is_refused_before_any_work(tmp_path, capsys):
     """`--preset` of data_prep is x264's: `--preset tiny` used to encode nothing and reject
     every video as `error` after a full pass. It is now a usage error naming the choices."""
