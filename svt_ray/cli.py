@@ -325,7 +325,7 @@ def export(
         raise fail(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
     try:
         summary = export_backbone(checkpoint, out, weights)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # an OSError names the OUT it failed to write
         raise fail(str(error)) from None
     typer.echo(summary.line())
 

@@ -79,13 +79,61 @@ def _empty_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"head.weight": torch.zeros(0, width), "head.bias": torch.zeros(0)}
 
 
+def _file_key(filesystem, path: str) -> str:
+    """One name for one file whatever it was called by: a local file's resolved path (links,
+    `..` and file:// URIs alike), or the filesystem's kind and normalised path (s3://b/k)."""
+    import os
+    import posixpath
+
+    from pyarrow import fs as pafs
+
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return os.path.realpath(path)
+    return f"{filesystem.type_name}://{posixpath.normpath(path)}"
+
+
+def _check_out(checkpoint: str, out: str) -> None:
+    """Refuse, before the checkpoint is read, an `out` that cannot be written or that is the
+    checkpoint's own state.pt (the export would replace the training state)."""
+    from pyarrow import fs as pafs
+
+    from data_prep.inputs import resolve_filesystem
+
+    if not out.strip():
+        raise ValueError("OUT is empty: name the file to write, e.g. svt_backbone.pt")
+    filesystem, path = resolve_filesystem(out)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        raise ValueError(
+            f"{out} is a folder: name a file inside it, e.g. {out.rstrip('/')}/svt_backbone.pt"
+        )
+    if isinstance(filesystem, pafs.LocalFileSystem):  # the nearest existing parent a folder
+        parent = Path(path).parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(
+                f"cannot write {out}: {parent} is a file, not a folder; name a file in a folder"
+            )
+    source_filesystem, source = resolve_filesystem(checkpoint)
+    if source_filesystem.get_file_info(source).type == pafs.FileType.Directory:
+        source = f"{source}/state.pt"  # what load_state reads
+    if _file_key(filesystem, path) == _file_key(source_filesystem, source):
+        raise ValueError(
+            f"{out} is the checkpoint's own file: the export would replace its training state "
+            "(both networks, the optimiser, the loss centre); name another file, e.g. "
+            "svt_backbone.pt"
+        )
+
+
 def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") -> ExportSummary:
     """Write the `weights` backbone of `checkpoint` (a checkpoint folder, its state.pt, or a
     filesystem URI of either) to `out` (a file or a URI such as s3://bucket/svt_backbone.pt),
-    atomically: a failed write leaves no partial file under `out`'s name."""
+    atomically: a failed write leaves no partial file under `out`'s name. An `out` that is the
+    checkpoint's own file, or a folder, is a ValueError; a failed write, an OSError naming it."""
     from data_prep.shards import write_file
     from svt_ray.evaluate import load_state
 
+    _check_out(checkpoint, str(out))
     saved = load_state(checkpoint)
     if saved.get("format") == FORMAT:
         raise ValueError(
@@ -111,7 +159,10 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    write_file(str(out), buffer.getvalue())  # a local file or any filesystem URI; temp + rename
+    try:
+        write_file(str(out), buffer.getvalue())  # a local file or any URI; temp + rename
+    except OSError as error:
+        raise OSError(f"cannot write {out}: {error}") from error
     return ExportSummary(
         path=out,
         step=int(saved["step"]),

@@ -156,6 +156,57 @@ def test_cli_export_and_its_errors(checkpoint, tmp_path):
     assert result.exit_code == 2 and "is not an svt-ray training checkpoint" in result.stderr
 
 
+def test_cli_export_refuses_to_write_over_the_checkpoint_it_reads(tmp_path):
+    """`svt-ray export run/checkpoint_N run/checkpoint_N/state.pt` replaced the training state
+    (both networks, optimiser, centre) with the export: refused, however the file is named."""
+    config = small_config("tiny").resolve(400)
+    folder = tmp_path / "run" / "checkpoint_00000001"
+    folder.mkdir(parents=True)
+    torch.save(state_dict(build_state(config), 1), folder / "state.pt")
+    before = (folder / "state.pt").read_bytes()
+    for source, out in [
+        (folder, folder / "state.pt"),
+        (folder / "state.pt", folder / "state.pt"),
+        (folder, tmp_path / "run" / ".." / "run" / folder.name / "state.pt"),
+        (folder.as_uri(), folder / "state.pt"),
+        (folder, (folder / "state.pt").as_uri()),
+    ]:
+        result = CliRunner().invoke(app, ["export", str(source), str(out)])
+        assert result.exit_code == 2, result.output
+        assert f"error: {out} is the checkpoint's own file" in result.stderr
+        assert "Traceback" not in result.output
+    assert (folder / "state.pt").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["state.pt"]
+
+
+def test_cli_export_names_an_out_it_cannot_write(checkpoint, tmp_path, monkeypatch):
+    """OUT a folder, empty, or under a file: one line naming OUT (was an OSError traceback)."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        str(tmp_path): f"{tmp_path} is a folder: name a file inside it, e.g. "
+        f"{tmp_path}/svt_backbone.pt",
+        "": "OUT is empty: name the file to write, e.g. svt_backbone.pt",
+        str(tmp_path / "a_file" / "x.pt"): f"cannot write {tmp_path / 'a_file' / 'x.pt'}: "
+        f"{tmp_path / 'a_file'} is a file, not a folder",
+        (tmp_path / "a_file" / "x.pt").as_uri(): "cannot write file://",
+    }
+    for out, message in cases.items():
+        result = CliRunner().invoke(app, ["export", str(checkpoint), out])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"error: {message}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("data_prep.shards.write_file", full_disk)
+    result = CliRunner().invoke(app, ["export", str(checkpoint), "svt_backbone.pt"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: cannot write svt_backbone.pt: [Errno 28] No space")
+
+
 def test_evaluation_takes_an_exported_file_as_it_takes_the_checkpoint(checkpoint, tmp_path):
     """`svt-ray eval --checkpoint svt_backbone.pt`: the Ray Data feature UDF, run in-process."""
     from svt_ray.evaluate import FeatureUDF
