@@ -173,19 +173,62 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
     )
 
 
+def _mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor], shown: int = 3) -> str:
+    """The first keys on which `weights` and `model` disagree, in a few words."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    shapes = [
+        f"{key} is {tuple(weights[key].shape)}, the model's {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in weights and weights[key].shape != value.shape
+    ]
+    parts = []
+    for label, items in (("missing ", missing), ("unexpected ", unexpected), ("", shapes)):
+        if items:
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            parts.append(label + ", ".join(items[:shown]) + more)
+    return "; ".join(parts)
+
+
 def load_backbone(path: str | Path) -> tuple[TimeSformer, ExperimentConfig]:
     """The backbone of an `export_backbone` file, built and loaded, in eval mode, with the
-    config it was trained with (`config.views.mean` / `.std` normalise its input)."""
+    config it was trained with (`config.views.mean` / `.std` normalise its input). A file this
+    version cannot build is a ValueError that names it and says why."""
+    from svt_ray.config import ConfigError, validate_config
     from svt_ray.evaluate import load_state
 
-    payload = load_state(str(path))  # a file or a URI; weights only
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    try:
+        payload = load_state(str(path))  # a file or a URI; weights only
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no file at {path}") from None
+    found = payload.get("format")
+    if isinstance(found, str) and found.startswith("svt-ray backbone") and found != FORMAT:
+        raise ValueError(
+            f"{path}: an svt-ray backbone of format {found!r}; this version reads {FORMAT!r}: "
+            "load it with the svt-ray version that wrote it, or export the checkpoint again "
+            "with this one"
+        )
+    if found != FORMAT:
         raise ValueError(
             f"{path}: not an svt-ray backbone file (no format {FORMAT!r}); make one with "
             "`svt-ray export CHECKPOINT OUT`, or read a training checkpoint with "
             "svt_ray.evaluate.load_state"
         )
-    config = ExperimentConfig.model_validate(payload["config"])
+    try:
+        config = validate_config(payload["config"])
+    except ConfigError as error:
+        raise ValueError(
+            f"{path}: its config does not fit this svt-ray version ({error}); it was made by "
+            "another svt-ray version: load it with that one, or export the checkpoint again "
+            "with this one"
+        ) from None
     backbone = build_backbone(config)
-    backbone.load_state_dict(payload["backbone"])
+    try:
+        backbone.load_state_dict(payload["backbone"])
+    except RuntimeError:  # torch's message lists every key: hundreds of characters
+        raise ValueError(
+            f"{path}: its weights do not fit the architecture of its config "
+            f"({_mismatch(backbone, payload['backbone'])})"
+        ) from None
     return backbone.eval(), config

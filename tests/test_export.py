@@ -138,6 +138,49 @@ def test_load_backbone_names_a_training_checkpoint_for_what_it_is(checkpoint):
         load_backbone(checkpoint / "state.pt")
 
 
+def test_load_backbone_says_what_is_wrong_with_a_file_it_cannot_build(checkpoint, tmp_path):
+    """From a user's own code: each failure names the file and what it found (were: "not an
+    svt-ray backbone file", a raw pydantic ValidationError, a 661-character RuntimeError,
+    "no SVT checkpoint at ... (expected state.pt)")."""
+    good = torch.load(export_backbone(str(checkpoint), tmp_path / "good.pt").path)
+
+    def saved(name, **changes):
+        torch.save({**good, **changes}, tmp_path / name)
+        return tmp_path / name
+
+    newer = saved("v2.pt", format="svt-ray backbone v2")
+    with pytest.raises(
+        ValueError,
+        match=r"v2\.pt: an svt-ray backbone of format 'svt-ray backbone v2'; this version reads "
+        r"'svt-ray backbone v1'",
+    ):
+        load_backbone(newer)
+
+    config = {**good["config"], "model": {**good["config"]["model"], "mixture": 4}}
+    other_version = saved("fields.pt", config=config)
+    with pytest.raises(
+        ValueError,
+        match=r"fields\.pt: its config does not fit this svt-ray version \(model\.mixture: "
+        r"unknown key.*\); it was made by another svt-ray version",
+    ):
+        load_backbone(other_version)
+
+    weights = dict(good["backbone"])
+    del weights["norm.bias"]
+    weights["cls_token"] = torch.zeros(1, 1, 7)
+    weights["blocks.0.extra"] = torch.zeros(1)
+    changed = saved("weights.pt", backbone=weights)
+    with pytest.raises(ValueError) as error:
+        load_backbone(changed)
+    assert str(error.value) == (
+        f"{changed}: its weights do not fit the architecture of its config (missing norm.bias; "
+        "unexpected blocks.0.extra; cls_token is (1, 1, 7), the model's (1, 1, 32))"
+    )
+
+    with pytest.raises(FileNotFoundError, match=r"^no file at nope\.pt$"):
+        load_backbone("nope.pt")
+
+
 def test_cli_export_and_its_errors(checkpoint, tmp_path):
     out = tmp_path / "svt_backbone.pt"
     result = CliRunner().invoke(app, ["export", str(checkpoint), str(out)])
