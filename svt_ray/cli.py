@@ -467,12 +467,21 @@ def tracking_backup(
             "changed (0: once).",
         ),
     ] = 0.0,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace DESTINATION even when it is a store holding more runs than DATABASE.",
+        ),
+    ] = False,
 ) -> None:
-    """Copy a SQLite MLflow store, safely while the server writes, to a path or bucket."""
+    """Copy a SQLite MLflow store, safely while the server writes, to a path or bucket. A
+    DESTINATION holding more runs than the store is not replaced without --force (checked on
+    the first backup: later ones replace this command's own)."""
     import sqlite3
     import time
 
-    from svt_ray.tracking import backup_sqlite_store, sqlite_file
+    from svt_ray.tracking import BackupRefused, backup_sqlite_store, sqlite_file
 
     if every < 0:
         raise fail(f"--every: {every} is negative; give seconds between backups, or 0 for once")
@@ -485,7 +494,9 @@ def tracking_backup(
         stat = source.stat()
         if (stat.st_mtime_ns, stat.st_size) != copied:
             try:
-                size = backup_sqlite_store(source, destination)
+                size = backup_sqlite_store(source, destination, force or copied is not None)
+            except BackupRefused as error:  # a head that started empty: not retried
+                raise fail(f"{error}; pass --force to replace it", 1) from None
             except retried as error:  # a bucket hiccup, a long lock: try again next round
                 if not every:
                     raise fail(f"backup of {source} to {destination} failed: {error}", 1) from None

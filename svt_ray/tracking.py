@@ -227,17 +227,41 @@ def sqlite_file(database: str | Path) -> Path:
     return Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text)
 
 
-def backup_sqlite_store(database: str | Path, destination: str) -> int:
+class BackupRefused(ValueError):
+    """A backup would replace a copy that holds more runs than the store it is taken from."""
+
+
+def count_runs(database: Path) -> int | None:
+    """Rows of the `runs` table of an MLflow SQLite store (deleted runs too); None when the
+    file cannot be read as one."""
+    import sqlite3
+    from contextlib import closing
+
+    try:
+        with closing(sqlite3.connect(database)) as connection:
+            return connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    except sqlite3.Error:
+        return None
+
+
+def backup_sqlite_store(database: str | Path, destination: str, force: bool = False) -> int:
     """Copy a SQLite tracking store, while a server may be writing to it, to `destination`
     (a path or any filesystem URI, e.g. s3://bucket/mlflow/mlflow.db); return its bytes.
 
     SQLite's online backup API gives a consistent snapshot (a plain file copy during a write
     can catch half a transaction); the snapshot is written to a hidden temporary file beside
     `destination` and renamed, so an interrupted backup leaves the previous one whole.
+
+    Unless `force`, a `destination` that is a store holding more runs than this one is not
+    replaced (BackupRefused): a head that started empty, its restore pointed elsewhere, would
+    otherwise overwrite the real backup. It is fetched to count them (once, for a bucket).
     """
     import sqlite3
     import tempfile
 
+    import pyarrow.fs as pafs
+
+    from data_prep.inputs import resolve_filesystem
     from data_prep.shards import write_file
 
     source = sqlite_file(database)
@@ -252,6 +276,18 @@ def backup_sqlite_store(database: str | Path, destination: str) -> int:
         finally:
             writer.close()
             reader.close()
+        filesystem, path = resolve_filesystem(destination)
+        if not force and filesystem.get_file_info(path).type == pafs.FileType.File:
+            existing = Path(folder) / f"destination-{source.name}"  # a copy: never opened there
+            with filesystem.open_input_stream(path) as stream, open(existing, "wb") as copy:
+                while piece := stream.read(8 << 20):
+                    copy.write(piece)
+            runs, kept = count_runs(snapshot) or 0, count_runs(existing)
+            if kept is not None and kept > runs:
+                raise BackupRefused(
+                    f"{destination} holds {kept} runs, more than the {runs} of {source}: not "
+                    "replaced (was the store restored from it?)"
+                )
         write_file(destination, snapshot)  # streamed: the store is never in memory whole
         return snapshot.stat().st_size
 

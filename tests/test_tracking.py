@@ -434,6 +434,14 @@ def _loss_steps(path, run_id) -> list[int]:
     return [m.step for m in MlflowClient(f"sqlite:///{path}").get_metric_history(run_id, "loss")]
 
 
+def _read(location: str) -> bytes:
+    from data_prep.inputs import resolve_filesystem
+
+    filesystem, path = resolve_filesystem(location)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
 def test_a_backup_made_while_a_run_logs_restores_to_a_sound_store(tmp_path):
     import sqlite3
     import threading
@@ -550,3 +558,75 @@ def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path):
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
     assert "backed up" in output
+
+
+def test_a_backup_refuses_to_replace_one_holding_more_runs(tmp_path):
+    """A head whose restore read another place than its backup writes starts an empty store,
+    and its backup loop replaced the real backup (15 runs became 0): refused unless --force,
+    checked on the first round only (later rounds replace what the loop itself wrote)."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+
+    old_head = tmp_path / "old" / "mlflow.db"
+    old_head.parent.mkdir()
+    client, _ = _store_with_a_run(old_head)
+    client.create_run(client.get_experiment_by_name("backup").experiment_id)
+    new_head = tmp_path / "new" / "mlflow.db"
+    new_head.parent.mkdir()
+    MlflowClient(f"sqlite:///{new_head}").search_experiments()  # MLflow's tables, no runs
+    runner = CliRunner()
+    for destination in [str(tmp_path / "bucket" / "mlflow.db"), (tmp_path / "s3").as_uri()]:
+        result = runner.invoke(app, ["tracking", "backup", str(old_head), destination])
+        assert result.exit_code == 0, result.output
+        written = _read(destination)
+        for every in [[], ["--every", "0.05"]]:
+            command = ["tracking", "backup", str(new_head), destination, *every]
+            result = runner.invoke(app, command)
+            assert result.exit_code == 1, result.output
+            assert result.stderr.replace("\n", " ").startswith(
+                f"error: {destination} holds 2 runs, more than the 0 of {new_head}: not "
+                "replaced (was the store restored from it?); pass --force to replace it"
+            )
+            assert _read(destination) == written
+        result = runner.invoke(app, ["tracking", "backup", str(new_head), destination, "--force"])
+        assert result.exit_code == 0, result.output
+        assert _read(destination) != written
+    assert sorted(p.name for p in (tmp_path / "bucket").iterdir()) == ["mlflow.db"]
+
+    not_a_store = tmp_path / "bucket" / "other.db"  # not readable as a store: replaced
+    not_a_store.write_bytes(b"something else")
+    result = runner.invoke(app, ["tracking", "backup", str(new_head), str(not_a_store)])
+    assert result.exit_code == 0 and not_a_store.read_bytes() != b"something else"
+
+
+def test_a_backup_loop_checks_the_run_count_on_its_first_round_only(tmp_path, monkeypatch):
+    """Runs purged from the store while the loop goes on (`mlflow gc`): the loop replaces
+    its own backup, which it fetches only once."""
+    import sqlite3
+    import time
+
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+    from svt_ray.tracking import count_runs
+
+    database, destination = tmp_path / "mlflow.db", tmp_path / "bucket" / "mlflow.db"
+    with sqlite3.connect(database) as store:
+        store.execute("CREATE TABLE runs (run_uuid TEXT)")
+        store.executemany("INSERT INTO runs VALUES (?)", [("a",), ("b",)])
+    rounds = []
+
+    def between_rounds(seconds):
+        rounds.append(count_runs(destination))
+        if len(rounds) == 2:
+            raise KeyboardInterrupt  # Ctrl-C: the loop's only way out
+        with sqlite3.connect(database) as store:
+            store.execute("DELETE FROM runs WHERE run_uuid = 'a'")
+
+    monkeypatch.setattr(time, "sleep", between_rounds)
+    command = ["tracking", "backup", str(database), str(destination), "--every", "300"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130, result.output  # typer's code for Ctrl-C
+    assert rounds == [2, 1]
