@@ -228,18 +228,21 @@ def sqlite_file(database: str | Path) -> Path:
 
 
 class BackupRefused(ValueError):
-    """A backup would replace a copy that holds more runs than the store it is taken from."""
+    """A backup would replace a copy holding runs that the store it is taken from lacks."""
 
 
-def count_runs(database: Path) -> int | None:
-    """Rows of the `runs` table of an MLflow SQLite store (deleted runs too); None when the
-    file cannot be read as one."""
+def run_ids(database: Path, active_only: bool = False) -> set[str] | None:
+    """The run ids of an MLflow SQLite store (only those not deleted, with `active_only`);
+    None when the file cannot be read as one."""
     import sqlite3
     from contextlib import closing
 
+    query = "SELECT run_uuid FROM runs" + (
+        " WHERE lifecycle_stage = 'active'" if active_only else ""
+    )
     try:
         with closing(sqlite3.connect(database)) as connection:
-            return connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            return {row[0] for row in connection.execute(query)}
     except sqlite3.Error:
         return None
 
@@ -252,9 +255,10 @@ def backup_sqlite_store(database: str | Path, destination: str, force: bool = Fa
     can catch half a transaction); the snapshot is written to a hidden temporary file beside
     `destination` and renamed, so an interrupted backup leaves the previous one whole.
 
-    Unless `force`, a `destination` that is a store holding more runs than this one is not
-    replaced (BackupRefused): a head that started empty, its restore pointed elsewhere, would
-    otherwise overwrite the real backup. It is fetched to count them (once, for a bucket).
+    Unless `force`, a `destination` that is a store holding runs this one lacks (not deleted
+    ones: `mlflow gc` purges those) is not replaced (BackupRefused): a head that started
+    empty, its restore pointed elsewhere, would otherwise overwrite the real backup. It is
+    fetched to compare them (once, for a bucket).
     """
     import sqlite3
     import tempfile
@@ -282,11 +286,12 @@ def backup_sqlite_store(database: str | Path, destination: str, force: bool = Fa
             with filesystem.open_input_stream(path) as stream, open(existing, "wb") as copy:
                 while piece := stream.read(8 << 20):
                     copy.write(piece)
-            runs, kept = count_runs(snapshot) or 0, count_runs(existing)
-            if kept is not None and kept > runs:
+            kept = run_ids(existing, active_only=True)
+            lacking = sorted((kept or set()) - (run_ids(snapshot) or set()))
+            if lacking:
                 raise BackupRefused(
-                    f"{destination} holds {kept} runs, more than the {runs} of {source}: not "
-                    "replaced (was the store restored from it?)"
+                    f"{destination} holds {len(lacking)} run(s) that {source} lacks (e.g. "
+                    f"{lacking[0]}): not replaced (was the store restored from it?)"
                 )
         write_file(destination, snapshot)  # streamed: the store is never in memory whole
         return snapshot.stat().st_size

@@ -585,9 +585,10 @@ def test_a_backup_refuses_to_replace_one_holding_more_runs(tmp_path):
             command = ["tracking", "backup", str(new_head), destination, *every]
             result = runner.invoke(app, command)
             assert result.exit_code == 1, result.output
-            assert result.stderr.replace("\n", " ").startswith(
-                f"error: {destination} holds 2 runs, more than the 0 of {new_head}: not "
-                "replaced (was the store restored from it?); pass --force to replace it"
+            said = result.stderr.replace("\n", " ").strip()
+            assert said.startswith(f"error: {destination} holds 2 run(s) that {new_head} lacks")
+            assert said.endswith(
+                "not replaced (was the store restored from it?); pass --force to replace it"
             )
             assert _read(destination) == written
         result = runner.invoke(app, ["tracking", "backup", str(new_head), destination, "--force"])
@@ -595,31 +596,40 @@ def test_a_backup_refuses_to_replace_one_holding_more_runs(tmp_path):
         assert _read(destination) != written
     assert sorted(p.name for p in (tmp_path / "bucket").iterdir()) == ["mlflow.db"]
 
+    # Runs deleted in the store and purged since (`mlflow gc`) are not missed: replaced.
+    gone = tmp_path / "bucket" / "gc.db"
+    assert runner.invoke(app, ["tracking", "backup", str(old_head), str(gone)]).exit_code == 0
+    for run in client.search_runs([client.get_experiment_by_name("backup").experiment_id]):
+        client.delete_run(run.info.run_id)  # deleted, then backed up, then purged
+    assert runner.invoke(app, ["tracking", "backup", str(old_head), str(gone)]).exit_code == 0
+    result = runner.invoke(app, ["tracking", "backup", str(new_head), str(gone)])
+    assert result.exit_code == 0, result.output
+
     not_a_store = tmp_path / "bucket" / "other.db"  # not readable as a store: replaced
     not_a_store.write_bytes(b"something else")
     result = runner.invoke(app, ["tracking", "backup", str(new_head), str(not_a_store)])
     assert result.exit_code == 0 and not_a_store.read_bytes() != b"something else"
 
 
-def test_a_backup_loop_checks_the_run_count_on_its_first_round_only(tmp_path, monkeypatch):
-    """Runs purged from the store while the loop goes on (`mlflow gc`): the loop replaces
-    its own backup, which it fetches only once."""
+def test_a_backup_loop_checks_the_runs_on_its_first_round_only(tmp_path, monkeypatch):
+    """Runs gone from the store while the loop goes on: the loop replaces its own backup,
+    which it fetches only once."""
     import sqlite3
     import time
 
     from typer.testing import CliRunner
 
     from svt_ray.cli import app
-    from svt_ray.tracking import count_runs
+    from svt_ray.tracking import run_ids
 
     database, destination = tmp_path / "mlflow.db", tmp_path / "bucket" / "mlflow.db"
     with sqlite3.connect(database) as store:
-        store.execute("CREATE TABLE runs (run_uuid TEXT)")
-        store.executemany("INSERT INTO runs VALUES (?)", [("a",), ("b",)])
+        store.execute("CREATE TABLE runs (run_uuid TEXT, lifecycle_stage TEXT)")
+        store.executemany("INSERT INTO runs VALUES (?, 'active')", [("a",), ("b",)])
     rounds = []
 
     def between_rounds(seconds):
-        rounds.append(count_runs(destination))
+        rounds.append(len(run_ids(destination)))
         if len(rounds) == 2:
             raise KeyboardInterrupt  # Ctrl-C: the loop's only way out
         with sqlite3.connect(database) as store:
