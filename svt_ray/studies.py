@@ -634,6 +634,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             "eval.online_every_clips: studies compare online kNN curves; set it (or "
             "eval.online_every) above 0"
         )
+    if options.asha_grace_clips is not None and not options.asha:
+        logger.warning("study %s: --asha-grace is ignored without ASHA (--no-asha)", spec.name)
     if options.asha and options.asha_grace_clips is not None and options.asha_grace_clips < 1:
         raise ConfigError(f"--asha-grace {options.asha_grace_clips}: give clips seen, 1 or more")
     if options.data_path is None:  # the synthetic clips go there: a folder we can write

@@ -484,6 +484,9 @@ def test_bad_study_input_is_refused_before_ray_starts(tmp_path, capsys, caplog, 
     with caplog.at_level("WARNING", logger="svt_ray.studies"), pytest.raises(_RayStarted):
         study_main(spec, where)
     assert 'setting {"optim.batch_size": 30} will fail: optim.batch_size=30' in caplog.text
+    with caplog.at_level("WARNING", logger="svt_ray.studies"), pytest.raises(_RayStarted):
+        study_main(spec, [*where, "--no-asha", "--asha-grace", "400"])
+    assert "--asha-grace is ignored without ASHA (--no-asha)" in caplog.text
 
 
 def test_a_flag_for_a_swept_setting_is_refused_not_overridden_by_every_trial(tmp_path, capsys):
