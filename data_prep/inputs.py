@@ -38,6 +38,13 @@ VIDEO_EXTENSIONS = (
     ".ts",
     ".ogv",
 )
+# What svt-ray reads by default: pretraining 'train', evaluation 'train' (kNN bank, probe
+# training) and 'val'. Other split names are kept, and said.
+READ_SPLITS = ("train", "val")
+SPLITS_READ = (
+    "pretraining reads 'train', evaluation 'train' and 'val' (name others with --set "
+    "eval.train_split=... / eval.test_split=...)"
+)
 SPLIT_FOLDERS = {
     "train": "train",
     "training": "train",
@@ -206,7 +213,7 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
         split = row.get("split") or None
         if split is not None:  # "validation" is "val", as a folder name would be
             split = SPLIT_FOLDERS.get(str(split).lower(), str(split))
-            if split not in SPLIT_FOLDERS.values():
+            if split not in READ_SPLITS:
                 unknown_splits.add(split)
         size = sizes.get(full, -1)
         videos.append(
@@ -221,8 +228,8 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
         )
     if unknown_splits:
         logger.warning(
-            "%s: split(s) %s are kept as they are; training reads 'train' and evaluation 'val'",
-            path, ", ".join(sorted(unknown_splits)),
+            "%s: split(s) %s are kept as they are; %s", path, ", ".join(sorted(unknown_splits)),
+            SPLITS_READ,
         )  # fmt: skip
     return videos
 
@@ -254,10 +261,10 @@ def read_split_files(assignments: Iterable[tuple[str, str]]) -> dict[str, str]:
     for given, list_path in assignments:
         # `training=trainlist01.txt` is split train, as a folder or a manifest's split would be
         split = SPLIT_FOLDERS.get(given.lower(), given)
-        if split not in SPLIT_FOLDERS.values():
+        if split not in READ_SPLITS:
             logger.warning(
-                "--split-file %s=%s: split %r is kept as it is; training reads 'train' and "
-                "evaluation 'val'", given, list_path, split,
+                "--split-file %s=%s: split %r is kept as it is; %s", given, list_path, split,
+                SPLITS_READ,
             )  # fmt: skip
         list_fs, resolved = resolve_filesystem(list_path)  # a local path or any URI
         try:

@@ -471,12 +471,12 @@ def tracking_backup(
         bool,
         typer.Option(
             "--force",
-            help="Replace DESTINATION even when it is a store holding runs DATABASE lacks.",
+            help="Replace DESTINATION even when it is a store none of whose runs DATABASE has.",
         ),
     ] = False,
 ) -> None:
     """Copy a SQLite MLflow store, safely while the server writes, to a path or bucket. A
-    DESTINATION holding runs the store lacks is not replaced without --force (checked on
+    DESTINATION none of whose runs the store has is not replaced without --force (checked on
     the first backup: later ones replace this command's own)."""
     import sqlite3
     import time

@@ -696,12 +696,6 @@ def set_progress_bars(wanted: bool | None) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = wanted
 
 
-def absolute_path(path_or_uri: str) -> str:
-    """A local dataset path made absolute (a URI as it is): Ray Train runs each worker in a
-    working directory of its own, where a relative path names nothing."""
-    return path_or_uri if "://" in path_or_uri else os.path.abspath(path_or_uri)
-
-
 def set_preserve_order(wanted: bool) -> None:
     """Keep the stream in the order of its seeded shuffles, whichever decode actor finishes
     first (`data.preserve_order`: reproducible runs), or not. Call before building the

@@ -423,12 +423,13 @@ def evaluate_backbones(
     """
     from svt_ray import data
     from svt_ray.model import check_init_from
+    from svt_ray.runs import absolute_path
 
     settings = config.eval
     if None in backbones.values():  # the starting point's init_from: there, on the driver
         config = config.model_copy(deep=True)
         check_init_from(config)
-    data_path = data.absolute_path(data_path)
+    data_path = absolute_path(data_path)
     manifest = data.read_dataset_manifest(data_path)
     check_eval_data(data_path, manifest, settings)  # before a whole split is decoded
     counts = manifest["counts"]["splits"]

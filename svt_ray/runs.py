@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +53,14 @@ def join_uri(base: str, *parts: str) -> str:
     at the end, where pyarrow reads it."""
     path, mark, query = base.partition("?") if "://" in base else (base, "", "")
     return "/".join([path.rstrip("/"), *parts]) + mark + query
+
+
+def absolute_path(path_or_uri: str) -> str:
+    """A local path made absolute, `~` expanded (a URI as it is): Ray Train runs each worker
+    in a working directory of its own, where a relative path names nothing."""
+    if "://" in path_or_uri:
+        return path_or_uri
+    return os.path.abspath(os.path.expanduser(path_or_uri))
 
 
 def read_json(path: str) -> dict | None:
@@ -258,7 +267,7 @@ def end_mlflow_run(tracking_uri: str, run_id: str, status: str) -> None:
         logger.warning("MLflow run %s not marked %s: %s", run_id, status, error)
 
 
-def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str) -> None:
+def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_path: str) -> None:
     """[driver] After training ended well: FINISHED, if rank 0's own last calls did not reach
     the store in time (`tracking.flush_timeout_s`) and left the run RUNNING, where a study
     would mark it KILLED as if it had been stopped."""
@@ -274,8 +283,9 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str) -> None:
         return
     logger.warning(
         "run %s: its last MLflow calls from training did not reach %s in time; MLflow run %s "
-        "is marked FINISHED now, and `svt-ray tracking sync %s` sends any metrics it lacks",
-        run_name, tracking_uri, run_id, run_name,
+        "is marked FINISHED now, and `%s` sends any metrics it lacks",
+        run_name, tracking_uri, run_id,
+        shlex.join(["svt-ray", "tracking", "sync", run_name, "--storage", storage_path]),
     )  # fmt: skip
 
 

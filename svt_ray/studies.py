@@ -346,10 +346,6 @@ def _check_writable(folder: Path, flag: str) -> None:
         ) from None
 
 
-def _absolute(path_or_uri: str) -> str:
-    return path_or_uri if "://" in path_or_uri else os.path.abspath(path_or_uri)
-
-
 def trials_per_cluster(config: ExperimentConfig, resources: dict[str, float]) -> int:
     """Trials that fit at once, each holding what one pretraining holds (`cpus_per_run`) and
     its Tune driver's sliver."""
@@ -409,18 +405,27 @@ def trial_driver_resources(resources: dict[str, float]) -> dict[str, float]:
     }
 
 
+def setting_configs(
+    spec: StudySpec, preset: str, overrides: Sequence[str]
+) -> dict[str, ExperimentConfig | ConfigError]:
+    """Each setting of the grid (as JSON) -> its trials' config, or why the config rejects it."""
+    configs: dict[str, ExperimentConfig | ConfigError] = {}
+    for sweep in spec.settings():
+        trial = {"base": list(overrides), "sweep": sweep, "seed": 0}
+        try:
+            configs[json.dumps(sweep)] = load_config(preset, overrides=trial_overrides(trial))
+        except ConfigError as error:
+            configs[json.dumps(sweep)] = error
+    return configs
+
+
 def check_grid(spec: StudySpec, preset: str, overrides: Sequence[str]) -> None:
     """Before Ray: a grid whose every setting the config rejects (a misspelt path, values of
     the wrong kind) is refused with the first reason; a grid with some invalid settings runs,
     and those fail alone, so it is said which."""
-    errors = {}
-    for sweep in spec.settings():
-        trial = {"base": list(overrides), "sweep": sweep, "seed": 0}
-        try:
-            load_config(preset, overrides=trial_overrides(trial))
-        except ConfigError as error:
-            errors[json.dumps(sweep)] = str(error)
-    if errors and len(errors) == len(spec.settings()):
+    configs = setting_configs(spec, preset, overrides)
+    errors = {key: str(v) for key, v in configs.items() if isinstance(v, ConfigError)}
+    if errors and len(errors) == len(configs):
         raise ConfigError(
             f"no setting of study {spec.name}'s grid is valid: {next(iter(errors.values()))}"
         )
@@ -434,13 +439,8 @@ def largest_trial(spec: StudySpec, preset: str, overrides: Sequence[str]) -> Exp
     from svt_ray.cluster import cpus_per_run
 
     largest = load_config(preset, overrides=overrides)
-    for sweep in spec.settings():
-        trial = {"base": list(overrides), "sweep": sweep, "seed": 0}
-        try:
-            config = load_config(preset, overrides=trial_overrides(trial))
-        except ConfigError:
-            continue
-        if cpus_per_run(config) > cpus_per_run(largest):
+    for config in setting_configs(spec, preset, overrides).values():
+        if isinstance(config, ExperimentConfig) and cpus_per_run(config) > cpus_per_run(largest):
             largest = config
     return largest
 
@@ -615,13 +615,13 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         local_ray_cpus,
     )
     from svt_ray.model import check_init_from
-    from svt_ray.runs import join_uri, read_json, storage_root
+    from svt_ray.runs import absolute_path, join_uri, read_json, storage_root
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, cluster_tracking_uri
     from svt_ray.train import online_knn_every
 
     options.tracking_uri = absolute_tracking_uri(options.tracking_uri)
     check_tracking_uri(options.tracking_uri)
-    storage = storage_root(_absolute(options.storage_path))
+    storage = storage_root(absolute_path(options.storage_path))
     study_dir = join_uri(storage, spec.name)
     recorded = read_json(join_uri(study_dir, STUDY_FILE))  # None: a new study
     recorded_overrides = ((recorded or {}).get("recipe") or {}).get("overrides", [])
@@ -670,7 +670,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     base = [*spec.fixed, *options.overrides, f"tracking.experiment={options.experiment}"]
     check_init_from(probe)  # before any trial: each would fail on its own
     placement = {  # where things are: this driver's, also for the trials of a restored study
-        "data.path": _absolute(data_path),
+        "data.path": absolute_path(data_path),
         **({"model.init_from": probe.model.init_from} if probe.model.init_from else {}),
         "train.storage_path": join_uri(study_dir, "runs"),
         "tracking.tracking_uri": options.tracking_uri,

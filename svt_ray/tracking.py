@@ -122,7 +122,8 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = Fal
             f"tracking URI {uri!r}: MLflow 3 no longer writes file stores; use "
             "sqlite:///mlflow.db or an http:// tracking server"
         )
-    if parsed.scheme not in _tracking_schemes():  # htp://...: MLflow would fail on first use
+    scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2: MLflow's store is by dialect
+    if scheme not in _tracking_schemes():  # htp://...: MLflow would fail on first use
         raise TrackingUnavailableError(
             f"tracking URI {uri}: MLflow has no store for scheme {parsed.scheme!r} (it has "
             f"{', '.join(sorted(s for s in _tracking_schemes() if s))})"
@@ -228,7 +229,7 @@ def sqlite_file(database: str | Path) -> Path:
 
 
 class BackupRefused(ValueError):
-    """A backup would replace a copy holding runs that the store it is taken from lacks."""
+    """A backup would replace a copy none of whose runs the store it is taken from has."""
 
 
 def run_ids(database: Path, active_only: bool = False) -> set[str] | None:
@@ -255,10 +256,11 @@ def backup_sqlite_store(database: str | Path, destination: str, force: bool = Fa
     can catch half a transaction); the snapshot is written to a hidden temporary file beside
     `destination` and renamed, so an interrupted backup leaves the previous one whole.
 
-    Unless `force`, a `destination` that is a store holding runs this one lacks (not deleted
-    ones: `mlflow gc` purges those) is not replaced (BackupRefused): a head that started
-    empty, its restore pointed elsewhere, would otherwise overwrite the real backup. It is
-    fetched to compare them (once, for a bucket).
+    Unless `force`, a `destination` that is a store with live runs of which this one has none
+    is not replaced (BackupRefused): a head that started empty, its restore pointed elsewhere,
+    would otherwise overwrite the real backup. Runs deleted and purged (`mlflow gc`) since the
+    last backup leave the others shared, so they pass. The destination is fetched to compare
+    them (once, for a bucket).
     """
     import sqlite3
     import tempfile
@@ -286,12 +288,11 @@ def backup_sqlite_store(database: str | Path, destination: str, force: bool = Fa
             with filesystem.open_input_stream(path) as stream, open(existing, "wb") as copy:
                 while piece := stream.read(8 << 20):
                     copy.write(piece)
-            kept = run_ids(existing, active_only=True)
-            lacking = sorted((kept or set()) - (run_ids(snapshot) or set()))
-            if lacking:
+            kept = run_ids(existing, active_only=True) or set()
+            if kept and not kept & (run_ids(snapshot) or set()):
                 raise BackupRefused(
-                    f"{destination} holds {len(lacking)} run(s) that {source} lacks (e.g. "
-                    f"{lacking[0]}): not replaced (was the store restored from it?)"
+                    f"{destination} holds {len(kept)} run(s), none of which {source} has: not "
+                    "replaced (was the store restored from it?)"
                 )
         write_file(destination, snapshot)  # streamed: the store is never in memory whole
         return snapshot.stat().st_size

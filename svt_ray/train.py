@@ -65,6 +65,7 @@ from svt_ray.runs import (
     DIVERGED_FILE,
     PROGRESS_FILE,
     RUN_FILE,
+    absolute_path,
     check_resumed_data,
     check_resumed_recipe,
     default_run_name,
@@ -480,7 +481,7 @@ def run_pretraining(
     manifest = data.read_dataset_manifest(config.data.path)
     clips = data.training_clips(manifest)
     resolved = config.resolve(clips)
-    resolved.data.path = data.absolute_path(resolved.data.path)  # as the workers find it
+    resolved.data.path = absolute_path(resolved.data.path)  # as the workers find it
     if online_knn_every(resolved):  # each worker would fail on its own, max_failures times
         from svt_ray.evaluate import check_eval_data
 
@@ -603,7 +604,9 @@ def run_pretraining(
         )
     if result.error is not None:
         raise result.error
-    finish_mlflow_run(resolved.tracking.tracking_uri, mlflow_run_id, run_name)
+    finish_mlflow_run(
+        resolved.tracking.tracking_uri, mlflow_run_id, run_name, resolved.train.storage_path
+    )
     _log_curves(resolved, run_name, mlflow_run_id, run_dir, log_dir)
     return PretrainResult(
         run_name=run_name,
@@ -707,15 +710,15 @@ def _stopped_message(
         if no_room or lost_nodes
         else "once the cause is fixed (the workers' log above has the traceback)"
     )
-    fresh = (
-        " (with nothing to keep yet, your own command run again, with other settings if "
-        "they caused this, starts it anew; --resume keeps the recorded ones)"
-        if kept == NO_CHECKPOINT
-        else ""
-    )
+    if kept == NO_CHECKPOINT:  # --resume would keep the settings that may have caused this
+        return (
+            f"run {run_name!r} stopped: {reason}. It keeps {kept} in {run_dir}, so nothing is "
+            f"lost; {when}, run your svt-ray pretrain command again, with other settings if "
+            f"they caused this (`{command}` runs it again with the recorded ones)."
+        )
     return (
         f"run {run_name!r} stopped: {reason}. It keeps {kept} in {run_dir}; {when}, continue "
-        f"it with `{command}`{fresh}."
+        f"it with `{command}`."
     )
 
 

@@ -122,6 +122,10 @@ def test_splits_are_deterministic_by_id_hash_and_from_split_files(tmp_path, capl
             "holdout"
         }
     assert "split 'holdout' is kept as it is" in caplog.text
+    caplog.clear()  # UCF-101's testlist: evaluation reads 'val' unless told otherwise
+    with caplog.at_level("WARNING", logger="data_prep.inputs"):
+        read_split_files([("test", str(tmp_path / "testlist01.txt"))])
+    assert "split 'test' is kept as it is" in caplog.text and "eval.test_split" in caplog.text
 
 
 def test_a_source_decord_fails_on_is_decoded_again_with_pyav(monkeypatch):

@@ -66,10 +66,10 @@ def test_the_stop_message_names_the_lost_nodes_and_the_resume_command(tmp_path):
     resume = f"svt-ray pretrain --resume run-a --storage '{runs}' --address 127.0.0.1:6379"
     assert f"`{resume}`" in message  # quoted for the shell: the URI holds '&'
     # Nothing to keep: --resume would keep the settings that may have caused this.
-    assert "your own command run again, with other settings if they caused this" in message
+    assert "run your svt-ray pretrain command again, with other settings if they" in message
     (tmp_path / "progress.json").write_text('{"step": 4}')
     kept = _stopped_message(config, "run-a", str(tmp_path), error, lost)
-    assert "checkpoints up to step 4" in kept and "your own command" not in kept
+    assert "checkpoints up to step 4" in kept and "your svt-ray pretrain command" not in kept
 
 
 @pytest.mark.ray

@@ -610,6 +610,31 @@ def test_a_cluster_too_small_for_the_grid_is_named_and_max_concurrent_wins(caplo
     assert trials_at_once(spec, options, gpu, {"CPU": 64, "GPU": 16}, on_cluster=True) == 1
 
 
+def test_a_restored_study_says_it_keeps_its_recorded_concurrency(caplog):
+    """Tune restores max_concurrent_trials with the study (Ray 2.60 keeps it in the restored
+    Tuner's tune config, and its grid generator's state); --max-concurrent cannot change it."""
+    from types import SimpleNamespace
+
+    from svt_ray.studies import _note_restored_concurrency
+
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 16))])
+
+    def restored(recorded: int):
+        config = SimpleNamespace(max_concurrent_trials=recorded)
+        return SimpleNamespace(_local_tuner=SimpleNamespace(_tune_config=config))
+
+    with caplog.at_level("WARNING", logger="svt_ray.studies"):
+        _note_restored_concurrency(spec, restored(4), 4)
+        assert not caplog.text
+        _note_restored_concurrency(spec, restored(8), 2)
+    assert "continues with 8 trials at a time" in caplog.text and "2 would suit" in caplog.text
+    assert "wait for it, up to train.wait_for_workers_s" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="svt_ray.studies"):
+        _note_restored_concurrency(spec, restored(1), 4)  # fewer: slower, nothing fails
+    assert "continues with 1 trials" in caplog.text and "wait_for_workers_s" not in caplog.text
+
+
 def test_trial_drivers_stay_on_the_node_that_declares_the_driver_resource():
     """ray_cluster.yaml's on-demand head declares TRAIN_DRIVER; a trial's driver (and the Train
     controller Ray pins to it) asks for a sliver of it there, and only there."""

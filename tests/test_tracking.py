@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +53,8 @@ def test_mistyped_tracking_uris_are_refused_before_any_work(tmp_path):
         check_tracking_uri(f"sqlite:///{tmp_path}/notes.txt")
     with pytest.raises(TrackingUnavailableError, match=r"no store for scheme .htp. .*http, https"):
         check_tracking_uri("htp://127.0.0.1:5000")
+    for database in ("postgresql+psycopg2", "mysql+pymysql", "postgresql"):  # SQLAlchemy URLs
+        check_tracking_uri(f"{database}://user@127.0.0.1:1/mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment_id(client, "gone", uri)
@@ -560,7 +564,7 @@ def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path):
     assert "backed up" in output
 
 
-def test_a_backup_refuses_to_replace_one_holding_more_runs(tmp_path):
+def test_a_backup_refuses_to_replace_one_of_another_store(tmp_path):
     """A head whose restore read another place than its backup writes starts an empty store,
     and its backup loop replaced the real backup (15 runs became 0): refused unless --force,
     checked on the first round only (later rounds replace what the loop itself wrote)."""
@@ -586,7 +590,7 @@ def test_a_backup_refuses_to_replace_one_holding_more_runs(tmp_path):
             result = runner.invoke(app, command)
             assert result.exit_code == 1, result.output
             said = result.stderr.replace("\n", " ").strip()
-            assert said.startswith(f"error: {destination} holds 2 run(s) that {new_head} lacks")
+            assert said.startswith(f"error: {destination} holds 2 run(s), none of which {new_head}")
             assert said.endswith(
                 "not replaced (was the store restored from it?); pass --force to replace it"
             )
@@ -596,13 +600,19 @@ def test_a_backup_refuses_to_replace_one_holding_more_runs(tmp_path):
         assert _read(destination) != written
     assert sorted(p.name for p in (tmp_path / "bucket").iterdir()) == ["mlflow.db"]
 
-    # Runs deleted in the store and purged since (`mlflow gc`) are not missed: replaced.
+    # A run deleted and purged (`mlflow gc`) since the last backup: the store still shares
+    # the other run with the backup, which is replaced.
     gone = tmp_path / "bucket" / "gc.db"
     assert runner.invoke(app, ["tracking", "backup", str(old_head), str(gone)]).exit_code == 0
-    for run in client.search_runs([client.get_experiment_by_name("backup").experiment_id]):
-        client.delete_run(run.info.run_id)  # deleted, then backed up, then purged
-    assert runner.invoke(app, ["tracking", "backup", str(old_head), str(gone)]).exit_code == 0
-    result = runner.invoke(app, ["tracking", "backup", str(new_head), str(gone)])
+    first = client.search_runs([client.get_experiment_by_name("backup").experiment_id])[0]
+    client.delete_run(first.info.run_id)
+    store = f"sqlite:///{old_head}"
+    purge = [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", store]
+    subprocess.run(purge, check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "MLFLOW_TRACKING_URI": store})  # fmt: skip
+    with pytest.raises(MlflowException):
+        client.get_run(first.info.run_id)  # purged, not only deleted
+    result = runner.invoke(app, ["tracking", "backup", str(old_head), str(gone)])
     assert result.exit_code == 0, result.output
 
     not_a_store = tmp_path / "bucket" / "other.db"  # not readable as a store: replaced

@@ -1,0 +1,100 @@
+"""What `svt-ray pretrain` checks and records on the driver, before or after Ray Train:
+bad data found before Ray starts, run records that do not parse, the MLflow run's status at
+the end. No Ray is started here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from svt_ray import train as train_module
+from svt_ray.config import ConfigError, load_config
+from svt_ray.train import run_pretraining
+
+
+def test_a_run_that_trained_to_the_end_is_finished_even_if_rank_0_could_not_say_so(
+    tmp_path, caplog
+):
+    """Rank 0 gives the store `tracking.flush_timeout_s` for its last calls; a slow store left
+    the run RUNNING, and a study then marked it KILLED as if ASHA had stopped it. The driver,
+    once training ended well, finishes it (and says how to send what it lacks); a run rank 0
+    did end keeps its status."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.runs import finish_mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("x")
+    lost, killed = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.set_terminated(killed, "KILLED")
+    with caplog.at_level("WARNING", logger="svt_ray.runs"):
+        finish_mlflow_run(uri, lost, "tiny-seed0", "s3://b/runs?scheme=http&x=1")
+        finish_mlflow_run(uri, killed, "other", "svt_runs")
+    assert client.get_run(lost).info.status == "FINISHED"
+    assert client.get_run(killed).info.status == "KILLED"
+    assert "svt-ray tracking sync tiny-seed0 --storage 's3://b/runs?scheme=http&x=1'" in caplog.text
+    assert "other" not in caplog.text
+    finish_mlflow_run("sqlite:///" + str(tmp_path / "no" / "such.db"), lost, "r", "s")  # logged
+
+
+def test_online_knn_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """Found only in the workers, this failed each of them max_failures + 1 times, and the
+    message then advised a --resume that refuses the changed eval settings."""
+    from data_prep.shards import SCHEMA_VERSION
+
+    monkeypatch.setattr(train_module, "ensure_ray", _no_ray)
+
+    def dataset(name: str, splits: dict, labels: dict) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({
+            "schema_version": SCHEMA_VERSION, "shards": [],
+            "counts": {"splits": splits, "labels": labels},
+        }))  # fmt: skip
+        return str(tmp_path / name)
+
+    knn = ["eval.online_every=3", f"train.storage_path={tmp_path / 'runs'}"]
+    no_val = dataset("no_val", {"train": 40, "test": 10}, {"0": 25, "1": 25})
+    with pytest.raises(ConfigError, match=r"no clips of split 'val' .* eval.online_every=0"):
+        run_pretraining(load_config("tiny", overrides=[*knn, f"data.path={no_val}"]))
+    loose = dataset("loose", {"train": 40, "val": 10}, {"-1": 50})
+    with pytest.raises(ConfigError, match=r"loose: none of its clips has a class label"):
+        run_pretraining(load_config("tiny", overrides=[*knn, f"data.path={loose}"]))
+    with pytest.raises(_RayStarted):  # without online kNN, unlabelled clips are what SSL takes
+        run_pretraining(load_config("tiny", overrides=[knn[1], f"data.path={loose}"]))
+    # A dataset without split train (split lists named `training` made one) names its splits.
+    no_train = dataset("no_train", {"training": 40, "val": 10}, {"0": 50})
+    with pytest.raises(ConfigError, match=r"no clips of split 'train'.*\{'training': 40, 'val'"):
+        run_pretraining(load_config("tiny", overrides=[knn[1], f"data.path={no_train}"]))
+
+
+def test_a_run_record_cut_short_is_named(tmp_path):
+    """run.json, progress.json and study.json are written atomically; one that does not parse
+    was cut short by a copy or edited by hand, and gets an error naming it, not a traceback."""
+    from svt_ray.runs import read_json
+
+    (tmp_path / "run.json").write_text('{"config": {"preset": "ti')
+    with pytest.raises(ConfigError, match=r"run.json: not valid JSON .* Restore it"):
+        read_json(str(tmp_path / "run.json"))
+    assert read_json(str(tmp_path / "missing.json")) is None
+
+
+class _RayStarted(Exception):
+    pass
+
+
+def _no_ray(*args, **kwargs):
+    raise _RayStarted
+
+
+def test_a_data_path_is_made_absolute_as_the_workers_find_it(tmp_path, monkeypatch):
+    """Ray Train runs each worker in a working directory of its own; `~` is not expanded by
+    the shell in --data=~/x or a YAML config."""
+    from svt_ray.runs import absolute_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert absolute_path("shards") == str(tmp_path / "shards")
+    assert absolute_path("~/shards") == str(tmp_path / "home" / "shards")
+    assert absolute_path("s3://bucket/k400?region=x") == "s3://bucket/k400?region=x"
