@@ -626,6 +626,10 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     recorded = read_json(join_uri(study_dir, STUDY_FILE))  # None: a new study
     recorded_overrides = ((recorded or {}).get("recipe") or {}).get("overrides", [])
     _refuse_swept_overrides(spec, options.overrides, recorded_overrides)
+    if options.data_path is not None:  # a wrong --data fails here, before Ray starts
+        from svt_ray import data
+
+        data.read_dataset_manifest(options.data_path)
     probe = load_config(options.preset, overrides=options.overrides)
     shared_recipe = [*spec.fixed, *options.overrides]
     check_grid(spec, options.preset, shared_recipe)
@@ -644,10 +648,6 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     # sliver: without the sliver, 4 CPUs left Ray Data's read tasks 0.99 of the 1 CPU they
     # ask for, and a 2-worker trial waited forever.
     largest = largest_trial(spec, options.preset, shared_recipe)
-    if options.data_path is not None:  # a wrong --data fails here, before Ray starts
-        from svt_ray import data
-
-        data.read_dataset_manifest(options.data_path)
     ensure_ray(
         options.address,
         num_cpus=local_ray_cpus(cpus_per_run(largest) + TRIAL_DRIVER_CPUS),
