@@ -678,7 +678,11 @@ def load_config(
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(
+                f"config file {path} is a folder: name a YAML file"
+                if path.is_dir()
+                else f"config file {path} does not exist"
+            )
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:

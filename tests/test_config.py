@@ -98,6 +98,8 @@ def test_range_message_says_what_is_allowed():
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("tiny", tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder: name a YAML file"):
+        load_config("tiny", tmp_path)
 
 
 def test_resolve_derives_batch_lr_and_steps():
