@@ -59,3 +59,12 @@ def moving_square_views(config: ExperimentConfig, batch: int, seed: int = 0) -> 
                 video[i, :, t, y : y + size // 3, x : x + size // 3] = 220
         views.append(video)
     return views
+
+
+class RayStarted(Exception):
+    """Raised in place of starting Ray: a test of what is checked before it sees it."""
+
+
+def no_ray(*args, **kwargs):
+    """Stands for `ensure_ray` in tests of what happens before Ray starts."""
+    raise RayStarted

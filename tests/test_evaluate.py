@@ -214,6 +214,7 @@ def test_load_state_from_a_folder_a_file_and_a_uri(tmp_path):
         load_state(str(tmp_path / "junk.pt"))
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
 def test_load_state_maps_a_local_checkpoint_instead_of_reading_it(tmp_path):
     """`svt-ray eval --checkpoint` reads only the config of a checkpoint that holds both
     networks and the optimiser: mapped, the tensors cost no memory until they are used. Their

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from factories import RayStarted, no_ray
 
 from svt_ray import train as train_module
 from svt_ray.config import ConfigError, load_config
@@ -44,7 +45,7 @@ def test_online_knn_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_pat
     message then advised a --resume that refuses the changed eval settings."""
     from data_prep.shards import SCHEMA_VERSION
 
-    monkeypatch.setattr(train_module, "ensure_ray", _no_ray)
+    monkeypatch.setattr(train_module, "ensure_ray", no_ray)
 
     def dataset(name: str, splits: dict, labels: dict) -> str:
         (tmp_path / name).mkdir()
@@ -61,7 +62,7 @@ def test_online_knn_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_pat
     loose = dataset("loose", {"train": 40, "val": 10}, {"-1": 50})
     with pytest.raises(ConfigError, match=r"loose: none of its clips has a class label"):
         run_pretraining(load_config("tiny", overrides=[*knn, f"data.path={loose}"]))
-    with pytest.raises(_RayStarted):  # without online kNN, unlabelled clips are what SSL takes
+    with pytest.raises(RayStarted):  # without online kNN, unlabelled clips are what SSL takes
         run_pretraining(load_config("tiny", overrides=[knn[1], f"data.path={loose}"]))
     # A dataset without split train (split lists named `training` made one) names its splits.
     no_train = dataset("no_train", {"training": 40, "val": 10}, {"0": 50})
@@ -78,14 +79,6 @@ def test_a_run_record_cut_short_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"run.json: not valid JSON .* Restore it"):
         read_json(str(tmp_path / "run.json"))
     assert read_json(str(tmp_path / "missing.json")) is None
-
-
-class _RayStarted(Exception):
-    pass
-
-
-def _no_ray(*args, **kwargs):
-    raise _RayStarted
 
 
 def test_a_data_path_is_made_absolute_as_the_workers_find_it(tmp_path, monkeypatch):

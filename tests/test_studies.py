@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from factories import SMALL_MODEL
+from factories import SMALL_MODEL, RayStarted, no_ray
 
 from svt_ray.config import ConfigError
 from svt_ray.studies import (
@@ -439,18 +439,11 @@ def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     assert "--seeds 0,x: comma-separated integers" in capsys.readouterr().err
 
 
-class _RayStarted(Exception):
-    pass
-
-
 def test_bad_study_input_is_refused_before_ray_starts(tmp_path, capsys, caplog, monkeypatch):
     """Each of these passed every check before Ray and then failed every trial inside Tune, or
     ended in a traceback after Ray started and the synthetic data was made."""
     from svt_ray import cluster
     from svt_ray.studies import study_main
-
-    def no_ray(*args, **kwargs):
-        raise _RayStarted
 
     monkeypatch.setattr(cluster, "ensure_ray", no_ray)
     where = ["--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
@@ -475,16 +468,17 @@ def test_bad_study_input_is_refused_before_ray_starts(tmp_path, capsys, caplog, 
     refused(["--num-clips", "0"], "--num-clips 0: give 1 or more")
     refused(["--asha-grace", "0"], "--asha-grace 0: give clips seen")
     refused(["--set", "eval.online_every_clips=0"], "studies compare online kNN curves")
-    refused(["--workdir", "/proc/no/such"], "--workdir /proc/no/such: cannot write there")
+    (tmp_path / "a_file").write_text("")  # a folder under a file: no user can make it
+    refused(["--workdir", str(tmp_path / "a_file" / "w")], "/a_file/w: cannot write there")
     refused(["--tracking-uri", "sqlite://m.db"], "a SQLite store is sqlite:/// and its path")
     refused(["--storage", "s4://bucket/runs"], "s4://bucket/runs")
     # Some settings invalid: the study runs, they fail alone, and it is said which.
     spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 30))], fixed=[
         "eval.online_every_clips=400", "scaling.num_workers=4"])  # fmt: skip
-    with caplog.at_level("WARNING", logger="svt_ray.studies"), pytest.raises(_RayStarted):
+    with caplog.at_level("WARNING", logger="svt_ray.studies"), pytest.raises(RayStarted):
         study_main(spec, where)
     assert 'setting {"optim.batch_size": 30} will fail: optim.batch_size=30' in caplog.text
-    with caplog.at_level("WARNING", logger="svt_ray.studies"), pytest.raises(_RayStarted):
+    with caplog.at_level("WARNING", logger="svt_ray.studies"), pytest.raises(RayStarted):
         study_main(spec, [*where, "--no-asha", "--asha-grace", "400"])
     assert "--asha-grace is ignored without ASHA (--no-asha)" in caplog.text
 
