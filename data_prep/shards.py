@@ -78,6 +78,15 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
+def parse_record(raw: bytes, name: str):
+    """A JSON record. Records are written atomically, so one that does not parse was cut short
+    by a copy or edited by hand: a ValueError that names it (`name`)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name}: not valid JSON ({error}); it was cut short or edited") from None
+
+
 @dataclass
 class Output:
     """A dataset directory on any pyarrow filesystem."""
@@ -116,16 +125,9 @@ class Output:
             raise
 
     def read_json(self, *parts: str):
-        """A JSON file of the output; one that does not parse (they are written atomically,
-        so cut short by a copy, or edited by hand) is a ValueError that names it."""
+        """A JSON file of the output (`parse_record`)."""
         with self.filesystem.open_input_stream(self.path(*parts)) as stream:
-            raw = stream.read()
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{self.path(*parts)}: not valid JSON ({error}); it was cut short or edited"
-            ) from None
+            return parse_record(stream.read(), self.path(*parts))
 
     def write_json(self, value, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)

@@ -375,16 +375,13 @@ def demo(
     and linear probe of the learned teacher against random init and raw frames.
     """
     from svt_ray.demo import run_demo
+    from svt_ray.runs import check_writable
     from svt_ray.train import RunInterruptedError, RunStoppedError, TrainingDivergedError
 
-    try:  # before Ray starts: a folder we cannot write is the user's to fix, not a traceback
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".svt_ray_write_probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise fail(f"--workdir {workdir}: cannot write there ({error.strerror or error}); "
-                   "pass a folder you can write") from None  # fmt: skip
+    try:
+        check_writable(workdir, "--workdir")
+    except ConfigError as error:
+        raise fail(str(error)) from None
     try:
         run_demo(workdir, clips, workers, overrides or [], tracking_uri)
     except RunInterruptedError as error:

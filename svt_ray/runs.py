@@ -24,7 +24,7 @@ from typing import Any
 from pyarrow import fs as pafs
 
 from data_prep.inputs import resolve_filesystem
-from data_prep.shards import write_file
+from data_prep.shards import parse_record, write_file
 from svt_ray.config import ConfigError, ExperimentConfig, flatten_tree
 from svt_ray.tracking import METRICS_FILE, git_commit, make_tracker, read_metrics_file
 
@@ -63,6 +63,20 @@ def absolute_path(path_or_uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path_or_uri))
 
 
+def check_writable(folder: Path, flag: str) -> None:
+    """Before Ray starts: a folder we cannot write is the user's to fix, not a traceback."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".svt_ray_write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"{flag} {folder}: cannot write there ({error.strerror or error}); pass a folder "
+            "you can write"
+        ) from None
+
+
 def read_json(path: str) -> dict | None:
     """A run's or a study's record, None if there is none. They are written atomically, so
     one that does not parse was cut short by a copy or edited by hand: a ConfigError naming it."""
@@ -72,11 +86,10 @@ def read_json(path: str) -> dict | None:
     with filesystem.open_input_stream(local) as stream:
         raw = stream.read()
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as error:
+        return parse_record(raw, path)
+    except ValueError as error:
         raise ConfigError(
-            f"{path}: not valid JSON ({error}); it was cut short or edited. Restore it from a "
-            "copy, or move its folder aside to start anew"
+            f"{error}. Restore it from a copy, or move its folder aside to start anew"
         ) from None
 
 

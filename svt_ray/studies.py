@@ -332,20 +332,6 @@ def _record_failed_trial(
 # -- the driver --------------------------------------------------------------------------------
 
 
-def _check_writable(folder: Path, flag: str) -> None:
-    """Before Ray starts: a folder we cannot write is the user's to fix, not a traceback."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".svt_ray_write_probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(
-            f"{flag} {folder}: cannot write there ({error.strerror or error}); pass a folder "
-            "you can write"
-        ) from None
-
-
 def trials_per_cluster(config: ExperimentConfig, resources: dict[str, float]) -> int:
     """Trials that fit at once, each holding what one pretraining holds (`cpus_per_run`) and
     its Tune driver's sliver."""
@@ -615,7 +601,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         local_ray_cpus,
     )
     from svt_ray.model import check_init_from
-    from svt_ray.runs import absolute_path, join_uri, read_json, storage_root
+    from svt_ray.runs import absolute_path, check_writable, join_uri, read_json, storage_root
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, cluster_tracking_uri
     from svt_ray.train import online_knn_every
 
@@ -643,7 +629,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     if options.asha and options.asha_grace_clips is not None and options.asha_grace_clips < 1:
         raise ConfigError(f"--asha-grace {options.asha_grace_clips}: give clips seen, 1 or more")
     if options.data_path is None:  # the synthetic clips go there: a folder we can write
-        _check_writable(Path(options.workdir), "--workdir")
+        check_writable(Path(options.workdir), "--workdir")
     # Locally, room for the largest trial (the scaling study's 2 workers) plus its driver's
     # sliver: without the sliver, 4 CPUs left Ray Data's read tasks 0.99 of the 1 CPU they
     # ask for, and a 2-worker trial waited forever.
