@@ -188,13 +188,55 @@ def trial_label(trial_config: dict[str, Any]) -> str:
     return " ".join([trial_config["study"], *swept, f"seed {trial_config['seed']}"])
 
 
-def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
+def trial_config_for(
+    trial_config: dict[str, Any],
+    placement: dict[str, str],
+    trial_id: str,
+    cpus_per_trial: float | None = None,
+) -> ExperimentConfig:
+    """A trial's experiment config: what it studies, where things are, and, when trials share
+    the CPUs (`cpus_per_trial`), a cap on its decode actors (`decode_actor_cap`)."""
+    overrides = [
+        *trial_overrides(trial_config),
+        *(f"{path}={value}" for path, value in placement.items()),
+        f"train.run_name={trial_config['study']}-{trial_id}",
+    ]
+    config = load_config(trial_config["preset"], overrides=overrides)
+    cap = decode_actor_cap(config, cpus_per_trial)
+    if cap is None:
+        return config
+    logger.info(
+        "trial %s: %d decode actor(s), its share of the CPUs the study's trials share "
+        "(%.3g each); set data.decode_actors to choose", trial_id, cap, cpus_per_trial,
+    )  # fmt: skip
+    return load_config(trial_config["preset"], overrides=[*overrides, f"data.decode_actors={cap}"])
+
+
+def decode_actor_cap(config: ExperimentConfig, cpus_per_trial: float | None) -> int | None:
+    """Decode actors for a trial that shares the CPUs with other trials: what its share holds
+    after its Train workers, read tasks and Tune driver, and at least the one `cpus_per_run`
+    counts. Uncapped, each trial's Ray Data pool grows into every free CPU (two slowly read
+    streams on 8 CPUs held all 8 within 10 s), and a trial starting next waits for the CPUs its
+    neighbour's decoders hold before its Train workers can start. None: no cap (a trial alone,
+    or data.decode_actors set by the user or the grid)."""
+    if cpus_per_trial is None or config.data.decode_actors is not None:
+        return None
+    decode_cpus = config.data.decode_cpus
+    spare = cpus_per_trial - trials_per_cluster_cpus(config) + decode_cpus
+    return max(1, int(spare / decode_cpus + 1e-9))
+
+
+def _run_trial(
+    trial_config: dict[str, Any], placement: dict[str, str], cpus_per_trial: float | None = None
+) -> None:
     """[Tune trial] Build the trial's config and pretrain; record a failure in MLflow.
 
     `trial_config` says what the trial studies; Tune saves it, and a restored study hands every
     trial the saved one. `placement` says where things are (data, checkpoints, tracking server,
-    cluster): it comes from the study driver running now (`ray.tune.with_parameters`), so a
-    study restored on a new cluster logs to the new head, not to the address of the old one.
+    cluster) and `cpus_per_trial` what share of the CPUs each trial may fill (see
+    `trial_config_for`): both come from the study driver running now
+    (`ray.tune.with_parameters`), so a study restored on a new cluster logs to the new head,
+    not to the address of the old one.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -219,14 +261,7 @@ def _run_trial(trial_config: dict[str, Any], placement: dict[str, str]) -> None:
         ray.tune.report(dict(finished.data.metrics))
         return
     try:
-        config = load_config(
-            trial_config["preset"],
-            overrides=[
-                *trial_overrides(trial_config),
-                *(f"{path}={value}" for path, value in placement.items()),
-                f"train.run_name={study}-{trial_id}",
-            ],
-        )
+        config = trial_config_for(trial_config, placement, trial_id, cpus_per_trial)
         result = train.run_pretraining(
             config,
             resume=True,  # a restored trial continues from its Train checkpoint
@@ -372,6 +407,17 @@ def trials_at_once(
             trials_per_cluster_cpus(largest), f" and {gpus:g} GPUs" if gpus else "",
         )  # fmt: skip
     return min(fits, trials)
+
+
+def cpus_per_trial(
+    options: StudyOptions, resources: dict[str, float], concurrent: int, on_cluster: bool
+) -> float | None:
+    """The CPUs each of `concurrent` trials may fill (`decode_actor_cap`): the cluster's now,
+    shared. None for a trial alone, and where --max-concurrent runs trials on a cluster, whose
+    autoscaler adds nodes for what they ask."""
+    if concurrent < 2 or (on_cluster and options.max_concurrent_trials):
+        return None
+    return resources.get("CPU", 1) / concurrent
 
 
 def trials_per_cluster_cpus(config: ExperimentConfig) -> float:
@@ -712,7 +758,11 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         concurrent,
     )  # fmt: skip
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_run_trial, placement=placement),
+        ray.tune.with_parameters(
+            _run_trial,
+            placement=placement,
+            cpus_per_trial=cpus_per_trial(options, resources, concurrent, on_cluster),
+        ),
         trial_driver_resources(resources),
     )
     run_config = ray.tune.RunConfig(

@@ -604,6 +604,40 @@ def test_a_cluster_too_small_for_the_grid_is_named_and_max_concurrent_wins(caplo
     assert trials_at_once(spec, options, gpu, {"CPU": 64, "GPU": 16}, on_cluster=True) == 1
 
 
+def test_trials_that_share_the_cpus_decode_on_their_share_of_them(caplog):
+    """Uncapped, each trial's decode pool grows into every free CPU, and a trial that starts
+    next waits for its Train workers' CPUs: trials run together get a share each."""
+    from svt_ray.config import load_config
+    from svt_ray.studies import cpus_per_trial, decode_actor_cap, trial_config_for
+
+    options = StudyOptions()
+    assert cpus_per_trial(options, {"CPU": 16}, 1, on_cluster=False) is None  # alone: all free
+    assert cpus_per_trial(options, {"CPU": 16}, 3, on_cluster=False) == pytest.approx(16 / 3)
+    assert cpus_per_trial(options, {"CPU": 64}, 4, on_cluster=True) == 16
+    options.max_concurrent_trials = 4  # an autoscaling cluster adds nodes for what they ask
+    assert cpus_per_trial(options, {"CPU": 8}, 4, on_cluster=True) is None
+    assert cpus_per_trial(options, {"CPU": 8}, 4, on_cluster=False) == 2
+
+    two = load_config("tiny", overrides=["scaling.num_workers=2"])  # 2 + decode 1 + read 1
+    assert decode_actor_cap(two, None) is None
+    assert decode_actor_cap(two, 16 / 3) == 2  # 5.33 - 4.01 held + the 1 decode CPU counted
+    assert decode_actor_cap(two, 4.01) == 1 and decode_actor_cap(two, 2) == 1  # never 0
+    wide = load_config("tiny", overrides=["scaling.num_workers=2", "data.decode_cpus=2"])
+    assert decode_actor_cap(wide, 12) == 4  # 2 workers + 4 x 2 decode + 1 read <= 12
+    chosen = load_config("tiny", overrides=["scaling.num_workers=2", "data.decode_actors=6"])
+    assert decode_actor_cap(chosen, 16 / 3) is None  # the user's (or the grid's) value stands
+
+    trial = {"study": "s", "preset": "tiny", "base": ["scaling.num_workers=2"], "seed": 0,
+             "sweep": {"optim.batch_size": 8}}  # fmt: skip
+    placement = {"data.path": "/data"}
+    with caplog.at_level("INFO", logger="svt_ray.studies"):
+        config = trial_config_for(trial, placement, "t1", 16 / 3)
+    assert config.data.decode_actors == 2 and config.optim.batch_size == 8
+    assert config.train.run_name == "s-t1" and config.data.path == "/data"
+    assert "trial t1: 2 decode actor(s)" in caplog.text and "data.decode_actors" in caplog.text
+    assert trial_config_for(trial, placement, "t1").data.decode_actors is None
+
+
 def test_a_restored_study_says_it_keeps_its_recorded_concurrency(caplog):
     """Tune restores max_concurrent_trials with the study (Ray 2.60 keeps it in the restored
     Tuner's tune config, and its grid generator's state); --max-concurrent cannot change it."""
