@@ -319,6 +319,19 @@ class FeatureUDF:
         return out
 
 
+def checkpoint_file(path: str):
+    """The filesystem and path of the state.pt that `path` names: the file itself, or the one
+    inside a checkpoint folder; local or any pyarrow filesystem URI."""
+    from pyarrow import fs as pafs
+
+    from data_prep.inputs import resolve_filesystem
+
+    filesystem, where = resolve_filesystem(path)
+    if filesystem.get_file_info(where).type == pafs.FileType.Directory:
+        where = f"{where.rstrip('/')}/state.pt"
+    return filesystem, where
+
+
 def load_state(path: str) -> dict:
     """A checkpoint file (state.pt) or a checkpoint directory holding one; local or a URI.
     Loaded with `weights_only=True`: tensors and plain containers only, so a checkpoint from a
@@ -326,25 +339,17 @@ def load_state(path: str) -> dict:
     import io
     import pickle
     import zipfile
-    from pathlib import Path
 
-    if "://" in path:  # object storage: any pyarrow filesystem
-        from pyarrow import fs as pafs
+    from pyarrow import fs as pafs
 
-        filesystem, where = pafs.FileSystem.from_uri(path)
-        info = filesystem.get_file_info(where)
-        if info.type == pafs.FileType.Directory:
-            where = f"{where.rstrip('/')}/state.pt"
-        elif info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"no SVT checkpoint at {path}")
+    filesystem, where = checkpoint_file(path)
+    if filesystem.get_file_info(where).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no SVT checkpoint at {path} (expected state.pt)")
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        source = Path(where)
+    else:  # object storage
         with filesystem.open_input_stream(where) as stream:
             source = io.BytesIO(stream.read())
-    else:
-        source = Path(path)
-        if source.is_dir():
-            source = source / "state.pt"
-        if not source.is_file():
-            raise FileNotFoundError(f"no SVT checkpoint at {path} (expected state.pt)")
     # A local checkpoint is mapped, not read: `svt-ray eval` wants only the config of a file
     # that holds both networks and the optimiser (GBs for the paper model). torch maps only
     # its zip format; anything else is read as before.

@@ -98,6 +98,7 @@ def _check_out(checkpoint: str, out: str) -> None:
     from pyarrow import fs as pafs
 
     from data_prep.inputs import resolve_filesystem
+    from svt_ray.evaluate import checkpoint_file
 
     if not out.strip():
         raise ValueError("OUT is empty: name the file to write, e.g. svt_backbone.pt")
@@ -114,9 +115,7 @@ def _check_out(checkpoint: str, out: str) -> None:
             raise ValueError(
                 f"cannot write {out}: {parent} is a file, not a folder; name a file in a folder"
             )
-    source_filesystem, source = resolve_filesystem(checkpoint)
-    if source_filesystem.get_file_info(source).type == pafs.FileType.Directory:
-        source = f"{source}/state.pt"  # what load_state reads
+    source_filesystem, source = checkpoint_file(checkpoint)  # what load_state reads
     if _file_key(filesystem, path) == _file_key(source_filesystem, source):
         raise ValueError(
             f"{out} is the checkpoint's own file: the export would replace its training state "

@@ -451,10 +451,12 @@ def setting_configs(
     return configs
 
 
-def check_grid(spec: StudySpec, preset: str, overrides: Sequence[str]) -> None:
+def check_grid(
+    spec: StudySpec, preset: str, overrides: Sequence[str]
+) -> dict[str, ExperimentConfig | ConfigError]:
     """Before Ray: a grid whose every setting the config rejects (a misspelt path, values of
     the wrong kind) is refused with the first reason; a grid with some invalid settings runs,
-    and those fail alone, so it is said which."""
+    and those fail alone, so it is said which. Returns `setting_configs`."""
     configs = setting_configs(spec, preset, overrides)
     errors = {key: str(v) for key, v in configs.items() if isinstance(v, ConfigError)}
     if errors and len(errors) == len(configs):
@@ -463,15 +465,24 @@ def check_grid(spec: StudySpec, preset: str, overrides: Sequence[str]) -> None:
         )
     for setting, error in errors.items():
         logger.warning("study %s: setting %s will fail: %s", spec.name, setting, error)
+    return configs
 
 
-def largest_trial(spec: StudySpec, preset: str, overrides: Sequence[str]) -> ExperimentConfig:
+def largest_trial(
+    spec: StudySpec,
+    preset: str,
+    overrides: Sequence[str],
+    configs: dict[str, ExperimentConfig | ConfigError] | None = None,
+) -> ExperimentConfig:
     """The config of the grid's trial that holds the most CPUs (`cpus_per_run`); a value the
-    config rejects makes a trial that fails alone and holds nothing."""
+    config rejects makes a trial that fails alone and holds nothing. `configs`: the grid's
+    `setting_configs`, when they are at hand."""
     from svt_ray.cluster import cpus_per_run
 
     largest = load_config(preset, overrides=overrides)
-    for config in setting_configs(spec, preset, overrides).values():
+    if configs is None:
+        configs = setting_configs(spec, preset, overrides)
+    for config in configs.values():
         if isinstance(config, ExperimentConfig) and cpus_per_run(config) > cpus_per_run(largest):
             largest = config
     return largest
@@ -664,7 +675,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         data.read_dataset_manifest(options.data_path)
     probe = load_config(options.preset, overrides=options.overrides)
     shared_recipe = [*spec.fixed, *options.overrides]
-    check_grid(spec, options.preset, shared_recipe)
+    configs = check_grid(spec, options.preset, shared_recipe)
     if online_knn_every(load_config(options.preset, overrides=shared_recipe)) == 0:
         raise ConfigError(
             "eval.online_every_clips: studies compare online kNN curves; set it (or "
@@ -679,7 +690,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     # Locally, room for the largest trial (the scaling study's 2 workers) plus its driver's
     # sliver: without the sliver, 4 CPUs left Ray Data's read tasks 0.99 of the 1 CPU they
     # ask for, and a 2-worker trial waited forever.
-    largest = largest_trial(spec, options.preset, shared_recipe)
+    largest = largest_trial(spec, options.preset, shared_recipe, configs)
     ensure_ray(
         options.address,
         num_cpus=local_ray_cpus(cpus_per_run(largest) + TRIAL_DRIVER_CPUS),
