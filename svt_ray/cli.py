@@ -292,7 +292,7 @@ def evaluate(
             )
         recorded = saved["config"]
         _check_recorded_preset(preset, recorded.get("preset", "paper"), f"checkpoint {checkpoint}")
-        experiment = config_for_checkpoint(recorded, config, flags)
+        experiment = config_for_checkpoint(recorded, config, flags, checkpoint, saved)
     if experiment.data.path is None:
         raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")
     try:
@@ -331,11 +331,17 @@ def export(
 
 
 def config_for_checkpoint(
-    recorded: dict, config: Path | None, overrides: list[str]
+    recorded: dict,
+    config: Path | None,
+    overrides: list[str],
+    checkpoint: str = "the checkpoint",
+    saved: dict | None = None,
 ) -> ExperimentConfig:
     """The config a checkpoint was trained with (recorded in it), with this command's
     `--config` and `--set` on top, except for the model: a checkpoint is evaluated with the
     architecture it was trained with. `--preset` does not apply."""
+    from svt_ray.config import validate_recorded
+
     dropped = [item for item in overrides if item.split("=", 1)[0].startswith("model.")]
     if dropped:
         typer.echo(
@@ -345,8 +351,13 @@ def config_for_checkpoint(
         )
     kept = [item for item in overrides if item not in dropped]
     try:
+        trained = validate_recorded(
+            recorded,
+            f"--checkpoint {checkpoint}",
+            "Evaluate it with the svt-ray version that trained it",
+            (saved or {}).get("svt_ray_version"),
+        ).model
         experiment = load_config(recorded.get("preset", "paper"), config, kept, base=recorded)
-        trained = load_config(base=recorded).model
     except ConfigError as error:
         raise fail(str(error)) from None
     if experiment.model != trained:

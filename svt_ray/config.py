@@ -709,6 +709,31 @@ def validate_config(tree: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(format_validation_error(error)) from None
 
 
+def validate_recorded(
+    tree: dict[str, Any], what: str, then: str, written_by: str | None = None
+) -> ExperimentConfig:
+    """A config that a run, checkpoint or export recorded (`written_by`: the svt-ray version
+    that wrote it, where recorded). One this version's schema rejects was written by another
+    version (a renamed or removed field): said so, with the versions and `then` (what to do),
+    not only which field."""
+    from svt_ray import __version__
+
+    try:
+        return validate_config(tree)
+    except ConfigError as error:
+        by = (
+            "another svt-ray version"
+            if not written_by
+            else f"another build of svt-ray {written_by}"
+            if written_by == __version__
+            else f"svt-ray {written_by}"
+        )
+        raise ConfigError(
+            f"{what}: its recorded config was written by {by} and does not fit this one "
+            f"({__version__}): {error}. {then}"
+        ) from None
+
+
 def format_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():

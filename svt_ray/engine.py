@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from svt_ray import __version__
 from svt_ray.config import ExperimentConfig
 from svt_ray.losses import SVTLoss, collapse_metrics
 from svt_ray.model import SVTModel, build_model
@@ -325,6 +326,7 @@ def state_dict(state: TrainState, step: int) -> dict:
         "optimizer": state.optimizer.state_dict(),
         "loss": state.loss.state_dict(),
         "config": state.config.model_dump(mode="json"),
+        "svt_ray_version": __version__,
     }
 
 

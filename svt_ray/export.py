@@ -13,6 +13,8 @@ it. `export_backbone` writes just that, loadable with `torch.load(..., weights_o
      "config": {...},             # the run's resolved experiment config (architecture, the
                                   # normalisation mean/std in config["views"])
      "source": {"checkpoint": str, "step": int, "weights": "teacher" | "student"},
+     "svt_ray_version": str,      # the svt-ray that wrote the file (training checkpoints and
+                                  # run.json record theirs too)
      "teacher" | "student": {name: tensor},  # the same tensors again (stored once), for
      "model": {name: tensor, "head.weight": (0, d), "head.bias": (0,)}}  # the reference loaders
 
@@ -37,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from svt_ray.config import ExperimentConfig
+from svt_ray import __version__
+from svt_ray.config import ExperimentConfig, validate_recorded
 from svt_ray.model import TimeSformer, build_backbone
 
 FORMAT = "svt-ray backbone v1"
@@ -146,13 +149,19 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
             "its state.pt"
         )
     state = {key: value.detach().clone() for key, value in backbone_state(saved, weights).items()}
-    config = ExperimentConfig.model_validate(saved["config"])
+    config = validate_recorded(
+        saved["config"],
+        str(checkpoint),
+        "Export it with the svt-ray version that trained it",
+        saved.get("svt_ray_version"),
+    )
     build_backbone(config).load_state_dict(state)  # the file must rebuild: fail here, not later
     payload = {
         "format": FORMAT,
         "backbone": state,
         "config": config.model_dump(mode="json"),
         "source": {"checkpoint": checkpoint, "step": int(saved["step"]), "weights": weights},
+        "svt_ray_version": __version__,
         weights: state,  # the same tensors: torch.save writes each storage once
         "model": {**state, **_empty_head(state)},
     }
@@ -194,7 +203,6 @@ def load_backbone(path: str | Path) -> tuple[TimeSformer, ExperimentConfig]:
     """The backbone of an `export_backbone` file, built and loaded, in eval mode, with the
     config it was trained with (`config.views.mean` / `.std` normalise its input). A file this
     version cannot build is a ValueError that names it and says why."""
-    from svt_ray.config import ConfigError, validate_config
     from svt_ray.evaluate import load_state
 
     try:
@@ -214,14 +222,12 @@ def load_backbone(path: str | Path) -> tuple[TimeSformer, ExperimentConfig]:
             "`svt-ray export CHECKPOINT OUT`, or read a training checkpoint with "
             "svt_ray.evaluate.load_state"
         )
-    try:
-        config = validate_config(payload["config"])
-    except ConfigError as error:
-        raise ValueError(
-            f"{path}: its config does not fit this svt-ray version ({error}); it was made by "
-            "another svt-ray version: load it with that one, or export the checkpoint again "
-            "with this one"
-        ) from None
+    config = validate_recorded(
+        payload["config"],
+        str(path),
+        "Load it with that version, or export the checkpoint again with this one",
+        payload.get("svt_ray_version"),
+    )
     backbone = build_backbone(config)
     try:
         backbone.load_state_dict(payload["backbone"])

@@ -25,6 +25,7 @@ from pyarrow import fs as pafs
 
 from data_prep.inputs import resolve_filesystem
 from data_prep.shards import parse_record, write_file
+from svt_ray import __version__
 from svt_ray.config import ConfigError, ExperimentConfig, flatten_tree
 from svt_ray.tracking import METRICS_FILE, git_commit, make_tracker, read_metrics_file
 
@@ -220,6 +221,7 @@ def start_mlflow_run(
         tags={
             "svt.preset": config.preset,
             "svt.git_commit": git_commit(),
+            "svt.version": __version__,
             "svt.dataset_checksum": manifest_checksum,
             "svt.world_size": config.scaling.num_workers,
             "svt.run_dir": run_dir,
@@ -235,6 +237,7 @@ def start_mlflow_run(
             "mlflow_run_id": tracker.run_id,
             "config": config.model_dump(mode="json"),
             "dataset_checksum": manifest_checksum,
+            "svt_ray_version": __version__,
         },
     )
     return tracker.run_id
@@ -343,7 +346,7 @@ def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> Exper
 
 def config_from_record(recorded: dict, run_name: str, flags: list[str]) -> ExperimentConfig:
     """A run.json's config with `flags` (`KEY=VALUE`, `RESUMABLE_SETTINGS` only) applied."""
-    from svt_ray.config import parse_override, validate_config
+    from svt_ray.config import parse_override, validate_recorded
 
     tree = recorded["config"]
     tree.pop("derived", None)
@@ -357,7 +360,12 @@ def config_from_record(recorded: dict, run_name: str, flags: list[str]) -> Exper
             )
         tree.setdefault(keys[0], {})[keys[1]] = value
     tree["train"]["run_name"] = run_name
-    return validate_config(tree)
+    return validate_recorded(
+        tree,
+        f"--resume {run_name}",
+        "Resume it with the svt-ray version that started it, or start a new run",
+        recorded.get("svt_ray_version"),
+    )
 
 
 def check_resumed_data(config: ExperimentConfig, run_name: str, recorded: dict, checksum: str):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from factories import random_views, small_config
 from typer.testing import CliRunner
 
+from svt_ray import __version__
 from svt_ray.cli import app
 from svt_ray.engine import build_state, state_dict, train_step
 from svt_ray.evaluate import FeatureExtractor
@@ -160,8 +163,9 @@ def test_load_backbone_says_what_is_wrong_with_a_file_it_cannot_build(checkpoint
     other_version = saved("fields.pt", config=config)
     with pytest.raises(
         ValueError,
-        match=r"fields\.pt: its config does not fit this svt-ray version \(model\.mixture: "
-        r"unknown key.*\); it was made by another svt-ray version",
+        match=r"fields\.pt: its recorded config was written by another build of svt-ray "
+        rf"{re.escape(__version__)} and does not fit this one .*: model\.mixture: unknown key"
+        r".*Load it with that version, or export the checkpoint again",
     ):
         load_backbone(other_version)
 
@@ -277,3 +281,30 @@ def test_export_to_and_load_from_a_filesystem_uri(checkpoint, tmp_path):
     expected = torch.load(local, weights_only=True)["backbone"]
     for name, tensor in backbone.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_another_version_says_so_in_export_and_eval(checkpoint, tmp_path):
+    """A checkpoint whose recorded config this version's schema rejects (a field renamed or
+    removed since) names the version that wrote it, not only a pydantic report."""
+    saved = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert saved["svt_ray_version"] == __version__ and __version__ != "unknown"
+    config = {**saved["config"], "model": {**saved["config"]["model"], "old_knob": 3}}
+    old = tmp_path / "old.pt"
+    torch.save({**saved, "config": config, "svt_ray_version": "0.0.9"}, old)
+
+    result = CliRunner().invoke(app, ["export", str(old), str(tmp_path / "out.pt")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (
+        f"error: {old}: its recorded config was written by svt-ray 0.0.9 and does not fit this "
+        f"one ({__version__}): model.old_knob: unknown key"
+    ) in result.stderr
+    assert "Export it with the svt-ray version that trained it" in result.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(old), "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--checkpoint {old}: its recorded config was written by svt-ray 0.0.9" in result.stderr
+    assert "Evaluate it with the svt-ray version that trained it" in result.stderr
+
+    exported = torch.load(export_backbone(str(checkpoint), tmp_path / "bb.pt").path)
+    assert exported["svt_ray_version"] == __version__

@@ -617,6 +617,17 @@ def test_resume_takes_the_settings_of_where_and_how_a_run_runs_and_refuses_the_r
     ):
         recorded_config("r", str(runs), ["optim.epochs=9"])
 
+    # A run.json of another version, whose config this one's schema rejects, says so.
+    tree = config.model_dump(mode="json")
+    tree["optim"]["old_knob"] = 1
+    write_json(str(runs / "o" / RUN_FILE), {"config": tree, "svt_ray_version": "0.0.9"})
+    with pytest.raises(
+        ConfigError,
+        match=r"--resume o: its recorded config was written by svt-ray 0\.0\.9 and does not "
+        r"fit this one .*optim\.old_knob: unknown key.*start a new run",
+    ):
+        recorded_config("o", str(runs), [])
+
     runner = CliRunner()
     refused = runner.invoke(app, ["pretrain", "--resume", "r", "--storage", str(runs),
                                   "--set", "optim.epochs=9"])  # fmt: skip
