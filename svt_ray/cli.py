@@ -15,7 +15,13 @@ from typing import Annotated
 
 import typer
 
-from svt_ray.config import PRESETS, ConfigError, ExperimentConfig, load_config
+from svt_ray.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    resumable_settings_text,
+)
 
 app = typer.Typer(
     name="svt-ray",
@@ -205,10 +211,8 @@ def pretrain(
             "--resume",
             help="Continue the named run from its latest checkpoint, with its recorded recipe. "
             "Where and how it runs may change: --workers, --gpus-per-worker, --address, "
-            "--tracking-uri, --storage, --data, and --set data.decode_actors / decode_cpus / "
-            "decode_threads / prefetch_batches / preserve_order, train.max_failures / "
-            "wait_for_workers_s / progress_every_s, scaling.cpus_per_worker, "
-            "tracking.flush_timeout_s; nothing else.",
+            "--tracking-uri, --storage, --data, and --set of "
+            f"{resumable_settings_text()}; nothing else.",
         ),
     ] = None,
 ) -> None:

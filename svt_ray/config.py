@@ -386,6 +386,11 @@ class TrainSettings(_Section):
     )
     checkpoint_every: PositiveInt = 500
     "Steps between checkpoints (one is always written at the end)."
+    keep_checkpoints: NonNegativeInt = 2
+    (
+        "Latest checkpoints kept in the run's folder; older ones are deleted as new ones land "
+        "(a paper-preset checkpoint, both networks and AdamW, is about 2 GB). 0 = keep all (to evaluate intermediate ones)."
+    )
     log_every: PositiveInt = 1
     "Steps between metric logs (MLflow and metrics.jsonl)."
     progress_every_s: Annotated[float, Field(ge=0)] = 30.0
@@ -707,6 +712,23 @@ def validate_config(tree: dict[str, Any]) -> ExperimentConfig:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
+
+
+# Where and how a run runs, not what it learns: `pretrain --resume` may change these.
+RESUMABLE_SETTINGS = frozenset({
+    "scaling.num_workers", "scaling.address", "scaling.gpus_per_worker",
+    "scaling.cpus_per_worker", "tracking.tracking_uri", "tracking.flush_timeout_s",
+    "train.storage_path", "train.run_name", "train.max_failures", "train.wait_for_workers_s",
+    "train.progress_every_s", "train.keep_checkpoints", "data.path", "data.decode_actors",
+    "data.decode_cpus", "data.decode_threads", "data.prefetch_batches", "data.preserve_order",
+    "model.init_from",  # where the starting weights are: read at step 0 only
+})  # fmt: skip
+
+
+def resumable_settings_text() -> str:
+    """The `--set` keys `pretrain --resume` takes, for its help and its refusals (the run's
+    name is the one it resumes, so not among them)."""
+    return ", ".join(sorted(RESUMABLE_SETTINGS - {"train.run_name"}))
 
 
 def validate_recorded(

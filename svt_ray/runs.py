@@ -26,7 +26,13 @@ from pyarrow import fs as pafs
 from data_prep.inputs import resolve_filesystem
 from data_prep.shards import parse_record, write_file
 from svt_ray import __version__
-from svt_ray.config import ConfigError, ExperimentConfig, flatten_tree
+from svt_ray.config import (
+    RESUMABLE_SETTINGS,
+    ConfigError,
+    ExperimentConfig,
+    flatten_tree,
+    resumable_settings_text,
+)
 from svt_ray.tracking import METRICS_FILE, git_commit, make_tracker, read_metrics_file
 
 logger = logging.getLogger(__name__)
@@ -308,17 +314,6 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
 # -- resuming: the recorded recipe, and where a run may move ------------------------------
 
 
-# Where and how a run runs, not what it learns: `pretrain --resume` may change these.
-RESUMABLE_SETTINGS = frozenset({
-    "scaling.num_workers", "scaling.address", "scaling.gpus_per_worker",
-    "scaling.cpus_per_worker", "tracking.tracking_uri", "tracking.flush_timeout_s",
-    "train.storage_path", "train.run_name", "train.max_failures", "train.wait_for_workers_s",
-    "train.progress_every_s", "data.path", "data.decode_actors", "data.decode_cpus",
-    "data.decode_threads", "data.prefetch_batches", "data.preserve_order",
-    "model.init_from",  # where the starting weights are: read at step 0 only
-})  # fmt: skip
-
-
 def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> ExperimentConfig:
     """The config a run was started with (from its run.json), for `pretrain --resume`.
 
@@ -333,7 +328,8 @@ def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> Exper
             storage_path = str(value)
         elif keys == ["train", "run_name"] and value != run_name:
             raise ConfigError(
-                f"--resume {run_name}: a resumed run keeps its name; drop --run-name {value}"
+                f"--resume {run_name}: a resumed run keeps its name; drop --run-name / "
+                f"--set train.run_name={value}"
             )
     run_dir = run_directory(storage_path, run_name)
     recorded = read_json(join_uri(run_dir, RUN_FILE))
@@ -356,7 +352,7 @@ def config_from_record(recorded: dict, run_name: str, flags: list[str]) -> Exper
         if key not in RESUMABLE_SETTINGS:
             raise ConfigError(
                 f"--resume keeps the recorded recipe; {key} cannot change (what may: "
-                f"{', '.join(sorted(RESUMABLE_SETTINGS))})"
+                f"{resumable_settings_text()})"
             )
         tree.setdefault(keys[0], {})[keys[1]] = value
     tree["train"]["run_name"] = run_name

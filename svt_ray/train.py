@@ -567,7 +567,7 @@ def run_pretraining(
                 max_failures=resolved.train.max_failures,
                 controller_failure_limit=_start_timeouts_allowed(resolved.train.wait_for_workers_s),
             ),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=checkpoint_config(resolved),
             callbacks=[RecordProgress(run_dir), *(callbacks or [])],
         ),
         datasets={
@@ -653,6 +653,11 @@ def _finished_run(
         config=config,
         already_finished=True,
     )
+
+
+def checkpoint_config(config: ExperimentConfig):
+    """Ray Train keeps the run's latest `train.keep_checkpoints` checkpoints (0: all)."""
+    return ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints or None)
 
 
 def _start_timeouts_allowed(wait_for_workers_s: float | None) -> int:

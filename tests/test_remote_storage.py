@@ -125,7 +125,8 @@ def test_shards_checkpoints_and_resume_on_s3(tmp_path, synthetic_videos, s3_serv
     shutil.rmtree(tmp_path / "svt_ray_runs")  # rank 0 and the driver move to another node
 
     # `svt-ray pretrain --resume on-s3 --storage <runs>`: the recipe comes from run.json on S3.
-    resumed = run_pretraining(recorded_config("on-s3", runs, []), resume=True)
+    kept = recorded_config("on-s3", runs, ["train.keep_checkpoints=3"])  # the default is 2
+    resumed = run_pretraining(kept, resume=True)
     steps = resumed.config.derived.total_steps
     assert steps == 6 and resumed.mlflow_run_id == first_run_id
     assert resumed.checkpoint_path == join_uri(run_dir, f"checkpoint_{steps:08d}")
@@ -135,7 +136,7 @@ def test_shards_checkpoints_and_resume_on_s3(tmp_path, synthetic_videos, s3_serv
     checkpoints = sorted(
         name for name in stored if name.startswith("checkpoint_0") and "/" not in name
     )
-    assert checkpoints == ["checkpoint_00000004", "checkpoint_00000006"]  # num_to_keep=2
+    assert checkpoints == ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]
     assert {"run.json", "progress.json", "injected_failure_3.json"} <= stored
 
     from mlflow.tracking import MlflowClient

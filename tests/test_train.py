@@ -452,7 +452,10 @@ def test_the_resumed_run_is_found_where_set_says_and_keeps_its_name(tmp_path):
     write_json(str(runs / "r" / RUN_FILE), {"mlflow_run_id": "x", "config": config.model_dump(mode="json")})  # fmt: skip
     resumed = recorded_config("r", "svt_runs", [f"train.storage_path={runs}"])
     assert resumed.train.storage_path == str(runs)
-    with pytest.raises(ConfigError, match="a resumed run keeps its name; drop --run-name s"):
+    with pytest.raises(
+        ConfigError,
+        match=r"a resumed run keeps its name; drop --run-name / --set train\.run_name=s",
+    ):
         recorded_config("r", str(runs), ["train.run_name=s"])
 
 
@@ -597,6 +600,18 @@ def test_a_run_that_waits_for_data_says_what_to_try():
     assert DataWait().hint(config) is None
 
 
+def test_the_checkpoints_kept_are_the_users_choice_and_0_keeps_all():
+    from svt_ray.train import checkpoint_config
+
+    assert checkpoint_config(load_config("tiny")).num_to_keep == 2  # ~2 GB each for paper
+    keep = load_config("tiny", overrides=["train.keep_checkpoints=5"])
+    assert checkpoint_config(keep).num_to_keep == 5
+    assert (
+        checkpoint_config(load_config("tiny", overrides=["train.keep_checkpoints=0"])).num_to_keep
+        is None
+    )
+
+
 def test_resume_takes_the_settings_of_where_and_how_a_run_runs_and_refuses_the_rest(tmp_path):
     """`pretrain --resume RUN --set ...`: a data-loading or failure setting applies, a recipe
     setting is refused with what may change, and --config is refused (both were ignored)."""
@@ -614,8 +629,17 @@ def test_resume_takes_the_settings_of_where_and_how_a_run_runs_and_refuses_the_r
     assert resumed.optim == config.optim and resumed.model == config.model
     with pytest.raises(
         ConfigError, match=r"optim.epochs cannot change \(what may: .*data.prefetch"
-    ):
+    ) as refusal:
         recorded_config("r", str(runs), ["optim.epochs=9"])
+    from svt_ray.config import resumable_settings_text
+
+    listed = resumable_settings_text()  # the same list in --help and in the refusal
+    import typer
+
+    pretrain = typer.main.get_command(app).commands["pretrain"]
+    (resume,) = [p for p in pretrain.params if p.name == "resume"]
+    assert listed in str(refusal.value) and listed in resume.help
+    assert "train.keep_checkpoints" in listed and "train.run_name" not in listed
 
     # A run.json of another version, whose config this one's schema rejects, says so.
     tree = config.model_dump(mode="json")
