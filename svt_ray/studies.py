@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,8 @@ class StudyOptions:
     workdir: str = "."
     "Where the embedded synthetic dataset is made when no data path is given."
     num_clips: int = 800
+    flags: dict[str, str] = field(default_factory=dict)
+    "The command-line flag each override of `overrides` came from, where not --set."
 
 
 class StudyInterruptedError(RuntimeError):
@@ -523,6 +525,37 @@ def _study_recipe_changes(
     ]
 
 
+def _refuse_changes(spec: StudySpec, study_dir: str, changes: list[str]) -> None:
+    if changes:
+        raise ConfigError(
+            f"study {spec.name} in {study_dir} was started with other settings ("
+            + "; ".join(changes)
+            + "). Run it with its own settings to continue it, or give the new one "
+            "another --name (or --storage) to start a separate study"
+        )
+
+
+def _refuse_changed_flags(
+    options: StudyOptions, spec: StudySpec, study_dir: str, recorded: dict | None
+) -> None:
+    """Before the data is read and Ray starts: the parts of a recorded recipe that need no
+    data (preset, seeds, ASHA, --set, grid) compared at once; the budget, which counts the
+    data's clips, is compared by `_parent_run`."""
+    if not recorded or "recipe" not in recorded:
+        return
+    now = _study_recipe(options, spec, _study_base(options, spec), 0, 0)
+    keys = ["preset", "seeds", "asha", "overrides", "sweeps"]
+    before = {key: recorded["recipe"].get(key) for key in keys}
+    _refuse_changes(
+        spec, study_dir, _study_recipe_changes({"recipe": before}, {k: now[k] for k in keys}, {})
+    )
+
+
+def _study_base(options: StudyOptions, spec: StudySpec) -> list[str]:
+    """The overrides every trial of the study shares, before where things are."""
+    return [*spec.fixed, *options.overrides, f"tracking.experiment={options.experiment}"]
+
+
 def _parent_params(
     options: StudyOptions, spec: StudySpec, shared: list[str], recipe: dict[str, Any]
 ) -> dict[str, str]:
@@ -561,14 +594,7 @@ def _parent_run(
 
     params = _parent_params(options, spec, shared, recipe)
     if recorded is not None:
-        changes = _study_recipe_changes(recorded, recipe, params)
-        if changes:
-            raise ConfigError(
-                f"study {spec.name} in {study_dir} was started with other settings ("
-                + "; ".join(changes)
-                + "). Run it with its own settings to continue it, or give the new one "
-                "another --name (or --storage) to start a separate study"
-            )
+        _refuse_changes(spec, study_dir, _study_recipe_changes(recorded, recipe, params))
         _set_parent_status(options, recorded["parent_run_id"], "RUNNING")
         return recorded["parent_run_id"]
     client = MlflowClient(options.tracking_uri)
@@ -668,7 +694,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     study_dir = join_uri(storage, spec.name)
     recorded = read_json(join_uri(study_dir, STUDY_FILE))  # None: a new study
     recorded_overrides = ((recorded or {}).get("recipe") or {}).get("overrides", [])
-    _refuse_swept_overrides(spec, options.overrides, recorded_overrides)
+    _refuse_swept_overrides(spec, options.overrides, recorded_overrides, options.flags)
+    _refuse_changed_flags(options, spec, study_dir, recorded)
     if options.data_path is not None:  # a wrong --data fails here, before Ray starts
         from svt_ray import data
 
@@ -710,7 +737,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         data_path = str(
             prepare_synthetic_data(Path(options.workdir).resolve(), probe, options.num_clips)
         )
-    base = [*spec.fixed, *options.overrides, f"tracking.experiment={options.experiment}"]
+    base = _study_base(options, spec)
     check_init_from(probe)  # before any trial: each would fail on its own
     placement = {  # where things are: this driver's, also for the trials of a restored study
         "data.path": absolute_path(data_path),
@@ -982,10 +1009,14 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
                 )
         spec.name = args.name
         overrides = list(args.overrides)
-        if args.workers is not None:
-            overrides.append(f"scaling.num_workers={args.workers}")
-        if args.gpus_per_worker is not None:
-            overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
+        flags = {}
+        for flag, path, value in (
+            ("--workers", "scaling.num_workers", args.workers),
+            ("--gpus-per-worker", "scaling.gpus_per_worker", args.gpus_per_worker),
+        ):
+            if value is not None:
+                overrides.append(f"{path}={value}")
+                flags[overrides[-1]] = f"{flag} {value}"
         options = StudyOptions(
             preset=args.preset,
             overrides=overrides,
@@ -997,6 +1028,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             experiment=args.experiment,
             address=args.address,
             max_concurrent_trials=args.max_concurrent,
+            flags=flags,
             data_path=args.data,
             num_clips=args.num_clips,
             workdir=args.workdir,
@@ -1017,11 +1049,15 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
 
 
 def _refuse_swept_overrides(
-    spec: StudySpec, overrides: Sequence[str], recorded: Sequence[str] = ()
+    spec: StudySpec,
+    overrides: Sequence[str],
+    recorded: Sequence[str] = (),
+    flags: Mapping[str, str] | None = None,
 ) -> None:
     """A flag or --set for a path the study sweeps would be overridden by every trial's own
-    value (`scaling.py --workers 4` still ran 1 and 2 workers): refused, naming the sweep,
-    unless the study recorded it before this check (it continues as it was started)."""
+    value (`scaling.py --workers 4` still ran 1 and 2 workers): refused, naming the sweep and
+    the flag given (`flags`: override -> flag), unless the study recorded it before this check
+    (it continues as it was started)."""
     swept = {}
     for sweep in spec.sweeps:
         for value in sweep.values:
@@ -1031,8 +1067,9 @@ def _refuse_swept_overrides(
         path = ".".join(parse_override(item)[0])
         if path in swept and item not in recorded:
             values = ",".join(json.dumps(v) for v in swept[path].values)
+            given = (flags or {}).get(item, f"--set {item}")
             raise ConfigError(
-                f"{item}: study {spec.name} sweeps {path} itself ({swept[path].path}={values}); "
+                f"{given}: study {spec.name} sweeps {path} itself ({swept[path].path}={values}); "
                 f"drop it, or sweep other values with --grid {path}=V1,V2 (it replaces the "
                 "study's grid)"
             )

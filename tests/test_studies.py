@@ -430,6 +430,33 @@ def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path):
         parent()
 
 
+def test_a_changed_flag_is_refused_before_the_data_is_read_or_ray_starts(tmp_path, monkeypatch):
+    """The recipe's parts that need no data are compared first: a continued study with other
+    seeds is refused at once, not after the data is checked (or made) and Ray has started."""
+    from svt_ray import cluster
+    from svt_ray.studies import STUDY_FILE, _study_base, _study_recipe
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 16))])
+    options = StudyOptions(
+        storage_path=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+        data_path=str(tmp_path / "no_such_data"),
+    )  # fmt: skip
+    recipe = _study_recipe(options, spec, _study_base(options, spec), 1000, 250)
+    (tmp_path / "runs" / "s").mkdir(parents=True)
+    (tmp_path / "runs" / "s" / STUDY_FILE).write_text(
+        json.dumps({"recipe": recipe, "parent_run_id": "p"})
+    )
+    options.seeds = [0, 1]
+    with pytest.raises(
+        ConfigError, match=r"started with other settings \(seeds: \[0\] -> \[0, 1\]\)"
+    ):
+        run_study(spec, options)
+    options.seeds = [0]  # the same flags: on to the data, which is missing
+    with pytest.raises(ConfigError, match="no_such_data"):
+        run_study(spec, options)
+
+
 def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     from svt_ray.studies import study_main
 
@@ -493,7 +520,7 @@ def test_a_flag_for_a_swept_setting_is_refused_not_overridden_by_every_trial(tmp
     scaling = StudySpec("scaling", "q", [Sweep("scaling.num_workers", (1, 2))])
     assert study_main(scaling, ["--workers", "4", *where]) == 2
     assert capsys.readouterr().err.startswith(
-        "error: scaling.num_workers=4: study scaling sweeps scaling.num_workers itself "
+        "error: --workers 4: study scaling sweeps scaling.num_workers itself "
         "(scaling.num_workers=1,2); drop it, or sweep other values with --grid "
         "scaling.num_workers=V1,V2"
     )
@@ -501,7 +528,7 @@ def test_a_flag_for_a_swept_setting_is_refused_not_overridden_by_every_trial(tmp
     terms = StudySpec("terms", "q", [Sweep("terms", (coupled,), labels=("cross",))])
     assert study_main(terms, ["--set", "loss.motion_weight=1", *where]) == 2
     err = capsys.readouterr().err
-    assert "sweeps loss.motion_weight itself (terms=" in err
+    assert "--set loss.motion_weight=1: study terms sweeps loss.motion_weight itself (terms=" in err
     assert "--grid loss.motion_weight=V1,V2" in err
     _refuse_swept_overrides(scaling, ["scaling.num_workers=4"], ["scaling.num_workers=4"])
 
