@@ -56,7 +56,8 @@ def read_dataset_manifest(data_path: str) -> dict:
     """manifest.json of a data_prep output (local path or URI), with its location attached.
 
     A folder that is not one (no manifest, or one of another schema version) is a
-    `ConfigError` on `data.path` that says how to make one, not a traceback.
+    `ConfigError` on `data.path` that says how to make one, not a traceback; a path that does
+    not exist, or one inside a dataset, says so instead.
     """
     from data_prep.shards import SCHEMA_VERSION, ManifestVersionError, read_manifest
 
@@ -68,6 +69,9 @@ def read_dataset_manifest(data_path: str) -> dict:
                 f"data.path: {error}; it holds videos: shard them with `svt-ray prep "
                 f"{data_path} SHARDS` (or `python -m data_prep`) and pass --data SHARDS"
             ) from None
+        near_miss = _near_miss(data_path)
+        if near_miss:
+            raise ConfigError(f"data.path: {near_miss}") from None
         raise ConfigError(
             f"data.path: {error}; make one with `svt-ray prep VIDEOS {data_path}` "
             "(or `python -m data_prep`), or pass --data with an existing one"
@@ -90,6 +94,31 @@ def read_dataset_manifest(data_path: str) -> dict:
             data_path, counts.get("processed", "?"), counts.get("inputs", "?"),
         )  # fmt: skip
     return {**manifest, "data_path": data_path}
+
+
+def _near_miss(data_path: str) -> str | None:
+    """What is wrong with a local --data that is not a dataset folder but is close to one: a
+    path that does not exist, or one inside a dataset (its manifest.json, its shards folder or
+    a shard), so the error does not send the user to prepare videos into the wrong place."""
+    from pathlib import Path
+
+    if "://" in data_path:
+        return None
+    given = os.path.expanduser(data_path)
+    path = Path(os.path.abspath(given))
+    if not path.exists():
+        return (
+            f"{data_path} does not exist; check it for typos, or pass the folder that "
+            "`svt-ray prep` wrote (the one that holds manifest.json)"
+        )
+    for folder in (path.parent, path.parent.parent):  # manifest.json, shards/ or a shard
+        if (folder / "manifest.json").is_file():
+            shown = folder if os.path.isabs(given) else os.path.relpath(folder)
+            return (
+                f"{data_path} is inside the dataset {shown}; pass the folder that holds "
+                f"manifest.json: --data {shown}"
+            )
+    return None
 
 
 def _holds_videos(data_path: str, look_at: int = 2000) -> bool:

@@ -43,6 +43,28 @@ def test_a_dataset_data_prep_did_not_finish_is_used_with_a_warning(tmp_path, cap
     assert "Run the same data_prep command again" in caplog.text
 
 
+def test_a_data_path_near_a_dataset_names_the_folder_to_pass(tmp_path, monkeypatch):
+    """The shards folder, manifest.json or a typo was told to `svt-ray prep` videos into it."""
+    from svt_ray.config import ConfigError
+
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    (tmp_path / "out" / "shards" / "part-00000.parquet").write_bytes(b"rows")
+    (tmp_path / "out" / "manifest.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    for inside in ("out/shards/", "out/manifest.json", "out/shards/part-00000.parquet"):
+        with pytest.raises(ConfigError) as caught:
+            data.read_dataset_manifest(inside)
+        assert str(caught.value) == (
+            f"data.path: {inside} is inside the dataset out; pass the folder that holds "
+            "manifest.json: --data out"
+        )
+    outside = str(tmp_path / "out" / "shards")
+    with pytest.raises(ConfigError, match=f"--data {tmp_path / 'out'}$"):
+        data.read_dataset_manifest(outside)
+    with pytest.raises(ConfigError, match=r"^data.path: nosuch/ does not exist; check it for"):
+        data.read_dataset_manifest("nosuch/")
+
+
 def test_manifest_helpers(synthetic_shards):
     manifest = data.read_dataset_manifest(str(synthetic_shards))
     assert data.split_count(manifest, None) == 20
