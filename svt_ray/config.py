@@ -16,7 +16,7 @@ import copy
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -680,6 +680,7 @@ def load_config(
     else:
         tree = preset_dict(preset)
         tree["preset"] = preset
+    path, loaded = None, {}  # the --config file and its mapping: its unknown keys name it
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -703,15 +704,18 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key} is not a section")
         node[keys[-1]] = value
-    return validate_config(tree)
+    return validate_config(tree, path, loaded)
 
 
-def validate_config(tree: dict[str, Any]) -> ExperimentConfig:
-    """Validate a raw mapping; turn pydantic's report into one ConfigError line per problem."""
+def validate_config(
+    tree: dict[str, Any], config_file: Path | None = None, file_tree: dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """Validate a raw mapping; turn pydantic's report into one ConfigError line per problem.
+    An unknown key that `config_file` (whose mapping is `file_tree`) holds names that file."""
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error, config_file, file_tree)) from None
 
 
 # Where and how a run runs, not what it learns: `pretrain --resume` may change these.
@@ -756,15 +760,56 @@ def validate_recorded(
         ) from None
 
 
-def format_validation_error(error: ValidationError) -> str:
+def format_validation_error(
+    error: ValidationError, config_file: Path | None = None, file_tree: dict[str, Any] | None = None
+) -> str:
     lines = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             section = ".".join(str(part) for part in item["loc"][:-1]) or "the top level"
-            message = f"unknown key (not a field of {section})"
+            message = f"unknown key (not a field of {section}{_did_you_mean(item['loc'])})"
+            if config_file is not None and _holds_key(file_tree or {}, item["loc"]):
+                location = f"{config_file}: {location}"
         elif message.startswith(tuple(f"{name}." for name in ExperimentConfig.model_fields)):
             location = ""
         lines.append(f"{location}: {message}" if location else message)
     return "; ".join(lines)
+
+
+def _did_you_mean(location: tuple) -> str:
+    """The fields an unknown key was likely meant to be (a typo, or a word of a field's
+    name: `lr` -> `base_lr`), or where to see them when none is close."""
+    import difflib
+
+    *section, key = (str(part) for part in location)
+    model = ExperimentConfig
+    for part in section:
+        field = model.model_fields[part]
+        kinds = (field.annotation, *get_args(field.annotation))
+        model = next(
+            (kind for kind in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)), None
+        )
+        if model is None:
+            return ""
+    names = [name for name in model.model_fields if name != "derived"]  # derived: computed
+    close = difflib.get_close_matches(key, names, n=3)
+    close += [name for name in names if key in name.split("_") and name not in close]
+    close = ["".join(f"{part}." for part in section) + name for name in close[:3]]
+    if close:
+        options = close[-1] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+        return f"; did you mean {options}?"
+    listed = ", ".join(names)  # a short list is worth printing; a long one is a wall
+    return (
+        f"; its fields are {listed}" if len(listed) <= 80 else "; `svt-ray config show` lists them"
+    )
+
+
+def _holds_key(tree: dict[str, Any], location: tuple) -> bool:
+    """Whether a nested mapping has a value at a pydantic error location."""
+    for part in location:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True

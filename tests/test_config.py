@@ -90,6 +90,31 @@ def test_bad_configs_name_the_field(overrides, fragment):
     assert "\n" not in str(error.value)
 
 
+def test_a_misspelt_key_names_the_close_fields_and_the_file_it_is_in(tmp_path):
+    def error_of(overrides=(), config_file=None):
+        with pytest.raises(ConfigError) as error:
+            load_config("tiny", config_file, overrides)
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    assert error_of(["optim.epoch=3"]).endswith(
+        "(not a field of optim; did you mean optim.epochs?)"
+    )
+    assert "did you mean optim.base_lr, optim.lr_reference_batch or optim.min_lr?" in error_of(
+        ["optim.lr=0.1"]
+    )  # a word of the field's name, not a typo of it
+    assert "its fields are tracking_uri, experiment, flush_timeout_s)" in error_of(["tracking.x=1"])
+    assert "(not a field of optim; `svt-ray config show` lists them)" in error_of(["optim.zzz=1"])
+    assert "optimm: unknown key (not a field of the top level; did you mean optim?)" in error_of(
+        ["optimm.epochs=3"]
+    )
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("optim:\n  epoch: 3\n")
+    assert error_of(config_file=extra).startswith(f"{extra}: optim.epoch: unknown key")
+    both = error_of(["optim.lr=1"], extra)  # a --set key is not the file's
+    assert both.startswith(f"{extra}: optim.epoch: unknown key") and "; optim.lr: unknown" in both
+
+
 def test_range_message_says_what_is_allowed():
     with pytest.raises(ConfigError, match=r"raise views.clip_frames to >= 256 or use <= 16 frames"):
         load_config("paper", overrides=["views.local_frames=[32]"])
