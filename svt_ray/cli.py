@@ -109,7 +109,7 @@ def synth(ctx: typer.Context) -> None:
     """Generate labelled synthetic action videos (motion-defined classes); --help for options."""
     from svt_ray.synthetic import main as synth_cli
 
-    raise typer.Exit(synth_cli(ctx.args))
+    raise typer.Exit(synth_cli(ctx.args, prog="svt-ray synth"))
 
 
 @app.command("prep", context_settings=PASSTHROUGH, add_help_option=False)

@@ -581,10 +581,11 @@ def synth_main(
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m svt_ray.synthetic OUTPUT [options]`."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m svt_ray.synthetic") -> int:
+    """`python -m svt_ray.synthetic OUTPUT [options]`; `prog` is how the user ran it (usage
+    and errors name it): `svt-ray synth` passes its own."""
     parser = argparse.ArgumentParser(
-        prog="svt-ray synth", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+        prog=prog, description=__doc__.splitlines()[0], formatter_class=HelpFormatter
     )
     parser.add_argument("output", help="output folder or pyarrow filesystem URI")
     parser.add_argument("--num-clips", type=int, default=SynthConfig.num_clips, help="clips made")

@@ -106,6 +106,19 @@ def test_cli_entry_point(tmp_path, capsys):
         main([str(tmp_path), "--style", "objects", "--num-classes", "11"])
 
 
+def test_usage_names_the_command_that_was_run(capsys):
+    """`python -m svt_ray.synthetic --help` printed `usage: svt-ray synth`."""
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m svt_ray.synthetic ")
+    result = CliRunner().invoke(app, ["synth", "--help"])
+    assert result.exit_code == 0 and result.stdout.startswith("usage: svt-ray synth ")
+
+
 def _pooled(frames: np.ndarray, k: int = 8) -> np.ndarray:
     """(..., H, W, 3) uint8 -> (..., H/k, W/k, 3) float means."""
     *lead, h, w, c = frames.shape
