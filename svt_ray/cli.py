@@ -542,8 +542,22 @@ def tracking_restore(
 @tracking_app.command("sync")
 def tracking_sync(
     run_name: Annotated[str, typer.Argument(help="The run, as `pretrain --resume` names it.")],
-    storage: StorageOption = None,
-    tracking_uri: RecordedTrackingOption = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="The checkpoint root the run was started with: folder, NFS or s3://...; "
+            "default svt_runs.",
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow store to send the metrics to; default: the one the run was started "
+            "with (its run.json).",
+        ),
+    ] = None,
 ) -> None:
     """Send MLflow the metrics of a run that it lacks, from the run's metrics.jsonl (after an
     outage that outlasted the run): the one of this machine, or the run directory's copy on

@@ -251,6 +251,23 @@ def test_a_real_server_that_restarts_mid_run_gets_every_value(tmp_path, caplog):
     assert "training goes on" in caplog.text and "answers again" in caplog.text
 
 
+def test_tracking_subcommands_help_says_what_their_defaults_are():
+    """sync's --tracking-uri help was pretrain's: "sqlite:///mlflow.db ... for a new run"."""
+    import typer
+
+    from svt_ray.cli import app
+
+    tracking = typer.main.get_command(app).commands["tracking"]
+    helps = {
+        f"{name} {param.name}": param.help or ""
+        for name, command in tracking.commands.items()
+        for param in command.params
+    }
+    assert "new run" not in helps["sync tracking_uri"]
+    assert "the one the run was started with (its run.json)" in helps["sync tracking_uri"]
+    assert "default svt_runs" in helps["sync storage"]
+
+
 def test_tracking_sync_command(tmp_path):
     from typer.testing import CliRunner
 
