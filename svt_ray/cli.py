@@ -390,13 +390,8 @@ def demo(
     and linear probe of the learned teacher against random init and raw frames.
     """
     from svt_ray.demo import run_demo
-    from svt_ray.runs import check_writable
     from svt_ray.train import RunInterruptedError, RunStoppedError, TrainingDivergedError
 
-    try:
-        check_writable(workdir, "--workdir")
-    except ConfigError as error:
-        raise fail(str(error)) from None
     try:
         run_demo(workdir, clips, workers, overrides or [], tracking_uri)
     except RunInterruptedError as error:

@@ -41,9 +41,18 @@ def run_demo(
     from svt_ray import data, train
     from svt_ray.cluster import cpus_per_run, ensure_ray, local_ray_cpus
     from svt_ray.progress import progress_from_metrics
-    from svt_ray.runs import PROGRESS_FILE, join_uri, local_log_directory, read_json, run_directory
+    from svt_ray.runs import (
+        PROGRESS_FILE,
+        check_writable,
+        join_uri,
+        local_log_directory,
+        read_json,
+        run_directory,
+    )
 
     started = time.perf_counter()
+    if num_clips < 1:
+        raise ConfigError(f"--clips {num_clips}: give a positive number of synthetic clips to make")
     workdir = workdir.resolve()
     videos, shards = workdir / "synthetic_videos", workdir / "synthetic_shards"
     flags = [
@@ -64,6 +73,7 @@ def run_demo(
                 f"{workdir} holds a demo trained on {made} clips; for --clips {num_clips} use "
                 "another --workdir (or remove this one)"
             )
+    check_writable(workdir, "--workdir")  # after the checks above: a refused demo makes no folder
 
     # Decode actors need CPUs that the Train workers do not hold (ray_notes.md §6.3): on a
     # small machine Ray gets more logical CPUs than cores, so Data is never starved.
