@@ -273,6 +273,7 @@ def evaluate(
     from svt_ray.cluster import ensure_ray, local_ray_cpus
     from svt_ray.data import read_dataset_manifest
     from svt_ray.evaluate import (
+        check_eval_data,
         cpus_per_evaluation,
         evaluate_backbones,
         format_table,
@@ -299,8 +300,9 @@ def evaluate(
         experiment = config_for_checkpoint(recorded, config, flags, checkpoint, saved)
     if experiment.data.path is None:
         raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")
-    try:
-        read_dataset_manifest(experiment.data.path)
+    try:  # a dataset it cannot score is said before Ray starts, not after
+        manifest = read_dataset_manifest(experiment.data.path)
+        check_eval_data(experiment.data.path, manifest, experiment.eval)
     except ConfigError as error:
         raise fail(str(error)) from None
     ensure_ray(experiment.scaling.address, num_cpus=local_ray_cpus(cpus_per_evaluation(experiment)))

@@ -1,4 +1,4 @@
-"""What `svt-ray pretrain` checks and records on the driver, before or after Ray Train:
+"""What `svt-ray pretrain` (and `eval`) checks and records on the driver, before or after Ray:
 bad data found before Ray starts, run records that do not parse, the MLflow run's status at
 the end. No Ray is started here."""
 
@@ -68,6 +68,27 @@ def test_online_knn_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_pat
     no_train = dataset("no_train", {"training": 40, "val": 10}, {"0": 50})
     with pytest.raises(ConfigError, match=r"no clips of split 'train'.*\{'training': 40, 'val'"):
         run_pretraining(load_config("tiny", overrides=[knn[1], f"data.path={no_train}"]))
+
+
+def test_eval_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """`svt-ray eval` started Ray, and only then found the dataset had no val split."""
+    from typer.testing import CliRunner
+
+    from data_prep.shards import SCHEMA_VERSION
+    from svt_ray import cluster
+    from svt_ray.cli import app
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
+    (tmp_path / "no_val").mkdir()
+    (tmp_path / "no_val" / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "shards": [],
+        "counts": {"splits": {"train": 40}, "labels": {"0": 40}},
+    }))  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["eval", "--preset", "tiny", "--data", str(tmp_path / "no_val")]
+    )
+    assert result.exit_code == 2, result.exception
+    assert result.stderr.startswith(f"error: {tmp_path / 'no_val'} has no clips of split 'val'")
 
 
 def test_a_run_record_cut_short_is_named(tmp_path):
