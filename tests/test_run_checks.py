@@ -1,4 +1,4 @@
-"""What `svt-ray pretrain` (and `eval`) checks and records on the driver, before or after Ray:
+"""What `svt-ray pretrain` (and `eval`, `demo`) checks and records on the driver, before or after Ray:
 bad data found before Ray starts, run records that do not parse, the MLflow run's status at
 the end. No Ray is started here."""
 
@@ -112,3 +112,25 @@ def test_a_data_path_is_made_absolute_as_the_workers_find_it(tmp_path, monkeypat
     assert absolute_path("shards") == str(tmp_path / "shards")
     assert absolute_path("~/shards") == str(tmp_path / "home" / "shards")
     assert absolute_path("s3://bucket/k400?region=x") == "s3://bucket/k400?region=x"
+
+
+def test_bad_demo_options_are_refused_before_the_workdir_is_made_or_ray_started(
+    tmp_path, monkeypatch
+):
+    """`svt-ray demo --workers 0` left an empty svt_data/ behind; `--clips 0` started Ray and
+    ended in a traceback."""
+    from typer.testing import CliRunner
+
+    from svt_ray import cluster
+    from svt_ray.cli import app
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
+    workdir = tmp_path / "svt_data"
+    for flags, said in [
+        (["--workers", "0"], "error: scaling.num_workers: Input should be greater than 0"),
+        (["--clips", "0"], "error: --clips 0: give a positive number of synthetic clips"),
+        (["--set", "optim.epoch=1"], "error: optim.epoch: unknown key"),
+    ]:
+        result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), *flags])
+        assert result.exit_code == 2 and result.stderr.startswith(said), result.output
+        assert not workdir.exists()
