@@ -358,7 +358,7 @@ def config_for_checkpoint(
     kept = [item for item in overrides if item not in dropped]
     try:
         trained = validate_recorded(
-            recorded,
+            {key: value for key, value in recorded.items() if key != "derived"},  # recomputed
             f"--checkpoint {checkpoint}",
             "Evaluate it with the svt-ray version that trained it",
             (saved or {}).get("svt_ray_version"),

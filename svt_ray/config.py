@@ -749,7 +749,7 @@ def validate_recorded(
     except ConfigError as error:
         by = (
             "another svt-ray version"
-            if not written_by
+            if not written_by or written_by == "unknown"
             else f"another build of svt-ray {written_by}"
             if written_by == __version__
             else f"svt-ray {written_by}"

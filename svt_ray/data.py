@@ -105,20 +105,29 @@ def _near_miss(data_path: str) -> str | None:
     if "://" in data_path:
         return None
     given = os.path.expanduser(data_path)
-    path = Path(os.path.abspath(given))
-    if not path.exists():
+    if not os.path.exists(given):
         return (
             f"{data_path} does not exist; check it for typos, or pass the folder that "
             "`svt-ray prep` wrote (the one that holds manifest.json)"
         )
+    path = Path(given).resolve()  # a link to a dataset's shards/ counts as inside it
     for folder in (path.parent, path.parent.parent):  # manifest.json, shards/ or a shard
-        if (folder / "manifest.json").is_file():
+        if _is_dataset_manifest(folder / "manifest.json"):
             shown = folder if os.path.isabs(given) else os.path.relpath(folder)
             return (
                 f"{data_path} is inside the dataset {shown}; pass the folder that holds "
                 f"manifest.json: --data {shown}"
             )
     return None
+
+
+def _is_dataset_manifest(path) -> bool:
+    """Whether a local file is a data_prep manifest (not any manifest.json of a project)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "shards" in manifest and "schema_version" in manifest
 
 
 def _holds_videos(data_path: str, look_at: int = 2000) -> bool:

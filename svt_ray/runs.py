@@ -342,10 +342,18 @@ def recorded_config(run_name: str, storage_path: str, flags: list[str]) -> Exper
 
 def config_from_record(recorded: dict, run_name: str, flags: list[str]) -> ExperimentConfig:
     """A run.json's config with `flags` (`KEY=VALUE`, `RESUMABLE_SETTINGS` only) applied."""
-    from svt_ray.config import parse_override, validate_recorded
+    from svt_ray.config import parse_override, validate_config, validate_recorded
 
     tree = recorded["config"]
     tree.pop("derived", None)
+    # The record alone first: a config this version cannot read is the version's doing; a bad
+    # value among `flags` (say --workers that do not split the batch) is the user's.
+    validate_recorded(
+        tree,
+        f"--resume {run_name}",
+        "Resume it with the svt-ray version that started it, or start a new run",
+        recorded.get("svt_ray_version"),
+    )
     for item in flags:
         keys, value = parse_override(item)
         key = ".".join(keys)
@@ -356,12 +364,7 @@ def config_from_record(recorded: dict, run_name: str, flags: list[str]) -> Exper
             )
         tree.setdefault(keys[0], {})[keys[1]] = value
     tree["train"]["run_name"] = run_name
-    return validate_recorded(
-        tree,
-        f"--resume {run_name}",
-        "Resume it with the svt-ray version that started it, or start a new run",
-        recorded.get("svt_ray_version"),
-    )
+    return validate_config(tree)
 
 
 def check_resumed_data(config: ExperimentConfig, run_name: str, recorded: dict, checksum: str):

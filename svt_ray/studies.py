@@ -411,6 +411,15 @@ def trials_at_once(
     return min(fits, trials)
 
 
+def trials_running(recorded: dict | None, restoring: bool, concurrent: int) -> int:
+    """The trials at once a study runs with: Tune restores the number a study started with
+    (`_note_restored_concurrency`), which its study.json keeps; the trials' CPU shares follow
+    it, not the number this cluster would suit."""
+    if restoring and recorded and recorded.get("max_concurrent_trials"):
+        return int(recorded["max_concurrent_trials"])
+    return concurrent
+
+
 def cpus_per_trial(
     options: StudyOptions, resources: dict[str, float], concurrent: int, on_cluster: bool
 ) -> float | None:
@@ -581,9 +590,11 @@ def _parent_run(
     shared: list[str],
     recipe: dict[str, Any],
     recorded: dict[str, Any] | None,
+    concurrent: int | None = None,
 ) -> str:
     """The study's parent MLflow run: created once, found again on restore (`recorded`,
-    the study's study.json, None for a new study).
+    the study's study.json, None for a new study). A new study's study.json also keeps its
+    trials at once (`concurrent`), which Tune keeps when it is continued.
 
     A restore with another recipe (seeds, grid, --set, ASHA) is refused: Tune would restore
     the recorded trials and drop the new flags without a word."""
@@ -614,7 +625,12 @@ def _parent_run(
     try:
         write_json(
             join_uri(study_dir, STUDY_FILE),
-            {"parent_run_id": run_id, "params": params, "recipe": recipe},
+            {
+                "parent_run_id": run_id,
+                "params": params,
+                "recipe": recipe,
+                "max_concurrent_trials": concurrent,
+            },
         )
     except OSError as error:  # no study to find again: its parent run must not stay behind
         client.delete_run(run_id)
@@ -757,7 +773,14 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             "raise optim.epochs"
         )
     recipe = _study_recipe(options, spec, base, budget, grace)
-    parent_run_id = _parent_run(options, spec, study_dir, shared, recipe, recorded)
+    resources = dict(ray.cluster_resources())
+    on_cluster = joins_a_cluster(options.address)
+    if not on_cluster:  # local Ray was given extra logical CPUs: count real cores
+        resources["CPU"] = min(resources.get("CPU", 1), os.cpu_count() or 1)
+    concurrent = trials_at_once(spec, options, largest, resources, on_cluster)
+    parent_run_id = _parent_run(options, spec, study_dir, shared, recipe, recorded, concurrent)
+    restoring = ray.tune.Tuner.can_restore(study_dir)
+    running = trials_running(recorded, restoring, concurrent)
 
     param_space = {
         "study": spec.name,
@@ -784,11 +807,6 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         if options.asha
         else FIFOScheduler()
     )
-    resources = dict(ray.cluster_resources())
-    on_cluster = joins_a_cluster(options.address)
-    if not on_cluster:  # local Ray was given extra logical CPUs: count real cores
-        resources["CPU"] = min(resources.get("CPU", 1), os.cpu_count() or 1)
-    concurrent = trials_at_once(spec, options, largest, resources, on_cluster)
     logger.info(
         "study %s: %d trials (%d settings x %d seeds), %d clips seen each%s, %d at a time",
         spec.name, grid_size(spec, options.seeds), len(spec.settings()), len(options.seeds),
@@ -799,7 +817,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         ray.tune.with_parameters(
             _run_trial,
             placement=placement,
-            cpus_per_trial=cpus_per_trial(options, resources, concurrent, on_cluster),
+            cpus_per_trial=cpus_per_trial(options, resources, running, on_cluster),
         ),
         trial_driver_resources(resources),
     )
@@ -810,7 +828,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         callbacks=[_run_closer(options, parent_run_id)],
     )
     started = time.perf_counter()
-    if ray.tune.Tuner.can_restore(study_dir):
+    if restoring:
         logger.info("restoring study %s from %s (finished trials are kept)", spec.name, study_dir)
         # A trial that errored runs again: a lost node or a full disk passes, and one whose
         # settings are invalid fails again at once (its FAILED child run is reused).
@@ -1016,7 +1034,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
         ):
             if value is not None:
                 overrides.append(f"{path}={value}")
-                flags[overrides[-1]] = f"{flag} {value}"
+                flags[overrides[-1]] = f"{flag} {value:g}"  # as typed: 1, not 1.0
         options = StudyOptions(
             preset=args.preset,
             overrides=overrides,

@@ -323,6 +323,7 @@ def _differing_params(runs) -> list[str]:
         "data.path", "train.storage_path", "train.run_name", "tracking.", "derived.",
         "train.seed",  # repeats of a setting, averaged over: not a setting
         "scaling.address",
+        "data.decode_actors",  # a study caps it from each trial's share of the CPUs
     )  # fmt: skip
     return sorted(
         key

@@ -49,7 +49,7 @@ def test_a_data_path_near_a_dataset_names_the_folder_to_pass(tmp_path, monkeypat
 
     (tmp_path / "out" / "shards").mkdir(parents=True)
     (tmp_path / "out" / "shards" / "part-00000.parquet").write_bytes(b"rows")
-    (tmp_path / "out" / "manifest.json").write_text("{}")
+    (tmp_path / "out" / "manifest.json").write_text('{"schema_version": 1, "shards": []}')
     monkeypatch.chdir(tmp_path)
     for inside in ("out/shards/", "out/manifest.json", "out/shards/part-00000.parquet"):
         with pytest.raises(ConfigError) as caught:
@@ -63,6 +63,14 @@ def test_a_data_path_near_a_dataset_names_the_folder_to_pass(tmp_path, monkeypat
         data.read_dataset_manifest(outside)
     with pytest.raises(ConfigError, match=r"^data.path: nosuch/ does not exist; check it for"):
         data.read_dataset_manifest("nosuch/")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link").symlink_to(tmp_path / "out" / "shards")
+    with pytest.raises(ConfigError, match=r"is inside the dataset out; .*--data out$"):
+        data.read_dataset_manifest("elsewhere/link")  # a link into a dataset counts as inside
+    (tmp_path / "webapp" / "new").mkdir(parents=True)  # a project's own manifest.json
+    (tmp_path / "webapp" / "manifest.json").write_text('{"name": "webapp"}')
+    with pytest.raises(ConfigError, match="make one with `svt-ray prep VIDEOS webapp/new`"):
+        data.read_dataset_manifest("webapp/new")
 
 
 def test_manifest_helpers(synthetic_shards):

@@ -397,9 +397,17 @@ def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path):
     def parent(placement: str = "data.path=/a") -> str:
         recipe = _study_recipe(options, spec, base, budget=1000, grace=250)
         recorded = read_json(join_uri(study_dir, STUDY_FILE))  # as run_study reads it
-        return _parent_run(options, spec, study_dir, [*base, placement], recipe, recorded)
+        return _parent_run(options, spec, study_dir, [*base, placement], recipe, recorded, 3)
 
     first = parent()
+    # Tune keeps the trials at once a study started with; study.json keeps the number too.
+    from svt_ray.studies import trials_running
+
+    started = read_json(join_uri(study_dir, STUDY_FILE))
+    assert started["max_concurrent_trials"] == 3
+    assert trials_running(started, restoring=True, concurrent=1) == 3
+    assert trials_running(started, restoring=False, concurrent=1) == 1  # Tune starts anew
+    assert trials_running({"recipe": {}}, restoring=True, concurrent=2) == 2  # older study.json
     client = MlflowClient(options.tracking_uri)
     client.set_terminated(first, "KILLED")  # as after a Ctrl-C
     assert parent("data.path=/moved") == first

@@ -271,6 +271,7 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
         client.log_param(run_id, "optim.batch_size", str(batch))
         client.log_param(run_id, "train.seed", str(seed))
         client.log_param(run_id, "train.run_name", f"b{batch}-s{seed}")
+        client.log_param(run_id, "data.decode_actors", str(1 + seed))  # a study's CPU share
         run_ids.append(run_id)
     report = collect_study(uri, "svt-ray-studies", "runs", run_ids=run_ids)
     assert report.swept == ["optim.batch_size"]

@@ -651,6 +651,11 @@ def test_resume_takes_the_settings_of_where_and_how_a_run_runs_and_refuses_the_r
         r"fit this one .*optim\.old_knob: unknown key.*start a new run",
     ):
         recorded_config("o", str(runs), [])
+    # A bad value among the flags is the user's, not another version's.
+    with pytest.raises(ConfigError) as bad_flag:
+        recorded_config("r", str(runs), ["scaling.num_workers=3"])
+    assert "does not split over scaling.num_workers=3" in str(bad_flag.value)
+    assert "written by" not in str(bad_flag.value)
 
     runner = CliRunner()
     refused = runner.invoke(app, ["pretrain", "--resume", "r", "--storage", str(runs),
