@@ -389,7 +389,8 @@ class TrainSettings(_Section):
     keep_checkpoints: NonNegativeInt = 2
     (
         "Latest checkpoints kept in the run's folder; older ones are deleted as new ones land "
-        "(a paper-preset checkpoint, both networks and AdamW, is about 2 GB). 0 = keep all (to evaluate intermediate ones)."
+        "(a paper-preset checkpoint, both networks and AdamW, is about 2 GB). 0 = keep all "
+        "(to evaluate intermediate ones)."
     )
     log_every: PositiveInt = 1
     "Steps between metric logs (MLflow and metrics.jsonl)."

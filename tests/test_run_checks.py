@@ -1,6 +1,6 @@
-"""What `svt-ray pretrain` (and `eval`, `demo`) checks and records on the driver, before or after Ray:
-bad data found before Ray starts, run records that do not parse, the MLflow run's status at
-the end. No Ray is started here."""
+"""What `svt-ray pretrain` (and `eval`, `demo`) checks and records on the driver, before or
+after Ray: bad data found before Ray starts, run records that do not parse, the MLflow run's
+status at the end. No Ray is started here."""
 
 from __future__ import annotations
 
