@@ -43,24 +43,51 @@ def mlflow_client(tmp_path: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-def test_two_worker_run_is_recorded_in_mlflow(
-    tmp_path, synthetic_shards, ray_session, mlflow_server, monkeypatch
-):
+# Two workers, two decode actors, a shuffle buffer and online kNN: the recipe of
+# `test_two_worker_run_is_recorded_in_mlflow`, which `test_a_run_repeated_with_its_seed_ends_
+# with_the_same_weights` runs again (one run of 2 workers takes a minute on 2 cores).
+TWO_WORKERS = (
+    "scaling.num_workers=2",
+    "data.decode_actors=2",
+    "data.shuffle_buffer=16",
+    "eval.online_every=3",
+    "eval.clip_size=32",
+)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory, synthetic_shards, ray_session, mlflow_server):
     """Recorded through a real `mlflow server` (server mode); SQLite is the other tests' store.
     The data is named by a relative path, as the quick tour does: each Ray Train worker runs in
     a working directory of its own, where the online kNN found no dataset."""
-    monkeypatch.chdir(synthetic_shards.parent)
-    config = experiment(
-        tmp_path,
-        synthetic_shards,
-        f"data.path={synthetic_shards.name}",
-        "scaling.num_workers=2",
-        "train.run_name=two",
-        f"tracking.tracking_uri={mlflow_server}",
-        "eval.online_every=3",
-        "eval.clip_size=32",
-    )
-    result = run_pretraining(config)
+    root = tmp_path_factory.mktemp("two_workers")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(synthetic_shards.parent)
+        config = experiment(
+            root,
+            synthetic_shards,
+            *TWO_WORKERS,
+            f"data.path={synthetic_shards.name}",
+            "train.run_name=two",
+            f"tracking.tracking_uri={mlflow_server}",
+        )
+        return run_pretraining(config)
+
+
+DETERMINISTIC = ("data.deterministic=true", "train.max_failures=0")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, synthetic_shards, ray_session):
+    """One worker, deterministic data, no restarts: the uninterrupted run that a resumed one
+    must end equal to, and a checkpoint to evaluate."""
+    root = tmp_path_factory.mktemp("finished")
+    config = experiment(root, synthetic_shards, *DETERMINISTIC, "train.run_name=whole")
+    return run_pretraining(config)
+
+
+def test_two_worker_run_is_recorded_in_mlflow(two_worker_run, synthetic_shards, mlflow_server):
+    result = two_worker_run
     assert result.config.data.path == str(synthetic_shards)
     steps = result.config.derived.total_steps
     assert Path(result.checkpoint_path, "state.pt").is_file()
@@ -102,14 +129,13 @@ def test_two_worker_run_is_recorded_in_mlflow(
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
-    tmp_path, synthetic_shards, ray_session, monkeypatch
+    tmp_path, synthetic_shards, ray_session, finished_run, monkeypatch
 ):
-    common = ("data.deterministic=true", "train.max_failures=0")
-    whole = run_pretraining(experiment(tmp_path, synthetic_shards, *common, "train.run_name=whole"))
-    interrupted = experiment(tmp_path, synthetic_shards, *common, "train.run_name=cut")
+    whole = finished_run
+    interrupted = experiment(tmp_path, synthetic_shards, *DETERMINISTIC, "train.run_name=cut")
     with pytest.raises(Exception):  # noqa: B017 - the worker is killed at step 3
         run_pretraining(interrupted, fail_at_step=3)
-    progress = json.loads((Path(whole.run_dir).parent / "cut" / PROGRESS_FILE).read_text())
+    progress = json.loads((tmp_path / "runs" / "cut" / PROGRESS_FILE).read_text())
     assert progress["step"] == 2  # the checkpoint before the failure
     resumed = run_pretraining(interrupted, resume=True)
     a, b = load_state(whole.checkpoint_path), load_state(resumed.checkpoint_path)
@@ -134,18 +160,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
 
 
 def test_a_run_repeated_with_its_seed_ends_with_the_same_weights(
-    tmp_path, synthetic_shards, ray_session
+    tmp_path, synthetic_shards, ray_session, two_worker_run
 ):
     """Shuffled files, a shuffle buffer, two decode actors and two workers: with
     data.preserve_order (the default) the same seed gives the same batches, so the same
-    weights, bit for bit (without it, the first blocks come in the order their reads finish)."""
-    runs = [
-        run_pretraining(experiment(tmp_path, synthetic_shards, "scaling.num_workers=2",
-                                   "data.decode_actors=2", "data.shuffle_buffer=16",
-                                   f"train.run_name=repeat{index}"))
-        for index in range(2)
-    ]  # fmt: skip
-    a, b = (load_state(run.checkpoint_path) for run in runs)
+    weights, bit for bit (without it, the first blocks come in the order their reads finish).
+    The repeat is tracked elsewhere (SQLite) and names its data by absolute path: neither may
+    change what is trained."""
+    again = run_pretraining(
+        experiment(tmp_path, synthetic_shards, *TWO_WORKERS, "train.run_name=repeat")
+    )
+    a, b = (load_state(run.checkpoint_path) for run in (two_worker_run, again))
     assert a["step"] == b["step"] > 0
     for key in ("student", "teacher"):
         for name, tensor in a[key].items():
@@ -175,11 +200,24 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["student"].values())
 
 
-def test_evaluation_of_a_checkpoint_and_random_init(
-    tmp_path, synthetic_shards, ray_session, monkeypatch
-):
-    config = experiment(tmp_path, synthetic_shards, "train.run_name=eval")
-    result = run_pretraining(config)
+def test_evaluation_of_a_checkpoint_and_random_init(synthetic_shards, finished_run, monkeypatch):
+    """Every row, and the same rows whatever order the decode actors return the clips in: the
+    kNN and the linear probe get their rows in clip order (the probe's result depends on it).
+    The second evaluation replays the first one's features in reverse, without Ray."""
+    from svt_ray import data
+    from svt_ray import evaluate as evaluate_module
+
+    result = finished_run
+    arrivals, scored = [], []
+    infer, score = data.run_batch_inference, evaluate_module.evaluate_features
+
+    def recorded_inference(*args, **kwargs):
+        arrivals.append(infer(*args, **kwargs))
+        return arrivals[-1]
+
+    def recorded_scoring(name, train_x, train_labels, test_x, *args):
+        scored.append((name, train_x, train_labels, test_x))
+        return score(name, train_x, train_labels, test_x, *args)
 
     def evaluate():
         return evaluate_backbones(
@@ -189,32 +227,23 @@ def test_evaluation_of_a_checkpoint_and_random_init(
             pixel_baseline=True,
         )
 
+    monkeypatch.setattr(data, "run_batch_inference", recorded_inference)
+    monkeypatch.setattr(evaluate_module, "evaluate_features", recorded_scoring)
     rows = evaluate()
     names = [row.name for row in rows]
     assert names == ["learned", "learned slow-fast", "random", "random slow-fast", "frame pixels"]
     for row in rows:
         assert 0.0 <= row.knn.top1 <= row.knn.top5 <= 100.0
-    # The kNN and the linear probe get their rows in clip order, whatever order the decode
-    # actors return them in (the linear probe's result depends on the order of its rows).
-    from svt_ray import data
-    from svt_ray import evaluate as evaluate_module
-
-    scored, score = [], evaluate_module.evaluate_features
-
-    def recorded(name, train_x, train_labels, test_x, *args):
-        scored.append((name, train_x, train_labels, test_x))
-        return score(name, train_x, train_labels, test_x, *args)
-
-    monkeypatch.setattr(evaluate_module, "evaluate_features", recorded)
-    in_order = evaluate()
-    arrival = data.run_batch_inference
+    assert len(arrivals) == 2  # the kNN bank's split and the queries'
+    replayed = iter(arrivals)
 
     def reversed_rows(*args, **kwargs):
-        return {key: values[::-1].copy() for key, values in arrival(*args, **kwargs).items()}
+        return {key: values[::-1].copy() for key, values in next(replayed).items()}
 
     monkeypatch.setattr(data, "run_batch_inference", reversed_rows)
-    assert [row.row() for row in evaluate()] == [row.row() for row in in_order]
+    assert [row.row() for row in evaluate()] == [row.row() for row in rows]
     half = len(scored) // 2
+    assert half == len(rows)
     for first, again in zip(scored[:half], scored[half:], strict=True):
         assert first[0] == again[0]
         for a, b in zip(first[1:], again[1:], strict=True):
@@ -297,33 +326,13 @@ def test_a_started_pass_yields_every_batch_once_and_raises_what_fetching_raised(
 
 
 @pytest.mark.slow
-def test_the_pretrain_command_runs_on_a_local_ray_it_starts(
+def test_the_pretrain_command_starts_a_local_ray_and_ctrl_c_ends_the_run_at_its_checkpoints(
     tmp_path, synthetic_shards, private_ray_env
 ):
     """`svt-ray pretrain` without --address, 2 workers: on a 2-core machine Ray Data's read
-    tasks used to get no CPU and the run waited forever."""
-    runs = tmp_path / "runs"
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "svt-ray"), "pretrain", "--preset", "tiny",
-         "--workers", "2", "--data", str(synthetic_shards), "--storage", str(runs),
-         "--run-name", "local", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         *[flag for setting in [*SHORT_RUN, "optim.epochs=1"] for flag in ("--set", setting)]],
-        env=private_ray_env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert json.loads((runs / "local" / PROGRESS_FILE).read_text()) == {"step": 3}  # the end
-    assert "local step 3/3 (100%) | epoch 1.00 | loss " in done.stdout  # rank 0's last line
-    assert "row/s" not in done.stdout + done.stderr  # no Ray Data bar redrawn into a file
-    assert "Reporting training result" not in done.stdout + done.stderr  # Ray's 600-char lines
-    assert (runs / "local" / "checkpoint_00000003" / "state.pt").is_file()
-
-
-@pytest.mark.slow
-def test_ctrl_c_ends_the_run_at_its_checkpoints_and_says_how_to_continue(
-    tmp_path, synthetic_shards, private_ray_env
-):
-    """SIGINT to `svt-ray pretrain`: exit status 130, the MLflow run KILLED (it stayed
-    RUNNING), and the command that continues it (the command printed nothing and exited 1)."""
+    tasks used to get no CPU and the run waited forever. Then SIGINT: exit status 130, the
+    MLflow run KILLED (it stayed RUNNING), and the command that continues it (the command
+    printed nothing and exited 1)."""
     import signal
 
     from mlflow.tracking import MlflowClient
@@ -331,22 +340,26 @@ def test_ctrl_c_ends_the_run_at_its_checkpoints_and_says_how_to_continue(
     runs, database = tmp_path / "runs", tmp_path / "mlflow.db"
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "svt-ray"), "pretrain", "--preset", "tiny",
-         "--workers", "1", "--data", str(synthetic_shards), "--storage", str(runs),
-         "--run-name", "stopped", "--tracking-uri", f"sqlite:///{database}",
+         "--workers", "2", "--data", str(synthetic_shards), "--storage", str(runs),
+         "--run-name", "local", "--tracking-uri", f"sqlite:///{database}",
          *[flag for setting in [*SHORT_RUN, "optim.epochs=100"] for flag in ("--set", setting)]],
         env=private_ray_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 300
-    while not (runs / "stopped" / PROGRESS_FILE).exists() and time.time() < deadline:
+    while not (runs / "local" / PROGRESS_FILE).exists() and time.time() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.5)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=180)
-    assert process.returncode == 130, err[-3000:]
-    assert "run 'stopped' interrupted. It keeps checkpoints up to step " in err
-    assert f"`svt-ray pretrain --resume stopped --storage {runs}`" in err
-    step = json.loads((runs / "stopped" / PROGRESS_FILE).read_text())["step"]
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 130, out[-3000:] + err[-3000:]
+    assert "run 'local' interrupted. It keeps checkpoints up to step " in err
+    assert f"`svt-ray pretrain --resume local --storage {runs}`" in err
+    step = json.loads((runs / "local" / PROGRESS_FILE).read_text())["step"]
     assert 2 <= step < 300  # stopped mid-run, at a checkpoint it keeps
+    assert (runs / "local" / f"checkpoint_{step:08d}" / "state.pt").is_file()
+    assert "local step 1/300 (0%) | epoch 0.33 | loss " in out  # rank 0's first line
+    assert "row/s" not in out + err  # no Ray Data bar redrawn into a file
+    assert "Reporting training result" not in out + err  # Ray's 600-char lines
     client = MlflowClient(f"sqlite:///{database}")
     (run,) = client.search_runs([client.get_experiment_by_name("svt-ray").experiment_id])
     assert run.info.status == "KILLED"
