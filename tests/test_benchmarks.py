@@ -61,6 +61,7 @@ def test_gpu_suite_skips_what_its_budget_cannot_hold(tmp_path, capsys):
         gpu_suite.main(["--smoke", "--out", str(tmp_path), "--only", "nope"])
 
 
+@pytest.mark.extended  # a benchmark: run before measuring with it
 @pytest.mark.slow
 def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, not the test session's
@@ -90,6 +91,7 @@ def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
     assert re.search(r"bytes per clip .*kB at 30 fps, .*kB at 15 fps", done.stdout)
 
 
+@pytest.mark.extended  # a benchmark: run before measuring with it
 def test_ordering_benchmark_quick_run_streams_in_order_only_when_asked():
     env = {**os.environ, "RAY_ADDRESS": "local"}
     command = [sys.executable, "benchmarks/ordering.py", "--quick", "--workers", "2"]
@@ -103,6 +105,7 @@ def test_ordering_benchmark_quick_run_streams_in_order_only_when_asked():
         assert float(step_s) > 0 and 0 <= float(waited) < 100 and float(longest) >= 0
 
 
+@pytest.mark.extended  # a benchmark: run before measuring with it
 def test_tracking_benchmark_times_both_paths_with_the_server_up_and_down():
     command = [sys.executable, "benchmarks/tracking.py", "--steps", "4", "--down-steps", "1"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

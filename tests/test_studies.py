@@ -237,6 +237,7 @@ def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray
     assert (tmp_path / "cmp" / "batch_smoke" / "results.md").read_text() == report.markdown()
 
 
+@pytest.mark.extended  # Tune ASHA on: run when ASHA or the trial end changes
 @pytest.mark.ray
 @pytest.mark.slow
 def test_asha_lets_a_trial_that_reaches_the_budget_finish(tmp_path, synthetic_shards, ray_session):
@@ -258,6 +259,7 @@ def test_asha_lets_a_trial_that_reaches_the_budget_finish(tmp_path, synthetic_sh
     assert "training_curves.png" in artifacts
 
 
+@pytest.mark.extended  # run when the study driver changes
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ctrl_c_on_a_study_says_how_to_continue_and_writes_no_report(
