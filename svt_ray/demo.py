@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from svt_ray.tracking import METRICS_FILE
 logger = logging.getLogger(__name__)
 
 DEMO_RUN = "demo"
+TRAIN_FRACTION = 0.75  # of the clips; data_prep holds the others out for the evaluation
 
 
 def _stage(number: int, text: str) -> None:
@@ -64,6 +66,9 @@ def run_demo(
     if tracking_uri:
         flags.append(f"tracking.tracking_uri={tracking_uri}")
     config = load_config("tiny", overrides=[*flags, *overrides])
+    batch = config.optim.batch_size
+    if num_clips < math.ceil(batch / TRAIN_FRACTION):  # before any clip is made or Ray starts
+        raise ConfigError(_too_few_clips(num_clips, batch))
     run_dir = run_directory(config.train.storage_path, DEMO_RUN)
     progress = read_json(join_uri(run_dir, PROGRESS_FILE))
     if progress is not None and (shards / "manifest.json").exists():
@@ -89,7 +94,10 @@ def run_demo(
     prepare_synthetic_data(workdir, config, num_clips, between=stage_2)
 
     _stage(3, f"SVT pretraining: tiny preset, {workers} Ray Train workers on CPU")
-    clips = data.training_clips(data.read_dataset_manifest(str(shards)))
+    manifest = data.read_dataset_manifest(str(shards))
+    clips = data.training_clips(manifest)
+    if clips < batch:  # the held-out split is drawn per clip: it may take more than a quarter
+        raise ConfigError(_too_few_clips(data.split_count(manifest, None), batch, clips))
     metrics_file = local_log_directory(config, DEMO_RUN) / METRICS_FILE
     with progress_from_metrics(  # the workers do not log here: a quiet demo
         metrics_file, DEMO_RUN, config.resolve(clips).derived.total_steps,
@@ -124,6 +132,21 @@ def run_demo(
     return summary
 
 
+def _too_few_clips(num_clips: int, batch: int, training: int | None = None) -> str:
+    """The demo's words for a dataset without one global batch of training clips; `training`:
+    how many data_prep left for training (it draws the held-out split clip by clip)."""
+    if training is None:
+        held_out, enough = "about a quarter of its", math.ceil(batch / TRAIN_FRACTION)
+    else:
+        held_out = f"{num_clips - training} of these"  # num_clips: those in the shards
+        enough = math.ceil(num_clips * batch / max(training, 1))
+    return (
+        f"--clips {num_clips}: too few to train on. The demo holds out {held_out} clips for its "
+        f"evaluation and trains in global batches of {batch} clips (optim.batch_size): give "
+        f"--clips {enough} or more; the default is 800"
+    )
+
+
 def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) -> Path:
     """The embedded default dataset under `workdir`: synthetic videos sized for `config`,
     sharded by data_prep with a 25% held-out split. Both steps resume: clips already made and
@@ -144,7 +167,7 @@ def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) 
         between()
     code = prep_main(
         [str(videos), str(shards), "--short-side", str(config.data.short_side),
-         "--val-fraction", "0.25", "--min-frames", "8", "--min-side", "16"]
+         "--val-fraction", str(1 - TRAIN_FRACTION), "--min-frames", "8", "--min-side", "16"]
     )  # fmt: skip
     if code != 0:  # its own message is above; a traceback would bury it
         raise ConfigError(

@@ -129,8 +129,41 @@ def test_bad_demo_options_are_refused_before_the_workdir_is_made_or_ray_started(
     for flags, said in [
         (["--workers", "0"], "error: scaling.num_workers: Input should be greater than 0"),
         (["--clips", "0"], "error: --clips 0: give a positive number of synthetic clips"),
+        (
+            ["--clips", "1"],
+            "error: --clips 1: too few to train on. The demo holds out about a "
+            "quarter of its clips for its evaluation and trains in global "
+            "batches of 16 clips (optim.batch_size): give --clips 22 or more",
+        ),
+        (["--clips", "4", "--set", "optim.batch_size=4"], "error: --clips 4: too few"),
         (["--set", "optim.epoch=1"], "error: optim.epoch: unknown key"),
     ]:
         result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), *flags])
         assert result.exit_code == 2 and result.stderr.startswith(said), result.output
         assert not workdir.exists()
+    # Enough for a batch of 4 after a quarter is held out: on to Ray.
+    flags = ["--clips", "6", "--set", "optim.batch_size=4"]
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), *flags])
+    assert isinstance(result.exception, RayStarted), result.output
+
+
+def test_a_demo_whose_split_left_too_few_training_clips_says_how_many_to_ask_for(
+    tmp_path, monkeypatch
+):
+    """data_prep draws the held-out split clip by clip: 22 clips may leave 15 for training,
+    less than a batch of 16. Said with the number of clips to ask for, not as the dataset's
+    optim.batch_size error ("prepare more clips"), before training starts."""
+    from svt_ray import cluster, data, demo, train
+
+    monkeypatch.setattr(cluster, "ensure_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(demo, "prepare_synthetic_data", lambda workdir, *args, **kwargs: workdir)
+    counts = {"counts": {"splits": {"train": 15, "val": 7}}}
+    monkeypatch.setattr(data, "read_dataset_manifest", lambda path: counts)
+    monkeypatch.setattr(train, "run_pretraining", no_ray)
+    with pytest.raises(ConfigError) as refused:
+        demo.run_demo(tmp_path, num_clips=22, workers=1, overrides=[])
+    assert str(refused.value) == (
+        "--clips 22: too few to train on. The demo holds out 7 of these clips for its "
+        "evaluation and trains in global batches of 16 clips (optim.batch_size): give "
+        "--clips 24 or more; the default is 800"
+    )
