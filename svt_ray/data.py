@@ -232,6 +232,13 @@ def _read_shard_part(items, filesystem, split: str | None, labelled: bool = Fals
     for item in items.to_pylist():
         with filesystem.open_input_file(item["file"]) as handle:
             shard = pq.ParquetFile(handle)
+            missing = [name for name in READ_COLUMNS if name not in shard.schema_arrow.names]
+            if missing:  # pyarrow's own error names neither the file nor what to do
+                raise ValueError(
+                    f"{item['file']}: no column {', '.join(missing)}; every shard needs "
+                    f"{', '.join(READ_COLUMNS)}. Is it a data_prep shard? Shard the videos "
+                    "again with `svt-ray prep` into a new folder"
+                )
             groups = shard.metadata.num_row_groups
             first = groups * item["part"] // item["parts"]
             last = groups * (item["part"] + 1) // item["parts"]

@@ -272,6 +272,10 @@ def test_shard_parts_cover_its_rows_of_a_split_once(tmp_path, parts):
         for i in t["id"].to_pylist()
     ]  # fmt: skip
     assert labelled == [f"clip{i:03d}" for i in range(rows) if i % 5 and not i % 2]
+    # A shard without a column the pipeline reads: the file and the column, not ArrowInvalid.
+    pq.write_table(table.drop_columns(["num_frames"]), tmp_path / "part.parquet")
+    with pytest.raises(ValueError, match=r"part\.parquet: no column num_frames; every shard"):
+        list(data._read_shard_part(items.slice(0, 1), fs.LocalFileSystem(), "train"))
 
 
 def test_a_pass_over_one_shard_is_several_blocks_for_the_decode_actors(
