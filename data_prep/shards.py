@@ -20,6 +20,7 @@ go into new shards appended to the plan.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import uuid
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 SHARD_DIR = "shards"
 STATE_DIR = "_state"
+# A .tmp-* file this much older than its last write is a killed run's, never a live one's:
+# one shard is written in seconds to minutes, and S3 lists an upload only once it is complete.
+TEMPORARY_AGE_S = 3600.0
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -132,15 +136,27 @@ class Output:
     def write_json(self, value, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
 
-    def remove_temporaries(self) -> int:
-        """Delete leftovers of killed runs (.tmp-* files); return how many."""
+    def remove_temporaries(self, older_than_s: float = TEMPORARY_AGE_S) -> int:
+        """Delete leftovers of killed runs (.tmp-* files) last written more than
+        `older_than_s` ago; return how many. Younger ones may be another run's, writing into
+        the same output now: deleting them failed its writes. A store that gives no time
+        (mtime None) gets them all deleted, as before."""
         removed = 0
+        now = datetime.datetime.now(datetime.timezone.utc)
         for folder in (SHARD_DIR, STATE_DIR, ""):
             path = self.path(folder) if folder else self.root
             if self.filesystem.get_file_info(path).type != pafs.FileType.Directory:
                 continue
             for info in self.filesystem.get_file_info(pafs.FileSelector(path)):
-                if info.type == pafs.FileType.File and info.base_name.startswith(".tmp-"):
+                if info.type != pafs.FileType.File or not info.base_name.startswith(".tmp-"):
+                    continue
+                written = info.mtime
+                if written is not None:
+                    if written.tzinfo is None:  # a store's naive time: taken as UTC
+                        written = written.replace(tzinfo=datetime.timezone.utc)
+                    if (now - written).total_seconds() < older_than_s:
+                        continue
+                with contextlib.suppress(FileNotFoundError):  # its run just moved it
                     self.filesystem.delete_file(info.path)
                     removed += 1
         return removed

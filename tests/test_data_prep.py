@@ -670,7 +670,9 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
     done_before = len(list(state.glob("part-*.json")))
     assert 2 <= done_before <= 4, "the kill should land mid-run"
     assert not (resumed / "manifest.json").exists()
-    (resumed / "shards" / ".tmp-deadbeef-part-00007.parquet").write_bytes(b"partial")
+    leftover = resumed / "shards" / ".tmp-deadbeef-part-00007.parquet"
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))  # the killed run's: old
 
     assert data_prep.main([str(root), str(resumed), *common]) == 0
     names = sorted(p.name for p in (resumed / "shards").iterdir())
@@ -685,6 +687,31 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
         json.loads((resumed / "manifest.json").read_text())["counts"]
         == json.loads((reference / "manifest.json").read_text())["counts"]
     )
+
+
+def test_a_run_removes_old_temporaries_and_leaves_those_another_run_may_be_writing(tmp_path):
+    """Two data_prep runs into one output: the second deleted the first's temporary files
+    as a killed run's leftovers, and the first one's writes failed."""
+    from pyarrow import fs as pafs
+
+    from data_prep.shards import STATE_DIR, TEMPORARY_AGE_S, Output
+
+    output = Output(pafs.LocalFileSystem(), str(tmp_path))
+    for folder in ("shards", STATE_DIR):
+        (tmp_path / folder).mkdir()
+    old, young = tmp_path / "shards" / ".tmp-0-part-00001.parquet", tmp_path / ".tmp-1-x.json"
+    also_old = tmp_path / STATE_DIR / ".tmp-2-part-00001.json"
+    for path in (old, young, also_old):
+        path.write_bytes(b"partial")
+    long_ago = time.time() - TEMPORARY_AGE_S - 60
+    for path in (old, also_old):
+        os.utime(path, (long_ago, long_ago))
+    kept = tmp_path / "shards" / "part-00001.parquet"  # not a temporary, however old
+    kept.write_bytes(b"shard")
+    os.utime(kept, (long_ago, long_ago))
+    assert output.remove_temporaries() == 2
+    assert not old.exists() and not also_old.exists() and young.exists() and kept.exists()
+    assert output.remove_temporaries(older_than_s=0) == 1 and not young.exists()
 
 
 def test_write_file_streams_a_local_file_in_pieces_atomically(tmp_path):
