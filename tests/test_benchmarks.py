@@ -92,6 +92,7 @@ def test_loader_benchmark_quick_run_prints_every_figure(tmp_path):
 
 
 @pytest.mark.extended  # a benchmark: run before measuring with it
+@pytest.mark.slow
 def test_ordering_benchmark_quick_run_streams_in_order_only_when_asked():
     env = {**os.environ, "RAY_ADDRESS": "local"}
     command = [sys.executable, "benchmarks/ordering.py", "--quick", "--workers", "2"]
@@ -106,6 +107,7 @@ def test_ordering_benchmark_quick_run_streams_in_order_only_when_asked():
 
 
 @pytest.mark.extended  # a benchmark: run before measuring with it
+@pytest.mark.slow
 def test_tracking_benchmark_times_both_paths_with_the_server_up_and_down():
     command = [sys.executable, "benchmarks/tracking.py", "--steps", "4", "--down-steps", "1"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

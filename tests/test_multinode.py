@@ -153,6 +153,7 @@ def tail(log: Path, lines: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
+@pytest.mark.extended  # 3 minutes; run it when the failure handling or Ray changes
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_run_that_loses_a_node_restarts_from_its_checkpoint_when_a_node_is_back(

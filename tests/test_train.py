@@ -43,9 +43,9 @@ def mlflow_client(tmp_path: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-# Two workers, two decode actors, a shuffle buffer and online kNN: the recipe of
-# `test_two_worker_run_is_recorded_in_mlflow`, which `test_a_run_repeated_with_its_seed_ends_
-# with_the_same_weights` runs again (one run of 2 workers takes a minute on 2 cores).
+# Two workers, two decode actors, a shuffle buffer and online kNN: the recipe of the MLflow
+# test's run, which the test of a run repeated with its seed runs again (one run of 2 workers
+# takes a minute on 2 cores).
 TWO_WORKERS = (
     "scaling.num_workers=2",
     "data.decode_actors=2",
@@ -203,7 +203,8 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(
 def test_evaluation_of_a_checkpoint_and_random_init(synthetic_shards, finished_run, monkeypatch):
     """Every row, and the same rows whatever order the decode actors return the clips in: the
     kNN and the linear probe get their rows in clip order (the probe's result depends on it).
-    The second evaluation replays the first one's features in reverse, without Ray."""
+    The second evaluation replays the first one's features in reverse instead of running the
+    pipeline again; that two real evaluations agree is the demo test's last check."""
     from svt_ray import data
     from svt_ray import evaluate as evaluate_module
 
@@ -332,7 +333,8 @@ def test_the_pretrain_command_starts_a_local_ray_and_ctrl_c_ends_the_run_at_its_
     """`svt-ray pretrain` without --address, 2 workers: on a 2-core machine Ray Data's read
     tasks used to get no CPU and the run waited forever. Then SIGINT: exit status 130, the
     MLflow run KILLED (it stayed RUNNING), and the command that continues it (the command
-    printed nothing and exited 1)."""
+    printed nothing and exited 1). A run's normal end is tested in process (the demo, S3)
+    and through a command on a cluster (test_multinode.py)."""
     import signal
 
     from mlflow.tracking import MlflowClient
