@@ -97,7 +97,8 @@ def run_demo(
     manifest = data.read_dataset_manifest(str(shards))
     clips = data.training_clips(manifest)
     if clips < batch:  # the held-out split is drawn per clip: it may take more than a quarter
-        raise ConfigError(_too_few_clips(data.split_count(manifest, None), batch, clips))
+        sharded = (data.split_count(manifest, None), clips)
+        raise ConfigError(_too_few_clips(num_clips, batch, sharded))
     metrics_file = local_log_directory(config, DEMO_RUN) / METRICS_FILE
     with progress_from_metrics(  # the workers do not log here: a quiet demo
         metrics_file, DEMO_RUN, config.resolve(clips).derived.total_steps,
@@ -132,18 +133,20 @@ def run_demo(
     return summary
 
 
-def _too_few_clips(num_clips: int, batch: int, training: int | None = None) -> str:
-    """The demo's words for a dataset without one global batch of training clips; `training`:
-    how many data_prep left for training (it draws the held-out split clip by clip)."""
-    if training is None:
-        held_out, enough = "about a quarter of its", math.ceil(batch / TRAIN_FRACTION)
+def _too_few_clips(num_clips: int, batch: int, sharded: tuple[int, int] | None = None) -> str:
+    """The demo's words for a dataset without one global batch of training clips. `sharded`:
+    (clips in the shards, of them for training), once data_prep drew the held-out split."""
+    if sharded is None:
+        held_out, enough = "about a quarter of its clips", math.ceil(batch / TRAIN_FRACTION)
     else:
-        held_out = f"{num_clips - training} of these"  # num_clips: those in the shards
-        enough = math.ceil(num_clips * batch / max(training, 1))
+        total, training = sharded
+        held_out = f"{total - training} of the {total} clips in its shards"
+        enough = math.ceil(total * batch / training)
     return (
-        f"--clips {num_clips}: too few to train on. The demo holds out {held_out} clips for its "
+        f"--clips {num_clips}: too few to train on. The demo holds out {held_out} for its "
         f"evaluation and trains in global batches of {batch} clips (optim.batch_size): give "
-        f"--clips {enough} or more; the default is 800"
+        f"--clips {enough} or more (a few more to be safe: the held-out clips are drawn clip by "
+        "clip)"
     )
 
 
@@ -167,7 +170,7 @@ def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) 
         between()
     code = prep_main(
         [str(videos), str(shards), "--short-side", str(config.data.short_side),
-         "--val-fraction", str(1 - TRAIN_FRACTION), "--min-frames", "8", "--min-side", "16"]
+         "--val-fraction", f"{1 - TRAIN_FRACTION:g}", "--min-frames", "8", "--min-side", "16"]
     )  # fmt: skip
     if code != 0:  # its own message is above; a traceback would bury it
         raise ConfigError(

@@ -133,7 +133,7 @@ def test_bad_demo_options_are_refused_before_the_workdir_is_made_or_ray_started(
             ["--clips", "1"],
             "error: --clips 1: too few to train on. The demo holds out about a "
             "quarter of its clips for its evaluation and trains in global "
-            "batches of 16 clips (optim.batch_size): give --clips 22 or more",
+            "batches of 16 clips (optim.batch_size): give --clips 22 or more (a few more",
         ),
         (["--clips", "4", "--set", "optim.batch_size=4"], "error: --clips 4: too few"),
         (["--set", "optim.epoch=1"], "error: optim.epoch: unknown key"),
@@ -150,20 +150,21 @@ def test_bad_demo_options_are_refused_before_the_workdir_is_made_or_ray_started(
 def test_a_demo_whose_split_left_too_few_training_clips_says_how_many_to_ask_for(
     tmp_path, monkeypatch
 ):
-    """data_prep draws the held-out split clip by clip: 22 clips may leave 15 for training,
-    less than a batch of 16. Said with the number of clips to ask for, not as the dataset's
-    optim.batch_size error ("prepare more clips"), before training starts."""
+    """data_prep draws the held-out split clip by clip: 30 clips (made by an earlier demo that
+    asked for more than this one's 22) may leave 15 for training, less than a batch of 16.
+    Said with the number of clips to ask for, not as the dataset's optim.batch_size error
+    ("prepare more clips"), before training starts."""
     from svt_ray import cluster, data, demo, train
 
     monkeypatch.setattr(cluster, "ensure_ray", lambda *args, **kwargs: None)
     monkeypatch.setattr(demo, "prepare_synthetic_data", lambda workdir, *args, **kwargs: workdir)
-    counts = {"counts": {"splits": {"train": 15, "val": 7}}}
+    counts = {"counts": {"splits": {"train": 15, "val": 15}}}
     monkeypatch.setattr(data, "read_dataset_manifest", lambda path: counts)
     monkeypatch.setattr(train, "run_pretraining", no_ray)
     with pytest.raises(ConfigError) as refused:
         demo.run_demo(tmp_path, num_clips=22, workers=1, overrides=[])
     assert str(refused.value) == (
-        "--clips 22: too few to train on. The demo holds out 7 of these clips for its "
-        "evaluation and trains in global batches of 16 clips (optim.batch_size): give "
-        "--clips 24 or more; the default is 800"
+        "--clips 22: too few to train on. The demo holds out 15 of the 30 clips in its shards "
+        "for its evaluation and trains in global batches of 16 clips (optim.batch_size): give "
+        "--clips 32 or more (a few more to be safe: the held-out clips are drawn clip by clip)"
     )
