@@ -232,13 +232,7 @@ def _read_shard_part(items, filesystem, split: str | None, labelled: bool = Fals
     for item in items.to_pylist():
         with filesystem.open_input_file(item["file"]) as handle:
             shard = pq.ParquetFile(handle)
-            missing = [name for name in READ_COLUMNS if name not in shard.schema_arrow.names]
-            if missing:  # pyarrow's own error names neither the file nor what to do
-                raise ValueError(
-                    f"{item['file']}: no column {', '.join(missing)}; every shard needs "
-                    f"{', '.join(READ_COLUMNS)}. Is it a data_prep shard? Shard the videos "
-                    "again with `svt-ray prep` into a new folder"
-                )
+            _check_columns(shard.schema_arrow, item["file"])  # pyarrow would read without one
             groups = shard.metadata.num_row_groups
             first = groups * item["part"] // item["parts"]
             last = groups * (item["part"] + 1) // item["parts"]
@@ -253,6 +247,31 @@ def _read_shard_part(items, filesystem, split: str | None, labelled: bool = Fals
             yield table.append_column(
                 "epoch", pa.array([item["epoch"]] * table.num_rows, pa.int32())
             )
+
+
+def _check_columns(schema, path: str) -> None:
+    """A shard without a column the pipeline reads is a ValueError that names the file and the
+    columns (pyarrow's errors name neither, or it reads on without the column)."""
+    missing = [name for name in READ_COLUMNS if name not in schema.names]
+    if missing:
+        raise ValueError(
+            f"{path}: no column{'s' if len(missing) > 1 else ''} {', '.join(missing)}; every "
+            f"shard needs {', '.join(READ_COLUMNS)}. Is it a data_prep shard? Shard the videos "
+            "again with `svt-ray prep` into a new folder"
+        )
+
+
+def _read_table(path: str, filesystem, **kwargs):
+    """`pq.read_table` of one shard; a missing column names the file (`_check_columns`), not
+    just the field ("No match for FieldRef.Name(label)")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, filesystem=filesystem, **kwargs)
+    except pa.ArrowInvalid:
+        _check_columns(pq.read_schema(path, filesystem=filesystem), path)
+        raise
 
 
 def _actor_pool(decode_actors: int | None):
@@ -629,7 +648,6 @@ def load_eval_clips(
     classes like the split. Returns `build_eval_dataset`'s columns for those clips.
     """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from data_prep.shards import read_manifest
 
@@ -639,7 +657,7 @@ def load_eval_clips(
         raise ValueError(f"{data_path}: no shard holds clips of split {split!r}")
     index = []  # (hash, file, id) of every labelled clip of the split
     for path in files:
-        table = pq.read_table(path, columns=["id", "label", "split"], filesystem=filesystem)
+        table = _read_table(path, filesystem, columns=["id", "label", "split"])
         labelled = pc.and_(pc.equal(table["split"], split), pc.greater_equal(table["label"], 0))
         table = table.filter(labelled)
         index += [(_clip_hash(i), path, i) for i in table["id"].to_pylist()]
@@ -648,9 +666,7 @@ def load_eval_clips(
     batches = []
     for path in sorted({path for _, path, _ in chosen}):
         wanted = [clip_id for _, p, clip_id in chosen if p == path]
-        table = pq.read_table(
-            path, columns=READ_COLUMNS, filesystem=filesystem, filters=[("id", "in", wanted)]
-        )
+        table = _read_table(path, filesystem, columns=READ_COLUMNS, filters=[("id", "in", wanted)])
         batches.append(cutter(table.to_pydict()))
     if not batches:
         raise ValueError(f"{data_path}: split {split!r} has no labelled clip")

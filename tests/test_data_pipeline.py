@@ -276,6 +276,10 @@ def test_shard_parts_cover_its_rows_of_a_split_once(tmp_path, parts):
     pq.write_table(table.drop_columns(["num_frames"]), tmp_path / "part.parquet")
     with pytest.raises(ValueError, match=r"part\.parquet: no column num_frames; every shard"):
         list(data._read_shard_part(items.slice(0, 1), fs.LocalFileSystem(), "train"))
+    # ...and where the online kNN reads its clips in a Train worker (`load_eval_clips`).
+    pq.write_table(table.drop_columns(["label", "split"]), tmp_path / "part.parquet")
+    with pytest.raises(ValueError, match=r"part\.parquet: no columns label, split; every"):
+        data._read_table(str(tmp_path / "part.parquet"), fs.LocalFileSystem(), columns=["label"])
 
 
 def test_a_pass_over_one_shard_is_several_blocks_for_the_decode_actors(
