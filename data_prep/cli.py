@@ -482,7 +482,12 @@ def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> in
         _print_dry_run(args, videos, plan, states, todo, splits, label_map)
         return 0
 
-    output.remove_temporaries()
+    _, kept = output.remove_temporaries()
+    if kept:
+        print(
+            f"data_prep: left {kept} temporary file(s) (.tmp-*) written within the hour in "
+            f"{args.output}: another run may be writing them; a later run removes them"
+        )
     output.write_json(plan, STATE_DIR, "plan.json")
     failed = 0
     if todo:

@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 SHARD_DIR = "shards"
 STATE_DIR = "_state"
-# A .tmp-* file this much older than its last write is a killed run's, never a live one's:
-# one shard is written in seconds to minutes, and S3 lists an upload only once it is complete.
+# A .tmp-* file not written for this long is taken for a killed run's: a live run writes a
+# shard in seconds to minutes (S3 lists an upload once complete, timed from its start).
 TEMPORARY_AGE_S = 3600.0
 
 SHARD_SCHEMA = pa.schema(
@@ -136,12 +136,12 @@ class Output:
     def write_json(self, value, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
 
-    def remove_temporaries(self, older_than_s: float = TEMPORARY_AGE_S) -> int:
+    def remove_temporaries(self, older_than_s: float = TEMPORARY_AGE_S) -> tuple[int, int]:
         """Delete leftovers of killed runs (.tmp-* files) last written more than
-        `older_than_s` ago; return how many. Younger ones may be another run's, writing into
-        the same output now: deleting them failed its writes. A store that gives no time
-        (mtime None) gets them all deleted, as before."""
-        removed = 0
+        `older_than_s` ago; return (removed, kept). Younger ones may be another run's, writing
+        into the same output now: deleting them failed its writes. A store that gives no time
+        (mtime None) gets them all deleted."""
+        removed = kept = 0
         now = datetime.datetime.now(datetime.timezone.utc)
         for folder in (SHARD_DIR, STATE_DIR, ""):
             path = self.path(folder) if folder else self.root
@@ -155,11 +155,12 @@ class Output:
                     if written.tzinfo is None:  # a store's naive time: taken as UTC
                         written = written.replace(tzinfo=datetime.timezone.utc)
                     if (now - written).total_seconds() < older_than_s:
+                        kept += 1
                         continue
                 with contextlib.suppress(FileNotFoundError):  # its run just moved it
                     self.filesystem.delete_file(info.path)
                     removed += 1
-        return removed
+        return removed, kept
 
 
 def write_shard(output: Output, name: str, rows: list[dict]) -> int:
