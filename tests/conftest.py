@@ -133,6 +133,28 @@ def synthetic_shards(synthetic_videos, ray_session, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory):
+    """An MLflow SQLite store with MLflow's tables and nothing else, made once a session:
+    MLflow takes 2-3 s of a 2-core machine to create and migrate one, and about 30 tests
+    need a store of their own (`mlflow_db`). The tests that run the commands as a user does
+    (the demo, `svt-ray pretrain`) still have MLflow create theirs."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("empty_mlflow_store")
+    with contextlib.chdir(folder):  # the Default experiment's artifact folder: in there
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, empty_mlflow_store):
+    """`tmp_path / "mlflow.db"`: an empty MLflow store of this test's own (a copy)."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_mlflow_store, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied file artifacts), stopped
     at the end of the session. Yields its http:// URI."""

@@ -81,7 +81,9 @@ def test_each_rank_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, monkeypat
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_shards_checkpoints_and_resume_on_s3(tmp_path, synthetic_videos, s3_server, monkeypatch):
+def test_shards_checkpoints_and_resume_on_s3(
+    tmp_path, mlflow_db, synthetic_videos, s3_server, monkeypatch
+):
     # The endpoint travels inside the URIs (pyarrow query options) to the driver, data_prep's
     # tasks, Ray Data's read tasks and Ray Train's controller and workers.
     bucket, _ = pafs.FileSystem.from_uri(f"s3://svt?{s3_server}&allow_bucket_creation=true")

@@ -15,7 +15,7 @@ from svt_ray.train import run_pretraining
 
 
 def test_a_run_that_trained_to_the_end_is_finished_even_if_rank_0_could_not_say_so(
-    tmp_path, caplog
+    tmp_path, mlflow_db, caplog
 ):
     """Rank 0 gives the store `tracking.flush_timeout_s` for its last calls; a slow store left
     the run RUNNING, and a study then marked it KILLED as if ASHA had stopped it. The driver,

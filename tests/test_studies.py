@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,11 +152,14 @@ def _finished_trials(database: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_study_smoke_restore_failure_and_compare(tmp_path, synthetic_shards, ray_session):
+def test_study_smoke_restore_failure_and_compare(
+    tmp_path, synthetic_shards, ray_session, empty_mlflow_store
+):
     # 1. The study driver runs in its own process on the session's Ray; kill -9 it as soon as
     #    the first trial has finished.
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
+    shutil.copyfile(empty_mlflow_store, old / "mlflow.db")
     driver = _study_driver(
         tmp_path, "run_study(SMOKE, _smoke_options(Path(sys.argv[2]), Path(sys.argv[3])))"
     )
@@ -330,7 +334,9 @@ def test_a_local_study_asking_for_gpus_ray_lacks_fails_before_any_trial(
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(tmp_path):
+def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(
+    tmp_path, mlflow_db
+):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -353,7 +359,7 @@ def test_a_trial_stopped_early_ends_when_it_last_logged_not_when_the_study_ends(
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # not a child: untouched
 
 
-def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_path):
+def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_path, mlflow_db):
     from types import SimpleNamespace
 
     from mlflow.entities import Metric
@@ -383,7 +389,7 @@ def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_pat
     assert running.status == "RUNNING"  # another trial, still training: untouched
 
 
-def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path):
+def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path, mlflow_db):
     """Tune restores a study's recorded trials, so new seeds, grids, --set items or ASHA
     settings would be dropped without a word: they are refused, naming what changed. Where it
     runs (data, storage, tracking, cluster) may change; the parent run is RUNNING again."""
@@ -583,7 +589,7 @@ def test_a_trial_whose_placement_group_was_removed_counts_as_stopped_not_failed(
     assert not _stopped_from_outside(owner_died("SYSTEM_ERROR"))
 
 
-def test_an_error_after_a_trial_finished_does_not_mark_it_failed(tmp_path):
+def test_an_error_after_a_trial_finished_does_not_mark_it_failed(tmp_path, mlflow_db):
     from mlflow.tracking import MlflowClient
 
     from svt_ray.studies import _record_failed_trial

@@ -171,7 +171,7 @@ def _finished_run(client, experiment_id: str, knn: float, **tags: str) -> str:
     return run.info.run_id
 
 
-def test_a_trial_resumed_a_day_later_counts_its_training_hours_not_the_pause(tmp_path):
+def test_a_trial_resumed_a_day_later_counts_its_training_hours_not_the_pause(tmp_path, mlflow_db):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -197,7 +197,7 @@ def test_a_trial_resumed_a_day_later_counts_its_training_hours_not_the_pause(tmp
     assert [round(h, 2) for h, _ in record.wall_curve] == [0.01, 1.0, 1.5]
 
 
-def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path):
+def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path, mlflow_db):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -234,7 +234,7 @@ def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path):
 
 
 def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experiment(
-    tmp_path, caplog
+    tmp_path, mlflow_db, caplog
 ):
     from mlflow.tracking import MlflowClient
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ def test_file_store_and_missing_folder_are_explained(tmp_path):
     check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def test_mistyped_tracking_uris_are_refused_before_any_work(tmp_path):
+def test_mistyped_tracking_uris_are_refused_before_any_work(tmp_path, mlflow_db):
     """Each passed the check and failed at MLflow's first use: SQLAlchemy's 'Invalid SQLite
     URL', 'file is not a database', MLflow's unknown-scheme error."""
     from mlflow.tracking import MlflowClient
@@ -98,7 +99,7 @@ def _history(run: MLflowTracker, key: str = "loss") -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in run.client.get_metric_history(run.run_id, key))
 
 
-def test_an_outage_mid_run_holds_values_back_without_stalling_training(tmp_path, caplog):
+def test_an_outage_mid_run_holds_values_back_without_stalling_training(tmp_path, mlflow_db, caplog):
     run = tracker(tmp_path)
     outage = _Outage(run, stall_s=0.5)
     run.log_metrics({"loss": 8.0}, step=8)
@@ -121,7 +122,7 @@ def test_an_outage_mid_run_holds_values_back_without_stalling_training(tmp_path,
     assert [x["clips_seen"] for x in lines] == list(range(8, 88, 8))
 
 
-def test_a_refused_call_is_dropped_and_the_calls_behind_it_go_on(tmp_path, caplog):
+def test_a_refused_call_is_dropped_and_the_calls_behind_it_go_on(tmp_path, mlflow_db, caplog):
     run = tracker(tmp_path)
     run.log_params({"optim.lr": 1})
     run.log_params({"optim.lr": 2})  # MLflow refuses to change a logged param
@@ -134,7 +135,7 @@ def test_a_refused_call_is_dropped_and_the_calls_behind_it_go_on(tmp_path, caplo
     assert run.client.get_run(run.run_id).info.status == "FINISHED"
 
 
-def test_a_run_that_ends_in_an_outage_is_synced_afterwards(tmp_path, caplog):
+def test_a_run_that_ends_in_an_outage_is_synced_afterwards(tmp_path, mlflow_db, caplog):
     run = tracker(tmp_path, flush_timeout_s=0.3)
     outage = _Outage(run)
     run.log_metrics({"loss": 4.0, "lr": 0.1}, step=4)
@@ -155,7 +156,7 @@ def test_a_run_that_ends_in_an_outage_is_synced_afterwards(tmp_path, caplog):
     assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == []  # nothing twice
 
 
-def test_resumed_tracker_skips_steps_already_logged(tmp_path):
+def test_resumed_tracker_skips_steps_already_logged(tmp_path, mlflow_db):
     first = tracker(tmp_path)
     for step in (4, 8, 12):
         first.log_metrics({"loss": float(step)}, step=step)
@@ -183,7 +184,7 @@ def test_resumed_tracker_skips_steps_already_logged(tmp_path):
     assert _history(moved) == [(4, 4.0), (8, 8.0), (12, 12.0), (16, -1.0), (20, -2.0)]
 
 
-def test_results_added_to_an_ended_run_leave_its_status_alone(tmp_path):
+def test_results_added_to_an_ended_run_leave_its_status_alone(tmp_path, mlflow_db):
     """The demo adds its evaluation to the finished pretraining run. Continued as a worker
     continues one, the run was RUNNING until the last call: a process killed in between
     left a finished run RUNNING for good. `reopen=False` never touches the status."""
@@ -204,7 +205,7 @@ def test_results_added_to_an_ended_run_leave_its_status_alone(tmp_path):
     assert added.client.get_run(first.run_id).info.status == "RUNNING"
 
 
-def test_a_restart_sends_what_the_crashed_worker_held_back(tmp_path):
+def test_a_restart_sends_what_the_crashed_worker_held_back(tmp_path, mlflow_db):
     first = tracker(tmp_path)
     outage = _Outage(first)
     first.log_metrics({"loss": 4.0}, step=4)
@@ -268,7 +269,7 @@ def test_tracking_subcommands_help_says_what_their_defaults_are():
     assert "default svt_runs" in helps["sync storage"]
 
 
-def test_tracking_sync_command(tmp_path):
+def test_tracking_sync_command(tmp_path, mlflow_db):
     from typer.testing import CliRunner
 
     from svt_ray.cli import app, build_config
@@ -301,7 +302,7 @@ def _metrics_lines(steps) -> str:
     )
 
 
-def test_metrics_travel_with_a_remote_run_directory(tmp_path, monkeypatch):
+def test_metrics_travel_with_a_remote_run_directory(tmp_path, mlflow_db, monkeypatch):
     """With remote storage, metrics.jsonl lives on rank 0's node; a copy in the run directory
     serves a rank 0 restarted elsewhere, the driver's curve plot and `tracking sync`."""
     from typer.testing import CliRunner
@@ -352,7 +353,7 @@ def test_metrics_travel_with_a_remote_run_directory(tmp_path, monkeypatch):
     assert _history(run) == [(4, 5.0), (8, 1.0), (12, -3.0)]
 
 
-def test_a_line_cut_short_by_a_crash_does_not_swallow_the_next(tmp_path):
+def test_a_line_cut_short_by_a_crash_does_not_swallow_the_next(tmp_path, mlflow_db):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / METRICS_FILE).write_text(_metrics_lines([4]) + '{"clips_seen": 8, "lo')
@@ -384,7 +385,7 @@ def test_relative_sqlite_uri_is_pinned_for_workers(tmp_path, monkeypatch):
     assert absolute_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
-def test_sqlite_artifacts_live_beside_the_database(tmp_path):
+def test_sqlite_artifacts_live_beside_the_database(tmp_path, mlflow_db):
     run = tracker(tmp_path)
     (tmp_path / "note.txt").write_text("hello")
     run.log_artifact(tmp_path / "note.txt")
@@ -417,7 +418,7 @@ def test_a_loopback_uri_is_given_as_the_drivers_address_on_a_cluster(mlflow_serv
 
 
 def test_a_worker_that_cannot_reach_the_store_trains_on_without_mlflow(
-    tmp_path, caplog, monkeypatch
+    tmp_path, mlflow_db, caplog, monkeypatch
 ):
     """A Train worker joins the driver's run; where the store is unreachable from its node it
     warns once and keeps metrics.jsonl, without waiting out MLflow's retries on every call."""
@@ -441,9 +442,12 @@ def test_a_worker_that_cannot_reach_the_store_trains_on_without_mlflow(
 # -- backing up the cluster head's SQLite store -----------------------------------------------
 
 
-def _store_with_a_run(path):
+def _store_with_a_run(path, empty_store=None):
+    """A store at `path` with one run; an `empty_store` to copy saves MLflow making one."""
     from mlflow.tracking import MlflowClient
 
+    if empty_store is not None:
+        shutil.copyfile(empty_store, path)
     client = MlflowClient(f"sqlite:///{path}")
     run = client.create_run(client.create_experiment("backup"))
     return client, run.info.run_id
@@ -463,7 +467,7 @@ def _read(location: str) -> bytes:
         return stream.read()
 
 
-def test_a_backup_made_while_a_run_logs_restores_to_a_sound_store(tmp_path):
+def test_a_backup_made_while_a_run_logs_restores_to_a_sound_store(tmp_path, empty_mlflow_store):
     import sqlite3
     import threading
     import time
@@ -472,7 +476,7 @@ def test_a_backup_made_while_a_run_logs_restores_to_a_sound_store(tmp_path):
 
     database = tmp_path / "head" / "mlflow.db"
     database.parent.mkdir()
-    client, run_id = _store_with_a_run(database)
+    client, run_id = _store_with_a_run(database, empty_mlflow_store)
     stop, logged = threading.Event(), []
     errors = []
 
@@ -514,7 +518,7 @@ def test_a_backup_made_while_a_run_logs_restores_to_a_sound_store(tmp_path):
     assert not list((tmp_path / "bucket").glob(".tmp-*"))  # written through a temp + rename
 
 
-def test_restore_never_overwrites_and_refuses_a_broken_backup(tmp_path):
+def test_restore_never_overwrites_and_refuses_a_broken_backup(tmp_path, mlflow_db):
     from svt_ray.tracking import backup_sqlite_store, restore_sqlite_store
 
     database = tmp_path / "mlflow.db"
@@ -538,7 +542,7 @@ def test_restore_never_overwrites_and_refuses_a_broken_backup(tmp_path):
     assert _loss_steps(tmp_path / "c.db", run_id) == []
 
 
-def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path):
+def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path, mlflow_db):
     import subprocess
     import sys
     import time
@@ -581,22 +585,21 @@ def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path):
     assert "backed up" in output
 
 
-def test_a_backup_refuses_to_replace_one_of_another_store(tmp_path):
+def test_a_backup_refuses_to_replace_one_of_another_store(tmp_path, empty_mlflow_store):
     """A head whose restore read another place than its backup writes starts an empty store,
     and its backup loop replaced the real backup (15 runs became 0): refused unless --force,
     checked on the first round only (later rounds replace what the loop itself wrote)."""
-    from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
     from svt_ray.cli import app
 
     old_head = tmp_path / "old" / "mlflow.db"
     old_head.parent.mkdir()
-    client, _ = _store_with_a_run(old_head)
+    client, _ = _store_with_a_run(old_head, empty_mlflow_store)
     client.create_run(client.get_experiment_by_name("backup").experiment_id)
     new_head = tmp_path / "new" / "mlflow.db"
     new_head.parent.mkdir()
-    MlflowClient(f"sqlite:///{new_head}").search_experiments()  # MLflow's tables, no runs
+    shutil.copyfile(empty_mlflow_store, new_head)  # MLflow's tables, no runs
     runner = CliRunner()
     for destination in [str(tmp_path / "bucket" / "mlflow.db"), (tmp_path / "s3").as_uri()]:
         result = runner.invoke(app, ["tracking", "backup", str(old_head), destination])

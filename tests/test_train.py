@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,10 +79,11 @@ DETERMINISTIC = ("data.deterministic=true", "train.max_failures=0")
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, synthetic_shards, ray_session):
+def finished_run(tmp_path_factory, synthetic_shards, ray_session, empty_mlflow_store):
     """One worker, deterministic data, no restarts: the uninterrupted run that a resumed one
     must end equal to, and a checkpoint to evaluate."""
     root = tmp_path_factory.mktemp("finished")
+    shutil.copyfile(empty_mlflow_store, root / "mlflow.db")
     config = experiment(root, synthetic_shards, *DETERMINISTIC, "train.run_name=whole")
     return run_pretraining(config)
 
@@ -129,7 +131,7 @@ def test_two_worker_run_is_recorded_in_mlflow(two_worker_run, synthetic_shards, 
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
-    tmp_path, synthetic_shards, ray_session, finished_run, monkeypatch
+    tmp_path, mlflow_db, synthetic_shards, ray_session, finished_run, monkeypatch
 ):
     whole = finished_run
     interrupted = experiment(tmp_path, synthetic_shards, *DETERMINISTIC, "train.run_name=cut")
@@ -160,7 +162,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
 
 
 def test_a_run_repeated_with_its_seed_ends_with_the_same_weights(
-    tmp_path, synthetic_shards, ray_session, two_worker_run
+    tmp_path, mlflow_db, synthetic_shards, ray_session, two_worker_run
 ):
     """Shuffled files, a shuffle buffer, two decode actors and two workers: with
     data.preserve_order (the default) the same seed gives the same batches, so the same
@@ -183,7 +185,7 @@ def test_a_run_repeated_with_its_seed_ends_with_the_same_weights(
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(
-    tmp_path, synthetic_shards, ray_session
+    tmp_path, mlflow_db, synthetic_shards, ray_session
 ):
     config = experiment(
         tmp_path, synthetic_shards, "train.run_name=diverge", "optim.base_lr=1e12",
@@ -251,7 +253,9 @@ def test_evaluation_of_a_checkpoint_and_random_init(synthetic_shards, finished_r
             assert torch.equal(a, b), first[0]
 
 
-def test_asking_local_ray_for_gpus_it_lacks_fails_at_once(tmp_path, synthetic_shards, ray_session):
+def test_asking_local_ray_for_gpus_it_lacks_fails_at_once(
+    tmp_path, mlflow_db, synthetic_shards, ray_session
+):
     """Not after train.wait_for_workers_s (64 GPUs: more than any test machine has)."""
     config = experiment(
         tmp_path, synthetic_shards, "train.run_name=gpu", "scaling.gpus_per_worker=64"
@@ -367,7 +371,9 @@ def test_the_pretrain_command_starts_a_local_ray_and_ctrl_c_ends_the_run_at_its_
     assert run.info.status == "KILLED"
 
 
-def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_path):
+def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(
+    tmp_path, empty_mlflow_store
+):
     """On a cluster the driver reaches the store at the head's address; a resume on another
     cluster must find the store the user named, so run.json records that one."""
     from mlflow.tracking import MlflowClient
@@ -376,6 +382,7 @@ def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_pa
 
     given = f"sqlite:///{tmp_path / 'given.db'}"
     reached = f"sqlite:///{tmp_path / 'reached.db'}"  # stands for http://HEAD-IP:5000
+    shutil.copyfile(empty_mlflow_store, tmp_path / "reached.db")
     overrides = [f"tracking.tracking_uri={given}", f"train.storage_path={tmp_path / 'runs'}"]
     config = load_config("tiny", overrides=overrides).resolve(64)
     run_dir = tmp_path / "runs" / "r"
@@ -385,7 +392,7 @@ def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(tmp_pa
     assert MlflowClient(reached).get_run(run_id).info.run_name == "r"  # created where reached
 
 
-def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, monkeypatch):
+def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, mlflow_db, monkeypatch):
     """A run directory deleted and a run of the same name started again: the metrics.jsonl
     left in its local log directory (remote storage: a temporary folder) is moved aside, or
     the new run's tracker would take its steps for logged ones and send them to MLflow."""
@@ -406,7 +413,7 @@ def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, monke
     assert "400" in old.read_text()
 
 
-def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path):
+def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path, mlflow_db):
     """An attempt that ended before its first checkpoint left run.json: a new run of that name
     with another recipe starts anew (new MLflow run, its run.json), or a later --resume would
     train with the old recipe; the same recipe, or a run with checkpoints, keeps its run."""
@@ -435,7 +442,9 @@ def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path):
     assert start("optim.epochs=7") == second
 
 
-def test_a_trial_whose_driver_died_before_recording_its_run_goes_on_in_that_run(tmp_path):
+def test_a_trial_whose_driver_died_before_recording_its_run_goes_on_in_that_run(
+    tmp_path, mlflow_db
+):
     """A study driver killed between creating a trial's MLflow run and writing run.json: the
     restored trial continues in that child run, not in a second one next to an empty one."""
     from mlflow.tracking import MlflowClient
