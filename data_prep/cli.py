@@ -654,11 +654,13 @@ def _print_dry_run(args, videos, plan, states, todo, splits, label_map) -> None:
 def _print_summary(args, manifest: dict, seconds: float) -> None:
     counts = manifest["counts"]
     reasons = ", ".join(f"{reason} {n}" for reason, n in counts["reject_reasons"].items())
+    shards = len(manifest["shards"])
+    splits = ", ".join(f"{split} {n}" for split, n in counts["splits"].items())
     print(
-        f"data_prep: {counts['accepted']} videos in {len(manifest['shards'])} shards, "
+        f"data_prep: {counts['accepted']} videos in {shards} shard{'s' * (shards != 1)}, "
         f"{counts['rejected']} rejected{f' ({reasons})' if reasons else ''}; "
         f"{manifest['total_duration_s'] / 3600:.2f} h of video, "
-        f"{manifest['total_bytes'] / 1e6:.1f} MB, splits {counts['splits']}; "
+        f"{manifest['total_bytes'] / 1e6:.1f} MB, split {splits}; "
         f"{seconds:.1f}s -> {args.output}"
     )
 

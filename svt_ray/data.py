@@ -755,6 +755,10 @@ def set_progress_bars(wanted: bool | None) -> None:
 
     if wanted is not None:
         ray.data.DataContext.get_current().enable_progress_bars = wanted
+    if wanted is False:  # Ray Data would then warn, once, how to turn them back on: we chose
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")  # its key for that warning
 
 
 def set_preserve_order(wanted: bool) -> None:

@@ -545,7 +545,7 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
         total_bytes=sum(size for size, _ in results),
         seconds=time.perf_counter() - start,
     )
-    logger.info("synthetic data: %s", summary)
+    logger.debug("synthetic data: %s", summary)  # the commands print it for people
     return summary
 
 

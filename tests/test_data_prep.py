@@ -457,7 +457,7 @@ def test_the_quick_tours_synth_defaults_shard_and_decode(tmp_path, ray_session, 
 
     assert synthetic.main([str(tmp_path / "videos"), "--num-clips", "6"]) == 0
     assert data_prep.main([str(tmp_path / "videos"), str(tmp_path / "shards")]) == 0
-    assert "6 videos in 1 shards, 0 rejected" in capsys.readouterr().out
+    assert "6 videos in 1 shard, 0 rejected" in capsys.readouterr().out
     rows = _rows(tmp_path / "shards")
     assert len(rows) == 6 and not (tmp_path / "shards" / "rejects.jsonl").read_text()
     frames = open_video(rows[0]["video"]).get_frames([0, 3, 1])

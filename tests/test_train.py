@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -722,6 +723,30 @@ def test_ray_data_draws_progress_bars_on_a_terminal_only(monkeypatch):
     assert progress_bars_wanted(io.StringIO()) is False  # a file, a pipe, `ray job logs`
     monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "0")  # the user decides
     assert progress_bars_wanted(io.StringIO()) is None
+
+
+def test_progress_bars_turned_off_for_a_file_bring_no_warning_on_how_to_turn_them_on(
+    ray_session, monkeypatch, caplog
+):
+    """The demo's evaluation, its output sent to a file, printed Ray Data's "Progress bars
+    disabled. To enable, set ..." among its results: we turned them off on purpose."""
+    import ray.data
+    import ray.util.debug
+
+    from svt_ray.data import set_progress_bars
+
+    monkeypatch.setattr(ray.util.debug, "_logged", set())  # as in a new process
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "enable_progress_bars", context.enable_progress_bars)
+    ray_data = logging.getLogger("ray.data")  # its handlers write to stderr; no propagation
+    ray_data.addHandler(caplog.handler)
+    try:
+        set_progress_bars(False)
+        assert ray.data.range(4).map_batches(lambda batch: batch).count() == 4
+    finally:
+        ray_data.removeHandler(caplog.handler)
+    assert "Execution plan" in caplog.text  # Ray Data's own log is seen here
+    assert "Progress bars disabled" not in caplog.text
 
 
 def test_a_quiet_driver_prints_the_progress_lines_from_the_runs_metrics_file(tmp_path, capsys):
