@@ -43,14 +43,7 @@ def run_demo(
     from svt_ray import data, train
     from svt_ray.cluster import cpus_per_run, ensure_ray, local_ray_cpus
     from svt_ray.progress import progress_from_metrics
-    from svt_ray.runs import (
-        PROGRESS_FILE,
-        check_writable,
-        join_uri,
-        local_log_directory,
-        read_json,
-        run_directory,
-    )
+    from svt_ray.runs import check_writable, local_log_directory, run_directory, run_progress
 
     started = time.perf_counter()
     if num_clips < 1:
@@ -70,7 +63,7 @@ def run_demo(
     if num_clips < math.ceil(batch / TRAIN_FRACTION):  # before any clip is made or Ray starts
         raise ConfigError(_too_few_clips(num_clips, batch))
     run_dir = run_directory(config.train.storage_path, DEMO_RUN)
-    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
+    progress = run_progress(run_dir)
     if progress is not None and (shards / "manifest.json").exists():
         made = json.loads((shards / "manifest.json").read_text())["counts"]["inputs"]
         if made < num_clips:  # said before any clip is made: the run would refuse the data

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -37,7 +38,11 @@ from svt_ray.tracking import METRICS_FILE, git_commit, make_tracker, read_metric
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the latest checkpoint Ray Train registered
+PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the run's latest checkpoint (run_progress)
+
+
+CHECKPOINT_FILE = "state.pt"  # {storage}/{run}/checkpoint_NNNNNNNN/: what rank 0 saved
+_CHECKPOINT_DIR = re.compile(r"checkpoint_(\d{8})")
 
 
 RUN_FILE = "run.json"  # {storage}/{run}/: the MLflow run id and the resolved config
@@ -107,6 +112,61 @@ def write_json(path: str, payload: dict) -> None:
 def run_directory(storage_path: str, run_name: str) -> str:
     """Where a run's checkpoints, run.json and progress.json live (a path or a URI)."""
     return join_uri(storage_root(storage_path), run_name)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder of the checkpoint at `step` inside the run directory."""
+    return f"checkpoint_{step:08d}"
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of a checkpoint folder named by `checkpoint_dir_name` (None for another)."""
+    match = _CHECKPOINT_DIR.fullmatch(path.partition("?")[0].rstrip("/").rsplit("/", 1)[-1])
+    return int(match[1]) if match else None
+
+
+def _saved_whole(filesystem: pafs.FileSystem, folder: str) -> bool:
+    """Whether a checkpoint folder holds all of rank 0's state.pt. torch.save writes a zip
+    archive, whose last 22 bytes are its end-of-central-directory record (no comment); a copy
+    cut short ends elsewhere."""
+    info = filesystem.get_file_info(f"{folder}/{CHECKPOINT_FILE}")
+    if info.type != pafs.FileType.File or info.size < 22:
+        return False
+    with filesystem.open_input_file(info.path) as file:
+        return file.read_at(4, info.size - 22) == b"PK\x05\x06"
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+    """The steps of the run's checkpoint folders, in order (whole or not)."""
+    filesystem, path = resolve_filesystem(run_dir)
+    listing = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    steps = (checkpoint_step(info.path) for info in listing if info.type == pafs.FileType.Directory)
+    return sorted(step for step in steps if step is not None)
+
+
+def run_progress(run_dir: str) -> dict | None:
+    """The run's progress ({"step": its latest checkpoint}; None before its first).
+
+    progress.json is written once Ray Train has registered a checkpoint, which it does after
+    rank 0 saved it. A run stopped in between (Ctrl-C as a checkpoint was being saved, a
+    driver killed) left a whole checkpoint that progress.json did not name, and its resume
+    started over from step 0, overwriting it. A newer whole checkpoint is written into
+    progress.json here, so that the dataset factory and the workers start from it."""
+    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
+    registered = progress["step"] if progress else 0
+    filesystem, path = resolve_filesystem(run_dir)
+    for step in reversed(checkpoint_steps(run_dir)):
+        if step <= registered:
+            break
+        if _saved_whole(filesystem, f"{path}/{checkpoint_dir_name(step)}"):
+            logger.warning(
+                "%s: %s was saved whole, but the run stopped before Ray Train registered "
+                "it; it counts as the run's latest checkpoint", run_dir, checkpoint_dir_name(step),
+            )  # fmt: skip
+            progress = {"step": step}
+            write_json(join_uri(run_dir, PROGRESS_FILE), progress)
+            return progress
+    return progress
 
 
 def local_log_directory(config: ExperimentConfig, run_name: str) -> Path:

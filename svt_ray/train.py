@@ -4,7 +4,8 @@ The only module that calls `ray.train`. The Ray touchpoints are numbered as in R
 `torch_fashion_mnist_example.py`:
 
   [1] the driver builds a TorchTrainer: one worker per GPU (or CPU slot), DDP via Ray;
-  [2] each worker restores the latest checkpoint, if any (`ray.train.get_checkpoint`);
+  [2] each worker restores the latest checkpoint, if any (`ray.train.get_checkpoint`, or
+      one saved whole that Ray Train did not register before a stop: `runs.run_progress`);
   [3] the student is wrapped in DDP (`ray.train.torch.prepare_model`);
   [4] each worker streams its shard of the view dataset (`ray.train.get_dataset_shard`);
   [5] every step is reported; rank 0 attaches a checkpoint every N steps and at the end;
@@ -62,12 +63,16 @@ from svt_ray.engine import (
 from svt_ray.model import check_init_from
 from svt_ray.progress import ConsoleProgress, DataWait
 from svt_ray.runs import (
+    CHECKPOINT_FILE,
     DIVERGED_FILE,
     PROGRESS_FILE,
     RUN_FILE,
     absolute_path,
     check_resumed_data,
     check_resumed_recipe,
+    checkpoint_dir_name,
+    checkpoint_step,
+    checkpoint_steps,
     default_run_name,
     download_file,
     end_mlflow_run,
@@ -78,6 +83,7 @@ from svt_ray.runs import (
     mirror_metrics,
     read_json,
     run_directory,
+    run_progress,
     start_mlflow_run,
     storage_root,
     write_json,
@@ -94,7 +100,6 @@ logger = logging.getLogger(__name__)
 
 NO_CHECKPOINT = "no checkpoint yet"
 
-CHECKPOINT_FILE = "state.pt"
 # Ray Train 2.60's DEFAULT_WORKER_GROUP_START_TIMEOUT_S: how long one worker-group start waits.
 START_TIMEOUT_ENV, START_TIMEOUT_DEFAULT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0
 
@@ -132,11 +137,6 @@ def dataset_for_run(config_json: dict[str, Any], run_dir: str, progress_bars: bo
 def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """Augmentation randomness as a function of (seed, step, rank): resume needs no replay."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """The folder of the checkpoint at `step` inside the run directory."""
-    return f"checkpoint_{step:08d}"
 
 
 def load_checkpoint(checkpoint: ray.train.Checkpoint, device: torch.device | str) -> dict:
@@ -211,6 +211,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     step, saved = 0, None
     checkpoint = ray.train.get_checkpoint()  # [2]
+    resume_step = loop_config.get("resume_step") or 0
+    if resume_step and (
+        checkpoint is None or (checkpoint_step(checkpoint.path) or 0) < resume_step
+    ):
+        # saved whole by rank 0 but never registered with Ray Train (`runs.run_progress`)
+        filesystem, path = resolve_filesystem(join_uri(run_dir, checkpoint_dir_name(resume_step)))
+        checkpoint = ray.train.Checkpoint(path=path, filesystem=filesystem)
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, device)
         step = int(saved["step"])
@@ -495,7 +502,7 @@ def run_pretraining(
     check_init_from(resolved)  # absolute, and there: each worker loads it
     run_name = default_run_name(resolved)
     run_dir = run_directory(resolved.train.storage_path, run_name)
-    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
+    progress = run_progress(run_dir)
     if progress is not None and not resume:
         raise ConfigError(
             f"run {run_name!r} already has checkpoints up to step {progress['step']} in {run_dir}; "
@@ -556,6 +563,7 @@ def run_pretraining(
             "mlflow_run_id": mlflow_run_id,
             "fail_at_step": fail_at_step,
             "fail_rank": fail_rank,
+            "resume_step": progress["step"] if progress else 0,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -607,6 +615,7 @@ def run_pretraining(
     finish_mlflow_run(
         resolved.tracking.tracking_uri, mlflow_run_id, run_name, resolved.train.storage_path
     )
+    _prune_checkpoints(run_dir, resolved.train.keep_checkpoints)
     _log_curves(resolved, run_name, mlflow_run_id, run_dir, log_dir)
     return PretrainResult(
         run_name=run_name,
@@ -636,7 +645,7 @@ def _finished_run(
         client = mlflow.MlflowClient(config.tracking.tracking_uri)
         run = client.get_run(run_id)
         metrics = dict(run.data.metrics)
-        if run.info.status == "RUNNING":  # the driver died after the last checkpoint
+        if run.info.status in ("RUNNING", "KILLED"):  # stopped after the last checkpoint
             client.set_terminated(run_id, "FINISHED")
     except Exception as error:  # another --tracking-uri than the run's: the checkpoint still counts
         logger.warning("run %s: its MLflow run %s is not in %s (%s)", run_name, run_id,
@@ -653,6 +662,14 @@ def _finished_run(
         config=config,
         already_finished=True,
     )
+
+
+def _prune_checkpoints(run_dir: str, keep: int) -> None:
+    """[driver] Keep the latest `keep` checkpoints of a finished run (0: all). Ray Train
+    prunes those it registered; one it never registered (`runs.run_progress`) goes here."""
+    for step in checkpoint_steps(run_dir)[:-keep] if keep else []:
+        filesystem, path = resolve_filesystem(join_uri(run_dir, checkpoint_dir_name(step)))
+        filesystem.delete_dir(path)
 
 
 def checkpoint_config(config: ExperimentConfig):
@@ -736,7 +753,7 @@ def _one_line(error: BaseException) -> str:
 
 def _resume_hint(config: ExperimentConfig, run_name: str, run_dir: str) -> tuple[str, str]:
     """(what a stopped run keeps, the command that continues it)."""
-    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
+    progress = run_progress(run_dir)
     kept = f"checkpoints up to step {progress['step']}" if progress else NO_CHECKPOINT
     resume = ["svt-ray", "pretrain", "--resume", run_name, "--storage", config.train.storage_path]
     if config.scaling.address:

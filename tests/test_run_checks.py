@@ -168,3 +168,60 @@ def test_a_demo_whose_split_left_too_few_training_clips_says_how_many_to_ask_for
         "for its evaluation and trains in global batches of 16 clips (optim.batch_size): give "
         "--clips 32 or more (a few more to be safe: the held-out clips are drawn clip by clip)"
     )
+
+
+def _saved_checkpoint(run_dir, step: int, whole: bool = True) -> None:
+    import io
+
+    import torch
+
+    from svt_ray.runs import CHECKPOINT_FILE, checkpoint_dir_name
+
+    buffer = io.BytesIO()
+    torch.save({"step": step, "student": {"w": torch.zeros(64)}}, buffer)
+    data = buffer.getvalue()
+    folder = run_dir / checkpoint_dir_name(step)
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT_FILE).write_bytes(data if whole else data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_a_checkpoint_saved_but_never_registered_is_the_runs_latest(tmp_path, caplog, as_uri):
+    """Ctrl-C as rank 0 saved a checkpoint, before Ray Train registered it: the command said
+    the run kept no checkpoint, and `--resume` started over from step 0 and wrote over it.
+    A whole state.pt counts (progress.json is brought up to it); one cut short does not."""
+    from svt_ray.runs import PROGRESS_FILE, read_json, run_progress
+
+    run_dir = tmp_path / "runs" / "r"
+    where = run_dir.as_uri() if as_uri else str(run_dir)  # a remote run directory: a URI
+    assert run_progress(where) is None  # no folder yet
+    _saved_checkpoint(run_dir, 2)
+    _saved_checkpoint(run_dir, 4, whole=False)  # the copy to storage was cut short
+    (run_dir / "checkpoint_notes").mkdir()
+    assert run_progress(where) == {"step": 2}
+    assert read_json(str(run_dir / PROGRESS_FILE)) == {"step": 2}
+    assert "checkpoint_00000002 was saved whole, but the run stopped before" in caplog.text
+    caplog.clear()
+    assert run_progress(where) == {"step": 2} and not caplog.text  # taken once
+    _saved_checkpoint(run_dir, 6)  # registered up to 2, saved up to 6
+    assert run_progress(where) == {"step": 6}
+    (run_dir / PROGRESS_FILE).write_text('{"step": 8}')  # registered, then pruned by hand
+    assert run_progress(where) == {"step": 8}
+
+
+def test_a_new_run_is_refused_where_a_stopped_one_left_an_unregistered_checkpoint(
+    tmp_path, monkeypatch
+):
+    from data_prep.shards import SCHEMA_VERSION
+
+    monkeypatch.setattr(train_module, "ensure_ray", no_ray)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "shards": [],
+        "counts": {"splits": {"train": 40, "val": 10}, "labels": {"0": 50}},
+    }))  # fmt: skip
+    _saved_checkpoint(tmp_path / "runs" / "r", 10)
+    overrides = [f"data.path={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}",
+                 "train.run_name=r", "eval.online_every=0", "eval.online_every_clips=0"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"already has checkpoints up to step 10 .* `--resume r`"):
+        run_pretraining(load_config("tiny", overrides=overrides))

@@ -138,9 +138,23 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     interrupted = experiment(tmp_path, synthetic_shards, *DETERMINISTIC, "train.run_name=cut")
     with pytest.raises(Exception):  # noqa: B017 - the worker is killed at step 3
         run_pretraining(interrupted, fail_at_step=3)
-    progress = json.loads((tmp_path / "runs" / "cut" / PROGRESS_FILE).read_text())
+    run_dir = tmp_path / "runs" / "cut"
+    progress = json.loads((run_dir / PROGRESS_FILE).read_text())
     assert progress["step"] == 2  # the checkpoint before the failure
+    # As if the run had stopped after rank 0 saved checkpoint 2 but before Ray Train
+    # registered it (Ctrl-C then): neither Ray Train's record nor progress.json names it.
+    # The resume started over from step 0 and wrote over it.
+    (run_dir / PROGRESS_FILE).unlink()
+    (run_dir / "checkpoint_manager_snapshot.json").unlink()
     resumed = run_pretraining(interrupted, resume=True)
+    assert (
+        mlflow_client(tmp_path).get_run(resumed.mlflow_run_id).data.tags["svt.resumed_at_step"]
+        == "2"
+    )
+    # Ray Train prunes the checkpoints it registered (keep 2); the adopted one goes too.
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_00000004", "checkpoint_00000006",
+    ]  # fmt: skip
     a, b = load_state(whole.checkpoint_path), load_state(resumed.checkpoint_path)
     assert a["step"] == b["step"]
     for key in ("student", "teacher"):
@@ -158,6 +172,14 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     assert again.checkpoint_path == resumed.checkpoint_path
     assert again.mlflow_run_id == resumed.mlflow_run_id
     assert again.metrics["step"] == b["step"]
+    status = mlflow_client(tmp_path).get_run(again.mlflow_run_id).info.status
+    assert status == "FINISHED"
+    # Ctrl-C as the last checkpoint was saved: marked KILLED, its last checkpoint unregistered.
+    # The run is finished all the same; a resume said "no checkpoint yet" and trained it again.
+    (run_dir / PROGRESS_FILE).unlink()
+    mlflow_client(tmp_path).set_terminated(again.mlflow_run_id, "KILLED")
+    last = run_pretraining(interrupted, resume=True)
+    assert last.already_finished and last.checkpoint_path == resumed.checkpoint_path
     status = mlflow_client(tmp_path).get_run(again.mlflow_run_id).info.status
     assert status == "FINISHED"
 
