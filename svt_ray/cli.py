@@ -241,7 +241,9 @@ def pretrain(
     except RunInterruptedError as error:  # Ctrl-C: not a failure; 130 as a shell reports it
         typer.echo(str(error), err=True)
         raise typer.Exit(130) from None
-    except (ConfigError, TrainingDivergedError, RunStoppedError) as error:
+    except ConfigError as error:  # bad input, found before training: 2, as for every command
+        raise fail(str(error)) from None
+    except (TrainingDivergedError, RunStoppedError) as error:
         raise fail(str(error), code=1) from None
     typer.echo(f"run {result.run_name}: checkpoint {result.checkpoint_path}")
     typer.echo(

@@ -643,6 +643,19 @@ def preset_dict(name: str) -> dict[str, Any]:
     return yaml.safe_load(text) or {}
 
 
+def _yaml_problem(error: yaml.YAMLError, lines: bool = True) -> str:
+    """A YAML parser error in one line: what it met and where (PyYAML's own message quotes
+    the text with a caret under it, over several lines)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return problem
+    where = (
+        f"line {mark.line + 1}, column {mark.column + 1}" if lines else f"column {mark.column + 1}"
+    )
+    return f"{problem} at {where}"
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`views.num_local=4` -> (['views', 'num_local'], 4); the value is parsed as YAML."""
     key, sep, raw = item.partition("=")
@@ -651,7 +664,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({error})") from None
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({_yaml_problem(error, False)} of "
+            f"{raw.strip()!r}); lists are written [2, 4], and a string with : or # in quotes"
+        ) from None
     return key.strip().split("."), value
 
 
@@ -693,7 +709,9 @@ def load_config(
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {_yaml_problem(error)}"
+            ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         tree = _merge(tree, loaded)

@@ -582,7 +582,7 @@ def test_a_run_left_on_cpu_by_the_default_is_told_what_it_costs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert cpu_training_note(load_config("tiny")) is None
     note = cpu_training_note(load_config("paper"))
-    assert note.startswith("the paper preset's model (~85M parameters) trains on CPU")
+    assert note.startswith("the paper preset's model (~120M parameters) trains on CPU")
     assert cpu_training_note(load_config("paper", overrides=["scaling.gpus_per_worker=1"])) is None
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     note = cpu_training_note(load_config("tiny"))
