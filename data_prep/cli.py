@@ -489,12 +489,13 @@ def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> in
             f"{args.output}: another run may be writing them; a later run removes them"
         )
     output.write_json(plan, STATE_DIR, "plan.json")
+    earlier = sum(len(entry["ids"]) for entry in plan["shards"] if entry["name"] in states)
     failed = 0
     if todo:
         failed = _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
         states = load_states(output, [entry["name"] for entry in plan["shards"]])
     manifest = write_manifest(output, plan, states)
-    _print_summary(args, manifest, time.perf_counter() - started)
+    _print_summary(args, manifest, time.perf_counter() - started, earlier)
     if failed:
         print(
             f"data_prep: {failed} shard(s) could not be written; re-run to resume", file=sys.stderr
@@ -651,18 +652,34 @@ def _print_dry_run(args, videos, plan, states, todo, splits, label_map) -> None:
     print(f"  labels: {len(label_map)} ({shown}{', ...' if len(names) > 20 else ''})")
 
 
-def _print_summary(args, manifest: dict, seconds: float) -> None:
+def _print_summary(args, manifest: dict, seconds: float, earlier: int = 0) -> None:
+    """The run's one-line summary; then what an earlier run into the same output had done,
+    and a note when no clip has a class label."""
     counts = manifest["counts"]
     reasons = ", ".join(f"{reason} {n}" for reason, n in counts["reject_reasons"].items())
     shards = len(manifest["shards"])
     splits = ", ".join(f"{split} {n}" for split, n in counts["splits"].items())
+    labels = counts.get("labels", {})
+    classes = sum(label != "-1" for label in labels)
     print(
-        f"data_prep: {counts['accepted']} videos in {shards} shard{'s' * (shards != 1)}, "
+        f"data_prep: {counts['accepted']} video{'s' * (counts['accepted'] != 1)} in {shards} "
+        f"shard{'s' * (shards != 1)}, "
         f"{counts['rejected']} rejected{f' ({reasons})' if reasons else ''}; "
         f"{manifest['total_duration_s'] / 3600:.2f} h of video, "
-        f"{manifest['total_bytes'] / 1e6:.1f} MB, split {splits}; "
-        f"{seconds:.1f}s -> {args.output}"
+        f"{manifest['total_bytes'] / 1e6:.1f} MB, split {splits}, "
+        f"{classes} class{'es' * (classes != 1)}; {seconds:.1f}s -> {args.output}"
     )
+    if earlier:
+        print(
+            f"data_prep: {earlier} of the {counts['inputs']} inputs were sharded by an earlier "
+            f"run into {args.output}; {counts['inputs'] - earlier} added now"
+        )
+    if labels and not classes:
+        print(
+            "data_prep: no clip has a class label (the videos are not in one sub-folder per "
+            "class, and no manifest gave labels): fine for pretraining; `svt-ray eval` and "
+            "online kNN need labelled clips"
+        )
 
 
 if __name__ == "__main__":

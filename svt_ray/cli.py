@@ -277,6 +277,7 @@ def evaluate(
     from svt_ray.evaluate import (
         check_eval_data,
         cpus_per_evaluation,
+        describe_evaluation,
         evaluate_backbones,
         format_table,
         initial_row_name,
@@ -310,6 +311,7 @@ def evaluate(
     ensure_ray(experiment.scaling.address, num_cpus=local_ray_cpus(cpus_per_evaluation(experiment)))
     name = "checkpoint" if checkpoint else initial_row_name(experiment)
     results = evaluate_backbones(experiment, {name: checkpoint}, experiment.data.path)
+    typer.echo(describe_evaluation(results, experiment.eval))
     typer.echo(format_table([result.row() for result in results]))
 
 

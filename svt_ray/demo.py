@@ -20,7 +20,12 @@ import time
 from pathlib import Path
 
 from svt_ray.config import ConfigError, load_config
-from svt_ray.evaluate import evaluate_backbones, format_table, initial_row_name
+from svt_ray.evaluate import (
+    describe_evaluation,
+    evaluate_backbones,
+    format_table,
+    initial_row_name,
+)
 from svt_ray.tracking import METRICS_FILE
 
 logger = logging.getLogger(__name__)
@@ -104,6 +109,7 @@ def run_demo(
     backbones = {"SVT (learned)": result.checkpoint_path, start: None}
     results = evaluate_backbones(result.config, backbones, str(shards), pixel_baseline=True)
     table = format_table([r.row() for r in results])
+    print(describe_evaluation(results, result.config.eval))
     print(table)
     learned = next(r for r in results if r.name == "SVT (learned)")
     baseline = next(r for r in results if r.name == start)

@@ -121,6 +121,9 @@ class EvalResult:
     name: str
     knn: Accuracy
     linear: Accuracy
+    train_clips: int = 0  # the clips the kNN bank and the probe were fitted on
+    test_clips: int = 0  # the clips scored
+    num_classes: int = 0
 
     def row(self) -> dict[str, float | str]:
         return {
@@ -151,7 +154,28 @@ def evaluate_features(
         linear=linear_probe_accuracy(
             train_features, train_labels, test_features, test_labels, num_classes, linear_epochs
         ),
+        train_clips=len(train_labels),
+        test_clips=len(test_labels),
+        num_classes=num_classes,
     )
+
+
+def describe_evaluation(results: list[EvalResult], settings) -> str:
+    """What an evaluation's table scores, in one line to print above it: how many clips of
+    which split, how many classes and the chance rate a number is to be read against."""
+    if not results:
+        return ""
+    first = results[0]
+    classes = first.num_classes
+    text = (
+        f"{first.test_clips} {settings.test_split!r} clips, {classes} classes (chance "
+        f"{100 / max(classes, 1):.1f}% top-1), scored by kNN (k={settings.knn_k}) and a linear "
+        f"probe ({settings.linear_epochs} epochs) fitted on {first.train_clips} "
+        f"{settings.train_split!r} clips"
+    )
+    if classes <= 5:
+        text += f"; top-5 is 100 with {classes} classes"
+    return text + ":"
 
 
 def format_table(rows: list[dict[str, float | str]]) -> str:
@@ -332,6 +356,27 @@ def checkpoint_file(path: str):
     return filesystem, where
 
 
+def _no_checkpoint_message(path: str) -> str:
+    """Why `path` is not a checkpoint: it does not exist, or it is a run's folder (then its
+    latest checkpoint is named), or a folder without state.pt."""
+    from pyarrow import fs as pafs
+
+    from data_prep.inputs import resolve_filesystem
+    from svt_ray.runs import checkpoint_dir_name, checkpoint_steps, join_uri
+
+    filesystem, where = resolve_filesystem(path)
+    if filesystem.get_file_info(where).type == pafs.FileType.NotFound:
+        return f"no SVT checkpoint at {path}: it does not exist"
+    steps = checkpoint_steps(path)
+    if steps:
+        latest = join_uri(path, checkpoint_dir_name(steps[-1]))
+        return (
+            f"{path} is a run's folder, not one of its checkpoints; name one, e.g. its latest: "
+            f"{latest}"
+        )
+    return f"no SVT checkpoint at {path}: a checkpoint folder holds state.pt, and this one does not"
+
+
 def load_state(path: str) -> dict:
     """A checkpoint file (state.pt) or a checkpoint directory holding one; local or a URI.
     Loaded with `weights_only=True`: tensors and plain containers only, so a checkpoint from a
@@ -344,7 +389,7 @@ def load_state(path: str) -> dict:
 
     filesystem, where = checkpoint_file(path)
     if filesystem.get_file_info(where).type != pafs.FileType.File:
-        raise FileNotFoundError(f"no SVT checkpoint at {path} (expected state.pt)")
+        raise FileNotFoundError(_no_checkpoint_message(path))
     if isinstance(filesystem, pafs.LocalFileSystem):
         source = Path(where)
     else:  # object storage
@@ -398,20 +443,27 @@ def check_eval_data(data_path: str, manifest: dict, settings, also: str = "") ->
     `eval` section) hold clips, and the dataset has class labels. `also`: one more way out,
     for the error."""
     counts = manifest["counts"]
-    splits = counts.get("splits", {})
-    missing = [s for s in (settings.train_split, settings.test_split) if not splits.get(s)]
-    if missing:
-        raise ConfigError(
-            f"{data_path} has no clips of split {', '.join(map(repr, missing))} (it has "
-            f"{splits}); prepare it with a held-out split (`svt-ray prep ... --val-fraction "
-            f"0.1`), or name others with --set eval.train_split=... / eval.test_split=...{also}"
-        )
     labels = counts.get("labels")
-    if labels and not any(int(label) >= 0 for label in labels):
+    if labels and not any(int(label) >= 0 for label in labels):  # first: no split fixes this
         raise ConfigError(
             f"{data_path}: none of its clips has a class label (videos loose at the input's "
             "root get none), and kNN and the linear probe score class labels. Prepare it from "
             "class folders (ROOT/CLASS/video.mp4) or a CSV with a label column" + also
+        )
+    splits = counts.get("splits", {})
+    missing = [s for s in (settings.train_split, settings.test_split) if not splits.get(s)]
+    if missing:
+        fraction = (manifest.get("options") or {}).get("val_fraction") or 0
+        how = (
+            f"its {sum(splits.values())} clips drew split 'val' with --val-fraction {fraction:g} "
+            "and none did: prepare more clips or give a larger --val-fraction"
+            if fraction and "val" in missing
+            else "prepare it with a held-out split (`svt-ray prep ... --val-fraction 0.1`)"
+        )
+        raise ConfigError(
+            f"{data_path} has no clips of split {', '.join(map(repr, missing))} (it has "
+            f"{splits}); {how}, or name others with --set eval.train_split=... / "
+            f"eval.test_split=...{also}"
         )
 
 

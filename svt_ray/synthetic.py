@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -624,10 +625,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m svt_ray.synth
     args = parser.parse_args(argv)
     try:
         return synth_main(**vars(args))
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # a value or the folder: the message says which, no usage
+        print(f"{prog}: error: {error}", file=sys.stderr)
     except OSError as error:  # a root that cannot be written
-        parser.error(f"{args.output}: cannot write there ({error})")
+        print(f"{prog}: error: {args.output}: cannot write there ({error})", file=sys.stderr)
     return 2
 
 

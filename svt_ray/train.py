@@ -537,14 +537,18 @@ def run_pretraining(
     )  # fmt: skip
     log_dir = local_log_directory(resolved, run_name)
     pieces = resolved.optim.accumulation_steps
+    every, total = resolved.train.checkpoint_every, resolved.derived.total_steps
     logger.info(
         "run %s: %d clips/epoch, global batch %d = %d workers x %d%s, peak lr %.3g, %d steps; "
-        "checkpoints in %s; MLflow run %s",
+        "checkpoints %s in %s; MLflow run %s",
         run_name, clips, resolved.optim.batch_size, resolved.scaling.num_workers,
         resolved.derived.per_worker_batch,
         f" (in {pieces} pieces of {resolved.derived.per_worker_batch // pieces})" if pieces > 1
         else "",
-        resolved.derived.lr, resolved.derived.total_steps, run_dir, mlflow_run_id,
+        resolved.derived.lr, total,
+        f"every {every} steps and at the end" if every < total
+        else f"at the end only (train.checkpoint_every={every}: stopped before, it starts over)",
+        run_dir, mlflow_run_id,
     )  # fmt: skip
 
     data.set_preserve_order(resolved.data.deterministic or resolved.data.preserve_order)

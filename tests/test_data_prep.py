@@ -457,11 +457,34 @@ def test_the_quick_tours_synth_defaults_shard_and_decode(tmp_path, ray_session, 
 
     assert synthetic.main([str(tmp_path / "videos"), "--num-clips", "6"]) == 0
     assert data_prep.main([str(tmp_path / "videos"), str(tmp_path / "shards")]) == 0
-    assert "6 videos in 1 shard, 0 rejected" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "6 videos in 1 shard, 0 rejected" in printed and "4 classes;" in printed
+    assert "earlier run" not in printed and "no clip has a class label" not in printed
     rows = _rows(tmp_path / "shards")
     assert len(rows) == 6 and not (tmp_path / "shards" / "rejects.jsonl").read_text()
     frames = open_video(rows[0]["video"]).get_frames([0, 3, 1])
     assert frames.shape == (3, 96, 96, 3)
+
+    # More clips made into the same folder, the same command again: it says what it added.
+    assert synthetic.main([str(tmp_path / "videos"), "--num-clips", "8"]) == 0
+    assert data_prep.main([str(tmp_path / "videos"), str(tmp_path / "shards")]) == 0
+    printed = capsys.readouterr().out
+    assert "8 videos in 2 shards" in printed
+    assert "6 of the 8 inputs were sharded by an earlier run into" in printed
+    assert printed.rstrip().endswith("; 2 added now")
+
+
+def test_videos_outside_class_folders_are_sharded_unlabelled_and_it_says_so(
+    tmp_path, ray_session, capsys
+):
+    """A flat folder of videos gave every clip label -1 without a word; `svt-ray eval` then
+    found no labels, and its advice was about the held-out split."""
+    (tmp_path / "flat").mkdir()
+    encode_to_file(tmp_path / "flat" / "a.mp4", numbered_frames(20, height=32, width=32))
+    assert data_prep.main([str(tmp_path / "flat"), str(tmp_path / "out"), "--min-frames", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 video in 1 shard" in printed and ", 0 classes;" in printed
+    assert "no clip has a class label (the videos are not in one sub-folder per class" in printed
 
 
 def test_nothing_sharded_exits_non_zero(tmp_path, ray_session, capsys):

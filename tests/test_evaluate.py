@@ -9,6 +9,8 @@ import torch
 
 from svt_ray.evaluate import (
     FeatureExtractor,
+    describe_evaluation,
+    evaluate_features,
     format_table,
     knn_accuracy,
     knn_scores,
@@ -142,6 +144,22 @@ def test_format_table():
     assert table.splitlines() == ["| features | knn_top1 |", "|---|---|", "| single | 51.2 |"]
 
 
+def test_an_evaluation_says_what_its_numbers_are_read_against():
+    """`svt-ray eval` printed the table alone: 19.0 top-1 of 21 clips of 4 classes, below
+    chance, and top-5 at 100 for every row, said nothing without the clip and class counts."""
+    from svt_ray.config import load_config
+
+    train, train_labels = separable(n_per_class=6, classes=4)
+    test, test_labels = separable(n_per_class=3, classes=4, seed=1)
+    result = evaluate_features("x", train, train_labels, test, test_labels, 4, k=5, linear_epochs=2)
+    settings = load_config("tiny").eval
+    assert describe_evaluation([result], settings) == (
+        f"12 'val' clips, 4 classes (chance 25.0% top-1), scored by kNN (k={settings.knn_k}) and "
+        f"a linear probe ({settings.linear_epochs} epochs) fitted on 24 'train' clips; top-5 is "
+        "100 with 4 classes:"
+    )
+
+
 def test_the_starting_point_row_is_the_runs_own_initialisation_with_init_from(tmp_path):
     """The baseline row (backbone None) is the network the run started from: its seed's
     random weights, and with `model.init_from` the image ViT's spatial weights on top, not
@@ -254,6 +272,25 @@ def test_evaluation_without_a_held_out_split_says_so_before_decoding(tmp_path):
                     "counts": {"splits": {"train": 40, "val": 10}, "labels": {"-1": 50}}})
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"none of its clips has a class label .*class folders"):
+        evaluate_backbones(load_config("tiny"), {"random": None}, str(tmp_path))
+    # A flat folder of two videos: no label, and no clip drawn into 'val' (the default 0.1).
+    # The labels come first (the split advice repeated the default), then the split.
+    flat = {"splits": {"train": 2}, "labels": {"-1": 2}}
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"schema_version": SCHEMA_VERSION, "shards": [], "counts": flat,
+                    "options": {"val_fraction": 0.1}})
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"none of its clips has a class label"):
+        evaluate_backbones(load_config("tiny"), {"random": None}, str(tmp_path))
+    flat["labels"] = {"0": 2}
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"schema_version": SCHEMA_VERSION, "shards": [], "counts": flat,
+                    "options": {"val_fraction": 0.1}})
+    )  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"its 2 clips drew split 'val' with --val-fraction 0.1 and none did: prepare more",
+    ):
         evaluate_backbones(load_config("tiny"), {"random": None}, str(tmp_path))
 
 

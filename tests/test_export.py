@@ -192,7 +192,15 @@ def test_cli_export_and_its_errors(checkpoint, tmp_path):
     assert "teacher backbone of step 2" in result.stdout and out.is_file()
 
     result = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), str(out)])
-    assert result.exit_code == 2 and "error: no SVT checkpoint at" in result.stderr
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: no SVT checkpoint at {tmp_path / 'missing'}: it does")
+    result = CliRunner().invoke(app, ["export", str(checkpoint.parent), str(out)])  # the run
+    assert (
+        result.exit_code == 2 and "is a run's folder, not one of its checkpoints" in result.stderr
+    )
+    assert f"its latest: {checkpoint}" in result.stderr.replace("\n", "")
+    result = CliRunner().invoke(app, ["export", str(tmp_path), str(out)])  # a folder
+    assert "a checkpoint folder holds state.pt, and this one does not" in result.stderr
     result = CliRunner().invoke(app, ["export", str(checkpoint), str(out), "--weights", "ema"])
     assert result.exit_code == 2 and "error: --weights: 'ema'" in result.stderr
     assert "Traceback" not in result.output

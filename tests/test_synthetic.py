@@ -100,10 +100,15 @@ def test_cli_entry_point(tmp_path, capsys):
         == 0
     )
     assert "2 clips written" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([str(tmp_path), "--num-classes", "9"])  # the scene style has 8
-    with pytest.raises(SystemExit):
-        main([str(tmp_path), "--style", "objects", "--num-classes", "11"])
+    assert main([str(tmp_path), "--num-classes", "9"]) == 2  # the scene style has 8
+    assert main([str(tmp_path / "o"), "--style", "objects", "--num-classes", "11"]) == 2
+    small = ["--num-frames", "8", "--height", "32", "--width", "32"]
+    assert main([str(tmp_path), *small, "--num-classes", "3"]) == 2  # the folder has 2
+    errors = capsys.readouterr().err.splitlines()  # one line each, no usage block over them
+    assert len(errors) == 3 and all(
+        e.startswith("python -m svt_ray.synthetic: error: ") for e in errors
+    )
+    assert "other settings (num_classes 2 -> 3); use another folder" in errors[2]
 
 
 def test_usage_names_the_command_that_was_run(capsys):

@@ -381,6 +381,7 @@ def test_the_pretrain_command_starts_a_local_ray_and_ctrl_c_ends_the_run_at_its_
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=180)
     assert process.returncode == 130, out[-3000:] + err[-3000:]
+    assert "300 steps; checkpoints every 2 steps and at the end in " in err
     assert "run 'local' interrupted. It keeps checkpoints up to step " in err
     assert f"`svt-ray pretrain --resume local --storage {runs}`" in err
     step = json.loads((runs / "local" / PROGRESS_FILE).read_text())["step"]
