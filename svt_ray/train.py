@@ -524,6 +524,14 @@ def run_pretraining(
         if finished is not None:
             return finished
     scaling = resolved.scaling
+    cores, training_cpus = os.cpu_count() or 1, scaling.num_workers * scaling.cpus_per_worker
+    if not joins_a_cluster(scaling.address) and not ray.is_initialized() and training_cpus > cores:
+        logger.warning(
+            "%d workers x %g CPU on this %d-core machine: they share its cores (the local Ray "
+            "is given more logical CPUs than it has), so each step takes longer than with %d "
+            "workers; a run's recipe does not depend on the worker count",
+            scaling.num_workers, scaling.cpus_per_worker, cores, max(1, int(cores // scaling.cpus_per_worker)),
+        )  # fmt: skip
     ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
     recorded = resolved.model_copy(deep=True)  # run.json keeps the URI as the user gave it

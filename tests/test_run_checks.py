@@ -5,6 +5,7 @@ status at the end. No Ray is started here."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from factories import RayStarted, no_ray
@@ -225,3 +226,28 @@ def test_a_new_run_is_refused_where_a_stopped_one_left_an_unregistered_checkpoin
                  "train.run_name=r", "eval.online_every=0", "eval.online_every_clips=0"]  # fmt: skip
     with pytest.raises(ConfigError, match=r"already has checkpoints up to step 10 .* `--resume r`"):
         run_pretraining(load_config("tiny", overrides=overrides))
+
+
+def test_more_workers_than_cores_on_a_local_ray_is_said(tmp_path, monkeypatch, caplog):
+    """`--workers 4` on a 2-core laptop started without a word; only Ray's own warning about
+    worker processes hinted that 4 workers now shared 2 cores."""
+    import ray
+
+    from data_prep.shards import SCHEMA_VERSION
+
+    monkeypatch.setattr(train_module, "ensure_ray", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a new `svt-ray pretrain`
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "shards": [],
+        "counts": {"splits": {"train": 400, "val": 10}, "labels": {"0": 410}},
+    }))  # fmt: skip
+    cores = os.cpu_count() or 1
+    for workers, said in ((cores, False), (4 * cores, True)):
+        caplog.clear()
+        overrides = [f"data.path={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}",
+                     f"scaling.num_workers={workers}", f"optim.batch_size={8 * workers}",
+                     "eval.online_every=0", "eval.online_every_clips=0"]  # fmt: skip
+        with pytest.raises(RayStarted):
+            run_pretraining(load_config("tiny", overrides=overrides))
+        assert (f"{workers} workers x 1 CPU on this {cores}-core machine" in caplog.text) == said
