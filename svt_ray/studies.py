@@ -527,10 +527,28 @@ def _study_recipe_changes(
         keys = ["preset", "seeds", "asha", "budget_clips", *(k for k in params if "." in k)]
         before = {key: recorded.get("params", {}).get(key) for key in keys}
         now = {key: params[key] for key in keys}
+    changes = []
+    for key in now:
+        if key == "overrides" and isinstance(before.get(key), list):
+            changes += _override_changes(before[key], now[key])
+        elif before.get(key) != now[key]:
+            changes.append(f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now[key])}")
+    return changes
+
+
+def _override_changes(before: list[str], now: list[str]) -> list[str]:
+    """The --set settings that differ, by key: the order they were given in is no change
+    (a key given twice: its last value counts, as when the config is built)."""
+
+    def settings(items: list[str]) -> dict[str, str]:
+        pairs = (item.partition("=") for item in items)
+        return {key.strip(): value.strip() for key, _, value in pairs}
+
+    old, new = settings(before), settings(now)
     return [
-        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now[key])}"
-        for key in now
-        if before.get(key) != now[key]
+        f"--set {key}: {old.get(key, '(not set)')} -> {new.get(key, '(not set)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
     ]
 
 

@@ -271,7 +271,21 @@ def collect_study(
                 order_by=["attributes.start_time DESC"],
             )
             if not parents:
-                raise ConfigError(f"no study {study!r} in MLflow experiment {experiment!r}")
+                names = sorted(
+                    {
+                        run.data.tags["svt.study"]
+                        for run in client.search_runs(
+                            [found.experiment_id],
+                            filter_string="tags.`svt.study_role` = 'parent'",
+                            max_results=200,
+                        )
+                    }
+                )
+                raise ConfigError(
+                    f"no study {study!r} in MLflow experiment {experiment!r} of {tracking_uri} "
+                    f"(its studies: {', '.join(names) or 'none'}); pass the --tracking-uri (and "
+                    "--experiment) the study ran with"
+                )
             parent = parents[0]
             if len(parents) > 1:
                 logger.warning(
@@ -550,12 +564,16 @@ def batch_size_verdict(report: StudyReport) -> str:
     monotone_down = all(means[i] >= means[i + 1] for i in range(len(means) - 1))
     monotone_up = all(means[i] <= means[i + 1] for i in range(len(means) - 1))
     best = sizes[means.index(max(means))]
-    if monotone_down:
-        shape = "smaller is better at every step"
+    # The order over more than two sizes ("step" read as a training step: say batch).
+    strictly = len(set(means)) == len(means)
+    if len(sizes) == 2:
+        shape = ""
+    elif monotone_down:
+        shape = f"; the mean {'rises' if strictly else 'never falls'} with each smaller batch"
     elif monotone_up:
-        shape = "larger is better at every step"
+        shape = f"; the mean {'rises' if strictly else 'never falls'} with each larger batch"
     else:
-        shape = f"not monotone, best batch {best}"
+        shape = f"; not monotone, best batch {best}"
     small, large = _mean_sem(scores[sizes[0]]), _mean_sem(scores[sizes[-1]])
     phrase = _difference_phrase(small, large)
     order = ", ".join(f"{b}: {m:.1f}" for b, m in zip(sizes, means, strict=True))
@@ -568,7 +586,7 @@ def batch_size_verdict(report: StudyReport) -> str:
     else:
         answer = "no"
     return (
-        f"{answer}: mean online kNN over the budget (per batch size: {order}; {shape}); batch "
+        f"{answer}: mean online kNN over the budget (per batch size: {order}{shape}); batch "
         f"{sizes[0]} vs {sizes[-1]}: {phrase}"
     )
 

@@ -428,9 +428,21 @@ def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path, ml
     with pytest.raises(ConfigError, match=r"sweeps: .*\[8, 16\].* -> .*\[8, 32\]"):
         parent()
     spec.sweeps = [Sweep("optim.batch_size", (8, 16))]
-    base = ["optim.epochs=3"]
-    with pytest.raises(ConfigError, match=r"overrides: \[\"optim.epochs=2\"\] ->"):
+    base = ["optim.epochs=3", "optim.lr=1"]
+    with pytest.raises(
+        ConfigError,  # only what differs, by key
+        match=r"other settings \(--set optim.epochs: 2 -> 3; --set optim.lr: \(not set\) -> 1\)",
+    ):
         parent()
+    base = ["eval.knn_k=5", "optim.epochs=2"]
+    with pytest.raises(ConfigError, match=r"\(--set eval.knn_k: \(not set\) -> 5\)"):
+        parent()
+    (first_given,) = read_json(join_uri(study_dir, STUDY_FILE))["recipe"]["overrides"]
+    base = ["optim.epochs=2", first_given, "optim.epochs=2"]  # the same, given again: no change
+    assert parent() == first
+    from svt_ray.studies import _override_changes
+
+    assert _override_changes(["a=1", "b=2"], ["b=2", "a=1"]) == []  # another order: the same
     base = ["optim.epochs=2"]
     options.asha = False
     with pytest.raises(ConfigError, match=r"asha: true -> false; asha_grace_clips: 250 -> null"):

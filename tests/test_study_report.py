@@ -58,7 +58,12 @@ def test_batch_size_verdict_reads_the_curves():
         [bs],
     )
     assert batch_size_verdict(yes).startswith("yes")
-    assert "smaller is better at every step" in batch_size_verdict(yes)
+    assert "(per batch size: 8: " in batch_size_verdict(yes)  # two sizes: no order to name
+    middle = [_trial({bs: 16}, s, shifted(fast, d - 5)) for s, d in seeds]
+    three = _report(yes.trials + middle, [bs])
+    assert "; the mean rises with each smaller batch); batch 8 vs 64" in batch_size_verdict(three)
+    tied = _report([_trial({bs: b}, 0, fast) for b in (8, 16, 64)], [bs])
+    assert "; the mean never falls with each smaller batch)" in batch_size_verdict(tied)
     no = _report(
         [_trial({bs: 8}, s, shifted(slow, d)) for s, d in seeds]
         + [_trial({bs: 64}, s, shifted(fast, d)) for s, d in seeds],
@@ -261,6 +266,12 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
     other = client.create_run(studies, tags={"svt.study": "t", "svt.study_role": "parent"})
     with pytest.raises(ConfigError, match=r"parent run of study 't', not of 's'; pass that"):
         collect_study(uri, "svt-ray-studies", "s", parent_run_id=other.info.run_id)
+    with pytest.raises(  # a study run with another store: say which store was searched
+        ConfigError,
+        match=rf"no study 'u' in MLflow experiment 'svt-ray-studies' of {uri} \(its studies: "
+        r"s, t\); pass the --tracking-uri",
+    ):
+        collect_study(uri, "svt-ray-studies", "u")
 
     # Plain pretraining runs, in their own experiment: batch sizes compare as numbers, and
     # seeds are repeats of a setting, not a setting.
