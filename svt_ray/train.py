@@ -248,6 +248,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:  # the latest restart's starting point, for whoever reads the run
         tracker.set_tags({"svt.resumed_at_step": step})
     online_knn = _OnlineMetrics(config, state, rank)
+    if online_knn.knn is not None:  # the clips it scores, as the data allowed: its resolution
+        tracker.set_tags({
+            "svt.online_knn_bank_clips": len(online_knn.knn.bank["label"]),
+            "svt.online_knn_query_clips": len(online_knn.knn.query["label"]),
+        })  # fmt: skip
     if online_knn.maybe_run(step, force=True):  # the curve starts at the (restored) weights
         tracker.log_metrics(online_knn.latest, step=step * config.optim.batch_size)
     slot_names = [slot.name for slot in view_slots(config.views)]

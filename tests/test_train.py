@@ -125,8 +125,12 @@ def test_two_worker_run_is_recorded_in_mlflow(two_worker_run, synthetic_shards, 
 
     backbone = build_backbone(result.config)
     backbone.load_state_dict(backbone_state(load_state(result.checkpoint_path)))
-    again = OnlineKNN.from_config(result.config)(backbone)
+    again_knn = OnlineKNN.from_config(result.config)
+    again = again_knn(backbone)
     assert again.top1 == pytest.approx(online[-1].value)
+    # The clips it scored, as the data allowed (the params hold what was asked for).
+    assert run.data.tags["svt.online_knn_query_clips"] == str(len(again_knn.query["label"]))
+    assert run.data.tags["svt.online_knn_bank_clips"] == str(len(again_knn.bank["label"]))
     lines = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == steps + 1 and json.loads(lines[-1])["clips_seen"] == 4 * steps
 
