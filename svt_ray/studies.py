@@ -878,7 +878,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         raise StudyInterruptedError(
             f"study {spec.name} interrupted: {len(finished)} of "
             f"{grid_size(spec, options.seeds)} trials finished. Run the same command again to "
-            "continue it: finished trials are kept, the others resume from their checkpoints."
+            "continue it: finished trials are kept, the others resume from their latest "
+            "checkpoints (a trial stopped before its first starts over)."
         )
     errors = len(results.errors)
     logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
