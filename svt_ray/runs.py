@@ -138,10 +138,20 @@ def _saved_whole(filesystem: pafs.FileSystem, folder: str) -> bool:
 
 def checkpoint_steps(run_dir: str) -> list[int]:
     """The steps of the run's checkpoint folders, in order (whole or not)."""
-    filesystem, path = resolve_filesystem(run_dir)
+    return _listed_steps(*resolve_filesystem(run_dir))
+
+
+def _listed_steps(filesystem: pafs.FileSystem, path: str) -> list[int]:
     listing = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     steps = (checkpoint_step(info.path) for info in listing if info.type == pafs.FileType.Directory)
     return sorted(step for step in steps if step is not None)
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Keep the latest `keep` checkpoint folders of a run (0: all)."""
+    filesystem, path = resolve_filesystem(run_dir)
+    for step in _listed_steps(filesystem, path)[:-keep] if keep else []:
+        filesystem.delete_dir(f"{path}/{checkpoint_dir_name(step)}")
 
 
 def run_progress(run_dir: str) -> dict | None:
@@ -155,7 +165,7 @@ def run_progress(run_dir: str) -> dict | None:
     progress = read_json(join_uri(run_dir, PROGRESS_FILE))
     registered = progress["step"] if progress else 0
     filesystem, path = resolve_filesystem(run_dir)
-    for step in reversed(checkpoint_steps(run_dir)):
+    for step in reversed(_listed_steps(filesystem, path)):
         if step <= registered:
             break
         if _saved_whole(filesystem, f"{path}/{checkpoint_dir_name(step)}"):

@@ -72,7 +72,6 @@ from svt_ray.runs import (
     check_resumed_recipe,
     checkpoint_dir_name,
     checkpoint_step,
-    checkpoint_steps,
     default_run_name,
     download_file,
     end_mlflow_run,
@@ -81,6 +80,7 @@ from svt_ray.runs import (
     join_uri,
     local_log_directory,
     mirror_metrics,
+    prune_checkpoints,
     read_json,
     run_directory,
     run_progress,
@@ -632,7 +632,8 @@ def run_pretraining(
     finish_mlflow_run(
         resolved.tracking.tracking_uri, mlflow_run_id, run_name, resolved.train.storage_path
     )
-    _prune_checkpoints(run_dir, resolved.train.keep_checkpoints)
+    # Ray Train prunes the checkpoints it registered; one it never did (`run_progress`) too
+    prune_checkpoints(run_dir, resolved.train.keep_checkpoints)
     _log_curves(resolved, run_name, mlflow_run_id, run_dir, log_dir)
     return PretrainResult(
         run_name=run_name,
@@ -679,14 +680,6 @@ def _finished_run(
         config=config,
         already_finished=True,
     )
-
-
-def _prune_checkpoints(run_dir: str, keep: int) -> None:
-    """[driver] Keep the latest `keep` checkpoints of a finished run (0: all). Ray Train
-    prunes those it registered; one it never registered (`runs.run_progress`) goes here."""
-    for step in checkpoint_steps(run_dir)[:-keep] if keep else []:
-        filesystem, path = resolve_filesystem(join_uri(run_dir, checkpoint_dir_name(step)))
-        filesystem.delete_dir(path)
 
 
 def checkpoint_config(config: ExperimentConfig):
