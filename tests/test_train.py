@@ -478,13 +478,16 @@ def test_a_trial_whose_driver_died_before_recording_its_run_goes_on_in_that_run(
     from mlflow.tracking import MlflowClient
 
     from svt_ray.runs import RUN_FILE, read_json, start_mlflow_run
+    from svt_ray.tracking import experiment_id
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(
         "tiny", overrides=[f"tracking.tracking_uri={uri}", f"train.storage_path={tmp_path}"]
     ).resolve(64)
     client = MlflowClient(uri)
-    experiment = client.create_experiment(config.tracking.experiment)
+    # Its artifacts beside the database, as the runs' experiment has them: MLflow's default,
+    # ./mlruns, would be the folder pytest runs in.
+    experiment = experiment_id(client, config.tracking.experiment, uri)
     parent = client.create_run(experiment).info.run_id
     trial = {"svt.trial_id": "t1", "svt.study": "s"}
     orphan = client.create_run(experiment, tags={"mlflow.parentRunId": parent, **trial}).info.run_id
