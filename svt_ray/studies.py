@@ -730,6 +730,13 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     recorded_overrides = ((recorded or {}).get("recipe") or {}).get("overrides", [])
     _refuse_swept_overrides(spec, options.overrides, recorded_overrides, options.flags)
     _refuse_changed_flags(options, spec, study_dir, recorded)
+    if recorded is not None and _ended_without_failures(options, spec, recorded):
+        logger.info(
+            "study %s finished before, every trial with it (%s): its report is rebuilt from "
+            "MLflow, nothing runs. To run it again, give it another --name (or --storage)",
+            spec.name, study_dir,
+        )  # fmt: skip
+        return _final_report(spec, options, recorded["parent_run_id"], study_dir, publish=False)
     if options.data_path is not None:  # a wrong --data fails here, before Ray starts
         from svt_ray import data
 
@@ -884,6 +891,17 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     errors = len(results.errors)
     logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
                 (time.perf_counter() - started) / 60)  # fmt: skip
+    report = _final_report(spec, options, parent_run_id, study_dir, publish=True)
+    _set_parent_status(options, parent_run_id, "FINISHED")
+    return report
+
+
+def _final_report(
+    spec: StudySpec, options: StudyOptions, parent_run_id: str, study_dir: str, publish: bool
+) -> StudyReport:
+    """The study's report from MLflow, with the verdict of the spec at hand, written to
+    `STORAGE/NAME/report/` (a bucket's study: `WORKDIR/report/`) and, with `publish`, logged
+    to the parent run."""
     report = collect_study(
         options.tracking_uri,
         options.experiment,
@@ -894,9 +912,35 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     report.verdict = spec.verdict(report) if spec.verdict else ""
     report.x_label = spec.x_label or report.x_label
     folder = Path(study_dir if "://" not in study_dir else options.workdir) / "report"
-    report.files = report.publish(folder)
-    _set_parent_status(options, parent_run_id, "FINISHED")
+    report.files = report.publish(folder) if publish else report.write(folder)
     return report
+
+
+def _ended_without_failures(options: StudyOptions, spec: StudySpec, recorded: dict) -> bool:
+    """Whether the recorded study ended (its parent run FINISHED) with a run for every trial,
+    each FINISHED or stopped by ASHA (KILLED). Run again, it would start Ray and Tune only to
+    restore trials that all ended; one that failed is tried again (a lost node passes), so a
+    study with a failed trial is restored."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    parent_run_id = recorded.get("parent_run_id")
+    if not parent_run_id or "recipe" not in recorded:  # an older study.json: compared later
+        return False
+    client = MlflowClient(options.tracking_uri)
+    try:
+        parent = client.get_run(parent_run_id)
+        if parent.info.status != "FINISHED":
+            return False
+        children = client.search_runs(
+            [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        )
+    except MlflowException:  # another store, or the run was deleted: the study runs as before
+        return False
+    trials = {run.data.tags.get("svt.trial_id") for run in children}
+    return len(trials) == grid_size(spec, options.seeds) and all(
+        run.info.status in ("FINISHED", "KILLED") for run in children
+    )
 
 
 def _fit_noting_interruption(tuner) -> tuple[Any, bool]:

@@ -485,6 +485,73 @@ def test_a_changed_flag_is_refused_before_the_data_is_read_or_ray_starts(tmp_pat
         run_study(spec, options)
 
 
+def test_a_finished_study_run_again_reports_from_mlflow_without_starting_ray(
+    tmp_path, mlflow_db, monkeypatch, caplog
+):
+    """The same command after a study ended would start Ray and Tune (half a minute here) only
+    to restore trials that all ended: it prints the report from MLflow instead. A study with
+    a failed trial, or one that did not end, is restored (the failed trial is tried again)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray import cluster
+    from svt_ray.studies import STUDY_FILE, _study_base, _study_recipe
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 16))],
+                     fixed=["eval.online_every_clips=50"], verdict=batch_size_verdict)  # fmt: skip
+    options = StudyOptions(
+        storage_path=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="x", workdir=str(tmp_path), asha=False,
+    )  # fmt: skip
+    client = MlflowClient(options.tracking_uri)
+    experiment_id = client.create_experiment("x")
+    parent = client.create_run(
+        experiment_id, tags={"svt.study": "s", "svt.study_role": "parent"}
+    ).info.run_id
+    client.log_param(parent, "sweep.optim.batch_size", "8,16")
+    client.log_param(parent, "budget_clips", "100")
+    children = {}
+    for batch, knn in ((8, 60.0), (16, 50.0)):
+        run = client.create_run(experiment_id, tags={
+            "mlflow.parentRunId": parent, "svt.study": "s", "svt.trial_id": f"t{batch}",
+            "svt.seed": "0", "svt.sweep.optim.batch_size": str(batch),
+        }).info.run_id  # fmt: skip
+        client.log_batch(run, metrics=[Metric("online_knn_top1", v, 1_000 + c, c)
+                                       for c, v in ((0, 30.0), (100, knn))])  # fmt: skip
+        client.set_terminated(run, "FINISHED")
+        children[batch] = run
+    client.set_terminated(parent, "FINISHED")
+    recipe = _study_recipe(options, spec, _study_base(options, spec), 100, 25)
+    (tmp_path / "runs" / "s").mkdir(parents=True)
+    (tmp_path / "runs" / "s" / STUDY_FILE).write_text(
+        json.dumps({"recipe": recipe, "parent_run_id": parent})
+    )
+
+    with caplog.at_level("INFO", logger="svt_ray.studies"):
+        report = run_study(spec, options)
+    assert "study s finished before, every trial with it" in caplog.text
+    assert "another --name" in caplog.text
+    assert {row["optim.batch_size"]: row["final_knn_top1"] for row in report.rows()} == {
+        8: 60.0, 16: 50.0
+    }  # fmt: skip
+    assert report.verdict == batch_size_verdict(report)
+    written = tmp_path / "runs" / "s" / "report" / "results.md"
+    assert report.files["results.md"] == written and written.read_text() == report.markdown()
+
+    client.set_terminated(children[16], "FAILED")  # tried again: Tune restores the study
+    with pytest.raises(RayStarted):
+        run_study(spec, options)
+    client.set_terminated(children[16], "FINISHED")
+    client.set_terminated(parent, "KILLED")  # a Ctrl-C'd study: continued
+    with pytest.raises(RayStarted):
+        run_study(spec, options)
+    client.set_terminated(parent, "FINISHED")
+    client.delete_run(children[16])  # a trial without a run: the study runs it
+    with pytest.raises(RayStarted):
+        run_study(spec, options)
+
+
 def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     from svt_ray.studies import study_main
 
