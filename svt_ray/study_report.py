@@ -43,10 +43,11 @@ class TrialRecord:
     best: float | None
     clips_seen: float | None
     hours: float | None
+    "Training hours: its training loops' time, Ray Train's start-ups and pauses left out."
     curve: list[tuple[float, float]]
     "(clips seen, online kNN top-1) points."
     wall_curve: list[tuple[float, float]]
-    "(hours since the run started, online kNN top-1) points."
+    "(training hours, online kNN top-1) points."
     error: str = ""
     clips_per_s: float | None = None
 
@@ -360,16 +361,17 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
 
     history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.step)
     curve = [(float(m.step), float(m.value)) for m in history]
-    start = run.info.start_time or (history[0].timestamp if history else 0)
-    pauses = _pauses(client.get_metric_history(run.info.run_id, "wall_time_s"))
+    end = run.info.end_time
+    sessions = _training_sessions(client.get_metric_history(run.info.run_id, "wall_time_s"))
+    if not sessions:  # a run that logged no step (or not by svt-ray): its start to its end
+        start = run.info.start_time or (history[0].timestamp if history else 0)
+        sessions = [(start, end)] if start and end else []
 
-    def hours_at(timestamp: int) -> float:  # training time: the pauses between sessions out
-        paused = sum(length for resumed, length in pauses if resumed <= timestamp)
-        return (timestamp - start - paused) / 3.6e6
+    def hours_at(timestamp: int) -> float:  # training time: start-ups and pauses left out
+        return sum(max(0, min(timestamp, stop) - begin) for begin, stop in sessions) / 3.6e6
 
     wall_curve = [(hours_at(m.timestamp), float(m.value)) for m in history]
     status = run.info.status
-    end = run.info.end_time
     return TrialRecord(
         run_id=run.info.run_id,
         trial_id=tags.get("svt.trial_id", run.info.run_name or run.info.run_id),
@@ -379,7 +381,7 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
         final=curve[-1][1] if curve else None,
         best=max(v for _, v in curve) if curve else None,
         clips_seen=run.data.metrics.get(TIME_ATTR),
-        hours=hours_at(end) if end and start else None,
+        hours=hours_at(end) if end and sessions else None,
         curve=curve,
         wall_curve=wall_curve,
         error=tags.get("svt.error", ""),
@@ -387,17 +389,22 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
     )
 
 
-def _pauses(wall_times) -> list[tuple[float, float]]:
-    """(when training resumed, ms paused before) for each restart of a run: its `wall_time_s`
-    (seconds since its session started) falls back where a session starts (Ctrl-C on a study
-    and a restore the next day; a restart after a lost node)."""
-    points = sorted(wall_times, key=lambda m: m.step)
-    pauses = []
-    for before, after in itertools.pairwise(points):
-        if after.value < before.value:
-            resumed = after.timestamp - after.value * 1000  # when this session started
-            pauses.append((resumed, max(0.0, resumed - before.timestamp)))
-    return pauses
+def _training_sessions(wall_times) -> list[tuple[float, float]]:
+    """(start, last logged step) in ms of each training session of a run, from its
+    `wall_time_s` points (seconds since its session's training loop started, logged with the
+    step's time): a run stopped (Ctrl-C on a study, a lost node) and resumed has one per start.
+    A point whose session began after the point before it was logged starts a new one; so does
+    one whose wall time falls back. Ray Train's start-up before each loop and the pauses between
+    sessions are outside every session; steps trained again after a restart are inside."""
+    sessions: list[list[float]] = []
+    previous = None
+    for point in sorted(wall_times, key=lambda m: m.timestamp):
+        began = point.timestamp - point.value * 1000
+        if previous is None or began > previous.timestamp or point.value < previous.value:
+            sessions.append([began, point.timestamp])
+        sessions[-1][1] = point.timestamp
+        previous = point
+    return [(begin, stop) for begin, stop in sessions]
 
 
 def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Path]:

@@ -309,6 +309,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 data_waits.add(data_wait, now - waited_since)
                 last = step == derived.total_steps
                 evaluated = online_knn.maybe_run(step, force=last)
+                if evaluated:  # as of logging, as the step's MLflow time is: the report's
+                    # training hours tell a run's sessions apart by when each loop started
+                    metrics["wall_time_s"] = time.perf_counter() - started
                 # MLflow gets the online kNN at the steps it was measured; Ray (Tune's
                 # schedulers) gets the latest value in every report.
                 logged = {**metrics, **online_knn.latest} if evaluated else metrics

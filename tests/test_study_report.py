@@ -176,7 +176,11 @@ def _finished_run(client, experiment_id: str, knn: float, **tags: str) -> str:
     return run.info.run_id
 
 
-def test_a_trial_resumed_a_day_later_counts_its_training_hours_not_the_pause(tmp_path, mlflow_db):
+def test_a_trials_hours_are_its_training_loops_without_start_ups_or_pauses(tmp_path, mlflow_db):
+    """Hours count from each session's first step, not from the run's start (Ray Train's
+    start-up: 41 s of a 16 s trial on 2 cores), and leave out the pauses between a stop and the
+    restore, also one whose wall time did not fall back (a short first session, a long redo of
+    the steps after its checkpoint) and one of a session stopped before it logged a step."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -185,21 +189,29 @@ def test_a_trial_resumed_a_day_later_counts_its_training_hours_not_the_pause(tmp
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     hour, day, t0 = 3_600_000, 24 * 3_600_000, 1_000_000
     run = client.create_run(client.create_experiment("x"), start_time=t0).info.run_id
-    # Session 1: an hour of training (kNN at 0 and 100 clips), Ctrl-C. Session 2, a day
-    # later: half an hour more (wall_time_s starts again from 0), kNN at 200 clips.
-    points = [(0, 0.01, 30.0), (100, 1.0, 40.0), (150, 0.001, None), (200, 0.5, 50.0)]
-    starts = {0: t0, 100: t0, 150: t0 + hour + day, 200: t0 + hour + day}
-    metrics = []
-    for step, hours, knn in points:
-        timestamp = starts[step] + int(hours * hour)
-        metrics.append(Metric("wall_time_s", hours * 3600, timestamp, step))
+    loop1 = t0 + 40_000  # Ray Train started in 40 s; the untrained model's kNN came before
+    loop2 = loop1 + int(0.2 * hour) + day + 2 * hour  # after a session that logged nothing
+    # (clips seen, wall_time_s in hours, the loop's start, kNN or None)
+    points = [(100, 0.2, loop1, 40.0), (150, 0.5, loop2, None), (200, 0.8, loop2, 50.0)]
+    metrics = [Metric(METRIC, 30.0, t0 + 30_000, 0)]
+    for clips, hours, loop, knn in points:
+        timestamp = loop + int(hours * hour)
+        metrics.append(Metric("wall_time_s", hours * 3600, timestamp, clips))
         if knn is not None:
-            metrics.append(Metric(METRIC, knn, timestamp, step))
+            metrics.append(Metric(METRIC, knn, timestamp, clips))
     client.log_batch(run, metrics=metrics)
-    client.set_terminated(run, "FINISHED", end_time=t0 + hour + day + hour // 2)
+    client.set_terminated(run, "FINISHED", end_time=loop2 + int(0.8 * hour) + 5_000)
     record = _trial_record(client, client.get_run(run), [])
-    assert record.hours == pytest.approx(1.5, abs=0.01)  # not 25.5
-    assert [round(h, 2) for h, _ in record.wall_curve] == [0.01, 1.0, 1.5]
+    assert record.hours == pytest.approx(1.0, abs=1e-4)  # 0.2 + 0.8, not 27.2
+    assert [round(h, 4) for h, _ in record.wall_curve] == [0.0, 0.2, 1.0]
+    # A second session whose wall time falls back is one too, whenever it began.
+    again = client.create_run(client.get_run(run).info.experiment_id, start_time=t0).info.run_id
+    client.log_batch(again, metrics=[
+        Metric("wall_time_s", 3600.0, loop1 + hour, 100),
+        Metric("wall_time_s", 60.0, loop1 + hour + 90_000, 150),  # began 30 s after the last
+    ])  # fmt: skip
+    client.set_terminated(again, "KILLED", end_time=loop1 + hour + 90_000)
+    assert _trial_record(client, client.get_run(again), []).hours == pytest.approx(61 / 60)
 
 
 def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path, mlflow_db):

@@ -133,6 +133,14 @@ def test_two_worker_run_is_recorded_in_mlflow(two_worker_run, synthetic_shards, 
     assert run.data.tags["svt.online_knn_bank_clips"] == str(len(again_knn.bank["label"]))
     lines = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == steps + 1 and json.loads(lines[-1])["clips_seen"] == 4 * steps
+    # One training session, as a study's report reads the steps' wall times: it began after
+    # the run started (Ray Train's start-up is not training time) and ends at the last step.
+    from svt_ray.study_report import _training_sessions
+
+    wall = client.get_metric_history(run.info.run_id, "wall_time_s")
+    ((began, last),) = _training_sessions(wall)
+    assert run.info.start_time < began < min(m.timestamp for m in wall)
+    assert last == max(m.timestamp for m in wall) and len(wall) == steps
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
