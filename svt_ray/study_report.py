@@ -164,6 +164,14 @@ class StudyReport:
                 f"best: {setting}: online kNN top-1 {best['knn_top1_mean']}{spread} "
                 f"({best['finished']} seed(s))"
             )
+        flat = [t for t in self.trials if _never_rose(t.curve)]
+        if flat:
+            measured = sum(len(t.curve) > 1 and t.curve[0][0] == 0 for t in self.trials)
+            lines.append(
+                f"note: {len(flat)} of {measured} trials never rose above the untrained model's "
+                "online kNN (at 0 clips): their best is their start; a larger budget "
+                "(optim.epochs, more clips) tells the settings apart better"
+            )
         if self.verdict:
             lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
@@ -194,6 +202,11 @@ class StudyReport:
         x_label = self.x_label or (self.swept[0] if self.swept else "setting")
         files.update(plot_study(self, folder, x_label))
         return files
+
+
+def _never_rose(curve: list[tuple[float, float]]) -> bool:
+    """Whether a kNN curve measured from 0 clips seen never went above its first point."""
+    return len(curve) > 1 and curve[0][0] == 0 and max(v for _, v in curve[1:]) <= curve[0][1]
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:

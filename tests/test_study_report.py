@@ -137,6 +137,17 @@ def test_best_vs_worst_and_scaling_tables():
     assert "best: a tie at online kNN top-1 50.0 (views.num_local=0; views.num_local=4)" in (
         tie.summary()
     )
+    assert "never rose" not in tie.summary()
+    # Trials whose best is the untrained model's kNN: the budget is too small to read.
+    flat = _report(
+        [_trial({views: 0}, 0, [(0, 40.0), (100, 30.0), (200, 40.0)]),
+         _trial({views: 4}, 0, [(0, 10.0), (100, 20.0)]),
+         _trial({views: 8}, 0, [(100, 40.0), (200, 30.0)])],  # restored: no start to read
+        [views],
+    )  # fmt: skip
+    assert "note: 1 of 2 trials never rose above the untrained model's online kNN" in (
+        flat.summary()
+    )
 
     workers = "scaling.num_workers"
     scaling = _report(
