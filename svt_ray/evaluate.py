@@ -41,6 +41,15 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> Accuracy:
     )
 
 
+def dense_labels(*labels: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """The labels as class indices 0..C-1 over the classes they hold, and C. A dataset's
+    labels may be sparse (class folders named 3 and 1000 are labels 3 and 1000) and the
+    scores have a column per class: `max + 1` columns made 1001 classes of two, a chance rate of
+    0.1% and a top-5 below 100."""
+    classes = torch.unique(torch.cat(labels))
+    return [torch.searchsorted(classes, label) for label in labels], len(classes)
+
+
 @torch.no_grad()
 def knn_scores(
     train_features: torch.Tensor,
@@ -167,9 +176,10 @@ def describe_evaluation(results: list[EvalResult], settings) -> str:
         return ""
     first = results[0]
     classes = first.num_classes
+    k = min(settings.knn_k, first.train_clips)  # the neighbours there are
     text = (
         f"{first.test_clips} {settings.test_split!r} clips, {classes} classes (chance "
-        f"{100 / max(classes, 1):.1f}% top-1), scored by kNN (k={settings.knn_k}) and a linear "
+        f"{100 / max(classes, 1):.1f}% top-1), scored by kNN (k={k}) and a linear "
         f"probe ({settings.linear_epochs} epochs) fitted on {first.train_clips} "
         f"{settings.train_split!r} clips"
     )
@@ -230,8 +240,9 @@ class OnlineKNN:
         temperature: float = 0.07,
         batch_size: int = 32,
     ):
-        self.bank, self.query = bank, query
-        self.num_classes = int(max(bank["label"].max(), query["label"].max())) + 1
+        (bank_labels, query_labels), self.num_classes = dense_labels(bank["label"], query["label"])
+        self.bank = {**bank, "label": bank_labels}
+        self.query = {**query, "label": query_labels}
         self.mean, self.std = mean, std
         self.k, self.temperature, self.batch_size = k, temperature, batch_size
 
@@ -521,9 +532,9 @@ def evaluate_backbones(
                 "evaluation scores %d of the %d %s clips: the others have no label or did not "
                 "decode", len(scored["label"]), counts[split], split,
             )  # fmt: skip
-    train_labels = torch.from_numpy(train["label"])
-    test_labels = torch.from_numpy(test["label"])
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    (train_labels, test_labels), num_classes = dense_labels(
+        torch.from_numpy(train["label"]), torch.from_numpy(test["label"])
+    )
 
     def score(name: str, train_x, test_x) -> EvalResult:
         return evaluate_features(

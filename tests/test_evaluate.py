@@ -99,6 +99,28 @@ def test_knn_and_linear_are_at_chance_on_random_labels():
         assert 40.0 <= accuracy.top5 <= 60.0  # chance is 50%
 
 
+def test_sparse_labels_are_scored_over_the_classes_they_hold():
+    """Class folders named 3 and 1000 are labels 3 and 1000: scored with a column per label
+    up to the largest, an evaluation said 1001 classes (chance 0.1%) and a top-5 of 87.5."""
+    from svt_ray.evaluate import OnlineKNN, dense_labels
+
+    (train, test), classes = dense_labels(torch.tensor([1000, 3, 3]), torch.tensor([3, 1000]))
+    assert (train.tolist(), test.tolist(), classes) == ([1, 0, 0], [0, 1], 2)
+    backbone = TimeSformer(
+        patch_size=8, embed_dim=16, depth=1, num_heads=2, image_size=32, num_frames=2
+    )
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randint(0, 256, (6, 3, 2, 32, 32), dtype=torch.uint8, generator=generator)
+    knn = OnlineKNN(
+        {"clip": bank, "label": torch.tensor([3, 1000, 7, 3, 1000, 7])},
+        {"clip": bank[:3], "label": torch.tensor([3, 1000, 7])},
+        mean=(0.5,) * 3, std=(0.25,) * 3, k=3,
+    )  # fmt: skip
+    assert knn.num_classes == 3 and knn.bank["label"].tolist() == [0, 2, 1, 0, 2, 1]
+    accuracy = knn(backbone)
+    assert accuracy.top5 == 100.0 and 0.0 <= accuracy.top1 <= 100.0
+
+
 def test_slow_fast_features_average_the_two_clips():
     backbone = TimeSformer(
         patch_size=8, embed_dim=16, depth=1, num_heads=2, image_size=32, num_frames=8
@@ -158,6 +180,11 @@ def test_an_evaluation_says_what_its_numbers_are_read_against():
         f"a linear probe ({settings.linear_epochs} epochs) fitted on 24 'train' clips; top-5 is "
         "100 with 4 classes:"
     )
+    few = evaluate_features("x", train[:6], train_labels[:6], test, test_labels, 4, k=20,
+                            linear_epochs=1)  # fmt: skip
+    assert "scored by kNN (k=6) " in describe_evaluation(
+        [few], settings
+    )  # the neighbours there are
 
 
 def test_the_starting_point_row_is_the_runs_own_initialisation_with_init_from(tmp_path):
