@@ -13,8 +13,12 @@ written (re-run to resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -409,6 +413,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m data_prep") -
         )
         if not 0 <= args.val_fraction < 1:
             raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
+        _check_counts(args)
         split_assignments = []
         for item in args.split_file or []:
             split, _, path = item.partition("=")
@@ -421,9 +426,55 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m data_prep") -
         return 2
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Sizes, counts and limits that only make sense positive (0 CPUs waited for a CPU
+    forever; a negative --file-timeout rejected every video as a timeout)."""
+    for flag, value, least in (
+        ("--num-cpus", args.num_cpus, 1),
+        ("--max-in-flight", args.max_in_flight, 1),
+        ("--max-videos-per-shard", args.max_videos_per_shard, 1),
+    ):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: give {least} or more")
+    if not args.shard_size_mb > 0:
+        raise ValueError(f"--shard-size-mb {args.shard_size_mb:g}: give a size above 0")
+    if args.file_timeout < 0:
+        raise ValueError(f"--file-timeout {args.file_timeout:g}: give seconds, or 0 for no limit")
+
+
 def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> int:
+    """Discover, plan, shard on Ray, write the manifest; Ctrl-C keeps the shards written
+    and says how to go on (exit 130)."""
+    try:
+        return _run(args, options, split_assignments)
+    except PrepInterrupted as stopped:
+        print(
+            f"data_prep: interrupted; {stopped.written} shard(s) written now are kept. Run the "
+            "same command again to finish: it resumes from them",
+            file=sys.stderr,
+        )
+        return 130
+    except KeyboardInterrupt:  # before Ray started, or a second Ctrl-C
+        print(
+            "data_prep: interrupted; shards written so far are kept. Run the same command "
+            "again to finish",
+            file=sys.stderr,
+        )
+        return 130
+
+
+class PrepInterrupted(Exception):
+    """Ctrl-C while the videos were processed: the shards written stay, no manifest."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(written)
+        self.written = written
+
+
+def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> int:
     started = time.perf_counter()
     videos, input_fs = discover(args.input, args.extensions)
+    logger.info("%d videos under %s", len(videos), args.input)
     if not videos:
         print(
             f"data_prep: no video files ({', '.join(args.extensions)}) under {args.input}",
@@ -439,12 +490,21 @@ def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> in
     if previous:
         _check_same_input(args, previous, videos)
     options_record = _options_record(args, options)
+    if (
+        previous
+        and previous["options"] != options_record
+        and not load_states(output, [entry["name"] for entry in previous["shards"]])
+    ):  # stopped before its first shard: nothing made with the old options to stay true to
+        print(f"data_prep: the earlier run into {args.output} wrote no shard; starting it anew")
+        previous = None
     if previous and previous["options"] != options_record:
-        changed = sorted(
-            key for key in options_record if previous["options"].get(key) != options_record[key]
-        )
+        changed = [
+            f"{key}: {json.dumps(previous['options'].get(key))} -> {json.dumps(value)}"
+            for key, value in sorted(options_record.items())
+            if previous["options"].get(key) != value
+        ]
         raise ValueError(
-            f"{args.output} was prepared with other options ({', '.join(changed)}); "
+            f"{args.output} was prepared with other options ({'; '.join(changed)}); "
             "use the same options to resume, or a new output directory"
         )
     released = (
@@ -466,6 +526,11 @@ def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> in
     )
     states = load_states(output, [entry["name"] for entry in plan["shards"]])
     todo = [entry for entry in plan["shards"] if entry["name"] not in states]
+    logger.info(
+        "plan: %d shard(s), %d written before, %d to write (%d videos); %d label(s)",
+        len(plan["shards"]), len(states), len(todo), sum(len(e["ids"]) for e in todo),
+        len(label_map),
+    )  # fmt: skip
     by_id = {video.id: video for video in videos}
     splits = {
         video.id: assign_split(video, split_files, args.val_fraction, args.split_seed)
@@ -514,120 +579,176 @@ def run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> in
 def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map) -> int:
     """Process the unfinished shards; return how many shard writes failed."""
     import ray
+
+    with _ctrl_c_stops_at_the_next_wait() as stop:  # not inside Ray's calls (a segfault)
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(
+                address=args.address,
+                num_cpus=args.num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+        try:
+            return _process(args, output, input_fs, options, todo, by_id, splits, label_map, stop)
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_at_the_next_wait() -> Iterator[threading.Event]:
+    """A first Ctrl-C sets the event the processing loop checks between its waits, so Ray is
+    never interrupted inside one of its calls (one in `ray.init` left a traceback, one at the
+    wrong time a segfault); a second Ctrl-C stops at once. Off the main thread, where no
+    handler can be installed, Ctrl-C stops as Python does."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    before = signal.getsignal(signal.SIGINT)
+
+    def on_ctrl_c(signum, frame):
+        if stop.is_set():
+            signal.signal(signal.SIGINT, before)
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            "data_prep: stopping once the shards being written are done (Ctrl-C again to stop "
+            "at once)",
+            file=sys.stderr,
+        )
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _process(args, output, input_fs, options, todo, by_id, splits, label_map, stop) -> int:
+    """[Ray started] Run the video tasks and shard writers; return the failed shard writes.
+    When `stop` is set: no new task, running video tasks cancelled, the shard writes under way
+    finished (each is atomic), then `PrepInterrupted`."""
+    import ray
     from tqdm import tqdm
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(
-            address=args.address,
-            num_cpus=args.num_cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
+    process = ray.remote(num_cpus=1, max_retries=1)(process_video_task)
+    writer = ray.remote(num_cpus=0.25, max_retries=3)(write_shard_task)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    largest = max(len(entry["ids"]) for entry in todo)
+    window = args.max_in_flight or max(4 * cpus, largest)
+    queue = deque(todo)
+    # a video task's generator -> [shard name, position, when it started running or None]
+    pending: dict = {}
+    slots: dict[str, dict] = {}
+    writers: dict = {}
+    failed = written = 0
+    timed_out: set = set()
+    rejected: Counter = Counter()
+    source_bytes = 0
+    start = time.perf_counter()
+    total = sum(len(entry["ids"]) for entry in todo)
+    progress = tqdm(
+        total=total,
+        unit="video",
+        disable=_progress_disabled(args),
+        desc="data_prep",
+        dynamic_ncols=True,
+    )
+
+    def show() -> None:
+        progress.set_postfix(
+            rejects=sum(rejected.values()),
+            MBps=f"{source_bytes / 1e6 / (time.perf_counter() - start):.1f}",
+            shards=f"{written}/{len(todo)}",
         )
-    try:
-        process = ray.remote(num_cpus=1, max_retries=1)(process_video_task)
-        writer = ray.remote(num_cpus=0.25, max_retries=3)(write_shard_task)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        largest = max(len(entry["ids"]) for entry in todo)
-        window = args.max_in_flight or max(4 * cpus, largest)
-        queue = deque(todo)
-        # a video task's generator -> [shard name, position, when it started running or None]
-        pending: dict = {}
-        slots: dict[str, dict] = {}
-        writers: dict = {}
-        failed = written = 0
-        timed_out: set = set()
-        rejected: Counter = Counter()
-        source_bytes = 0
-        start = time.perf_counter()
-        total = sum(len(entry["ids"]) for entry in todo)
-        progress = tqdm(
-            total=total,
-            unit="video",
-            disable=_progress_disabled(args),
-            desc="data_prep",
-            dynamic_ncols=True,
-        )
-        while queue or pending or writers:
-            while queue and (not pending or len(pending) + len(queue[0]["ids"]) <= window):
-                entry = queue.popleft()
-                slots[entry["name"]] = {
-                    "ids": entry["ids"],
-                    "statuses": [None] * len(entry["ids"]),
-                    "rows": [None] * len(entry["ids"]),
-                    "remaining": len(entry["ids"]),
-                }
-                for position, video_id in enumerate(entry["ids"]):
-                    video = by_id[video_id]
-                    label = label_map[video.label_name] if video.label_name is not None else -1
-                    task = process.remote(video, splits[video_id], label, input_fs, options)
-                    pending[task] = [entry["name"], position, None]
-            if args.file_timeout:
-                now = time.monotonic()
-                for task, (*_, started) in pending.items():
-                    running_s = now - started if started is not None else 0.0
-                    if running_s > args.file_timeout and task not in timed_out:
-                        timed_out.add(task)
-                        ray.cancel(task, force=True)  # a hung decoder: kill its worker
-            ready, _ = ray.wait([*pending, *writers], num_returns=1, timeout=1.0)
-            for ref in ready:
-                if ref in writers:
-                    name = writers.pop(ref)
-                    try:
-                        ray.get(ref)
-                        written += 1
-                    except ray.exceptions.RayError as error:
-                        failed += 1
-                        logger.error("shard %s could not be written: %s", name, error)
-                    continue
-                name, position, started = pending[ref]
-                slot = slots[name]
+
+    while queue or pending or writers:
+        if stop.is_set() and (queue or pending):
+            queue.clear()
+            for task in pending:
+                ray.cancel(task, force=True)
+            pending.clear()
+        if stop.is_set() and not writers:
+            break
+        while queue and (not pending or len(pending) + len(queue[0]["ids"]) <= window):
+            entry = queue.popleft()
+            slots[entry["name"]] = {
+                "ids": entry["ids"],
+                "statuses": [None] * len(entry["ids"]),
+                "rows": [None] * len(entry["ids"]),
+                "remaining": len(entry["ids"]),
+            }
+            for position, video_id in enumerate(entry["ids"]):
+                video = by_id[video_id]
+                label = label_map[video.label_name] if video.label_name is not None else -1
+                task = process.remote(video, splits[video_id], label, input_fs, options)
+                pending[task] = [entry["name"], position, None]
+        if args.file_timeout:
+            now = time.monotonic()
+            for task, (*_, started) in pending.items():
+                running_s = now - started if started is not None else 0.0
+                if running_s > args.file_timeout and task not in timed_out:
+                    timed_out.add(task)
+                    ray.cancel(task, force=True)  # a hung decoder: kill its worker
+        ready, _ = ray.wait([*pending, *writers], num_returns=1, timeout=1.0)
+        for ref in ready:
+            if ref in writers:
+                name = writers.pop(ref)
                 try:
-                    if started is None:  # it runs now: its timeout counts from here
-                        ray.get(next(ref))
-                        pending[ref][2] = time.monotonic()
-                        continue
-                    status = ray.get(next(ref))
-                    row = next(ref) if status["ok"] else None  # stays in the object store
-                except ray.exceptions.RayError as error:  # the worker died (decoder crash)
-                    video = by_id[slot["ids"][position]]
-                    status = {
-                        "id": video.id,
-                        "path": video.relative_path,
-                        "ok": False,
-                        "reason": "timeout" if ref in timed_out else "crash",
-                        "detail": (
-                            f"not done {args.file_timeout}s after it started"
-                            if ref in timed_out
-                            else f"decoding crashed the worker: {type(error).__name__}"
-                        ),
-                        "source_bytes": max(video.size, 0),
-                        "output_bytes": 0,
-                    }
-                    row = None
-                del pending[ref]
-                timed_out.discard(ref)
-                slot["statuses"][position], slot["rows"][position] = status, row
-                slot["remaining"] -= 1
-                source_bytes += status["source_bytes"]
-                if not status["ok"]:
-                    rejected[status["reason"]] += 1
-                progress.update(1)
-                progress.set_postfix(
-                    rejects=sum(rejected.values()),
-                    MBps=f"{source_bytes / 1e6 / (time.perf_counter() - start):.1f}",
-                    shards=f"{written}/{len(todo)}",
-                )
-                if slot["remaining"] == 0:
-                    slot = slots.pop(name)
-                    writers[
-                        writer.remote(output, name, slot["ids"], *slot["statuses"], *slot["rows"])
-                    ] = name
-        progress.close()
-        return failed
-    finally:
-        if started_ray:
-            ray.shutdown()
+                    ray.get(ref)
+                    written += 1
+                except ray.exceptions.RayError as error:
+                    failed += 1
+                    logger.error("shard %s could not be written: %s", name, error)
+                else:
+                    logger.info("shard %s written", name)
+                show()
+                continue
+            name, position, started = pending[ref]
+            slot = slots[name]
+            try:
+                if started is None:  # it runs now: its timeout counts from here
+                    ray.get(next(ref))
+                    pending[ref][2] = time.monotonic()
+                    continue
+                status = ray.get(next(ref))
+                row = next(ref) if status["ok"] else None  # stays in the object store
+            except ray.exceptions.RayError as error:  # the worker died (decoder crash)
+                video = by_id[slot["ids"][position]]
+                status = {
+                    "id": video.id,
+                    "path": video.relative_path,
+                    "ok": False,
+                    "reason": "timeout" if ref in timed_out else "crash",
+                    "detail": (
+                        f"not done {args.file_timeout}s after it started"
+                        if ref in timed_out
+                        else f"decoding crashed the worker: {type(error).__name__}"
+                    ),
+                    "source_bytes": max(video.size, 0),
+                    "output_bytes": 0,
+                }
+                row = None
+            del pending[ref]
+            timed_out.discard(ref)
+            slot["statuses"][position], slot["rows"][position] = status, row
+            slot["remaining"] -= 1
+            source_bytes += status["source_bytes"]
+            if not status["ok"]:
+                rejected[status["reason"]] += 1
+            progress.update(1)
+            show()
+            if slot["remaining"] == 0:
+                slot = slots.pop(name)
+                writers[
+                    writer.remote(output, name, slot["ids"], *slot["statuses"], *slot["rows"])
+                ] = name
+    progress.close()
+    if stop.is_set():
+        raise PrepInterrupted(written)
+    return failed
 
 
 def _progress_disabled(args) -> bool | None:
@@ -658,7 +779,7 @@ def _print_summary(args, manifest: dict, seconds: float, earlier: int = 0) -> No
     counts = manifest["counts"]
     reasons = ", ".join(f"{reason} {n}" for reason, n in counts["reject_reasons"].items())
     shards = len(manifest["shards"])
-    splits = ", ".join(f"{split} {n}" for split, n in counts["splits"].items())
+    splits = ", ".join(f"{split} {n}" for split, n in counts["splits"].items()) or "none"
     labels = counts.get("labels", {})
     classes = sum(label != "-1" for label in labels)
     print(
@@ -673,6 +794,13 @@ def _print_summary(args, manifest: dict, seconds: float, earlier: int = 0) -> No
         print(
             f"data_prep: {earlier} of the {counts['inputs']} inputs were sharded by an earlier "
             f"run into {args.output}; {counts['inputs'] - earlier} added now"
+        )
+    unlabelled = labels.get("-1", 0)
+    if classes and unlabelled:
+        print(
+            f"data_prep: {unlabelled} of the {counts['accepted']} clips have no class label "
+            "(files directly under the input folder, or manifest rows without one): pretraining "
+            "uses them, evaluation and online kNN leave them out"
         )
     if labels and not classes:
         print(

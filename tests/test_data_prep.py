@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,14 +212,39 @@ def test_discovery_follows_linked_folders_and_refuses_ambiguous_layouts(tmp_path
     with pytest.raises(InputError, match="labels '01' and '1' are the same number"):
         build_label_map([video("01"), video("1")])
 
+    # A class folder name in Unicode's two forms (typed here; copied from a Mac) is one class;
+    # an earlier run's map that kept the decomposed form gives the composed one its index.
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    accents = tmp_path / "accents"
+    for name in (composed, decomposed):
+        (accents / name).mkdir(parents=True)
+        (accents / name / f"{len(name)}.mp4").write_bytes(b"x")
+    videos, _ = discover(str(accents))
+    assert {v.label_name for v in videos} == {composed} and len(videos) == 2
+    assert build_label_map(videos) == {composed: 0}
+    assert build_label_map(videos, {"bike": 0, decomposed: 1})[composed] == 1
 
-def test_manifests_of_objects_only_and_names_that_are_not_utf8(tmp_path, ray_session):
+
+def test_manifests_of_objects_only_and_names_that_are_not_utf8(tmp_path, ray_session, caplog):
     from data_prep.inputs import InputError
 
     (tmp_path / "list.json").write_text('[{"path": "a.mp4", "label": "x"}]')
     (tmp_path / "a.mp4").write_bytes(b"x")
     ((videos, _),) = [discover(str(tmp_path / "list.json"))]
     assert [(v.relative_path, v.label_name) for v in videos] == [("a.mp4", "x")]
+    # Columns a manifest does not read are said; a class column not named 'label' was
+    # ignored without a word, and every clip went unlabelled.
+    (tmp_path / "classes.csv").write_text("path,class\na.mp4,x\n")
+    (tmp_path / "notes.csv").write_text("path,label,notes\na.mp4,x,good\n")
+    with caplog.at_level("WARNING", logger="data_prep.inputs"):
+        ((videos, _),) = [discover(str(tmp_path / "classes.csv"))]
+        assert videos[0].label_name is None
+        assert "classes.csv: no 'label' column, so no clip gets a class; column(s) class" in (
+            caplog.text
+        )
+        caplog.clear()
+        discover(str(tmp_path / "notes.csv"))
+        assert "notes.csv: column(s) notes are not read" in caplog.text
     (tmp_path / "bad.jsonl").write_text('{"path": "a.mp4"}\n"b.mp4"\n')
     with pytest.raises(InputError, match=r"bad.jsonl: entry 2 is str, not an object"):
         discover(str(tmp_path / "bad.jsonl"))
@@ -485,6 +511,16 @@ def test_videos_outside_class_folders_are_sharded_unlabelled_and_it_says_so(
     printed = capsys.readouterr().out
     assert "1 video in 1 shard" in printed and ", 0 classes;" in printed
     assert "no clip has a class label (the videos are not in one sub-folder per class" in printed
+    # One video loose beside class folders: sharded unlabelled, and counted.
+    (tmp_path / "mixed" / "dog").mkdir(parents=True)
+    encode_to_file(tmp_path / "mixed" / "dog" / "b.mp4", numbered_frames(20, height=32, width=32))
+    encode_to_file(tmp_path / "mixed" / "stray.mp4", numbered_frames(20, height=32, width=32))
+    assert (
+        data_prep.main([str(tmp_path / "mixed"), str(tmp_path / "out2"), "--min-frames", "8"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert ", 1 class;" in printed
+    assert "data_prep: 1 of the 2 clips have no class label (files directly under" in printed
 
 
 def test_nothing_sharded_exits_non_zero(tmp_path, ray_session, capsys):
@@ -492,7 +528,18 @@ def test_nothing_sharded_exits_non_zero(tmp_path, ray_session, capsys):
     (tmp_path / "in" / "empty.mp4").write_bytes(b"")
     (tmp_path / "in" / "text.mp4").write_bytes(b"hello")
     assert data_prep.main([str(tmp_path / "in"), str(tmp_path / "out")]) == 1
-    assert "nothing was sharded" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "nothing was sharded" in captured.err and ", split none, 0 classes;" in captured.out
+    # Pretraining, evaluation and the studies name the cause, not a missing split.
+    from svt_ray.config import ConfigError
+    from svt_ray.data import read_dataset_manifest
+
+    with pytest.raises(
+        ConfigError,
+        match=r"holds no clips: data_prep rejected all 2 of its inputs \(empty 1, not_video 1\);"
+        r" .*rejects.jsonl says why",
+    ):
+        read_dataset_manifest(str(tmp_path / "out"))
     assert data_prep.main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 2
     (tmp_path / "no_videos").mkdir()
     assert data_prep.main([str(tmp_path / "no_videos"), str(tmp_path / "out3")]) == 1
@@ -590,7 +637,16 @@ def test_csv_manifest_input_uri_output_dry_run_and_option_guard(
     assert {(row["height"], row["width"]) for row in rows} == {(48, 60)}  # 64x80 -> short 48
     assert all(row["label_name"].startswith("0") for row in rows)
     code = data_prep.main([*args[:2], "--short-side", "64"])
-    assert code == 2 and "other options (short_side)" in capsys.readouterr().err
+    assert code == 2 and "other options (short_side: 48 -> 64)" in capsys.readouterr().err
+    # A run stopped before its first shard leaves a plan and nothing made with its options:
+    # other options start it anew.
+    fresh = tmp_path / "fresh"
+    shutil.copytree(
+        tmp_path / "out" / "_state", fresh / "_state", ignore=shutil.ignore_patterns("part-*")
+    )
+    assert data_prep.main([args[0], str(fresh), "--short-side", "64"]) == 0
+    assert "the earlier run into" in capsys.readouterr().out
+    assert {(row["height"], row["width"]) for row in _rows(fresh)} == {(64, 80)}
     # Another input into the same output would merge two datasets: refused. The same input
     # with videos gone since: said, as their shards stay.
     others = sorted(root.rglob("*.mp4"))[6:9]
@@ -712,6 +768,62 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, synthetic_videos, ray_s
         json.loads((resumed / "manifest.json").read_text())["counts"]
         == json.loads((reference / "manifest.json").read_text())["counts"]
     )
+
+
+def test_ctrl_c_keeps_the_shards_written_and_says_how_to_finish(
+    tmp_path, synthetic_videos, ray_session
+):
+    """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) stops at the
+    next wait, not inside a Ray call: exit 130, one line saying the written shards are kept
+    and the same command finishes, no traceback and no manifest; the same command then does.
+    Before, the exit was 1, 130 or a segfault (139) by when it landed, some with a traceback."""
+    root, config = synthetic_videos
+    out = tmp_path / "out"
+    common = ["--max-videos-per-shard", "2", "--short-side", "48", "--max-in-flight", "2"]
+    argv = [
+        str(root),
+        str(out),
+        *common,
+        "--address",
+        ray_session.get_runtime_context().gcs_address,
+    ]
+    log = tmp_path / "interrupted.log"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HELD_BACK_DATA_PREP, json.dumps(argv)],
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((out / "_state").glob("part-*.json"))) < 2:
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    err = log.read_text()
+    written = len(list((out / "_state").glob("part-*.json")))
+    assert f"interrupted; {written} shard(s) written now are kept" in err, err[-3000:]
+    assert "Run the same command again to finish" in err and "Traceback" not in err
+    assert not (out / "manifest.json").exists() and written < config.num_clips // 2
+
+    assert data_prep.main([str(root), str(out), *common]) == 0
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["inputs"] == counts["accepted"] == config.num_clips
+    ids = [row["id"] for row in _rows(out)]
+    assert len(ids) == len(set(ids)) == config.num_clips
+
+
+def test_sizes_counts_and_limits_must_be_positive(tmp_path, capsys):
+    """`--num-cpus 0` waited for a CPU forever; `--file-timeout -5` rejected every video as
+    a timeout; `--shard-size-mb 0` or `--max-videos-per-shard 0` planned a shard per video."""
+    for flag, value, said in (
+        ("--num-cpus", "0", "--num-cpus 0: give 1 or more"),
+        ("--max-in-flight", "0", "--max-in-flight 0: give 1 or more"),
+        ("--max-videos-per-shard", "-3", "--max-videos-per-shard -3: give 1 or more"),
+        ("--shard-size-mb", "0", "--shard-size-mb 0: give a size above 0"),
+        ("--file-timeout", "-5", "--file-timeout -5: give seconds, or 0 for no limit"),
+    ):
+        assert data_prep.main([str(tmp_path), str(tmp_path / "out"), flag, value]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_run_removes_old_temporaries_and_leaves_those_another_run_may_be_writing(tmp_path):
