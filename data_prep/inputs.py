@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import posixpath
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -168,9 +169,15 @@ def _discover_folder(
         split = None
         if split_layout and len(parts) > 1:
             split, parts = SPLIT_FOLDERS[parts[0].lower()], parts[1:]
-        label = parts[0] if len(parts) > 1 else None
+        label = _label_name(parts[0]) if len(parts) > 1 else None
         videos.append(InputVideo(video_id(relative), full, relative, label, split, size))
     return videos
+
+
+def _label_name(name: str) -> str:
+    """A class name in Unicode's composed form (NFC): `café` copied from a Mac is spelt with a
+    combining accent (NFD) and was another class than the same word typed here."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVideo]:
@@ -197,6 +204,7 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise InputError(f"{path}:{number}: invalid JSON: {error}") from error
+    _warn_unread_columns(path, rows)
     videos, unknown_splits = [], set()
     sizes = _sizes(filesystem, [_manifest_path(base, row) for row in rows if isinstance(row, dict)])
     for number, row in enumerate(rows, 1):
@@ -221,7 +229,7 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
                 video_id(relative),
                 full,
                 relative,
-                None if label in (None, "") else str(label),
+                None if label in (None, "") else _label_name(str(label)),
                 split,
                 size,
             )
@@ -232,6 +240,29 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
             SPLITS_READ,
         )  # fmt: skip
     return videos
+
+
+MANIFEST_COLUMNS = ("path", "label", "split")
+
+
+def _warn_unread_columns(path: str, rows: list) -> None:
+    """A manifest's columns other than path, label and split are not read: said, and, where
+    no column is `label`, that its clips get no class (a `class` column was ignored silently)."""
+    columns = {key for row in rows if isinstance(row, dict) for key in row}
+    unread = sorted(str(column) for column in columns - set(MANIFEST_COLUMNS))
+    if not unread:
+        return
+    if "label" not in columns:
+        logger.warning(
+            "%s: no 'label' column, so no clip gets a class; column(s) %s are not read (a "
+            "manifest reads %s): name the class column 'label'",
+            path, ", ".join(unread), ", ".join(MANIFEST_COLUMNS),
+        )  # fmt: skip
+    else:
+        logger.warning(
+            "%s: column(s) %s are not read (a manifest reads %s)",
+            path, ", ".join(unread), ", ".join(MANIFEST_COLUMNS),
+        )  # fmt: skip
 
 
 def _manifest_path(base: str, row: dict) -> str:
@@ -316,7 +347,8 @@ def build_label_map(videos: Iterable[InputVideo], previous: dict[str, int] | Non
                     f"labels {values[int(name)]!r} and {name!r} are the same number; rename one"
                 )
         return {name: int(name) for name in sorted(set(numeric), key=int)}
+    composed = {_label_name(name): index for name, index in label_map.items()}
     for name in names:
-        if name not in label_map:
-            label_map[name] = max(label_map.values(), default=-1) + 1
+        if name not in label_map:  # a name an earlier run kept in another Unicode form: its index
+            label_map[name] = composed.get(name, max(label_map.values(), default=-1) + 1)
     return label_map

@@ -86,8 +86,16 @@ def read_dataset_manifest(data_path: str) -> dict:
             f"data.path: {error}. Run the data_prep command that made it again, on the same "
             "output: it writes manifest.json anew from the shards' records"
         ) from None
+    counts = manifest.get("counts", {})
+    if counts.get("accepted") == 0:  # every input rejected: no split or flag fixes that
+        reasons = ", ".join(f"{r} {n}" for r, n in counts.get("reject_reasons", {}).items())
+        raise ConfigError(
+            f"data.path: {data_path} holds no clips: data_prep rejected all "
+            f"{counts.get('rejected', 0)} of its inputs{f' ({reasons})' if reasons else ''}; "
+            f"{data_path}/rejects.jsonl says why for each. Replace or re-encode those videos "
+            "and prepare them again (`svt-ray prep --retry REASON` retries some reasons)"
+        )
     if manifest.get("complete") is False:  # a data_prep run that ended with shards unwritten
-        counts = manifest.get("counts", {})
         logger.warning(
             "%s: data_prep did not finish (%s of %s inputs processed); this uses the shards "
             "written so far. Run the same data_prep command again to complete them.",
