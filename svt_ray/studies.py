@@ -76,6 +76,19 @@ class Sweep:
             return value
         return self.labels[list(self.values).index(value)]
 
+    def grid_values(self) -> list[Any]:
+        """The values as Tune's grid holds them: a mapping's label where the sweep gives
+        labels (`labelled_settings` maps it back). Tune's status table printed a mapping's
+        tail (`...ion_weight': 0.0}`), and its trial folders spelt the mapping out."""
+        return [self.label(v) if self._by_label(v) else v for v in self.values]
+
+    def labelled_settings(self) -> dict[str, dict[str, Any]]:
+        """{label: mapping} of the values Tune's grid holds by their label."""
+        return {self.label(v): v for v in self.values if self._by_label(v)}
+
+    def _by_label(self, value: Any) -> bool:
+        return isinstance(value, dict) and self.labels is not None
+
     @classmethod
     def parse(cls, text: str) -> Sweep:
         """`views.num_local=0,2,4,8` -> Sweep; each value parsed like a --set value."""
@@ -168,7 +181,10 @@ class StudyInterruptedError(RuntimeError):
 def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
     """The --set items of a trial: the study's base items, then the trial's swept values."""
     swept = []
+    by_label = trial_config.get("settings", {})  # a study saved before labels: none
     for path, value in trial_config["sweep"].items():
+        if isinstance(value, str) and value in by_label.get(path, {}):
+            value = by_label[path][value]
         items = value.items() if isinstance(value, dict) else [(path, value)]
         swept += [f"{key}={json.dumps(item)}" for key, item in items]
     return [*trial_config["base"], *swept, f"train.seed={trial_config['seed']}"]
@@ -814,7 +830,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         "parent_run_id": parent_run_id,
         "experiment": options.experiment,
         "seed": ray.tune.grid_search(list(options.seeds)),
-        "sweep": {s.path: ray.tune.grid_search(list(s.values)) for s in spec.sweeps},
+        "sweep": {s.path: ray.tune.grid_search(s.grid_values()) for s in spec.sweeps},
+        "settings": {s.path: s.labelled_settings() for s in spec.sweeps if s.labelled_settings()},
         "labels": {
             s.path: {json.dumps(v): s.label(v) for v in s.values} for s in spec.sweeps if s.labels
         },

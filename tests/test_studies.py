@@ -22,6 +22,7 @@ from svt_ray.studies import (
     Sweep,
     asha_grace,
     run_study,
+    trial_label,
     trial_overrides,
 )
 from svt_ray.study_report import batch_size_verdict, collect_study
@@ -55,6 +56,33 @@ def test_trial_overrides_expand_coupled_settings():
         "views.global_frames=[4, 8]",
         "train.seed=3",
     ]
+
+
+def test_tunes_grid_holds_a_labelled_mapping_by_its_label():
+    """Tune's status table prints a trial's swept value: a mapping showed its tail
+    (`...ion_weight': 0.0}`), and its trial folders spelt it out. The grid holds the label; the
+    trial's --set items are the mapping's, as are those of a study saved before (its trials
+    hold the mapping itself)."""
+    terms = Sweep(
+        "loss_terms",
+        ({"loss.cross_view_weight": 1.0, "loss.motion_weight": 0.0},
+         {"loss.cross_view_weight": 1.0, "loss.motion_weight": 1.0}),
+        labels=("cross-view only", "both"),
+    )  # fmt: skip
+    assert terms.grid_values() == ["cross-view only", "both"]
+    settings = {"loss_terms": terms.labelled_settings()}
+    both = ["loss.cross_view_weight=1.0", "loss.motion_weight=1.0", "train.seed=0"]
+    trial = {"base": [], "seed": 0, "sweep": {"loss_terms": "both"}, "settings": settings}
+    assert trial_overrides(trial) == both
+    saved = {"base": [], "seed": 0, "sweep": {"loss_terms": terms.values[1]}}
+    assert trial_overrides(saved) == both
+    labels = {"loss_terms": {json.dumps(v): terms.label(v) for v in terms.values}}
+    assert trial_label({**trial, "study": "s", "labels": labels}) == "s loss_terms=both seed 0"
+    assert trial_label({**saved, "study": "s", "labels": labels}) == "s loss_terms=both seed 0"
+    plain = Sweep("optim.batch_size", (8, 16))
+    assert plain.grid_values() == [8, 16] and plain.labelled_settings() == {}
+    counts = Sweep("views.num_local", (0, 4), labels=("none", "four"))  # labelled numbers stay
+    assert counts.grid_values() == [0, 4]
 
 
 def test_a_trials_progress_lines_name_its_swept_values():
