@@ -11,6 +11,7 @@ pipelines in `svt_ray.data`); `OnlineKNN` scores the teacher during pretraining.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> Accuracy:
         top1=100.0 * hits[:, 0].float().mean().item(),
         top5=100.0 * hits.any(dim=1).float().mean().item(),
     )
+
+
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor on a NumPy array that is only read. Ray Data hands out read-only arrays (on
+    Arrow's memory), and torch warns, once a process, of writes that never come."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def dense_labels(*labels: torch.Tensor) -> tuple[list[torch.Tensor], int]:
@@ -263,8 +272,8 @@ class OnlineKNN:
                 decoder=config.data.decoder,
             )
             return {
-                "clip": torch.from_numpy(columns["clip"]),
-                "label": torch.from_numpy(columns["label"]),
+                "clip": read_only_tensor(columns["clip"]),
+                "label": read_only_tensor(columns["label"]),
             }
 
         return cls(
@@ -344,10 +353,10 @@ class FeatureUDF:
     def __call__(self, batch: dict) -> dict:
         out = {"label": batch["label"], "clip_id": batch["clip_id"]}
         for column in self.clip_columns:
-            clips = torch.from_numpy(batch[column])
+            clips = read_only_tensor(batch[column])
             for name, extractor in self.extractors.items():
                 out[f"{name}/{column}"] = extractor.features(clips).numpy()
-        first = torch.from_numpy(batch[self.clip_columns[0]]).float()
+        first = read_only_tensor(batch[self.clip_columns[0]]).float()
         middle = first[:, :, first.shape[2] // 2]  # (b, 3, s, s)
         pooled = F.adaptive_avg_pool2d(middle, self.pixel_grid)
         out["pixels"] = pooled.flatten(1).numpy()

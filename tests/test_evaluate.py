@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +120,18 @@ def test_sparse_labels_are_scored_over_the_classes_they_hold():
     assert knn.num_classes == 3 and knn.bank["label"].tolist() == [0, 2, 1, 0, 2, 1]
     accuracy = knn(backbone)
     assert accuracy.top5 == 100.0 and 0.0 <= accuracy.top1 <= 100.0
+
+
+def test_ray_datas_read_only_arrays_become_tensors_without_a_warning():
+    import warnings
+
+    from svt_ray.evaluate import read_only_tensor
+
+    array = np.arange(6, dtype=np.uint8)
+    array.flags.writeable = False  # as Ray Data's batches on Arrow memory are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_only_tensor(array).tolist() == list(range(6))
 
 
 def test_slow_fast_features_average_the_two_clips():
