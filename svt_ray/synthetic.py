@@ -481,12 +481,23 @@ def _write_chunk(jobs: list[tuple[SynthConfig, int, str]]) -> list[tuple[int, in
     return [_write_one(job) for job in jobs]
 
 
-def _check_earlier_config(fs, base: str, root: str, config: SynthConfig) -> None:
+def _check_earlier_config(fs, base: str, root: str, config: SynthConfig) -> int:
     """Clips found in `root` are kept only if they were made with this config (all but the
     clip count): a clip's file name says its seed, index and class, not its size, length or
-    frame rate, so a run with other settings would keep the old clips as they are."""
+    frame rate, so a run with other settings would keep the old clips as they are. A folder
+    that holds anything else is refused: the generated classes would mix with its videos.
+    Returns the clips an earlier run made there (0 for none)."""
     if fs.get_file_info(f"{base}/synthetic.json").type != pafs.FileType.File:
-        return
+        if fs.get_file_info(base).type == pafs.FileType.Directory:
+            entries = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+            if entries:
+                shown = ", ".join(sorted(entry.base_name for entry in entries)[:3])
+                raise ConfigError(
+                    f"{root} is not empty ({shown}{', ...' if len(entries) > 3 else ''}) and "
+                    "was not made by svt-ray synth: its classes would mix with the generated "
+                    "ones. Give a new or empty folder"
+                )
+        return 0
     with fs.open_input_stream(f"{base}/synthetic.json") as stream:
         earlier = json.loads(stream.read()).get("config", {})
     now = asdict(config)
@@ -501,6 +512,7 @@ def _check_earlier_config(fs, base: str, root: str, config: SynthConfig) -> None
             f"{root} holds clips made with other settings ({', '.join(changed)}); use another "
             "folder, or remove this one to make them again"
         )
+    return int(earlier.get("num_clips", 0))
 
 
 def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthSummary:
@@ -510,11 +522,18 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     """
     start = time.perf_counter()
     fs, base = resolve_filesystem(root)
-    _check_earlier_config(fs, base, root, config)
+    earlier = _check_earlier_config(fs, base, root, config)
+    if earlier > config.num_clips:  # its clips stay, and data_prep shards every one
+        logger.warning(
+            "%s holds the %d clips an earlier run made, more than the %d asked: all %d stay "
+            "(data_prep shards every video there); give another folder for fewer",
+            root, earlier, config.num_clips, earlier,
+        )  # fmt: skip
     for label in range(config.num_classes):
         fs.create_dir(f"{base}/{class_folder(config, label)}", recursive=True)
     with fs.open_output_stream(f"{base}/synthetic.json") as stream:
-        meta = {"config": asdict(config), "class_names": list(config.class_names)}
+        held = asdict(config) | {"num_clips": max(config.num_clips, earlier)}  # what it holds
+        meta = {"config": held, "class_names": list(config.class_names)}
         stream.write(json.dumps(meta, indent=2).encode())
     jobs = [(config, index, root) for index in range(config.num_clips)]
     if workers > 1:  # Ray is the distributed engine: one task per chunk of clips

@@ -264,7 +264,7 @@ def test_scene_frames_do_not_tell_the_class_and_do_not_identify_the_clip():
     assert retrieval < 0.1, f"first frame finds its clip's last frame in {retrieval:.2f}"
 
 
-def test_a_folder_of_clips_is_only_extended_with_the_same_settings(tmp_path):
+def test_a_folder_of_clips_is_only_extended_with_the_same_settings(tmp_path, caplog):
     """A clip's file name holds its seed, index and class, not its size or length: clips
     made with other settings were kept as they were, and synthetic.json rewritten to say
     otherwise (a demo with longer clips trained on the old ones)."""
@@ -277,6 +277,20 @@ def test_a_folder_of_clips_is_only_extended_with_the_same_settings(tmp_path):
     assert (more.written, more.skipped) == (1, 2)  # the same settings: topped up
     with pytest.raises(ConfigError, match=r"other settings \(num_frames 8 -> 16\); use another"):
         generate_dataset(str(tmp_path), SynthConfig(num_clips=3, **{**small, "num_frames": 16}))
+    # Fewer clips than the folder holds: all stay, it is said, and the record keeps the count.
+    with caplog.at_level("WARNING", logger="svt_ray.synthetic"):
+        fewer = generate_dataset(str(tmp_path), SynthConfig(num_clips=1, **small))
+    assert (fewer.written, fewer.skipped) == (0, 1)
+    assert "holds the 3 clips an earlier run made, more than the 1 asked: all 3 stay" in (
+        caplog.text
+    )
+    assert json.loads((tmp_path / "synthetic.json").read_text())["config"]["num_clips"] == 3
+    # A folder of the user's own videos: the generated classes would mix with them.
+    (tmp_path / "mine" / "dog").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"mine is not empty \(dog\) and was not made by svt"):
+        generate_dataset(str(tmp_path / "mine"), SynthConfig(num_clips=1, **small))
+    (tmp_path / "empty").mkdir()
+    assert generate_dataset(str(tmp_path / "empty"), SynthConfig(num_clips=1, **small)).written == 1
 
 
 # -- objects style: the object's motion read off a plain rendering ---------------------------
