@@ -116,7 +116,20 @@ def discover(
     unique: dict[str, InputVideo] = {}
     for video in videos:
         if video.id in unique:
-            logger.warning("input listed twice, keeping the first: %s", video.relative_path)
+            first = unique[video.id]
+            differs = [
+                f"{what} {a!r} then {b!r}"
+                for what, a, b in (
+                    ("label", first.label_name, video.label_name),
+                    ("split", first.split, video.split),
+                )
+                if a != b
+            ]
+            logger.warning(
+                "input listed twice%s, keeping the first: %s",
+                f" with another {' and '.join(differs)}" if differs else "",
+                video.relative_path,
+            )
             continue
         unique[video.id] = video
     return sorted(unique.values(), key=lambda video: video.id), filesystem

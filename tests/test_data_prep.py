@@ -245,6 +245,13 @@ def test_manifests_of_objects_only_and_names_that_are_not_utf8(tmp_path, ray_ses
         caplog.clear()
         discover(str(tmp_path / "notes.csv"))
         assert "notes.csv: column(s) notes are not read" in caplog.text
+        caplog.clear()  # one clip given two classes: the first kept, both named
+        (tmp_path / "twice.csv").write_text("path,label\na.mp4,x\na.mp4,y\n")
+        ((videos, _),) = [discover(str(tmp_path / "twice.csv"))]
+        assert [v.label_name for v in videos] == ["x"]
+        assert "listed twice with another label 'x' then 'y', keeping the first: a.mp4" in (
+            caplog.text
+        )
     (tmp_path / "bad.jsonl").write_text('{"path": "a.mp4"}\n"b.mp4"\n')
     with pytest.raises(InputError, match=r"bad.jsonl: entry 2 is str, not an object"):
         discover(str(tmp_path / "bad.jsonl"))
