@@ -171,6 +171,10 @@ def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) 
         [str(videos), str(shards), "--short-side", str(config.data.short_side),
          "--val-fraction", f"{1 - TRAIN_FRACTION:g}", "--min-frames", "8", "--min-side", "16"]
     )  # fmt: skip
+    if code == 130:  # Ctrl-C: its shards stay, and the same command goes on from them
+        from svt_ray.train import RunInterruptedError
+
+        raise RunInterruptedError(f"Sharding {videos} was interrupted; the shards written stay.")
     if code != 0:  # its own message is above; a traceback would bury it
         raise ConfigError(
             f"data_prep failed (exit code {code}, its message is above) sharding {videos} into "

@@ -790,10 +790,17 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     data_path = options.data_path
     if data_path is None:  # the embedded default: synthetic videos, made once
         from svt_ray.demo import prepare_synthetic_data
+        from svt_ray.train import RunInterruptedError
 
-        data_path = str(
-            prepare_synthetic_data(Path(options.workdir).resolve(), probe, options.num_clips)
-        )
+        try:
+            data_path = str(
+                prepare_synthetic_data(Path(options.workdir).resolve(), probe, options.num_clips)
+            )
+        except RunInterruptedError as error:  # Ctrl-C while its data was made
+            raise StudyInterruptedError(
+                f"study {spec.name} interrupted before its first trial: {error} Run the same "
+                "command again to continue it."
+            ) from None
     base = _study_base(options, spec)
     check_init_from(probe)  # before any trial: each would fail on its own
     placement = {  # where things are: this driver's, also for the trials of a restored study

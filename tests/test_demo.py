@@ -78,3 +78,20 @@ def test_a_demo_with_more_clips_in_a_used_workdir_is_refused_before_any_work(tmp
     with pytest.raises(ConfigError, match="holds a demo trained on 400 clips; for --clips 800"):
         run_demo(tmp_path, num_clips=800, workers=1, overrides=[])
     assert not (tmp_path / "synthetic_videos").exists()
+
+
+def test_ctrl_c_while_the_demo_data_is_sharded_is_an_interruption_not_a_failure(
+    tmp_path, monkeypatch
+):
+    """data_prep stops on Ctrl-C with exit 130 and says its shards stay: the demo (and a
+    study making its data) then stops as interrupted, 130, not 'data_prep failed'."""
+    import data_prep.cli
+    from svt_ray import synthetic
+    from svt_ray.config import load_config
+    from svt_ray.demo import prepare_synthetic_data
+    from svt_ray.train import RunInterruptedError
+
+    monkeypatch.setattr(synthetic, "synth_main", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(data_prep.cli, "main", lambda argv: 130)
+    with pytest.raises(RunInterruptedError, match="synthetic_videos was interrupted; the shards"):
+        prepare_synthetic_data(tmp_path, load_config("tiny"), 40)
