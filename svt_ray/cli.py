@@ -41,7 +41,14 @@ tracking_app = typer.Typer(
 app.add_typer(tracking_app, name="tracking")
 
 PresetOption = Annotated[
-    str, typer.Option("--preset", "-p", help=f"Starting recipe: {', '.join(PRESETS)}.")
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help=f"Starting recipe: {', '.join(PRESETS)} (default: the --config file's preset "
+        "line, else paper).",
+        show_default=False,
+    ),
 ]
 # Where a recorded recipe applies (a resumed run, a checkpoint), --preset has no default, so
 # that one given for another recipe is refused instead of dropped without a word.
@@ -74,7 +81,9 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def build_config(preset: str, config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
+def build_config(
+    preset: str | None, config: Path | None, overrides: list[str] | None
+) -> ExperimentConfig:
     try:
         return load_config(preset, config, overrides or [])
     except ConfigError as error:
@@ -83,7 +92,7 @@ def build_config(preset: str, config: Path | None, overrides: list[str] | None) 
 
 @config_app.command("show")
 def config_show(
-    preset: PresetOption = "paper",
+    preset: PresetOption = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     clips: Annotated[
@@ -233,7 +242,7 @@ def pretrain(
         experiment = recorded_config(resume, storage or "svt_runs", [*(overrides or []), *flags])
         _check_recorded_preset(preset, experiment.preset, f"run {resume}")
     else:
-        experiment = build_config(preset or "paper", config, [*(overrides or []), *flags])
+        experiment = build_config(preset, config, [*(overrides or []), *flags])
     if note := cpu_training_note(experiment):
         typer.secho(f"note: {note}", err=True, fg=typer.colors.YELLOW)
     try:
@@ -286,7 +295,7 @@ def evaluate(
 
     flags = [*(overrides or []), *_cli_overrides(data, address=address)]
     if checkpoint is None:
-        experiment = build_config(preset or "paper", config, flags)
+        experiment = build_config(preset, config, flags)
     else:  # the checkpoint's own config: its architecture, clips and probe, unless --set says
         try:
             saved = load_state(checkpoint)

@@ -682,48 +682,84 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(
-    preset: str = "paper",
+    preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     """Build a validated config: schema defaults < preset < YAML file < dotted overrides.
-    `base`, a config as JSON (a checkpoint's), takes the preset's place.
+    `base`, a config as JSON (a checkpoint's), takes the preset's place. The preset is
+    `preset`, else the file's `preset:` line (`svt-ray config show` writes one), else paper;
+    the two disagreeing is an error. A file's `derived` section (a run's config.yaml) is
+    recomputed, not read.
 
     Raises ConfigError with one line naming the offending field.
     """
-    if base is not None:
-        tree = {key: value for key, value in copy.deepcopy(base).items() if key != "derived"}
-    else:
-        tree = preset_dict(preset)
-        tree["preset"] = preset
     path, loaded = None, {}  # the --config file and its mapping: its unknown keys name it
     if config_file is not None:
         path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} is a folder: name a YAML file"
-                if path.is_dir()
-                else f"config file {path} does not exist"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(
-                f"config file {path} is not valid YAML: {_yaml_problem(error)}"
-            ) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        tree = _merge(tree, loaded)
+        loaded = _read_config_file(path)
+        preset = _file_preset(preset, loaded, path) if base is None else preset
+    if base is not None:
+        tree = {key: value for key, value in copy.deepcopy(base).items() if key != "derived"}
+    else:
+        preset = preset or "paper"
+        tree = preset_dict(preset)
+        tree["preset"] = preset
+    tree = _merge(tree, {key: value for key, value in loaded.items() if key != "derived"})
     for item in overrides:
         keys, value = parse_override(item)
+        if keys[0] == "derived":
+            raise ConfigError(
+                f"override {item!r}: derived.* is computed from the other settings and the "
+                "data (per-worker batch, lr, steps); set those instead"
+            )
         node = tree
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key} is not a section")
-        node[keys[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(keys[-1]), dict):
+            node[keys[-1]] = _merge(node[keys[-1]], value)  # as a file's section merges
+        else:
+            node[keys[-1]] = value
     return validate_config(tree, path, loaded)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping of a --config YAML file; a missing, unreadable or non-mapping one is a
+    ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} is a folder: name a YAML file"
+            if path.is_dir()
+            else f"config file {path} does not exist"
+        )
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return loaded
+
+
+def _file_preset(preset: str | None, loaded: dict[str, Any], path: Path) -> str | None:
+    """The preset a config file names (`preset: tiny`), checked against `preset` (--preset):
+    the file's line was shown, and ignored, while the paper preset's model was built."""
+    named = loaded.get("preset")
+    if named is None:
+        return preset
+    if named not in PRESETS:
+        raise ConfigError(
+            f"config file {path}: preset {named!r} is not one of {', '.join(PRESETS)}"
+        )
+    if preset is not None and preset != named:
+        raise ConfigError(
+            f"--preset {preset} and config file {path} (preset: {named}) disagree; drop "
+            "--preset, or change the file's preset line"
+        )
+    return named
 
 
 def validate_config(

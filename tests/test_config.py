@@ -48,6 +48,38 @@ def test_precedence_preset_file_overrides(tmp_path):
     assert config.views.local_frame_counts() == [2, 4, 8, 16]
 
 
+def test_a_config_files_preset_line_is_its_base_and_a_mapping_override_merges(tmp_path):
+    """`config show --preset tiny` writes `preset: tiny` first: a file with that line built
+    the paper model (768 wide) and said tiny; `--set 'model={depth: 2}'` put paper defaults
+    under the given key instead of merging as a file's section does; a run's config.yaml
+    carried its old `derived` values into a new config."""
+    result = CliRunner().invoke(app, ["config", "show", "--preset", "tiny"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "tiny.yaml").write_text(result.output)
+    (tmp_path / "partial.yaml").write_text("preset: tiny\noptim:\n  epochs: 1\n")
+    for name in ("tiny.yaml", "partial.yaml"):
+        config = load_config(config_file=tmp_path / name)
+        assert (config.preset, config.model.embed_dim) == ("tiny", 64), name
+    assert load_config("tiny", tmp_path / "partial.yaml").optim.epochs == 1  # the same: fine
+    with pytest.raises(ConfigError, match=r"--preset paper and config file .*partial.yaml "
+                       r"\(preset: tiny\) disagree"):  # fmt: skip
+        load_config("paper", tmp_path / "partial.yaml")
+    (tmp_path / "typo.yaml").write_text("preset: tinyy\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: preset 'tinyy' is not one of"):
+        load_config(config_file=tmp_path / "typo.yaml")
+    assert load_config().preset == "paper"  # no preset anywhere: paper, as before
+
+    merged = load_config("tiny", overrides=["model={depth: 2}"])
+    assert (merged.model.depth, merged.model.embed_dim, merged.model.patch_size) == (2, 64, 8)
+
+    run_config = load_config("tiny").resolve(64).model_dump(mode="json")  # as a run records it
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_config))
+    again = load_config(config_file=tmp_path / "run.yaml", overrides=["optim.batch_size=8"])
+    assert again.derived is None and again.resolve(64).derived.per_worker_batch == 8
+    with pytest.raises(ConfigError, match=r"derived.\* is computed from the other settings"):
+        load_config("tiny", overrides=["derived.lr=1"])
+
+
 def test_overrides_parse_yaml_values():
     config = load_config("tiny", overrides=["views.global_frames=[8, 8]", "model.init_from=null"])
     assert config.views.global_frames == [8, 8]
