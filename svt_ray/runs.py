@@ -475,6 +475,36 @@ def check_resumed_recipe(config: ExperimentConfig, run_name: str, recorded: dict
         )
 
 
+def check_resumed_tracking(config: ExperimentConfig, run_name: str, recorded: dict) -> None:
+    """A resumed run goes on in its MLflow run, so a --tracking-uri other than the recorded
+    one must be that store moved (a server that restored it), holding the run: another store
+    was only found lacking it mid-run (\"not reachable\"), left the run KILLED in its own
+    store and pointed `mlflow ui` at the new one. Refused before Ray starts; a SQLite file
+    that does not exist is refused without creating it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.tracking import absolute_tracking_uri
+
+    run_id = recorded.get("mlflow_run_id")
+    before = ((recorded.get("config") or {}).get("tracking") or {}).get("tracking_uri")
+    now = config.tracking.tracking_uri
+    if not run_id or not before or absolute_tracking_uri(before) == now:
+        return
+    missing = now.startswith("sqlite:///") and not Path(now.removeprefix("sqlite:///")).exists()
+    if not missing:
+        try:
+            MlflowClient(now).get_run(run_id)
+        except MlflowException:
+            missing = True
+    if missing:
+        raise ConfigError(
+            f"--tracking-uri {now}: run {run_name!r} is MLflow run {run_id} of {before}, which "
+            f"this store does not hold; resume it with --tracking-uri {before} (or leave it "
+            "out), or move that store there first"
+        )
+
+
 def recipe_changes(
     recorded: dict[str, Any], config: ExperimentConfig, recorded_keys_only: bool = False
 ) -> list[str]:

@@ -70,6 +70,8 @@ from svt_ray.runs import (
     absolute_path,
     check_resumed_data,
     check_resumed_recipe,
+    check_resumed_tracking,
+    check_writable,
     checkpoint_dir_name,
     checkpoint_step,
     default_run_name,
@@ -509,6 +511,8 @@ def run_pretraining(
     check_tracking_uri(resolved.tracking.tracking_uri)  # before any compute is spent
     check_init_from(resolved)  # absolute, and there: each worker loads it
     run_name = default_run_name(resolved)
+    if "://" not in resolved.train.storage_path:  # a file or /proc: a traceback after Ray
+        check_writable(Path(resolved.train.storage_path), "--storage")
     run_dir = run_directory(resolved.train.storage_path, run_name)
     progress = run_progress(run_dir)
     if progress is not None and not resume:
@@ -522,6 +526,7 @@ def run_pretraining(
         recorded_run = read_json(join_uri(run_dir, RUN_FILE)) or {}  # read once for both
         check_resumed_data(resolved, run_name, recorded_run, data.manifest_checksum(manifest))
         check_resumed_recipe(resolved, run_name, recorded_run)
+        check_resumed_tracking(resolved, run_name, recorded_run)
     if read_json(join_uri(run_dir, DIVERGED_FILE)) is not None:
         raise TrainingDivergedError(
             f"run {run_name!r} diverged before ({run_dir}/{DIVERGED_FILE}); change the recipe "

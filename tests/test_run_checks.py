@@ -251,3 +251,60 @@ def test_more_workers_than_cores_on_a_local_ray_is_said(tmp_path, monkeypatch, c
         with pytest.raises(RayStarted):
             run_pretraining(load_config("tiny", overrides=overrides))
         assert (f"{workers} workers x 1 CPU on this {cores}-core machine" in caplog.text) == said
+
+
+def test_storage_that_cannot_hold_runs_and_a_resume_into_another_store_are_refused_before_ray(
+    tmp_path, monkeypatch, mlflow_db, empty_mlflow_store
+):
+    """`--storage` naming a file ended in NotADirectoryError after Ray's start-up. A resume
+    with a --tracking-uri whose store lacks the run's MLflow run was found out mid-run ('not
+    reachable'), left the run KILLED in its own store and pointed `mlflow ui` at the new one;
+    a SQLite file that did not exist was created empty."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from data_prep.shards import SCHEMA_VERSION
+    from svt_ray.runs import RUN_FILE
+
+    monkeypatch.setattr(train_module, "ensure_ray", no_ray)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "shards": [],
+        "counts": {"splits": {"train": 40, "val": 10}, "labels": {"0": 50}},
+    }))  # fmt: skip
+    (tmp_path / "afile").write_text("")
+
+    def overrides(storage, uri):
+        return [f"data.path={tmp_path / 'data'}", f"train.storage_path={storage}",
+                "train.run_name=r", "eval.online_every=0", "eval.online_every_clips=0",
+                f"tracking.tracking_uri={uri}"]  # fmt: skip
+
+    recorded_uri = f"sqlite:///{mlflow_db}"
+    with pytest.raises(ConfigError, match=r"--storage .*afile: cannot write there"):
+        run_pretraining(load_config("tiny", overrides=overrides(tmp_path / "afile", recorded_uri)))
+
+    runs = tmp_path / "runs"
+    _saved_checkpoint(runs / "r", 10)
+    client = MlflowClient(recorded_uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    config = load_config("tiny", overrides=overrides(runs, recorded_uri)).resolve(40)
+    (runs / "r" / RUN_FILE).write_text(
+        json.dumps({"config": config.model_dump(mode="json"), "mlflow_run_id": run_id})
+    )
+    other = tmp_path / "other.db"
+    for store in ("missing", "empty"):
+        if store == "empty":
+            shutil.copyfile(empty_mlflow_store, other)  # a store without the run
+        with pytest.raises(ConfigError, match=rf"is MLflow run {run_id} of {recorded_uri}, "
+                           r"which this store does not hold; resume it with --tracking-uri"):  # fmt: skip
+            run_pretraining(
+                load_config("tiny", overrides=overrides(runs, f"sqlite:///{other}")), resume=True
+            )
+        assert other.exists() == (store == "empty")  # not created by the check
+    shutil.copyfile(mlflow_db, tmp_path / "moved.db")  # the same store moved: it goes on
+    with pytest.raises(RayStarted):
+        run_pretraining(
+            load_config("tiny", overrides=overrides(runs, f"sqlite:///{tmp_path / 'moved.db'}")),
+            resume=True,
+        )
