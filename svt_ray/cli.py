@@ -424,7 +424,8 @@ def compare(
         str | None, typer.Option("--study", help="Study name (its MLflow parent run).")
     ] = None,
     runs: Annotated[
-        str | None, typer.Option("--runs", help="Comma-separated MLflow run ids to compare.")
+        str | None,
+        typer.Option("--runs", help="Comma-separated MLflow run ids (or run names) to compare."),
     ] = None,
     parent_run: Annotated[
         str | None,

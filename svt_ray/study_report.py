@@ -144,7 +144,8 @@ class StudyReport:
         stopped = sum(t.status == "KILLED" for t in self.trials)
         lines = [
             f"study {self.study}: {self.question}",
-            f"swept {', '.join(self.swept)}; {len(self.trials)} trials "
+            f"swept {', '.join(self.swept) or 'no setting (the same recipe)'}; "
+            f"{len(self.trials)} trial{'s' * (len(self.trials) != 1)} "
             f"({failed} failed, {stopped} stopped early)"
             + (f"; budget up to {self.budget_clips} clips each" if self.budget_clips else ""),
         ]
@@ -163,6 +164,12 @@ class StudyReport:
             lines.append(
                 f"best: {setting}: online kNN top-1 {best['knn_top1_mean']}{spread} "
                 f"({best['finished']} seed(s))"
+            )
+        if self.trials and not any(t.curve for t in self.trials):
+            lines.append(
+                "note: no run logged online kNN (eval.online_every_clips and eval.online_every "
+                "were 0), so the kNN columns and plots are empty; score their checkpoints with "
+                "`svt-ray eval`, or train with online kNN on"
             )
         flat = [t for t in self.trials if _never_rose(t.curve)]
         if flat:
@@ -257,8 +264,32 @@ def collect_study(
         except MlflowException as error:
             raise ConfigError(f"no {what} {run_id!r} in {tracking_uri}: {error.message}") from None
 
+    def run_by_id_or_name(given: str):
+        """A run by its MLflow id, or by its name (`svt-ray pretrain` names each run; the
+        demo's is `demo`) where one run of the store has it."""
+        try:
+            return client.get_run(given)
+        except MlflowException:
+            pass
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        named = client.search_runs(
+            experiments, f"attributes.run_name = '{given}'", max_results=10
+        ) if experiments and "'" not in given else []  # fmt: skip
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise ConfigError(
+                f"{len(named)} MLflow runs of {tracking_uri} are named {given!r} ("
+                + ", ".join(run.info.run_id for run in named)
+                + "); pass the id of the one to compare"
+            )
+        raise ConfigError(
+            f"no MLflow run with id or name {given!r} in {tracking_uri}; `svt-ray pretrain` "
+            "prints each run's name and MLflow id, and `mlflow ui` lists them"
+        )
+
     if run_ids:
-        children = [get_run(run_id, "MLflow run") for run_id in run_ids]
+        children = [run_by_id_or_name(run_id) for run_id in run_ids]
         parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
         verdict, budget, verdict_fn, x_label = "", None, None, ""
         swept = _differing_params(children)
@@ -347,16 +378,22 @@ def _recomputed_verdict(report: StudyReport, name: str) -> str | None:
 
 def _differing_params(runs) -> list[str]:
     keys = set().union(*(run.data.params for run in runs))
+    from svt_ray.config import RESUMABLE_SETTINGS
+
     ignore = (
         "data.path", "train.storage_path", "train.run_name", "tracking.", "derived.",
         "train.seed",  # repeats of a setting, averaged over: not a setting
         "scaling.address",
         "data.decode_actors",  # a study caps it from each trial's share of the CPUs
+        # how often a run reports, logs and checkpoints: not what it learns
+        "train.checkpoint_every", "train.log_every", "train.report_every",
     )  # fmt: skip
     return sorted(
         key
         for key in keys
-        if not key.startswith(ignore) and len({run.data.params.get(key) for run in runs}) > 1
+        if not key.startswith(ignore)
+        and (key not in RESUMABLE_SETTINGS or key == "scaling.num_workers")  # where, not what
+        and len({run.data.params.get(key) for run in runs}) > 1
     )
 
 
@@ -443,11 +480,13 @@ def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Pat
         per_clip.plot(*zip(*trial.curve, strict=True), style, color=colour, marker=".", label=label)
         per_hour.plot(*zip(*trial.wall_curve, strict=True), style, color=colour, marker=".")
     per_clip.set(xlabel="clips seen", ylabel="online kNN top-1 (%)", title=report.study)
-    per_hour.set(xlabel="hours", ylabel="online kNN top-1 (%)", title="against wall time")
+    per_hour.set(xlabel="training hours", ylabel="online kNN top-1 (%)", title="against time")
     for axes in (per_clip, per_hour):
         axes.grid(alpha=0.3)
-    if report.trials:
+    if any(trial.curve for trial in report.trials):  # matplotlib warns of an empty legend
         per_clip.legend(fontsize=7)
+    else:
+        per_clip.text(0.5, 0.5, "no online kNN logged", ha="center", transform=per_clip.transAxes)
     figure.tight_layout()
     files["curves.png"] = folder / "curves.png"
     figure.savefig(files["curves.png"], dpi=110)

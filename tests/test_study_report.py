@@ -315,8 +315,29 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
         (2, 51.5), (2, 52.5), (2, 58.5)
     ]  # fmt: skip
     assert rows[0]["knn_top1_sem"] == pytest.approx(0.5)
-    with pytest.raises(ConfigError, match="no MLflow run 'deadbeef' in sqlite"):
+    with pytest.raises(ConfigError, match="no MLflow run with id or name 'deadbeef' in sqlite"):
         collect_study(uri, "svt-ray-studies", "runs", run_ids=["deadbeef"])
+    # Runs by name, as `svt-ray pretrain` calls them; a name two runs share needs the id.
+    for name, run_id in (("b8-s0", run_ids[2]), ("b16-s0", run_ids[4]), ("twice", run_ids[0])):
+        client.set_tag(run_id, "mlflow.runName", name)
+    client.set_tag(run_ids[1], "mlflow.runName", "twice")
+    by_name = collect_study(uri, "svt-ray-studies", "runs", run_ids=["b8-s0", "b16-s0"])
+    assert [t.run_id for t in by_name.trials] == [run_ids[2], run_ids[4]]
+    with pytest.raises(ConfigError, match=r"2 MLflow runs of .* are named 'twice' \("):
+        collect_study(uri, "svt-ray-studies", "runs", run_ids=["twice"])
+    # How often runs log and checkpoint is not a setting; runs without online kNN are said.
+    quiet = []
+    for every in (10, 20):
+        run_id = client.create_run(plain).info.run_id
+        client.log_param(run_id, "train.checkpoint_every", str(every))
+        client.log_param(run_id, "train.progress_every_s", str(every))
+        client.set_terminated(run_id, "FINISHED")
+        quiet.append(run_id)
+    report = collect_study(uri, "svt-ray-studies", "runs", run_ids=quiet)
+    assert report.swept == []
+    assert "note: no run logged online kNN" in report.summary()
+    assert "swept no setting (the same recipe); 2 trials (0 failed" in report.summary()
+    report.write(tmp_path / "quiet")  # an empty curves plot, without matplotlib's warning
 
 
 def test_a_verdict_says_which_side_has_a_single_seed():
