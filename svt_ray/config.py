@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESETS = ("paper", "reference_code", "tiny")
 
@@ -372,6 +373,15 @@ class ScalingSettings(_Section):
     )
 
 
+def _folder_name(name: str) -> str:
+    """A run name is its folder's name: `bad/name` made nested folders."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(
+            f"{name!r} is a folder's name under storage_path: give one without / or \\"
+        )
+    return name
+
+
 class TrainSettings(_Section):
     """Run-level settings of a pretraining run."""
 
@@ -407,8 +417,11 @@ class TrainSettings(_Section):
     )
     storage_path: str = "svt_runs"
     "Checkpoint root: a local folder, NFS or an object-store URI."
-    run_name: str | None = None
-    "Stable id of the run (resume uses it); None = derived from the preset and seed."
+    run_name: Annotated[str, AfterValidator(_folder_name)] | None = None
+    (
+        "Stable id of the run (resume uses it) and its folder's name under storage_path, so "
+        "without / or \\; None = derived from the preset and seed."
+    )
     max_failures: Annotated[int, Field(ge=-1)] = 2
     "Worker-group restarts from the last checkpoint before the run gives up (-1 = forever)."
     wait_for_workers_s: Annotated[float, Field(gt=0)] | None = 1200
@@ -668,7 +681,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
             f"override {item!r}: the value is not valid YAML ({_yaml_problem(error, False)} of "
             f"{raw.strip()!r}); lists are written [2, 4], and a string with : or # in quotes"
         ) from None
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e3 as text
+        value = float(value)
     return key.strip().split("."), value
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -723,7 +741,21 @@ def load_config(
             node[keys[-1]] = _merge(node[keys[-1]], value)  # as a file's section merges
         else:
             node[keys[-1]] = value
-    return validate_config(tree, path, loaded)
+    overridden = [parse_override(item)[0] for item in overrides]
+    return validate_config(tree, path, _without(loaded, overridden))
+
+
+def _without(tree: dict[str, Any], paths: list[list[str]]) -> dict[str, Any]:
+    """`tree` less the keys at `paths`: what of a file's mapping stands after --set items
+    (an error in a key an override set is the override's, not the file's)."""
+    kept = copy.deepcopy(tree)
+    for keys in paths:
+        node = kept
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(keys[-1], None)
+    return kept
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -829,6 +861,8 @@ def format_validation_error(
                 location = f"{config_file}: {location}"
         elif message.startswith(tuple(f"{name}." for name in ExperimentConfig.model_fields)):
             location = ""
+        elif config_file is not None and _holds_key(file_tree or {}, item["loc"]):
+            location = f"{config_file}: {location}"  # a value of the file's
         lines.append(f"{location}: {message}" if location else message)
     return "; ".join(lines)
 

@@ -422,11 +422,27 @@ def load_state(path: str) -> dict:
     try:
         state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, OSError) as error:
+        if isinstance(source, Path) and not mmap and not _torch_pickle(source):
+            raise ValueError(
+                f"{path}: not a file torch.save wrote; pass a checkpoint (a run's "
+                "checkpoint_NNNNNNNN folder or its state.pt) or an `svt-ray export` file"
+            ) from None
+        if "Weights only load failed" in str(error):  # torch's advice would run its code
+            raise ValueError(
+                f"{path}: holds Python objects besides tensors, so it is not an svt-ray "
+                "checkpoint (those hold tensors and plain values only) and is not loaded"
+            ) from None
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ValueError(f"{path}: not a checkpoint torch can load safely ({first})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not an svt-ray checkpoint")
     return state
+
+
+def _torch_pickle(path: Path) -> bool:
+    """Whether a file that is not a zip starts as torch's legacy format does (a pickle)."""
+    with open(path, "rb") as file:
+        return file.read(1) == b"\x80"
 
 
 def cpus_per_evaluation(config) -> float:

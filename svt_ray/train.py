@@ -560,9 +560,10 @@ def run_pretraining(
     pieces = resolved.optim.accumulation_steps
     every, total = resolved.train.checkpoint_every, resolved.derived.total_steps
     logger.info(
-        "run %s: %d clips/epoch, global batch %d = %d workers x %d%s, peak lr %.3g, %d steps; "
+        "run %s: %d clips/epoch, global batch %d = %d worker%s x %d%s, peak lr %.3g, %d steps; "
         "checkpoints %s in %s; MLflow run %s",
         run_name, clips, resolved.optim.batch_size, resolved.scaling.num_workers,
+        "s" * (resolved.scaling.num_workers != 1),
         resolved.derived.per_worker_batch,
         f" (in {pieces} pieces of {resolved.derived.per_worker_batch // pieces})" if pieces > 1
         else "",

@@ -80,6 +80,24 @@ def test_a_config_files_preset_line_is_its_base_and_a_mapping_override_merges(tm
         load_config("tiny", overrides=["derived.lr=1"])
 
 
+def test_a_value_error_names_the_file_it_is_in_and_numbers_and_run_names_read_as_meant(
+    tmp_path,
+):
+    """A wrong type in a --config file did not name the file (an unknown key did); `1e3` was
+    text (YAML 1.1); `--run-name bad/name` made nested folders."""
+    (tmp_path / "bad_type.yaml").write_text("optim:\n  batch_size: eight\n")
+    with pytest.raises(ConfigError, match=r"^\S*bad_type.yaml: optim.batch_size: Input should"):
+        load_config("tiny", tmp_path / "bad_type.yaml")
+    with pytest.raises(ConfigError, match=r"^optim.batch_size: Input should"):  # the --set's
+        load_config("tiny", tmp_path / "bad_type.yaml", ["optim.batch_size=nine"])
+    assert load_config("tiny", overrides=["optim.batch_size=1e3"]).optim.batch_size == 1000
+    assert load_config("tiny", overrides=["optim.base_lr=5e-4"]).optim.base_lr == 5e-4
+    for name in ("bad/name", "..", "a\\b"):
+        with pytest.raises(ConfigError, match=r"train.run_name: .* without / or"):
+            load_config("tiny", overrides=[f"train.run_name={name}"])
+    assert load_config("tiny", overrides=["train.run_name=b8-s0.v2"]).train.run_name == "b8-s0.v2"
+
+
 def test_overrides_parse_yaml_values():
     config = load_config("tiny", overrides=["views.global_frames=[8, 8]", "model.init_from=null"])
     assert config.views.global_frames == [8, 8]

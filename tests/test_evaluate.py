@@ -342,8 +342,13 @@ def test_load_state_refuses_a_checkpoint_that_pickles_objects(tmp_path):
     from svt_ray.evaluate import load_state
 
     torch.save({"step": 7, "payload": _Payload()}, tmp_path / "state.pt")
-    with pytest.raises(ValueError, match=r"not a checkpoint torch can load safely .*Weights only"):
+    with pytest.raises(ValueError, match=r"holds Python objects besides tensors, so it is not"):
         load_state(str(tmp_path))
+    # A file torch did not write (a config given to `export`): said, not torch's advice to
+    # load it unrestricted.
+    (tmp_path / "tiny.yaml").write_text("preset: tiny\n")
+    with pytest.raises(ValueError, match=r"tiny.yaml: not a file torch.save wrote; pass a"):
+        load_state(str(tmp_path / "tiny.yaml"))
 
 
 @pytest.mark.parametrize(
