@@ -53,6 +53,8 @@ TRIAL_DRIVER_CPUS = 0.01
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 
 STUDY_FILE = "study.json"
+# The parent run's count of the trials that errored in Tune at the sweep's last end.
+ERRORED_TRIALS_TAG = "svt.errored_trials"
 
 
 # -- what a study is ---------------------------------------------------------------------------
@@ -70,6 +72,15 @@ class Sweep:
     path: str
     values: tuple[Any, ...]
     labels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and (
+            len(self.labels) != len(self.values) or len(set(self.labels)) != len(self.labels)
+        ):
+            raise ConfigError(
+                f"sweep {self.path}: give one label per value, each once ({len(self.values)} "
+                f"values, labels {list(self.labels)})"
+            )
 
     def label(self, value: Any) -> Any:
         if self.labels is None:
@@ -693,6 +704,16 @@ def _note_restored_concurrency(spec: StudySpec, tuner, concurrent: int) -> None:
         )  # fmt: skip
 
 
+def _tag_parent(options: StudyOptions, parent_run_id: str, key: str, value: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(options.tracking_uri).set_tag(parent_run_id, key, value)
+    except MlflowException as error:  # the store lost it: the report still comes
+        logger.warning("study parent run %s: tag %s not set: %s", parent_run_id, key, error)
+
+
 def _set_parent_status(options: StudyOptions, parent_run_id: str, status: str) -> None:
     """RUNNING while the sweep runs (again), FINISHED once reported, KILLED on Ctrl-C."""
     from mlflow.exceptions import MlflowException
@@ -915,6 +936,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     errors = len(results.errors)
     logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
                 (time.perf_counter() - started) / 60)  # fmt: skip
+    _tag_parent(options, parent_run_id, ERRORED_TRIALS_TAG, str(errors))
     report = _final_report(spec, options, parent_run_id, study_dir, publish=True)
     _set_parent_status(options, parent_run_id, "FINISHED")
     return report
@@ -954,7 +976,9 @@ def _ended_without_failures(options: StudyOptions, spec: StudySpec, recorded: di
     client = MlflowClient(options.tracking_uri)
     try:
         parent = client.get_run(parent_run_id)
-        if parent.info.status != "FINISHED":
+        # Tune's count of errored trials: one whose actor died (out of memory, a lost node)
+        # left no FAILED run, only a RUNNING one that the sweep's end marked KILLED.
+        if parent.info.status != "FINISHED" or parent.data.tags.get(ERRORED_TRIALS_TAG) != "0":
             return False
         children = client.search_runs(
             [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
@@ -1112,6 +1136,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
                     f"--grid names {sorted({p for p in paths if paths.count(p) > 1})[0]} twice; "
                     "give all its values in one --grid PATH=V1,V2,..."
                 )
+        if not args.name or "/" in args.name or "\\" in args.name:  # a folder's name, and its runs'
+            raise ConfigError(f"--name {args.name!r}: a study's folder name, without / or \\")
         spec.name = args.name
         overrides = list(args.overrides)
         flags = {}

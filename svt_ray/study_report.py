@@ -167,9 +167,9 @@ class StudyReport:
             )
         if self.trials and not any(t.curve for t in self.trials):
             lines.append(
-                "note: no run logged online kNN (eval.online_every_clips and eval.online_every "
-                "were 0), so the kNN columns and plots are empty; score their checkpoints with "
-                "`svt-ray eval`, or train with online kNN on"
+                "note: no run logged online kNN (runs with eval.online_every_clips and "
+                "eval.online_every at 0 log none, nor a trial that failed before its first), so "
+                "the kNN columns and plots are empty; score checkpoints with `svt-ray eval`"
             )
         flat = [t for t in self.trials if _never_rose(t.curve)]
         if flat:
@@ -392,7 +392,7 @@ def _differing_params(runs) -> list[str]:
         key
         for key in keys
         if not key.startswith(ignore)
-        and (key not in RESUMABLE_SETTINGS or key == "scaling.num_workers")  # where, not what
+        and (key not in RESUMABLE_SETTINGS or key in ("scaling.num_workers", "model.init_from"))
         and len({run.data.params.get(key) for run in runs}) > 1
     )
 

@@ -83,6 +83,8 @@ def test_tunes_grid_holds_a_labelled_mapping_by_its_label():
     assert plain.grid_values() == [8, 16] and plain.labelled_settings() == {}
     counts = Sweep("views.num_local", (0, 4), labels=("none", "four"))  # labelled numbers stay
     assert counts.grid_values() == [0, 4]
+    with pytest.raises(ConfigError, match=r"sweep loss_terms: give one label per value, each once"):
+        Sweep("loss_terms", terms.values, labels=("same", "same"))  # one setting would run twice
 
 
 def test_a_trials_progress_lines_name_its_swept_values():
@@ -549,6 +551,7 @@ def test_a_finished_study_run_again_reports_from_mlflow_without_starting_ray(
                                        for c, v in ((0, 30.0), (100, knn))])  # fmt: skip
         client.set_terminated(run, "FINISHED")
         children[batch] = run
+    client.set_tag(parent, "svt.errored_trials", "0")  # Tune's count when the sweep ended
     client.set_terminated(parent, "FINISHED")
     recipe = _study_recipe(options, spec, _study_base(options, spec), 100, 25)
     (tmp_path / "runs" / "s").mkdir(parents=True)
@@ -575,6 +578,10 @@ def test_a_finished_study_run_again_reports_from_mlflow_without_starting_ray(
     with pytest.raises(RayStarted):
         run_study(spec, options)
     client.set_terminated(parent, "FINISHED")
+    client.set_tag(parent, "svt.errored_trials", "1")  # an actor died: its run only KILLED
+    with pytest.raises(RayStarted):
+        run_study(spec, options)
+    client.set_tag(parent, "svt.errored_trials", "0")
     client.delete_run(children[16])  # a trial without a run: the study runs it
     with pytest.raises(RayStarted):
         run_study(spec, options)
@@ -582,6 +589,10 @@ def test_a_finished_study_run_again_reports_from_mlflow_without_starting_ray(
 
 def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     from svt_ray.studies import study_main
+
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8,))])
+    assert study_main(spec, ["--name", "a/b"]) == 2  # its trials' run names would hold the /
+    assert "--name 'a/b': a study's folder name, without / or" in capsys.readouterr().err
 
     assert (
         study_main(StudySpec("s", "q", [Sweep("optim.batch_size", (8,))]), ["--seeds", "0,x"]) == 2
