@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -377,7 +376,8 @@ def _folder_name(name: str) -> str:
     """A run name is its folder's name: `bad/name` made nested folders."""
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ValueError(
-            f"{name!r} is a folder's name under storage_path: give one without / or \\"
+            f"{name!r}: a run name is its folder's name under storage_path; give a name "
+            "without / or \\"
         )
     return name
 
@@ -681,12 +681,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
             f"override {item!r}: the value is not valid YAML ({_yaml_problem(error, False)} of "
             f"{raw.strip()!r}); lists are written [2, 4], and a string with : or # in quotes"
         ) from None
-    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e3 as text
-        value = float(value)
     return key.strip().split("."), value
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -727,6 +722,8 @@ def load_config(
     tree = _merge(tree, {key: value for key, value in loaded.items() if key != "derived"})
     for item in overrides:
         keys, value = parse_override(item)
+        if keys == ["preset"]:  # the base, chosen before any setting
+            raise ConfigError(f"override {item!r}: choose the preset with --preset")
         if keys[0] == "derived":
             raise ConfigError(
                 f"override {item!r}: derived.* is computed from the other settings and the "

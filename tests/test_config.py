@@ -83,15 +83,17 @@ def test_a_config_files_preset_line_is_its_base_and_a_mapping_override_merges(tm
 def test_a_value_error_names_the_file_it_is_in_and_numbers_and_run_names_read_as_meant(
     tmp_path,
 ):
-    """A wrong type in a --config file did not name the file (an unknown key did); `1e3` was
-    text (YAML 1.1); `--run-name bad/name` made nested folders."""
+    """A wrong type in a --config file did not name the file (an unknown key did); numbers
+    and names read as meant; `--run-name bad/name` made nested folders."""
     (tmp_path / "bad_type.yaml").write_text("optim:\n  batch_size: eight\n")
     with pytest.raises(ConfigError, match=r"^\S*bad_type.yaml: optim.batch_size: Input should"):
         load_config("tiny", tmp_path / "bad_type.yaml")
     with pytest.raises(ConfigError, match=r"^optim.batch_size: Input should"):  # the --set's
         load_config("tiny", tmp_path / "bad_type.yaml", ["optim.batch_size=nine"])
-    assert load_config("tiny", overrides=["optim.batch_size=1e3"]).optim.batch_size == 1000
     assert load_config("tiny", overrides=["optim.base_lr=5e-4"]).optim.base_lr == 5e-4
+    assert load_config("tiny", overrides=["train.run_name=2e5"]).train.run_name == "2e5"
+    with pytest.raises(ConfigError, match=r"'preset=tiny': choose the preset with --preset"):
+        load_config(overrides=["preset=tiny"])  # it built the paper model and said tiny
     for name in ("bad/name", "..", "a\\b"):
         with pytest.raises(ConfigError, match=r"train.run_name: .* without / or"):
             load_config("tiny", overrides=[f"train.run_name={name}"])
