@@ -440,9 +440,11 @@ def load_state(path: str) -> dict:
 
 
 def _torch_pickle(path: Path) -> bool:
-    """Whether a file that is not a zip starts as torch's legacy format does (a pickle)."""
+    """Whether a file starts as torch.save's files do: a zip (one cut short has no central
+    directory, so `zipfile.is_zipfile` says no) or its legacy format, a pickle."""
     with open(path, "rb") as file:
-        return file.read(1) == b"\x80"
+        start = file.read(4)
+    return start.startswith(b"\x80") or start == b"PK\x03\x04"
 
 
 def cpus_per_evaluation(config) -> float:

@@ -304,7 +304,7 @@ def start_mlflow_run(
             **(extra_tags or {}),
         },
     )
-    tracker.log_params(config.flat())
+    tracker.log_params({**config.flat(), "train.run_name": run_name})  # the default's too
     tracker.log_text(config.dump(), "config.yaml")
     tracker.close()  # the run is resumable from here on: run.json names it
     write_json(

@@ -511,7 +511,6 @@ def run_pretraining(
     check_tracking_uri(resolved.tracking.tracking_uri)  # before any compute is spent
     check_init_from(resolved)  # absolute, and there: each worker loads it
     run_name = default_run_name(resolved)
-    resolved.train.run_name = run_name  # recorded (params, run.json) as it is, not None
     if "://" not in resolved.train.storage_path:  # a file or /proc: a traceback after Ray
         check_writable(Path(resolved.train.storage_path), "--storage")
     run_dir = run_directory(resolved.train.storage_path, run_name)

@@ -118,8 +118,9 @@ def test_sparse_labels_are_scored_over_the_classes_they_hold():
         mean=(0.5,) * 3, std=(0.25,) * 3, k=3,
     )  # fmt: skip
     assert knn.num_classes == 3 and knn.bank["label"].tolist() == [0, 2, 1, 0, 2, 1]
-    accuracy = knn(backbone)
-    assert accuracy.top5 == 100.0 and 0.0 <= accuracy.top1 <= 100.0
+    bank_features, query_features = knn.features(backbone, bank), knn.features(backbone, bank[:3])
+    dense = torch.tensor([0, 2, 1, 0, 2, 1])  # 3 -> 0, 7 -> 1, 1000 -> 2, written out
+    assert knn(backbone) == knn_accuracy(bank_features, dense, query_features, dense[:3], 3, k=3)
 
 
 def test_ray_datas_read_only_arrays_become_tensors_without_a_warning():
@@ -349,6 +350,12 @@ def test_load_state_refuses_a_checkpoint_that_pickles_objects(tmp_path):
     (tmp_path / "tiny.yaml").write_text("preset: tiny\n")
     with pytest.raises(ValueError, match=r"tiny.yaml: not a file torch.save wrote; pass a"):
         load_state(str(tmp_path / "tiny.yaml"))
+    # A checkpoint cut short by a copy is one, and its own error says what is wrong with it.
+    torch.save({"step": 7}, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.pt: not a checkpoint torch can load safely"):
+        load_state(str(tmp_path / "cut.pt"))
 
 
 @pytest.mark.parametrize(
