@@ -474,7 +474,8 @@ class PrepInterrupted(Exception):
 def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> int:
     started = time.perf_counter()
     videos, input_fs = discover(args.input, args.extensions)
-    logger.info("%d videos under %s", len(videos), args.input)
+    if args.verbose:  # inside the demo or a study, the root logs INFO too
+        logger.info("%d videos under %s", len(videos), args.input)
     if not videos:
         print(
             f"data_prep: no video files ({', '.join(args.extensions)}) under {args.input}",
@@ -487,16 +488,15 @@ def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> i
     previous = (
         output.read_json(STATE_DIR, "plan.json") if output.exists(STATE_DIR, "plan.json") else None
     )
+    options_record = _options_record(args, options)
+    if previous and not load_states(output, [entry["name"] for entry in previous["shards"]]):
+        # Stopped before its first shard: nothing made with its options or input to stay
+        # true to (the same ones plan the same shards again).
+        if previous["options"] != options_record or previous.get("source") != args.input:
+            print(f"data_prep: the earlier run into {args.output} wrote no shard; starting anew")
+        previous = None
     if previous:
         _check_same_input(args, previous, videos)
-    options_record = _options_record(args, options)
-    if (
-        previous
-        and previous["options"] != options_record
-        and not load_states(output, [entry["name"] for entry in previous["shards"]])
-    ):  # stopped before its first shard: nothing made with the old options to stay true to
-        print(f"data_prep: the earlier run into {args.output} wrote no shard; starting it anew")
-        previous = None
     if previous and previous["options"] != options_record:
         changed = [
             f"{key}: {json.dumps(previous['options'].get(key))} -> {json.dumps(value)}"
@@ -526,11 +526,12 @@ def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> i
     )
     states = load_states(output, [entry["name"] for entry in plan["shards"]])
     todo = [entry for entry in plan["shards"] if entry["name"] not in states]
-    logger.info(
-        "plan: %d shard(s), %d written before, %d to write (%d videos); %d label(s)",
-        len(plan["shards"]), len(states), len(todo), sum(len(e["ids"]) for e in todo),
-        len(label_map),
-    )  # fmt: skip
+    if args.verbose:
+        logger.info(
+            "plan: %d shard(s), %d written before, %d to write (%d videos); %d label(s)",
+            len(plan["shards"]), len(states), len(todo), sum(len(e["ids"]) for e in todo),
+            len(label_map),
+        )  # fmt: skip
     by_id = {video.id: video for video in videos}
     splits = {
         video.id: assign_split(video, split_files, args.val_fraction, args.split_seed)
@@ -664,8 +665,10 @@ def _process(args, output, input_fs, options, todo, by_id, splits, label_map, st
             shards=f"{written}/{len(todo)}",
         )
 
+    dropped = False  # videos Ctrl-C left unprocessed: then no manifest
     while queue or pending or writers:
         if stop.is_set() and (queue or pending):
+            dropped = True
             queue.clear()
             for task in pending:
                 ray.cancel(task, force=True)
@@ -703,7 +706,8 @@ def _process(args, output, input_fs, options, todo, by_id, splits, label_map, st
                     failed += 1
                     logger.error("shard %s could not be written: %s", name, error)
                 else:
-                    logger.info("shard %s written", name)
+                    if args.verbose:  # inside the demo or a study, the root logs INFO too
+                        logger.info("shard %s written", name)
                 show()
                 continue
             name, position, started = pending[ref]
@@ -746,7 +750,7 @@ def _process(args, output, input_fs, options, todo, by_id, splits, label_map, st
                     writer.remote(output, name, slot["ids"], *slot["statuses"], *slot["rows"])
                 ] = name
     progress.close()
-    if stop.is_set():
+    if dropped:  # a Ctrl-C after the last video was processed: the run is complete
         raise PrepInterrupted(written)
     return failed
 

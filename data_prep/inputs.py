@@ -261,7 +261,7 @@ MANIFEST_COLUMNS = ("path", "label", "split")
 def _warn_unread_columns(path: str, rows: list) -> None:
     """A manifest's columns other than path, label and split are not read: said, and, where
     no column is `label`, that its clips get no class (a `class` column was ignored silently)."""
-    columns = {key for row in rows if isinstance(row, dict) for key in row}
+    columns = {key for row in rows if isinstance(row, dict) for key in row if key is not None}
     unread = sorted(str(column) for column in columns - set(MANIFEST_COLUMNS))
     if not unread:
         return

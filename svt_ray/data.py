@@ -87,7 +87,7 @@ def read_dataset_manifest(data_path: str) -> dict:
             "output: it writes manifest.json anew from the shards' records"
         ) from None
     counts = manifest.get("counts", {})
-    if counts.get("accepted") == 0:  # every input rejected: no split or flag fixes that
+    if counts.get("accepted") == 0 and manifest.get("complete") is not False:  # all rejected
         reasons = ", ".join(f"{r} {n}" for r, n in counts.get("reject_reasons", {}).items())
         raise ConfigError(
             f"data.path: {data_path} holds no clips: data_prep rejected all "

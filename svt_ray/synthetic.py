@@ -529,12 +529,13 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
             "(data_prep shards every video there); give another folder for fewer",
             root, earlier, config.num_clips, earlier,
         )  # fmt: skip
-    for label in range(config.num_classes):
-        fs.create_dir(f"{base}/{class_folder(config, label)}", recursive=True)
-    with fs.open_output_stream(f"{base}/synthetic.json") as stream:
+    fs.create_dir(base, recursive=True)
+    with fs.open_output_stream(f"{base}/synthetic.json") as stream:  # first: the folder is ours
         held = asdict(config) | {"num_clips": max(config.num_clips, earlier)}  # what it holds
         meta = {"config": held, "class_names": list(config.class_names)}
         stream.write(json.dumps(meta, indent=2).encode())
+    for label in range(config.num_classes):
+        fs.create_dir(f"{base}/{class_folder(config, label)}", recursive=True)
     jobs = [(config, index, root) for index in range(config.num_clips)]
     if workers > 1:  # Ray is the distributed engine: one task per chunk of clips
         import ray
