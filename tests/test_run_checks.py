@@ -210,17 +210,23 @@ def test_a_checkpoint_saved_but_never_registered_is_the_runs_latest(tmp_path, ca
     assert run_progress(where) == {"step": 8}
 
 
+def _manifest_only_dataset(folder, train: int, val: int = 10) -> None:
+    """A data_prep output of a manifest only: what runs check before Ray starts reads."""
+    from data_prep.shards import SCHEMA_VERSION
+
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "shards": [],
+        "counts": {"splits": {"train": train, "val": val}, "labels": {"0": train + val}},
+    }))  # fmt: skip
+
+
 def test_a_new_run_is_refused_where_a_stopped_one_left_an_unregistered_checkpoint(
     tmp_path, monkeypatch
 ):
-    from data_prep.shards import SCHEMA_VERSION
 
     monkeypatch.setattr(train_module, "ensure_ray", no_ray)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text(json.dumps({
-        "schema_version": SCHEMA_VERSION, "shards": [],
-        "counts": {"splits": {"train": 40, "val": 10}, "labels": {"0": 50}},
-    }))  # fmt: skip
+    _manifest_only_dataset(tmp_path / "data", train=40)
     _saved_checkpoint(tmp_path / "runs" / "r", 10)
     overrides = [f"data.path={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}",
                  "train.run_name=r", "eval.online_every=0", "eval.online_every_clips=0"]  # fmt: skip
@@ -233,15 +239,9 @@ def test_more_workers_than_cores_on_a_local_ray_is_said(tmp_path, monkeypatch, c
     worker processes hinted that 4 workers now shared 2 cores."""
     import ray
 
-    from data_prep.shards import SCHEMA_VERSION
-
     monkeypatch.setattr(train_module, "ensure_ray", no_ray)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a new `svt-ray pretrain`
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text(json.dumps({
-        "schema_version": SCHEMA_VERSION, "shards": [],
-        "counts": {"splits": {"train": 400, "val": 10}, "labels": {"0": 410}},
-    }))  # fmt: skip
+    _manifest_only_dataset(tmp_path / "data", train=400)
     cores = os.cpu_count() or 1
     for workers, said in ((cores, False), (4 * cores, True)):
         caplog.clear()
@@ -264,15 +264,10 @@ def test_storage_that_cannot_hold_runs_and_a_resume_into_another_store_are_refus
 
     from mlflow.tracking import MlflowClient
 
-    from data_prep.shards import SCHEMA_VERSION
     from svt_ray.runs import RUN_FILE
 
     monkeypatch.setattr(train_module, "ensure_ray", no_ray)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text(json.dumps({
-        "schema_version": SCHEMA_VERSION, "shards": [],
-        "counts": {"splits": {"train": 40, "val": 10}, "labels": {"0": 50}},
-    }))  # fmt: skip
+    _manifest_only_dataset(tmp_path / "data", train=40)
     (tmp_path / "afile").write_text("")
 
     def overrides(storage, uri):
