@@ -489,9 +489,10 @@ def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> i
         output.read_json(STATE_DIR, "plan.json") if output.exists(STATE_DIR, "plan.json") else None
     )
     options_record = _options_record(args, options)
-    if previous and not load_states(output, [entry["name"] for entry in previous["shards"]]):
+    if previous and not any(load_states(output, [e["name"]]) for e in previous["shards"]):
         # Stopped before its first shard: nothing made with its options or input to stay
-        # true to (the same ones plan the same shards again).
+        # true to (the same ones plan the same shards again). Read up to the first shard
+        # written, not all: a finished prep holds thousands.
         if previous["options"] != options_record or previous.get("source") != args.input:
             print(f"data_prep: the earlier run into {args.output} wrote no shard; starting anew")
         previous = None

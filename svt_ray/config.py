@@ -372,9 +372,15 @@ class ScalingSettings(_Section):
     )
 
 
+def unusable_folder_name(name: str) -> bool:
+    """Whether `name` cannot name one folder (empty, `.`, `..`, or holding / or \\): run and
+    study names are folder names (`bad/name` made nested folders)."""
+    return not name or name in (".", "..") or "/" in name or "\\" in name
+
+
 def _folder_name(name: str) -> str:
-    """A run name is its folder's name: `bad/name` made nested folders."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
+    """A run name is its folder's name."""
+    if unusable_folder_name(name):
         raise ValueError(
             f"{name!r}: a run name is its folder's name under storage_path; give a name "
             "without / or \\"
@@ -720,8 +726,10 @@ def load_config(
         tree = preset_dict(preset)
         tree["preset"] = preset
     tree = _merge(tree, {key: value for key, value in loaded.items() if key != "derived"})
+    overridden = []  # the keys --set gave: an error in one of them is not the file's
     for item in overrides:
         keys, value = parse_override(item)
+        overridden.append(keys)
         if keys == ["preset"]:  # the base, chosen before any setting
             raise ConfigError(f"override {item!r}: choose the preset with --preset")
         if keys[0] == "derived":
@@ -738,7 +746,6 @@ def load_config(
             node[keys[-1]] = _merge(node[keys[-1]], value)  # as a file's section merges
         else:
             node[keys[-1]] = value
-    overridden = [parse_override(item)[0] for item in overrides]
     return validate_config(tree, path, _without(loaded, overridden))
 
 

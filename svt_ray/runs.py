@@ -484,14 +484,14 @@ def check_resumed_tracking(config: ExperimentConfig, run_name: str, recorded: di
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from svt_ray.tracking import absolute_tracking_uri
+    from svt_ray.tracking import absolute_tracking_uri, sqlite_file
 
     run_id = recorded.get("mlflow_run_id")
     before = ((recorded.get("config") or {}).get("tracking") or {}).get("tracking_uri")
     now = config.tracking.tracking_uri
     if not run_id or not before or absolute_tracking_uri(before) == now:
         return
-    missing = now.startswith("sqlite:///") and not Path(now.removeprefix("sqlite:///")).exists()
+    missing = now.startswith("sqlite:///") and not sqlite_file(now).exists()
     if not missing:
         try:
             MlflowClient(now).get_run(run_id)

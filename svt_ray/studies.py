@@ -33,6 +33,7 @@ from svt_ray.config import (
     ExperimentConfig,
     load_config,
     parse_override,
+    unusable_folder_name,
 )
 from svt_ray.help_format import HelpFormatter
 from svt_ray.study_report import METRIC, TIME_ATTR, StudyReport, collect_study
@@ -704,23 +705,18 @@ def _note_restored_concurrency(spec: StudySpec, tuner, concurrent: int) -> None:
         )  # fmt: skip
 
 
-def _tag_parent(options: StudyOptions, parent_run_id: str, key: str, value: str) -> None:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(options.tracking_uri).set_tag(parent_run_id, key, value)
-    except MlflowException as error:  # the store lost it: the report still comes
-        logger.warning("study parent run %s: tag %s not set: %s", parent_run_id, key, error)
-
-
-def _set_parent_status(options: StudyOptions, parent_run_id: str, status: str) -> None:
-    """RUNNING while the sweep runs (again), FINISHED once reported, KILLED on Ctrl-C."""
+def _set_parent_status(
+    options: StudyOptions, parent_run_id: str, status: str, tags: dict[str, str] | None = None
+) -> None:
+    """RUNNING while the sweep runs (again), FINISHED once reported, KILLED on Ctrl-C;
+    `tags` set first (the count of trials Tune saw error, with FINISHED)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(options.tracking_uri)
     try:
+        for key, value in (tags or {}).items():
+            client.set_tag(parent_run_id, key, value)
         if status == "RUNNING":
             client.update_run(parent_run_id, status)
         else:
@@ -936,9 +932,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     errors = len(results.errors)
     logger.info("study %s: %d trials, %d failed, %.1f min", spec.name, len(results), errors,
                 (time.perf_counter() - started) / 60)  # fmt: skip
-    _tag_parent(options, parent_run_id, ERRORED_TRIALS_TAG, str(errors))
     report = _final_report(spec, options, parent_run_id, study_dir, publish=True)
-    _set_parent_status(options, parent_run_id, "FINISHED")
+    _set_parent_status(options, parent_run_id, "FINISHED", {ERRORED_TRIALS_TAG: str(errors)})
     return report
 
 
@@ -1136,7 +1131,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
                     f"--grid names {sorted({p for p in paths if paths.count(p) > 1})[0]} twice; "
                     "give all its values in one --grid PATH=V1,V2,..."
                 )
-        if not args.name or "/" in args.name or "\\" in args.name:  # a folder's name, and its runs'
+        if unusable_folder_name(args.name):  # a folder's name, and its trials' runs' too
             raise ConfigError(f"--name {args.name!r}: a study's folder name, without / or \\")
         spec.name = args.name
         overrides = list(args.overrides)
