@@ -125,8 +125,10 @@ class ModelConfig(_Section):
 class ViewsConfig(_Section):
     """The SVT views of one clip: global and local spatiotemporal crops (svt_spec §2)."""
 
-    clip_frames: PositiveInt = 128
-    "Source frames of the window views are cut from (8.5 s at the 15 fps cap, like the reference)."
+    clip_frames: PositiveInt = 150
+    """Source frames of the window views are cut from: the "video" whose ~90% (global) and 1/8
+    (local) the paper's spans are. 150 is 10 s at data_prep's 15 fps cap, a Kinetics clip; the
+    reference decodes 8.5 s (128 frames, its preset's value) and spreads its globals over it."""
     num_global: Annotated[int, Field(ge=1, le=8)] = 2
     "Global views; the teacher sees only these."
     global_frames: list[PositiveInt] = Field(default_factory=lambda: [8, 16])

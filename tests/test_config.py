@@ -173,7 +173,7 @@ def test_a_misspelt_key_names_the_close_fields_and_the_file_it_is_in(tmp_path):
 
 
 def test_range_message_says_what_is_allowed():
-    with pytest.raises(ConfigError, match=r"raise views.clip_frames to >= 256 or use <= 16 frames"):
+    with pytest.raises(ConfigError, match=r"raise views.clip_frames to >= 256 or use <= 18 frames"):
         load_config("paper", overrides=["views.local_frames=[32]"])
 
 
