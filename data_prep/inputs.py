@@ -16,9 +16,12 @@ import json
 import logging
 import os
 import posixpath
+import subprocess
+import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from pyarrow import fs as pafs
 
@@ -75,15 +78,67 @@ class InputVideo:
     """Source bytes, -1 when unknown (an unreadable entry)."""
 
 
+STORE_TIMEOUT_ENV = "SVT_RAY_STORE_TIMEOUT_S"
+_answered_stores: set[tuple[str, str, str]] = set()  # (scheme, bucket, query) that answered
+
+
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for a local path or any filesystem URI."""
+    """A pyarrow filesystem and the path inside it, for a local path or any filesystem URI.
+
+    The first use of a remote store in a process waits for its answer at most
+    SVT_RAY_STORE_TIMEOUT_S seconds (60): without network or credentials pyarrow's GCS client
+    retries for many minutes without a word, its S3 client waits ~100 s on an endpoint that
+    does not answer, and the command would seem to hang.
+    """
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    parts = urlsplit(uri)
+    store = (parts.scheme, parts.netloc, parts.query)
+    if parts.scheme != "file" and store not in _answered_stores:
+        filesystem, path = _first_contact(uri)
+        _answered_stores.add(store)
+        return filesystem, path
+    return _open(uri)
+
+
+def _open(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as error:  # pyarrow.ArrowInvalid is a ValueError
         raise InputError(f"cannot open filesystem for {uri!r}: {error}") from error
     return filesystem, path.rstrip("/")
+
+
+_STORE_CHECK = (
+    "import sys; from pyarrow import fs; "
+    "filesystem, path = fs.FileSystem.from_uri(sys.argv[1]); filesystem.get_file_info(path)"
+)
+
+
+def _first_contact(uri: str) -> tuple[pafs.FileSystem, str]:
+    """`_open(uri)` after one request to the store, made by a child process given a deadline:
+    a request left waiting in this process would hold its exit as long (pyarrow finalises S3
+    at exit). An error the store answers with is left to the caller's own request."""
+    try:
+        seconds = float(os.environ.get(STORE_TIMEOUT_ENV) or 60)
+    except ValueError:
+        raise InputError(
+            f"{STORE_TIMEOUT_ENV}={os.environ[STORE_TIMEOUT_ENV]!r}: give a number of seconds"
+        ) from None
+    try:
+        subprocess.run(
+            [sys.executable, "-c", _STORE_CHECK, uri],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=seconds, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        where = urlsplit(uri)
+        raise InputError(
+            f"{uri}: {where.scheme}://{where.netloc} did not answer in {seconds:g} s (pyarrow "
+            "retries while the network or the credentials are missing); check that this "
+            "machine reaches it and has credentials (README: 'Shards and checkpoints on object "
+            f"storage'), or set {STORE_TIMEOUT_ENV} to wait longer"
+        ) from None
+    return _open(uri)
 
 
 def video_id(relative_path: str) -> str:

@@ -612,9 +612,11 @@ def tracking_sync(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from data_prep.inputs import InputError
+
     try:
         app()
-    except ConfigError as error:  # a config problem raised deeper than the option parsing
+    except (ConfigError, InputError) as error:  # raised deeper than the option parsing
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
         sys.exit(2)
 

@@ -59,6 +59,7 @@ def read_dataset_manifest(data_path: str) -> dict:
     `ConfigError` on `data.path` that says how to make one, not a traceback; a path that does
     not exist, or one inside a dataset, says so instead.
     """
+    from data_prep.inputs import InputError
     from data_prep.shards import SCHEMA_VERSION, ManifestVersionError, read_manifest
 
     try:
@@ -81,6 +82,8 @@ def read_dataset_manifest(data_path: str) -> dict:
             f"data.path: {error}; shard the videos again with this version's data_prep "
             f"(schema {SCHEMA_VERSION}) into a new folder"
         ) from None
+    except InputError as error:  # a store that cannot be opened or does not answer
+        raise ConfigError(f"data.path: {error}") from None
     except ValueError as error:  # a manifest.json that does not parse
         raise ConfigError(
             f"data.path: {error}. Run the data_prep command that made it again, on the same "

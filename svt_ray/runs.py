@@ -24,7 +24,7 @@ from typing import Any
 
 from pyarrow import fs as pafs
 
-from data_prep.inputs import resolve_filesystem
+from data_prep.inputs import InputError, resolve_filesystem
 from data_prep.shards import parse_record, write_file
 from svt_ray import __version__
 from svt_ray.config import (
@@ -87,6 +87,16 @@ def check_writable(folder: Path, flag: str) -> None:
             f"{flag} {folder}: cannot write there ({error.strerror or error}); pass a folder "
             "you can write"
         ) from None
+
+
+def check_storage_reachable(storage_path: str) -> None:
+    """Before Ray: a remote --storage opens and answers (`resolve_filesystem` gives its first
+    contact a deadline), as an error that names the flag."""
+    if "://" in storage_path:
+        try:
+            resolve_filesystem(storage_path)
+        except InputError as error:
+            raise ConfigError(f"--storage {error}") from None
 
 
 def read_json(path: str) -> dict | None:

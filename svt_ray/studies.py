@@ -751,13 +751,21 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         local_ray_cpus,
     )
     from svt_ray.model import check_init_from
-    from svt_ray.runs import absolute_path, check_writable, join_uri, read_json, storage_root
+    from svt_ray.runs import (
+        absolute_path,
+        check_storage_reachable,
+        check_writable,
+        join_uri,
+        read_json,
+        storage_root,
+    )
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, cluster_tracking_uri
     from svt_ray.train import online_knn_every
 
     options.tracking_uri = absolute_tracking_uri(options.tracking_uri)
     check_tracking_uri(options.tracking_uri)
     storage = storage_root(absolute_path(options.storage_path))
+    check_storage_reachable(storage)
     study_dir = join_uri(storage, spec.name)
     recorded = read_json(join_uri(study_dir, STUDY_FILE))  # None: a new study
     recorded_overrides = ((recorded or {}).get("recipe") or {}).get("overrides", [])

@@ -3,10 +3,14 @@ resume against a local S3-compatible server (moto), addressed by pyarrow URIs al
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
+import socket
 import tempfile
+import threading
+import time
 
 import pytest
 import ray.train
@@ -15,11 +19,13 @@ from factories import SHORT_RUN
 from pyarrow import fs as pafs
 
 import data_prep
+from data_prep.inputs import STORE_TIMEOUT_ENV, InputError, resolve_filesystem
 from svt_ray.config import ConfigError, load_config
 from svt_ray.evaluate import load_state
 from svt_ray.runs import (
     PROGRESS_FILE,
     RUN_FILE,
+    check_storage_reachable,
     fetch_metrics,
     join_uri,
     read_json,
@@ -41,6 +47,47 @@ def test_paths_in_a_uri_go_before_its_query():
     )
     assert join_uri("gs://svt/runs/", "run") == "gs://svt/runs/run"
     assert join_uri("/data/odd?name/", "run") == "/data/odd?name/run"  # local: no query
+
+
+@pytest.fixture
+def silent_endpoint():
+    """host:port of a server that accepts connections and never answers (a firewall that
+    drops, a wrong port on a busy host): pyarrow's S3 client waits ~100 s on it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept():
+        with contextlib.suppress(OSError):  # the server closed at the end
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for connection in held:
+        connection.close()
+
+
+def test_a_store_that_does_not_answer_is_an_error_in_seconds(silent_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv(STORE_TIMEOUT_ENV, "1")
+    storage = f"s3://svt/runs?endpoint_override={silent_endpoint}&scheme=http&region=us-east-1"
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        check_storage_reachable(storage)
+    assert time.monotonic() - start < 10
+    assert str(error.value) == (
+        f"--storage {storage}: s3://svt did not answer in 1 s (pyarrow retries while the network "
+        "or the credentials are missing); check that this machine reaches it and has credentials "
+        "(README: 'Shards and checkpoints on object storage'), or set SVT_RAY_STORE_TIMEOUT_S "
+        "to wait longer"
+    )
+    with pytest.raises(InputError, match="did not answer in 1 s"):  # asked again: not cached
+        resolve_filesystem(join_uri(storage, "run", "progress.json"))
+    monkeypatch.setenv(STORE_TIMEOUT_ENV, "soon")
+    with pytest.raises(InputError, match="SVT_RAY_STORE_TIMEOUT_S='soon': give a number"):
+        resolve_filesystem(storage)
 
 
 def test_each_rank_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, monkeypatch):
