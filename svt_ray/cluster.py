@@ -46,6 +46,15 @@ def joins_a_cluster(address: str | None) -> bool:
     return os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
 
 
+def init_address(address: str | None) -> str | None:
+    """What `ray.init` is given for `address`: it, or None in a `ray job submit` job (RAY_ADDRESS
+    names the cluster), else "local": a new local instance even where `ray start` left one
+    running on this machine, which a bare `ray.init()` would join (refusing `num_cpus`)."""
+    if address or joins_a_cluster(None):
+        return address
+    return "local"
+
+
 def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any) -> None:
     """Connect to `address` (or to RAY_ADDRESS, as in a `ray job submit` job), or start a local
     Ray instance with `num_cpus` logical CPUs (and `LOCAL_RAY_ENV`, unless the user set those
@@ -57,7 +66,9 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any)
             for name, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(name, value)
         try:
-            ray.init(address=address, num_cpus=None if cluster else num_cpus, **options)
+            ray.init(
+                address=init_address(address), num_cpus=None if cluster else num_cpus, **options
+            )
         except ConnectionError as error:
             where = address or os.environ.get("RAY_ADDRESS")
             raise ConfigError(

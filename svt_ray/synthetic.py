@@ -540,11 +540,12 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     if workers > 1:  # Ray is the distributed engine: one task per chunk of clips
         import ray
 
-        from svt_ray.cluster import joins_a_cluster
+        from svt_ray.cluster import init_address, joins_a_cluster
 
         started_ray = not ray.is_initialized()
         if started_ray:  # a cluster (RAY_ADDRESS in a Ray job) refuses num_cpus
             ray.init(
+                address=init_address(None),
                 num_cpus=None if joins_a_cluster(None) else workers,
                 include_dashboard=False,
                 log_to_driver=False,

@@ -79,6 +79,7 @@ def ray_session():
             patch.setenv(name, value)
         if started:
             ray.init(
+                address="local",  # not a cluster `ray start` left running here
                 num_cpus=4,
                 include_dashboard=True,
                 object_store_memory=1_500_000_000,

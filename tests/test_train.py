@@ -587,6 +587,26 @@ def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
     assert joins_a_cluster(None)
 
 
+def test_without_address_a_local_ray_is_started_even_beside_a_ray_start_cluster(monkeypatch):
+    """A bare `ray.init()` joins a cluster that `ray start --head` left on this machine, and
+    then refuses num_cpus: `svt-ray pretrain` without --address ended in that ValueError."""
+    import ray
+
+    from svt_ray.cluster import ensure_ray, init_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert init_address(None) == "local"
+    assert init_address("auto") == "auto" and init_address("head:6379") == "head:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # a `ray job submit` job: Ray's own choice
+    assert init_address(None) is None
+    monkeypatch.delenv("RAY_ADDRESS")
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: calls.append(options))
+    ensure_ray(None, num_cpus=3)
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 3
+
+
 def test_a_run_left_on_cpu_by_the_default_is_told_what_it_costs(monkeypatch):
     """gpus_per_worker defaults to 0: `svt-ray pretrain --data X` on a GPU box, or the paper
     model anywhere without --gpus-per-worker, trained on CPU without a word."""
