@@ -16,7 +16,7 @@ import copy
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -858,19 +858,40 @@ def format_validation_error(
 ) -> str:
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
+        loc = item["loc"]
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] in ("missing", "too_long") and (needed := _tuple_length(loc)):
+            loc = loc[:-1] if isinstance(loc[-1], int) else loc  # (..., field, missing index)
+            given = item["input"]
+            count = f", not {len(given)}" if isinstance(given, (list, tuple)) else ""
+            message = f"give {needed} values{count}"
+        location = ".".join(str(part) for part in loc)
         if item["type"] == "extra_forbidden":
-            section = ".".join(str(part) for part in item["loc"][:-1]) or "the top level"
-            message = f"unknown key (not a field of {section}{_did_you_mean(item['loc'])})"
-            if config_file is not None and _holds_key(file_tree or {}, item["loc"]):
+            section = ".".join(str(part) for part in loc[:-1]) or "the top level"
+            message = f"unknown key (not a field of {section}{_did_you_mean(loc)})"
+            if config_file is not None and _holds_key(file_tree or {}, loc):
                 location = f"{config_file}: {location}"
         elif message.startswith(tuple(f"{name}." for name in ExperimentConfig.model_fields)):
             location = ""
-        elif config_file is not None and _holds_key(file_tree or {}, item["loc"]):
+        elif config_file is not None and _holds_key(file_tree or {}, loc):
             location = f"{config_file}: {location}"  # a value of the file's
         lines.append(f"{location}: {message}" if location else message)
     return "; ".join(lines)
+
+
+def _tuple_length(location: tuple) -> int | None:
+    """The length of the fixed-length tuple field at `location` (its index, if any, ignored),
+    None for any other field."""
+    parts = [part for part in location if not isinstance(part, int)]
+    model: Any = ExperimentConfig
+    for part in parts[:-1]:
+        model = getattr(model, "model_fields", {}).get(part)
+        model = model and model.annotation
+    field = getattr(model, "model_fields", {}).get(parts[-1]) if parts else None
+    if field is None or get_origin(field.annotation) is not tuple:
+        return None
+    kinds = get_args(field.annotation)
+    return None if Ellipsis in kinds else len(kinds)
 
 
 def _did_you_mean(location: tuple) -> str:

@@ -172,6 +172,23 @@ def test_a_misspelt_key_names_the_close_fields_and_the_file_it_is_in(tmp_path):
     assert both.startswith(f"{extra}: optim.epoch: unknown key") and "; optim.lr: unknown" in both
 
 
+def test_a_list_of_the_wrong_length_says_how_many_values(tmp_path):
+    """pydantic names a short tuple's first missing item: `views.mean.2: Field required`."""
+    for value, message in [
+        ("views.mean=[0.5,0.5]", "views.mean: give 3 values, not 2"),
+        ("views.mean=[0.5,0.5,0.5,0.5]", "views.mean: give 3 values, not 4"),
+        ("views.global_crop_scale=[0.5]", "views.global_crop_scale: give 2 values, not 1"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            load_config("tiny", overrides=[value])
+        assert str(error.value) == message
+    config = tmp_path / "short.yaml"
+    config.write_text("optim:\n  betas: [0.9]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", config)
+    assert str(error.value) == f"{config}: optim.betas: give 2 values, not 1"
+
+
 def test_range_message_says_what_is_allowed():
     with pytest.raises(ConfigError, match=r"raise views.clip_frames to >= 256 or use <= 18 frames"):
         load_config("paper", overrides=["views.local_frames=[32]"])
