@@ -7,6 +7,7 @@ GPUs it asks for are there (`check_local_gpus`), and what to say of a run left o
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -49,10 +50,22 @@ def joins_a_cluster(address: str | None) -> bool:
 def init_address(address: str | None) -> str | None:
     """What `ray.init` is given for `address`: it, or None in a `ray job submit` job (RAY_ADDRESS
     names the cluster), else "local": a new local instance even where `ray start` left one
-    running on this machine, which a bare `ray.init()` would join (refusing `num_cpus`)."""
-    if address or joins_a_cluster(None):
+    running on this machine, which a bare `ray.init()` would join (refusing `num_cpus`). For a
+    local instance, `LOCAL_RAY_ENV` is set first (values the user set win), and Ray's warning
+    that it turned token authentication on, its default, is left out of every command's output
+    (setting RAY_AUTH_MODE instead would come after `import ray` read it)."""
+    if joins_a_cluster(address):
         return address
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+    auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _default_auth_note not in auth_logger.filters:
+        auth_logger.addFilter(_default_auth_note)
     return "local"
+
+
+def _default_auth_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any) -> None:
@@ -62,9 +75,6 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any)
     if not ray.is_initialized():
         options.setdefault("log_to_driver", True)
         cluster = joins_a_cluster(address)
-        if not cluster:
-            for name, value in LOCAL_RAY_ENV.items():
-                os.environ.setdefault(name, value)
         try:
             ray.init(
                 address=init_address(address), num_cpus=None if cluster else num_cpus, **options

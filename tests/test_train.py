@@ -595,7 +595,21 @@ def test_without_address_a_local_ray_is_started_even_beside_a_ray_start_cluster(
     from svt_ray.cluster import ensure_ray, init_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert init_address(None) == "local"
+    assert init_address(None) == "local" and init_address("local") == "local"
+    from ray._private.authentication import authentication_token_setup as auth
+
+    class Kept(logging.Handler):  # Ray's loggers do not propagate to pytest's
+        def emit(self, record):
+            kept.append(record.getMessage()[:42])
+
+    kept, handler = [], Kept()
+    auth.logger.addHandler(handler)
+    try:  # Ray's note on its default is left out, and nothing else
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+    finally:
+        auth.logger.removeHandler(handler)
+    assert kept == ["Token authentication is disabled for this "]
     assert init_address("auto") == "auto" and init_address("head:6379") == "head:6379"
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # a `ray job submit` job: Ray's own choice
     assert init_address(None) is None
