@@ -109,16 +109,22 @@ def _open(uri: str) -> tuple[pafs.FileSystem, str]:
     return filesystem, path.rstrip("/")
 
 
-_STORE_CHECK = (
-    "import sys; from pyarrow import fs; "
-    "filesystem, path = fs.FileSystem.from_uri(sys.argv[1]); filesystem.get_file_info(path)"
-)
+_STORE_CHECK = """
+import sys
+from pyarrow import fs
+try:
+    filesystem, path = fs.FileSystem.from_uri(sys.argv[1])
+    filesystem.get_file_info(path)
+except Exception as error:
+    sys.exit(str(error))
+"""
 
 
 def _first_contact(uri: str) -> tuple[pafs.FileSystem, str]:
     """`_open(uri)` after one request to the store, made by a child process given a deadline:
     a request left waiting in this process would hold its exit as long (pyarrow finalises S3
-    at exit). An error the store answers with is left to the caller's own request."""
+    at exit). The store's error (a wrong endpoint, no bucket access) is an InputError with a
+    hint; a path that does not exist is not an error here."""
     try:
         seconds = float(os.environ.get(STORE_TIMEOUT_ENV) or 60)
     except ValueError:
@@ -126,9 +132,10 @@ def _first_contact(uri: str) -> tuple[pafs.FileSystem, str]:
             f"{STORE_TIMEOUT_ENV}={os.environ[STORE_TIMEOUT_ENV]!r}: give a number of seconds"
         ) from None
     try:
-        subprocess.run(
+        answer = subprocess.run(
             [sys.executable, "-c", _STORE_CHECK, uri],
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=seconds, check=False,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds,
+            check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         where = urlsplit(uri)
@@ -138,7 +145,27 @@ def _first_contact(uri: str) -> tuple[pafs.FileSystem, str]:
             "machine reaches it and has credentials (README: 'Shards and checkpoints on object "
             f"storage'), or set {STORE_TIMEOUT_ENV} to wait longer"
         ) from None
+    if answer.returncode != 0:
+        lines = answer.stderr.strip().splitlines() or [f"exit status {answer.returncode}"]
+        error = lines[-1] if lines[0].startswith("Traceback") else " ".join(lines)
+        raise InputError(f"{uri}: {error}{_store_hint(uri, error)}")
     return _open(uri)
+
+
+def _store_hint(uri: str, error: str) -> str:
+    """What to check for a store's error, by its kind."""
+    query = urlsplit(uri).query
+    if "SSL" in error and "endpoint_override" in query and "scheme=" not in query:
+        return (
+            ". An endpoint that speaks plain HTTP needs scheme=http in the URI's query; quote "
+            "the URI in the shell, where an unquoted & ends the command"
+        )
+    if any(word in error for word in ("ACCESS_DENIED", "AccessDenied", "Forbidden", "credential")):
+        return (
+            ". Check the credentials this machine, and every Ray node, has for it (README: "
+            "'Shards and checkpoints on object storage')"
+        )
+    return ". Check the URI (quoted in the shell), the network and the credentials"
 
 
 def video_id(relative_path: str) -> str:

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import zlib
 from collections.abc import Mapping
@@ -68,13 +69,14 @@ def read_dataset_manifest(data_path: str) -> dict:
         if _holds_videos(data_path):
             raise ConfigError(
                 f"data.path: {error}; it holds videos: shard them with `svt-ray prep "
-                f"{data_path} SHARDS` (or `python -m data_prep`) and pass --data SHARDS"
+                f"{shlex.quote(data_path)} SHARDS` (or `python -m data_prep`) and pass --data "
+                "SHARDS"
             ) from None
         near_miss = _near_miss(data_path)
         if near_miss:
             raise ConfigError(f"data.path: {near_miss}") from None
         raise ConfigError(
-            f"data.path: {error}; make one with `svt-ray prep VIDEOS {data_path}` "
+            f"data.path: {error}; make one with `svt-ray prep VIDEOS {shlex.quote(data_path)}` "
             "(or `python -m data_prep`), or pass --data with an existing one"
         ) from None
     except ManifestVersionError as error:
@@ -114,7 +116,7 @@ def _near_miss(data_path: str) -> str | None:
     from pathlib import Path
 
     if "://" in data_path:
-        return None
+        return _remote_near_miss(data_path)
     given = os.path.expanduser(data_path)
     if not os.path.exists(given):
         return (
@@ -130,6 +132,30 @@ def _near_miss(data_path: str) -> str | None:
                 f"manifest.json: --data {shown}"
             )
     return None
+
+
+def _remote_near_miss(data_path: str) -> str | None:
+    """A --data URI that names nothing: a bucket that does not exist, or a path in one."""
+    from pyarrow import fs as pafs
+
+    from data_prep.inputs import resolve_filesystem
+
+    filesystem, path = resolve_filesystem(data_path)
+    bucket = path.split("/", 1)[0]
+    try:
+        if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+            return None
+        if bucket != path and filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+            return (
+                f"{data_path}: there is no bucket {bucket!r} (or these credentials cannot see "
+                "it); check the name"
+            )
+    except OSError:  # a store that refuses the question: the caller's message stands
+        return None
+    return (
+        f"{data_path} does not exist; check it for typos, or pass the folder that "
+        "`svt-ray prep` wrote (the one that holds manifest.json)"
+    )
 
 
 def _is_dataset_manifest(path) -> bool:

@@ -89,14 +89,25 @@ def check_writable(folder: Path, flag: str) -> None:
         ) from None
 
 
-def check_storage_reachable(storage_path: str) -> None:
-    """Before Ray: a remote --storage opens and answers (`resolve_filesystem` gives its first
-    contact a deadline), as an error that names the flag."""
-    if "://" in storage_path:
-        try:
-            resolve_filesystem(storage_path)
-        except InputError as error:
-            raise ConfigError(f"--storage {error}") from None
+def check_remote_storage(storage_path: str) -> None:
+    """Before Ray and MLflow: a remote --storage answers (`resolve_filesystem` gives its first
+    contact a deadline) and takes a file (a bucket that does not exist, read-only
+    credentials), or an error that names the flag."""
+    if "://" not in storage_path:
+        return
+    try:
+        filesystem, root = resolve_filesystem(storage_path)
+        path = f"{root}/.svt_ray_write_probe"
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(b"")
+        filesystem.delete_file(path)
+    except InputError as error:
+        raise ConfigError(f"--storage {error}") from None
+    except OSError as error:
+        raise ConfigError(
+            f"--storage {storage_path}: cannot write there ({error}); check the bucket's name "
+            "and that the credentials may write to it"
+        ) from None
 
 
 def read_json(path: str) -> dict | None:
@@ -317,15 +328,19 @@ def start_mlflow_run(
     tracker.log_params({**config.flat(), "train.run_name": run_name})  # the default's too
     tracker.log_text(config.dump(), "config.yaml")
     tracker.close()  # the run is resumable from here on: run.json names it
-    write_json(
-        join_uri(run_dir, RUN_FILE),
-        {
-            "mlflow_run_id": tracker.run_id,
-            "config": config.model_dump(mode="json"),
-            "dataset_checksum": manifest_checksum,
-            "svt_ray_version": __version__,
-        },
-    )
+    try:
+        write_json(
+            join_uri(run_dir, RUN_FILE),
+            {
+                "mlflow_run_id": tracker.run_id,
+                "config": config.model_dump(mode="json"),
+                "dataset_checksum": manifest_checksum,
+                "svt_ray_version": __version__,
+            },
+        )
+    except BaseException:  # no run.json names it: nothing would ever close it
+        end_mlflow_run(uri, tracker.run_id, "FAILED")
+        raise
     return tracker.run_id
 
 

@@ -753,7 +753,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     from svt_ray.model import check_init_from
     from svt_ray.runs import (
         absolute_path,
-        check_storage_reachable,
+        check_remote_storage,
         check_writable,
         join_uri,
         read_json,
@@ -765,7 +765,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     options.tracking_uri = absolute_tracking_uri(options.tracking_uri)
     check_tracking_uri(options.tracking_uri)
     storage = storage_root(absolute_path(options.storage_path))
-    check_storage_reachable(storage)
+    check_remote_storage(storage)
     study_dir = join_uri(storage, spec.name)
     recorded = read_json(join_uri(study_dir, STUDY_FILE))  # None: a new study
     recorded_overrides = ((recorded or {}).get("recipe") or {}).get("overrides", [])

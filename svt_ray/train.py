@@ -68,10 +68,10 @@ from svt_ray.runs import (
     PROGRESS_FILE,
     RUN_FILE,
     absolute_path,
+    check_remote_storage,
     check_resumed_data,
     check_resumed_recipe,
     check_resumed_tracking,
-    check_storage_reachable,
     check_writable,
     checkpoint_dir_name,
     checkpoint_step,
@@ -514,7 +514,7 @@ def run_pretraining(
     run_name = default_run_name(resolved)
     if "://" not in resolved.train.storage_path:  # a file or /proc: a traceback after Ray
         check_writable(Path(resolved.train.storage_path), "--storage")
-    check_storage_reachable(resolved.train.storage_path)
+    check_remote_storage(resolved.train.storage_path)
     run_dir = run_directory(resolved.train.storage_path, run_name)
     progress = run_progress(run_dir)
     if progress is not None and not resume:

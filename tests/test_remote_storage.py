@@ -21,11 +21,12 @@ from pyarrow import fs as pafs
 import data_prep
 from data_prep.inputs import STORE_TIMEOUT_ENV, InputError, resolve_filesystem
 from svt_ray.config import ConfigError, load_config
+from svt_ray.data import read_dataset_manifest
 from svt_ray.evaluate import load_state
 from svt_ray.runs import (
     PROGRESS_FILE,
     RUN_FILE,
-    check_storage_reachable,
+    check_remote_storage,
     fetch_metrics,
     join_uri,
     read_json,
@@ -75,7 +76,7 @@ def test_a_store_that_does_not_answer_is_an_error_in_seconds(silent_endpoint, mo
     storage = f"s3://svt/runs?endpoint_override={silent_endpoint}&scheme=http&region=us-east-1"
     start = time.monotonic()
     with pytest.raises(ConfigError) as error:
-        check_storage_reachable(storage)
+        check_remote_storage(storage)
     assert time.monotonic() - start < 10
     assert str(error.value) == (
         f"--storage {storage}: s3://svt did not answer in 1 s (pyarrow retries while the network "
@@ -88,6 +89,33 @@ def test_a_store_that_does_not_answer_is_an_error_in_seconds(silent_endpoint, mo
     monkeypatch.setenv(STORE_TIMEOUT_ENV, "soon")
     with pytest.raises(InputError, match="SVT_RAY_STORE_TIMEOUT_S='soon': give a number"):
         resolve_filesystem(storage)
+
+
+def test_s3_storage_and_data_that_cannot_be_used_are_named_before_ray(s3_server):
+    """A bucket that does not exist, or an endpoint's URI without its scheme=http (an
+    unquoted & in the shell drops it), were tracebacks; a --storage bucket that does not
+    exist one after the MLflow run was made."""
+    bucket, _ = pafs.FileSystem.from_uri(f"s3://svt?{s3_server}&allow_bucket_creation=true")
+    bucket.create_dir("svt")
+    with bucket.open_output_stream("svt/videos/a.mp4") as stream:
+        stream.write(b"not a dataset")
+    check_remote_storage(f"s3://svt/runs?{s3_server}")  # a bucket it may write
+    assert bucket.get_file_info("svt/runs/.svt_ray_write_probe").type == pafs.FileType.NotFound
+    with pytest.raises(ConfigError) as error:
+        check_remote_storage(f"s3://no-such-bucket/runs?{s3_server}")
+    assert str(error.value).startswith(f"--storage s3://no-such-bucket/runs?{s3_server}: cannot ")
+    assert "The specified bucket does not exist" in str(error.value)
+    without_scheme = s3_server.replace("&scheme=http", "")
+    with pytest.raises(ConfigError, match=r"SSL .* needs scheme=http in the URI's query; quote"):
+        check_remote_storage(f"s3://svt/runs?{without_scheme}")
+    for data_path, message in [
+        (f"s3://no-such-bucket/k400?{s3_server}", "there is no bucket 'no-such-bucket' (or "),
+        (f"s3://svt/k400?{s3_server}", "k400?" + s3_server + " does not exist; check it for"),
+        (f"s3://svt/videos?{s3_server}", f"`svt-ray prep VIDEOS 's3://svt/videos?{s3_server}'`"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            read_dataset_manifest(data_path)
+        assert message in str(error.value)
 
 
 def test_each_rank_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, monkeypatch):

@@ -449,6 +449,30 @@ def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, mlflo
     assert "400" in old.read_text()
 
 
+def test_a_run_whose_run_json_cannot_be_written_is_not_left_running(
+    tmp_path, mlflow_db, monkeypatch
+):
+    """A storage that refused run.json after the MLflow run was made left it RUNNING for good
+    (no run.json names it, so nothing would ever close it)."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.runs import start_mlflow_run
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # metrics.jsonl of a URI
+    uri = f"sqlite:///{mlflow_db}"
+    (tmp_path / "a_file").write_text("")
+    runs = f"file://{tmp_path}/a_file/runs"  # under a file: no folder can be made there
+    config = load_config(
+        "tiny", overrides=[f"tracking.tracking_uri={uri}", f"train.storage_path={runs}"]
+    ).resolve(64)
+    with pytest.raises(OSError):
+        start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
+    (run,) = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name(config.tracking.experiment).experiment_id]
+    )
+    assert run.info.status == "FAILED"
+
+
 def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path, mlflow_db):
     """An attempt that ended before its first checkpoint left run.json: a new run of that name
     with another recipe starts anew (new MLflow run, its run.json), or a later --resume would
