@@ -572,9 +572,11 @@ def tracking_sync(
 ) -> None:
     """Send MLflow the metrics of a run that it lacks, from the run's metrics.jsonl (after an
     outage that outlasted the run): the one of this machine, or the run directory's copy on
-    remote storage when that goes further. With a local run directory, run it where the run's
-    rank 0 ran."""
+    remote storage when that goes further. A run whose training finished is marked FINISHED
+    and gets its training_curves.png, if the outage kept them from MLflow. With a local run
+    directory, run it where the run's rank 0 ran."""
     from svt_ray.runs import (
+        PROGRESS_FILE,
         RUN_FILE,
         config_from_record,
         fetch_metrics,
@@ -590,6 +592,7 @@ def tracking_sync(
     recorded = read_json(join_uri(run_dir, RUN_FILE))
     if recorded is None:
         raise fail(f"run {run_name}: no run.json in {run_dir}; check --storage and the run name")
+    total_steps = (recorded["config"].get("derived") or {}).get("total_steps")
     config = config_from_record(recorded, run_name, _cli_overrides(tracking_uri=tracking_uri))
     metrics_file = fetch_metrics(local_log_directory(config, run_name), run_dir)
     if not metrics_file.is_file():
@@ -600,14 +603,51 @@ def tracking_sync(
         )
     uri = absolute_tracking_uri(config.tracking.tracking_uri)
     check_tracking_uri(uri, must_exist=True)
-    steps = sync_metrics(uri, recorded["mlflow_run_id"], metrics_file)
+    run_id = recorded["mlflow_run_id"]
+    steps = sync_metrics(uri, run_id, metrics_file)
     if not steps:
         typer.echo(f"run {run_name}: MLflow ({uri}) has every metric of {metrics_file}")
+    else:
+        typer.echo(
+            f"run {run_name}: sent MLflow ({uri}) the values of {len(steps)} step(s) it lacked, "
+            f"clips seen {steps[0]}..{steps[-1]}"
+        )
+    progress = read_json(join_uri(run_dir, PROGRESS_FILE)) or {}
+    finished = total_steps is not None and progress.get("step", 0) >= total_steps
+    _finish_synced_run(uri, run_id, run_name, metrics_file, finished, progress, total_steps)
+
+
+def _finish_synced_run(
+    uri: str,
+    run_id: str,
+    run_name: str,
+    metrics_file: Path,
+    finished: bool,
+    progress: dict,
+    total_steps: int | None,
+) -> None:
+    """What the end of a run did not get to MLflow in an outage: FINISHED, and the curves."""
+    import mlflow
+
+    from svt_ray.runs import log_training_curves
+
+    client = mlflow.MlflowClient(uri)
+    status = client.get_run(run_id).info.status
+    if not finished:
+        if status == "RUNNING" and total_steps is not None:
+            typer.echo(
+                f"run {run_name}: MLflow says RUNNING; its last checkpoint is step "
+                f"{progress.get('step', 0)} of {total_steps}: while it trains that is so, and "
+                "if it stopped, `svt-ray pretrain --resume` continues it"
+            )
         return
-    typer.echo(
-        f"run {run_name}: sent MLflow ({uri}) the values of {len(steps)} step(s) it lacked, "
-        f"clips seen {steps[0]}..{steps[-1]}"
-    )
+    if status == "RUNNING":
+        client.set_terminated(run_id, "FINISHED")
+        typer.echo(f"run {run_name}: its training finished; MLflow run {run_id} marked FINISHED")
+    if not any(item.path == "training_curves.png" for item in client.list_artifacts(run_id)):
+        png = log_training_curves(uri, run_id, run_name, metrics_file, metrics_file.parent)
+        if png is not None:
+            typer.echo(f"run {run_name}: logged {png.name} to MLflow")
 
 
 def main() -> None:

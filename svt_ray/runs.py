@@ -34,7 +34,13 @@ from svt_ray.config import (
     flatten_tree,
     resumable_settings_text,
 )
-from svt_ray.tracking import METRICS_FILE, git_commit, make_tracker, read_metrics_file
+from svt_ray.tracking import (
+    METRICS_FILE,
+    git_commit,
+    make_tracker,
+    plot_training_curves,
+    read_metrics_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -396,7 +402,11 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
             return
         client.set_terminated(run_id, "FINISHED")
     except Exception as error:
-        logger.warning("MLflow run %s not marked FINISHED: %s", run_id, error)
+        logger.warning(
+            "MLflow run %s not marked FINISHED (%s); once the store answers, `%s` marks it and "
+            "sends what it lacks", run_id, error,
+            shlex.join(["svt-ray", "tracking", "sync", run_name, "--storage", storage_path]),
+        )  # fmt: skip
         return
     logger.warning(
         "run %s: its last MLflow calls from training did not reach %s in time; MLflow run %s "
@@ -404,6 +414,25 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
         run_name, tracking_uri, run_id,
         shlex.join(["svt-ray", "tracking", "sync", run_name, "--storage", storage_path]),
     )  # fmt: skip
+
+
+def log_training_curves(
+    tracking_uri: str, run_id: str, run_name: str, metrics_file: Path, out_dir: Path
+) -> Path | None:
+    """[driver] `training_curves.png` of `metrics_file`, drawn in `out_dir` and logged to the
+    MLflow run; None when there is no metrics file here (a local run directory on another
+    node) or MLflow did not take it (said; the plot stays in `out_dir`)."""
+    import mlflow
+
+    png = plot_training_curves(metrics_file, out_dir / "training_curves.png")
+    if png is None:
+        return None
+    try:
+        mlflow.MlflowClient(tracking_uri).log_artifact(run_id, str(png))
+    except Exception as error:  # MLflow down: the plot stays in the log directory
+        logger.warning("run %s: %s not logged to MLflow (%s)", run_name, png, error)
+        return None
+    return png
 
 
 # -- resuming: the recorded recipe, and where a run may move ------------------------------

@@ -456,14 +456,15 @@ def missing_metrics(client, run_id: str, lines: list[dict[str, float]], after: i
         lines = [line for line in lines if line["clips_seen"] > after]
         have: dict[str, set[int]] = collections.defaultdict(set)
     else:
-        keys = {key for line in lines for key in line} - {"clips_seen", "time"}
+        keys = {key for line in lines for key in line} - {"time"}
         have = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
     found = []
-    for line in lines:
+    for line in lines:  # clips_seen is a metric too: compare and plot against it
         step, stamp = int(line["clips_seen"]), int(line["time"] * 1000)
         for key, value in line.items():
-            if key not in ("clips_seen", "time") and step not in have[key]:
+            if key != "time" and step not in have[key]:
                 found.append(Metric(key, float(value), stamp, step))
+                have[key].add(step)  # a summary line repeats its step's clips_seen
     return found
 
 

@@ -82,6 +82,7 @@ from svt_ray.runs import (
     finish_mlflow_run,
     join_uri,
     local_log_directory,
+    log_training_curves,
     mirror_metrics,
     prune_checkpoints,
     read_json,
@@ -800,15 +801,5 @@ def _log_curves(
     the status rank 0 gave it: continuing it (a tracker) would set it RUNNING until this
     ends, and a driver killed in between (a study stopped as a trial finished) left a
     finished run RUNNING for good."""
-    import mlflow
-
-    from svt_ray.tracking import plot_training_curves
-
     metrics_file = fetch_metrics(log_dir, run_dir)
-    png = plot_training_curves(metrics_file, log_dir / "training_curves.png")
-    if png is None:  # no metrics.jsonl here: a local run directory on another node
-        return
-    try:
-        mlflow.MlflowClient(config.tracking.tracking_uri).log_artifact(run_id, str(png))
-    except Exception as error:  # MLflow down: the plot stays in the log directory
-        logger.warning("run %s: %s not logged to MLflow (%s)", run_name, png, error)
+    log_training_curves(config.tracking.tracking_uri, run_id, run_name, metrics_file, log_dir)

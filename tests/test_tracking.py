@@ -14,6 +14,7 @@ import time
 import pytest
 from mlflow.exceptions import MlflowException
 
+from svt_ray.config import load_config
 from svt_ray.tracking import (
     METRICS_FILE,
     MLflowTracker,
@@ -149,8 +150,10 @@ def test_a_run_that_ends_in_an_outage_is_synced_afterwards(tmp_path, mlflow_db, 
     assert time.perf_counter() - started < 10  # waited flush_timeout_s, not for ever
     assert "has not taken 4 call(s)" in caplog.text and "svt-ray tracking sync" in caplog.text
     assert run.client.get_run(run.run_id).info.status == "RUNNING"  # set_terminated not taken
-    assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == [8, 12]
+    # clips_seen, the step, is a metric too (training logs it): 4 lacked it here
+    assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == [4, 8, 12]
     assert _history(run) == [(4, 4.0), (8, 8.0), (12, 12.0)]
+    assert _history(run, "clips_seen") == [(4, 4.0), (8, 8.0), (12, 12.0)]
     assert _history(run, "lr") == [(4, 0.1), (8, 0.2), (12, 0.3)]
     assert _history(run, "eval/knn_top1") == [(12, 61.5)]  # summaries are in the file too
     assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == []  # nothing twice
@@ -294,6 +297,51 @@ def test_tracking_sync_command(tmp_path, mlflow_db):
     assert result.exit_code == 0 and "has every metric" in result.output
     result = runner.invoke(app, ["tracking", "sync", "r2", "--storage", str(storage)])
     assert result.exit_code != 0 and "no run.json" in result.output
+
+
+def test_tracking_sync_finishes_what_an_outage_kept_from_mlflow(tmp_path, mlflow_db):
+    """An outage through a run's end: sync sent the losses, but not clips_seen (a metric
+    too: compare read 80 of 256), left the run RUNNING and the curves unlogged; a run not
+    finished stays as it is."""
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+    from svt_ray.runs import PROGRESS_FILE, RUN_FILE, write_json
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = tmp_path / "runs"
+    config = load_config(
+        "tiny", overrides=[f"tracking.tracking_uri={uri}", f"train.storage_path={storage}"]
+    ).resolve(64)
+    total = config.derived.total_steps
+    run = MLflowTracker(uri, "tests", "r1", storage / "r1")
+    write_json(str(storage / "r1" / RUN_FILE),
+               {"mlflow_run_id": run.run_id, "config": config.model_dump(mode="json")})  # fmt: skip
+    outage = _Outage(run)
+    run.log_metrics({"loss": 3.0, "clips_seen": 16.0}, step=16)
+    assert run.flush(timeout_s=30)
+    outage.down.set()
+    run.log_metrics({"loss": 2.0, "clips_seen": 32.0}, step=32)
+    run.log_summary({"knn_top1": 50.0})
+    run._sender.stop()
+    runner = CliRunner()
+    write_json(str(storage / "r1" / PROGRESS_FILE), {"step": total - 1})
+    result = runner.invoke(app, ["tracking", "sync", "r1", "--storage", str(storage)])
+    assert result.exit_code == 0, result.output
+    assert f"MLflow says RUNNING; its last checkpoint is step {total - 1} of {total}" in (
+        result.output
+    )
+    assert _history(run, "clips_seen") == [(16, 16.0), (32, 32.0)]
+    assert _history(run, "knn_top1") == [(32, 50.0)]
+    assert run.client.get_run(run.run_id).info.status == "RUNNING"
+    write_json(str(storage / "r1" / PROGRESS_FILE), {"step": total})
+    result = runner.invoke(app, ["tracking", "sync", "r1", "--storage", str(storage)])
+    assert result.exit_code == 0, result.output
+    assert "has every metric" in result.output and "marked FINISHED" in result.output
+    assert run.client.get_run(run.run_id).info.status == "FINISHED"
+    assert [item.path for item in run.client.list_artifacts(run.run_id)] == ["training_curves.png"]
+    result = runner.invoke(app, ["tracking", "sync", "r1", "--storage", str(storage)])
+    assert "FINISHED" not in result.output and "logged" not in result.output  # done once
 
 
 def _metrics_lines(steps) -> str:
