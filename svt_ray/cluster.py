@@ -18,6 +18,8 @@ import torch
 from svt_ray import data
 from svt_ray.config import ConfigError, ExperimentConfig
 
+logger = logging.getLogger(__name__)
+
 # Environment of a local Ray instance that `ensure_ray` starts (its processes inherit it; a
 # value the user set wins). Ray Train's controller polls its workers every 2 s by default and
 # acts on a finished run or a registered checkpoint only at a poll: about 6 s of a 29 s test
@@ -56,12 +58,29 @@ def init_address(address: str | None) -> str | None:
     (setting RAY_AUTH_MODE instead would come after `import ray` read it)."""
     if joins_a_cluster(address):
         return address
+    if address is None and (running := _ray_start_cluster()):
+        logger.warning(
+            "a Ray cluster that `ray start` started runs on this machine (%s); this command "
+            "starts a Ray instance of its own beside it. Pass --address auto to run on that "
+            "cluster", running,
+        )  # fmt: skip
     for name, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(name, value)
     auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     if _default_auth_note not in auth_logger.filters:
         auth_logger.addFilter(_default_auth_note)
     return "local"
+
+
+def _ray_start_cluster() -> str | None:
+    """The address `ray start` recorded on this machine for a bare `ray.init()` to join (it
+    is removed by `ray stop`), None when there is none."""
+    try:
+        from ray._private.utils import read_ray_address  # Ray's own record, no public API
+
+        return read_ray_address()
+    except Exception:  # another Ray version's layout: no notice, nothing else changes
+        return None
 
 
 def _default_auth_note(record: logging.LogRecord) -> bool:

@@ -611,7 +611,9 @@ def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
     assert joins_a_cluster(None)
 
 
-def test_without_address_a_local_ray_is_started_even_beside_a_ray_start_cluster(monkeypatch):
+def test_without_address_a_local_ray_is_started_even_beside_a_ray_start_cluster(
+    monkeypatch, tmp_path, caplog
+):
     """A bare `ray.init()` joins a cluster that `ray start --head` left on this machine, and
     then refuses num_cpus: `svt-ray pretrain` without --address ended in that ValueError."""
     import ray
@@ -619,7 +621,14 @@ def test_without_address_a_local_ray_is_started_even_beside_a_ray_start_cluster(
     from svt_ray.cluster import ensure_ray, init_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` records its address
     assert init_address(None) == "local" and init_address("local") == "local"
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.5:6379")
+    with caplog.at_level(logging.WARNING, logger="svt_ray.cluster"):
+        assert init_address(None) == "local"
+    assert "`ray start` started runs on this machine (10.0.0.5:6379)" in caplog.text
+    assert "Pass --address auto to run on that cluster" in caplog.text
     from ray._private.authentication import authentication_token_setup as auth
 
     class Kept(logging.Handler):  # Ray's loggers do not propagate to pytest's
