@@ -255,10 +255,10 @@ def pretrain(
     except (TrainingDivergedError, RunStoppedError) as error:
         raise fail(str(error), code=1) from None
     typer.echo(f"run {result.run_name}: checkpoint {result.checkpoint_path}")
-    typer.echo(
-        f"MLflow run {result.mlflow_run_id}: `mlflow ui --backend-store-uri "
-        f"{result.config.tracking.tracking_uri}`"
-    )
+    from svt_ray.tracking import viewing_hint
+
+    hint = viewing_hint(result.config.tracking.tracking_uri)
+    typer.echo(f"MLflow run {result.mlflow_run_id}: {hint}")
 
 
 @app.command("eval")

@@ -26,7 +26,7 @@ from svt_ray.evaluate import (
     format_table,
     initial_row_name,
 )
-from svt_ray.tracking import METRICS_FILE
+from svt_ray.tracking import METRICS_FILE, viewing_hint
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def run_demo(
         f"\nSVT features beat {baseline_words} by {summary['knn_gain_points']:+.1f} kNN "
         f"top-1 points ({summary['minutes']:.1f} min in all).\n"
         f"Checkpoint: {result.checkpoint_path}\n"
-        f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri "
-        f"{result.config.tracking.tracking_uri}"
+        f"MLflow run {result.mlflow_run_id}: {viewing_hint(result.config.tracking.tracking_uri)}"
     )
     return summary
 

@@ -43,6 +43,7 @@ from svt_ray.study_report import METRIC, TIME_ATTR, StudyReport, collect_study
 from svt_ray.study_report import batch_size_verdict as batch_size_verdict
 from svt_ray.study_report import best_vs_worst_verdict as best_vs_worst_verdict
 from svt_ray.study_report import scaling_verdict as scaling_verdict
+from svt_ray.tracking import viewing_hint
 
 logger = logging.getLogger(__name__)
 
@@ -1176,8 +1177,9 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
         return 130
     print(report.markdown())
     print(report.summary())
-    print("report: " + ", ".join(str(path) for path in report.files.values()))
-    print(f"MLflow: mlflow ui --backend-store-uri {options.tracking_uri}  (parent run "
+    print("report: " + ", ".join(str(Path(path).resolve()) for path in report.files.values())
+          + " (and the parent MLflow run's artifacts)")  # fmt: skip
+    print(f"MLflow: {viewing_hint(options.tracking_uri)}  (parent run "
           f"{report.parent_run_id}, experiment {options.experiment})")  # fmt: skip
     return 0 if any(t.status in ("FINISHED", "KILLED") for t in report.trials) else 1
 

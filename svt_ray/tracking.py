@@ -24,6 +24,7 @@ import collections
 import json
 import logging
 import os
+import shlex
 import subprocess
 import threading
 import time
@@ -62,6 +63,14 @@ def absolute_tracking_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def viewing_hint(uri: str) -> str:
+    """How to look at the runs of a tracking URI: a server's own page, or `mlflow ui` over a
+    store (which refuses an http:// backend)."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"open {uri} (the MLflow server's UI)"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
 def artifact_location_for(uri: str) -> str | None:

@@ -718,3 +718,16 @@ def test_a_backup_loop_checks_the_runs_on_its_first_round_only(tmp_path, monkeyp
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 130, result.output  # typer's code for Ctrl-C
     assert rounds == [2, 1]
+
+
+def test_the_viewing_hint_fits_the_store():
+    """`mlflow ui --backend-store-uri http://...` fails: a server is its own UI."""
+    from svt_ray.tracking import viewing_hint
+
+    assert (
+        viewing_hint("http://127.0.0.1:5000")
+        == "open http://127.0.0.1:5000 (the MLflow server's UI)"
+    )
+    assert viewing_hint("sqlite:////tmp/my runs/mlflow.db") == (
+        "mlflow ui --backend-store-uri 'sqlite:////tmp/my runs/mlflow.db'"
+    )
