@@ -72,6 +72,46 @@ def init_address(address: str | None) -> str | None:
     return "local"
 
 
+# Filesystems that live on one machine's own disk (or memory): a path on them names another
+# folder, or nothing, on every other node. Network and FUSE filesystems are taken as shared.
+NODE_LOCAL_FILESYSTEMS = {
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "vfat", "exfat", "ntfs", "overlay",
+    "tmpfs", "ramfs",
+}  # fmt: skip
+
+
+def warn_node_local_paths(paths: dict[str, str | None]) -> None:
+    """[driver, on a cluster] Say which of `paths` ({flag: path}) are on this node's own disk:
+    Train workers and Ray Data readers on other nodes read and write their own folder of that
+    name, so checkpoints scatter over the nodes (a resume elsewhere finds none, a lost node
+    takes its own) and shards are missing there."""
+    for flag, path in paths.items():
+        if not path or "://" in path or (kind := _filesystem_type(path)) not in NODE_LOCAL_FILESYSTEMS:
+            continue
+        logger.warning(
+            "%s %s is on this node's own disk (%s): on a cluster of more than one node (or one "
+            "the autoscaler grows) the other nodes do not see it; give storage every node "
+            "reaches, s3://, gs:// or an NFS mount (README, On a cluster)", flag, path, kind,
+        )  # fmt: skip
+
+
+def _filesystem_type(path: str, mounts_file: str = "/proc/self/mounts") -> str | None:
+    """The type of the filesystem `path` is on (Linux's mount table), None if unknown."""
+    try:
+        with open(mounts_file) as mounts:
+            table = [line.split()[1:3] for line in mounts if len(line.split()) >= 3]
+    except OSError:
+        return None
+    where = os.path.realpath(os.path.expanduser(path))
+    best = None
+    for mount, kind in table:
+        mount = mount.replace("\\040", " ")
+        inside = where == mount or where.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) > len(best[0])):
+            best = (mount, kind)
+    return best[1] if best else None
+
+
 def _ray_start_cluster() -> str | None:
     """The address `ray start` recorded on this machine for a bare `ray.init()` to join (it
     is removed by `ray stop`), None when there is none."""

@@ -750,6 +750,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         ensure_ray,
         joins_a_cluster,
         local_ray_cpus,
+        warn_node_local_paths,
     )
     from svt_ray.model import check_init_from
     from svt_ray.runs import (
@@ -813,6 +814,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         options.tracking_uri = cluster_tracking_uri(
             options.tracking_uri, ray.util.get_node_ip_address()
         )
+        warn_node_local_paths({"--data": options.data_path, "--storage": storage})
     data_path = options.data_path
     if data_path is None:  # the embedded default: synthetic videos, made once
         from svt_ray.demo import prepare_synthetic_data

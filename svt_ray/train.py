@@ -50,6 +50,7 @@ from svt_ray.cluster import (
     ensure_ray,
     joins_a_cluster,
     local_ray_cpus,
+    warn_node_local_paths,
 )
 from svt_ray.config import ConfigError, ExperimentConfig
 from svt_ray.engine import (
@@ -554,6 +555,9 @@ def run_pretraining(
     if cluster_tracking and joins_a_cluster(scaling.address):  # rank 0 logs from its node
         resolved.tracking.tracking_uri = cluster_tracking_uri(
             resolved.tracking.tracking_uri, ray.util.get_node_ip_address()
+        )
+        warn_node_local_paths(
+            {"--data": resolved.data.path, "--storage": resolved.train.storage_path}
         )
     mlflow_run_id = start_mlflow_run(
         recorded, run_name, run_dir, data.manifest_checksum(manifest), parent_run_id, extra_tags,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -888,3 +889,36 @@ def test_a_quiet_driver_prints_the_progress_lines_from_the_runs_metrics_file(tmp
     assert len(lines) == 2, lines
     assert lines[0].startswith("demo step 4/20 (20%) | epoch 0.40 | loss 0.250 | kNN 25.0 |")
     assert lines[1].startswith("demo step 20/20 (100%) | epoch 2.00 | loss 0.050 | kNN 25.0 |")
+
+
+def test_paths_on_the_drivers_own_disk_are_named_on_a_cluster(tmp_path, monkeypatch, caplog):
+    """A local --storage on a cluster: each node kept its own checkpoints (a walkthrough's
+    run wrote into the folder `ray start` ran in, without a word); NFS and buckets are quiet."""
+    from svt_ray import cluster
+
+    kinds = {str(tmp_path / "local"): "ext4", str(tmp_path / "nfs"): "nfs4"}
+    monkeypatch.setattr(cluster, "_filesystem_type", lambda path: kinds.get(path))
+    with caplog.at_level(logging.WARNING, logger="svt_ray.cluster"):
+        cluster.warn_node_local_paths({
+            "--storage": str(tmp_path / "local"), "--data": str(tmp_path / "nfs"),
+            "--x": "s3://bucket/runs", "--y": None,
+        })  # fmt: skip
+    assert [record.getMessage()[:60] for record in caplog.records] == [
+        f"--storage {tmp_path / 'local'} is on this node's own disk (ext4)"[:60]
+    ]
+
+
+def test_the_filesystem_of_a_path_is_its_deepest_mount(tmp_path):
+    from svt_ray import cluster
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw 0 0\n"
+        "server:/export /mnt/shared\\040data nfs4 rw 0 0\n"
+        "tmpfs /mnt/shared\\040data/tmp tmpfs rw 0 0\n"
+    )
+    kind = functools.partial(cluster._filesystem_type, mounts_file=str(mounts))
+    assert kind("/mnt/shared data/runs") == "nfs4"
+    assert kind("/mnt/shared data/tmp/x") == "tmpfs"
+    assert kind("/mnt/shared datax") == "ext4"  # not inside the mount
+    assert kind("/home/me/runs") == "ext4"
