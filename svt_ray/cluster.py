@@ -86,7 +86,11 @@ def warn_node_local_paths(paths: dict[str, str | None]) -> None:
     name, so checkpoints scatter over the nodes (a resume elsewhere finds none, a lost node
     takes its own) and shards are missing there."""
     for flag, path in paths.items():
-        if not path or "://" in path or (kind := _filesystem_type(path)) not in NODE_LOCAL_FILESYSTEMS:
+        if (
+            not path
+            or "://" in path
+            or (kind := _filesystem_type(path)) not in NODE_LOCAL_FILESYSTEMS
+        ):
             continue
         logger.warning(
             "%s %s is on this node's own disk (%s): on a cluster of more than one node (or one "

@@ -100,7 +100,7 @@ class StudyReport:
                 {
                     **dict(zip(self.swept, json.loads(key), strict=True)),
                     "trials": len(trials),
-                    "finished": len(finals),
+                    "scored": len(finals),
                     "knn_top1_mean": _round(mean),
                     "knn_top1_sem": _round(sem),
                 }
@@ -120,7 +120,8 @@ class StudyReport:
                 "epoch is dropped).",
                 "",
             ]
-        lines += ["## By setting (mean ± s.e. over seeds, finished trials)", "",
+        lines += ["## By setting (mean ± s.e. over seeds; scored: trials that finished with a "
+                  "final kNN)", "",
                   _markdown_table(self.aggregate()), "", "## Trials", "",
                   _markdown_table(self.rows()), ""]  # fmt: skip
         if "scaling.num_workers" in self.swept:
@@ -163,7 +164,7 @@ class StudyReport:
             spread = f" ± {best['knn_top1_sem']}" if best["knn_top1_sem"] is not None else ""
             lines.append(
                 f"best: {setting}: online kNN top-1 {best['knn_top1_mean']}{spread} "
-                f"({best['finished']} seed(s))"
+                f"({best['scored']} seed(s))"
             )
         if self.trials and not any(t.curve for t in self.trials):
             lines.append(
@@ -560,7 +561,7 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
         return ", ".join(f"{p}={row[p]}" for p in report.swept)
 
     def stats(row):
-        return row["knn_top1_mean"], row["knn_top1_sem"], row["finished"]
+        return row["knn_top1_mean"], row["knn_top1_sem"], row["scored"]
 
     best = max(rows, key=lambda row: row["knn_top1_mean"])
     worst = min(rows, key=lambda row: row["knn_top1_mean"])
@@ -637,7 +638,9 @@ def batch_size_verdict(report: StudyReport) -> str:
     phrase = _difference_phrase(small, large)
     order = ", ".join(f"{b}: {m:.1f}" for b, m in zip(sizes, means, strict=True))
     if small[1] is None or large[1] is None:  # one seed: a direction, not an answer
-        answer = "leans yes" if small[0] > large[0] else "leans no"
+        answer = (
+            "a tie" if small[0] == large[0] else "leans yes" if small[0] > large[0] else "leans no"
+        )
     elif "within" in phrase:
         answer = "inconclusive"
     elif small[0] > large[0]:

@@ -64,6 +64,7 @@ def test_batch_size_verdict_reads_the_curves():
     assert "; the mean rises with each smaller batch); batch 8 vs 64" in batch_size_verdict(three)
     tied = _report([_trial({bs: b}, 0, fast) for b in (8, 16, 64)], [bs])
     assert "; the mean never falls with each smaller batch)" in batch_size_verdict(tied)
+    assert batch_size_verdict(tied).startswith("a tie: ")  # one seed each, the same curve
     no = _report(
         [_trial({bs: 8}, s, shifted(slow, d)) for s, d in seeds]
         + [_trial({bs: 64}, s, shifted(fast, d)) for s, d in seeds],
@@ -311,7 +312,7 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
     assert report.swept == ["optim.batch_size"]
     rows = report.aggregate()
     assert [row["optim.batch_size"] for row in rows] == [8, 16, 64]
-    assert [(row["finished"], row["knn_top1_mean"]) for row in rows] == [
+    assert [(row["scored"], row["knn_top1_mean"]) for row in rows] == [
         (2, 51.5), (2, 52.5), (2, 58.5)
     ]  # fmt: skip
     assert rows[0]["knn_top1_sem"] == pytest.approx(0.5)
