@@ -1,8 +1,9 @@
 """Which Ray a command runs on: a cluster it joins (`--address`, or RAY_ADDRESS in a `ray job
-submit` job), or a local instance it starts, sized for the run, with the settings that keep
-short local runs quick. Also what one pretraining holds of it (`cpus_per_run`), whether the
-GPUs it asks for are there (`check_local_gpus`), and what to say of a run left on CPU
-(`cpu_training_note`).
+submit` job), or a local instance it starts (`init_address`: even beside a `ray start`
+cluster), sized for the run, with the settings that keep short local runs quick. Also what
+one pretraining holds of it (`cpus_per_run`), whether the GPUs it asks for are there
+(`check_local_gpus`), what to say of a run left on CPU (`cpu_training_note`), and of paths on
+a cluster that only the driver's node sees (`warn_node_local_paths`).
 """
 
 from __future__ import annotations
