@@ -515,6 +515,16 @@ def _check_earlier_config(fs, base: str, root: str, config: SynthConfig) -> int:
     return int(earlier.get("num_clips", 0))
 
 
+def _write_meta(fs, base: str, config: SynthConfig, num_clips: int) -> None:
+    """synthetic.json: the config the folder's clips were made with and how many it holds."""
+    meta = {
+        "config": asdict(config) | {"num_clips": num_clips},
+        "class_names": list(config.class_names),
+    }
+    with fs.open_output_stream(f"{base}/synthetic.json") as stream:
+        stream.write(json.dumps(meta, indent=2).encode())
+
+
 def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthSummary:
     """Write `config.num_clips` clips under `root` (local path or pyarrow filesystem URI).
 
@@ -530,10 +540,7 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
             root, earlier, config.num_clips, earlier,
         )  # fmt: skip
     fs.create_dir(base, recursive=True)
-    with fs.open_output_stream(f"{base}/synthetic.json") as stream:  # first: the folder is ours
-        held = asdict(config) | {"num_clips": max(config.num_clips, earlier)}  # what it holds
-        meta = {"config": held, "class_names": list(config.class_names)}
-        stream.write(json.dumps(meta, indent=2).encode())
+    _write_meta(fs, base, config, earlier)  # first: the folder is ours; the clips it holds now
     for label in range(config.num_classes):
         fs.create_dir(f"{base}/{class_folder(config, label)}", recursive=True)
     jobs = [(config, index, root) for index in range(config.num_clips)]
@@ -559,6 +566,7 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
                 ray.shutdown()
     else:
         results = [_write_one(job) for job in jobs]
+    _write_meta(fs, base, config, max(config.num_clips, earlier))  # all written
     summary = SynthSummary(
         root=root,
         num_clips=config.num_clips,

@@ -285,6 +285,23 @@ def test_a_folder_of_clips_is_only_extended_with_the_same_settings(tmp_path, cap
         caplog.text
     )
     assert json.loads((tmp_path / "synthetic.json").read_text())["config"]["num_clips"] == 3
+    # A run stopped midway records the clips the folder held before it, not those it meant to.
+    import svt_ray.synthetic as synthetic
+
+    real_encode = synthetic.encode_clip
+
+    def encode_until_the_fifth(config, index):
+        if index == 4:
+            raise KeyboardInterrupt
+        return real_encode(config, index)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthetic, "encode_clip", encode_until_the_fifth)
+        with pytest.raises(KeyboardInterrupt):
+            generate_dataset(str(tmp_path), SynthConfig(num_clips=6, **small))
+    assert json.loads((tmp_path / "synthetic.json").read_text())["config"]["num_clips"] == 3
+    assert generate_dataset(str(tmp_path), SynthConfig(num_clips=6, **small)).written == 2
+    assert json.loads((tmp_path / "synthetic.json").read_text())["config"]["num_clips"] == 6
     # A folder of the user's own videos: the generated classes would mix with them.
     (tmp_path / "mine" / "dog").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"mine is not empty \(dog\) and was not made by svt"):
