@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import subprocess
@@ -109,12 +110,15 @@ def _open(uri: str) -> tuple[pafs.FileSystem, str]:
     return filesystem, path.rstrip("/")
 
 
+# A bucket's root is asked about an object under it: its own metadata needs a permission
+# (GCS storage.buckets.get) that object roles lack, and svt-ray never uses it otherwise.
 _STORE_CHECK = """
 import sys
 from pyarrow import fs
 try:
     filesystem, path = fs.FileSystem.from_uri(sys.argv[1])
-    filesystem.get_file_info(path)
+    path = path.rstrip("/")
+    filesystem.get_file_info(path if "/" in path else path + "/.svt_ray_store_check")
 except Exception as error:
     sys.exit(str(error))
 """
@@ -128,8 +132,11 @@ def _first_contact(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         seconds = float(os.environ.get(STORE_TIMEOUT_ENV) or 60)
     except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # 0 would time out at once, not mean "no limit"
         raise InputError(
-            f"{STORE_TIMEOUT_ENV}={os.environ[STORE_TIMEOUT_ENV]!r}: give a number of seconds"
+            f"{STORE_TIMEOUT_ENV}={os.environ[STORE_TIMEOUT_ENV]!r}: give a number of seconds "
+            "above 0"
         ) from None
     try:
         answer = subprocess.run(

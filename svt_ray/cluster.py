@@ -50,7 +50,7 @@ def joins_a_cluster(address: str | None) -> bool:
     return os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
 
 
-def init_address(address: str | None) -> str | None:
+def init_address(address: str | None, to_join: str = "pass --address auto") -> str | None:
     """What `ray.init` is given for `address`: it, or None in a `ray job submit` job (RAY_ADDRESS
     names the cluster), else "local": a new local instance even where `ray start` left one
     running on this machine, which a bare `ray.init()` would join (refusing `num_cpus`). For a
@@ -62,8 +62,8 @@ def init_address(address: str | None) -> str | None:
     if address is None and (running := _ray_start_cluster()):
         logger.warning(
             "a Ray cluster that `ray start` started runs on this machine (%s); this command "
-            "starts a Ray instance of its own beside it. Pass --address auto to run on that "
-            "cluster", running,
+            "starts a Ray instance of its own beside it. To run on that cluster, %s",
+            running, to_join,
         )  # fmt: skip
     for name, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(name, value)
@@ -112,7 +112,7 @@ def _filesystem_type(path: str, mounts_file: str = "/proc/self/mounts") -> str |
     for mount, kind in table:
         mount = mount.replace("\\040", " ")
         inside = where == mount or where.startswith(mount.rstrip("/") + "/")
-        if inside and (best is None or len(mount) > len(best[0])):
+        if inside and (best is None or len(mount) >= len(best[0])):  # the last one mounted
             best = (mount, kind)
     return best[1] if best else None
 

@@ -876,7 +876,7 @@ def format_validation_error(
         elif config_file is not None and _holds_key(file_tree or {}, loc):
             location = f"{config_file}: {location}"  # a value of the file's
         lines.append(f"{location}: {message}" if location else message)
-    return "; ".join(lines)
+    return "; ".join(dict.fromkeys(lines))  # a list short by two: one line, not two alike
 
 
 def _tuple_length(location: tuple) -> int | None:

@@ -19,6 +19,7 @@ import re
 import shlex
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,13 @@ def check_remote_storage(storage_path: str) -> None:
     credentials), or an error that names the flag."""
     if "://" not in storage_path:
         return
+    if storage_path.startswith("file://"):  # a local folder: made if need be, as run.json's
+        check_writable(Path(resolve_filesystem(storage_path)[1]), "--storage")
+        return
     try:
         filesystem, root = resolve_filesystem(storage_path)
-        path = f"{root}/.svt_ray_write_probe"
+        # One name per process: trials of a study start together on one storage.
+        path = f"{root}/.svt_ray_write_probe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         with filesystem.open_output_stream(path) as stream:
             stream.write(b"")
         filesystem.delete_file(path)
@@ -344,8 +349,9 @@ def start_mlflow_run(
                 "svt_ray_version": __version__,
             },
         )
-    except BaseException:  # no run.json names it: nothing would ever close it
-        end_mlflow_run(uri, tracker.run_id, "FAILED")
+    except BaseException as error:  # no run.json names it: nothing would ever close it
+        stopped = isinstance(error, KeyboardInterrupt)  # Ctrl-C: KILLED, as everywhere
+        end_mlflow_run(uri, tracker.run_id, "KILLED" if stopped else "FAILED")
         raise
     return tracker.run_id
 

@@ -814,7 +814,11 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
         options.tracking_uri = cluster_tracking_uri(
             options.tracking_uri, ray.util.get_node_ip_address()
         )
-        warn_node_local_paths({"--data": options.data_path, "--storage": storage})
+        warn_node_local_paths({
+            "--data": options.data_path,
+            "--workdir": None if options.data_path else options.workdir,  # the synthetic data
+            "--storage": storage,
+        })  # fmt: skip
     data_path = options.data_path
     if data_path is None:  # the embedded default: synthetic videos, made once
         from svt_ray.demo import prepare_synthetic_data

@@ -552,7 +552,7 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
         started_ray = not ray.is_initialized()
         if started_ray:  # a cluster (RAY_ADDRESS in a Ray job) refuses num_cpus
             ray.init(
-                address=init_address(None),
+                address=init_address(None, to_join="set RAY_ADDRESS=auto"),
                 num_cpus=None if joins_a_cluster(None) else workers,
                 include_dashboard=False,
                 log_to_driver=False,

@@ -178,6 +178,7 @@ def test_a_list_of_the_wrong_length_says_how_many_values(tmp_path):
         ("views.mean=[0.5,0.5]", "views.mean: give 3 values, not 2"),
         ("views.mean=[0.5,0.5,0.5,0.5]", "views.mean: give 3 values, not 4"),
         ("views.global_crop_scale=[0.5]", "views.global_crop_scale: give 2 values, not 1"),
+        ("views.mean=[]", "views.mean: give 3 values, not 0"),  # once, not once per value
     ]:
         with pytest.raises(ConfigError) as error:
             load_config("tiny", overrides=[value])

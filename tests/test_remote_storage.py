@@ -3,6 +3,7 @@ resume against a local S3-compatible server (moto), addressed by pyarrow URIs al
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import pickle
@@ -86,12 +87,13 @@ def test_a_store_that_does_not_answer_is_an_error_in_seconds(silent_endpoint, mo
     )
     with pytest.raises(InputError, match="did not answer in 1 s"):  # asked again: not cached
         resolve_filesystem(join_uri(storage, "run", "progress.json"))
-    monkeypatch.setenv(STORE_TIMEOUT_ENV, "soon")
-    with pytest.raises(InputError, match="SVT_RAY_STORE_TIMEOUT_S='soon': give a number"):
-        resolve_filesystem(storage)
+    for wrong in ("soon", "0", "-5", "inf"):  # 0 is no "no limit": it timed out at once
+        monkeypatch.setenv(STORE_TIMEOUT_ENV, wrong)
+        with pytest.raises(InputError, match=f"SVT_RAY_STORE_TIMEOUT_S='{wrong}': give a num"):
+            resolve_filesystem(storage)
 
 
-def test_s3_storage_and_data_that_cannot_be_used_are_named_before_ray(s3_server):
+def test_s3_storage_and_data_that_cannot_be_used_are_named_before_ray(s3_server, tmp_path):
     """A bucket that does not exist, or an endpoint's URI without its scheme=http (an
     unquoted & in the shell drops it), were tracebacks; a --storage bucket that does not
     exist one after the MLflow run was made."""
@@ -99,8 +101,13 @@ def test_s3_storage_and_data_that_cannot_be_used_are_named_before_ray(s3_server)
     bucket.create_dir("svt")
     with bucket.open_output_stream("svt/videos/a.mp4") as stream:
         stream.write(b"not a dataset")
-    check_remote_storage(f"s3://svt/runs?{s3_server}")  # a bucket it may write
-    assert bucket.get_file_info("svt/runs/.svt_ray_write_probe").type == pafs.FileType.NotFound
+    # A bucket it may write, checked by the trials of a study at once: one probe file each
+    # (with one name, a trial deleted another's and that one failed: "cannot write there").
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: check_remote_storage(f"s3://svt/runs?{s3_server}"), range(24)))
+    assert not bucket.get_file_info(pafs.FileSelector("svt/runs", allow_not_found=True))
+    check_remote_storage(f"file://{tmp_path}/new/runs")  # a local URI: the folder is made
+    assert (tmp_path / "new" / "runs").is_dir()
     with pytest.raises(ConfigError) as error:
         check_remote_storage(f"s3://no-such-bucket/runs?{s3_server}")
     assert str(error.value).startswith(f"--storage s3://no-such-bucket/runs?{s3_server}: cannot ")

@@ -629,7 +629,7 @@ def test_without_address_a_local_ray_is_started_even_beside_a_ray_start_cluster(
     with caplog.at_level(logging.WARNING, logger="svt_ray.cluster"):
         assert init_address(None) == "local"
     assert "`ray start` started runs on this machine (10.0.0.5:6379)" in caplog.text
-    assert "Pass --address auto to run on that cluster" in caplog.text
+    assert "To run on that cluster, pass --address auto" in caplog.text
     from ray._private.authentication import authentication_token_setup as auth
 
     class Kept(logging.Handler):  # Ray's loggers do not propagate to pytest's
@@ -916,9 +916,12 @@ def test_the_filesystem_of_a_path_is_its_deepest_mount(tmp_path):
         "/dev/sda1 / ext4 rw 0 0\n"
         "server:/export /mnt/shared\\040data nfs4 rw 0 0\n"
         "tmpfs /mnt/shared\\040data/tmp tmpfs rw 0 0\n"
+        "server:/scratch /scratch nfs4 rw 0 0\n"
+        "tmpfs /scratch tmpfs rw 0 0\n"  # mounted over it: the one paths reach
     )
     kind = functools.partial(cluster._filesystem_type, mounts_file=str(mounts))
     assert kind("/mnt/shared data/runs") == "nfs4"
     assert kind("/mnt/shared data/tmp/x") == "tmpfs"
     assert kind("/mnt/shared datax") == "ext4"  # not inside the mount
     assert kind("/home/me/runs") == "ext4"
+    assert kind("/scratch/runs") == "tmpfs"
