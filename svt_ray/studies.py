@@ -607,6 +607,33 @@ def _refuse_changed_flags(
     )
 
 
+def _refuse_changed_budget_flags(
+    options: StudyOptions, spec: StudySpec, study_dir: str, recorded: dict
+) -> None:
+    """For a finished study run again (its report comes from MLflow, no data is read): the
+    flags `_parent_run` would compare through the budget. --asha-grace is compared on the
+    recorded budget; more --num-clips than the synthetic folder holds would change the
+    budget. Both used to print the old report as if it answered the new flags."""
+    recipe = recorded["recipe"]
+    changes = []
+    grace = asha_grace(spec, options, recipe["budget_clips"]) if options.asha else None
+    if grace != recipe.get("asha_grace_clips"):
+        changes.append(f"asha_grace_clips: {recipe.get('asha_grace_clips')} -> {grace}")
+    if options.data_path is None:
+        held = _synthetic_clips_held(Path(options.workdir) / "synthetic_videos")
+        if held is not None and options.num_clips > held:
+            changes.append(f"--num-clips: {held} synthetic clips -> {options.num_clips}")
+    _refuse_changes(spec, study_dir, changes)
+
+
+def _synthetic_clips_held(videos: Path) -> int | None:
+    """The clips `svt-ray synth` recorded in `videos` (None: no record there)."""
+    try:
+        return int(json.loads((videos / "synthetic.json").read_text())["config"]["num_clips"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _study_base(options: StudyOptions, spec: StudySpec) -> list[str]:
     """The overrides every trial of the study shares, before where things are."""
     return [*spec.fixed, *options.overrides, f"tracking.experiment={options.experiment}"]
@@ -774,6 +801,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     _refuse_swept_overrides(spec, options.overrides, recorded_overrides, options.flags)
     _refuse_changed_flags(options, spec, study_dir, recorded)
     if recorded is not None and _ended_without_failures(options, spec, recorded):
+        _refuse_changed_budget_flags(options, spec, study_dir, recorded)
         logger.info(
             "study %s finished before, every trial with it (%s): its report is rebuilt from "
             "MLflow, nothing runs. To run it again, give it another --name (or --storage)",

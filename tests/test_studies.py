@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -569,6 +570,24 @@ def test_a_finished_study_run_again_reports_from_mlflow_without_starting_ray(
     assert report.verdict == batch_size_verdict(report)
     written = tmp_path / "runs" / "s" / "report" / "results.md"
     assert report.files["results.md"] == written and written.read_text() == report.markdown()
+    # Flags that change the budget or ASHA's first rung: refused, not answered by the old report
+    (tmp_path / "synthetic_videos").mkdir()
+    (tmp_path / "synthetic_videos" / "synthetic.json").write_text('{"config": {"num_clips": 800}}')
+    with pytest.raises(
+        ConfigError, match=r"other settings \(--num-clips: 800 synthetic clips -> 900\)"
+    ):
+        run_study(spec, dataclasses.replace(options, num_clips=900))
+    assert run_study(spec, dataclasses.replace(options, num_clips=700)).rows()  # 800 stay
+    with_asha = dataclasses.replace(options, asha=True)
+    recorded = {"recipe": _study_recipe(with_asha, spec, _study_base(with_asha, spec), 100, 25),
+                "parent_run_id": parent}  # fmt: skip
+    (tmp_path / "runs" / "s" / STUDY_FILE).write_text(json.dumps(recorded))
+    assert run_study(spec, with_asha).rows()  # its grace: a quarter of the budget, as recorded
+    with pytest.raises(ConfigError, match=r"other settings \(asha_grace_clips: 25 -> 50\)"):
+        run_study(spec, dataclasses.replace(with_asha, asha_grace_clips=50))
+    (tmp_path / "runs" / "s" / STUDY_FILE).write_text(
+        json.dumps({"recipe": recipe, "parent_run_id": parent})
+    )
 
     client.set_terminated(children[16], "FAILED")  # tried again: Tune restores the study
     with pytest.raises(RayStarted):
