@@ -36,7 +36,13 @@ from svt_ray.config import (
     unusable_folder_name,
 )
 from svt_ray.help_format import HelpFormatter
-from svt_ray.study_report import METRIC, TIME_ATTR, StudyReport, collect_study
+from svt_ray.study_report import (
+    METRIC,
+    TIME_ATTR,
+    StudyReport,
+    collect_study,
+    qualified_verdict,
+)
 
 # Re-exported: study scripts written before the report moved out import the verdicts from here,
 # and studies recorded before it name them `svt_ray.studies:...` (`svt.verdict_fn`).
@@ -993,7 +999,7 @@ def _final_report(
         parent_run_id=parent_run_id,
         recompute_verdict=False,
     )
-    report.verdict = spec.verdict(report) if spec.verdict else ""
+    report.verdict = qualified_verdict(report, spec.verdict(report)) if spec.verdict else ""
     report.x_label = spec.x_label or report.x_label
     folder = Path(study_dir if "://" not in study_dir else options.workdir) / "report"
     report.files = report.publish(folder) if publish else report.write(folder)

@@ -176,7 +176,8 @@ class StudyReport:
         if flat:
             measured = sum(len(t.curve) > 1 and t.curve[0][0] == 0 for t in self.trials)
             lines.append(
-                f"note: {len(flat)} of {measured} trials never rose above the untrained model's "
+                f"note: {len(flat)} of the {measured} trials measured from 0 clips never rose "
+                "above the untrained model's "
                 "online kNN (at 0 clips): their best is their start; a larger budget "
                 "(optim.epochs, more clips) tells the settings apart better"
             )
@@ -358,8 +359,24 @@ def collect_study(
         int(budget) if budget else None, x_label,
     )  # fmt: skip
     if verdict_fn and recompute_verdict:
-        report.verdict = _recomputed_verdict(report, verdict_fn) or verdict
+        report.verdict = qualified_verdict(
+            report, _recomputed_verdict(report, verdict_fn) or verdict
+        )
     return report
+
+
+def qualified_verdict(report: StudyReport, verdict: str) -> str:
+    """`verdict`, said to be noise when no trial measured from the start rose above the
+    untrained model's online kNN: it named a best setting and a gain where none learned."""
+    measured = [t for t in report.trials if len(t.curve) > 1 and t.curve[0][0] == 0]
+    if not verdict or not measured or not all(_never_rose(t.curve) for t in measured):
+        return verdict
+    prefix = "none: no trial rose above the untrained model's online kNN, so nothing here tells "
+    if verdict.startswith(prefix):  # a verdict recorded qualified already
+        return verdict
+    return (
+        f"{prefix}the settings apart (raise optim.epochs or the clips); for the record: {verdict}"
+    )
 
 
 def _recomputed_verdict(report: StudyReport, name: str) -> str | None:

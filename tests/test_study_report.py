@@ -17,6 +17,7 @@ from svt_ray.study_report import (
     best_vs_worst_verdict,
     collect_study,
     curve_auc,
+    qualified_verdict,
     scaling_table,
 )
 
@@ -146,9 +147,22 @@ def test_best_vs_worst_and_scaling_tables():
          _trial({views: 8}, 0, [(100, 40.0), (200, 30.0)])],  # restored: no start to read
         [views],
     )  # fmt: skip
-    assert "note: 1 of 2 trials never rose above the untrained model's online kNN" in (
+    assert "note: 1 of the 2 trials measured from 0 clips never rose above the untrained " in (
         flat.summary()
     )
+    assert qualified_verdict(flat, "best x") == "best x"  # one of them learned
+    # None learned: the verdict named a best setting and a gain that are noise.
+    none = _report(
+        [_trial({views: 0}, 0, [(0, 40.0), (100, 30.0)]),
+         _trial({views: 4}, 0, [(0, 40.0), (100, 35.0)])],
+        [views],
+    )  # fmt: skip
+    qualified = qualified_verdict(none, best_vs_worst_verdict(none))
+    assert qualified.startswith(
+        "none: no trial rose above the untrained model's online kNN, so nothing here tells the "
+        "settings apart (raise optim.epochs or the clips); for the record: best views.num_local=4"
+    )
+    assert qualified_verdict(none, qualified) == qualified  # not twice
 
     workers = "scaling.num_workers"
     scaling = _report(
