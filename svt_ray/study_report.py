@@ -292,6 +292,14 @@ def collect_study(
 
     if run_ids:
         children = [run_by_id_or_name(run_id) for run_id in run_ids]
+        parents = [run for run in children if run.data.tags.get("svt.study_role") == "parent"]
+        if parents:
+            study = parents[0].data.tags.get("svt.study", "NAME")
+            raise ConfigError(
+                f"--runs {parents[0].info.run_name or parents[0].info.run_id}: the parent run of "
+                f"study {study!r}, which holds its trials' runs, not a training run; compare "
+                f"the study with --study {study}, or name its trials' runs"
+            )
         parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
         verdict, budget, verdict_fn, x_label = "", None, None, ""
         swept = _differing_params(children)

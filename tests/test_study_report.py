@@ -332,6 +332,10 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
     assert rows[0]["knn_top1_sem"] == pytest.approx(0.5)
     with pytest.raises(ConfigError, match="no MLflow run with id or name 'deadbeef' in sqlite"):
         collect_study(uri, "svt-ray-studies", "runs", run_ids=["deadbeef"])
+    with pytest.raises(
+        ConfigError, match=r"the parent run of study 's', .*with --study s, or name its"
+    ):
+        collect_study(uri, "svt-ray-studies", "runs", run_ids=[run_ids[0], parents[0]])
     # Runs by name, as `svt-ray pretrain` calls them; a name two runs share needs the id.
     for name, run_id in (("b8-s0", run_ids[2]), ("b16-s0", run_ids[4]), ("twice", run_ids[0])):
         client.set_tag(run_id, "mlflow.runName", name)
