@@ -223,8 +223,17 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 
 def _sort_key(values) -> list:
+    """Numbers by value, lists of numbers by their values ([8] before [64]), the rest as text."""
     items = values.values() if isinstance(values, dict) else values
-    return [(0, v) if isinstance(v, int | float) else (1, json.dumps(v)) for v in items]
+
+    def key(value):
+        if isinstance(value, int | float):
+            return (0, (value,), "")
+        if isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+            return (1, tuple(value), "")
+        return (2, (), json.dumps(value))
+
+    return [key(value) for value in items]
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -439,9 +448,9 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
     curve = [(float(m.step), float(m.value)) for m in history]
     end = run.info.end_time
     sessions = _training_sessions(client.get_metric_history(run.info.run_id, "wall_time_s"))
-    if not sessions:  # a run that logged no step (or not by svt-ray): its start to its end
-        start = run.info.start_time or (history[0].timestamp if history else 0)
-        sessions = [(start, end)] if start and end else []
+    if not sessions and run.info.status != "FAILED":  # no step logged (or not by svt-ray):
+        start = run.info.start_time or (history[0].timestamp if history else 0)  # start to end
+        sessions = [(start, end)] if start and end else []  # (a failed one trained no hours)
 
     def hours_at(timestamp: int) -> float:  # training time: start-ups and pauses left out
         return sum(max(0, min(timestamp, stop) - begin) for begin, stop in sessions) / 3.6e6

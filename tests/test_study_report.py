@@ -332,6 +332,12 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
     assert rows[0]["knn_top1_sem"] == pytest.approx(0.5)
     with pytest.raises(ConfigError, match="no MLflow run with id or name 'deadbeef' in sqlite"):
         collect_study(uri, "svt-ray-studies", "runs", run_ids=["deadbeef"])
+    failed = client.create_run(plain).info.run_id  # failed before its first step
+    client.set_terminated(failed, "FAILED")
+    rows = collect_study(uri, "svt-ray-studies", "runs", run_ids=[run_ids[0], failed]).rows()
+    assert [(row["status"], row["hours"] is None) for row in rows] == [
+        ("FINISHED", False), ("FAILED", True)  # no "0.0" hours of training for it
+    ]  # fmt: skip
     with pytest.raises(
         ConfigError, match=r"the parent run of study 's', .*with --study s, or name its"
     ):
@@ -370,3 +376,12 @@ def test_a_verdict_says_which_side_has_a_single_seed():
     phrase = _difference_phrase((71.0, 2.0, 3), (60.0, None, 1))
     assert phrase.startswith("+11.0 points (3 against 1 seed(s): one side has a single seed")
     assert "within" in _difference_phrase((61.0, 2.0, 3), (60.0, 1.0, 3))
+
+
+def test_list_settings_sort_by_their_numbers():
+    """A frame-rate grid's [64] came before [8] in the tables (sorted as text)."""
+    frames = "views.local_frames"
+    report = _report([_trial({frames: f}, 0, [(0, 10.0), (100, 20.0)]) for f in ([64], [8, 16], [8])],
+                     [frames])  # fmt: skip
+    assert [row[frames] for row in report.rows()] == [[8], [8, 16], [64]]
+    assert [row[frames] for row in report.aggregate()] == [[8], [8, 16], [64]]
