@@ -1114,6 +1114,48 @@ def _budget_clips(config: ExperimentConfig) -> int:
 # -- the scripts' shared command line ------------------------------------------------------------
 
 
+class StudyHelp(HelpFormatter):
+    """The study's own settings (the epilog) keep their lines, as `study_help_epilog` wrapped
+    them."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" not in text:  # the question: wrapped as argparse does
+            return super()._fill_text(text, width, indent)
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def study_help_epilog(spec: StudySpec) -> str:
+    """What the study runs by default, for --grid and --set: its grid, fixed settings and ASHA."""
+    import textwrap
+
+    lines = ["the study's grid (--grid PATH=V1,V2 replaces a sweep):"]
+    for sweep in spec.sweeps:
+
+        def shown(value: Any, sweep: Sweep = sweep) -> str:
+            if not isinstance(value, dict):
+                return json.dumps(value)
+            settings = ", ".join(f"{path}={json.dumps(v)}" for path, v in value.items())
+            return f"{sweep.label(value)} ({settings})"
+
+        values = " | ".join(shown(value) for value in sweep.values)
+        lines += textwrap.wrap(f"{sweep.path}: {values}", 78, initial_indent="  ",
+                               subsequent_indent="    ")  # fmt: skip
+    lines.append(
+        "fixed settings of every trial (a --set of the key wins; of a swept path, refused):"
+    )
+    fixed = {item.partition("=")[0]: item for item in spec.fixed}  # the last of a key counts
+    lines += textwrap.wrap(" ".join(fixed.values()) or "none", 78, initial_indent="  ",
+                           subsequent_indent="  ")  # fmt: skip
+    grace = (
+        f"first rung at {spec.asha_grace_clips} clips seen"
+        if spec.asha_grace_clips
+        else "first rung at a quarter of the budget"
+    )
+    asha = f"on, {grace} (--asha-grace, --no-asha)" if spec.asha else "off (--asha turns it on)"
+    lines.append(f"early stopping (ASHA): {asha}")
+    return "\n".join(lines) + "\n"
+
+
 def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: Any) -> int:
     """`python studies/<name>.py [flags]`: parse, run, print the summary. Exit 0 if any trial
     finished, 1 if none did, 2 on a bad flag, 130 if interrupted (Ctrl-C)."""
@@ -1122,7 +1164,9 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     from data_prep.inputs import InputError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=spec.question, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=spec.question, epilog=study_help_epilog(spec), formatter_class=StudyHelp
+    )
     parser.add_argument("--preset", default=defaults.get("preset", "tiny"),
                         help="starting recipe of every trial (tiny, paper, reference_code)")  # fmt: skip
     parser.add_argument("--data", help="data_prep output (local path or URI); default: synthetic "

@@ -606,6 +606,31 @@ def test_a_finished_study_run_again_reports_from_mlflow_without_starting_ray(
         run_study(spec, options)
 
 
+def test_a_studys_help_shows_its_grid_fixed_settings_and_asha(capsys):
+    """--help showed the question only: what --grid replaces, what the budget is and where
+    ASHA's first rung lies were in the script's source."""
+    from svt_ray.studies import study_main
+
+    terms = Sweep("terms", ({"loss.motion_weight": 0.0}, {"loss.motion_weight": 1.0}),
+                  labels=("cross-view only", "both"))  # fmt: skip
+    spec = StudySpec("s", "Do both terms matter?", [Sweep("views.local_frames", ([8], [2, 4])),
+                     terms], fixed=["optim.epochs=8", "eval.online_every_clips=400",
+                     "optim.epochs=5"], asha_grace_clips=1200)  # fmt: skip
+    with pytest.raises(SystemExit) as exit_code:
+        study_main(spec, ["--help"])
+    assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(
+        "the study's grid (--grid PATH=V1,V2 replaces a sweep):\n"
+        "  views.local_frames: [8] | [2, 4]\n"
+        "  terms: cross-view only (loss.motion_weight=0.0) | both\n"
+        "    (loss.motion_weight=1.0)\n"  # wrapped at 78 columns, kept by the formatter
+        "fixed settings of every trial (a --set of the key wins; of a swept path, refused):\n"
+        "  optim.epochs=5 eval.online_every_clips=400\n"
+        "early stopping (ASHA): on, first rung at 1200 clips seen (--asha-grace, --no-asha)"
+    )
+
+
 def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     from svt_ray.studies import study_main
 
