@@ -732,10 +732,25 @@ def scaling_verdict(report: StudyReport) -> str:
     rows = scaling_table(report)
     if len(rows) < 2:
         return "fewer than two worker counts finished: no scaling figure"
-    last = rows[-1]
-    return (
+    first, last = rows[0], rows[-1]
+    verdict = (
         f"{last['workers']} workers: {last['clips_per_s']} clips/s, scaling efficiency "
-        f"{last['efficiency']:.2f} against {rows[0]['workers']} worker(s) "
+        f"{last['efficiency']:.2f} against {first['workers']} worker(s) "
         f"({'at or above' if last['efficiency'] >= 0.8 else 'below'} the 0.8 mark); "
         + "; ".join(f"{r['workers']}: {r['efficiency']:.2f}" for r in rows)
+    )
+    # The question's other half: time to accuracy, where every worker count reached it.
+    if first["threshold_knn_top1"] is None:
+        return verdict + "; time to accuracy: no threshold (a run ended no better than it began)"
+    reached = [r for r in rows if r["hours_to_threshold"] is not None]
+    if len(reached) < len(rows):
+        missing = ", ".join(str(r["workers"]) for r in rows if r["hours_to_threshold"] is None)
+        return verdict + (
+            f"; time to {first['threshold_knn_top1']} kNN: not reached with {missing} worker(s)"
+        )
+    hours = "; ".join(f"{r['workers']}: {r['hours_to_threshold']:.3g} h" for r in rows)
+    speedup = first["hours_to_threshold"] / last["hours_to_threshold"]
+    return verdict + (
+        f"; time to {first['threshold_knn_top1']} kNN {speedup:.2f}x shorter with "
+        f"{last['workers']} than {first['workers']} ({hours})"
     )

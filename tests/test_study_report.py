@@ -19,6 +19,7 @@ from svt_ray.study_report import (
     curve_auc,
     qualified_verdict,
     scaling_table,
+    scaling_verdict,
 )
 
 
@@ -186,6 +187,15 @@ def test_best_vs_worst_and_scaling_tables():
         [workers],
     )
     assert [r["hours_to_threshold"] for r in scaling_table(flat)] == [None, None]
+    # The verdict answers both halves of the question: throughput and time to accuracy.
+    assert scaling_verdict(scaling) == (
+        "2 workers: 16.0 clips/s, scaling efficiency 0.80 against 1 worker(s) (at or above the "
+        "0.8 mark); 1: 1.00; 2: 0.80; time to 28.0 kNN 2.00x shorter with 2 than 1 (1: 1 h; "
+        "2: 0.5 h)"
+    )
+    assert scaling_verdict(flat).endswith(
+        "; time to accuracy: no threshold (a run ended no better than it began)"
+    )
 
 
 def _finished_run(client, experiment_id: str, knn: float, **tags: str) -> str:
