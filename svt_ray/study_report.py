@@ -213,6 +213,25 @@ class StudyReport:
         return files
 
 
+def _setting_key(report: StudyReport, values: dict[str, Any]) -> str:
+    return json.dumps([values.get(path) for path in report.swept])
+
+
+def _stopped_settings(report: StudyReport) -> dict[str, tuple[float, float]]:
+    """Settings that ASHA stopped in every trial: their trials' mean last online kNN and the
+    clips seen at it (the furthest any of them got)."""
+    finished = {_setting_key(report, t.sweep) for t in report.trials if t.status == "FINISHED"}
+    lasts: dict[str, list[tuple[float, float]]] = {}
+    for trial in report.trials:
+        key = _setting_key(report, trial.sweep)
+        if trial.status == "KILLED" and trial.curve and key not in finished:
+            lasts.setdefault(key, []).append(trial.curve[-1])
+    return {
+        key: (statistics.fmean(v for _, v in points), max(c for c, _ in points))
+        for key, points in lasts.items()
+    }
+
+
 def _never_rose(curve: list[tuple[float, float]]) -> bool:
     """Whether a kNN curve measured from 0 clips seen never went above its first point."""
     return len(curve) > 1 and curve[0][0] == 0 and max(v for _, v in curve[1:]) <= curve[0][1]
@@ -527,12 +546,30 @@ def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Pat
     figure.savefig(files["curves.png"], dpi=110)
     plt.close(figure)
 
-    rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
+    # Every measured setting: finished ones with their mean and error bar, those ASHA stopped
+    # (no finished trial) at their trials' last value, hollow and marked as such.
+    stopped_at = _stopped_settings(report)
+    rows = [
+        row
+        for row in report.aggregate()
+        if row["knn_top1_mean"] is not None or _setting_key(report, row) in stopped_at
+    ]
     figure, axes = plt.subplots(figsize=(6, 4.5))
     labels = [", ".join(str(row[p]) for p in report.swept) for row in rows]
-    means = [row["knn_top1_mean"] for row in rows]
-    errors = [row["knn_top1_sem"] or 0.0 for row in rows]
-    axes.errorbar(range(len(rows)), means, yerr=errors, fmt="o-", capsize=4)
+    done = [(x, row) for x, row in enumerate(rows) if row["knn_top1_mean"] is not None]
+    if done:
+        axes.errorbar([x for x, _ in done], [row["knn_top1_mean"] for _, row in done],
+                      yerr=[row["knn_top1_sem"] or 0.0 for _, row in done], fmt="o-",
+                      capsize=4, label="finished")  # fmt: skip
+    stopped = [(x, stopped_at[_setting_key(report, row)]) for x, row in enumerate(rows)
+               if row["knn_top1_mean"] is None]  # fmt: skip
+    if stopped:
+        axes.plot([x for x, _ in stopped], [value for _, (value, _) in stopped], "v",
+                  fillstyle="none", color="grey", label="stopped by ASHA (last value)")  # fmt: skip
+        for x, (value, clips) in stopped:
+            axes.annotate(f"{clips:.0f} clips", (x, value), textcoords="offset points",
+                          xytext=(0, 6), ha="center", fontsize=7, color="grey")  # fmt: skip
+        axes.legend(fontsize=7)
     axes.set_xticks(range(len(rows)), labels)
     axes.set(xlabel=x_label, ylabel="final online kNN top-1 (%)", title=report.study)
     axes.grid(alpha=0.3)

@@ -395,3 +395,22 @@ def test_list_settings_sort_by_their_numbers():
                      [frames])  # fmt: skip
     assert [row[frames] for row in report.rows()] == [[8], [8, 16], [64]]
     assert [row[frames] for row in report.aggregate()] == [[8], [8, 16], [64]]
+
+
+def test_the_final_plot_keeps_the_settings_asha_stopped(tmp_path):
+    """final.png showed finished settings only: a setting ASHA stopped in every trial was
+    missing without a mark (the view-count study's 2G+8L)."""
+    from svt_ray.study_report import _stopped_settings
+
+    views = "views.num_local"
+    report = _report(
+        [_trial({views: 0}, 0, [(0, 10.0), (400, 30.0)]),
+         _trial({views: 4}, 0, [(0, 10.0), (200, 14.0)], status="KILLED"),
+         _trial({views: 4}, 1, [(0, 10.0), (300, 18.0)], status="KILLED"),
+         _trial({views: 8}, 0, [(0, 10.0), (200, 12.0)], status="KILLED"),
+         _trial({views: 8}, 1, [(0, 10.0), (400, 40.0)])],  # one seed finished: a mean
+        [views],
+    )  # fmt: skip
+    assert _stopped_settings(report) == {"[4]": (16.0, 300)}
+    files = report.write(tmp_path)
+    assert files["final.png"].stat().st_size > 10_000
