@@ -1217,7 +1217,11 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
         if args.num_clips < 1:
             raise ConfigError(f"--num-clips {args.num_clips}: give 1 or more")
         if args.grid:
+            shipped = [sweep.path for sweep in spec.sweeps]
             spec.sweeps = [Sweep.parse(item) for item in args.grid]
+            if [sweep.path for sweep in spec.sweeps] != shipped:  # its label fits its own axes
+                spec.x_label = None
+            spec.question += f" (this run's grid: {'; '.join(args.grid)})"  # not the shipped
             paths = [sweep.path for sweep in spec.sweeps]
             if len(set(paths)) != len(paths):  # the second would replace the first
                 raise ConfigError(

@@ -631,6 +631,25 @@ def test_a_studys_help_shows_its_grid_fixed_settings_and_asha(capsys):
     )
 
 
+def test_a_grid_of_other_paths_drops_the_studys_axis_label_and_says_so(monkeypatch):
+    """`view_count.py --grid views.num_local=0,4` kept the question's "(0, 2, 4, 8) or a third
+    global view" and the axis "views (G global + L local)" under num_local ticks."""
+    from svt_ray import studies
+
+    seen = []
+
+    def stop(spec, options):
+        seen.append((spec.question, spec.x_label))
+        raise studies.ConfigError("stop here")
+
+    monkeypatch.setattr(studies, "run_study", stop)
+    views = Sweep("views", ({"views.num_local": 2}, {"views.num_local": 4}), labels=("a", "b"))
+    for grid, label in (["views.num_local=0,4"], None), (["views=x"], "views (G + L)"):
+        spec = StudySpec("s", "How many views?", [views], x_label="views (G + L)")
+        assert studies.study_main(spec, [f"--grid={g}" for g in grid]) == 2
+        assert seen[-1] == (f"How many views? (this run's grid: {grid[0]})", label)
+
+
 def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
     from svt_ray.studies import study_main
 

@@ -227,6 +227,7 @@ def test_a_restart_sends_what_the_crashed_worker_held_back(tmp_path, mlflow_db):
     assert lines == [4, 8, 12, 16]
 
 
+@pytest.mark.extended  # a minute of two server starts; the fake outages above test the logic
 def test_a_real_server_that_restarts_mid_run_gets_every_value(tmp_path, caplog):
     """`mlflow server` stopped and started again on its port while a run logs."""
     from conftest import free_port, serving
