@@ -786,6 +786,8 @@ def scaling_verdict(report: StudyReport) -> str:
             f"; time to {first['threshold_knn_top1']} kNN: not reached with {missing} worker(s)"
         )
     hours = "; ".join(f"{r['workers']}: {r['hours_to_threshold']:.3g} h" for r in rows)
+    if not last["hours_to_threshold"] or not first["hours_to_threshold"]:  # at the first point
+        return verdict + f"; time to {first['threshold_knn_top1']} kNN: {hours}"
     speedup = first["hours_to_threshold"] / last["hours_to_threshold"]
     return verdict + (
         f"; time to {first['threshold_knn_top1']} kNN {speedup:.2f}x shorter with "

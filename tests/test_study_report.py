@@ -196,6 +196,12 @@ def test_best_vs_worst_and_scaling_tables():
     assert scaling_verdict(flat).endswith(
         "; time to accuracy: no threshold (a run ended no better than it began)"
     )
+    at_once = _report(  # 2 workers start above the threshold: 0 h, no ratio to divide by
+        [_trial({workers: 1}, 0, [(0, 10.0), (200, 30.0)], clips_per_s=10.0, hours_per_point=1),
+         _trial({workers: 2}, 0, [(0, 40.0), (200, 30.0)], clips_per_s=16.0)],
+        [workers],
+    )  # fmt: skip
+    assert scaling_verdict(at_once).endswith("; time to 29.5 kNN: 1: 1 h; 2: 0 h")
 
 
 def _finished_run(client, experiment_id: str, knn: float, **tags: str) -> str:
