@@ -1128,7 +1128,7 @@ def study_help_epilog(spec: StudySpec) -> str:
     """What the study runs by default, for --grid and --set: its grid, fixed settings and ASHA."""
     import textwrap
 
-    lines = ["the study's grid (--grid PATH=V1,V2 replaces a sweep):"]
+    lines = ["the study's grid (--grid PATH=V1,V2, repeatable, replaces all of it):"]
     for sweep in spec.sweeps:
 
         def shown(value: Any, sweep: Sweep = sweep) -> str:
@@ -1178,7 +1178,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     parser.add_argument("--address", help="Ray cluster address ('auto' on a cluster node); "
                         "default: RAY_ADDRESS or a new local Ray")  # fmt: skip
     parser.add_argument("--grid", action="append", default=[],
-                        help="replace the sweep: section.field=v1,v2 (repeatable)")  # fmt: skip
+                        help="replace the study's grid: section.field=v1,v2 (repeatable: one "
+                        "per swept path; the paths not given are no longer swept)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra section.field=value for every trial (not a swept one)")  # fmt: skip
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (repeats)")

@@ -402,10 +402,15 @@ def collect_study(
 
 
 def qualified_verdict(report: StudyReport, verdict: str) -> str:
-    """`verdict`, said to be noise when no trial measured from the start rose above the
-    untrained model's online kNN: it named a best setting and a gain where none learned."""
-    measured = [t for t in report.trials if len(t.curve) > 1 and t.curve[0][0] == 0]
-    if not verdict or not measured or not all(_never_rose(t.curve) for t in measured):
+    """`verdict`, said to be noise when no trial rose above the untrained model's online kNN
+    (each measured from the start): it named a best setting and a gain where none learned."""
+    curves = [t for t in report.trials if t.curve]
+    if (
+        not verdict
+        or "scaling.num_workers" in report.swept  # its throughput holds whatever was learned
+        or not curves
+        or not all(_never_rose(t.curve) for t in curves)  # one not measured from 0 may have
+    ):
         return verdict
     prefix = "none: no trial rose above the untrained model's online kNN, so nothing here tells "
     if verdict.startswith(prefix):  # a verdict recorded qualified already
@@ -565,7 +570,8 @@ def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Pat
                if row["knn_top1_mean"] is None]  # fmt: skip
     if stopped:
         axes.plot([x for x, _ in stopped], [value for _, (value, _) in stopped], "v",
-                  fillstyle="none", color="grey", label="stopped by ASHA (last value)")  # fmt: skip
+                  fillstyle="none", color="grey",
+                  label="stopped before the end: ASHA, Ctrl-C or a lost actor (last value)")  # fmt: skip
         for x, (value, clips) in stopped:
             axes.annotate(f"{clips:.0f} clips", (x, value), textcoords="offset points",
                           xytext=(0, 6), ha="center", fontsize=7, color="grey")  # fmt: skip

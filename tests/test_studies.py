@@ -621,7 +621,7 @@ def test_a_studys_help_shows_its_grid_fixed_settings_and_asha(capsys):
     assert exit_code.value.code == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith(
-        "the study's grid (--grid PATH=V1,V2 replaces a sweep):\n"
+        "the study's grid (--grid PATH=V1,V2, repeatable, replaces all of it):\n"
         "  views.local_frames: [8] | [2, 4]\n"
         "  terms: cross-view only (loss.motion_weight=0.0) | both\n"
         "    (loss.motion_weight=1.0)\n"  # wrapped at 78 columns, kept by the formatter

@@ -164,6 +164,11 @@ def test_best_vs_worst_and_scaling_tables():
         "settings apart (raise optim.epochs or the clips); for the record: best views.num_local=4"
     )
     assert qualified_verdict(none, qualified) == qualified  # not twice
+    later = _report([*none.trials, _trial({views: 8}, 0, [(400, 20.0), (800, 50.0)])], [views])
+    assert qualified_verdict(later, "best x") == "best x"  # one not measured from 0 may have
+    workers = _report([_trial({"scaling.num_workers": n}, 0, [(0, 40.0), (100, 30.0)])
+                       for n in (1, 2)], ["scaling.num_workers"])  # fmt: skip
+    assert qualified_verdict(workers, "2 workers: 16 clips/s") == "2 workers: 16 clips/s"
 
     workers = "scaling.num_workers"
     scaling = _report(
