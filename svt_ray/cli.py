@@ -612,32 +612,26 @@ def tracking_sync(
             f"run {run_name}: sent MLflow ({uri}) the values of {len(steps)} step(s) it lacked, "
             f"clips seen {steps[0]}..{steps[-1]}"
         )
-    progress = read_json(join_uri(run_dir, PROGRESS_FILE)) or {}
-    finished = total_steps is not None and progress.get("step", 0) >= total_steps
-    _finish_synced_run(uri, run_id, run_name, metrics_file, finished, progress, total_steps)
+    step = (read_json(join_uri(run_dir, PROGRESS_FILE)) or {}).get("step", 0)
+    _finish_synced_run(uri, run_id, run_name, metrics_file, step, total_steps)
 
 
 def _finish_synced_run(
-    uri: str,
-    run_id: str,
-    run_name: str,
-    metrics_file: Path,
-    finished: bool,
-    progress: dict,
-    total_steps: int | None,
+    uri: str, run_id: str, run_name: str, metrics_file: Path, step: int, total_steps: int | None
 ) -> None:
-    """What the end of a run did not get to MLflow in an outage: FINISHED, and the curves."""
+    """What the end of a run did not get to MLflow in an outage: FINISHED, and the curves.
+    `step`: its latest checkpoint's; training finished when that is `total_steps`."""
     import mlflow
 
     from svt_ray.runs import log_training_curves
 
     client = mlflow.MlflowClient(uri)
     status = client.get_run(run_id).info.status
-    if not finished:
+    if total_steps is None or step < total_steps:
         if status == "RUNNING" and total_steps is not None:
             typer.echo(
                 f"run {run_name}: MLflow says RUNNING; its last checkpoint is step "
-                f"{progress.get('step', 0)} of {total_steps}: while it trains that is so, and "
+                f"{step} of {total_steps}: while it trains that is so, and "
                 "if it stopped, `svt-ray pretrain --resume` continues it"
             )
         return

@@ -879,15 +879,27 @@ def format_validation_error(
     return "; ".join(dict.fromkeys(lines))  # a list short by two: one line, not two alike
 
 
+def _section_model(section: list[str]) -> type[BaseModel] | None:
+    """The model of the config section at `section` (its path of field names), None where a
+    name is not a section."""
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in section:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        kinds = (field.annotation, *get_args(field.annotation))
+        model = next(
+            (kind for kind in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)), None
+        )
+    return model
+
+
 def _tuple_length(location: tuple) -> int | None:
     """The length of the fixed-length tuple field at `location` (its index, if any, ignored),
     None for any other field."""
-    parts = [part for part in location if not isinstance(part, int)]
-    model: Any = ExperimentConfig
-    for part in parts[:-1]:
-        model = getattr(model, "model_fields", {}).get(part)
-        model = model and model.annotation
-    field = getattr(model, "model_fields", {}).get(parts[-1]) if parts else None
+    *section, name = [str(part) for part in location if not isinstance(part, int)] or [""]
+    model = _section_model(section)
+    field = model.model_fields.get(name) if model else None
     if field is None or get_origin(field.annotation) is not tuple:
         return None
     kinds = get_args(field.annotation)
@@ -900,15 +912,9 @@ def _did_you_mean(location: tuple) -> str:
     import difflib
 
     *section, key = (str(part) for part in location)
-    model = ExperimentConfig
-    for part in section:
-        field = model.model_fields[part]
-        kinds = (field.annotation, *get_args(field.annotation))
-        model = next(
-            (kind for kind in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)), None
-        )
-        if model is None:
-            return ""
+    model = _section_model(section)
+    if model is None:
+        return ""
     names = [name for name in model.model_fields if name != "derived"]  # derived: computed
     close = difflib.get_close_matches(key, names, n=3)
     close += [name for name in names if key in name.split("_") and name not in close]

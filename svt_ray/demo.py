@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_RUN = "demo"
 TRAIN_FRACTION = 0.75  # of the clips; data_prep holds the others out for the evaluation
+SYNTHETIC_VIDEOS = "synthetic_videos"  # under --workdir: the clips synth makes, then shards
 
 
 def _stage(number: int, text: str) -> None:
@@ -54,7 +55,7 @@ def run_demo(
     if num_clips < 1:
         raise ConfigError(f"--clips {num_clips}: give a positive number of synthetic clips to make")
     workdir = workdir.resolve()
-    videos, shards = workdir / "synthetic_videos", workdir / "synthetic_shards"
+    videos, shards = workdir / SYNTHETIC_VIDEOS, workdir / "synthetic_shards"
     flags = [
         f"data.path={shards}",
         f"scaling.num_workers={workers}",
@@ -155,7 +156,7 @@ def prepare_synthetic_data(workdir: Path, config, num_clips: int, between=None) 
     from data_prep.cli import main as prep_main
     from svt_ray.synthetic import synth_main
 
-    videos, shards = workdir / "synthetic_videos", workdir / "synthetic_shards"
+    videos, shards = workdir / SYNTHETIC_VIDEOS, workdir / "synthetic_shards"
     synth_main(
         str(videos),
         num_clips=num_clips,

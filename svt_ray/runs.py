@@ -400,6 +400,7 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
     """[driver] After training ended well: FINISHED, if rank 0's own last calls did not reach
     the store in time (`tracking.flush_timeout_s`) and left the run RUNNING, where a study
     would mark it KILLED as if it had been stopped."""
+    sync = shlex.join(["svt-ray", "tracking", "sync", run_name, "--storage", storage_path])
     try:
         import mlflow
 
@@ -410,15 +411,13 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
     except Exception as error:
         logger.warning(
             "MLflow run %s not marked FINISHED (%s); once the store answers, `%s` marks it and "
-            "sends what it lacks", run_id, error,
-            shlex.join(["svt-ray", "tracking", "sync", run_name, "--storage", storage_path]),
+            "sends what it lacks", run_id, error, sync,
         )  # fmt: skip
         return
     logger.warning(
         "run %s: its last MLflow calls from training did not reach %s in time; MLflow run %s "
         "is marked FINISHED now, and `%s` sends any metrics it lacks",
-        run_name, tracking_uri, run_id,
-        shlex.join(["svt-ray", "tracking", "sync", run_name, "--storage", storage_path]),
+        run_name, tracking_uri, run_id, sync,
     )  # fmt: skip
 
 

@@ -626,18 +626,13 @@ def _refuse_changed_budget_flags(
     if grace != recipe.get("asha_grace_clips"):
         changes.append(f"asha_grace_clips: {recipe.get('asha_grace_clips')} -> {grace}")
     if options.data_path is None:
-        held = _synthetic_clips_held(Path(options.workdir) / "synthetic_videos")
+        from svt_ray.demo import SYNTHETIC_VIDEOS
+        from svt_ray.synthetic import clips_held
+
+        held = clips_held(str(Path(options.workdir) / SYNTHETIC_VIDEOS))
         if held is not None and options.num_clips > held:
             changes.append(f"--num-clips: {held} synthetic clips -> {options.num_clips}")
     _refuse_changes(spec, study_dir, changes)
-
-
-def _synthetic_clips_held(videos: Path) -> int | None:
-    """The clips `svt-ray synth` recorded in `videos` (None: no record there)."""
-    try:
-        return int(json.loads((videos / "synthetic.json").read_text())["config"]["num_clips"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _study_base(options: StudyOptions, spec: StudySpec) -> list[str]:

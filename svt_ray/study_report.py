@@ -90,7 +90,7 @@ class StudyReport:
         """One row per swept setting: mean and standard error of the final kNN over seeds."""
         groups: dict[str, list[TrialRecord]] = {}
         for t in self.trials:
-            groups.setdefault(json.dumps([t.sweep.get(p) for p in self.swept]), []).append(t)
+            groups.setdefault(_setting_key(self, t.sweep), []).append(t)
         rows = []
         for key, trials in sorted(groups.items(), key=lambda kv: _sort_key(json.loads(kv[0]))):
             finals = [t.final for t in trials if t.final is not None and t.status == "FINISHED"]
@@ -214,6 +214,7 @@ class StudyReport:
 
 
 def _setting_key(report: StudyReport, values: dict[str, Any]) -> str:
+    """One setting of the swept paths as text: a trial's `sweep`, or a row of `aggregate`."""
     return json.dumps([values.get(path) for path in report.swept])
 
 
@@ -527,11 +528,11 @@ def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Pat
     files = {}
     figure, (per_clip, per_hour) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = plt.get_cmap("tab10")
-    settings = sorted({json.dumps([t.sweep.get(p) for p in report.swept]) for t in report.trials})
+    settings = sorted({_setting_key(report, t.sweep) for t in report.trials})
     for trial in report.trials:
         if not trial.curve:
             continue
-        key = json.dumps([trial.sweep.get(p) for p in report.swept])
+        key = _setting_key(report, trial.sweep)
         colour = colours(settings.index(key) % 10)
         label = ", ".join(f"{p.split('.')[-1]}={trial.sweep.get(p)}" for p in report.swept)
         label = f"{label} (seed {trial.seed})"
@@ -661,7 +662,7 @@ def _common_rung_verdict(report: StudyReport) -> str:
     """With ASHA, usually only the best setting runs to the end: compare every setting at the
     largest clip count all of them reached (each trial's last measurement up to it)."""
     curves = [t for t in report.trials if t.curve and t.status in ("FINISHED", "KILLED")]
-    if len({json.dumps([t.sweep.get(p) for p in report.swept]) for t in curves}) < 2:
+    if len({_setting_key(report, t.sweep) for t in curves}) < 2:
         return "fewer than two settings were measured: no comparison"
     rung = min(t.curve[-1][0] for t in curves)
     scores: dict[str, list[float]] = {}

@@ -481,6 +481,22 @@ def _write_chunk(jobs: list[tuple[SynthConfig, int, str]]) -> list[tuple[int, in
     return [_write_one(job) for job in jobs]
 
 
+def _recorded_config(fs, base: str) -> dict:
+    """The config synthetic.json records (`num_clips`: the clips the folder holds)."""
+    with fs.open_input_stream(f"{base}/synthetic.json") as stream:
+        return json.loads(stream.read()).get("config", {})
+
+
+def clips_held(root: str) -> int | None:
+    """The clips `root` holds by its synthetic.json; None where it has none (or not one synth
+    wrote)."""
+    fs, base = resolve_filesystem(root)
+    try:
+        return int(_recorded_config(fs, base)["num_clips"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _check_earlier_config(fs, base: str, root: str, config: SynthConfig) -> int:
     """Clips found in `root` are kept only if they were made with this config (all but the
     clip count): a clip's file name says its seed, index and class, not its size, length or
@@ -498,8 +514,7 @@ def _check_earlier_config(fs, base: str, root: str, config: SynthConfig) -> int:
                     "ones. Give a new or empty folder"
                 )
         return 0
-    with fs.open_input_stream(f"{base}/synthetic.json") as stream:
-        earlier = json.loads(stream.read()).get("config", {})
+    earlier = _recorded_config(fs, base)
     now = asdict(config)
     changed = [
         f"{key} {earlier.get(key)} -> {value}"
