@@ -17,6 +17,7 @@ trials are not run again; unfinished ones resume from their Train checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -792,6 +793,11 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, cluster_tracking_uri
     from svt_ray.train import online_knn_every
 
+    # flags wrong on their own, before a recorded study is compared with them
+    if options.asha_grace_clips is not None and not options.asha:
+        logger.warning("study %s: --asha-grace is ignored without ASHA (--no-asha)", spec.name)
+    if options.asha and options.asha_grace_clips is not None and options.asha_grace_clips < 1:
+        raise ConfigError(f"--asha-grace {options.asha_grace_clips}: give clips seen, 1 or more")
     options.tracking_uri = absolute_tracking_uri(options.tracking_uri)
     check_tracking_uri(options.tracking_uri)
     storage = storage_root(absolute_path(options.storage_path))
@@ -821,10 +827,6 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             "eval.online_every_clips: studies compare online kNN curves; set it (or "
             "eval.online_every) above 0"
         )
-    if options.asha_grace_clips is not None and not options.asha:
-        logger.warning("study %s: --asha-grace is ignored without ASHA (--no-asha)", spec.name)
-    if options.asha and options.asha_grace_clips is not None and options.asha_grace_clips < 1:
-        raise ConfigError(f"--asha-grace {options.asha_grace_clips}: give clips seen, 1 or more")
     if options.data_path is None:  # the synthetic clips go there: a folder we can write
         check_writable(Path(options.workdir), "--workdir")
     # Locally, room for the largest trial (the scaling study's 2 workers) plus its driver's
@@ -1158,6 +1160,7 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
 
     from data_prep.inputs import InputError
 
+    spec = dataclasses.replace(spec)  # --grid and --name change this run's copy, not the script's
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         description=spec.question, epilog=study_help_epilog(spec), formatter_class=StudyHelp

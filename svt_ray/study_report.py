@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import math
+import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -323,11 +324,16 @@ def collect_study(
         children = [run_by_id_or_name(run_id) for run_id in run_ids]
         parents = [run for run in children if run.data.tags.get("svt.study_role") == "parent"]
         if parents:
-            study = parents[0].data.tags.get("svt.study", "NAME")
+            parent = parents[0]
+            study = parent.data.tags.get("svt.study", "NAME")
+            flags = f"--study {shlex.quote(study)} --parent-run {parent.info.run_id}"
+            held_in = client.get_experiment(parent.info.experiment_id).name
+            if held_in != experiment:  # --study searches `experiment`
+                flags += f" --experiment {shlex.quote(held_in)}"
             raise ConfigError(
-                f"--runs {parents[0].info.run_name or parents[0].info.run_id}: the parent run of "
+                f"--runs {parent.info.run_name or parent.info.run_id}: the parent run of "
                 f"study {study!r}, which holds its trials' runs, not a training run; compare "
-                f"the study with --study {study}, or name its trials' runs"
+                f"the study with {flags}, or name its trials' runs"
             )
         parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
         verdict, budget, verdict_fn, x_label = "", None, None, ""

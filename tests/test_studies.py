@@ -585,6 +585,8 @@ def test_a_finished_study_run_again_reports_from_mlflow_without_starting_ray(
     assert run_study(spec, with_asha).rows()  # its grace: a quarter of the budget, as recorded
     with pytest.raises(ConfigError, match=r"other settings \(asha_grace_clips: 25 -> 50\)"):
         run_study(spec, dataclasses.replace(with_asha, asha_grace_clips=50))
+    with pytest.raises(ConfigError, match=r"--asha-grace 0: give clips seen, 1 or more"):
+        run_study(spec, dataclasses.replace(with_asha, asha_grace_clips=0))  # not "25 -> 0"
     (tmp_path / "runs" / "s" / STUDY_FILE).write_text(
         json.dumps({"recipe": recipe, "parent_run_id": parent})
     )
@@ -648,6 +650,7 @@ def test_a_grid_of_other_paths_drops_the_studys_axis_label_and_says_so(monkeypat
         spec = StudySpec("s", "How many views?", [views], x_label="views (G + L)")
         assert studies.study_main(spec, [f"--grid={g}" for g in grid]) == 2
         assert seen[-1] == (f"How many views? (this run's grid: {grid[0]})", label)
+        assert (spec.question, spec.sweeps) == ("How many views?", [views])  # the script's own
 
 
 def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):

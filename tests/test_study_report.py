@@ -360,9 +360,12 @@ def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experim
         ("FINISHED", False), ("FAILED", True)  # no "0.0" hours of training for it
     ]  # fmt: skip
     with pytest.raises(
-        ConfigError, match=r"the parent run of study 's', .*with --study s, or name its"
+        ConfigError,
+        match=rf"the parent run of study 's', .*with --study s --parent-run {parents[0]}, or name",
     ):
         collect_study(uri, "svt-ray-studies", "runs", run_ids=[run_ids[0], parents[0]])
+    with pytest.raises(ConfigError, match=rf"{parents[0]} --experiment svt-ray-studies, or name"):
+        collect_study(uri, "svt-ray", "runs", run_ids=[parents[0]])  # --study searches svt-ray
     # Runs by name, as `svt-ray pretrain` calls them; a name two runs share needs the id.
     for name, run_id in (("b8-s0", run_ids[2]), ("b16-s0", run_ids[4]), ("twice", run_ids[0])):
         client.set_tag(run_id, "mlflow.runName", name)
