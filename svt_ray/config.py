@@ -104,12 +104,12 @@ class ModelConfig(_Section):
         "Give the patch embedding each frame's difference to the view's previous frame as 3 "
         "more channels: a 2-frame temporal kernel the paper's per-frame patches (svt_spec "
         "§1.1) do not have. On in the tiny preset, off in paper and reference_code; measured in "
-        "README 'The demo'."
+        "docs/demo.md."
     )
     difference_init_scale: PositiveFloat = 1.0
     (
         "With frame_difference: multiply PyTorch's default init of the difference filters by "
-        "this, so the random network leans on motion from the start (README 'The demo')."
+        "this, so the random network leans on motion from the start (docs/demo.md)."
     )
 
     @model_validator(mode="after")

@@ -115,7 +115,7 @@ def koleo(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     the whole batch in one process, however the batch is split over workers. Per-rank KoLeo (as
     DINOv2 does with its 64+ rows per GPU) on the tiny preset's 8 rows per worker finds
     neighbours of the same class and pushes them apart: with it the demo learned nothing
-    (README "The demo"). Ranks must hold equal batch sizes (training drops the last batch).
+    (docs/demo.md). Ranks must hold equal batch sizes (training drops the last batch).
     """
     x = F.normalize(features.float(), dim=-1, eps=eps)
     rows, offset, everyone = x.shape[0], 0, x

@@ -299,7 +299,7 @@ class TimeSformer(nn.Module):
             nn.init.zeros_(block.temporal_fc.bias)
         if self.frame_difference:
             # PyTorch's conv init (kept for the frame channels), with the difference filters
-            # scaled: a random network then leans on motion from the start (README "The demo").
+            # scaled: a random network then leans on motion from the start (docs/demo.md).
             self.patch_embed.proj.reset_parameters()
             with torch.no_grad():
                 self.patch_embed.proj.weight[:, RGB:] *= self.difference_init_scale

@@ -8,7 +8,7 @@ The embedded default data of the demo, the tests and the studies, in two styles 
   (`SCENE_CLASS_NAMES`). The texture is a cross-fade of independent random fields that each
   live 32 frames, so no texture is shared by all frames of a clip; palette, texture scale and
   speed are the same for every clip, so the motion is the only clip-level variable. The
-  embedded default takes the first 4 classes (the four pans): README "The demo" measures why
+  embedded default takes the first 4 classes (the four pans): docs/demo.md measures why
   (a tiny TimeSformer learns these from scratch in a few hundred self-supervised steps on a
   CPU; a palette per clip or more kinds of motion and it does not, within that budget).
 - `objects`: one textured, asymmetric object doing one of ten motions (`CLASS_NAMES`):
@@ -18,7 +18,7 @@ The embedded default data of the demo, the tests and the studies, in two styles 
   mix, phases and two colours drift and flicker frame to frame; the object's colours drift,
   its stripe texture is random, and its shape switches every few dozen frames; small
   distractor discs wander on random walks. Harder: at demo scale even supervised training
-  stays near chance (README "The demo").
+  stays near chance (docs/demo.md).
 
 Why appearance must not be shared across a clip (svt_spec §2-3): SVT's views are cut from one
 clip, so any appearance that every frame of a clip shares (a fixed background colour, say)

@@ -1,6 +1,6 @@
-"""How fast does a tiny TimeSformer learn whole-scene motion classes? (README "The demo")
+"""How fast does a tiny TimeSformer learn whole-scene motion classes? (docs/demo.md)
 
-The script behind the README table "Learning motion from random initialisation". It runs
+The script behind the table "Learning motion from random initialisation". It runs
 outside Ray, in one process, on clips held in memory, so a recipe can be judged in minutes:
 the same config, model, view sampler, augmentations and training step as `svt-ray pretrain`,
 and every `--every` steps the DINO kNN (k=20, T=0.07) of the teacher backbone on held-out
