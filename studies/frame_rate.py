@@ -4,7 +4,7 @@ Global views get (8, 8), (4, 8) or (8, 16) frames; local views all 8 frames (the
 code) or the paper's 2/4/8/16 mix. The local views' span is widened to half the clip window so
 16-frame locals fit the tiny preset's 32-frame window. Its 8- and 16-frame views make a trial
 1.2-1.8x slower per clip than the tiny preset's, so the embedded default runs 5 epochs (3,040
-clips seen) and takes about 21 minutes on 2 cores (docs/studies.md).
+clips seen) and takes 21-27 minutes on 2 cores (docs/studies.md).
 
     python studies/frame_rate.py
 """
