@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 READ_COLUMNS = ["id", "label", "split", "video", "num_frames", "height", "width"]
 READ_ROWS = 64  # rows per read item (data_prep writes 32-row groups)
 READ_BLOCKS = 2000  # most blocks of read items in one stream (see `_read_shards`)
-STATS_ACTOR = "svt_data_decode_stats"
+STATS_ACTOR = "svt_data_decode_stats_by_key"  # counts per key (a run's folder)
 STATS_NAMESPACE = "svt_ray"
 
 
@@ -329,13 +329,13 @@ def _stats_actor():
     @ray.remote(num_cpus=0)
     class DecodeStats:
         def __init__(self) -> None:
-            self.failures = 0
+            self.failures: dict[str | None, int] = {}
 
-        def add(self, count: int) -> None:
-            self.failures += count
+        def add(self, key: str | None, count: int) -> None:
+            self.failures[key] = self.failures.get(key, 0) + count
 
-        def total(self) -> int:
-            return self.failures
+        def total(self, key: str | None = None, every_key: bool = True) -> int:
+            return sum(self.failures.values()) if every_key else self.failures.get(key, 0)
 
     # Detached, so it outlives the decode actor that starts it, in a namespace of its own: one
     # per Ray cluster, not one more process left behind by every job (each job has a namespace).
@@ -344,24 +344,26 @@ def _stats_actor():
     ).remote()
 
 
-def decode_failure_count() -> int:
-    """Clips skipped because they failed to decode, across all pipelines since this Ray
-    instance or cluster started."""
+def decode_failure_count(key: str | None = None) -> int:
+    """Clips skipped because they failed to decode since this Ray instance or cluster
+    started: those of the pipelines built with `failure_key=key` (a run's folder: every
+    worker-group start of the run, concurrent study trials apart), or of all without a key."""
     import ray
 
     try:
         actor = ray.get_actor(STATS_ACTOR, namespace=STATS_NAMESPACE)
     except ValueError:
         return 0
-    return int(ray.get(actor.total.remote()))
+    return int(ray.get(actor.total.remote(key, every_key=key is None)))
 
 
 class _FailureCounter:
     """Counts skipped clips locally and reports them to the Ray metric and the stats actor."""
 
-    def __init__(self, report: bool) -> None:
+    def __init__(self, report: bool, key: str | None = None) -> None:
         self.count = 0
         self._report = report
+        self._key = key
         self._metric = None
         self._actor = None
         if report:
@@ -382,7 +384,7 @@ class _FailureCounter:
                 self._actor = _stats_actor()
             # Waited for (failures are rare): Ray Data kills this actor when its dataset ends,
             # and a call still queued here (the stats actor starting) would be lost with it.
-            ray.get(self._actor.add.remote(1))
+            ray.get(self._actor.add.remote(self._key, 1))
 
 
 # -- the UDFs (callable classes: one decoder setup per actor) -------------------------------
@@ -457,6 +459,7 @@ class ViewCutter:
         decode_threads: int = 1,
         deterministic: bool = False,
         report_failures: bool = True,
+        failure_key: str | None = None,
     ) -> None:
         import torch
 
@@ -468,7 +471,7 @@ class ViewCutter:
         self.decoder = decoder
         self.decode_threads = decode_threads
         self.deterministic = deterministic
-        self.failures = _FailureCounter(report_failures)
+        self.failures = _FailureCounter(report_failures, failure_key)
 
     def _rng(self, row: _Row) -> np.random.Generator:
         if self.deterministic:
@@ -609,6 +612,7 @@ def build_view_dataset(
     shuffle: bool = True,
     deterministic: bool = False,
     epochs: int = 1,
+    failure_key: str | None = None,
 ):
     """The SVT pretraining stream: one row per clip, one uint8 column per view slot.
 
@@ -617,7 +621,8 @@ def build_view_dataset(
 
     `decode_actors` caps the actor pool (None: as many as free CPUs allow); on a node shared
     with Train workers keep CPUs free for Data (ray_notes.md §6.3). `batch_size` is the number
-    of clips per UDF call: small, because decoded views are ~10x the encoded bytes.
+    of clips per UDF call: small, because decoded views are ~10x the encoded bytes. Clips that
+    fail to decode are skipped and counted under `failure_key` (`decode_failure_count`).
     """
     dataset = _read_shards(data_path, split, seed if shuffle else None, epochs)
     return dataset.map_batches(
@@ -628,6 +633,7 @@ def build_view_dataset(
             "decoder": decoder,
             "decode_threads": decode_threads,
             "deterministic": deterministic,
+            "failure_key": failure_key,
         },
         batch_size=batch_size,
         compute=_actor_pool(decode_actors),
@@ -715,9 +721,12 @@ def slow_fast_clips(slow: tuple[int, int] = (8, 224), fast: tuple[int, int] = (6
     return {"slow": slow, "fast": fast}
 
 
-def training_dataset(config: ExperimentConfig, start_epoch: int = 0):
+def training_dataset(
+    config: ExperimentConfig, start_epoch: int = 0, failure_key: str | None = None
+):
     """The pretraining stream of an experiment config (what `train.py` hands to Ray Train):
-    every epoch from `start_epoch` to the end of the run, in one stream.
+    every epoch from `start_epoch` to the end of the run, in one stream; clips that fail to
+    decode are counted under `failure_key` (the run's folder).
 
     With `data.deterministic` every execution is one epoch instead: a pass then holds exactly
     the steps of one epoch (the remainder of the split is dropped at its end), which is what
@@ -743,6 +752,7 @@ def training_dataset(config: ExperimentConfig, start_epoch: int = 0):
         shuffle=not config.data.deterministic,
         deterministic=config.data.deterministic,
         epochs=epochs,
+        failure_key=failure_key,
     )
 
 

@@ -421,6 +421,26 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
     )  # fmt: skip
 
 
+def report_decode_failures(tracking_uri: str, run_id: str, run_name: str, skipped: int) -> None:
+    """[driver] Clips the run's decode actors skipped (each warned as it happened, in lines
+    easy to miss among a run's): said once at the end and kept as the MLflow run's tag
+    `svt.decode_failures`, so a run that trained without part of its data says so."""
+    if not skipped:
+        return
+    logger.warning(
+        "run %s: %d clip%s failed to decode and %s skipped (the 'skipping clip' warnings "
+        "name them); the run trained without them. Check those videos, or prepare the data "
+        "again with `svt-ray prep`",
+        run_name, skipped, "s" * (skipped != 1), "were" if skipped != 1 else "was",
+    )  # fmt: skip
+    try:
+        import mlflow
+
+        mlflow.MlflowClient(tracking_uri).set_tag(run_id, "svt.decode_failures", str(skipped))
+    except Exception as error:  # MLflow down: the warning above stays
+        logger.warning("run %s: svt.decode_failures not tagged in MLflow (%s)", run_name, error)
+
+
 def log_training_curves(
     tracking_uri: str, run_id: str, run_name: str, metrics_file: Path, out_dir: Path
 ) -> Path | None:

@@ -87,6 +87,7 @@ from svt_ray.runs import (
     mirror_metrics,
     prune_checkpoints,
     read_json,
+    report_decode_failures,
     run_directory,
     run_progress,
     start_mlflow_run,
@@ -133,7 +134,7 @@ def dataset_for_run(config_json: dict[str, Any], run_dir: str, progress_bars: bo
     config = ExperimentConfig.model_validate(config_json)
     progress = read_json(join_uri(run_dir, PROGRESS_FILE)) or {"step": 0}
     start_epoch = progress["step"] // config.derived.steps_per_epoch
-    return data.training_dataset(config, start_epoch=start_epoch)
+    return data.training_dataset(config, start_epoch=start_epoch, failure_key=run_dir)
 
 
 # -- the worker ------------------------------------------------------------------------------
@@ -647,6 +648,9 @@ def run_pretraining(
         raise result.error
     finish_mlflow_run(
         resolved.tracking.tracking_uri, mlflow_run_id, run_name, resolved.train.storage_path
+    )
+    report_decode_failures(
+        resolved.tracking.tracking_uri, mlflow_run_id, run_name, data.decode_failure_count(run_dir)
     )
     # Ray Train prunes the checkpoints it registered; one it never did (`run_progress`) too
     prune_checkpoints(run_dir, resolved.train.keep_checkpoints)

@@ -321,11 +321,14 @@ def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_sessi
     table = table.set_column(table.schema.get_field_index("video"), "video", column)
     pq.write_table(table, shard)
     before = data.decode_failure_count()
+    key = str(tmp_path / "runs" / "a-run")  # what a training run counts under: its folder
     dataset = data.build_view_dataset(
-        str(broken), load_config("tiny").views, split=None, decode_actors=1
+        str(broken), load_config("tiny").views, split=None, decode_actors=1, failure_key=key
     )
     assert dataset.count() == 19
     assert data.decode_failure_count() - before == 1
+    assert data.decode_failure_count(key) == 1  # the run's own count, which its end reports
+    assert data.decode_failure_count(str(tmp_path / "runs" / "another")) == 0
 
 
 def test_eval_dataset_single_and_slow_fast_clips(synthetic_shards, ray_session):

@@ -41,6 +41,28 @@ def test_a_run_that_trained_to_the_end_is_finished_even_if_rank_0_could_not_say_
     finish_mlflow_run("sqlite:///" + str(tmp_path / "no" / "such.db"), lost, "r", "s")  # logged
 
 
+def test_clips_skipped_in_training_are_said_at_the_end_and_tagged(tmp_path, mlflow_db, caplog):
+    """Each skipped clip is a warning from a decode actor, easy to miss among a run's lines:
+    the driver sums them up once and tags the MLflow run; a run that skipped none says
+    nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.runs import report_decode_failures
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    skipped, clean = (client.create_run(client.create_experiment(n)).info.run_id for n in "ab")
+    with caplog.at_level("WARNING", logger="svt_ray.runs"):
+        report_decode_failures(uri, skipped, "tiny-seed0", 3)
+        report_decode_failures(uri, clean, "other", 0)
+    assert "run tiny-seed0: 3 clips failed to decode and were skipped" in caplog.text
+    assert "other" not in caplog.text
+    assert client.get_run(skipped).data.tags["svt.decode_failures"] == "3"
+    assert "svt.decode_failures" not in client.get_run(clean).data.tags
+    report_decode_failures("sqlite:///" + str(tmp_path / "no" / "such.db"), skipped, "r", 1)
+    assert "svt.decode_failures not tagged in MLflow" in caplog.text
+
+
 def test_online_knn_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """Found only in the workers, this failed each of them max_failures + 1 times, and the
     message then advised a --resume that refuses the changed eval settings."""
