@@ -13,9 +13,7 @@ same clip counts for every batch; the verdict compares the area under those curv
 
 import sys
 
-from _common import SMALL_BUDGET
-
-from svt_ray.studies import StudySpec, Sweep, study_main
+from svt_ray.studies import SMALL_BUDGET, StudySpec, Sweep, study_main
 from svt_ray.study_report import batch_size_verdict
 
 SPEC = StudySpec(

@@ -11,9 +11,7 @@ clips seen) and takes 21-27 minutes on 2 cores (docs/studies.md).
 
 import sys
 
-from _common import SMALL_BUDGET
-
-from svt_ray.studies import StudySpec, Sweep, study_main
+from svt_ray.studies import SMALL_BUDGET, StudySpec, Sweep, study_main
 from svt_ray.study_report import best_vs_worst_verdict
 
 SPEC = StudySpec(

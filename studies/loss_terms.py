@@ -5,9 +5,7 @@ python studies/loss_terms.py --seeds 0,1
 
 import sys
 
-from _common import SMALL_BUDGET
-
-from svt_ray.studies import StudySpec, Sweep, study_main
+from svt_ray.studies import SMALL_BUDGET, StudySpec, Sweep, study_main
 from svt_ray.study_report import best_vs_worst_verdict
 
 TERMS = Sweep(

@@ -11,9 +11,7 @@ On a laptop the CPU count caps what can be shown; on a cluster:
 
 import sys
 
-from _common import SMALL_BUDGET
-
-from svt_ray.studies import StudySpec, Sweep, study_main
+from svt_ray.studies import SMALL_BUDGET, StudySpec, Sweep, study_main
 from svt_ray.study_report import scaling_verdict
 
 SPEC = StudySpec(

@@ -9,9 +9,7 @@ settings move both counts, so the grid stays five trials on a laptop. For the fu
 
 import sys
 
-from _common import SMALL_BUDGET
-
-from svt_ray.studies import StudySpec, Sweep, study_main
+from svt_ray.studies import SMALL_BUDGET, StudySpec, Sweep, study_main
 from svt_ray.study_report import best_vs_worst_verdict
 
 COUNTS = ((2, 0), (2, 2), (2, 4), (2, 8), (3, 4))

@@ -62,6 +62,19 @@ TRIAL_DRIVER_CPUS = 0.01
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 
 STUDY_FILE = "study.json"
+
+# Settings every shipped study shares on the embedded default (tiny preset, synthetic data):
+# equal clips seen for every trial, 8 passes over the training split (the demo's budget; on
+# the embedded data the online kNN rises mostly between 1,500 and 5,000 clips seen), online
+# kNN at the same clip counts for every batch size. On a cluster they are starting points:
+# pass `--set optim.epochs=...` for a real budget (README, "Studies").
+SMALL_BUDGET = [
+    "optim.epochs=8",
+    "eval.online_every_clips=400",
+    "eval.online_bank_clips=300",
+    "eval.online_query_clips=200",
+    "train.checkpoint_every=50",
+]
 # The parent run's count of the trials that errored in Tune at the sweep's last end.
 ERRORED_TRIALS_TAG = "svt.errored_trials"
 
@@ -83,6 +96,15 @@ class Sweep:
     labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.values, (str, bytes, dict)) or not isinstance(
+            self.values, (tuple, list)
+        ):
+            raise ConfigError(
+                f"sweep {self.path}: values must be a tuple of the settings, e.g. (0.1, 0.3), "
+                f"not {self.values!r}"
+            )
+        if not self.values:
+            raise ConfigError(f"sweep {self.path}: give it one value or more")
         if self.labels is not None and (
             len(self.labels) != len(self.values) or len(set(self.labels)) != len(self.labels)
         ):
@@ -158,6 +180,26 @@ class StudySpec:
     "Clips seen at ASHA's first rung (default: a quarter of the budget): where curves separate."
     exclusive: bool = False
     "One trial at a time whatever the cluster holds (timing studies must not share it)."
+
+    def __post_init__(self) -> None:
+        self.check_sweeps()
+
+    def check_sweeps(self) -> None:
+        """Two sweeps that set one config path: the later would overwrite the earlier in
+        every trial (its values never ran, and a grid of fewer distinct trials than counted
+        never counted as finished)."""
+        setters: dict[str, str] = {}
+        for sweep in self.sweeps:
+            paths = {sweep.path}
+            if any(isinstance(value, dict) for value in sweep.values):
+                paths = {p for v in sweep.values if isinstance(v, dict) for p in v}
+            for path in sorted(paths):
+                if path in setters:
+                    raise ConfigError(
+                        f"study {self.name}: sweeps {setters[path]} and {sweep.path} both set "
+                        f"{path}; give all its values in one Sweep"
+                    )
+                setters[path] = sweep.path
 
     def settings(self) -> list[dict[str, Any]]:
         """Every point of the grid as {sweep path: value} (seeds not included)."""
@@ -825,7 +867,9 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     if online_knn_every(load_config(options.preset, overrides=shared_recipe)) == 0:
         raise ConfigError(
             "eval.online_every_clips: studies compare online kNN curves; set it (or "
-            "eval.online_every) above 0"
+            "eval.online_every) above 0: a study script gets it with fixed=SMALL_BUDGET (from "
+            "svt_ray.studies, as the shipped scripts do), a run with --set "
+            "eval.online_every_clips=400"
         )
     if options.data_path is None:  # the synthetic clips go there: a folder we can write
         check_writable(Path(options.workdir), "--workdir")
@@ -1217,7 +1261,9 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             raise ConfigError(f"--num-clips {args.num_clips}: give 1 or more")
         if args.grid:
             shipped = [sweep.path for sweep in spec.sweeps]
-            spec.sweeps = [Sweep.parse(item) for item in args.grid]
+            grid = [Sweep.parse(item) for item in args.grid]
+            _refuse_grid_of_named_settings(spec, grid)
+            spec.sweeps = grid
             if [sweep.path for sweep in spec.sweeps] != shipped:  # its label fits its own axes
                 spec.x_label = None
             spec.question += f" (this run's grid: {'; '.join(args.grid)})"  # not the shipped
@@ -1269,6 +1315,24 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     print(f"MLflow: {viewing_hint(options.tracking_uri)}  (parent run "
           f"{report.parent_run_id}, experiment {options.experiment})")  # fmt: skip
     return 0 if any(t.status in ("FINISHED", "KILLED") for t in report.trials) else 1
+
+
+def _refuse_grid_of_named_settings(spec: StudySpec, grid: Sequence[Sweep]) -> None:
+    """`--grid loss_terms=...`: the name of a sweep whose settings set several config paths
+    is no config path (its error came only after Ray's start, as an unknown key)."""
+    named = {
+        sweep.path: sorted({p for v in sweep.values if isinstance(v, dict) for p in v})
+        for sweep in spec.sweeps
+        if any(isinstance(value, dict) for value in sweep.values)
+    }
+    for sweep in grid:
+        if sweep.path in named:
+            paths = named[sweep.path]
+            raise ConfigError(
+                f"--grid {sweep.path}: the study's name for settings of several config paths "
+                f"({', '.join(paths)}), not a path itself; --grid takes config paths, e.g. "
+                f"--grid {paths[0]}=V1,V2 (each --grid path is crossed with the others)"
+            )
 
 
 def _refuse_swept_overrides(

@@ -434,7 +434,11 @@ def _recomputed_verdict(report: StudyReport, name: str) -> str | None:
 
     module, _, qualname = name.partition(":")
     if not module.startswith("svt_ray.") or not qualname.isidentifier():
-        return None  # a verdict from a user's script: keep the stored one
+        logger.info(  # a verdict from a user's script: keep the stored one
+            "verdict: as the study's script (%s) stored it; only the package's verdicts are "
+            "recomputed with the installed code", name,
+        )  # fmt: skip
+        return None
     try:
         return getattr(importlib.import_module(module), qualname)(report)
     except Exception as error:  # an older study the current rules cannot read

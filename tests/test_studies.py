@@ -43,6 +43,22 @@ def test_sweep_parsing_keeps_lists_whole_and_names_the_bad_flag():
         Sweep.parse("optim.batch_size=8,8")
 
 
+def test_a_scripts_sweeps_that_set_one_path_twice_or_hold_no_tuple_are_refused():
+    """Two sweeps of one path ran only the later's values (every trial overwrote the first),
+    with a trial count that never matched Tune's, so the study never counted as finished."""
+    batch = Sweep("optim.batch_size", (8, 16))
+    with pytest.raises(ConfigError, match=r"sweeps optim.batch_size and optim.batch_size both"):
+        StudySpec("s", "q?", [batch, Sweep("optim.batch_size", (32,))])
+    schedule = Sweep("lr", ({"optim.base_lr": 1e-3, "optim.warmup_epochs": 0},), labels=("a",))
+    with pytest.raises(ConfigError, match=r"sweeps lr and optim.base_lr both set optim.base_lr"):
+        StudySpec("s", "q?", [schedule, Sweep("optim.base_lr", (2e-3,))])
+    StudySpec("s", "q?", [batch, schedule])  # disjoint paths: fine
+    with pytest.raises(ConfigError, match=r"sweep loss.koleo_weight: values must be a tuple"):
+        Sweep("loss.koleo_weight", 0.3)
+    with pytest.raises(ConfigError, match=r"sweep loss.koleo_weight: give it one value or more"):
+        Sweep("loss.koleo_weight", ())
+
+
 def test_trial_overrides_expand_coupled_settings():
     trial = {
         "base": ["optim.epochs=2"],
@@ -633,7 +649,7 @@ def test_a_studys_help_shows_its_grid_fixed_settings_and_asha(capsys):
     )
 
 
-def test_a_grid_of_other_paths_drops_the_studys_axis_label_and_says_so(monkeypatch):
+def test_a_grid_of_other_paths_drops_the_studys_axis_label_and_says_so(monkeypatch, capsys):
     """`view_count.py --grid views.num_local=0,4` kept the question's "(0, 2, 4, 8) or a third
     global view" and the axis "views (G global + L local)" under num_local ticks."""
     from svt_ray import studies
@@ -646,11 +662,18 @@ def test_a_grid_of_other_paths_drops_the_studys_axis_label_and_says_so(monkeypat
 
     monkeypatch.setattr(studies, "run_study", stop)
     views = Sweep("views", ({"views.num_local": 2}, {"views.num_local": 4}), labels=("a", "b"))
-    for grid, label in (["views.num_local=0,4"], None), (["views=x"], "views (G + L)"):
-        spec = StudySpec("s", "How many views?", [views], x_label="views (G + L)")
-        assert studies.study_main(spec, [f"--grid={g}" for g in grid]) == 2
-        assert seen[-1] == (f"How many views? (this run's grid: {grid[0]})", label)
-        assert (spec.question, spec.sweeps) == ("How many views?", [views])  # the script's own
+    spec = StudySpec("s", "How many views?", [views], x_label="views (G + L)")
+    assert studies.study_main(spec, ["--grid=views.num_local=0,4"]) == 2
+    assert seen[-1] == ("How many views? (this run's grid: views.num_local=0,4)", None)
+    assert (spec.question, spec.sweeps) == ("How many views?", [views])  # the script's own
+    # A sweep of several paths is named, not a path (an unknown key only after Ray started)
+    capsys.readouterr()
+    assert studies.study_main(spec, ["--grid", "views=a,b"]) == 2 and len(seen) == 1
+    assert (
+        "--grid views: the study's name for settings of several config paths "
+        "(views.num_local), not a path itself; --grid takes config paths, e.g. --grid "
+        "views.num_local=V1,V2" in capsys.readouterr().err
+    )
 
 
 def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):

@@ -261,7 +261,7 @@ def test_a_trials_hours_are_its_training_loops_without_start_ups_or_pauses(tmp_p
     assert _trial_record(client, client.get_run(again), []).hours == pytest.approx(61 / 60)
 
 
-def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path, mlflow_db):
+def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path, mlflow_db, caplog):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -294,7 +294,9 @@ def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path, mlflow_
     parent("gone", "svt_ray.studies:no_such_verdict")
     parent("foreign", "my_script:verdict")
     assert collect_study(uri, "x", "gone").verdict == "stale words"
-    assert collect_study(uri, "x", "foreign").verdict == "stale words"
+    with caplog.at_level("INFO", logger="svt_ray.study_report"):
+        assert collect_study(uri, "x", "foreign").verdict == "stale words"
+    assert "verdict: as the study's script (my_script:verdict) stored it" in caplog.text
 
 
 def test_a_report_reads_its_own_parent_run_and_compare_takes_runs_of_any_experiment(
