@@ -329,13 +329,15 @@ def _stats_actor():
     @ray.remote(num_cpus=0)
     class DecodeStats:
         def __init__(self) -> None:
-            self.failures: dict[str | None, int] = {}
+            self.failed: dict[str | None, set[str]] = {}  # a clip skipped again counts once
 
-        def add(self, key: str | None, count: int) -> None:
-            self.failures[key] = self.failures.get(key, 0) + count
+        def add(self, key: str | None, clip_id: str) -> None:
+            self.failed.setdefault(key, set()).add(clip_id)
 
         def total(self, key: str | None = None, every_key: bool = True) -> int:
-            return sum(self.failures.values()) if every_key else self.failures.get(key, 0)
+            if every_key:
+                return sum(len(clips) for clips in self.failed.values())
+            return len(self.failed.get(key, ()))
 
     # Detached, so it outlives the decode actor that starts it, in a namespace of its own: one
     # per Ray cluster, not one more process left behind by every job (each job has a namespace).
@@ -345,9 +347,10 @@ def _stats_actor():
 
 
 def decode_failure_count(key: str | None = None) -> int:
-    """Clips skipped because they failed to decode since this Ray instance or cluster
-    started: those of the pipelines built with `failure_key=key` (a run's folder: every
-    worker-group start of the run, concurrent study trials apart), or of all without a key."""
+    """Distinct clips skipped because they failed to decode since this Ray instance or
+    cluster started (one skipped in every epoch counts once): those of the pipelines built with
+    `failure_key=key` (a run's folder: every worker-group start of the run, concurrent study
+    trials apart), or of all without a key."""
     import ray
 
     try:
@@ -384,7 +387,7 @@ class _FailureCounter:
                 self._actor = _stats_actor()
             # Waited for (failures are rare): Ray Data kills this actor when its dataset ends,
             # and a call still queued here (the stats actor starting) would be lost with it.
-            ray.get(self._actor.add.remote(self._key, 1))
+            ray.get(self._actor.add.remote(self._key, clip_id))
 
 
 # -- the UDFs (callable classes: one decoder setup per actor) -------------------------------

@@ -329,6 +329,12 @@ def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_sessi
     assert data.decode_failure_count() - before == 1
     assert data.decode_failure_count(key) == 1  # the run's own count, which its end reports
     assert data.decode_failure_count(str(tmp_path / "runs" / "another")) == 0
+    twice = str(tmp_path / "runs" / "two-epochs")  # skipped in every epoch: one clip still
+    dataset = data.build_view_dataset(
+        str(broken), load_config("tiny").views, split=None, decode_actors=1, epochs=2,
+        failure_key=twice,
+    )  # fmt: skip
+    assert dataset.count() == 38 and data.decode_failure_count(twice) == 1
 
 
 def test_eval_dataset_single_and_slow_fast_clips(synthetic_shards, ray_session):
