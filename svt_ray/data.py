@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 READ_COLUMNS = ["id", "label", "split", "video", "num_frames", "height", "width"]
 READ_ROWS = 64  # rows per read item (data_prep writes 32-row groups)
 READ_BLOCKS = 2000  # most blocks of read items in one stream (see `_read_shards`)
-STATS_ACTOR = "svt_data_decode_stats_by_key"  # counts per key (a run's folder)
+STATS_ACTOR = "svt_data_decode_stats_v2"  # v2: distinct clips per key (a run's folder)
 STATS_NAMESPACE = "svt_ray"
 
 
@@ -348,16 +348,22 @@ def _stats_actor():
 
 def decode_failure_count(key: str | None = None) -> int:
     """Distinct clips skipped because they failed to decode since this Ray instance or
-    cluster started (one skipped in every epoch counts once): those of the pipelines built with
-    `failure_key=key` (a run's folder: every worker-group start of the run, concurrent study
-    trials apart), or of all without a key."""
+    cluster started (one skipped in every epoch counts once; a local Ray starts at 0 with every
+    command, a resumed run's included): those of the pipelines built with `failure_key=key` (a
+    run's folder: every worker-group start of the run, concurrent study trials apart), or
+    without a key the sum over keys (a clip two runs skipped counts twice). 0, with a warning,
+    when the counter cannot be asked (its node lost): counting never fails a run."""
     import ray
 
     try:
         actor = ray.get_actor(STATS_ACTOR, namespace=STATS_NAMESPACE)
     except ValueError:
         return 0
-    return int(ray.get(actor.total.remote(key, every_key=key is None)))
+    try:
+        return int(ray.get(actor.total.remote(key, every_key=key is None), timeout=60))
+    except Exception as error:
+        logger.warning("decode failures not counted (%s)", error)
+        return 0
 
 
 class _FailureCounter:
@@ -387,7 +393,10 @@ class _FailureCounter:
                 self._actor = _stats_actor()
             # Waited for (failures are rare): Ray Data kills this actor when its dataset ends,
             # and a call still queued here (the stats actor starting) would be lost with it.
-            ray.get(self._actor.add.remote(self._key, clip_id))
+            try:
+                ray.get(self._actor.add.remote(self._key, clip_id), timeout=60)
+            except Exception as counting:  # the count is bookkeeping: never fail the data
+                logger.warning("skipped clip %s not counted (%s)", clip_id, counting)
 
 
 # -- the UDFs (callable classes: one decoder setup per actor) -------------------------------

@@ -429,7 +429,8 @@ def report_decode_failures(tracking_uri: str, run_id: str, run_name: str, skippe
         return
     logger.warning(
         "run %s: %d clip%s failed to decode and %s skipped (the 'skipping clip' warnings "
-        "name them); the run trained without them. Check those videos, or prepare the data "
+        "name them, in the Ray workers' logs where this console does not show them); the run "
+        "trained without them. Check those videos, or prepare the data "
         "again with `svt-ray prep`",
         run_name, skipped, "s" * (skipped != 1), "were" if skipped != 1 else "was",
     )  # fmt: skip

@@ -103,8 +103,11 @@ class Sweep:
                 f"sweep {self.path}: values must be a tuple of the settings, e.g. (0.1, 0.3), "
                 f"not {self.values!r}"
             )
+        object.__setattr__(self, "values", tuple(self.values))  # a list: hashable as a tuple
         if not self.values:
             raise ConfigError(f"sweep {self.path}: give it one value or more")
+        if any(isinstance(value, dict) and not value for value in self.values):
+            raise ConfigError(f"sweep {self.path}: a setting of several paths names one or more")
         if self.labels is not None and (
             len(self.labels) != len(self.values) or len(set(self.labels)) != len(self.labels)
         ):
@@ -185,14 +188,20 @@ class StudySpec:
         self.check_sweeps()
 
     def check_sweeps(self) -> None:
-        """Two sweeps that set one config path: the later would overwrite the earlier in
-        every trial (its values never ran, and a grid of fewer distinct trials than counted
-        never counted as finished)."""
+        """Two sweeps of one name, or that set one config path: the later would overwrite
+        the earlier in every trial (its values never ran, and a grid of fewer distinct trials
+        than counted never counted as finished)."""
+        names = [sweep.path for sweep in self.sweeps]
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})[0]
+            raise ConfigError(
+                f"study {self.name}: two sweeps are named {twice}; give all its values in one Sweep"
+            )
         setters: dict[str, str] = {}
         for sweep in self.sweeps:
-            paths = {sweep.path}
-            if any(isinstance(value, dict) for value in sweep.values):
-                paths = {p for v in sweep.values if isinstance(v, dict) for p in v}
+            paths = {p for v in sweep.values if isinstance(v, dict) for p in v}
+            if not all(isinstance(value, dict) for value in sweep.values):
+                paths.add(sweep.path)  # its plain values set the path it is named after
             for path in sorted(paths):
                 if path in setters:
                     raise ConfigError(
@@ -867,9 +876,9 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     if online_knn_every(load_config(options.preset, overrides=shared_recipe)) == 0:
         raise ConfigError(
             "eval.online_every_clips: studies compare online kNN curves; set it (or "
-            "eval.online_every) above 0: a study script gets it with fixed=SMALL_BUDGET (from "
-            "svt_ray.studies, as the shipped scripts do), a run with --set "
-            "eval.online_every_clips=400"
+            "eval.online_every) above 0: the shipped scripts get it from fixed=SMALL_BUDGET "
+            "(svt_ray.studies); a --set eval.online_every_clips=0, or a script without that "
+            "budget, turns it off"
         )
     if options.data_path is None:  # the synthetic clips go there: a folder we can write
         check_writable(Path(options.workdir), "--workdir")
@@ -1204,7 +1213,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
 
     from data_prep.inputs import InputError
 
-    spec = dataclasses.replace(spec)  # --grid and --name change this run's copy, not the script's
+    # --grid and --name change this run's copy, not the script's
+    spec = dataclasses.replace(spec, sweeps=list(spec.sweeps), fixed=list(spec.fixed))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         description=spec.question, epilog=study_help_epilog(spec), formatter_class=StudyHelp
@@ -1326,7 +1336,7 @@ def _refuse_grid_of_named_settings(spec: StudySpec, grid: Sequence[Sweep]) -> No
         if any(isinstance(value, dict) for value in sweep.values)
     }
     for sweep in grid:
-        if sweep.path in named:
+        if sweep.path in named and sweep.path not in named[sweep.path]:
             paths = named[sweep.path]
             raise ConfigError(
                 f"--grid {sweep.path}: the study's name for settings of several config paths "

@@ -63,6 +63,23 @@ def test_clips_skipped_in_training_are_said_at_the_end_and_tagged(tmp_path, mlfl
     assert "svt.decode_failures not tagged in MLflow" in caplog.text
 
 
+def test_a_runs_stream_counts_its_skipped_clips_under_the_runs_folder(tmp_path, monkeypatch):
+    """The count the end of a run reports is the one its stream keeps: a wrong key would
+    report 0 skipped clips for every run."""
+    from svt_ray import data
+
+    seen = {}
+
+    def stream(config, start_epoch=0, failure_key=None):
+        seen.update(start_epoch=start_epoch, failure_key=failure_key)
+
+    monkeypatch.setattr(data, "training_dataset", stream)
+    config = load_config("tiny", overrides=[f"data.path={tmp_path}"]).resolve(608)
+    run_dir = str(tmp_path / "runs" / "tiny-seed0")
+    train_module.dataset_for_run(config.model_dump(mode="json"), run_dir, None)
+    assert seen == {"start_epoch": 0, "failure_key": run_dir}
+
+
 def test_online_knn_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """Found only in the workers, this failed each of them max_failures + 1 times, and the
     message then advised a --resume that refuses the changed eval settings."""

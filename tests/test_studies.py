@@ -18,6 +18,7 @@ from factories import SMALL_MODEL, RayStarted, no_ray
 
 from svt_ray.config import ConfigError
 from svt_ray.studies import (
+    SMALL_BUDGET,
     StudyOptions,
     StudySpec,
     Sweep,
@@ -47,16 +48,42 @@ def test_a_scripts_sweeps_that_set_one_path_twice_or_hold_no_tuple_are_refused()
     """Two sweeps of one path ran only the later's values (every trial overwrote the first),
     with a trial count that never matched Tune's, so the study never counted as finished."""
     batch = Sweep("optim.batch_size", (8, 16))
-    with pytest.raises(ConfigError, match=r"sweeps optim.batch_size and optim.batch_size both"):
+    with pytest.raises(ConfigError, match=r"two sweeps are named optim.batch_size; give all"):
         StudySpec("s", "q?", [batch, Sweep("optim.batch_size", (32,))])
     schedule = Sweep("lr", ({"optim.base_lr": 1e-3, "optim.warmup_epochs": 0},), labels=("a",))
     with pytest.raises(ConfigError, match=r"sweeps lr and optim.base_lr both set optim.base_lr"):
         StudySpec("s", "q?", [schedule, Sweep("optim.base_lr", (2e-3,))])
     StudySpec("s", "q?", [batch, schedule])  # disjoint paths: fine
+    with pytest.raises(ConfigError, match=r"two sweeps are named lr; give all its values in one"):
+        StudySpec("s", "q?", [schedule, schedule])  # Tune's grid is keyed by the name
+    epochs = Sweep("optim.batch_size", ({"optim.epochs": 2},), labels=("short",))
+    with pytest.raises(ConfigError, match=r"two sweeps are named optim.batch_size"):
+        StudySpec("s", "q?", [batch, epochs])
+    mixed = Sweep("optim.base_lr", (1e-3, {"optim.base_lr": 2e-3, "optim.warmup_epochs": 0}))
+    with pytest.raises(ConfigError, match=r"sweeps optim.base_lr and lr both set optim.base_lr"):
+        StudySpec("s", "q?", [mixed, schedule])  # its plain value sets the path it is named
     with pytest.raises(ConfigError, match=r"sweep loss.koleo_weight: values must be a tuple"):
         Sweep("loss.koleo_weight", 0.3)
     with pytest.raises(ConfigError, match=r"sweep loss.koleo_weight: give it one value or more"):
         Sweep("loss.koleo_weight", ())
+    with pytest.raises(ConfigError, match=r"sweep lr: a setting of several paths names one"):
+        Sweep("lr", ({},))
+    assert hash(Sweep("optim.batch_size", [8, 16])) == hash(Sweep("optim.batch_size", (8, 16)))
+
+
+def test_a_study_script_copied_anywhere_runs_without_the_studies_folder(tmp_path):
+    """README: "A new study is a copy of a shipped script, kept anywhere"; the scripts once
+    imported their budget from studies/_common.py, found only beside them."""
+    import importlib.util
+    import sys
+
+    copy = tmp_path / "my_study.py"
+    copy.write_text((ROOT / "studies" / "loss_terms.py").read_text())
+    assert str(ROOT / "studies") not in sys.path
+    spec = importlib.util.spec_from_file_location("my_study", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.SPEC.fixed == SMALL_BUDGET
 
 
 def test_trial_overrides_expand_coupled_settings():
@@ -666,9 +693,17 @@ def test_a_grid_of_other_paths_drops_the_studys_axis_label_and_says_so(monkeypat
     assert studies.study_main(spec, ["--grid=views.num_local=0,4"]) == 2
     assert seen[-1] == ("How many views? (this run's grid: views.num_local=0,4)", None)
     assert (spec.question, spec.sweeps) == ("How many views?", [views])  # the script's own
+    locals_ = StudySpec("s", "q?", [Sweep("views.num_local", (2, 4))], x_label="local views")
+    assert studies.study_main(locals_, ["--grid=views.num_local=0,8"]) == 2
+    assert seen[-1][1] == "local views"  # the same paths: its label still fits
+    # A sweep of several paths named after one of them: that path may be given
+    named = Sweep("views.num_local", ({"views.num_local": 2, "views.num_global": 2},))
+    assert studies.study_main(StudySpec("s", "q?", [named]), ["--grid=views.num_local=0"]) == 2
+    assert seen[-1][0] == "q? (this run's grid: views.num_local=0)"
     # A sweep of several paths is named, not a path (an unknown key only after Ray started)
     capsys.readouterr()
-    assert studies.study_main(spec, ["--grid", "views=a,b"]) == 2 and len(seen) == 1
+    runs = len(seen)
+    assert studies.study_main(spec, ["--grid", "views=a,b"]) == 2 and len(seen) == runs
     assert (
         "--grid views: the study's name for settings of several config paths "
         "(views.num_local), not a path itself; --grid takes config paths, e.g. --grid "
