@@ -334,8 +334,8 @@ def _stats_actor():
         def add(self, key: str | None, clip_id: str) -> None:
             self.failed.setdefault(key, set()).add(clip_id)
 
-        def total(self, key: str | None = None, every_key: bool = True) -> int:
-            if every_key:
+        def total(self, key: str | None = None) -> int:  # None: every key's
+            if key is None:
                 return sum(len(clips) for clips in self.failed.values())
             return len(self.failed.get(key, ()))
 
@@ -360,7 +360,7 @@ def decode_failure_count(key: str | None = None) -> int:
     except ValueError:
         return 0
     try:
-        return int(ray.get(actor.total.remote(key, every_key=key is None), timeout=60))
+        return int(ray.get(actor.total.remote(key), timeout=60))
     except Exception as error:
         logger.warning("decode failures not counted (%s)", error)
         return 0

@@ -116,6 +116,12 @@ class Sweep:
                 f"values, labels {list(self.labels)})"
             )
 
+    def config_paths(self) -> list[str]:
+        """The config paths its settings set: a mapping's keys, and its own path for a plain
+        value."""
+        paths = {path for v in self.values for path in (v if isinstance(v, dict) else [self.path])}
+        return sorted(paths)
+
     def label(self, value: Any) -> Any:
         if self.labels is None:
             return value
@@ -199,10 +205,7 @@ class StudySpec:
             )
         setters: dict[str, str] = {}
         for sweep in self.sweeps:
-            paths = {p for v in sweep.values if isinstance(v, dict) for p in v}
-            if not all(isinstance(value, dict) for value in sweep.values):
-                paths.add(sweep.path)  # its plain values set the path it is named after
-            for path in sorted(paths):
+            for path in sweep.config_paths():
                 if path in setters:
                     raise ConfigError(
                         f"study {self.name}: sweeps {setters[path]} and {sweep.path} both set "
@@ -1331,7 +1334,7 @@ def _refuse_grid_of_named_settings(spec: StudySpec, grid: Sequence[Sweep]) -> No
     """`--grid loss_terms=...`: the name of a sweep whose settings set several config paths
     is no config path (its error came only after Ray's start, as an unknown key)."""
     named = {
-        sweep.path: sorted({p for v in sweep.values if isinstance(v, dict) for p in v})
+        sweep.path: sweep.config_paths()
         for sweep in spec.sweeps
         if any(isinstance(value, dict) for value in sweep.values)
     }
@@ -1355,11 +1358,7 @@ def _refuse_swept_overrides(
     value (`scaling.py --workers 4` still ran 1 and 2 workers): refused, naming the sweep and
     the flag given (`flags`: override -> flag), unless the study recorded it before this check
     (it continues as it was started)."""
-    swept = {}
-    for sweep in spec.sweeps:
-        for value in sweep.values:
-            for path in value if isinstance(value, dict) else [sweep.path]:
-                swept[path] = sweep
+    swept = {path: sweep for sweep in spec.sweeps for path in sweep.config_paths()}
     for item in overrides:
         path = ".".join(parse_override(item)[0])
         if path in swept and item not in recorded:

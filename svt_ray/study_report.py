@@ -796,9 +796,8 @@ def scaling_verdict(report: StudyReport) -> str:
     # The question's other half: time to accuracy, where every worker count reached it.
     if first["threshold_knn_top1"] is None:
         return verdict + "; time to accuracy: no threshold (a run ended no better than it began)"
-    reached = [r for r in rows if r["hours_to_threshold"] is not None]
-    if len(reached) < len(rows):
-        missing = ", ".join(str(r["workers"]) for r in rows if r["hours_to_threshold"] is None)
+    missing = ", ".join(str(r["workers"]) for r in rows if r["hours_to_threshold"] is None)
+    if missing:
         return verdict + (
             f"; time to {first['threshold_knn_top1']} kNN: not reached with {missing} worker(s)"
         )
