@@ -19,7 +19,7 @@ buffer) and one stream per Train worker (`streaming_split`) come from Ray Train'
 `get_dataset_shard(...).iter_torch_batches`.
 
 A clip that fails to decode is skipped, logged, and counted: per actor, in the Ray metric
-`svt_data_decode_failures`, and in a small named actor that `decode_failure_count()` reads.
+`svt_data_decode_failures`, and in a small named actor that `decode_failures()` reads (the count and the clips' ids).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 READ_COLUMNS = ["id", "label", "split", "video", "num_frames", "height", "width"]
 READ_ROWS = 64  # rows per read item (data_prep writes 32-row groups)
 READ_BLOCKS = 2000  # most blocks of read items in one stream (see `_read_shards`)
-STATS_ACTOR = "svt_data_decode_stats_v2"  # v2: distinct clips per key (a run's folder)
+STATS_ACTOR = "svt_data_decode_stats_v3"  # v2: distinct clips per key (a run's folder); v3: ids
 STATS_NAMESPACE = "svt_ray"
 
 
@@ -334,10 +334,14 @@ def _stats_actor():
         def add(self, key: str | None, clip_id: str) -> None:
             self.failed.setdefault(key, set()).add(clip_id)
 
-        def total(self, key: str | None = None) -> int:  # None: every key's
+        def summary(self, key: str | None, limit: int) -> tuple[int, list[str]]:
+            """(distinct clips, the first `limit` ids in order); key None: every key's."""
             if key is None:
-                return sum(len(clips) for clips in self.failed.values())
-            return len(self.failed.get(key, ()))
+                total = sum(len(clips) for clips in self.failed.values())
+                first = sorted(set().union(*self.failed.values()))[:limit]
+                return total, first
+            clips = self.failed.get(key, set())
+            return len(clips), sorted(clips)[:limit]
 
     # Detached, so it outlives the decode actor that starts it, in a namespace of its own: one
     # per Ray cluster, not one more process left behind by every job (each job has a namespace).
@@ -346,24 +350,57 @@ def _stats_actor():
     ).remote()
 
 
-def decode_failure_count(key: str | None = None) -> int:
+def decode_failures(key: str | None = None, limit: int = 5) -> tuple[int, list[str]]:
     """Distinct clips skipped because they failed to decode since this Ray instance or
     cluster started (one skipped in every epoch counts once; a local Ray starts at 0 with every
-    command, a resumed run's included): those of the pipelines built with `failure_key=key` (a
-    run's folder: every worker-group start of the run, concurrent study trials apart), or
-    without a key the sum over keys (a clip two runs skipped counts twice). 0, with a warning,
-    when the counter cannot be asked (its node lost): counting never fails a run."""
+    command, a resumed run's included), and the first `limit` of their ids: those of the
+    pipelines built with `failure_key=key` (a run's folder: every worker-group start of the
+    run, concurrent study trials apart), or without a key the sum over keys (a clip two runs
+    skipped counts twice). (0, []), with a warning, when the counter cannot be asked (its node
+    lost): counting never fails a run."""
     import ray
 
     try:
         actor = ray.get_actor(STATS_ACTOR, namespace=STATS_NAMESPACE)
     except ValueError:
-        return 0
+        return 0, []
     try:
-        return int(ray.get(actor.total.remote(key), timeout=60))
+        total, first = ray.get(actor.summary.remote(key, limit), timeout=60)
     except Exception as error:
         logger.warning("decode failures not counted (%s)", error)
-        return 0
+        return 0, []
+    return int(total), list(first)
+
+
+def decode_failure_count(key: str | None = None) -> int:
+    """`decode_failures`' count alone."""
+    return decode_failures(key, limit=0)[0]
+
+
+def clip_sources(data_path: str, clip_ids: list[str]) -> dict[str, str]:
+    """{clip id: the source file data_prep made it from} for `clip_ids`, read from the
+    shards' `id` and `source_path` columns; ids not found, or shards that cannot be read,
+    are left out (a run's end names what it can, and never fails for it)."""
+    from data_prep.shards import read_manifest
+
+    if not clip_ids:
+        return {}
+    sources: dict[str, str] = {}
+    try:
+        manifest, filesystem, root = read_manifest(data_path)
+        for shard in manifest["shards"]:
+            table = _read_table(
+                f"{root}/{shard['file']}", filesystem, columns=["id", "source_path"],
+                filters=[("id", "in", list(clip_ids))],
+            )  # fmt: skip
+            sources.update(
+                zip(table["id"].to_pylist(), table["source_path"].to_pylist(), strict=True)
+            )
+            if len(sources) == len(set(clip_ids)):
+                break
+    except Exception as error:
+        logger.warning("%s: source files of the skipped clips not read (%s)", data_path, error)
+    return sources
 
 
 class _FailureCounter:

@@ -20,6 +20,7 @@ import shlex
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -421,18 +422,32 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
     )  # fmt: skip
 
 
-def report_decode_failures(tracking_uri: str, run_id: str, run_name: str, skipped: int) -> None:
+def report_decode_failures(
+    tracking_uri: str,
+    run_id: str,
+    run_name: str,
+    skipped: int,
+    clips: Sequence[str] = (),
+    sources: Mapping[str, str] | None = None,
+) -> None:
     """[driver] Clips the run's decode actors skipped (each warned as it happened, in lines
-    easy to miss among a run's): said once at the end and kept as the MLflow run's tag
-    `svt.decode_failures`, so a run that trained without part of its data says so."""
+    easy to miss among a run's): said once at the end, naming the first `clips` (by the
+    source file data_prep made them from, where `sources` has it, and their id), and kept as
+    the MLflow run's tag `svt.decode_failures`, so a run that trained without part of its
+    data says so."""
     if not skipped:
         return
+    sources = sources or {}
+    named = [f"{sources[c]} (clip {c})" if sources.get(c) else f"clip {c}" for c in clips]
+    if named and skipped > len(named):
+        named.append(f"{skipped - len(named)} more")
     logger.warning(
-        "run %s: %d clip%s failed to decode and %s skipped (the 'skipping clip' warnings "
-        "name them, in the Ray workers' logs where this console does not show them); the run "
-        "trained without them. Check those videos, or prepare the data "
-        "again with `svt-ray prep`",
+        "run %s: %d clip%s failed to decode and %s skipped%s; the run trained without them. "
+        "The 'skipping clip' warnings (above, or in the Ray workers' logs where this console "
+        "does not show them) say why. Check those videos, or prepare the data again with "
+        "`svt-ray prep`",
         run_name, skipped, "s" * (skipped != 1), "were" if skipped != 1 else "was",
+        f": {', '.join(named)}" if named else "",
     )  # fmt: skip
     try:
         import mlflow

@@ -649,9 +649,11 @@ def run_pretraining(
     finish_mlflow_run(
         resolved.tracking.tracking_uri, mlflow_run_id, run_name, resolved.train.storage_path
     )
+    skipped, clips = data.decode_failures(run_dir)
     report_decode_failures(
-        resolved.tracking.tracking_uri, mlflow_run_id, run_name, data.decode_failure_count(run_dir)
-    )
+        resolved.tracking.tracking_uri, mlflow_run_id, run_name, skipped, clips,
+        data.clip_sources(resolved.data.path, clips),
+    )  # fmt: skip
     # Ray Train prunes the checkpoints it registered; one it never did (`run_progress`) too
     prune_checkpoints(run_dir, resolved.train.keep_checkpoints)
     _log_curves(resolved, run_name, mlflow_run_id, run_dir, log_dir)

@@ -328,6 +328,11 @@ def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_sessi
     assert dataset.count() == 19
     assert data.decode_failure_count() - before == 1
     assert data.decode_failure_count(key) == 1  # the run's own count, which its end reports
+    broken_id = table["id"][0].as_py()
+    assert data.decode_failures(key) == (1, [broken_id])  # and the clip, by the end's warning
+    assert data.clip_sources(str(broken), [broken_id, "not-a-clip"]) == {
+        broken_id: table["source_path"][0].as_py()
+    }
     assert data.decode_failure_count(str(tmp_path / "runs" / "another")) == 0
     twice = str(tmp_path / "runs" / "two-epochs")  # skipped in every epoch: one clip still
     dataset = data.build_view_dataset(

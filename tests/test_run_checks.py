@@ -53,9 +53,14 @@ def test_clips_skipped_in_training_are_said_at_the_end_and_tagged(tmp_path, mlfl
     client = MlflowClient(uri)
     skipped, clean = (client.create_run(client.create_experiment(n)).info.run_id for n in "ab")
     with caplog.at_level("WARNING", logger="svt_ray.runs"):
-        report_decode_failures(uri, skipped, "tiny-seed0", 3)
+        report_decode_failures(
+            uri, skipped, "tiny-seed0", 3, ["0a1b", "ffee"], {"0a1b": "videos/jump/3.mp4"}
+        )
         report_decode_failures(uri, clean, "other", 0)
-    assert "run tiny-seed0: 3 clips failed to decode and were skipped" in caplog.text
+    assert (
+        "run tiny-seed0: 3 clips failed to decode and were skipped: videos/jump/3.mp4 (clip "
+        "0a1b), clip ffee, 1 more; the run trained without them" in caplog.text
+    )
     assert "other" not in caplog.text
     assert client.get_run(skipped).data.tags["svt.decode_failures"] == "3"
     assert "svt.decode_failures" not in client.get_run(clean).data.tags
@@ -342,3 +347,50 @@ def test_storage_that_cannot_hold_runs_and_a_resume_into_another_store_are_refus
             load_config("tiny", overrides=overrides(runs, f"sqlite:///{tmp_path / 'moved.db'}")),
             resume=True,
         )
+
+
+def test_ray_lines_nobody_can_act_on_are_left_out_and_others_kept():
+    """`import svt_ray` gives Ray's log forwarding a skip pattern before Ray is imported: the
+    lines Ray's own actors print on every run (seen in a 1-epoch `svt-ray pretrain`) are left
+    out; a user's own value wins, and real errors, decode warnings and progress lines stay."""
+    import subprocess
+    import sys
+
+    import svt_ray
+
+    probe = "import svt_ray, ray._private.ray_logging as r; print(r.stdout_deduplicator.skip_re.pattern)"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS_SKIP_REGEX"}
+    ran = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert ran.stdout.strip() == svt_ray.RAY_NOISE_REGEX, ran.stderr
+    mine = subprocess.run(
+        [sys.executable, "-c", probe], env={**env, "RAY_DEDUP_LOGS_SKIP_REGEX": "x"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert mine.stdout.strip() == "x"
+
+    import re
+
+    noise = re.compile(svt_ray.RAY_NOISE_REGEX)
+    seen = [
+        "[2026-11-30 21:36:40,069 E 16399 16426] core_worker.cc:2465: Actor with class name: "
+        "'PreemptionWatcher' and ID: '30d8' has constructor arguments in the object store and "
+        "max_restarts > 0. If the arguments in the object store go out of scope or are lost, "
+        "the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for "
+        "more details.",
+        "/x/ray/data/_internal/execution/interfaces/execution_options.py:436: "
+        "RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated and will be "
+        "removed after January 2027. Use `ExecutionOptions.label_selector` to constrain Ray "
+        "Data work to labeled nodes.",
+        "  self.exclude_resources = exclude_resources",
+        "Progress bars disabled. To enable, set "
+        "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    ]
+    kept = [
+        "tiny-seed0 step 1/2 (50%) | epoch 0.50 | loss 3.512 | 2.1 clips/s | data wait 68% | 8s",
+        "skipping clip 018b6cb5d762b1f7: decord cannot open the clip: Error reading 4791 bytes",
+        "RuntimeError: CUDA out of memory.",
+        "Traceback (most recent call last):",
+        "    exclude_resources=exclude_resources,",
+    ]
+    assert all(noise.search(line) for line in seen)
+    assert not any(noise.search(line) for line in kept)
