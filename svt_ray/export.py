@@ -15,13 +15,21 @@ it. `export_backbone` writes just that, loadable with `torch.load(..., weights_o
      "source": {"checkpoint": str, "step": int, "weights": "teacher" | "student"},
      "svt_ray_version": str,      # the svt-ray that wrote the file (training checkpoints and
                                   # run.json record theirs too)
-     "teacher" | "student": {name: tensor},  # the same tensors again (stored once), for
-     "model": {name: tensor, "head.weight": (0, d), "head.bias": (0,)}}  # the reference loaders
+     "teacher" | "student": {"backbone." + name: tensor},  # the same tensors again (stored
+     "backbone." + name: tensor, ...,                        # once), for the reference loaders
+     "model": {name: tensor, "head.weight": (0, d), "head.bias": (0,)}}
 
-The last two keys let the code the paper evaluated and fine-tuned with read the file:
-- SVT's `eval_linear.py` / `eval_knn.py` (`--pretrained_weights FILE --checkpoint_key
-  teacher`) take `ckpt["teacher"]`, strip `module.` and `backbone.`, and load with
-  `strict=False`, which silently loads nothing from a dict without that key;
+The last three let the code the paper evaluated and fine-tuned with read the file:
+- SVT's `eval_knn.py` (`--pretrained_weights FILE`) takes `ckpt["teacher"]` (the key is fixed
+  in its code, whatever `--checkpoint_key` says), keeps the keys that start with `backbone.`
+  with that prefix cut, and loads with `strict=False`: a dict without the prefix loads nothing,
+  silently. An SVT training checkpoint's teacher (DINO's MultiCropWrapper: `backbone.*` and
+  `head.*`) has it; so does this file's, without the head. Exporting the student stores it
+  under `student`: eval_knn.py fails on it with a KeyError, not with random weights;
+- SVT's `eval_linear.py` (its latest version) does the same with the file's top-level keys:
+  hence the `backbone.*` keys beside the others;
+- DINO's `load_pretrained_weights` (`--checkpoint_key teacher`) strips `module.` and
+  `backbone.` from `ckpt[key]`: it reads the same dict;
 - facebookresearch/TimeSformer (`TIMESFORMER.PRETRAINED_MODEL FILE`; SVT's fine-tuning used
   its recipe) takes `ckpt["model"]` and drops `head.*` when its row count differs from the
   number of classes; it raises KeyError without a head, so the file carries an empty one
@@ -156,13 +164,17 @@ def export_backbone(checkpoint: str, out: str | Path, weights: str = "teacher") 
         saved.get("svt_ray_version"),
     )
     build_backbone(config).load_state_dict(state)  # the file must rebuild: fail here, not later
+    reference_layout = {f"backbone.{key}": value for key, value in state.items()}
     payload = {
         "format": FORMAT,
         "backbone": state,
         "config": config.model_dump(mode="json"),
         "source": {"checkpoint": checkpoint, "step": int(saved["step"]), "weights": weights},
         "svt_ray_version": __version__,
-        weights: state,  # the same tensors: torch.save writes each storage once
+        # the same tensors again (torch.save writes each storage once), as the reference
+        # loaders find them (see the module's docstring)
+        weights: reference_layout,
+        **reference_layout,
         "model": {**state, **_empty_head(state)},
     }
     buffer = io.BytesIO()

@@ -61,25 +61,42 @@ def test_exported_backbone_gives_the_checkpoints_features(checkpoint, tmp_path, 
 
 
 @pytest.mark.parametrize("weights", ["teacher", "student"])
-def test_the_reference_svt_loader_reads_the_exported_file(checkpoint, tmp_path, weights):
-    """SVT's eval_linear.py / eval_knn.py (DINO's utils.load_pretrained_weights), written out:
-    ckpt[checkpoint_key], `module.` and `backbone.` stripped, loaded with strict=False."""
+def test_the_reference_svt_loaders_read_the_exported_file(checkpoint, tmp_path, weights):
+    """The reference loaders, their steps written out (load_state_dict(strict=False) loads
+    nothing, silently, from a dict without the keys they filter on):
+    - SVT's eval_knn.py: ckpt["teacher"] (fixed in its code), the keys that start with
+      `backbone.`, that prefix cut;
+    - SVT's latest eval_linear.py: the same over the file's top-level keys;
+    - DINO's load_pretrained_weights: ckpt[checkpoint_key], `module.` and `backbone.` stripped."""
     out = tmp_path / "backbone.pt"
     export_backbone(str(checkpoint), out, weights)
-    state_dict = torch.load(out, map_location="cpu")
-    if weights in state_dict:
-        state_dict = state_dict[weights]
-    state_dict = {k.replace("module.", ""): v for k, v in state_dict.items()}
-    state_dict = {k.replace("backbone.", ""): v for k, v in state_dict.items()}
+    ckpt = torch.load(out, map_location="cpu")
     backbone, config = load_backbone(out)
-    model = build_backbone(config)
-    message = model.load_state_dict(state_dict, strict=False)
-    assert message.missing_keys == [] and message.unexpected_keys == []
-    for name, value in backbone.state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
 
-    tensor_bytes = sum(v.numel() * v.element_size() for v in state_dict.values())
-    assert out.stat().st_size < 1.5 * tensor_bytes  # the weights once, not twice
+    def loads_every_weight(state_dict):
+        model = build_backbone(config)
+        message = model.load_state_dict(state_dict, strict=False)
+        assert message.missing_keys == [] and message.unexpected_keys == []
+        for name, value in backbone.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), name
+
+    def svt_filter(state_dict):
+        return {
+            key[len("backbone.") :]: value
+            for key, value in state_dict.items()
+            if key.startswith("backbone.")
+        }
+
+    if weights == "teacher":
+        loads_every_weight(svt_filter(ckpt["teacher"]))  # eval_knn.py
+    else:  # eval_knn.py would read the teacher: there is none, a KeyError, not random weights
+        assert "teacher" not in ckpt
+    loads_every_weight(svt_filter(ckpt))  # eval_linear.py
+    dino = {k.replace("module.", ""): v for k, v in ckpt[weights].items()}
+    loads_every_weight({k.replace("backbone.", ""): v for k, v in dino.items()})
+
+    tensor_bytes = sum(v.numel() * v.element_size() for v in ckpt["backbone"].values())
+    assert out.stat().st_size < 1.5 * tensor_bytes  # the weights once, not four times
 
 
 def test_the_timesformer_loader_reads_the_exported_file(tmp_path):
@@ -125,10 +142,38 @@ def test_teacher_and_student_exports_differ(checkpoint, tmp_path):
 
 
 def test_failed_write_leaves_no_file(checkpoint, tmp_path, monkeypatch):
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    """The disk fills up halfway through the file: no half-written backbone is left (under
+    its name or as a temporary file) for a later load to trip on."""
+    from pyarrow import fs as pafs
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    import data_prep.inputs
+
+    class FullDisk:  # this machine's disk, full after half of what is written
+        def __init__(self):
+            self.local = pafs.LocalFileSystem()
+
+        def __getattr__(self, name):
+            return getattr(self.local, name)
+
+        def open_output_stream(self, path):
+            stream = self.local.open_output_stream(path)
+
+            class HalfWritten:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    stream.close()
+
+                def write(self, data):
+                    stream.write(data[: len(data) // 2])
+                    raise OSError(28, "No space left on device")
+
+            return HalfWritten()
+
+    monkeypatch.setattr(
+        data_prep.inputs, "resolve_filesystem", lambda target: (FullDisk(), str(target))
+    )
     with pytest.raises(OSError, match="No space left"):
         export_backbone(str(checkpoint), tmp_path / "backbone.pt")
     assert list(tmp_path.iterdir()) == []
