@@ -488,6 +488,17 @@ class EvalSettings(_Section):
     online_query_clips: PositiveInt = 500
     "Clips of test_split the online kNN accuracy is measured on."
 
+    @model_validator(mode="after")
+    def _held_out(self) -> EvalSettings:
+        if self.train_split == self.test_split:
+            raise ValueError(
+                f"eval.test_split={self.test_split!r} is also eval.train_split: every query "
+                "would find itself in the kNN bank (100% top-1 whatever the features) and the "
+                "probe would be scored on what it trained on; name a held-out split (prepare "
+                "one with `svt-ray prep ... --val-fraction 0.1`)"
+            )
+        return self
+
 
 class Derived(_Section):
     """Values computed by resolve(); never set them by hand."""

@@ -106,10 +106,14 @@ def linear_probe_accuracy(
 
     Features are standardised with the training statistics, which makes one lr work for
     backbones of any scale; the layer is initialised N(0, 0.01) as in SVT's eval_linear.py.
+    A feature constant over the training clips keeps its scale (as scikit-learn's scaler
+    does): divided by a clamped std, its test values grew up to 1e6-fold against a weight that
+    never trains away from its initial value, and swamped the logits.
     """
     generator = torch.Generator().manual_seed(seed)
     mean = train_features.float().mean(0, keepdim=True)
-    std = train_features.float().std(0, keepdim=True).clamp_min(1e-6)
+    std = train_features.float().std(0, keepdim=True, correction=0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     train = (train_features.float() - mean) / std
     test = (test_features.float() - mean) / std
     layer = nn.Linear(train.shape[1], num_classes)

@@ -138,6 +138,10 @@ def test_overrides_parse_yaml_values():
         ),
         (["optim.epochs=.inf"], "optim.epochs: Input should be a finite number"),  # YAML floats
         (["optim.base_lr=.nan"], "optim.base_lr: Input should be a finite number"),
+        (  # a kNN bank holding its own queries scores 100% whatever the features
+            ["eval.test_split=train"],
+            "eval.test_split='train' is also eval.train_split: every query would find itself",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(overrides, fragment):

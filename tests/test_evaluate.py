@@ -78,6 +78,20 @@ def test_linear_probe_standardises_test_features_with_the_training_statistics():
     assert accuracy.top1 == 100.0
 
 
+def test_a_feature_constant_in_training_does_not_upset_the_linear_probe():
+    """A dimension that is 0 on every training clip (a dead unit, a letterboxed pixel) and
+    varies a little on the test clips: the probe scores as it does without it (divided by a
+    clamped std, it was blown up 1e6-fold and the probe fell to chance)."""
+    generator = torch.Generator().manual_seed(1)
+    train, test = torch.randn(200, 4, generator=generator), torch.randn(200, 4, generator=generator)
+    train_labels, test_labels = (train[:, 0] > 0).long(), (test[:, 0] > 0).long()
+    without = linear_probe_accuracy(train, train_labels, test, test_labels, 2, epochs=20)
+    train_dead = torch.cat([train, torch.zeros(200, 1)], 1)
+    test_dead = torch.cat([test, 0.01 * torch.randn(200, 1, generator=generator)], 1)
+    dead = linear_probe_accuracy(train_dead, train_labels, test_dead, test_labels, 2, epochs=20)
+    assert without.top1 > 90 and abs(dead.top1 - without.top1) <= 1.0
+
+
 def test_knn_and_linear_are_perfect_on_separable_features():
     train, train_labels = separable(seed=0)
     test, test_labels = separable(seed=0)
