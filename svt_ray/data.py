@@ -551,8 +551,11 @@ class ClipSpec:
     size: int
 
 
-def centre_crop_resized(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (t, h, w, 3) -> uint8 (3, t, size, size): short side to `size`, then centre crop."""
+def centre_crop_resized(
+    frames: np.ndarray, size: int, interpolation: str = "bilinear"
+) -> np.ndarray:
+    """uint8 (t, h, w, 3) -> uint8 (3, t, size, size): short side to `size` (antialiased
+    `interpolation`, the training views' `views.interpolation`), then centre crop."""
     import torch
     import torch.nn.functional as F
 
@@ -560,7 +563,7 @@ def centre_crop_resized(frames: np.ndarray, size: int) -> np.ndarray:
     scale = size / min(height, width)
     new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
     clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (t, 3, h, w)
-    clip = F.interpolate(clip, size=(new_height, new_width), mode="bilinear", antialias=True)
+    clip = F.interpolate(clip, size=(new_height, new_width), mode=interpolation, antialias=True)
     top, left = (new_height - size) // 2, (new_width - size) // 2
     clip = clip[:, :, top : top + size, left : left + size]
     return clip.permute(1, 0, 2, 3).contiguous().numpy()  # (3, t, size, size)
@@ -576,12 +579,14 @@ class EvalClipCutter:
         decoder: str = "decord",
         decode_threads: int = 1,
         report_failures: bool = True,
+        interpolation: str = "bilinear",
     ) -> None:
         import torch
 
         torch.set_num_threads(1)
         self.clips = {name: ClipSpec(*spec) for name, spec in clips.items()}
         self.window_frames = window_frames
+        self.interpolation = interpolation
         self.decoder = decoder
         self.decode_threads = decode_threads
         self.failures = _FailureCounter(report_failures)
@@ -604,7 +609,9 @@ class EvalClipCutter:
         finally:
             reader.close()
         return {
-            name: centre_crop_resized(frames[np.searchsorted(union, picked)], self.clips[name].size)
+            name: centre_crop_resized(
+                frames[np.searchsorted(union, picked)], self.clips[name].size, self.interpolation
+            )
             for name, picked in indices.items()
         }
 
@@ -701,12 +708,14 @@ def build_eval_dataset(
     decode_cpus: float = 1.0,
     decode_actors: int | None = None,
     batch_size: int = 4,
+    interpolation: str = "bilinear",
 ):
     """Labelled evaluation clips, deterministic: for each name, (frames, size) clips.
 
     Defaults to one clip `{"clip": (8, 224)}`; slow-fast evaluation passes
     `slow_fast_clips()`. Frames are spread over the centred `window_frames` of each video
-    (whole video if None), short side resized to the clip size, centre-cropped.
+    (whole video if None), short side resized to the clip size (with `interpolation`: pass
+    the training's `views.interpolation`), centre-cropped.
     """
     clips = dict(clips or {"clip": (8, 224)})
     dataset = _read_shards(data_path, split, shuffle_seed=None, labelled=True)
@@ -717,6 +726,7 @@ def build_eval_dataset(
             "window_frames": window_frames,
             "decoder": decoder,
             "decode_threads": decode_threads,
+            "interpolation": interpolation,
         },
         batch_size=batch_size,
         compute=_actor_pool(decode_actors),
@@ -732,6 +742,7 @@ def load_eval_clips(
     *,
     window_frames: int | None = None,
     decoder: str = "decord",
+    interpolation: str = "bilinear",
 ) -> dict[str, np.ndarray]:
     """A fixed labelled subset of one split, decoded in this process (no Ray Data).
 
@@ -754,7 +765,9 @@ def load_eval_clips(
         table = table.filter(labelled)
         index += [(_clip_hash(i), path, i) for i in table["id"].to_pylist()]
     chosen = sorted(index)[:max_clips]
-    cutter = EvalClipCutter(clips, window_frames, decoder, report_failures=False)
+    cutter = EvalClipCutter(
+        clips, window_frames, decoder, report_failures=False, interpolation=interpolation
+    )
     batches = []
     for path in sorted({path for _, path, _ in chosen}):
         wanted = [clip_id for _, p, clip_id in chosen if p == path]

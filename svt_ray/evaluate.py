@@ -231,9 +231,6 @@ class FeatureExtractor:
         x = clips.to(self.device, non_blocking=True).float().div_(255.0)
         return self.backbone.forward_features((x - self.mean) / self.std).float().cpu()
 
-    def slow_fast(self, slow: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
-        return (self.features(slow) + self.features(fast)) / 2
-
 
 class OnlineKNN:
     """kNN top-1 / top-5 of a backbone on a fixed labelled subset held in memory.
@@ -274,6 +271,7 @@ class OnlineKNN:
                 count,
                 window_frames=config.views.clip_frames,
                 decoder=config.data.decoder,
+                interpolation=config.views.interpolation,
             )
             return {
                 "clip": read_only_tensor(columns["clip"]),
@@ -550,6 +548,7 @@ def evaluate_backbones(
             window_frames=config.views.clip_frames,
             decoder=config.data.decoder,
             decode_actors=config.data.decode_actors,
+            interpolation=config.views.interpolation,
         )
         rows = data.run_batch_inference(dataset, FeatureUDF, kwargs, num_gpus=gpus)
         # In clip order, not the order the actors finished in: the linear probe's result
@@ -563,6 +562,19 @@ def evaluate_backbones(
                 "evaluation scores %d of the %d %s clips: the others have no label or did not "
                 "decode", len(scored["label"]), counts[split], split,
             )  # fmt: skip
+    return score_features(settings, list(backbones), train, test, pixel_baseline)
+
+
+def score_features(
+    settings,
+    names: list[str],
+    train: dict[str, np.ndarray],
+    test: dict[str, np.ndarray],
+    pixel_baseline: bool = False,
+) -> list[EvalResult]:
+    """The rows of an evaluation from its feature columns (`NAME/clip`, `NAME/fast`, `pixels`,
+    `label`, per split): each backbone's single clip, then, with `settings.slow_fast`, the
+    mean of its slow (single) and fast clips' features (svt_spec §5), then the frame pixels."""
     (train_labels, test_labels), num_classes = dense_labels(
         torch.from_numpy(train["label"]), torch.from_numpy(test["label"])
     )
@@ -581,7 +593,7 @@ def evaluate_backbones(
         )
 
     results = []
-    for name in backbones:
+    for name in names:
         results.append(score(name, train[f"{name}/clip"], test[f"{name}/clip"]))
         if settings.slow_fast:
             slow_fast_train = (train[f"{name}/clip"] + train[f"{name}/fast"]) / 2

@@ -392,22 +392,33 @@ def test_clip_keys_round_trip():
     assert data.clip_key("synth-s0-000001") != data.clip_key("synth-s0-000002")
 
 
-@pytest.mark.parametrize(("height", "width"), [(30, 52), (50, 28)])
-def test_centre_crop_resized_scales_the_short_side_then_takes_the_centre(height, width):
+@pytest.mark.parametrize(
+    ("height", "width", "mode"), [(30, 52, "bilinear"), (50, 28, "bilinear"), (30, 52, "bicubic")]
+)
+def test_centre_crop_resized_scales_the_short_side_then_takes_the_centre(height, width, mode):
     """The short side goes to `size` (the long one in proportion, rounded), with the resize
-    the eval clips use (bilinear, antialiased, on uint8), then the centred size x size square."""
+    the eval clips use (the training's views.interpolation, antialiased, on uint8), then the
+    centred size x size square."""
     frames = np.random.default_rng(0).integers(0, 256, (3, height, width, 3), dtype=np.uint8)
     size = 20
     scale = size / min(height, width)
     new_height, new_width = round(height * scale), round(width * scale)
     clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    resized = F.interpolate(clip, size=(new_height, new_width), mode="bilinear", antialias=True)
+    resized = F.interpolate(clip, size=(new_height, new_width), mode=mode, antialias=True)
     top, left = (new_height - size) // 2, (new_width - size) // 2
     assert max(top, left) >= 4  # a corner crop would be visibly off
     expected = resized[:, :, top : top + size, left : left + size].permute(1, 0, 2, 3).numpy()
-    out = data.centre_crop_resized(frames, size)
+    expected = expected.clip(0, 255)  # bicubic overshoots; uint8 saturates
+    cutter = data.EvalClipCutter({"clip": (3, size)}, report_failures=False, interpolation=mode)
+    out = data.centre_crop_resized(frames, size, cutter.interpolation)
     assert out.dtype == np.uint8 and out.shape == (3, 3, size, size)
-    assert np.abs(out.astype(np.float32) - expected).max() <= 1.01  # uint8 rounding (+ float noise)
+    error = np.abs(out.astype(np.float32) - expected)
+    if mode == "bilinear":
+        assert error.max() <= 1.01  # uint8 rounding (+ float noise)
+    else:  # torch's uint8 bicubic rounds and saturates between its two passes
+        assert error.mean() <= 0.6 and error.max() <= 8
+        other = data.centre_crop_resized(frames, size)  # bilinear: what the mode changes
+        assert np.abs(out.astype(np.float32) - other).mean() > 2
 
 
 def test_eval_indices_are_centred_and_spread():

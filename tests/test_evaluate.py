@@ -149,16 +149,45 @@ def test_ray_datas_read_only_arrays_become_tensors_without_a_warning():
         assert read_only_tensor(array).tolist() == list(range(6))
 
 
-def test_slow_fast_features_average_the_two_clips():
-    backbone = TimeSformer(
-        patch_size=8, embed_dim=16, depth=1, num_heads=2, image_size=32, num_frames=8
-    )
-    extractor = FeatureExtractor(backbone, mean=(0.5,) * 3, std=(0.25,) * 3)
-    slow = torch.randint(0, 256, (2, 3, 2, 32, 32), dtype=torch.uint8)
-    fast = torch.randint(0, 256, (2, 3, 8, 16, 16), dtype=torch.uint8)
-    combined = extractor.slow_fast(slow, fast)
-    torch.testing.assert_close(combined, (extractor.features(slow) + extractor.features(fast)) / 2)
-    assert combined.shape == (2, 16)
+def test_each_backbones_rows_score_its_clip_then_the_mean_of_its_slow_and_fast_clips():
+    """An evaluation's rows from its feature columns, against rows scored from columns written
+    out here: the single (slow) clip, then the slow-fast mean (svt_spec §5), then the pixels.
+    The slow clip's features are noise and the fast clip's separate the classes, so a row
+    built from the wrong column scores visibly differently."""
+    from svt_ray.config import load_config
+    from svt_ray.evaluate import score_features
+
+    settings = load_config("tiny").eval.model_copy(update={"linear_epochs": 5})
+    generator = torch.Generator().manual_seed(3)
+    fast, labels = separable(seed=0)
+    columns = {}
+    for split, moved in (("train", 0.0), ("test", 0.1)):
+        slow = 2 * torch.randn(fast.shape, generator=generator)
+        columns[split] = {
+            "a/clip": slow.numpy(),
+            "a/fast": (fast + moved * torch.randn(fast.shape, generator=generator)).numpy(),
+            "pixels": (slow + 1).numpy(),
+            "label": labels.numpy(),
+        }
+    rows = score_features(settings, ["a"], columns["train"], columns["test"], pixel_baseline=True)
+
+    def expected(name, train_x, test_x):
+        train, test = columns["train"], columns["test"]
+        return evaluate_features(
+            name, torch.from_numpy(train_x), torch.from_numpy(train["label"]),
+            torch.from_numpy(test_x), torch.from_numpy(test["label"]), 5, settings.knn_k,
+            settings.knn_temperature, settings.linear_epochs,
+        )  # fmt: skip
+
+    train, test = columns["train"], columns["test"]
+    mean_train = (train["a/clip"] + train["a/fast"]) / 2
+    mean_test = (test["a/clip"] + test["a/fast"]) / 2
+    assert rows == [
+        expected("a", train["a/clip"], test["a/clip"]),
+        expected("a slow-fast", mean_train, mean_test),
+        expected("frame pixels", train["pixels"], test["pixels"]),
+    ]
+    assert rows[1].knn.top1 > rows[0].knn.top1 + 30  # the fast clip's features count
 
 
 def test_extracted_features_are_the_backbone_on_normalised_pixels():
