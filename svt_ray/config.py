@@ -122,6 +122,13 @@ class ModelConfig(_Section):
         return self
 
 
+def span_frames(fraction: float, window: int) -> int:
+    """Source frames a view spread over `fraction` of a `window`-frame clip window covers
+    (`views.global_span`, `views.local_span`): what the sampler uses and the check refuses
+    more frames than."""
+    return round(fraction * window)
+
+
 class ViewsConfig(_Section):
     """The SVT views of one clip: global and local spatiotemporal crops (svt_spec §2)."""
 
@@ -138,7 +145,11 @@ class ViewsConfig(_Section):
     global_span: UnitInterval = 0.9
     "Fraction of the clip window a global view's frames are spread over."
     global_window: Literal["random", "reference"] = "random"
-    "random = an independent random span per global view (paper); reference = [0, L-5] and [5, L]."
+    (
+        "random = an independent random span per global view (paper); reference = the "
+        "reference code's windows: globals over [0, L-5] and [5, L], locals over L//8 + 1 "
+        "frames (L: clip_frames)."
+    )
     global_crop_scale: tuple[UnitInterval, UnitInterval] = (0.4, 1.0)
     "Area fraction range of a global crop."
     num_local: Annotated[int, Field(ge=0, le=32)] = 8
@@ -172,13 +183,13 @@ class ViewsConfig(_Section):
     "Colour jitter: a hue turn drawn from [-x, x] turns, in YIQ (the reference uses none)."
     grayscale_p: Probability = 0.2
     "Probability of converting a view to grayscale."
-    global_blur_p: list[Probability] = Field(default_factory=lambda: [1.0, 0.1])
+    global_blur_p: list[Probability] = Field(default_factory=lambda: [1.0, 0.1], min_length=1)
     "Gaussian-blur probability per global view, cycled (DINO: 1.0 then 0.1)."
     local_blur_p: Probability = 0.5
     "Gaussian-blur probability of a local view."
     blur_sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 2.0)
     "Range of the blur's sigma in pixels (DINO's values, used for 224 and 96 px views alike)."
-    global_solarize_p: list[Probability] = Field(default_factory=lambda: [0.0, 0.2])
+    global_solarize_p: list[Probability] = Field(default_factory=lambda: [0.0, 0.2], min_length=1)
     "Solarize probability per global view, cycled (DINO: 0 then 0.2)."
     local_solarize_p: Probability = 0.0
     "Solarize probability of a local view."
@@ -207,7 +218,7 @@ class ViewsConfig(_Section):
             ("global", self.global_frames, self.global_span),
             ("local", self.local_frames if self.num_local else [], self.local_span),
         ):
-            available = int(span * self.clip_frames)
+            available = span_frames(span, self.clip_frames)
             for count in frames:
                 if count > available:
                     raise ValueError(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from svt_ray.config import ViewsConfig
+from svt_ray.config import ViewsConfig, span_frames
 
 # The reference code shifts its two fixed global windows by this many frames.
 REFERENCE_GLOBAL_SHIFT = 5
@@ -144,9 +144,14 @@ class ViewSampler:
                 shift = min(REFERENCE_GLOBAL_SHIFT, window - 1)
                 start, stop = (0, window - shift) if slot.index % 2 == 0 else (shift, window)
                 local = spread_indices(start, stop, slot.frames, window)
+            elif cfg.global_window == "reference":  # its locals: linspace(r, r + L//8) for
+                # r = randint(0, L - L//8 - 1), both ends included: L//8 + 1 frames
+                width = int(cfg.local_span * window)
+                start = int(rng.integers(0, max(window - width - 1, 0) + 1))
+                local = spread_indices(start, start + width, slot.frames, window)
             else:
                 fraction = cfg.global_span if slot.kind == "global" else cfg.local_span
-                span = min(window, max(slot.frames, round(fraction * window)))
+                span = min(window, max(slot.frames, span_frames(fraction, window)))
                 start = int(rng.integers(0, window - span + 1))
                 local = spread_indices(start, start + span - 1, slot.frames, window)
             indices.append(local + window_start)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from svt_ray.cli import app
 from svt_ray.config import PRESETS, ConfigError, load_config
+from svt_ray.views import ViewSampler
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -138,6 +140,7 @@ def test_overrides_parse_yaml_values():
         ),
         (["optim.epochs=.inf"], "optim.epochs: Input should be a finite number"),  # YAML floats
         (["optim.base_lr=.nan"], "optim.base_lr: Input should be a finite number"),
+        (["views.global_solarize_p=[]"], "views.global_solarize_p: List should have at least 1"),
         (  # a kNN bank holding its own queries scores 100% whatever the features
             ["eval.test_split=train"],
             "eval.test_split='train' is also eval.train_split: every query would find itself",
@@ -195,8 +198,13 @@ def test_a_list_of_the_wrong_length_says_how_many_values(tmp_path):
 
 
 def test_range_message_says_what_is_allowed():
-    with pytest.raises(ConfigError, match=r"raise views.clip_frames to >= 256 or use <= 18 frames"):
+    """The span the check allows is the one the sampler cuts: 0.125 x 150 = 18.75, rounded."""
+    with pytest.raises(ConfigError, match=r"raise views.clip_frames to >= 256 or use <= 19 frames"):
         load_config("paper", overrides=["views.local_frames=[32]"])
+    views = load_config("paper", overrides=["views.local_frames=[19]"]).views
+    plan = ViewSampler(views).plan(150, 256, 256, np.random.default_rng(0))
+    local = plan.frame_indices[views.num_global]
+    assert local[-1] - local[0] + 1 == 19  # one view frame per source frame of its span
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -48,6 +48,7 @@ def test_schedule_from_a_resolved_config():
     assert start.weight_decay == pytest.approx(0.04) and end.weight_decay == pytest.approx(0.4)
     assert start.momentum == pytest.approx(0.996) and end.momentum == pytest.approx(1.0)
     assert start.freeze_last_layer and not schedule.at(10).freeze_last_layer
+    assert schedule.at(9).freeze_last_layer  # the epoch's last step is still frozen
     assert config.derived.freeze_last_layer_steps == 10  # 1 epoch (DINO)
     assert config.derived.teacher_temp_warmup_steps == 0  # svt_spec §3.3: no warm-up
     assert start.teacher_temp == end.teacher_temp == pytest.approx(0.04)  # constant

@@ -75,6 +75,21 @@ def test_reference_global_windows():
     assert np.array_equal(g1, np.clip(np.linspace(5, 128, 8), 0, 127).astype(int))
 
 
+def test_reference_local_windows():
+    """The reference's locals: r = randint(0, L - L//8 - 1) (both ends included), then
+    linspace(r, r + L//8, n), so L//8 + 1 source frames, truncated to indices."""
+    views = load_config("reference_code").views
+    sampler = ViewSampler(views)
+    starts = set()
+    for seed in range(200):
+        plan = sampler.plan(num_frames=128, height=256, width=256, rng=np.random.default_rng(seed))
+        for indices in plan.frame_indices[views.num_global :]:
+            start = int(indices[0])
+            starts.add(start)
+            assert np.array_equal(indices, np.linspace(start, start + 16, 8).astype(int))
+    assert min(starts) == 0 and max(starts) == 128 - 16 - 1
+
+
 def test_plan_is_deterministic_given_the_generator():
     sampler = ViewSampler(paper_views())
     a = sampler.plan(200, 256, 256, np.random.default_rng(7))
@@ -128,11 +143,12 @@ def _uint8_views(views, batch=4, seed=0):
 
 
 def test_augmenter_without_augmentation_only_normalises():
+    """With ImageNet's statistics in RGB order, written out (not read from the config)."""
     views = load_config("tiny").views
     batch = _uint8_views(views)
     out = ViewAugmenter(views)(batch, torch.Generator(), augment=False)
-    mean = torch.tensor(views.mean).view(1, 3, 1, 1, 1)
-    std = torch.tensor(views.std).view(1, 3, 1, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1, 1)
     for raw, normalised in zip(batch, out, strict=True):
         torch.testing.assert_close(normalised, (raw.float() / 255 - mean) / std)
 
@@ -180,6 +196,28 @@ def test_flip_and_grayscale_and_solarize_when_certain():
     expected = torch.where(gray >= 0.5, 1 - gray, gray)
     augmented = ViewAugmenter(views).augment(x, view_slots(views)[0], torch.Generator())
     torch.testing.assert_close(augmented, expected)
+
+
+def test_blur_and_solarize_follow_dinos_asymmetric_probabilities_per_view():
+    """DINO's (and the paper preset's) per-view probabilities, measured on 4000 clips per
+    view: the first global view always blurred and never solarized, the second blurred 10%
+    and solarized 20% of the time, every local view blurred half the time, never solarized."""
+    views = paper_views(
+        "views.flip_p=0", "views.color_jitter_p=0", "views.grayscale_p=0",
+        "views.blur_sigma=[1.0, 2.0]",  # every blur visible on a checkerboard
+    )  # fmt: skip
+    augmenter = ViewAugmenter(views)
+    generator = torch.Generator().manual_seed(0)
+    bright = torch.full((4000, 3, 1, 4, 4), 0.8)  # solarized -> 0.2; a blur leaves it alone
+    board = 0.4 * (torch.arange(4).view(4, 1) + torch.arange(4)).remainder(2).float()
+    board = board.expand(4000, 3, 1, 4, 4)  # below the threshold: never solarized
+    expected = {"g0": (1.0, 0.0), "g1": (0.1, 0.2), **{f"l{i}": (0.5, 0.0) for i in range(8)}}
+    for slot in view_slots(views):
+        solarized = (augmenter.augment(bright, slot, generator) < 0.5).flatten(1).all(1)
+        blurred = (augmenter.augment(board, slot, generator) - board).abs().flatten(1).amax(1)
+        blur_p, solarize_p = expected[slot.name]
+        assert abs((blurred > 1e-3).float().mean().item() - blur_p) < 0.03, slot.name
+        assert abs(solarized.float().mean().item() - solarize_p) < 0.03, slot.name
 
 
 def test_gaussian_blur_matches_a_reference_and_zero_sigma_is_identity():
