@@ -214,13 +214,16 @@ def _read_shards(
     shuffle_seed: int | None,
     epochs: int = 1,
     labelled: bool = False,
+    first_epoch: int = 0,
 ):
     """The rows of one split, with only the columns decoding needs: `epochs` passes over it
     in one stream, so the decode actors stay up between epochs instead of starting again
     (18-26 s per epoch on 2 cores, 2 workers).
 
     A pass is a list of items, each a slice of about READ_ROWS rows of one shard, in an order
-    drawn per pass from `shuffle_seed` (shard order without one); Ray fuses the read into the
+    drawn per pass from `shuffle_seed` and the pass's epoch number, counted from `first_epoch`
+    (a resumed run's stream is the rest of the uninterrupted one's; shard order without a
+    seed); Ray fuses the read into the
     decode actors. Slices, not files: a block goes to one actor, and `read_parquet` makes one
     block of a shard under 128 MiB, so a dataset of few shards kept one actor busy however
     many the pool had (the demo's one shard; the loader benchmark's 2 actors ran at the rate
@@ -241,12 +244,7 @@ def _read_shards(
         for count in [max(1, math.ceil(shard["num_rows"] / READ_ROWS))]
         for part in range(count)
     ]
-    items = []
-    for epoch in range(epochs):
-        order = list(range(len(parts)))
-        if shuffle_seed is not None:
-            np.random.default_rng([shuffle_seed, epoch]).shuffle(order)
-        items += [{**parts[index], "epoch": epoch} for index in order]
+    items = pass_items(parts, shuffle_seed, epochs, first_epoch)
     # One block per item, up to READ_BLOCKS: from_items puts every block from the driver
     # (75,000 blocks took 4 min here, 2,000 took 4 s); beyond that a block holds a run of
     # consecutive items, whose views leave the actor in 128 MiB blocks as they are cut.
@@ -257,6 +255,20 @@ def _read_shards(
         batch_format="pyarrow",
         fn_kwargs={"filesystem": filesystem, "split": split, "labelled": labelled},
     )
+
+
+def pass_items(
+    parts: list[dict], shuffle_seed: int | None, epochs: int, first_epoch: int = 0
+) -> list[dict]:
+    """The read items of `epochs` passes over `parts` (shard slices), numbered from
+    `first_epoch`, each pass in an order drawn from the seed and its number."""
+    items = []
+    for epoch in range(first_epoch, first_epoch + epochs):
+        order = list(range(len(parts)))
+        if shuffle_seed is not None:
+            np.random.default_rng([shuffle_seed, epoch]).shuffle(order)
+        items += [{**parts[index], "epoch": epoch} for index in order]
+    return items
 
 
 def _read_shard_part(items, filesystem, split: str | None, labelled: bool = False):
@@ -669,18 +681,23 @@ def build_view_dataset(
     deterministic: bool = False,
     epochs: int = 1,
     failure_key: str | None = None,
+    first_epoch: int = 0,
 ):
     """The SVT pretraining stream: one row per clip, one uint8 column per view slot.
 
-    `epochs` passes over the split in one stream (see `_read_shards`); with 1, every
-    execution is one epoch.
+    `epochs` passes over the split in one stream (see `_read_shards`), numbered from
+    `first_epoch`: each pass's order and views are drawn from the seed and its number, so
+    the stream from epoch e on is the same whether it starts there or at 0. With 1 pass,
+    every execution is one epoch.
 
     `decode_actors` caps the actor pool (None: as many as free CPUs allow); on a node shared
     with Train workers keep CPUs free for Data (ray_notes.md §6.3). `batch_size` is the number
     of clips per UDF call: small, because decoded views are ~10x the encoded bytes. Clips that
     fail to decode are skipped and counted under `failure_key` (`decode_failure_count`).
     """
-    dataset = _read_shards(data_path, split, seed if shuffle else None, epochs)
+    dataset = _read_shards(
+        data_path, split, seed if shuffle else None, epochs, first_epoch=first_epoch
+    )
     return dataset.map_batches(
         ViewCutter,
         fn_constructor_kwargs={
@@ -803,9 +820,10 @@ def training_dataset(
     return build_view_dataset(
         config.data.path,
         config.views,
-        # Resumed runs start a new stream of views and file orders, not a replay of epoch 0,
-        # unless the run asked to be reproducible.
-        seed=config.train.seed * 10_007 + (0 if config.data.deterministic else start_epoch),
+        # A resumed run's stream is the rest of the uninterrupted run's, from the epoch of its
+        # checkpoint (orders and views drawn per epoch number), so the batches its workers
+        # skip are the ones trained on; with data.deterministic every pass is the same epoch.
+        seed=config.train.seed * 10_007,
         split="train",
         decoder=config.data.decoder,
         decode_threads=config.data.decode_threads,
@@ -815,6 +833,7 @@ def training_dataset(
         deterministic=config.data.deterministic,
         epochs=epochs,
         failure_key=failure_key,
+        first_epoch=0 if config.data.deterministic else start_epoch,
     )
 
 

@@ -231,8 +231,13 @@ def train_step(
     float reassociation, except KoLeo and Sinkhorn-Knopp centring, which see one piece.
 
     Raises NonFiniteLossError before touching any weight if the loss is not finite.
+
+    Stochastic depth draws from torch's global generator: seeded here from `generator`'s seed
+    (a function of the run's seed, the step and the rank), so a resumed or restarted worker
+    draws the masks an uninterrupted one draws; the checkpoint holds no generator state.
     """
     values = apply_schedule(state, step)
+    torch.manual_seed(generator.initial_seed() + 1)
 
     views = state.augmenter(to_device_views(batch, state.device), generator)
     num_global = state.config.views.num_global

@@ -252,7 +252,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         flush_timeout_s=config.tracking.flush_timeout_s,
     )
     if checkpoint is not None:  # the latest restart's starting point, for whoever reads the run
-        tracker.set_tags({"svt.resumed_at_step": step})
+        # and the workers it runs on now (`--resume --workers N`: the run's params keep the
+        # first start's, as MLflow never changes a param)
+        tracker.set_tags({
+            "svt.resumed_at_step": step, "svt.world_size": context.get_world_size(),
+        })  # fmt: skip
     online_knn = _OnlineMetrics(config, state, rank)
     if online_knn.knn is not None:  # the clips it scores, as the data allowed: its resolution
         tracker.set_tags({

@@ -85,6 +85,51 @@ def test_a_runs_stream_counts_its_skipped_clips_under_the_runs_folder(tmp_path, 
     assert seen == {"start_epoch": 0, "failure_key": run_dir}
 
 
+def test_a_resumed_stream_is_the_rest_of_the_uninterrupted_one(tmp_path, monkeypatch):
+    """A run resumed at step 7 of 3 steps per epoch streams from epoch 2, and that stream's
+    slice orders (and the epoch numbers its views are drawn with) are those the uninterrupted
+    run had there, so the batches the workers skip are the ones it trained on. (A resumed
+    stream once drew a new order from a new seed: resumed halfway through an epoch, it trained
+    some clips of that epoch twice and others not at all.)"""
+    from svt_ray import data
+    from svt_ray.runs import write_json
+
+    seen = {}
+    monkeypatch.setattr(data, "training_dataset", lambda config, **kw: seen.update(kw))
+    config = load_config(
+        "tiny", overrides=[f"data.path={tmp_path}", "optim.batch_size=16"]
+    ).resolve(48)
+    assert config.derived.steps_per_epoch == 3
+    run_dir = str(tmp_path / "tiny-seed0")
+    write_json(f"{run_dir}/{train_module.PROGRESS_FILE}", {"step": 7})
+    train_module.dataset_for_run(config.model_dump(mode="json"), run_dir, None)
+    assert seen["start_epoch"] == 2
+
+    import ray.data
+
+    from data_prep.shards import SCHEMA_VERSION
+
+    class Stream:  # what Ray Data would be given, without Ray
+        def __init__(self, items, **options):
+            self.items, self.udfs = items, []
+
+        def map_batches(self, udf, **options):
+            self.udfs.append(options.get("fn_constructor_kwargs"))
+            return self
+
+    monkeypatch.undo()  # training_dataset itself this time, with the stream captured
+    monkeypatch.setattr(ray.data, "from_items", Stream)
+    shard = {"file": "shards/part-00000.parquet", "num_rows": 48 * 16, "splits": {"train": 48}}
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"schema_version": SCHEMA_VERSION, "shards": [shard]})
+    )
+    whole, resumed = (data.training_dataset(config, start_epoch=e) for e in (0, 2))
+    slices = len(whole.items) // 8  # 8 epochs in one stream
+    assert resumed.items == whole.items[2 * slices :]
+    assert {item["epoch"] for item in resumed.items[:slices]} == {2}
+    assert resumed.udfs[-1]["seed"] == whole.udfs[-1]["seed"]  # the views' seed
+
+
 def test_online_knn_on_data_it_cannot_score_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """Found only in the workers, this failed each of them max_failures + 1 times, and the
     message then advised a --resume that refuses the changed eval settings."""

@@ -77,7 +77,12 @@ def two_worker_run(tmp_path_factory, synthetic_shards, ray_session, mlflow_serve
         return run_pretraining(config)
 
 
-DETERMINISTIC = ("data.deterministic=true", "train.max_failures=0")
+# Stochastic depth and a frozen last layer too: state a resume must restore or recompute
+# (torch's global generator, the freeze's end), which the tiny preset leaves out.
+DETERMINISTIC = (
+    "data.deterministic=true", "train.max_failures=0", "model.drop_path_rate=0.2",
+    "optim.freeze_last_layer_epochs=1",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +177,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     assert a["step"] == b["step"]
     for key in ("student", "teacher"):
         for name, tensor in a[key].items():
-            # Same data order, same steps: equal up to float reassociation (stated: 1e-5).
-            torch.testing.assert_close(b[key][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+            assert torch.equal(b[key][name], tensor), name  # same data, same steps: bit for bit
 
     # Resuming the finished run again trains nothing and starts no Ray Train workers.
     def no_trainer(*args, **kwargs):
