@@ -32,6 +32,7 @@ from data_prep.inputs import (
     discover,
     read_split_files,
     resolve_filesystem,
+    with_file_names,
 )
 from data_prep.shards import (
     SCHEMA_VERSION,
@@ -482,7 +483,7 @@ def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> i
             file=sys.stderr,
         )
         return 1
-    split_files = read_split_files(split_assignments)
+    split_files = with_file_names(read_split_files(split_assignments), videos)
     output_fs, output_root = resolve_filesystem(args.output)
     output = Output(output_fs, output_root)
     previous = (

@@ -286,8 +286,13 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
     with filesystem.open_input_stream(path) as stream:
         text = stream.read().decode("utf-8-sig")
     base = posixpath.dirname(path)
+    where: list[str] = []  # each row's place in the file, for messages
     if path.lower().endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
+        rows = []
+        for row in reader:
+            rows.append(row)
+            where.append(f"line {reader.line_num}")
         if rows and "path" not in rows[0]:
             raise InputError(
                 f"{path}: a CSV manifest needs a header with a 'path' column "
@@ -298,6 +303,7 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
             rows = json.loads(text)
         except json.JSONDecodeError as error:
             raise InputError(f"{path}: invalid JSON: {error}") from error
+        where = [f"entry {number}" for number in range(1, len(rows) + 1)]
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -306,9 +312,15 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise InputError(f"{path}:{number}: invalid JSON: {error}") from error
+                where.append(f"line {number}")
     _warn_unread_columns(path, rows)
     videos, unknown_splits = [], set()
     sizes = _sizes(filesystem, [_manifest_path(base, row) for row in rows if isinstance(row, dict)])
+    # One file under two spellings (`cat/a.mp4`, `./cat/a.mp4`, its absolute path) would get
+    # two ids, and could land in two splits: the first row is kept. The same spelling twice
+    # is one id, which discover() keeps once.
+    first_rows: dict[str, tuple[str, str]] = {}  # normalised file -> (spelling, place)
+    respelt: list[str] = []
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise InputError(
@@ -319,6 +331,12 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
             raise InputError(f"{path}: row {number} has no 'path'")
         relative = str(row["path"]).replace(os.sep, "/")
         full = _manifest_path(base, row)
+        spelling, place = first_rows.setdefault(
+            posixpath.normpath(full), (relative, where[number - 1])
+        )
+        if spelling != relative:
+            respelt.append(f"{where[number - 1]} {relative!r} is the file of {place} {spelling!r}")
+            continue
         label = row.get("label")
         split = row.get("split") or None
         if split is not None:  # "validation" is "val", as a folder name would be
@@ -336,6 +354,12 @@ def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVide
                 size,
             )
         )
+    if respelt:
+        logger.warning(
+            "%s: %d row(s) name a file an earlier row names another way, left out (one file, "
+            "one id, one split): %s%s",
+            path, len(respelt), "; ".join(respelt[:5]), "; ..." if len(respelt) > 5 else "",
+        )  # fmt: skip
     if unknown_splits:
         logger.warning(
             "%s: split(s) %s are kept as they are; %s", path, ", ".join(sorted(unknown_splits)),
@@ -385,10 +409,12 @@ def _sizes(filesystem: pafs.FileSystem, paths: list[str]) -> dict[str, int]:
 
 
 def read_split_files(assignments: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Map relative path (and bare file name) -> split from UCF-101 style list files.
+    """Map path -> split from UCF-101 / HMDB-51 style list files.
 
-    Each line's first whitespace-separated token is a path relative to the input root
-    (`ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1`).
+    A line is a path relative to the input root, which may hold spaces, optionally followed by
+    an integer (UCF-101's class number: `ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1`). A
+    line without a folder (`v_a.avi`) names that file in any folder; a line with one names
+    that path only, so an unlisted `C/x.avi` does not take the split of a listed `A/x.avi`.
     """
     mapping: dict[str, str] = {}
     for given, list_path in assignments:
@@ -406,11 +432,29 @@ def read_split_files(assignments: Iterable[tuple[str, str]]) -> dict[str, str]:
         except OSError as error:
             raise InputError(f"cannot read split file {list_path!r}: {error}") from error
         for line in lines:
-            if line.strip():
-                relative = line.split()[0].replace("\\", "/")
-                mapping[relative] = split
-                mapping.setdefault(posixpath.basename(relative), split)
+            relative = line.strip().replace("\\", "/")
+            if not relative:
+                continue
+            mapping[relative] = split  # the whole line: a file name may end in " 1"
+            words = relative.rsplit(None, 1)
+            if len(words) == 2 and words[1].isdigit():  # a path and its class number
+                mapping[words[0]] = split
     return mapping
+
+
+def with_file_names(mapping: dict[str, str], videos: Iterable[InputVideo]) -> dict[str, str]:
+    """`read_split_files`' mapping plus the bare file name of each listed path that is not
+    itself an input: lists written for another layout (UCF-101's CLASS/file.avi, the videos
+    kept in one folder) still match by file name, while a listed `A/x.avi` that is an input
+    does not lend its split to an unlisted `C/x.avi`."""
+    present = set()
+    for video in videos:
+        present.update((video.relative_path, video.relative_path.split("/", 1)[-1]))
+    extended = dict(mapping)
+    for path, split in mapping.items():
+        if "/" in path and path not in present:
+            extended.setdefault(posixpath.basename(path), split)
+    return extended
 
 
 def assign_split(

@@ -5,8 +5,9 @@ reason code (the `reason` field of rejects.jsonl) and a human-readable detail.
 
 The probe demuxes with PyAV without decoding, which catches most bad inputs cheaply (not a
 container, an image, audio only, one frame, missing or duplicate timestamps, fewer packets than
-the header declares). Decoding then uses decord, scaled inside the decoder to the target size, in
-chunks, streamed into the encoder, so a long 4K source never sits in memory at full size.
+an mp4's header declares). Decoding then uses decord, scaled inside the decoder to the target
+size, in chunks, streamed into the encoder, so a long 4K source never sits in memory at full
+size.
 """
 
 from __future__ import annotations
@@ -126,10 +127,13 @@ def probe(data: bytes) -> Probe:
         context = stream.codec_context
         declared = stream.frames
         pts: list[int] = []
-        missing_pts = 0
+        missing_pts = discarded = 0
         try:
             for packet in container.demux(stream):
                 if not packet.size:
+                    continue
+                if packet.is_discard:  # before an edit list's start (a cut): never shown
+                    discarded += 1
                     continue
                 if packet.pts is None:
                     missing_pts += 1
@@ -148,8 +152,12 @@ def probe(data: bytes) -> Probe:
         raise Rejected("no_video_stream", "the video stream has no frames")
     if num_frames == 1:
         raise Rejected("single_frame", "a single frame (a still image in a video container)")
-    if declared and num_frames < declared:
-        raise Rejected("truncated", f"{num_frames} of the {declared} frames the header declares")
+    # Only an mp4's header counts its frames exactly: AVI's counts the empty chunks of
+    # dropped frames, which FFmpeg skips.
+    if declared and num_frames + discarded < declared and "mp4" in format_name.split(","):
+        raise Rejected(
+            "truncated", f"{num_frames + discarded} of the {declared} frames the header declares"
+        )
     if missing_pts:
         raise Rejected("timestamps", f"{missing_pts} of {num_frames} frames have no timestamp")
     unique = np.unique(np.asarray(pts))

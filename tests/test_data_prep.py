@@ -30,7 +30,13 @@ from media import (
 )
 
 import data_prep
-from data_prep.inputs import assign_split, discover, hash_split, read_split_files
+from data_prep.inputs import (
+    assign_split,
+    discover,
+    hash_split,
+    read_split_files,
+    with_file_names,
+)
 from data_prep.transcode import (
     PrepOptions,
     Rejected,
@@ -127,6 +133,58 @@ def test_splits_are_deterministic_by_id_hash_and_from_split_files(tmp_path, capl
     with caplog.at_level("WARNING", logger="data_prep.inputs"):
         read_split_files([("test", str(tmp_path / "testlist01.txt"))])
     assert "split 'test' is kept as it is" in caplog.text and "eval.test_split" in caplog.text
+
+
+def _splits_from_lists(root: Path, files: list[str], lists: dict[str, str]) -> dict[str, str]:
+    """Split of each of `files` (written under root/videos) given split name -> list text."""
+    for name in files:
+        (root / "videos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "videos" / name).write_bytes(b"x")
+    for split, text in lists.items():
+        (root / f"{split}list.txt").write_text(text)
+    videos, _ = discover(str(root / "videos"))
+    mapping = read_split_files([(split, str(root / f"{split}list.txt")) for split in lists])
+    mapping = with_file_names(mapping, videos)
+    return {video.relative_path: assign_split(video, mapping, 0.5, 0) for video in videos}
+
+
+def test_a_split_file_line_with_a_folder_names_that_file_only(tmp_path):
+    """Every listed path also gave its bare file name a split, so an unlisted `C/x.avi` took
+    the split of a listed `A/x.avi`: videos held out of every list went into train. A line
+    without a folder (HMDB-51's lists) still names that file in any folder."""
+    got = _splits_from_lists(
+        tmp_path,
+        ["A/x.avi", "C/x.avi", "B/y.avi", "D/z.avi"],
+        {"train": "A/x.avi 1\n", "val": "B/y.avi\nz.avi\n"},
+    )
+    assert got == {"A/x.avi": "train", "C/x.avi": "unassigned", "B/y.avi": "val", "D/z.avi": "val"}
+
+
+def test_a_list_written_for_class_folders_matches_videos_kept_in_one_folder(tmp_path):
+    """UCF-101's lists name CLASS/file.avi; videos kept flat still match by file name, as no
+    input sits at the listed path."""
+    got = _splits_from_lists(
+        tmp_path,
+        ["v_a.avi", "v_b.avi", "v_c.avi"],
+        {"train": "A/v_a.avi 1\n", "val": "B/v_b.avi\n"},
+    )
+    assert got == {"v_a.avi": "train", "v_b.avi": "val", "v_c.avi": "unassigned"}
+
+
+def test_split_file_paths_may_hold_spaces(tmp_path):
+    """A line was cut at its first space (`A/my clip.avi 1` read as `A/my`), so no path with a
+    space matched. Now the whole line is the path, or the line less a trailing class number."""
+    got = _splits_from_lists(
+        tmp_path,
+        ["A/my clip.avi", "A/take 2.avi", "B/a b.avi", "B/c.avi"],
+        {"train": "A/my clip.avi 1\nA/take 2.avi\nB/a b.avi\t7\n", "val": "B/c.avi 5\n"},
+    )
+    assert got == {
+        "A/my clip.avi": "train",
+        "A/take 2.avi": "train",
+        "B/a b.avi": "train",
+        "B/c.avi": "val",
+    }
 
 
 def test_a_source_decord_fails_on_is_decoded_again_with_pyav(monkeypatch):
@@ -286,6 +344,35 @@ def test_manifest_splits_read_like_folder_names_and_uri_listings_skip_hidden_fil
         assert [v.relative_path for v in videos] == ["dog/a.mp4"], source
 
 
+def test_one_file_under_several_manifest_paths_is_one_input(tmp_path, caplog):
+    """`cat/a.mp4`, `./cat/a.mp4` and its absolute path were three ids for one file, each
+    hashed to a split of its own (one video in train and in val). The first row is kept, with
+    the id it always had; the others are named with their lines."""
+    (tmp_path / "cat").mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / "cat" / name).write_bytes(b"x")
+    absolute = f"{tmp_path}/cat/a.mp4"
+    (tmp_path / "list.csv").write_text(
+        f"path,label\ncat/a.mp4,cat\n./cat/a.mp4,cat\ncat/b.mp4,cat\n{absolute},cat\n"
+    )
+    (tmp_path / "list.jsonl").write_text('{"path": "cat/a.mp4"}\n\n{"path": "cat//a.mp4"}\n')
+    with caplog.at_level("WARNING", logger="data_prep.inputs"):
+        videos, _ = discover(str(tmp_path / "list.csv"))
+        assert [(v.id, v.relative_path) for v in videos] == [
+            ("43ac1a66fcbd7af4", "cat/b.mp4"),
+            ("937c69ed537bce96", "cat/a.mp4"),
+        ]
+        assert (
+            "list.csv: 2 row(s) name a file an earlier row names another way, left out (one "
+            "file, one id, one split): line 3 './cat/a.mp4' is the file of line 2 'cat/a.mp4'; "
+            f"line 5 '{absolute}' is the file of line 2 'cat/a.mp4'"
+        ) in caplog.text
+        caplog.clear()
+        videos, _ = discover(str(tmp_path / "list.jsonl"))
+        assert [v.relative_path for v in videos] == ["cat/a.mp4"]
+        assert "line 3 'cat//a.mp4' is the file of line 1 'cat/a.mp4'" in caplog.text
+
+
 def test_a_variable_frame_rate_source_keeps_its_timing():
     """60 frames 1/60 s apart, then 20 frames 0.1 s apart: output frame k (15 fps) shows the
     source frame nearest k / 15 s. Picked by index, the output's second 1.0 showed the
@@ -354,6 +441,84 @@ def test_a_rotated_phone_video_is_sharded_as_it_is_shown(degrees, decoder, monke
     assert errors.max() < 2 * REENCODE_TOLERANCE
     wrong = np.rot90(shown, 2, axes=(1, 2)).astype(np.int16)
     assert np.abs(decoded - wrong).mean() > 4 * errors.mean()
+
+
+def _nearest_source_frames(video: bytes, source: np.ndarray) -> list[int]:
+    """For each decoded frame of `video`, the index of the source frame it is nearest to."""
+    decoded = decode_all_frames(video).astype(np.int16)
+    return [
+        int(np.argmin(np.abs(frame - source.astype(np.int16)).mean(axis=(1, 2, 3))))
+        for frame in decoded
+    ]
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_a_trimmed_mp4_keeps_the_frames_a_player_shows(decoder, monkeypatch):
+    """`ffmpeg -ss 1.4 -i in.mp4 -c copy` (or a phone's trim without re-encoding) starts at the
+    keyframe before the cut and lists the frames up to the cut, never shown, in an edit list.
+    Those five were counted as frames, which neither decoder returns: the clip was rejected
+    as decode_error ("decoded 43 of 48 frames")."""
+    import io
+
+    import av
+
+    from data_prep import transcode
+
+    if decoder == "pyav":
+
+        def decord_fails(*args):
+            raise VideoDecodeError("decord failed")
+
+        monkeypatch.setattr(transcode, "_decord_frames", decord_fails)
+
+    source = numbered_frames(64, height=48, width=64, seed=2)
+    buffer = io.BytesIO()
+    whole = av.open(io.BytesIO(encode(source, fps=15, gop=16)))
+    with whole, av.open(buffer, mode="w", format="mp4") as cut:
+        stream = cut.add_stream_from_template(whole.streams.video[0])
+        for packet in whole.demux(whole.streams.video[0]):
+            if packet.pts is None or round(packet.pts * packet.time_base * 15) < 16:
+                continue  # the demuxer's last, empty packet; the GOPs before the cut's
+            shift = round(21 / 15 / packet.time_base)  # frame 21 is shown at 0 s
+            packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, stream
+            cut.mux(packet)
+    info = probe(buffer.getvalue())
+    assert (info.num_frames, info.times[0], info.fps) == (43, 0.0, pytest.approx(15.0))
+    row = prepare_video(buffer.getvalue(), PrepOptions(min_frames=8))
+    assert row["num_frames"] == 43
+    assert _nearest_source_frames(row["video"], source) == list(range(21, 64))
+
+
+def test_an_avi_with_an_empty_chunk_for_a_dropped_frame_is_not_truncated():
+    """Capture tools write an empty chunk for a frame they dropped; the AVI header counts it,
+    FFmpeg skips it. The clip was rejected as truncated ("39 of the 40 frames the header
+    declares"); the count is only checked against an mp4's header, which counts exactly."""
+    import io
+    from fractions import Fraction
+
+    import av
+
+    source = numbered_frames(40, height=48, width=64, seed=7)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(15))
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index, pixels in enumerate(source):
+            if index == 20:  # dropped: an empty chunk in its place
+                empty = av.Packet(0)
+                empty.pts = empty.dts = index
+                empty.stream, empty.time_base = stream, Fraction(1, 15)
+                container.mux(empty)
+                continue
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(io.BytesIO(buffer.getvalue())) as container:
+        assert container.streams.video[0].frames == 40  # what the header declares
+    row = prepare_video(buffer.getvalue(), PrepOptions(min_frames=8))
+    assert row["num_frames"] == 39
+    assert _nearest_source_frames(row["video"], source) == [*range(20), *range(21, 40)]
 
 
 def test_rejections_at_the_probe():
@@ -462,8 +627,14 @@ def test_bad_input_matrix_rejects_each_with_its_reason(tmp_path, ray_session, ca
         error = np.abs(decoded - source.astype(np.int16)).mean(axis=(1, 2, 3))
         shifted = np.abs(decoded[1:] - source[:-1].astype(np.int16)).mean(axis=(1, 2, 3))
         assert error.max() < 6 and shifted.min() > 2 * error.max(), row["source_path"]
-    # idempotent: a re-run does nothing and changes nothing
-    before = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+
+    # idempotent: a re-run writes nothing. Equal bytes would not show it: a run that encoded
+    # every shard again writes the same bytes (almost always), so the files must be untouched.
+    def shard_files() -> dict[str, tuple[int, int]]:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shards").iterdir()}
+
+    before = shard_files()
+    capsys.readouterr()
     assert (
         data_prep.main(
             [
@@ -479,7 +650,12 @@ def test_bad_input_matrix_rejects_each_with_its_reason(tmp_path, ray_session, ca
         )
         == 0
     )
-    assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == before
+    assert shard_files() == before
+    inputs = len(expected)
+    assert (
+        f"data_prep: {inputs} of the {inputs} inputs were sharded by an earlier run into {out}; "
+        "0 added now"
+    ) in capsys.readouterr().out
 
 
 def test_the_quick_tours_synth_defaults_shard_and_decode(tmp_path, ray_session, capsys):
