@@ -504,18 +504,18 @@ def tracking_backup(
     import sqlite3
     import time
 
-    from svt_ray.tracking import BackupRefused, backup_sqlite_store, sqlite_file
+    from svt_ray.tracking import BackupRefused, backup_sqlite_store, sqlite_file, store_state
 
     if every < 0:
         raise fail(f"--every: {every} is negative; give seconds between backups, or 0 for once")
     source = sqlite_file(database)
     if not source.is_file():
         raise fail(f"DATABASE: no SQLite store at {source}")
-    copied = None  # (mtime, size) of the store at the last backup that succeeded
+    copied = None  # store_state (its file's and -wal's) at the last backup that succeeded
     retried = (OSError, ValueError, sqlite3.Error)
     while True:
-        stat = source.stat()
-        if (stat.st_mtime_ns, stat.st_size) != copied:
+        state = store_state(source)
+        if state != copied:
             try:
                 size = backup_sqlite_store(source, destination, force or copied is not None)
             except BackupRefused as error:  # a head that started empty: not retried
@@ -525,7 +525,7 @@ def tracking_backup(
                     raise fail(f"backup of {source} to {destination} failed: {error}", 1) from None
                 typer.secho(f"warning: backup to {destination} failed: {error}", err=True)
             else:
-                copied = (stat.st_mtime_ns, stat.st_size)
+                copied = state
                 typer.echo(f"backed up {source} to {destination} ({size / 2**20:.1f} MiB)")
         if not every:
             return
@@ -585,7 +585,12 @@ def tracking_sync(
         read_json,
         run_directory,
     )
-    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri, sync_metrics
+    from svt_ray.tracking import (
+        absolute_tracking_uri,
+        check_tracking_uri,
+        hide_password,
+        sync_metrics,
+    )
 
     storage = storage or "svt_runs"
     run_dir = run_directory(storage, run_name)
@@ -605,11 +610,12 @@ def tracking_sync(
     check_tracking_uri(uri, must_exist=True)
     run_id = recorded["mlflow_run_id"]
     steps = sync_metrics(uri, run_id, metrics_file)
+    shown = hide_password(uri, uri)
     if not steps:
-        typer.echo(f"run {run_name}: MLflow ({uri}) has every metric of {metrics_file}")
+        typer.echo(f"run {run_name}: MLflow ({shown}) has every metric of {metrics_file}")
     else:
         typer.echo(
-            f"run {run_name}: sent MLflow ({uri}) the values of {len(steps)} step(s) it lacked, "
+            f"run {run_name}: sent MLflow ({shown}) the values of {len(steps)} step(s) it lacked, "
             f"clips seen {steps[0]}..{steps[-1]}"
         )
     step = (read_json(join_uri(run_dir, PROGRESS_FILE)) or {}).get("step", 0)

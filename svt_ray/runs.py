@@ -39,6 +39,7 @@ from svt_ray.config import (
 from svt_ray.tracking import (
     METRICS_FILE,
     git_commit,
+    hide_password,
     make_tracker,
     plot_training_curves,
     read_metrics_file,
@@ -337,8 +338,13 @@ def start_mlflow_run(
             **(extra_tags or {}),
         },
     )
-    tracker.log_params({**config.flat(), "train.run_name": run_name})  # the default's too
-    tracker.log_text(config.dump(), "config.yaml")
+    # Whoever reads the MLflow store sees no password of the tracking URI (run.json, in the
+    # run's own storage, keeps the URI whole for a resume)
+    recorded = config.tracking.tracking_uri
+    params = {**config.flat(), "train.run_name": run_name}  # the default's too
+    params["tracking.tracking_uri"] = hide_password(recorded, recorded)
+    tracker.log_params(params)
+    tracker.log_text(hide_password(config.dump(), recorded), "config.yaml")
     tracker.close()  # the run is resumable from here on: run.json names it
     try:
         write_json(
@@ -418,7 +424,7 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
     logger.warning(
         "run %s: its last MLflow calls from training did not reach %s in time; MLflow run %s "
         "is marked FINISHED now, and `%s` sends any metrics it lacks",
-        run_name, tracking_uri, run_id, sync,
+        run_name, hide_password(tracking_uri, tracking_uri), run_id, sync,
     )  # fmt: skip
 
 

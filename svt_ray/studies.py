@@ -50,7 +50,7 @@ from svt_ray.study_report import (
 from svt_ray.study_report import batch_size_verdict as batch_size_verdict
 from svt_ray.study_report import best_vs_worst_verdict as best_vs_worst_verdict
 from svt_ray.study_report import scaling_verdict as scaling_verdict
-from svt_ray.tracking import viewing_hint
+from svt_ray.tracking import hide_password, viewing_hint
 
 logger = logging.getLogger(__name__)
 
@@ -705,7 +705,7 @@ def _parent_params(
         "asha": str(options.asha),
         "asha_grace_clips": str(recipe["asha_grace_clips"]),
         "budget_clips": str(recipe["budget_clips"]),
-        "base_overrides": " ".join(shared)[:6000],
+        "base_overrides": hide_password(" ".join(shared), options.tracking_uri)[:6000],
         **{
             f"sweep.{s.path}": ",".join(json.dumps(s.label(v)) for v in s.values)
             for s in spec.sweeps

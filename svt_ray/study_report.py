@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from svt_ray.config import ConfigError
+from svt_ray.tracking import hide_password
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class StudyReport:
     budget_clips: int | None = None
     x_label: str = ""
     "The plots' x axis (the study's `x_label`; default: the first swept path)."
+    parent_status: str = ""
+    "The parent run's MLflow status (KILLED after a Ctrl-C); '' for a comparison of runs."
     files: dict[str, Path] = field(default_factory=dict)
     "Where publish()/write() put the table and plots."
 
@@ -108,6 +111,21 @@ class StudyReport:
             )
         return rows
 
+    def unfinished(self) -> str:
+        """'' for a study that ran to its end; else what is still open, e.g. "study unfinished
+        (parent KILLED, 1 trial running)": its table and verdict read part of the grid, and a
+        trial it stopped (KILLED) may have been stopped by the interruption, not by ASHA."""
+        still_open = []
+        if self.parent_status not in ("", "FINISHED"):
+            still_open.append(f"parent {self.parent_status}")
+        if running := sum(t.status == "RUNNING" for t in self.trials):
+            what = "trial" if self.parent_run_id else "run"
+            still_open.append(f"{running} {what}{'s' * (running != 1)} running")
+        if not still_open:
+            return ""
+        kind = "study" if self.parent_run_id else "comparison"
+        return f"{kind} unfinished ({', '.join(still_open)})"
+
     def best(self) -> dict[str, Any] | None:
         scored = [row for row in self.aggregate() if row["knn_top1_mean"] is not None]
         return max(scored, key=lambda row: row["knn_top1_mean"]) if scored else None
@@ -144,13 +162,20 @@ class StudyReport:
         """The honest few lines a study prints at the end."""
         failed = sum(t.status == "FAILED" for t in self.trials)
         stopped = sum(t.status == "KILLED" for t in self.trials)
-        lines = [
-            f"study {self.study}: {self.question}",
+        running = sum(t.status == "RUNNING" for t in self.trials)
+        lines = [f"study {self.study}: {self.question}"]
+        if unfinished := self.unfinished():
+            lines.append(
+                f"{unfinished}: what follows reads the trials so far, not the whole grid (the "
+                "same study command continues an interrupted study)"
+            )
+        lines.append(
             f"swept {', '.join(self.swept) or 'no setting (the same recipe)'}; "
             f"{len(self.trials)} trial{'s' * (len(self.trials) != 1)} "
-            f"({failed} failed, {stopped} stopped early)"
-            + (f"; budget up to {self.budget_clips} clips each" if self.budget_clips else ""),
-        ]
+            f"({failed} failed, {stopped} stopped early"
+            + (f", {running} running)" if running else ")")
+            + (f"; budget up to {self.budget_clips} clips each" if self.budget_clips else "")
+        )
         best = self.best()
         tied = [
             row
@@ -283,18 +308,20 @@ def collect_study(
     `run_ids`, compares those runs instead, of any experiment (their differing params become
     the sweep; seeds are repeats, not a setting). The verdict is recomputed with the installed
     rules unless the caller, holding the study's spec, computes it itself
-    (`recompute_verdict=False`).
+    (`recompute_verdict=False`: the study's driver at the sweep's end, whose parent run stays
+    RUNNING until the report is logged, so RUNNING there is not a study still running).
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
+    store = hide_password(tracking_uri, tracking_uri)  # as messages name it
 
     def get_run(run_id: str, what: str):
         try:
             return client.get_run(run_id)
         except MlflowException as error:
-            raise ConfigError(f"no {what} {run_id!r} in {tracking_uri}: {error.message}") from None
+            raise ConfigError(f"no {what} {run_id!r} in {store}: {error.message}") from None
 
     def run_by_id_or_name(given: str):
         """A run by its MLflow id, or by its name (`svt-ray pretrain` names each run; the
@@ -311,12 +338,12 @@ def collect_study(
             return named[0]
         if named:
             raise ConfigError(
-                f"{len(named)} MLflow runs of {tracking_uri} are named {given!r} ("
+                f"{len(named)} MLflow runs of {store} are named {given!r} ("
                 + ", ".join(run.info.run_id for run in named)
                 + "); pass the id of the one to compare"
             )
         raise ConfigError(
-            f"no MLflow run with id or name {given!r} in {tracking_uri}; `svt-ray pretrain` "
+            f"no MLflow run with id or name {given!r} in {store}; `svt-ray pretrain` "
             "prints each run's name and MLflow id, and `mlflow ui` lists them"
         )
 
@@ -336,13 +363,13 @@ def collect_study(
                 f"the study with {flags}, or name its trials' runs"
             )
         parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
-        verdict, budget, verdict_fn, x_label = "", None, None, ""
+        verdict, budget, verdict_fn, x_label, parent_status = "", None, None, "", ""
         swept = _differing_params(children)
     else:
         found = client.get_experiment_by_name(experiment)
         if found is None:
             raise ConfigError(
-                f"no MLflow experiment {experiment!r} in {tracking_uri}: no study has logged to "
+                f"no MLflow experiment {experiment!r} in {store}: no study has logged to "
                 "this store under that name; run one (`python studies/NAME.py`), or point "
                 "--tracking-uri (and --experiment) at the store a study used"
             )
@@ -372,7 +399,7 @@ def collect_study(
                     }
                 )
                 raise ConfigError(
-                    f"no study {study!r} in MLflow experiment {experiment!r} of {tracking_uri} "
+                    f"no study {study!r} in MLflow experiment {experiment!r} of {store} "
                     f"(its studies: {', '.join(names) or 'none'}); pass the --tracking-uri (and "
                     "--experiment) the study ran with"
                 )
@@ -388,6 +415,9 @@ def collect_study(
         verdict = parent.data.tags.get("svt.verdict", "")
         verdict_fn = parent.data.tags.get("svt.verdict_fn")
         x_label = parent.data.tags.get("svt.x_label", "")
+        parent_status = parent.info.status
+        if parent_status == "RUNNING" and not recompute_verdict:  # the driver, reporting
+            parent_status = "FINISHED"
         budget = parent.data.params.get("budget_clips")
         children = client.search_runs(
             [parent.info.experiment_id],
@@ -399,7 +429,7 @@ def collect_study(
     trials = [_trial_record(client, run, swept) for run in children]
     report = StudyReport(
         study, question, parent_id, tracking_uri, swept, trials, verdict,
-        int(budget) if budget else None, x_label,
+        int(budget) if budget else None, x_label, parent_status,
     )  # fmt: skip
     if verdict_fn and recompute_verdict:
         report.verdict = qualified_verdict(
@@ -409,6 +439,17 @@ def collect_study(
 
 
 def qualified_verdict(report: StudyReport, verdict: str) -> str:
+    """`verdict`, said first to read part of the grid when the study is unfinished
+    (interrupted, or still running: a verdict on part of the grid would mislead), and to be
+    noise when no trial rose above the untrained model's online kNN."""
+    unfinished = report.unfinished()
+    if not verdict or (unfinished and verdict.startswith(unfinished)):  # qualified already
+        return verdict
+    verdict = _noise_qualified(report, verdict)
+    return f"{unfinished}: {verdict}" if unfinished else verdict
+
+
+def _noise_qualified(report: StudyReport, verdict: str) -> str:
     """`verdict`, said to be noise when no trial rose above the untrained model's online kNN
     (each measured from the start): it named a best setting and a gain where none learned."""
     curves = [t for t in report.trials if t.curve]
@@ -651,21 +692,41 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
     def stats(row):
         return row["knn_top1_mean"], row["knn_top1_sem"], row["scored"]
 
-    best = max(rows, key=lambda row: row["knn_top1_mean"])
-    worst = min(rows, key=lambda row: row["knn_top1_mean"])
-    if best["knn_top1_mean"] == worst["knn_top1_mean"]:
-        answer = (
-            f"the finished settings tie at {best['knn_top1_mean']} ("
-            + "; ".join(name(row) for row in rows)
-            + ")"
-        )
+    top = max(row["knn_top1_mean"] for row in rows)
+    bottom = min(row["knn_top1_mean"] for row in rows)
+    if top == bottom:
+        answer = f"the finished settings tie at {top} (" + "; ".join(map(name, rows)) + ")"
     else:
-        answer = f"best {name(best)} ({best['knn_top1_mean']}); over worst {name(worst)}: "
-        answer += _difference_phrase(stats(best), stats(worst))
+        best = [row for row in rows if row["knn_top1_mean"] == top]
+        worst = [row for row in rows if row["knn_top1_mean"] == bottom]
+        answer = (
+            f"best {_named([name(row) for row in best], str(top))}; over worst "
+            f"{_named([name(row) for row in worst], str(bottom), alone=False)}: "
+            + _difference_phrase(
+                _least_sure([stats(row) for row in best]),
+                _least_sure([stats(row) for row in worst]),
+            )
+        )
     if any(t.status == "KILLED" for t in report.trials):
         # the settings ASHA stopped are compared where every setting was measured
         answer = f"finished: {answer}; {_common_rung_verdict(report)}"
     return answer
+
+
+def _named(names: list[str], value: str, alone: bool = True) -> str:
+    """'x=1 (50.0)' ('x=1' unless `alone`), or every setting of a tie: 'x=0 and x=4 (tied
+    at 50.0)'."""
+    if len(names) > 1:
+        return f"{' and '.join(names)} (tied at {value})"
+    return f"{names[0]} ({value})" if alone else names[0]
+
+
+def _least_sure(
+    tied: list[tuple[float, float | None, int]],
+) -> tuple[float, float | None, int]:
+    """Of settings tied on the mean, (mean, s.e., seeds) of the one a difference is least
+    sure for (a single seed, else the widest error bar): a tie is judged by its weakest."""
+    return max(tied, key=lambda stats: math.inf if stats[1] is None else stats[1])
 
 
 def _common_rung_verdict(report: StudyReport) -> str:
@@ -676,17 +737,27 @@ def _common_rung_verdict(report: StudyReport) -> str:
         return "fewer than two settings were measured: no comparison"
     rung = min(t.curve[-1][0] for t in curves)
     scores: dict[str, list[float]] = {}
-    for trial in curves:
+    for trial in sorted(curves, key=lambda t: _sort_key(t.sweep)):  # ties named in order
         value = [v for x, v in trial.curve if x <= rung][-1]
         name = ", ".join(f"{p}={trial.sweep.get(p)}" for p in report.swept)
         scores.setdefault(name, []).append(value)
     stats = {name: _mean_sem(values) for name, values in scores.items()}
-    best = max(stats, key=lambda name: stats[name][0])
-    worst = min(stats, key=lambda name: stats[name][0])
+    # In an interrupted or running study, a KILLED trial may be Ctrl-C's, not ASHA's.
+    reached = "so far" if report.unfinished() else "before ASHA stopped it"
+    at = f"at {rung:.0f} clips seen (the furthest every setting got {reached}): "
+    top = max(mean for mean, _, _ in stats.values())
+    bottom = min(mean for mean, _, _ in stats.values())
+    if top == bottom:
+        return at + f"every setting at {top:.1f} (a tie)"
+    best = [name for name in stats if stats[name][0] == top]
+    worst = [name for name in stats if stats[name][0] == bottom]
     return (
-        f"at {rung:.0f} clips seen (the furthest every setting got before ASHA stopped it): "
-        f"best {best} ({stats[best][0]:.1f}); over worst {worst}: "
-        + _difference_phrase(stats[best], stats[worst])
+        at + f"best {_named(best, f'{top:.1f}')}; over worst "
+        f"{_named(worst, f'{bottom:.1f}', alone=False)}: "
+        + _difference_phrase(
+            _least_sure([stats[name] for name in best]),
+            _least_sure([stats[name] for name in worst]),
+        )
     )
 
 

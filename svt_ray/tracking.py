@@ -3,11 +3,13 @@
 - The store defaults to `sqlite:///mlflow.db` in the working directory (MLflow 3's default,
   so a bare `mlflow ui` finds it); any tracking URI works, an `mlflow server` included.
 - `check_tracking_uri` runs before any compute is spent and fails with one clear line.
-- Every metric also goes to `metrics.jsonl` in the run directory first; MLflow gets it from a
-  thread of the tracker's own (`_Sender`), so training never waits on the store. An outage in
-  the middle of a run holds the values back and sends them, in order, when the store answers
-  again; what it has not taken when the run ends stays in `metrics.jsonl`, and
+- Every metric also goes to `metrics.jsonl` in the run directory first (each line with its
+  step as `clips_seen`, also where that was not logged: `CLIPS_SEEN_LOGGED`); MLflow gets it
+  from a thread of the tracker's own (`_Sender`), so training never waits on the store. An
+  outage in the middle of a run holds the values back and sends them, in order, when the
+  store answers again; what it has not taken when the run ends stays in `metrics.jsonl`, and
   `svt-ray tracking sync` sends it later.
+- No message shows the password of a tracking URI's user:password@ (`hide_password`).
 - On resume the tracker continues the same MLflow run and skips steps it already logged
   (in MLflow or in `metrics.jsonl`), so a restart from a checkpoint never logs a step twice;
   the steps `metrics.jsonl` has and MLflow lacks (a crash while values were held back) are sent.
@@ -20,7 +22,9 @@
 
 from __future__ import annotations
 
+import base64
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from svt_ray.config import ConfigError
 
@@ -39,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 METRICS_FILE = "metrics.jsonl"  # every logged metric of a run, in its local log directory
+# A metrics.jsonl line's "clips_seen" is its MLflow step; this key, false, says it is only
+# that and not a logged metric too (the online kNN at the start, a summary): never sent.
+CLIPS_SEEN_LOGGED = "clips_seen_logged"
 METRICS_PER_CALL = 1000  # MLflow's limit on the metrics of one log_batch
 HELD_VALUES_LIMIT = 1_000_000  # metric values held back in an outage (about 100 MB)
 # MLflow errors that retrying cannot cure: the store answered and refused the call.
@@ -69,8 +76,16 @@ def viewing_hint(uri: str) -> str:
     """How to look at the runs of a tracking URI: a server's own page, or `mlflow ui` over a
     store (which refuses an http:// backend)."""
     if urlparse(uri).scheme in ("http", "https"):
-        return f"open {uri} (the MLflow server's UI)"
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+        return f"open {hide_password(uri, uri)} (the MLflow server's UI)"
+    return f"mlflow ui --backend-store-uri {shlex.quote(hide_password(uri, uri))}"
+
+
+def hide_password(text: str, uri: str) -> str:
+    """`text` (the URI itself, or a message or error that quotes it) with the password of
+    `uri`'s user:password@ shown as ***: no message prints it."""
+    userinfo = urlparse(uri).netloc.rpartition("@")[0]
+    user, _, password = userinfo.partition(":")
+    return text.replace(f"{userinfo}@", f"{user}:***@") if password else text
 
 
 def artifact_location_for(uri: str) -> str | None:
@@ -87,7 +102,8 @@ def experiment_id(client, experiment: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None and found.lifecycle_stage == "deleted":  # MLflow refuses runs in it
         raise TrackingUnavailableError(
-            f"MLflow experiment {experiment!r} in {tracking_uri} is deleted; restore it "
+            f"MLflow experiment {experiment!r} in {hide_password(tracking_uri, tracking_uri)} "
+            "is deleted; restore it "
             f"(`mlflow experiments restore --experiment-id {found.experiment_id}` with "
             "MLFLOW_TRACKING_URI set to that store) or name another"
         )
@@ -100,6 +116,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = Fal
     """Fail fast, with a message that says what to do, if `uri` cannot take a run (or, with
     `must_exist`, holds no database to read: MLflow would create an empty one)."""
     parsed = urlparse(uri)
+    shown = hide_password(uri, uri)
     if parsed.scheme == "sqlite":
         if not uri.startswith("sqlite:///"):  # sqlite://mlflow.db: SQLAlchemy refuses it late
             raise TrackingUnavailableError(
@@ -112,18 +129,34 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = Fal
         import urllib.error
         import urllib.request
 
+        # urllib takes user:password@ for part of the host name; MLflow (requests) sends it
+        # as basic auth, and so does this check.
+        host = parsed.netloc.rpartition("@")[2]
+        request = urllib.request.Request(
+            f"{parsed._replace(netloc=host).geturl().rstrip('/')}/health"
+        )
+        if parsed.username is not None:
+            credentials = f"{unquote(parsed.username)}:{unquote(parsed.password or '')}"
+            request.add_header(
+                "Authorization", "Basic " + base64.b64encode(credentials.encode()).decode()
+            )
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
+            with urllib.request.urlopen(request, timeout=timeout_s) as reply:
                 if reply.status != 200:
                     raise TrackingUnavailableError(
-                        f"tracking server {uri} answered {reply.status} on /health"
+                        f"tracking server {shown} answered {reply.status} on /health"
                     )
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
+        except urllib.error.HTTPError as error:
             raise TrackingUnavailableError(
-                f"tracking server {uri} is unreachable ({reason}); start it with `mlflow server "
-                "--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000` or pass "
-                "another --tracking-uri"
+                f"tracking server {shown} answered {error.code} ({error.reason}) on /health; "
+                "check the user and password in --tracking-uri, or pass another"
+            ) from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = hide_password(str(getattr(error, "reason", error)), uri)
+            raise TrackingUnavailableError(
+                f"tracking server {shown} is unreachable ({reason}); start it with `mlflow "
+                "server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000` "
+                "or pass another --tracking-uri"
             ) from None
         return
     if parsed.scheme in ("", "file"):
@@ -134,7 +167,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = Fal
     scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2: MLflow's store is by dialect
     if scheme not in _tracking_schemes():  # htp://...: MLflow would fail on first use
         raise TrackingUnavailableError(
-            f"tracking URI {uri}: MLflow has no store for scheme {parsed.scheme!r} (it has "
+            f"tracking URI {shown}: MLflow has no store for scheme {parsed.scheme!r} (it has "
             f"{', '.join(sorted(s for s in _tracking_schemes() if s))})"
         )
 
@@ -223,11 +256,15 @@ def cluster_tracking_uri(uri: str, node_ip: str, timeout_s: float = 5.0) -> str:
             "on other nodes cannot reach it and keep their metrics in metrics.jsonl only; start "
             "it with `mlflow server --host 0.0.0.0` (the security group keeps it inside the "
             "cluster)",
-            uri,
-            rewritten,
+            hide_password(uri, uri),
+            hide_password(rewritten, uri),
         )
         return uri
-    logger.info("tracking URI %s -> %s, which every node of the cluster reaches", uri, rewritten)
+    logger.info(
+        "tracking URI %s -> %s, which every node of the cluster reaches",
+        hide_password(uri, uri),
+        hide_password(rewritten, uri),
+    )
     return rewritten
 
 
@@ -235,6 +272,19 @@ def sqlite_file(database: str | Path) -> Path:
     """The file of a SQLite store given as a path or as `sqlite:///PATH`."""
     text = str(database)
     return Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text)
+
+
+def store_state(database: Path) -> tuple[tuple[int, int], ...]:
+    """(mtime, size) of a SQLite store's file and of its -wal file if there is one: a store in
+    WAL mode (`mlflow migrate-filestore` makes one) commits to DATABASE-wal, and its file
+    changes only when the log is checkpointed into it. A backup loop copies when this
+    changed."""
+    stat = database.stat()
+    state = [(stat.st_mtime_ns, stat.st_size)]
+    with contextlib.suppress(FileNotFoundError):  # none: not in WAL mode, or no connection
+        wal = database.with_name(f"{database.name}-wal").stat()
+        state.append((wal.st_mtime_ns, wal.st_size))
+    return tuple(state)
 
 
 class BackupRefused(ValueError):
@@ -465,16 +515,28 @@ def missing_metrics(client, run_id: str, lines: list[dict[str, float]], after: i
         lines = [line for line in lines if line["clips_seen"] > after]
         have: dict[str, set[int]] = collections.defaultdict(set)
     else:
-        keys = {key for line in lines for key in line} - {"time"}
+        keys = {key for line in lines for key in logged_values(line)}
         have = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
     found = []
-    for line in lines:  # clips_seen is a metric too: compare and plot against it
+    for line in lines:
         step, stamp = int(line["clips_seen"]), int(line["time"] * 1000)
-        for key, value in line.items():
-            if key != "time" and step not in have[key]:
+        for key, value in logged_values(line).items():
+            if step not in have[key]:
                 found.append(Metric(key, float(value), stamp, step))
-                have[key].add(step)  # a summary line repeats its step's clips_seen
+                have[key].add(step)
     return found
+
+
+def logged_values(line: dict[str, Any]) -> dict[str, float]:
+    """The metrics a metrics.jsonl line logged: not its time, nor its clips_seen where that is
+    only the line's step (`CLIPS_SEEN_LOGGED`; training logs clips_seen as a metric, which
+    the reports read). A line written before that key tells by type: the step was written as
+    an int, training's clips_seen as a float."""
+    marker_only = line.get(CLIPS_SEEN_LOGGED) is False or (
+        CLIPS_SEEN_LOGGED not in line and isinstance(line.get("clips_seen"), int)
+    )
+    skipped = {"time", CLIPS_SEEN_LOGGED} | ({"clips_seen"} if marker_only else set())
+    return {key: value for key, value in line.items() if key not in skipped}
 
 
 def sync_metrics(tracking_uri: str, run_id: str, metrics_file: str | Path) -> list[int]:
@@ -514,6 +576,10 @@ class _Sender:
         self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
         self._thread.start()
 
+    def _shown(self, text: Any) -> str:
+        """`text` (the URI, or an MLflow error, which quotes it) with no password in it."""
+        return hide_password(str(text), self.uri)
+
     def put(self, what: str, function: Callable, *args, values: int = 0, **kwargs) -> None:
         """Queue `function(*args, **kwargs)`; `values` > 0 marks a log_batch of that many
         metrics (merged with its neighbours, counted against HELD_VALUES_LIMIT)."""
@@ -524,7 +590,7 @@ class _Sender:
                         "MLflow at %s has not answered for so long that %d metric values are "
                         "held back; newer ones go to %s only until it answers (then "
                         "`svt-ray tracking sync` sends them)",
-                        self.uri, self._held_values, self.metrics_file,
+                        self._shown(self.uri), self._held_values, self.metrics_file,
                     )  # fmt: skip
                     self._warned_full = True
                 return
@@ -587,7 +653,9 @@ class _Sender:
             except Exception as error:
                 if getattr(error, "error_code", None) in REFUSALS:
                     if what not in refused:  # once per kind: a deleted run refuses them all
-                        logger.warning("MLflow refused %s (%s); dropped it", what, error)
+                        logger.warning(
+                            "MLflow refused %s (%s); dropped it", what, self._shown(error)
+                        )
                         refused.add(what)
                     self._done(taken, values)
                     continue
@@ -597,7 +665,8 @@ class _Sender:
                         "MLflow %s at %s failed (%s); training goes on, and what MLflow has "
                         "not taken is held back and sent again every <= %.0f s (every metric "
                         "is also in %s)",
-                        what, self.uri, error, self.retry_s[1], self.metrics_file,
+                        what, self._shown(self.uri), self._shown(error), self.retry_s[1],
+                        self.metrics_file,
                     )  # fmt: skip
                 self._wake.wait(self.retry_s[0] if self._flushing else delay)
                 self._wake.clear()
@@ -606,7 +675,7 @@ class _Sender:
             if since is not None:  # said before the call counts as done: a flush sees it
                 logger.warning(
                     "MLflow at %s answers again after %.0f s; the values held back are sent",
-                    self.uri, time.monotonic() - since,
+                    self._shown(self.uri), time.monotonic() - since,
                 )  # fmt: skip
                 delay, since, self._warned_full = self.retry_s[0], None, False
             self._done(taken, values)
@@ -670,8 +739,8 @@ class MLflowTracker:
             logger.warning(
                 "MLflow at %s is not reachable from this node (%s); training goes on and "
                 "metrics stay in %s",
-                tracking_uri,
-                error,
+                hide_password(tracking_uri, tracking_uri),
+                hide_password(str(error), tracking_uri),
                 self.metrics_file,
             )
             return
@@ -722,8 +791,7 @@ class MLflowTracker:
 
         now = int(time.time() * 1000)
         if step > self.last_written:
-            with open(self.metrics_file, "a") as file:
-                file.write(json.dumps({"clips_seen": step, "time": now / 1000, **metrics}) + "\n")
+            self._write_line(step, now, metrics)
             self.last_written = step
         if step > self.last_logged:
             self._send_metrics(
@@ -738,11 +806,20 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now, step = int(time.time() * 1000), max(self.last_logged, self.last_written, 0)
-        with open(self.metrics_file, "a") as file:
-            file.write(json.dumps({"clips_seen": step, "time": now / 1000, **metrics}) + "\n")
+        self._write_line(step, now, metrics)
         self._send_metrics(
             "log_summary", [Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
+
+    def _write_line(self, step: int, now_ms: int, metrics: dict[str, float]) -> None:
+        """Append `metrics` to metrics.jsonl as a line of step `step` (its clips_seen)."""
+        line = {"clips_seen": step, "time": now_ms / 1000, **metrics}
+        if "clips_seen" in metrics:  # a float, as MLflow keeps it (`logged_values`)
+            line["clips_seen"] = float(metrics["clips_seen"])
+        else:  # the step, not a value logged: never sent to MLflow
+            line[CLIPS_SEEN_LOGGED] = False
+        with open(self.metrics_file, "a") as file:
+            file.write(json.dumps(line) + "\n")
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self._safely("log_artifact", self.client.log_artifact, self.run_id, str(path), folder)
@@ -760,7 +837,8 @@ class MLflowTracker:
             logger.warning(
                 "MLflow at %s has not taken %d call(s) of run %s; the metrics are in %s, and "
                 "`svt-ray tracking sync` sends them once it answers",
-                self.tracking_uri, left, self.run_id, self.metrics_file,
+                hide_password(self.tracking_uri, self.tracking_uri), left, self.run_id,
+                self.metrics_file,
             )  # fmt: skip
         return not left
 

@@ -223,6 +223,91 @@ def _finished_run(client, experiment_id: str, knn: float, **tags: str) -> str:
     return run.info.run_id
 
 
+def test_a_verdict_names_every_setting_of_a_tie():
+    """max() named the first of the tied best settings while the summary said it was a tie;
+    the tie was said only when every setting tied."""
+    views = "views.num_local"
+    report = _report(
+        [_trial({views: v}, 0, [(0, 10.0), (400, final)]) for v, final in
+         ((0, 50.0), (4, 50.0), (8, 40.0))],
+        [views],
+    )  # fmt: skip
+    assert best_vs_worst_verdict(report) == (
+        "best views.num_local=0 and views.num_local=4 (tied at 50.0); over worst "
+        "views.num_local=8: +10.0 points (one seed per setting: no error bars, indicative only)"
+    )
+    assert "best: a tie at online kNN top-1 50.0 (views.num_local=0; views.num_local=4)" in (
+        report.summary()
+    )
+    # At the common rung: three settings tie at the worst, named in order.
+    asha = _report(
+        [_trial({views: 8}, 0, [(0, 10.0), (100, 10.0)], status="KILLED"),
+         _trial({views: 0}, 0, [(0, 10.0), (200, 50.0)]),
+         _trial({views: 16}, 0, [(0, 10.0), (100, 12.0)], status="KILLED"),
+         _trial({views: 4}, 0, [(0, 10.0), (200, 30.0)])],
+        [views],
+    )  # fmt: skip
+    assert best_vs_worst_verdict(asha).endswith(
+        "before ASHA stopped it): best views.num_local=16 (12.0); over worst views.num_local=0 "
+        "and views.num_local=4 and views.num_local=8 (tied at 10.0): +2.0 points (one seed per "
+        "setting: no error bars, indicative only)"
+    )
+    level = _report(asha.trials[1:2] + asha.trials[:1], [views])  # 50 finished, 10 at 100
+    assert best_vs_worst_verdict(level).endswith(": every setting at 10.0 (a tie)")
+
+
+def test_compare_says_a_study_is_unfinished(tmp_path, mlflow_db):
+    """`svt-ray compare` on an interrupted or running study gave its verdict as if the grid
+    were complete, and called the trials Ctrl-C stopped ASHA's."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("svt-ray-studies")
+    parent = client.create_run(experiment, tags={
+        "svt.study": "s", "svt.study_role": "parent",
+        "svt.verdict_fn": "svt_ray.study_report:best_vs_worst_verdict",
+    }).info.run_id  # fmt: skip
+    client.log_param(parent, "sweep.views.num_local", "[0, 4, 8, 16, 32]")
+
+    def child(views: int, points, status: str) -> None:
+        run = client.create_run(experiment, tags={
+            "mlflow.parentRunId": parent, "svt.seed": "0",
+            "svt.sweep.views.num_local": str(views),
+        }).info.run_id  # fmt: skip
+        client.log_batch(run, metrics=[Metric(METRIC, y, 1000 + x, x) for x, y in points])
+        if status != "RUNNING":
+            client.set_terminated(run, status)
+
+    child(0, [(0, 10.0), (400, 50.0)], "FINISHED")
+    child(8, [(0, 10.0), (400, 40.0)], "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    done = collect_study(uri, "svt-ray-studies", "s")
+    assert done.verdict.startswith("best views.num_local=0 (50.0); over worst")
+    assert "unfinished" not in done.summary()
+
+    client.update_run(parent, "RUNNING")  # the study continued, then Ctrl-C
+    child(16, [(0, 10.0), (100, 12.0)], "KILLED")
+    # Its own driver reports a sweep it ended with the parent RUNNING still: not unfinished.
+    driver = collect_study(uri, "svt-ray-studies", "s", recompute_verdict=False)
+    assert "unfinished" not in driver.summary()
+    child(32, [(0, 10.0)], "RUNNING")
+    client.set_terminated(parent, "KILLED")
+    report = collect_study(uri, "svt-ray-studies", "s")
+    assert report.verdict.startswith(
+        "study unfinished (parent KILLED, 1 trial running): finished: best views.num_local=0 "
+        "(50.0); over worst views.num_local=8: +10.0 points"
+    )
+    assert "at 100 clips seen (the furthest every setting got so far): best" in report.verdict
+    assert "ASHA" not in report.verdict
+    lines = report.summary().splitlines()
+    assert lines[1].startswith("study unfinished (parent KILLED, 1 trial running): what follows")
+    assert "4 trials (0 failed, 1 stopped early, 1 running)" in lines[2]
+    assert lines[-1] == f"verdict: {report.verdict}"
+    assert report.verdict in report.markdown()
+
+
 def test_a_trials_hours_are_its_training_loops_without_start_ups_or_pauses(tmp_path, mlflow_db):
     """Hours count from each session's first step, not from the run's start (Ray Train's
     start-up: 41 s of a 16 s trial on 2 cores), and leave out the pauses between a stop and the
@@ -280,6 +365,7 @@ def test_compare_recomputes_the_verdict_with_the_current_rules(tmp_path, mlflow_
                 "mlflow.parentRunId": run.info.run_id, "svt.seed": "0",
                 "svt.sweep.views.num_local": str(locals_),
             })  # fmt: skip
+        client.set_terminated(run.info.run_id, "FINISHED")  # a study that ran to its end
         return run.info.run_id
 
     parent("current", "svt_ray.study_report:best_vs_worst_verdict")
@@ -413,9 +499,23 @@ def test_list_settings_sort_by_their_numbers():
     assert [row[frames] for row in report.aggregate()] == [[8], [8, 16], [64]]
 
 
-def test_the_final_plot_keeps_the_settings_asha_stopped(tmp_path):
+def _recorded(calls: list, method):
+    """`method` (of matplotlib's Axes), appending the positional arguments of each call to
+    `calls` before it draws."""
+
+    def record(self, *args, **kwargs):
+        calls.append(args)
+        return method(self, *args, **kwargs)
+
+    return record
+
+
+def test_the_final_plot_keeps_the_settings_asha_stopped(tmp_path, monkeypatch):
     """final.png showed finished settings only: a setting ASHA stopped in every trial was
-    missing without a mark (the view-count study's 2G+8L)."""
+    missing without a mark (the view-count study's 2G+8L). What it draws is checked, not only
+    that a file was written."""
+    from matplotlib.axes import Axes
+
     from svt_ray.study_report import _stopped_settings
 
     views = "views.num_local"
@@ -428,5 +528,11 @@ def test_the_final_plot_keeps_the_settings_asha_stopped(tmp_path):
         [views],
     )  # fmt: skip
     assert _stopped_settings(report) == {"[4]": (16.0, 300)}
+    drawn = {"plot": [], "annotate": [], "set_xticks": []}  # the plots' calls, by method
+    for method, calls in drawn.items():
+        monkeypatch.setattr(Axes, method, _recorded(calls, getattr(Axes, method)))
     files = report.write(tmp_path)
     assert files["final.png"].stat().st_size > 10_000
+    assert drawn["set_xticks"][-1] == (range(3), ["0", "4", "8"])
+    assert ([1], [16.0], "v") in drawn["plot"]  # setting 4, at x 1, its trials' mean last value
+    assert ("300 clips", (1, 16.0)) in drawn["annotate"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import os
 import shutil
@@ -22,6 +24,7 @@ from svt_ray.tracking import (
     TrackingUnavailableError,
     check_tracking_uri,
     make_tracker,
+    missing_metrics,
     plot_training_curves,
     read_metrics_file,
     sync_metrics,
@@ -31,6 +34,54 @@ from svt_ray.tracking import (
 def test_unreachable_server_fails_before_training():
     with pytest.raises(TrackingUnavailableError, match=r"127\.0\.0\.1:9 is unreachable"):
         check_tracking_uri("http://127.0.0.1:9", timeout_s=2)
+
+
+class _HealthBehindBasicAuth(http.server.BaseHTTPRequestHandler):
+    """/health for user svt, password "p@ss word" only (a proxy in front of `mlflow server`)."""
+
+    def do_GET(self):
+        expected = "Basic " + base64.b64encode(b"svt:p@ss word").decode()
+        allowed = self.path == "/health" and self.headers.get("Authorization") == expected
+        self.send_response(200 if allowed else 401)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_tracking_uri_with_user_and_password(caplog):
+    """MLflow sends a URI's user:password@ as basic auth; urllib took it for part of the host
+    name, so the check refused the URI, printing the password, and `cluster_tracking_uri`
+    kept a loopback URI with a false warning. No message shows the password."""
+    from svt_ray.tracking import cluster_tracking_uri, viewing_hint
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), _HealthBehindBasicAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        check_tracking_uri(f"http://svt:p%40ss%20word@127.0.0.1:{port}", timeout_s=5)
+        with pytest.raises(
+            TrackingUnavailableError, match=rf"svt:\*\*\*@127\.0\.0\.1:{port} answered 401"
+        ):
+            check_tracking_uri(f"http://svt:not-it@127.0.0.1:{port}", timeout_s=5)
+        with pytest.raises(TrackingUnavailableError, match="answered 401"):  # none given
+            check_tracking_uri(f"http://127.0.0.1:{port}", timeout_s=5)
+        given = f"http://svt:p%40ss%20word@localhost:{port}"
+        with caplog.at_level("INFO", logger="svt_ray.tracking"):
+            rewritten = cluster_tracking_uri(given, "127.0.0.1")
+        assert rewritten == f"http://svt:p%40ss%20word@127.0.0.1:{port}"  # MLflow needs it
+        assert f"-> http://svt:***@127.0.0.1:{port}, which every node" in caplog.text
+        assert "does not answer" not in caplog.text and "p%40ss" not in caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(TrackingUnavailableError) as unreachable:
+        check_tracking_uri("http://svt:secret@127.0.0.1:9", timeout_s=2)
+    assert "tracking server http://svt:***@127.0.0.1:9 is unreachable" in str(unreachable.value)
+    assert "secret" not in str(unreachable.value)
+    assert viewing_hint("http://svt:secret@host:5000") == (
+        "open http://svt:***@host:5000 (the MLflow server's UI)"
+    )
 
 
 def test_file_store_and_missing_folder_are_explained(tmp_path):
@@ -150,13 +201,36 @@ def test_a_run_that_ends_in_an_outage_is_synced_afterwards(tmp_path, mlflow_db, 
     assert time.perf_counter() - started < 10  # waited flush_timeout_s, not for ever
     assert "has not taken 4 call(s)" in caplog.text and "svt-ray tracking sync" in caplog.text
     assert run.client.get_run(run.run_id).info.status == "RUNNING"  # set_terminated not taken
-    # clips_seen, the step, is a metric too (training logs it): 4 lacked it here
-    assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == [4, 8, 12]
+    assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == [8, 12]
     assert _history(run) == [(4, 4.0), (8, 8.0), (12, 12.0)]
-    assert _history(run, "clips_seen") == [(4, 4.0), (8, 8.0), (12, 12.0)]
+    assert _history(run, "clips_seen") == []  # each line's step, never logged here
     assert _history(run, "lr") == [(4, 0.1), (8, 0.2), (12, 0.3)]
     assert _history(run, "eval/knn_top1") == [(12, 61.5)]  # summaries are in the file too
     assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == []  # nothing twice
+
+
+def test_sync_sends_no_clips_seen_that_was_only_a_lines_step(tmp_path, mlflow_db):
+    """Every metrics.jsonl line has its step as clips_seen, also where clips_seen was not
+    logged (the online kNN at the start, a summary): sync sent a run MLflow had whole a
+    clips_seen of 0 at step 0 that nothing logged, and said it sent a step it lacked."""
+    run = tracker(tmp_path)
+    run.log_metrics({"online_knn_top1": 30.0, "online_knn_top5": 60.0}, step=0)  # train.py
+    run.log_metrics({"loss": 5.0, "clips_seen": 16.0, "step": 1.0}, step=16)
+    run.log_summary({"eval/knn_top1": 50.0})
+    run.finish()
+    assert [line["clips_seen"] for line in read_metrics_file(run.metrics_file)] == [0, 16, 16]
+    assert sync_metrics(run.tracking_uri, run.run_id, run.metrics_file) == []
+    assert _history(run, "clips_seen") == [(16, 16.0)]
+    resent = missing_metrics(run.client, run.run_id, read_metrics_file(run.metrics_file), -1)
+    assert sorted((m.key, m.step) for m in resent if m.key == "clips_seen") == [("clips_seen", 16)]
+    # A file written before the step was kept apart: the step an int, training's a float.
+    old = tmp_path / "old.jsonl"
+    old.write_text(
+        '{"clips_seen": 0, "time": 1.0, "online_knn_top1": 30.0}\n'
+        '{"clips_seen": 16.0, "time": 2.0, "loss": 5.0, "step": 1.0}\n'
+        '{"clips_seen": 16, "time": 3.0, "eval/knn_top1": 50.0}\n'
+    )
+    assert sync_metrics(run.tracking_uri, run.run_id, old) == []
 
 
 def test_resumed_tracker_skips_steps_already_logged(tmp_path, mlflow_db):
@@ -474,9 +548,10 @@ def test_a_worker_that_cannot_reach_the_store_trains_on_without_mlflow(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's 7 take minutes
     first = tracker(tmp_path)
     worker = MLflowTracker(
-        "http://127.0.0.1:9", "tests", "run", tmp_path / "worker", run_id=first.run_id
+        "http://svt:secret@127.0.0.1:9", "tests", "run", tmp_path / "worker", run_id=first.run_id
     )
     assert worker.offline and "not reachable from this node" in caplog.text
+    assert "http://svt:***@127.0.0.1:9" in caplog.text and "secret" not in caplog.text
 
     def no_call(*args, **kwargs):
         raise AssertionError("an offline tracker called MLflow")
@@ -516,7 +591,10 @@ def _read(location: str) -> bytes:
         return stream.read()
 
 
-def test_a_backup_made_while_a_run_logs_restores_to_a_sound_store(tmp_path, empty_mlflow_store):
+def test_a_backup_taken_during_a_write_holds_all_of_it_or_none(tmp_path, empty_mlflow_store):
+    """A write of many steps, open while the backup runs, whose pages spill to the file before
+    it commits (a one-page cache): a plain copy of the file catches some of them (11 of 5,000),
+    SQLite's backup holds none or all, and restores to a sound store."""
     import sqlite3
     import threading
     import time
@@ -525,45 +603,36 @@ def test_a_backup_made_while_a_run_logs_restores_to_a_sound_store(tmp_path, empt
 
     database = tmp_path / "head" / "mlflow.db"
     database.parent.mkdir()
-    client, run_id = _store_with_a_run(database, empty_mlflow_store)
-    stop, logged = threading.Event(), []
+    _, run_id = _store_with_a_run(database, empty_mlflow_store)
+    steps = 5000
+    writer = sqlite3.connect(database, isolation_level=None)  # the server, mid-transaction
+    writer.execute("PRAGMA cache_size=1")
+    writer.execute("BEGIN")
+    writer.executemany(
+        "INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
+        "VALUES ('loss', 1.0, 0, ?, ?, 0)",
+        [(run_id, step) for step in range(steps)],
+    )
+    assert (tmp_path / "head" / "mlflow.db-journal").is_file()  # pages spilled: a hot journal
+    destination = (tmp_path / "bucket" / "mlflow.db").as_uri()  # a file:// URI
     errors = []
 
-    def log_steps():  # the server writing while the backups run
+    def back_up():
         try:
-            while not stop.is_set():
-                client.log_metric(run_id, "loss", 1.0, step=len(logged))
-                logged.append(len(logged))
+            backup_sqlite_store(f"sqlite:///{database}", destination)
         except Exception as error:  # reported below: a thread's error would pass unseen
             errors.append(error)
 
-    def wait_for_steps(count: int) -> None:
-        deadline = time.time() + 60
-        while len(logged) < count and not errors and time.time() < deadline:
-            time.sleep(0.005)
-        assert len(logged) >= count, errors
-
-    writer = threading.Thread(target=log_steps)
-    writer.start()
-    copies = []
-    try:
-        for index in range(4):  # each copy taken while the writer goes on, after new steps
-            wait_for_steps(2 * index + 1)
-            destination = (tmp_path / "bucket" / f"copy{index}.db").as_uri()  # a file:// URI
-            committed = len(logged)  # steps the copy must hold at least
-            assert backup_sqlite_store(f"sqlite:///{database}", destination) > 0
-            copies.append((destination, committed))
-    finally:
-        stop.set()
-        writer.join()
-    assert not errors
-    for index, (copy, committed) in enumerate(copies):
-        restored = tmp_path / f"new_head{index}" / "mlflow.db"
-        assert restore_sqlite_store(copy, restored)
-        with sqlite3.connect(restored) as check:
-            assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        steps = sorted(_loss_steps(restored, run_id))
-        assert steps == list(range(len(steps))) and len(steps) >= committed  # a prefix
+    backup = threading.Thread(target=back_up)
+    backup.start()
+    time.sleep(0.5)  # the backup runs into the open write
+    writer.execute("COMMIT")
+    writer.close()
+    backup.join(timeout=120)
+    assert not backup.is_alive() and not errors, errors
+    restored = tmp_path / "new_head" / "mlflow.db"
+    assert restore_sqlite_store(destination, restored)  # it checks the integrity
+    assert len(_loss_steps(restored, run_id)) in (0, steps)
     assert not list((tmp_path / "bucket").glob(".tmp-*"))  # written through a temp + rename
 
 
@@ -719,6 +788,39 @@ def test_a_backup_loop_checks_the_runs_on_its_first_round_only(tmp_path, monkeyp
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 130, result.output  # typer's code for Ctrl-C
     assert rounds == [2, 1]
+
+
+def test_a_backup_loop_sees_commits_to_a_store_in_wal_mode(tmp_path, monkeypatch):
+    """In WAL mode (`mlflow migrate-filestore` sets it) a commit goes to DATABASE-wal and the
+    file itself changes only at a checkpoint: the loop, watching the file alone, never copied
+    again."""
+    import sqlite3
+    import time
+    from contextlib import closing
+
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+    from svt_ray.tracking import run_ids
+
+    database, destination = tmp_path / "mlflow.db", tmp_path / "bucket" / "mlflow.db"
+    with closing(sqlite3.connect(database, isolation_level=None)) as server:
+        assert server.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        server.execute("CREATE TABLE runs (run_uuid TEXT, lifecycle_stage TEXT)")
+        server.execute("INSERT INTO runs VALUES ('a', 'active')")
+        rounds = []
+
+        def between_rounds(seconds):  # the server, open throughout, commits a run
+            rounds.append(len(run_ids(destination)))
+            if len(rounds) == 2:
+                raise KeyboardInterrupt
+            server.execute("INSERT INTO runs VALUES ('b', 'active')")
+
+        monkeypatch.setattr(time, "sleep", between_rounds)
+        command = ["tracking", "backup", str(database), str(destination), "--every", "300"]
+        result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130, result.output
+    assert rounds == [1, 2]
 
 
 def test_the_viewing_hint_fits_the_store():

@@ -433,6 +433,30 @@ def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(
     assert MlflowClient(reached).get_run(run_id).info.run_name == "r"  # created where reached
 
 
+def test_the_password_of_a_tracking_uri_stays_out_of_the_mlflow_store(tmp_path, empty_mlflow_store):
+    """Whoever reads the store sees the run's params and config.yaml: the tracking URI's
+    password is masked there; run.json, in the run's own storage, keeps the URI whole."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.runs import RUN_FILE, start_mlflow_run
+
+    given = "http://svt:s3cret@127.0.0.1:5000"
+    reached = f"sqlite:///{tmp_path / 'reached.db'}"
+    shutil.copyfile(empty_mlflow_store, tmp_path / "reached.db")
+    overrides = [f"tracking.tracking_uri={given}", f"train.storage_path={tmp_path / 'runs'}"]
+    config = load_config("tiny", overrides=overrides).resolve(64)
+    run_dir = tmp_path / "runs" / "r"
+    run_id = start_mlflow_run(config, "r", str(run_dir), "sum", None, None, tracking_uri=reached)
+    client = MlflowClient(reached)
+    params = client.get_run(run_id).data.params
+    assert params["tracking.tracking_uri"] == "http://svt:***@127.0.0.1:5000"
+    assert "s3cret" not in " ".join(params.values())
+    recorded = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "svt:***@127.0.0.1" in recorded and "s3cret" not in recorded
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    assert record["config"]["tracking"]["tracking_uri"] == given
+
+
 def test_a_new_run_does_not_inherit_the_metrics_of_a_deleted_one(tmp_path, mlflow_db, monkeypatch):
     """A run directory deleted and a run of the same name started again: the metrics.jsonl
     left in its local log directory (remote storage: a temporary folder) is moved aside, or
