@@ -138,6 +138,8 @@ class SynthConfig:
             )
         if self.num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {self.num_clips}")
+        if self.seed < 0:  # numpy refuses it only when the first clip is drawn
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.num_frames < 2:
             raise ValueError(f"num_frames must be >= 2, got {self.num_frames}")
         if self.height < 16 or self.width < 16 or self.height % 2 or self.width % 2:
@@ -402,7 +404,14 @@ def _render_scene(config: SynthConfig, label_name: str, rng: np.random.Generator
     ys = np.arange(height, dtype=np.float64)[:, None] + 0.5
     xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
     centre = rng.uniform(0.3, 0.7, 2) * (width, height)
-    source_x, source_y = _scene_sources(label_name, t, xs, ys, centre, SCENE_SPEED * short)
+    speed = SCENE_SPEED * short
+    # A zoom counts each field's time from that field's own peak: scaled from frame 0, its
+    # texture grew (or shrank) 2.8x over 32 frames, and one frame's edge strength told zoom_in
+    # from zoom_out. Pans and rotations look the same whenever their time starts.
+    zoom = label_name.startswith("zoom_")
+    source_x, source_y = (
+        (None, None) if zoom else _scene_sources(label_name, t, xs, ys, centre, speed)
+    )
 
     # Fields k = 0, 1, ... peak at frames (k - 1) * L/2 - offset and live L frames each, so
     # every frame sees two of them; the first frame's mix is random, not aligned to the clip.
@@ -419,7 +428,12 @@ def _render_scene(config: SynthConfig, label_name: str, rng: np.random.Generator
         if not live.any():
             continue
         weight = np.sin(np.pi * phase[live]) ** 2
-        sampled = _sample_periodic(field, source_x[live] + origin[0], source_y[live] + origin[1])
+        if zoom:
+            peak = (k - 1) * half - offset
+            x, y = _scene_sources(label_name, t[live] - peak, xs, ys, centre, speed)
+        else:
+            x, y = source_x[live], source_y[live]
+        sampled = _sample_periodic(field, x + origin[0], y + origin[1])
         texture[live] += weight[:, None, None] * sampled
         norm[live] += weight**2
     texture /= np.sqrt(np.maximum(norm, 1e-6))[:, None, None]  # unit variance at every frame
