@@ -236,7 +236,9 @@ def pretrain(
     )
 
     flags = _cli_overrides(data, workers, gpus_per_worker, address, tracking_uri, storage, run_name)
-    if resume:
+    if resume is not None:
+        if not resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
+            raise fail("--resume: give the name of the run to continue (PRESET-seedSEED)")
         if config is not None:
             raise fail("--resume continues a run with its recorded config; drop --config")
         experiment = recorded_config(resume, storage or "svt_runs", [*(overrides or []), *flags])
@@ -456,7 +458,9 @@ def compare(
 
     if (study is None) == (runs is None):
         raise fail("give exactly one of --study NAME or --runs ID,ID,...")
-    run_ids = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+    run_ids = [r.strip() for r in runs.split(",") if r.strip()] if runs is not None else None
+    if run_ids == []:  # `--runs ""` or `--runs ,`: not the study named "runs"
+        raise fail("--runs: give at least one run id or name, separated by commas")
     tracking_uri = absolute_tracking_uri(tracking_uri)
     try:  # an unreachable server: MLflow would retry for minutes; a missing database: it
         check_tracking_uri(tracking_uri, must_exist=True)  # would leave an empty one behind
@@ -547,6 +551,8 @@ def tracking_restore(
         restored = restore_sqlite_store(source, database)
     except ValueError as error:
         raise fail(str(error), 1) from None
+    except OSError as error:  # its folder cannot be made (a file of that name), not writable
+        raise fail(f"DATABASE {database}: cannot create it ({error})", 1) from None
     typer.echo(f"restored {database} from {source}" if restored else f"{database}: unchanged")
 
 
@@ -598,7 +604,10 @@ def tracking_sync(
     if recorded is None:
         raise fail(f"run {run_name}: no run.json in {run_dir}; check --storage and the run name")
     total_steps = (recorded["config"].get("derived") or {}).get("total_steps")
-    config = config_from_record(recorded, run_name, _cli_overrides(tracking_uri=tracking_uri))
+    # --storage where the run is now (moved, mounted elsewhere): its metrics are read there
+    config = config_from_record(
+        recorded, run_name, _cli_overrides(tracking_uri=tracking_uri, storage=storage)
+    )
     metrics_file = fetch_metrics(local_log_directory(config, run_name), run_dir)
     if not metrics_file.is_file():
         raise fail(

@@ -39,6 +39,18 @@ def _stage(number: int, text: str) -> None:
     print(f"\n[{number}/4] {text}", flush=True)
 
 
+# Settings the demo makes itself, and what to use instead of a --set of them.
+DEMO_SETS = {
+    "data.path": "the demo trains and evaluates on the synthetic clips it makes; "
+    "`svt-ray pretrain --data` and `svt-ray eval` take yours",
+    "train.run_name": f"the demo's run is named {DEMO_RUN!r}, which its re-run resumes; give "
+    "another --workdir for another demo",
+    "scaling.num_workers": "use --workers",
+    "scaling.address": "the demo runs on a local Ray instance; `svt-ray pretrain --address` "
+    "joins a cluster",
+}
+
+
 def run_demo(
     workdir: Path,
     num_clips: int,
@@ -48,8 +60,10 @@ def run_demo(
 ) -> dict:
     from svt_ray import data, train
     from svt_ray.cluster import cpus_per_run, ensure_ray, local_ray_cpus
+    from svt_ray.model import check_init_from
     from svt_ray.progress import progress_from_metrics
     from svt_ray.runs import check_writable, local_log_directory, run_directory, run_progress
+    from svt_ray.tracking import absolute_tracking_uri, check_tracking_uri
 
     started = time.perf_counter()
     if num_clips < 1:
@@ -64,6 +78,11 @@ def run_demo(
     ]
     if tracking_uri:
         flags.append(f"tracking.tracking_uri={tracking_uri}")
+    for item in overrides:  # what the demo sets itself: changed, it would train one thing and
+        # evaluate or resume another
+        key = item.partition("=")[0].strip()
+        if key in DEMO_SETS:
+            raise ConfigError(f"--set {key}: {DEMO_SETS[key]}")
     config = load_config("tiny", overrides=[*flags, *overrides])
     batch = config.optim.batch_size
     if num_clips < math.ceil(batch / TRAIN_FRACTION):  # before any clip is made or Ray starts
@@ -77,7 +96,15 @@ def run_demo(
                 f"{workdir} holds a demo trained on {made} clips; for --clips {num_clips} use "
                 "another --workdir (or remove this one)"
             )
+    # What `svt-ray pretrain` checks before Ray, checked before the demo makes its data too;
+    # a SQLite store once the workdir is made (its database may go there)
+    store = absolute_tracking_uri(config.tracking.tracking_uri)
+    if not store.startswith("sqlite:"):
+        check_tracking_uri(store)
+    check_init_from(config.model_copy(deep=True))
     check_writable(workdir, "--workdir")  # after the checks above: a refused demo makes no folder
+    if store.startswith("sqlite:"):
+        check_tracking_uri(store)
 
     # Decode actors need CPUs that the Train workers do not hold (ray_notes.md §6.3): on a
     # small machine Ray gets more logical CPUs than cores, so Data is never starved.

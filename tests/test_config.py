@@ -334,6 +334,37 @@ def test_demo_workdir_that_cannot_be_written_is_one_line(tmp_path):
     assert result.stderr.startswith(f"error: --workdir {blocker / 'demo'}: cannot write there")
 
 
+@pytest.mark.parametrize(
+    ("args", "exit_code", "message"),
+    [
+        # `--resume "$RUN"` with RUN unset started a new run
+        (["pretrain", "--resume", ""], 2, "--resume: give the name of the run to continue"),
+        # compared the study named "runs"
+        (["compare", "--runs", ","], 2, "--runs: give at least one run id or name"),
+        # trained on one dataset and evaluated on another
+        (["demo", "--set", "data.path=/x"], 2, "--set data.path: the demo trains and evaluates"),
+        # found after Ray started and the data were made (about a minute)
+        (["demo", "--tracking-uri", "http://127.0.0.1:1"], 2, "is unreachable"),
+        (["demo", "--set", "model.init_from=/no/such.pt"], 2, "model.init_from: no checkpoint"),
+        # a traceback
+        (["tracking", "restore", "{db}", "{file}/x.db"], 1, "DATABASE {file}/x.db: cannot create"),
+    ],
+)
+def test_commands_refuse_what_they_cannot_do_before_any_work(
+    tmp_path, empty_mlflow_store, args, exit_code, message
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    names = {"db": str(empty_mlflow_store), "file": str(blocker)}
+    args = [arg.format(**names) for arg in args]
+    if args[0] == "demo":
+        args += ["--workdir", str(tmp_path / "demo")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == exit_code and "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and message.format(**names) in result.stderr
+    assert not (tmp_path / "demo").exists()  # a refused demo makes no folder
+
+
 def test_a_checkpoint_is_evaluated_with_its_own_settings_not_the_default_presets(tmp_path, capsys):
     """`svt-ray eval --checkpoint` without --preset took the paper preset's clips (8 x 224)
     and probe for a tiny checkpoint; now the checkpoint's record, with --config/--set on top,
