@@ -57,8 +57,8 @@ RecipePresetOption = Annotated[
     typer.Option(
         "--preset",
         "-p",
-        help=f"Starting recipe: {', '.join(PRESETS)} (default: paper; a resumed run or a "
-        "checkpoint keeps its own).",
+        help=f"Starting recipe: {', '.join(PRESETS)} (default: the --config file's preset "
+        "line, else paper; a resumed run or a checkpoint keeps its own).",
         show_default=False,
     ),
 ]

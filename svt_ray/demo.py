@@ -41,6 +41,7 @@ def _stage(number: int, text: str) -> None:
 
 # Settings the demo makes itself, and what to use instead of a --set of them.
 DEMO_SETS = {
+    "preset": "the demo trains the tiny preset; `svt-ray pretrain --preset` trains another",
     "data.path": "the demo trains and evaluates on the synthetic clips it makes; "
     "`svt-ray pretrain --data` and `svt-ray eval` take yours",
     "train.run_name": f"the demo's run is named {DEMO_RUN!r}, which its re-run resumes; give "

@@ -1226,10 +1226,23 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
                         help="starting recipe of every trial (tiny, paper, reference_code)")  # fmt: skip
     parser.add_argument("--data", help="data_prep output (local path or URI); default: synthetic "
                         "clips made once in --workdir")  # fmt: skip
+    swept = {path for sweep in spec.sweeps for path in sweep.config_paths()}
+
+    def unless_swept(path: str, text: str) -> str:  # a flag of a swept path is refused
+        return (
+            f"this study sweeps {path}: refused (--grid changes the sweep)"
+            if path in swept
+            else text
+        )
+
     parser.add_argument(
-        "--workers", type=int, help="Train workers per trial (default: the preset's)"
-    )
-    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per Train worker (default: 0)")
+        "--workers", type=int,
+        help=unless_swept("scaling.num_workers", "Train workers per trial (default: the preset's)"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpus-per-worker", type=float,
+        help=unless_swept("scaling.gpus_per_worker", "GPUs per Train worker (default: 0)"),
+    )  # fmt: skip
     parser.add_argument("--address", help="Ray cluster address ('auto' on a cluster node); "
                         "default: RAY_ADDRESS or a new local Ray")  # fmt: skip
     parser.add_argument("--grid", action="append", default=[],

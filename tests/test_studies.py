@@ -676,6 +676,18 @@ def test_a_studys_help_shows_its_grid_fixed_settings_and_asha(capsys):
     )
 
 
+def test_the_help_of_a_study_that_sweeps_the_workers_does_not_offer_workers(capsys):
+    """scaling.py's --help offered `--workers` ("Train workers per trial"), which it refuses."""
+    from svt_ray.studies import study_main
+
+    spec = StudySpec("s", "Does it scale?", [Sweep("scaling.num_workers", (1, 2))])
+    with pytest.raises(SystemExit):
+        study_main(spec, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--workers WORKERS this study sweeps scaling.num_workers: refused" in out
+    assert "GPUs per Train worker (default: 0)" in out
+
+
 def test_a_grid_of_other_paths_drops_the_studys_axis_label_and_says_so(monkeypatch, capsys):
     """`view_count.py --grid views.num_local=0,4` kept the question's "(0, 2, 4, 8) or a third
     global view" and the axis "views (G global + L local)" under num_local ticks."""
