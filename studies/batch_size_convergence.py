@@ -1,8 +1,10 @@
 """Does SVT converge faster per clip seen with smaller batches (the paper's claim)?
 
 Global batch 8..64 with the learning rate scaled linearly (optim.base_lr x batch / 256, the
-config's rule), every trial seeing the same number of clips. Online kNN is measured at the
-same clip counts for every batch; the verdict compares the area under those curves.
+config's rule), every trial running the same epochs (the same clips seen, less each epoch's
+last partial batch: batch 64 sees 5% fewer on the embedded data). Online kNN is measured
+every 400 clips seen in whole steps (384 at batch 32 and 64); the verdict compares the area
+under those curves over the clips every trial saw.
 
     python studies/batch_size_convergence.py                 # tiny preset, synthetic data, CPU
     python studies/batch_size_convergence.py --seeds 0,1,2   # error bars

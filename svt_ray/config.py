@@ -493,7 +493,10 @@ class EvalSettings(_Section):
     online_every: NonNegativeInt = 0
     "Online kNN of the teacher every this many steps during pretraining (0: off)."
     online_every_clips: NonNegativeInt = 0
-    "The same in clips seen (overrides online_every when > 0): equal spacing across batch sizes."
+    (
+        "The same in clips seen (overrides online_every when > 0): one spacing for every batch "
+        "size, rounded to whole steps (400 clips: 400 at batch 8 or 16, 384 at 32 or 64)."
+    )
     online_bank_clips: PositiveInt = 1000
     "Clips of train_split in the online kNN memory bank (a fixed subset, held in memory)."
     online_query_clips: PositiveInt = 500

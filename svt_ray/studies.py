@@ -64,9 +64,11 @@ DRIVER_RESOURCE = "TRAIN_DRIVER"
 STUDY_FILE = "study.json"
 
 # Settings every shipped study shares on the embedded default (tiny preset, synthetic data):
-# equal clips seen for every trial, 8 passes over the training split (the demo's budget; on
-# the embedded data the online kNN rises mostly between 1,500 and 5,000 clips seen), online
-# kNN at the same clip counts for every batch size. On a cluster they are starting points:
+# 8 passes over the training split for every trial (the demo's budget; on the embedded data
+# the online kNN rises mostly between 1,500 and 5,000 clips seen): the same clips seen, less
+# each epoch's last partial batch (batch 64 sees 4,608 where the others see 4,864); online
+# kNN every 400 clips seen, in whole steps (384 at batch 32 and 64). On a cluster they are
+# starting points:
 # pass `--set optim.epochs=...` for a real budget (README, "Studies").
 SMALL_BUDGET = [
     "optim.epochs=8",
