@@ -1053,6 +1053,7 @@ def _final_report(
         spec.name,
         parent_run_id=parent_run_id,
         recompute_verdict=False,
+        sweep_ended=True,
     )
     report.verdict = qualified_verdict(report, spec.verdict(report)) if spec.verdict else ""
     report.x_label = spec.x_label or report.x_label

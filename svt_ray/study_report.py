@@ -300,6 +300,7 @@ def collect_study(
     run_ids: Sequence[str] | None = None,
     recompute_verdict: bool = True,
     parent_run_id: str | None = None,
+    sweep_ended: bool = False,
 ) -> StudyReport:
     """Everything the report needs, from MLflow alone: the parent, its children, their curves.
 
@@ -308,8 +309,9 @@ def collect_study(
     `run_ids`, compares those runs instead, of any experiment (their differing params become
     the sweep; seeds are repeats, not a setting). The verdict is recomputed with the installed
     rules unless the caller, holding the study's spec, computes it itself
-    (`recompute_verdict=False`: the study's driver at the sweep's end, whose parent run stays
-    RUNNING until the report is logged, so RUNNING there is not a study still running).
+    (`recompute_verdict=False`). `sweep_ended`: the study's driver, reporting once its sweep
+    ended; the parent run stays RUNNING until the report is logged, and is not a study still
+    running then.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -416,7 +418,7 @@ def collect_study(
         verdict_fn = parent.data.tags.get("svt.verdict_fn")
         x_label = parent.data.tags.get("svt.x_label", "")
         parent_status = parent.info.status
-        if parent_status == "RUNNING" and not recompute_verdict:  # the driver, reporting
+        if parent_status == "RUNNING" and sweep_ended:  # the driver, reporting
             parent_status = "FINISHED"
         budget = parent.data.params.get("budget_clips")
         children = client.search_runs(

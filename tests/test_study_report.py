@@ -290,7 +290,7 @@ def test_compare_says_a_study_is_unfinished(tmp_path, mlflow_db):
     client.update_run(parent, "RUNNING")  # the study continued, then Ctrl-C
     child(16, [(0, 10.0), (100, 12.0)], "KILLED")
     # Its own driver reports a sweep it ended with the parent RUNNING still: not unfinished.
-    driver = collect_study(uri, "svt-ray-studies", "s", recompute_verdict=False)
+    driver = collect_study(uri, "svt-ray-studies", "s", recompute_verdict=False, sweep_ended=True)
     assert "unfinished" not in driver.summary()
     child(32, [(0, 10.0)], "RUNNING")
     client.set_terminated(parent, "KILLED")
