@@ -35,7 +35,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks import cost_table  # noqa: E402
 
 ANCHOR_CLIPS_PER_S = 26.5  # the reference code on one H100, issue 7
-MEMORY_TARGET_GIB = 80.0
+# "Fits in 80 GB": an 80 GB H100 shows 81,559 MiB (79.6 GiB), less its CUDA context; the
+# peak the allocator reserved (its cache included) must stay under that.
+MEMORY_TARGET_GIB = 79.0
 
 
 def items(smoke: bool) -> list[tuple[str, list[str], int]]:
@@ -109,8 +111,13 @@ def summarise(out: Path, outcomes: dict[str, tuple[str, float]]) -> str:
             if "clips_per_s" in fast:
                 target += f"; {fast['clips_per_s'] / ANCHOR_CLIPS_PER_S:.2f}x the reference code's H100 26.5"
         elif name == "step_paper_b32":
-            fits = "peak_gib" in fast and fast["peak_gib"] <= MEMORY_TARGET_GIB
-            target = f"fits in {MEMORY_TARGET_GIB:.0f} GB: {'yes' if fits else 'no'}"
+            held = fast.get("peak_reserved_gib") or fast.get("peak_gib")  # CPU: the RSS rise
+            fits = held is not None and held <= MEMORY_TARGET_GIB
+            shown = f"{held:.1f} GiB reserved" if held is not None else "no peak"
+            target = (
+                f"fits in an 80 GB card ({shown}, <= {MEMORY_TARGET_GIB:g}): "
+                f"{'yes' if fits else 'no'}"
+            )
         else:
             target = "-"
         lines.append(
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run this on a GPU machine, or --smoke on CPU")
     outcomes = {}
+    for name, _, _ in plan:  # an item this run skips shows no figures of an earlier run
+        (args.out / f"{name}.json").unlink(missing_ok=True)
     deadline = time.perf_counter() + args.budget
     with open(args.out / "suite.log", "a") as log:
         for name, arguments, limit in plan:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -233,8 +234,12 @@ def count_flops(config: ExperimentConfig, batch: list[torch.Tensor], device: tor
     """Model FLOPs of one step: student forward + backward, teacher forward, loss.
 
     Counted on an eager copy with explicit attention, since FlopCounterMode has no formula for
-    CPU flash attention and does not look inside compiled graphs.
+    CPU flash attention and does not look inside compiled graphs; on one clip, times the
+    batch (the count is linear in it, `tests/test_benchmarks.py`): the whole batch of the
+    paper preset at 32 clips, eager and in fp32, needs over 200 GiB.
     """
+    clips = len(batch[0])
+    batch = [view[:1] for view in batch]
     state = build_state(with_options(config, NAIVE_OPTIONS), device)
     views = state.augmenter(to_device_views(batch, device), torch.Generator(), augment=False)
     num_global = config.views.num_global
@@ -243,7 +248,7 @@ def count_flops(config: ExperimentConfig, batch: list[torch.Tensor], device: tor
         with torch.no_grad():
             teacher_out = state.teacher(views[:num_global])
         state.loss(student_out.logits, teacher_out.logits, 0.04)["loss"].backward()
-    return counter.get_total_flops()
+    return counter.get_total_flops() * clips
 
 
 def synchronize(device: torch.device) -> None:
@@ -286,7 +291,8 @@ class PathResult:
     name: str
     settings: str
     step_seconds: list[float] = field(default_factory=list)
-    peak_bytes: int = 0
+    peak_bytes: int = 0  # torch.cuda.max_memory_allocated (CPU: the RSS rise)
+    peak_reserved_bytes: int = 0  # torch.cuda.max_memory_reserved: the allocator's cache too
     error: str | None = None
 
     def median(self) -> float:
@@ -312,6 +318,9 @@ class Runner:
             if self.device.type == "cuda":
                 self.result.peak_bytes = max(
                     self.result.peak_bytes, torch.cuda.max_memory_allocated(self.device)
+                )
+                self.result.peak_reserved_bytes = max(  # what the card must hold: + the cache
+                    self.result.peak_reserved_bytes, torch.cuda.max_memory_reserved(self.device)
                 )
             if timed:
                 self.result.step_seconds.append(elapsed)
@@ -447,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: list[PathResult] = []
     if on_gpu:  # one path at a time, so each peak holds only its own state
         for name, settings, factory in factories:
+            runner = None
             try:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -454,18 +464,21 @@ def main(argv: list[str] | None = None) -> dict:
                 runner.run(warmup, timed=False)
                 runner.run(steps, timed=True)
                 results.append(runner.result)
-                del runner
             except torch.OutOfMemoryError as error:
                 results.append(PathResult(name, settings, error=f"out of memory ({error})"[:80]))
-            torch.cuda.empty_cache()
+            finally:  # an out-of-memory path's state too: the next path's peak is its own
+                runner = None
+                gc.collect()
+                torch.cuda.empty_cache()
     else:  # alternate in short rounds: other processes' load hits both paths alike
         runners = [factory() for _, _, factory in factories]
         for runner in runners:
             runner.run(warmup, timed=False)
-        rounds = max(1, math.ceil(steps / 2))
-        for _ in range(rounds):
+        done = 0
+        while done < steps:  # rounds of 2 steps, the last one shorter for an odd --steps
             for runner in runners:
-                runner.run(min(2, steps), timed=True)
+                runner.run(min(2, steps - done), timed=True)
+            done += min(2, steps - done)
         results = [runner.result for runner in runners]
         del runners
         for result in results:
@@ -515,6 +528,7 @@ def print_report(args, config, device_name, peak_tflops, flops, results, compile
                 "tflops": tflops,
                 "mfu": None if peak_tflops is None else tflops / peak_tflops,
                 "peak_gib": result.peak_bytes / 2**30,
+                "peak_reserved_gib": result.peak_reserved_bytes / 2**30,
                 "steps": len(result.step_seconds),
                 "settings": result.settings,
             }
