@@ -583,11 +583,13 @@ def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map)
     """Process the unfinished shards; return how many shard writes failed."""
     import ray
 
-    from svt_ray.cluster import init_address, joins_a_cluster
+    from svt_ray.cluster import init_address, joins_a_cluster, warn_node_local_paths
 
     cluster = joins_a_cluster(args.address)
     if cluster and args.num_cpus is not None:  # Ray refuses it when joining
         logger.warning("--num-cpus %d: ignored, this prep joins a Ray cluster", args.num_cpus)
+    if cluster:  # the video tasks and shard writers on other nodes read and write there
+        warn_node_local_paths({"INPUT": args.input, "OUTPUT": args.output})
     with _ctrl_c_stops_at_the_next_wait() as stop:  # not inside Ray's calls (a segfault)
         started_ray = not ray.is_initialized()
         if started_ray:

@@ -85,12 +85,13 @@ def warn_node_local_paths(paths: dict[str, str | None]) -> None:
     """[driver, on a cluster] Say which of `paths` ({flag: path}) are on this node's own disk:
     Train workers and Ray Data readers on other nodes read and write their own folder of that
     name, so checkpoints scatter over the nodes (a resume elsewhere finds none, a lost node
-    takes its own) and shards are missing there."""
+    takes its own) and shards are missing there. A file:// URI names a local path too."""
     for flag, path in paths.items():
+        local = path.removeprefix("file://") if path else path
         if (
-            not path
-            or "://" in path
-            or (kind := _filesystem_type(path)) not in NODE_LOCAL_FILESYSTEMS
+            not local
+            or "://" in local
+            or (kind := _filesystem_type(local)) not in NODE_LOCAL_FILESYSTEMS
         ):
             continue
         logger.warning(

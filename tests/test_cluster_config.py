@@ -1,15 +1,25 @@
-"""ray_cluster.yaml: valid for the installed Ray's launcher, and closed to the world."""
+"""ray_cluster.yaml: valid for the installed Ray's launcher, closed to the world, its nodes
+able to reach the bucket; and what svt-ray says of paths only the driver's node sees."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
 import yaml
+from conftest import free_port
+from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,9 +64,10 @@ def test_nothing_is_opened_to_the_world(cluster):
     head = _commands(cluster, "head_start_ray_commands")
     assert "--dashboard-host=127.0.0.1" in head  # dashboard and Jobs API: localhost only
     # Every node names the user's security group: Ray's default one opens SSH to everyone.
+    # (Ray reads provider.security_group, and its IpPermissions, only for a node type that
+    # names no group, so nothing else about groups is checked here.)
     for name, node_type in cluster["available_node_types"].items():
         assert node_type["node_config"].get("SecurityGroupIds"), name
-    assert "IpPermissions" not in cluster["provider"].get("security_group", {})
     # MLflow: every node logs to it, so it listens beyond loopback, kept inside the cluster by
     # the security group; nothing widens its Host-header and CORS defaults.
     mlflow = _commands(cluster, "head_setup_commands")
@@ -84,85 +95,246 @@ def test_token_authentication_stays_on(cluster):
 
 
 def test_checkpoints_and_mlflow_artifacts_point_at_shared_storage(cluster):
-    text = (ROOT / "ray_cluster.yaml").read_text()
-    assert "--storage s3://" in text and "--artifacts-destination s3://" in text
+    """The yaml's MLflow server keeps artifacts in the bucket; checkpoints and shards are the
+    jobs' flags, so the README's cluster commands are checked for them."""
+    server = next(c for c in cluster["head_setup_commands"] if "mlflow server" in c)
+    assert "--artifacts-destination s3://" in server
     assert cluster["provider"]["cache_stopped_nodes"] is False  # `ray down` stops the bill
+    jobs = [job for job in _readme_cluster_commands() if job.startswith("ray job submit")]
+    training = [job for job in jobs if "svt-ray pretrain" in job or "studies/" in job]
+    assert len(training) == 2, jobs
+    for job in training:
+        assert "--storage s3://" in job and "--data s3://" in job, job
 
 
-def test_the_heads_mlflow_store_outlives_the_cluster(cluster, tmp_path):
+def _readme_cluster_commands() -> list[str]:
+    """The commands of the README's first code block under "On a cluster", one a line."""
+    section = (ROOT / "README.md").read_text().split("\n## On a cluster\n")[1]
+    block = section.split("```bash\n")[1].split("```")[0]
+    return [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+
+
+def test_every_worker_can_reach_the_bucket(cluster):
+    """Ray's AWS setup gives the head an instance profile (its default, with S3 access) and
+    the workers none: their Ray Data readers, prep tasks and Train workers could read no
+    s3:// shard and write no checkpoint. Each worker type names one (boto3's run_instances
+    takes node_config as it is); as shipped, the one Ray makes for the head."""
+    from ray.autoscaler._private.aws.config import DEFAULT_RAY_INSTANCE_PROFILE
+
+    for name, node_type in cluster["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile")
+        if name == cluster["head_node_type"]:
+            assert profile is None  # `ray up` makes and gives the default (it launches workers)
+        else:
+            assert profile == {"Name": DEFAULT_RAY_INSTANCE_PROFILE}, name
+
+
+def test_ray_sizes_every_nodes_shared_memory(cluster):
+    """Ray sizes a container's /dev/shm for its object store unless run_options set
+    --shm-size, and caps the object store at 95% of /dev/shm: --shm-size=16g held every node's
+    store to ~15 GB."""
+    docker = cluster["docker"]
+    options = [*docker.get("run_options", []), *docker.get("head_run_options", [])]
+    options += docker.get("worker_run_options", [])
+    for node_type in cluster["available_node_types"].values():
+        options += node_type.get("docker", {}).get("worker_run_options", [])
+    assert not any("--shm-size" in option for option in options), options
+    assert not docker.get("disable_shm_size_detection")
+
+
+def test_what_git_ignores_stays_off_the_nodes(cluster, tmp_path):
+    """file_mounts copies this checkout with rsync and the yaml's rsync options: nothing that
+    .gitignore lists (runs, data, synthetic videos, MLflow stores) nor .git goes to the nodes."""
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    options = {key: cluster.get(key) for key in ("rsync_exclude", "rsync_filter")}
+    arguments = SSHCommandRunner._create_rsync_filter_args(None, options)  # Ray's own
+    assert arguments[-2:] == ["--filter", "dir-merge,- .gitignore"]
+    if not shutil.which("rsync"):
+        pytest.skip("rsync is not installed")
+    checkout = tmp_path / "checkout"
+    (checkout / "svt_ray").mkdir(parents=True)
+    (checkout / "svt_ray" / "model.py").write_text("")
+    (checkout / ".git").mkdir()
+    (checkout / ".git" / "HEAD").write_text("")
+    shutil.copyfile(ROOT / ".gitignore", checkout / ".gitignore")
+    ignored = [".git"]
+    for line in (ROOT / ".gitignore").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name = line.strip().replace("*", "x").rstrip("/")
+        for folder in (checkout, checkout / "svt_ray"):
+            if line.endswith("/"):
+                (folder / name).mkdir()
+                (folder / name / "file").write_text("")
+            else:
+                (folder / name).write_text("")
+        ignored += [name, f"svt_ray/{name}"]
+    copy = tmp_path / "node"
+    subprocess.run(["rsync", "-a", *arguments, f"{checkout}/", str(copy)], check=True)
+    assert (copy / "svt_ray" / "model.py").exists()
+    assert [name for name in ignored if (copy / name).exists()] == []
+
+
+def test_the_heads_mlflow_store_outlives_the_cluster(cluster, tmp_path, empty_mlflow_store):
     """The head's setup backs the server's SQLite store up to the bucket and a new head starts
-    from that copy: run the yaml's own two commands, the bucket and home mapped to tmp_path."""
-    import shlex
-
-    from mlflow.tracking import MlflowClient
-    from typer.testing import CliRunner
-
-    from svt_ray.cli import app
-
+    from that copy. The yaml's own commands run in bash, in their order, the bucket, home and
+    port mapped to tmp_path and a free port, a listening socket standing in for the server:
+    on a first cluster the backup loop starts before the server has made the database, and
+    waits for it instead of stopping."""
     commands = cluster["head_setup_commands"]
     server = next(c for c in commands if "mlflow server" in c)
-    store = server.split("--backend-store-uri ")[1].split()[0]
     restore = next(c for c in commands if "svt-ray tracking restore" in c)
     backup = next(c for c in commands if "svt-ray tracking backup" in c)
-    assert commands.index(restore) < commands.index(server)  # before the server creates one
+    assert commands.index(restore) < commands.index(server) < commands.index(backup)
     assert "--every" in backup and "nohup" in backup  # keeps copying while the cluster runs
+    port = str(free_port())
+    bin_folder = os.path.dirname(sys.executable)  # svt-ray's, with this Python
+    environment = {**os.environ, "PATH": bin_folder + os.pathsep + os.environ["PATH"]}
 
-    def run(command: str, home: Path) -> None:
+    def run(command: str, home: Path) -> str:
         command = command.replace("s3://YOUR-BUCKET", (tmp_path / "bucket").as_uri())
-        command = command.replace("/home/ray", str(home))
-        words = shlex.split(command[command.index("svt-ray") :].split(">")[0])
-        if "--every" in words:  # one round of the loop
-            del words[words.index("--every") : words.index("--every") + 2]
-        result = CliRunner().invoke(app, words[1:])
-        assert result.exit_code == 0, result.output
+        command = command.replace("/home/ray", str(home)).replace("5000", port)
+        command = command.replace("sleep 5", "sleep 0.2")
+        done = subprocess.run(
+            ["bash", "-c", command], env=environment, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
     old_head, new_head = tmp_path / "old", tmp_path / "new"
     old_head.mkdir()
-    old_store = store.replace("/home/ray", str(old_head))
-    client = MlflowClient(old_store)
-    run_id = client.create_run(client.create_experiment("kept")).info.run_id
-    run(restore, old_head)  # a first cluster: nothing to restore, the store stays
-    run(backup, old_head)
-    run(restore, new_head)  # the next cluster's head
-    restored = MlflowClient(store.replace("/home/ray", str(new_head)))
+    new_head.mkdir()
+    copy = tmp_path / "bucket" / "mlflow-backup" / "mlflow.db"
+    assert "unchanged" in run(restore, old_head)  # a first cluster: nothing to restore
+    assert not (old_head / "mlflow.db").exists()
+    run(backup, old_head)  # before the server has made the database
+    loop = int((old_head / "mlflow-backup.pid").read_text())
+    listening = socket.socket()
+    try:
+        deadline = time.monotonic() + 4  # a `svt-ray tracking backup` that stops takes ~1 s
+        while time.monotonic() < deadline and _alive(loop):
+            time.sleep(0.1)
+        assert _alive(loop), (old_head / "mlflow-backup.log").read_text()
+        assert not copy.exists()
+        shutil.copyfile(empty_mlflow_store, old_head / "mlflow.db")  # what the server makes
+        client = MlflowClient(f"sqlite:///{old_head / 'mlflow.db'}")
+        run_id = client.create_run(client.create_experiment("kept")).info.run_id
+        listening.bind(("127.0.0.1", int(port)))
+        listening.listen()  # the server answers: the loop's first round copies the store
+        deadline = time.monotonic() + 60
+        while not copy.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert copy.exists(), (old_head / "mlflow-backup.log").read_text()
+    finally:
+        listening.close()
+        if _alive(loop):
+            os.kill(loop, signal.SIGTERM)
+    assert "restored" in run(restore, new_head)  # the next cluster's head
+    restored = MlflowClient(f"sqlite:///{new_head / 'mlflow.db'}")
     assert restored.get_run(run_id).info.experiment_id == client.get_run(run_id).info.experiment_id
 
 
-def test_rerunning_the_heads_setup_keeps_a_running_mlflow_server(cluster, tmp_path):
-    """`ray up --no-restart` reruns head_setup_commands to bring back a stopped server; the
-    yaml's server command starts one only if nothing answers on its port."""
-    import http.server
-    import subprocess
-    import threading
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a finished child of an exited shell is reaped by init)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not status.exists() or status.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
-    from conftest import free_port
 
+def test_a_stopped_mlflow_server_is_brought_back_without_a_second_one(cluster, tmp_path):
+    """A plain `ray up` skips the setup commands when the yaml is unchanged, so the README
+    gives the yaml's server command to `ray exec`; it starts a server only if nothing listens
+    on its port."""
     server = next(c for c in cluster["head_setup_commands"] if "mlflow server" in c)
+    assert "'" not in server  # quoted as it is in `ray exec ray_cluster.yaml '...'`
+    assert f"ray exec ray_cluster.yaml '{server}'" in _readme_cluster_text()
     check, _, start = server.partition(" || ")
-    assert start.startswith("nohup mlflow server") and ":5000/health" in check
+    assert start.startswith("nohup mlflow server") and "/dev/tcp/127.0.0.1/5000" in check
 
-    port = free_port()
-    command = server.rstrip(" &").replace("5000", str(port)).replace("/home/ray", str(tmp_path))
-    command = command.replace("python -c", f"{sys.executable} -c", 1)
+    port = str(free_port())
+    command = server.rstrip(" &").replace("5000", port).replace("/home/ray", str(tmp_path))
 
     def run(text: str) -> int:
         return subprocess.run(["bash", "-c", text], timeout=60).returncode
 
-    assert run(check.replace("5000", str(port)).replace("python", sys.executable, 1)) != 0
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    answering = http.server.ThreadingHTTPServer(("127.0.0.1", port), Health)
-    thread = threading.Thread(target=answering.serve_forever, daemon=True)
-    thread.start()
-    try:
+    assert run(check.replace("5000", port)) != 0
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", int(port)))
+        listening.listen()
         assert run(command) == 0
-    finally:
-        answering.shutdown()
     assert not (tmp_path / "mlflow.log").exists(), "a second server was started"
+
+
+def _readme_cluster_text() -> str:
+    return (ROOT / "README.md").read_text().split("\n## On a cluster\n")[1].split("\n## ")[0]
+
+
+def test_paths_named_by_a_file_uri_on_the_drivers_own_disk_are_named_on_a_cluster(
+    tmp_path, monkeypatch, caplog
+):
+    from svt_ray import cluster
+
+    kinds = {str(tmp_path / "runs"): "ext4"}
+    monkeypatch.setattr(cluster, "_filesystem_type", lambda path: kinds.get(path))
+    with caplog.at_level(logging.WARNING, logger="svt_ray.cluster"):
+        cluster.warn_node_local_paths({
+            "--storage": (tmp_path / "runs").as_uri(), "--data": "s3://bucket/k400",
+        })  # fmt: skip
+    assert [_named(record) for record in caplog.records] == [
+        f"--storage {(tmp_path / 'runs').as_uri()} is on this node's own disk (ext4)"
+    ]
+
+
+def test_prep_on_a_cluster_names_an_input_or_output_on_the_drivers_own_disk(
+    tmp_path, monkeypatch, caplog
+):
+    """Its video tasks and shard writers run on every node: a local OUTPUT scatters the shards
+    over the nodes' disks. Said before Ray starts, only when the prep joins a cluster."""
+    import argparse
+
+    import ray
+
+    from data_prep import cli as prep
+    from svt_ray import cluster
+
+    class RayStarted(Exception):
+        pass
+
+    def no_ray(*args, **kwargs):
+        raise RayStarted
+
+    kinds = {str(tmp_path / "raw"): "ext4", str(tmp_path / "shards"): "xfs"}
+    monkeypatch.setattr(cluster, "_filesystem_type", lambda path: kinds.get(path))
+    monkeypatch.setattr(cluster, "init_address", lambda address: "local")
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(prep, "_process", no_ray)  # where a Ray is already up
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    said = {}
+    for address in ("auto", None):
+        args = argparse.Namespace(
+            address=address, num_cpus=None, input=str(tmp_path / "raw"),
+            output=str(tmp_path / "shards"),
+        )  # fmt: skip
+        caplog.clear()
+        with (
+            caplog.at_level(logging.WARNING, logger="svt_ray.cluster"),
+            pytest.raises(RayStarted),
+        ):
+            prep._run_on_ray(args, *[None] * 7)
+        said[address] = [_named(record) for record in caplog.records]
+    assert said == {
+        "auto": [
+            f"INPUT {tmp_path / 'raw'} is on this node's own disk (ext4)",
+            f"OUTPUT {tmp_path / 'shards'} is on this node's own disk (xfs)",
+        ],
+        None: [],
+    }
+
+
+def _named(record: logging.LogRecord) -> str:
+    """A node-local path warning up to the filesystem it names."""
+    return record.getMessage().partition("):")[0] + ")"
