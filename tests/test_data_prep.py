@@ -414,14 +414,8 @@ def test_a_rotated_phone_video_is_sharded_as_it_is_shown(degrees, decoder, monke
 
     import av
 
-    from data_prep import transcode
-
     if decoder == "pyav":
-
-        def decord_fails(*args):
-            raise VideoDecodeError("decord failed")
-
-        monkeypatch.setattr(transcode, "_decord_frames", decord_fails)
+        _decord_fails(monkeypatch)
 
     source = numbered_frames(20, height=48, width=64, seed=6)
     buffer = io.BytesIO()
@@ -443,6 +437,16 @@ def test_a_rotated_phone_video_is_sharded_as_it_is_shown(degrees, decoder, monke
     assert np.abs(decoded - wrong).mean() > 4 * errors.mean()
 
 
+def _decord_fails(monkeypatch) -> None:
+    """data_prep's decord decode fails, so its PyAV fallback decodes the source."""
+    from data_prep import transcode
+
+    def decord_fails(*args):
+        raise VideoDecodeError("decord failed")
+
+    monkeypatch.setattr(transcode, "_decord_frames", decord_fails)
+
+
 def _nearest_source_frames(video: bytes, source: np.ndarray) -> list[int]:
     """For each decoded frame of `video`, the index of the source frame it is nearest to."""
     decoded = decode_all_frames(video).astype(np.int16)
@@ -462,14 +466,8 @@ def test_a_trimmed_mp4_keeps_the_frames_a_player_shows(decoder, monkeypatch):
 
     import av
 
-    from data_prep import transcode
-
     if decoder == "pyav":
-
-        def decord_fails(*args):
-            raise VideoDecodeError("decord failed")
-
-        monkeypatch.setattr(transcode, "_decord_frames", decord_fails)
+        _decord_fails(monkeypatch)
 
     source = numbered_frames(64, height=48, width=64, seed=2)
     buffer = io.BytesIO()
