@@ -103,6 +103,8 @@ def config_show(
     """Print the validated config as YAML (with --clips, the resolved one)."""
     experiment = build_config(preset, config, overrides)
     if clips is not None:
+        if clips < 1:  # resolve() would speak of "the dataset", not of the flag
+            raise fail(f"--clips {clips}: give the training clips per epoch, 1 or more")
         try:
             experiment = experiment.resolve(clips)
         except ConfigError as error:

@@ -348,6 +348,8 @@ def test_demo_workdir_that_cannot_be_written_is_one_line(tmp_path):
         (["demo", "--set", "model.init_from=/no/such.pt"], 2, "model.init_from: no checkpoint"),
         # a traceback
         (["tracking", "restore", "{db}", "{file}/x.db"], 1, "DATABASE {file}/x.db: cannot create"),
+        # "the dataset has -5 training clips"
+        (["config", "show", "--clips", "-5"], 2, "--clips -5: give the training clips per epoch"),
     ],
 )
 def test_commands_refuse_what_they_cannot_do_before_any_work(
