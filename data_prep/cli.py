@@ -45,6 +45,7 @@ from data_prep.shards import (
     write_shard,
 )
 from data_prep.transcode import PrepOptions, Rejected, prepare_video
+from svt_ray import quiet_ray_logs
 from svt_ray.help_format import HelpFormatter
 from svt_ray.video import X264_PRESETS
 
@@ -392,6 +393,7 @@ def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m data_prep") -> int:
     """Entry point of `python -m data_prep` and `svt-ray prep`; returns the exit code."""
+    quiet_ray_logs()
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:

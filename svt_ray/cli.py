@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from svt_ray import quiet_ray_logs
 from svt_ray.config import (
     PRESETS,
     ConfigError,
@@ -662,6 +663,7 @@ def _finish_synced_run(
 
 
 def main() -> None:
+    quiet_ray_logs()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data_prep.inputs import InputError
 

@@ -19,7 +19,8 @@ buffer) and one stream per Train worker (`streaming_split`) come from Ray Train'
 `get_dataset_shard(...).iter_torch_batches`.
 
 A clip that fails to decode is skipped, logged, and counted: per actor, in the Ray metric
-`svt_data_decode_failures`, and in a small named actor that `decode_failures()` reads (the count and the clips' ids).
+`svt_data_decode_failures`, and in a small named actor that `decode_failures()` reads (the
+count and the clips' ids).
 """
 
 from __future__ import annotations
@@ -384,11 +385,6 @@ def decode_failures(key: str | None = None, limit: int = 5) -> tuple[int, list[s
     return int(total), list(first)
 
 
-def decode_failure_count(key: str | None = None) -> int:
-    """`decode_failures`' count alone."""
-    return decode_failures(key, limit=0)[0]
-
-
 def clip_sources(data_path: str, clip_ids: list[str]) -> dict[str, str]:
     """{clip id: the source file data_prep made it from} for `clip_ids`, read from the
     shards' `id` and `source_path` columns; ids not found, or shards that cannot be read,
@@ -693,7 +689,7 @@ def build_view_dataset(
     `decode_actors` caps the actor pool (None: as many as free CPUs allow); on a node shared
     with Train workers keep CPUs free for Data (ray_notes.md §6.3). `batch_size` is the number
     of clips per UDF call: small, because decoded views are ~10x the encoded bytes. Clips that
-    fail to decode are skipped and counted under `failure_key` (`decode_failure_count`).
+    fail to decode are skipped and counted under `failure_key` (`decode_failures`).
     """
     dataset = _read_shards(
         data_path, split, seed if shuffle else None, epochs, first_epoch=first_epoch
@@ -809,7 +805,8 @@ def training_dataset(
 
     With `data.deterministic` every execution is one epoch instead: a pass then holds exactly
     the steps of one epoch (the remainder of the split is dropped at its end), which is what
-    lets a run resumed mid-run see the batches of an uninterrupted one.
+    lets a run resumed mid-run see exactly the batches of an uninterrupted one (without it:
+    the same clips, to within a batch, `train.resume_position`).
     """
     if config.data.path is None:
         raise ValueError("data.path: no dataset given")

@@ -17,6 +17,7 @@ import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -237,7 +238,10 @@ def train_step(
     draws the masks an uninterrupted one draws; the checkpoint holds no generator state.
     """
     values = apply_schedule(state, step)
-    torch.manual_seed(generator.initial_seed() + 1)
+    # (a stream of its own: seed + 1 would be the next rank's augmentation seed)
+    torch.manual_seed(
+        int(np.random.SeedSequence([generator.initial_seed(), 1]).generate_state(1)[0])
+    )
 
     views = state.augmenter(to_device_views(batch, state.device), generator)
     num_global = state.config.views.num_global

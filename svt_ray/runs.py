@@ -400,7 +400,12 @@ def end_mlflow_run(tracking_uri: str, run_id: str, status: str) -> None:
 
         mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
     except Exception as error:
-        logger.warning("MLflow run %s not marked %s: %s", run_id, status, error)
+        logger.warning(
+            "MLflow run %s not marked %s: %s",
+            run_id,
+            status,
+            hide_password(str(error), tracking_uri),
+        )
 
 
 def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_path: str) -> None:
@@ -418,7 +423,7 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
     except Exception as error:
         logger.warning(
             "MLflow run %s not marked FINISHED (%s); once the store answers, `%s` marks it and "
-            "sends what it lacks", run_id, error, sync,
+            "sends what it lacks", run_id, hide_password(str(error), tracking_uri), sync,
         )  # fmt: skip
         return
     logger.warning(
@@ -460,7 +465,10 @@ def report_decode_failures(
 
         mlflow.MlflowClient(tracking_uri).set_tag(run_id, "svt.decode_failures", str(skipped))
     except Exception as error:  # MLflow down: the warning above stays
-        logger.warning("run %s: svt.decode_failures not tagged in MLflow (%s)", run_name, error)
+        logger.warning(
+            "run %s: svt.decode_failures not tagged in MLflow (%s)",
+            run_name, hide_password(str(error), tracking_uri),
+        )  # fmt: skip
 
 
 def log_training_curves(
@@ -477,7 +485,10 @@ def log_training_curves(
     try:
         mlflow.MlflowClient(tracking_uri).log_artifact(run_id, str(png))
     except Exception as error:  # MLflow down: the plot stays in the log directory
-        logger.warning("run %s: %s not logged to MLflow (%s)", run_name, png, error)
+        logger.warning(
+            "run %s: %s not logged to MLflow (%s)",
+            run_name, png, hide_password(str(error), tracking_uri),
+        )  # fmt: skip
         return None
     return png
 
@@ -599,6 +610,7 @@ def check_resumed_tracking(config: ExperimentConfig, run_name: str, recorded: di
         except MlflowException:
             missing = True
     if missing:
+        now, before = hide_password(now, now), hide_password(before, before)
         raise ConfigError(
             f"--tracking-uri {now}: run {run_name!r} is MLflow run {run_id} of {before}, which "
             f"this store does not hold; resume it with --tracking-uri {before} (or leave it "

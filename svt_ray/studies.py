@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from svt_ray import quiet_ray_logs
 from svt_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -1216,6 +1217,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
     """`python studies/<name>.py [flags]`: parse, run, print the summary. Exit 0 if any trial
     finished, 1 if none did, 2 on a bad flag, 130 if interrupted (Ctrl-C)."""
     import argparse
+
+    quiet_ray_logs()
 
     from data_prep.inputs import InputError
 

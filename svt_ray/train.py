@@ -98,6 +98,7 @@ from svt_ray.tracking import (
     absolute_tracking_uri,
     check_tracking_uri,
     cluster_tracking_uri,
+    hide_password,
     make_tracker,
 )
 from svt_ray.views import view_slots
@@ -133,8 +134,23 @@ def dataset_for_run(config_json: dict[str, Any], run_dir: str, progress_bars: bo
     data.set_progress_bars(progress_bars)
     config = ExperimentConfig.model_validate(config_json)
     progress = read_json(join_uri(run_dir, PROGRESS_FILE)) or {"step": 0}
-    start_epoch = progress["step"] // config.derived.steps_per_epoch
+    start_epoch, _ = resume_position(config, progress["step"])
     return data.training_dataset(config, start_epoch=start_epoch, failure_key=run_dir)
+
+
+def resume_position(config: ExperimentConfig, step: int) -> tuple[int, int]:
+    """Where a run (re)started at `step` picks up its stream: the epoch the stream starts at
+    and the batches of it to skip. With data.deterministic every pass is one epoch of
+    steps_per_epoch steps. Otherwise the epochs run on in one stream, batches crossing their
+    ends, so the uninterrupted run is at clip step x batch: the epoch holding that clip, and
+    its batches before it, rounded down (up to a batch's clips seen twice, none never)."""
+    derived = config.derived
+    if config.data.deterministic:
+        epoch = step // derived.steps_per_epoch
+        return epoch, step - epoch * derived.steps_per_epoch
+    clip = step * config.optim.batch_size
+    epoch = clip // derived.clips_per_epoch
+    return epoch, (clip - epoch * derived.clips_per_epoch) // config.optim.batch_size
 
 
 # -- the worker ------------------------------------------------------------------------------
@@ -266,8 +282,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if online_knn.maybe_run(step, force=True):  # the curve starts at the (restored) weights
         tracker.log_metrics(online_knn.latest, step=step * config.optim.batch_size)
     slot_names = [slot.name for slot in view_slots(config.views)]
-    start_epoch = step // derived.steps_per_epoch
-    to_skip = step - start_epoch * derived.steps_per_epoch  # batches of this epoch already seen
+    to_skip = resume_position(config, step)[1]  # batches of the stream's first epoch trained
     fail_at_step = loop_config.get("fail_at_step")
     started, clips_at_start = time.perf_counter(), step * config.optim.batch_size
     online_knn.seconds = 0.0  # clips/s counts training time only
@@ -692,8 +707,9 @@ def _finished_run(
         if run.info.status in ("RUNNING", "KILLED"):  # stopped after the last checkpoint
             client.set_terminated(run_id, "FINISHED")
     except Exception as error:  # another --tracking-uri than the run's: the checkpoint still counts
+        uri = config.tracking.tracking_uri
         logger.warning("run %s: its MLflow run %s is not in %s (%s)", run_name, run_id,
-                       config.tracking.tracking_uri, error)  # fmt: skip
+                       hide_password(uri, uri), hide_password(str(error), uri))  # fmt: skip
         metrics = {}
     logger.info("run %s finished before (step %d of %d): nothing to train", run_name, step,
                 config.derived.total_steps)  # fmt: skip

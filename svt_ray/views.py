@@ -146,9 +146,9 @@ class ViewSampler:
                 local = spread_indices(start, stop, slot.frames, window)
             elif cfg.global_window == "reference":  # its locals: linspace(r, r + L//8) for
                 # r = randint(0, L - L//8 - 1), both ends included: L//8 + 1 frames
-                width = int(cfg.local_span * window)
-                start = int(rng.integers(0, max(window - width - 1, 0) + 1))
-                local = spread_indices(start, start + width, slot.frames, window)
+                span = int(cfg.local_span * window)
+                start = int(rng.integers(0, max(window - span - 1, 0) + 1))
+                local = spread_indices(start, start + span, slot.frames, window)
             else:
                 fraction = cfg.global_span if slot.kind == "global" else cfg.local_span
                 span = min(window, max(slot.frames, span_frames(fraction, window)))

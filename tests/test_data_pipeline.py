@@ -320,26 +320,26 @@ def test_pipeline_skips_and_counts_undecodable_clips(synthetic_shards, ray_sessi
     column = pa.array(videos, type=table.schema.field("video").type)
     table = table.set_column(table.schema.get_field_index("video"), "video", column)
     pq.write_table(table, shard)
-    before = data.decode_failure_count()
+    before = data.decode_failures()[0]
     key = str(tmp_path / "runs" / "a-run")  # what a training run counts under: its folder
     dataset = data.build_view_dataset(
         str(broken), load_config("tiny").views, split=None, decode_actors=1, failure_key=key
     )
     assert dataset.count() == 19
-    assert data.decode_failure_count() - before == 1
-    assert data.decode_failure_count(key) == 1  # the run's own count, which its end reports
+    assert data.decode_failures()[0] - before == 1
+    assert data.decode_failures(key)[0] == 1  # the run's own count, which its end reports
     broken_id = table["id"][0].as_py()
     assert data.decode_failures(key) == (1, [broken_id])  # and the clip, by the end's warning
     assert data.clip_sources(str(broken), [broken_id, "not-a-clip"]) == {
         broken_id: table["source_path"][0].as_py()
     }
-    assert data.decode_failure_count(str(tmp_path / "runs" / "another")) == 0
+    assert data.decode_failures(str(tmp_path / "runs" / "another"))[0] == 0
     twice = str(tmp_path / "runs" / "two-epochs")  # skipped in every epoch: one clip still
     dataset = data.build_view_dataset(
         str(broken), load_config("tiny").views, split=None, decode_actors=1, epochs=2,
         failure_key=twice,
     )  # fmt: skip
-    assert dataset.count() == 38 and data.decode_failure_count(twice) == 1
+    assert dataset.count() == 38 and data.decode_failures(twice)[0] == 1
 
 
 def test_eval_dataset_single_and_slow_fast_clips(synthetic_shards, ray_session):

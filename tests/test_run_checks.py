@@ -104,6 +104,17 @@ def test_a_resumed_stream_is_the_rest_of_the_uninterrupted_one(tmp_path, monkeyp
     write_json(f"{run_dir}/{train_module.PROGRESS_FILE}", {"step": 7})
     train_module.dataset_for_run(config.model_dump(mode="json"), run_dir, None)
     assert seen["start_epoch"] == 2
+    # The epochs run on in one stream, batches crossing their ends: with 50 clips per epoch
+    # the uninterrupted run is at clip 9 x 16 = 144 after step 9, in epoch 2 (100..149), two
+    # whole batches past its start; with data.deterministic each pass is 3 steps of an epoch.
+    odd = config.model_copy(deep=True).resolve(50)
+    assert train_module.resume_position(odd, 9) == (2, 2)
+    assert train_module.resume_position(odd, 7) == (2, 0)  # clip 112: 12 of epoch 2's seen
+    steady = load_config(
+        "tiny",
+        overrides=[f"data.path={tmp_path}", "optim.batch_size=16", "data.deterministic=true"],
+    ).resolve(50)
+    assert train_module.resume_position(steady, 9) == (3, 0)
 
     import ray.data
 
@@ -394,24 +405,40 @@ def test_storage_that_cannot_hold_runs_and_a_resume_into_another_store_are_refus
         )
 
 
-def test_ray_lines_nobody_can_act_on_are_left_out_and_others_kept():
-    """`import svt_ray` gives Ray's log forwarding a skip pattern before Ray is imported: the
-    lines Ray's own actors print on every run (seen in a 1-epoch `svt-ray pretrain`) are left
-    out; a user's own value wins, and real errors, decode warnings and progress lines stay."""
+def test_ray_lines_nobody_can_act_on_are_left_out_and_others_kept(monkeypatch):
+    """The entry points (`svt-ray`, `python -m data_prep`, a study script) give Ray's log
+    forwarding a skip pattern before Ray is imported, and importing svt_ray alone does not:
+    the lines Ray's own actors print on every run (seen in a 1-epoch `svt-ray pretrain`) are
+    left out; a user's own value wins, and real errors, decode warnings and progress lines
+    stay."""
     import subprocess
     import sys
 
     import svt_ray
+    from data_prep.cli import main as prep_main
+    from svt_ray.cli import main as cli_main
+    from svt_ray.studies import StudySpec, Sweep, study_main
 
-    probe = "import svt_ray, ray._private.ray_logging as r; print(r.stdout_deduplicator.skip_re.pattern)"
+    probe = "import {}, ray._private.ray_logging as r; print(getattr(r.stdout_deduplicator.skip_re, 'pattern', None))"
     env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS_SKIP_REGEX"}
-    ran = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
-    assert ran.stdout.strip() == svt_ray.RAY_NOISE_REGEX, ran.stderr
-    mine = subprocess.run(
-        [sys.executable, "-c", probe], env={**env, "RAY_DEDUP_LOGS_SKIP_REGEX": "x"},
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert mine.stdout.strip() == "x"
+
+    def pattern(statement: str, **extra: str) -> str:
+        code = probe.format(statement)
+        done = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
+                              capture_output=True, text=True)  # fmt: skip
+        return done.stdout.strip()
+
+    assert pattern("svt_ray") == "None"  # no import-time side effect
+    quiet = "svt_ray; svt_ray.quiet_ray_logs(); import svt_ray"
+    assert pattern(quiet) == svt_ray.RAY_NOISE_REGEX
+    assert pattern(quiet, RAY_DEDUP_LOGS_SKIP_REGEX="x") == "x"
+    spec = StudySpec("s", "?", [Sweep("optim.batch_size", (8, 16))])
+    monkeypatch.setattr(sys, "argv", ["svt-ray", "--help"])
+    for entry_point in (cli_main, lambda: prep_main(["--help"]), lambda: study_main(spec, ["-h"])):
+        monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+        with pytest.raises(SystemExit):
+            entry_point()
+        assert os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] == svt_ray.RAY_NOISE_REGEX
 
     import re
 

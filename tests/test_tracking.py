@@ -591,7 +591,9 @@ def _read(location: str) -> bytes:
         return stream.read()
 
 
-def test_a_backup_taken_during_a_write_holds_all_of_it_or_none(tmp_path, empty_mlflow_store):
+def test_a_backup_taken_during_a_write_holds_all_of_it_or_none(
+    tmp_path, empty_mlflow_store, monkeypatch
+):
     """A write of many steps, open while the backup runs, whose pages spill to the file before
     it commits (a one-page cache): a plain copy of the file catches some of them (11 of 5,000),
     SQLite's backup holds none or all, and restores to a sound store."""
@@ -623,12 +625,23 @@ def test_a_backup_taken_during_a_write_holds_all_of_it_or_none(tmp_path, empty_m
         except Exception as error:  # reported below: a thread's error would pass unseen
             errors.append(error)
 
+    opened, connect = threading.Event(), sqlite3.connect
+
+    def connecting(path, *args, **kwargs):  # the backup's reader: it now runs into the write
+        connection = connect(path, *args, **kwargs)
+        if str(path) == str(database):
+            opened.set()
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", connecting)
     backup = threading.Thread(target=back_up)
     backup.start()
-    time.sleep(0.5)  # the backup runs into the open write
+    assert opened.wait(timeout=60)  # however loaded the machine, the reader is open first
+    time.sleep(0.2)  # and reading: it waits out the writer's lock
     writer.execute("COMMIT")
     writer.close()
     backup.join(timeout=120)
+    monkeypatch.undo()
     assert not backup.is_alive() and not errors, errors
     restored = tmp_path / "new_head" / "mlflow.db"
     assert restore_sqlite_store(destination, restored)  # it checks the integrity

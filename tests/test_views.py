@@ -88,6 +88,9 @@ def test_reference_local_windows():
             starts.add(start)
             assert np.array_equal(indices, np.linspace(start, start + 16, 8).astype(int))
     assert min(starts) == 0 and max(starts) == 128 - 16 - 1
+    # and their crops are cut from the whole frame (a name clash once made it 16 px wide)
+    boxes = sampler.plan(128, 240, 320, np.random.default_rng(0)).boxes[views.num_global :]
+    assert max(box.left + box.width for box in boxes) > 16
 
 
 def test_plan_is_deterministic_given_the_generator():
