@@ -622,7 +622,7 @@ def tracking_sync(
     check_tracking_uri(uri, must_exist=True)
     run_id = recorded["mlflow_run_id"]
     steps = sync_metrics(uri, run_id, metrics_file)
-    shown = hide_password(uri, uri)
+    shown = hide_password(uri)
     if not steps:
         typer.echo(f"run {run_name}: MLflow ({shown}) has every metric of {metrics_file}")
     else:

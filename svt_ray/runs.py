@@ -342,7 +342,7 @@ def start_mlflow_run(
     # run's own storage, keeps the URI whole for a resume)
     recorded = config.tracking.tracking_uri
     params = {**config.flat(), "train.run_name": run_name}  # the default's too
-    params["tracking.tracking_uri"] = hide_password(recorded, recorded)
+    params["tracking.tracking_uri"] = hide_password(recorded)
     tracker.log_params(params)
     tracker.log_text(hide_password(config.dump(), recorded), "config.yaml")
     tracker.close()  # the run is resumable from here on: run.json names it
@@ -404,7 +404,7 @@ def end_mlflow_run(tracking_uri: str, run_id: str, status: str) -> None:
             "MLflow run %s not marked %s: %s",
             run_id,
             status,
-            hide_password(str(error), tracking_uri),
+            hide_password(error, tracking_uri),
         )
 
 
@@ -423,13 +423,13 @@ def finish_mlflow_run(tracking_uri: str, run_id: str, run_name: str, storage_pat
     except Exception as error:
         logger.warning(
             "MLflow run %s not marked FINISHED (%s); once the store answers, `%s` marks it and "
-            "sends what it lacks", run_id, hide_password(str(error), tracking_uri), sync,
+            "sends what it lacks", run_id, hide_password(error, tracking_uri), sync,
         )  # fmt: skip
         return
     logger.warning(
         "run %s: its last MLflow calls from training did not reach %s in time; MLflow run %s "
         "is marked FINISHED now, and `%s` sends any metrics it lacks",
-        run_name, hide_password(tracking_uri, tracking_uri), run_id, sync,
+        run_name, hide_password(tracking_uri), run_id, sync,
     )  # fmt: skip
 
 
@@ -467,7 +467,7 @@ def report_decode_failures(
     except Exception as error:  # MLflow down: the warning above stays
         logger.warning(
             "run %s: svt.decode_failures not tagged in MLflow (%s)",
-            run_name, hide_password(str(error), tracking_uri),
+            run_name, hide_password(error, tracking_uri),
         )  # fmt: skip
 
 
@@ -487,7 +487,7 @@ def log_training_curves(
     except Exception as error:  # MLflow down: the plot stays in the log directory
         logger.warning(
             "run %s: %s not logged to MLflow (%s)",
-            run_name, png, hide_password(str(error), tracking_uri),
+            run_name, png, hide_password(error, tracking_uri),
         )  # fmt: skip
         return None
     return png
@@ -610,7 +610,7 @@ def check_resumed_tracking(config: ExperimentConfig, run_name: str, recorded: di
         except MlflowException:
             missing = True
     if missing:
-        now, before = hide_password(now, now), hide_password(before, before)
+        now, before = hide_password(now), hide_password(before)
         raise ConfigError(
             f"--tracking-uri {now}: run {run_name!r} is MLflow run {run_id} of {before}, which "
             f"this store does not hold; resume it with --tracking-uri {before} (or leave it "

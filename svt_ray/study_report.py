@@ -317,7 +317,7 @@ def collect_study(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    store = hide_password(tracking_uri, tracking_uri)  # as messages name it
+    store = hide_password(tracking_uri)  # as messages name it
 
     def get_run(run_id: str, what: str):
         try:

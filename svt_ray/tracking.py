@@ -76,14 +76,15 @@ def viewing_hint(uri: str) -> str:
     """How to look at the runs of a tracking URI: a server's own page, or `mlflow ui` over a
     store (which refuses an http:// backend)."""
     if urlparse(uri).scheme in ("http", "https"):
-        return f"open {hide_password(uri, uri)} (the MLflow server's UI)"
-    return f"mlflow ui --backend-store-uri {shlex.quote(hide_password(uri, uri))}"
+        return f"open {hide_password(uri)} (the MLflow server's UI)"
+    return f"mlflow ui --backend-store-uri {shlex.quote(hide_password(uri))}"
 
 
-def hide_password(text: str, uri: str) -> str:
-    """`text` (the URI itself, or a message or error that quotes it) with the password of
-    `uri`'s user:password@ shown as ***: no message prints it."""
-    userinfo = urlparse(uri).netloc.rpartition("@")[0]
+def hide_password(text: object, uri: str | None = None) -> str:
+    """`text` (a URI, or a message or error that quotes `uri`) with the password of its
+    user:password@ shown as ***: no message prints it."""
+    text = str(text)
+    userinfo = urlparse(text if uri is None else uri).netloc.rpartition("@")[0]
     user, _, password = userinfo.partition(":")
     return text.replace(f"{userinfo}@", f"{user}:***@") if password else text
 
@@ -102,7 +103,7 @@ def experiment_id(client, experiment: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None and found.lifecycle_stage == "deleted":  # MLflow refuses runs in it
         raise TrackingUnavailableError(
-            f"MLflow experiment {experiment!r} in {hide_password(tracking_uri, tracking_uri)} "
+            f"MLflow experiment {experiment!r} in {hide_password(tracking_uri)} "
             "is deleted; restore it "
             f"(`mlflow experiments restore --experiment-id {found.experiment_id}` with "
             "MLFLOW_TRACKING_URI set to that store) or name another"
@@ -116,7 +117,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = Fal
     """Fail fast, with a message that says what to do, if `uri` cannot take a run (or, with
     `must_exist`, holds no database to read: MLflow would create an empty one)."""
     parsed = urlparse(uri)
-    shown = hide_password(uri, uri)
+    shown = hide_password(uri)
     if parsed.scheme == "sqlite":
         if not uri.startswith("sqlite:///"):  # sqlite://mlflow.db: SQLAlchemy refuses it late
             raise TrackingUnavailableError(
@@ -152,7 +153,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = Fal
                 "check the user and password in --tracking-uri, or pass another"
             ) from None
         except (urllib.error.URLError, OSError) as error:
-            reason = hide_password(str(getattr(error, "reason", error)), uri)
+            reason = hide_password(getattr(error, "reason", error), uri)
             raise TrackingUnavailableError(
                 f"tracking server {shown} is unreachable ({reason}); start it with `mlflow "
                 "server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000` "
@@ -256,13 +257,13 @@ def cluster_tracking_uri(uri: str, node_ip: str, timeout_s: float = 5.0) -> str:
             "on other nodes cannot reach it and keep their metrics in metrics.jsonl only; start "
             "it with `mlflow server --host 0.0.0.0` (the security group keeps it inside the "
             "cluster)",
-            hide_password(uri, uri),
+            hide_password(uri),
             hide_password(rewritten, uri),
         )
         return uri
     logger.info(
         "tracking URI %s -> %s, which every node of the cluster reaches",
-        hide_password(uri, uri),
+        hide_password(uri),
         hide_password(rewritten, uri),
     )
     return rewritten
@@ -578,7 +579,7 @@ class _Sender:
 
     def _shown(self, text: Any) -> str:
         """`text` (the URI, or an MLflow error, which quotes it) with no password in it."""
-        return hide_password(str(text), self.uri)
+        return hide_password(text, self.uri)
 
     def put(self, what: str, function: Callable, *args, values: int = 0, **kwargs) -> None:
         """Queue `function(*args, **kwargs)`; `values` > 0 marks a log_batch of that many
@@ -739,8 +740,8 @@ class MLflowTracker:
             logger.warning(
                 "MLflow at %s is not reachable from this node (%s); training goes on and "
                 "metrics stay in %s",
-                hide_password(tracking_uri, tracking_uri),
-                hide_password(str(error), tracking_uri),
+                hide_password(tracking_uri),
+                hide_password(error, tracking_uri),
                 self.metrics_file,
             )
             return
@@ -837,7 +838,7 @@ class MLflowTracker:
             logger.warning(
                 "MLflow at %s has not taken %d call(s) of run %s; the metrics are in %s, and "
                 "`svt-ray tracking sync` sends them once it answers",
-                hide_password(self.tracking_uri, self.tracking_uri), left, self.run_id,
+                hide_password(self.tracking_uri), left, self.run_id,
                 self.metrics_file,
             )  # fmt: skip
         return not left

@@ -709,7 +709,7 @@ def _finished_run(
     except Exception as error:  # another --tracking-uri than the run's: the checkpoint still counts
         uri = config.tracking.tracking_uri
         logger.warning("run %s: its MLflow run %s is not in %s (%s)", run_name, run_id,
-                       hide_password(uri, uri), hide_password(str(error), uri))  # fmt: skip
+                       hide_password(uri), hide_password(error, uri))  # fmt: skip
         metrics = {}
     logger.info("run %s finished before (step %d of %d): nothing to train", run_name, step,
                 config.derived.total_steps)  # fmt: skip
