@@ -63,9 +63,7 @@ def run_item(name: str, arguments: list[str], limit: int, out: Path, log) -> tup
     """Run one item, its output into the log as it comes; returns (outcome, seconds)."""
     command = [sys.executable, *arguments]
     if name.startswith("step_"):
-        report = out / f"{name}.json"
-        report.unlink(missing_ok=True)  # never summarise an earlier run's figures
-        command += ["--json", str(report)]
+        command += ["--json", str(out / f"{name}.json")]  # main() removed an earlier run's
     log.write(f"\n== {name}: {' '.join(command[1:])}\n")
     log.flush()
     started = time.perf_counter()
