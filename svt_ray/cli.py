@@ -229,14 +229,7 @@ def pretrain(
     ] = None,
 ) -> None:
     """Pretrain SVT with Ray Train; checkpoints to --storage, metrics to MLflow."""
-    from svt_ray.cluster import cpu_training_note
     from svt_ray.runs import recorded_config
-    from svt_ray.train import (
-        RunInterruptedError,
-        RunStoppedError,
-        TrainingDivergedError,
-        run_pretraining,
-    )
 
     flags = _cli_overrides(data, workers, gpus_per_worker, address, tracking_uri, storage, run_name)
     if resume is not None:
@@ -248,6 +241,15 @@ def pretrain(
         _check_recorded_preset(preset, experiment.preset, f"run {resume}")
     else:
         experiment = build_config(preset, config, [*(overrides or []), *flags])
+    # torch and Ray only now (6-8 s on 2 cores): a mistyped --set is said at once
+    from svt_ray.cluster import cpu_training_note
+    from svt_ray.train import (
+        RunInterruptedError,
+        RunStoppedError,
+        TrainingDivergedError,
+        run_pretraining,
+    )
+
     if note := cpu_training_note(experiment):
         typer.secho(f"note: {note}", err=True, fg=typer.colors.YELLOW)
     try:
@@ -286,22 +288,12 @@ def evaluate(
 
     With --checkpoint, the settings it was trained with (clips, probe, data loading) apply, as
     --config and --set change them; --preset applies to random init only."""
-    from svt_ray.cluster import ensure_ray, local_ray_cpus
-    from svt_ray.data import read_dataset_manifest
-    from svt_ray.evaluate import (
-        check_eval_data,
-        cpus_per_evaluation,
-        describe_evaluation,
-        evaluate_backbones,
-        format_table,
-        initial_row_name,
-        load_state,
-    )
-
     flags = [*(overrides or []), *_cli_overrides(data, address=address)]
-    if checkpoint is None:
+    if checkpoint is None:  # before torch and Ray are imported: a mistyped --set is said at once
         experiment = build_config(preset, config, flags)
     else:  # the checkpoint's own config: its architecture, clips and probe, unless --set says
+        from svt_ray.evaluate import load_state
+
         try:
             saved = load_state(checkpoint)
         except (FileNotFoundError, ValueError) as error:
@@ -317,6 +309,17 @@ def evaluate(
         experiment = config_for_checkpoint(recorded, config, flags, checkpoint, saved)
     if experiment.data.path is None:
         raise fail("data.path: pass --data with a labelled dataset made by `svt-ray prep`")
+    from svt_ray.cluster import ensure_ray, local_ray_cpus
+    from svt_ray.data import read_dataset_manifest
+    from svt_ray.evaluate import (
+        check_eval_data,
+        cpus_per_evaluation,
+        describe_evaluation,
+        evaluate_backbones,
+        format_table,
+        initial_row_name,
+    )
+
     try:  # a dataset it cannot score is said before Ray starts, not after
         manifest = read_dataset_manifest(experiment.data.path)
         check_eval_data(experiment.data.path, manifest, experiment.eval)

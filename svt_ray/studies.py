@@ -1333,6 +1333,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             num_clips=args.num_clips,
             workdir=args.workdir,
         )
+        # before torch, Ray and MLflow are imported (6-8 s on 2 cores): a mistyped --set
+        load_config(options.preset, overrides=[*spec.fixed, *options.overrides])
         report = run_study(spec, options)
     except (ConfigError, InputError) as error:  # InputError: a path or URI that cannot be read
         print(f"error: {error}", file=sys.stderr)

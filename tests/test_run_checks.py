@@ -466,3 +466,41 @@ def test_ray_lines_nobody_can_act_on_are_left_out_and_others_kept(monkeypatch):
     ]
     assert all(noise.search(line) for line in seen)
     assert not any(noise.search(line) for line in kept)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["svt-ray", "pretrain", "--preset", "tiny", "--set", "optim.epoch=1"],
+        ["svt-ray", "pretrain", "--resume", "no-such-run"],
+        ["svt-ray", "eval", "--preset", "tiny", "--set", "optim.epoch=1"],
+        ["studies/view_count.py", "--set", "optim.epoch=1"],
+    ],
+    ids=["pretrain", "resume", "eval", "study"],
+)
+def test_a_mistyped_setting_is_refused_before_torch_and_ray_are_imported(tmp_path, argv):
+    """Importing torch and Ray takes 6-8 s on 2 cores: a typo in --set (the commonest slip)
+    is said in about a second, by a process that never imported them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    entry = (
+        "from svt_ray.cli import main"
+        if argv[0] == "svt-ray"
+        else f"from svt_ray.studies import study_main; from studies.{Path(argv[0]).stem} "
+        "import SPEC; main = lambda: sys.exit(study_main(SPEC))"
+    )
+    probe = (
+        f"import sys; sys.argv = {argv!r}; {entry}\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('EXIT', code, sorted({'torch', 'ray', 'mlflow'} & set(sys.modules)))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert done.stdout.strip().splitlines()[-1] == "EXIT 2 []", done.stdout + done.stderr
+    said = "no run.json" if "--resume" in argv else "optim.epoch: unknown key"
+    assert said in done.stderr
