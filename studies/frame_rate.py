@@ -12,7 +12,7 @@ clips seen) and takes 21-27 minutes on 2 cores (docs/studies.md).
 import sys
 
 from svt_ray.studies import SMALL_BUDGET, StudySpec, Sweep, study_main
-from svt_ray.study_report import best_vs_worst_verdict
+from svt_ray.study_report import frame_rate_verdict
 
 SPEC = StudySpec(
     name="frame_rate",
@@ -26,7 +26,7 @@ SPEC = StudySpec(
     # A quarter of the 5-epoch budget (800 clips) is too early: every setting is within a few
     # points of its start there; the curves part from about 1,200 clips.
     asha_grace_clips=1200,
-    verdict=best_vs_worst_verdict,
+    verdict=frame_rate_verdict,
     x_label="global frames, local frames",
 )
 

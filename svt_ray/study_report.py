@@ -763,6 +763,64 @@ def _common_rung_verdict(report: StudyReport) -> str:
     )
 
 
+# The frame-rate study's question: the paper's views (8- and 16-frame globals, 2- to 16-frame
+# locals) against the reference code's (8 frames in every view).
+PAPER_FRAME_RATES = {"views.global_frames": [8, 16], "views.local_frames": [2, 4, 8, 16]}
+REFERENCE_FRAME_RATES = {"views.global_frames": [8, 8], "views.local_frames": [8]}
+
+
+def frame_rate_verdict(report: StudyReport) -> str:
+    """The paper's frame rates against the reference code's, which is what the frame-rate
+    study asks (best against worst need not be either), then the whole grid's best against
+    worst. A grid without both settings (another --grid) gets best against worst alone."""
+    pair = _two_settings_verdict(
+        report,
+        ("the paper's views", PAPER_FRAME_RATES),
+        ("the reference code's", REFERENCE_FRAME_RATES),
+    )
+    whole = best_vs_worst_verdict(report)
+    return f"{pair}. Whole grid: {whole}" if pair else whole
+
+
+def _two_settings_verdict(
+    report: StudyReport, a: tuple[str, dict[str, Any]], b: tuple[str, dict[str, Any]]
+) -> str | None:
+    """Setting `a` against setting `b` (each (name, {path: value})): on final online kNN when
+    every trial of both finished, else at the furthest clips seen both got to (ASHA stops the
+    slower one early); None when the grid lacks either or neither was measured."""
+
+    def measured(setting: dict[str, Any]) -> list[TrialRecord]:
+        return [
+            t for t in report.trials
+            if t.curve and t.status in ("FINISHED", "KILLED")
+            and all(t.sweep.get(path) == value for path, value in setting.items())
+        ]  # fmt: skip
+
+    trials_a, trials_b = measured(a[1]), measured(b[1])
+    if not trials_a or not trials_b:
+        return None
+    both = trials_a + trials_b
+    if all(t.status == "FINISHED" and t.final is not None for t in both):
+        at = "final online kNN"
+        stats_a, stats_b = (_mean_sem([t.final for t in trials]) for trials in (trials_a, trials_b))
+    else:
+        rung = min(t.curve[-1][0] for t in both)
+        reached = "so far" if report.unfinished() else "before ASHA stopped one"
+        at = f"online kNN at {rung:.0f} clips seen (the furthest both got {reached})"
+        stats_a, stats_b = (
+            _mean_sem([[v for x, v in t.curve if x <= rung][-1] for t in trials])
+            for trials in (trials_a, trials_b)
+        )
+
+    def named(side: tuple[str, dict[str, Any]]) -> str:
+        return f"{side[0]} ({', '.join(f'{p}={v}' for p, v in side[1].items())})"
+
+    return (
+        f"{named(a)} {stats_a[0]:.1f} against {named(b)} {stats_b[0]:.1f}, {at}: "
+        + _difference_phrase(stats_a, stats_b)
+    )
+
+
 def batch_size_verdict(report: StudyReport) -> str:
     """'Smaller batches converge faster per clip seen': compare the area under the online-kNN
     curve over the clips every finished trial saw, smallest against largest batch, and the

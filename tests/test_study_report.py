@@ -17,6 +17,7 @@ from svt_ray.study_report import (
     best_vs_worst_verdict,
     collect_study,
     curve_auc,
+    frame_rate_verdict,
     qualified_verdict,
     scaling_table,
     scaling_verdict,
@@ -488,6 +489,47 @@ def test_a_verdict_says_which_side_has_a_single_seed():
     phrase = _difference_phrase((71.0, 2.0, 3), (60.0, None, 1))
     assert phrase.startswith("+11.0 points (3 against 1 seed(s): one side has a single seed")
     assert "within" in _difference_phrase((61.0, 2.0, 3), (60.0, 1.0, 3))
+
+
+def test_the_frame_rate_verdict_answers_paper_against_reference_code():
+    """The frame-rate study asks whether the paper's views beat the reference code's; best
+    against worst (its verdict before) set the reference code's against the best, not against the paper's."""
+    g, loc = "views.global_frames", "views.local_frames"
+    grid = {  # (global, local) -> final online kNN
+        ((8, 16), (8,)): 73.4, ((8, 16), (2, 4, 8, 16)): 71.4,
+        ((8, 8), (8,)): 64.1, ((4, 8), (8,)): 40.0,
+    }  # fmt: skip
+    report = _report(
+        [_trial({g: list(a), loc: list(b)}, 0, [(0, 39.0), (3040, final)])
+         for (a, b), final in grid.items()],
+        [g, loc],
+    )  # fmt: skip
+    paper = "views.global_frames=[8, 16], views.local_frames=[2, 4, 8, 16]"
+    reference = "views.global_frames=[8, 8], views.local_frames=[8]"
+    assert frame_rate_verdict(report) == (
+        f"the paper's views ({paper}) 71.4 against the reference code's ({reference}) 64.1, "
+        "final online kNN: +7.3 points (one seed per setting: no error bars, indicative only). "
+        f"Whole grid: {best_vs_worst_verdict(report)}"
+    )
+    # ASHA stopped the reference code's setting at 1,200 clips (three seeds each): both are
+    # read there, each seed's last value up to it.
+    seeds = []
+    for seed, shift in enumerate((0.0, 2.0, -2.0)):
+        seeds += [
+            _trial({g: [8, 16], loc: [2, 4, 8, 16]}, seed,
+                   [(0, 39.0), (1200, 56.0 + shift), (2400, 60.0), (3040, 70.0)]),
+            _trial({g: [8, 8], loc: [8]}, seed, [(0, 39.0), (800, 45.0), (1200, 50.0 + shift)],
+                   status="KILLED"),
+        ]  # fmt: skip
+    # (2 s.e. of each side: 2 / sqrt(3) * 2, together 2 * hypot = 3.27)
+    assert frame_rate_verdict(_report(seeds, [g, loc])).startswith(
+        f"the paper's views ({paper}) 56.0 against the reference code's ({reference}) 50.0, "
+        "online kNN at 1200 clips seen (the furthest both got before ASHA stopped one): +6.0 "
+        "points, beyond the noise (2 s.e. = 3.3). Whole grid: "
+    )
+    # Another --grid, without the reference code's setting: best against worst alone.
+    other = _report([t for t in report.trials if t.sweep != {g: [8, 8], loc: [8]}], [g, loc])
+    assert frame_rate_verdict(other) == best_vs_worst_verdict(other)
 
 
 def test_list_settings_sort_by_their_numbers():
