@@ -172,9 +172,17 @@ def test_per_parameter_and_global_clipping():
     assert total == pytest.approx((25 + 0.01) ** 0.5)
     assert a.grad.norm() == pytest.approx(1.0, rel=1e-5)  # clipped on its own
     assert torch.allclose(b.grad, torch.tensor([0.1, 0.0, 0.0, 0.0]))  # left alone
-    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 0.0])
-    clip_gradients([a, b], 2.5, "global")
-    assert torch.allclose(a.grad, torch.tensor([1.5, 2.0, 0.0]), atol=1e-5)
+    # Global: one scale for both, from the norm of all of them (sqrt(25 + 25)); per tensor,
+    # each would be clipped to 2.5 on its own (a to [1.5, 2, 0], b to [0, 0, 0, 2.5]).
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 5.0])
+    total = clip_gradients([a, b], 2.5, "global")
+    assert total == pytest.approx(50**0.5)
+    scale = 2.5 / 50**0.5
+    assert torch.allclose(a.grad, scale * torch.tensor([3.0, 4.0, 0.0]), atol=1e-5)
+    assert torch.allclose(b.grad, scale * torch.tensor([0.0, 0.0, 0.0, 5.0]), atol=1e-5)
+    a.grad, b.grad = torch.tensor([0.3, 0.4, 0.0]), torch.tensor([0.0, 0.0, 0.0, 0.5])
+    clip_gradients([a, b], 2.5, "global")  # under the limit: left alone
+    assert torch.equal(b.grad, torch.tensor([0.0, 0.0, 0.0, 0.5]))
 
 
 def test_last_layer_is_frozen_during_the_first_epoch():

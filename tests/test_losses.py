@@ -196,9 +196,23 @@ def test_collapse_metrics_on_the_two_collapses():
     one_hot = torch.zeros(2, 8, k)
     one_hot[..., 3] = 1.0
     diverse = torch.eye(k)[:16].reshape(2, 8, k)
-    assert collapse_metrics(flat)["collapse_uniform"] == pytest.approx(1.0)
-    assert collapse_metrics(one_hot)["collapse_dominant"] == pytest.approx(1.0)
+    # Every target flat: entropy log k, the mean target uniform (KL 0).
+    uniform = collapse_metrics(flat)
+    assert uniform["teacher_entropy"] == pytest.approx(math.log(k))
+    assert uniform["collapse_uniform"] == pytest.approx(1.0)
+    assert uniform["teacher_kl_uniform"] == pytest.approx(0.0, abs=1e-6)
+    assert uniform["collapse_dominant"] == pytest.approx(0.0, abs=1e-6)
+    assert uniform["collapse"] == pytest.approx(1.0)  # the larger: the uniform one
+    # One prototype takes everything: entropy 0, KL(mean || uniform) = log k.
+    dominant = collapse_metrics(one_hot)
+    assert dominant["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert dominant["teacher_kl_uniform"] == pytest.approx(math.log(k))
+    assert dominant["collapse_uniform"] == pytest.approx(0.0, abs=1e-6)
+    assert dominant["collapse_dominant"] == pytest.approx(1.0)
+    assert dominant["collapse"] == pytest.approx(1.0)  # the larger: the dominant one
+    # 16 different one-hot targets: entropy 0, the mean spread over 16 of the 64 prototypes.
     healthy = collapse_metrics(diverse)
+    assert healthy["teacher_kl_uniform"] == pytest.approx(math.log(k) - math.log(16), abs=1e-5)
     assert healthy["collapse"] == pytest.approx(1 - math.log(16) / math.log(k), abs=1e-5)
     assert healthy["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
 

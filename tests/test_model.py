@@ -239,11 +239,32 @@ def test_init_from_loads_spatial_weights_and_reports(tmp_path):
     assert torch.equal(backbone.patch_embed.proj.weight, weights["module.patch_embed.proj.weight"])
     assert backbone.pos_embed.shape == (1, 1 + 49, 32)
     assert report.resized == ["pos_embed"]
+    table = weights["module.pos_embed"]
+    assert torch.equal(backbone.pos_embed[0, 0], table[0, 0])  # the CLS position as it was
+    assert not torch.equal(backbone.pos_embed[0, 1:], torch.zeros(49, 32))
     assert "head.weight" in report.skipped
     assert "time_embed" in report.new and "blocks.0.temporal_attn.qkv.weight" in report.new
     assert torch.equal(backbone.blocks[0].temporal_attn.qkv.weight, temporal_before)
     summary = report.summary()
     assert "loaded" in summary and "skipped 1" in summary and "temporal_attn" in summary
+
+
+def test_init_from_resizes_the_position_table_over_its_grid(tmp_path):
+    """14x14 -> 7x7, rows and columns kept apart: a table that rises with the column in
+    channel 0 and with the row in channel 1 rises the same way after (cubic interpolation
+    keeps a linear ramp: away from the border, 7x7 position i samples 14x14 position 2i + 0.5)."""
+    backbone = tiny_backbone(image_size=112)
+    checkpoint = _fake_image_vit_checkpoint(backbone, grid=14)
+    rows, columns = torch.meshgrid(torch.arange(14.0), torch.arange(14.0), indexing="ij")
+    table = checkpoint["model"]["module.pos_embed"]
+    table[0, 1:, 0], table[0, 1:, 1] = columns.flatten(), rows.flatten()  # row-major, as ViT
+    torch.save(checkpoint, tmp_path / "vit.pth")
+    load_image_vit(backbone, tmp_path / "vit.pth")
+    grid = backbone.pos_embed[0, 1:].detach().reshape(7, 7, 32)
+    ramp = 2 * torch.arange(7.0) + 0.5
+    inner = slice(1, 6)  # cubic taps reach past the border there
+    torch.testing.assert_close(grid[inner, inner, 0], ramp[inner].expand(5, 5))
+    torch.testing.assert_close(grid[inner, inner, 1], ramp[inner, None].expand(5, 5))
 
 
 def test_init_from_missing_file_says_nothing_is_downloaded(tmp_path):
@@ -387,27 +408,31 @@ def _mlp(x: torch.Tensor, mlp) -> torch.Tensor:
     return _linear(hidden, mlp.fc2)
 
 
-def written_out_block(block, cls: torch.Tensor, patches: torch.Tensor):
-    """One clip through a divided block: cls (d,), patches (t, n, d) -> the same shapes."""
+def written_out_block(block, cls: torch.Tensor, patches: torch.Tensor, drops=None):
+    """One clip through a divided block: cls (d,), patches (t, n, d) -> the same shapes.
+    `drops`: stochastic depth's factors for this clip, (per position (n,), per frame (t,),
+    the clip's one), where the reference applies them (svt_spec §1.2); None: eval mode."""
     frames, positions, _ = patches.shape
-    # 1. Temporal attention: each spatial position attends over the clip's frames, no CLS.
+    by_position, by_frame, by_clip = drops or (torch.ones(positions), torch.ones(frames), 1.0)
+    # 1. Temporal attention: each spatial position attends over the clip's frames, no CLS;
+    #    stochastic depth drops a position's branch for all frames, before temporal_fc.
     normed = _layer_norm(patches, block.temporal_norm1)
     temporal = torch.empty_like(patches)
     for p in range(positions):
-        temporal[:, p] = _attend(normed[:, p], block.temporal_attn)
+        temporal[:, p] = _attend(normed[:, p], block.temporal_attn) * by_position[p]
     x_t = patches + _linear(temporal, block.temporal_fc)
-    # 2. Spatial attention per frame over [CLS copy, that frame's positions]; the frames' CLS
-    #    outputs are averaged; the residual adds to x_t.
+    # 2. Spatial attention per frame over [CLS copy, that frame's positions], dropped per
+    #    frame; the frames' CLS outputs are averaged; the residual adds to x_t.
     cls_outputs, spatial = [], torch.empty_like(patches)
     for t in range(frames):
         tokens = torch.cat([cls[None], x_t[t]])
-        out = _attend(_layer_norm(tokens, block.norm1), block.attn)
+        out = _attend(_layer_norm(tokens, block.norm1), block.attn) * by_frame[t]
         cls_outputs.append(out[0])
         spatial[t] = x_t[t] + out[1:]
     cls = cls + torch.stack(cls_outputs).mean(0)
-    # 3. MLP on every token.
-    cls = cls + _mlp(_layer_norm(cls, block.norm2), block.mlp)
-    spatial = spatial + _mlp(_layer_norm(spatial, block.norm2), block.mlp)
+    # 3. MLP on every token, the clip's tokens dropped together.
+    cls = cls + by_clip * _mlp(_layer_norm(cls, block.norm2), block.mlp)
+    spatial = spatial + by_clip * _mlp(_layer_norm(spatial, block.norm2), block.mlp)
     return cls, spatial
 
 
@@ -433,6 +458,44 @@ def test_divided_block_equals_the_written_out_block():
     for clip, first, frames in clip_frames:
         rows = slice(first, first + frames)
         want_cls, want_patches = written_out_block(block, cls[clip, 0], patches[rows])
+        torch.testing.assert_close(got_cls[clip, 0], want_cls, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_patches[rows], want_patches, rtol=1e-10, atol=1e-10)
+
+
+def test_stochastic_depth_drops_the_branches_where_the_reference_does():
+    """Training mode at drop_path 0.5: the block's own draws (recorded) applied by hand to the
+    temporal branch per clip and position, the spatial branch per frame and the MLP per clip
+    give its output; DropPath's draws alone are tested in test_fast_path.py, not where the
+    block applies them (a block that ignored them passed every test)."""
+    block = tiny_backbone(depth=1).blocks[0].double().train()
+    block.drop_path.p = 0.5  # (a backbone's first block has rate 0: rates rise with depth)
+    _randomise(block, seed=1)
+    layout = ((2, 3), (1, 2))
+    cls = torch.randn(3, 1, 32, generator=torch.Generator().manual_seed(4)).double()
+    patches = torch.randn(8, 5, 32, generator=torch.Generator().manual_seed(5)).double()
+    drawn = {}
+
+    def recorded(name):
+        method = getattr(block.drop_path, name)
+
+        def draw(*args):
+            drawn[name] = method(*args)
+            return drawn[name]
+
+        return draw
+
+    for name in ("per_position", "per_frame", "scales"):
+        setattr(block.drop_path, name, recorded(name))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        got_cls, got_patches = block(cls, patches, layout)
+    by_position, by_frame, by_clip = drawn["per_position"], drawn["per_frame"], drawn["scales"][0]
+    for draw in (by_position, by_frame, by_clip):  # this seed drops and keeps in each
+        assert set(draw.flatten().tolist()) == {0.0, 2.0}
+    for clip, first, frames in [(0, 0, 3), (1, 3, 3), (2, 6, 2)]:
+        rows = slice(first, first + frames)
+        drops = (by_position[first, :, 0], by_frame[rows, 0, 0], by_clip[clip, 0, 0])
+        want_cls, want_patches = written_out_block(block, cls[clip, 0], patches[rows], drops)
         torch.testing.assert_close(got_cls[clip, 0], want_cls, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got_patches[rows], want_patches, rtol=1e-10, atol=1e-10)
 

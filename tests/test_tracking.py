@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -486,16 +487,31 @@ def test_a_line_cut_short_by_a_crash_does_not_swallow_the_next(tmp_path, mlflow_
     assert [line["clips_seen"] for line in read_metrics_file(folder / METRICS_FILE)] == [4, 12]
 
 
-def test_training_curves_plot(tmp_path):
+def test_training_curves_plot(tmp_path, monkeypatch):
+    """What is drawn, not only that a PNG was written: each series against clips seen, in the
+    order of the clips (lines of a resumed run's metrics.jsonl may come out of order), the
+    missing ones as NaN, online kNN only at the points it was measured."""
+    from matplotlib.axes import Axes
+
+    rows = [{"clips_seen": i * 4, "loss": 5.0 - i, "collapse_uniform": 0.1 * i} for i in range(5)]
+    rows[2]["online_knn_top1"], rows[2]["online_knn_top5"] = 40.0, 90.0
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text(
-        "".join(
-            json.dumps({"clips_seen": i * 4, "loss": 5 - i, "collapse_uniform": 0.5}) + "\n"
-            for i in range(5)
-        )
-    )
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in [rows[3], *rows[:3], rows[4]]))
+    drawn, plot = {}, Axes.plot
+
+    def recorded(self, x, y, *args, **kwargs):
+        drawn[kwargs["label"]] = (list(x), list(y))
+        return plot(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recorded)
     png = plot_training_curves(metrics, tmp_path / "curves.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    clips = [0, 4, 8, 12, 16]
+    assert drawn["loss"] == (clips, [5.0, 4.0, 3.0, 2.0, 1.0])
+    assert drawn["collapse_uniform"][0] == clips
+    assert drawn["collapse_uniform"][1] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert all(math.isnan(v) for v in drawn["collapse_dominant"][1])  # not logged: NaN
+    assert drawn["knn_top1"] == ([8], [40.0]) and drawn["knn_top5"] == ([8], [90.0])
     assert plot_training_curves(tmp_path / "absent.jsonl", tmp_path / "x.png") is None
 
 
