@@ -78,6 +78,16 @@ def test_prepare_video_round_trip_and_frame_rate_cap():
     other = np.abs(decoded.astype(np.int16) - source[1::2].astype(np.int16)).mean(axis=(1, 2, 3))
     assert error.max() < 10 and other.min() > 2 * error.max()
     # The output is random-access friendly: keyframes every `gop` frames, exact seeks.
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(row["video"])) as container:
+        packets = sorted(
+            (p for p in container.demux(video=0) if p.size), key=lambda p: p.pts
+        )  # display order
+        keyframes = [i for i, packet in enumerate(packets) if packet.is_keyframe]
+    assert PrepOptions().gop == 16 and len(packets) == 30 and keyframes == [0, 16]
     reader = open_video(row["video"])
     np.testing.assert_array_equal(reader.get_frames([29, 3, 16]), decoded[[29, 3, 16]])
 
@@ -266,7 +276,10 @@ def test_discovery_follows_linked_folders_and_refuses_ambiguous_layouts(tmp_path
         return InputVideo(label, "p", "p", label, None, 1)
 
     first = build_label_map([video("0"), video("2")])
+    assert first == {"0": 0, "2": 2}  # integer names keep their value, gaps and all
     assert build_label_map([video("0"), video("1"), video("2")], first) == {"0": 0, "1": 1, "2": 2}
+    # Names numbered in sorted order by an earlier run (not their values) keep that order.
+    assert build_label_map([video("2"), video("7")], {"2": 0, "5": 1}) == {"2": 0, "5": 1, "7": 2}
     with pytest.raises(InputError, match="labels '01' and '1' are the same number"):
         build_label_map([video("01"), video("1")])
 
@@ -1032,10 +1045,49 @@ def test_a_run_removes_old_temporaries_and_leaves_those_another_run_may_be_writi
     assert output.remove_temporaries(older_than_s=0) == (1, 0) and not young.exists()
 
 
-def test_write_file_streams_a_local_file_in_pieces_atomically(tmp_path):
-    """A Path is copied in 8 MiB pieces (the MLflow store backup), through a temporary file."""
+def test_write_file_streams_a_local_file_in_pieces_atomically(tmp_path, monkeypatch):
+    """A Path is copied in 8 MiB pieces (the MLflow store backup), through a temporary file
+    in the same folder that is then moved over the target: what the filesystem was asked to
+    do is recorded, not only the result (a whole read, written in place, gave the same file)."""
+    import data_prep.inputs
     from data_prep.shards import write_file
 
+    calls, resolve = [], data_prep.inputs.resolve_filesystem
+
+    class Stream:  # an output stream whose writes are recorded
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.stream.__exit__(*exc)
+
+        def write(self, piece):
+            calls.append(("write", len(piece)))
+            return self.stream.write(piece)
+
+    class Recorded:  # the filesystem write_file resolves, with its writes and moves recorded
+        def __init__(self, filesystem):
+            self.filesystem = filesystem
+
+        def __getattr__(self, name):
+            return getattr(self.filesystem, name)
+
+        def open_output_stream(self, path):
+            calls.append(("open", path))
+            return Stream(self.filesystem.open_output_stream(path))
+
+        def move(self, source, destination):
+            calls.append(("move", source, destination))
+            return self.filesystem.move(source, destination)
+
+    def recording_resolve(target):
+        filesystem, path = resolve(target)
+        return Recorded(filesystem), path
+
+    monkeypatch.setattr(data_prep.inputs, "resolve_filesystem", recording_resolve)
     source = tmp_path / "big.bin"
     data = np.random.default_rng(0).integers(0, 256, size=(17 << 20) + 5, dtype=np.uint8)
     source.write_bytes(data.tobytes())  # pieces of 8, 8 and 1 MiB + 5 bytes
@@ -1043,6 +1095,10 @@ def test_write_file_streams_a_local_file_in_pieces_atomically(tmp_path):
     write_file(target.as_uri(), source)
     assert target.read_bytes() == source.read_bytes()
     assert [p.name for p in target.parent.iterdir()] == ["copy.bin"]  # no temporary left
+    (_, temporary), *writes, move = calls
+    assert temporary.startswith(f"{target.parent}/.tmp-") and temporary.endswith("-copy.bin")
+    assert writes == [("write", 8 << 20), ("write", 8 << 20), ("write", (1 << 20) + 5)]
+    assert move == ("move", temporary, str(target))
 
 
 def test_a_failed_write_file_leaves_no_temporary(tmp_path):

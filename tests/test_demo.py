@@ -23,14 +23,20 @@ def test_demo_runs_every_stage_and_records_the_evaluation(tmp_path, ray_session,
     printed = capsys.readouterr().out
     for row in ("SVT (learned)", "random init", "frame pixels", "slow-fast"):
         assert row in printed
-    assert "SVT features beat random initialisation by" in printed
-    assert 0 <= summary["knn_top1_learned"] <= 100 and 0 <= summary["knn_top1_random_init"] <= 100
+    learned, start = summary["knn_top1_learned"], summary["knn_top1_random_init"]
+    assert 0 <= learned <= 100 and 0 <= start <= 100
+    assert summary["knn_gain_points"] == pytest.approx(learned - start)
+    assert f"SVT features beat random initialisation by {learned - start:+.1f} kNN" in printed
+    assert f"| SVT (learned) | {learned:.1f} |" in printed and f"| random init | {start:.1f} |" in (
+        printed
+    )
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("svt-ray").experiment_id)
-    assert "eval/SVT_learned/knn_top1" in run.data.metrics
+    assert run.data.metrics["eval/SVT_learned/knn_top1"] == pytest.approx(learned)
+    assert run.data.metrics["eval/random_init/knn_top1"] == pytest.approx(start)
     assert run.info.status == "FINISHED"  # the evaluation was added without reopening it
     assert {"evaluation.md", "training_curves.png", "config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)

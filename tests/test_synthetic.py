@@ -100,7 +100,7 @@ def test_cli_entry_point(tmp_path, capsys):
         == 0
     )
     assert "2 clips written" in capsys.readouterr().out
-    assert main([str(tmp_path), "--num-classes", "9"]) == 2  # the scene style has 8
+    assert main([str(tmp_path / "s"), "--num-classes", "9"]) == 2  # the scene style has 8
     assert main([str(tmp_path / "o"), "--style", "objects", "--num-classes", "11"]) == 2
     small = ["--num-frames", "8", "--height", "32", "--width", "32"]
     assert main([str(tmp_path), *small, "--num-classes", "3"]) == 2  # the folder has 2
@@ -108,7 +108,10 @@ def test_cli_entry_point(tmp_path, capsys):
     assert len(errors) == 3 and all(
         e.startswith("python -m svt_ray.synthetic: error: ") for e in errors
     )
+    assert "num_classes must lie in [1, 8] for style 'scene'" in errors[0]
+    assert "num_classes must lie in [1, 10] for style 'objects'" in errors[1]
     assert "other settings (num_classes 2 -> 3); use another folder" in errors[2]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()  # nothing made
 
 
 def test_usage_names_the_command_that_was_run(capsys):

@@ -118,8 +118,18 @@ def test_mistyped_tracking_uris_are_refused_before_any_work(tmp_path, mlflow_db)
         experiment_id(client, "gone", uri)
 
 
-def test_only_rank_zero_tracks(tmp_path):
+def test_only_rank_zero_tracks(tmp_path, mlflow_db):
     assert isinstance(make_tracker(1, tracking_uri="unused"), NullTracker)
+    tracked = make_tracker(
+        0,
+        tracking_uri=f"sqlite:///{mlflow_db}",
+        experiment="tests",
+        run_name="r",
+        local_dir=tmp_path / "r",
+    )
+    assert isinstance(tracked, MLflowTracker)
+    assert tracked.client.get_run(tracked.run_id).info.run_name == "r"
+    tracked.close()
 
 
 def tracker(tmp_path, **kwargs) -> MLflowTracker:
@@ -790,7 +800,8 @@ def test_a_backup_refuses_to_replace_one_of_another_store(tmp_path, empty_mlflow
 
 def test_a_backup_loop_checks_the_runs_on_its_first_round_only(tmp_path, monkeypatch):
     """Runs gone from the store while the loop goes on: the loop replaces its own backup,
-    which it fetches only once."""
+    which it fetches only once. Between the rounds every run it backed up is gone (a check on
+    the second round would refuse: the backup's runs, none in the store)."""
     import sqlite3
     import time
 
@@ -810,13 +821,14 @@ def test_a_backup_loop_checks_the_runs_on_its_first_round_only(tmp_path, monkeyp
         if len(rounds) == 2:
             raise KeyboardInterrupt  # Ctrl-C: the loop's only way out
         with sqlite3.connect(database) as store:
-            store.execute("DELETE FROM runs WHERE run_uuid = 'a'")
+            store.execute("DELETE FROM runs")
+            store.execute("INSERT INTO runs VALUES ('c', 'active')")
 
     monkeypatch.setattr(time, "sleep", between_rounds)
     command = ["tracking", "backup", str(database), str(destination), "--every", "300"]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 130, result.output  # typer's code for Ctrl-C
-    assert rounds == [2, 1]
+    assert rounds == [2, 1] and run_ids(destination) == {"c"}
 
 
 def test_a_backup_loop_sees_commits_to_a_store_in_wal_mode(tmp_path, monkeypatch):

@@ -90,9 +90,23 @@ def test_reference_frames_are_distinct_so_the_check_has_teeth():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_metadata_and_threads(backend):
+def test_metadata_and_threads(backend, monkeypatch):
     data = FILES["short_gop"]
+    if backend == "decord":  # decord keeps its settings to itself: what it was given
+        import decord
+
+        given, build = {}, decord.VideoReader
+
+        def recorded(*args, **kwargs):
+            given.update(kwargs)
+            return build(*args, **kwargs)
+
+        monkeypatch.setattr(decord, "VideoReader", recorded)
     reader = open_video(data, backend=backend, num_threads=2)
+    if backend == "decord":
+        assert given["num_threads"] == 2
+    else:
+        assert reader._stream.thread_count == 2 and reader._stream.thread_type.name == "AUTO"
     assert reader.fps == pytest.approx(15.0)
     assert reader.get_frames([10]).shape == (1, 48, 64, 3)
     assert reader.get_frames([]).shape[0] == 0
