@@ -16,12 +16,17 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import posixpath
 import signal
 import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit
+
+from pyarrow import fs as pafs
 
 from data_prep.inputs import (
     VIDEO_EXTENSIONS,
@@ -36,6 +41,7 @@ from data_prep.inputs import (
 )
 from data_prep.shards import (
     SCHEMA_VERSION,
+    SHARD_DIR,
     STATE_DIR,
     Output,
     load_states,
@@ -476,18 +482,11 @@ class PrepInterrupted(Exception):
 
 def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> int:
     started = time.perf_counter()
+    output = _checked_output(args)
     videos, input_fs = discover(args.input, args.extensions)
     if args.verbose:  # inside the demo or a study, the root logs INFO too
         logger.info("%d videos under %s", len(videos), args.input)
-    if not videos:
-        print(
-            f"data_prep: no video files ({', '.join(args.extensions)}) under {args.input}",
-            file=sys.stderr,
-        )
-        return 1
     split_files = with_file_names(read_split_files(split_assignments), videos)
-    output_fs, output_root = resolve_filesystem(args.output)
-    output = Output(output_fs, output_root)
     previous = (
         output.read_json(STATE_DIR, "plan.json") if output.exists(STATE_DIR, "plan.json") else None
     )
@@ -552,13 +551,19 @@ def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> i
         _print_dry_run(args, videos, plan, states, todo, splits, label_map)
         return 0
 
-    _, kept = output.remove_temporaries()
+    try:  # the first writes: what `_checked_output` cannot see (a store's permissions)
+        _, kept = output.remove_temporaries()
+        output.write_json(plan, STATE_DIR, "plan.json")
+    except OSError as error:
+        raise InputError(
+            f"OUTPUT {args.output}: cannot write there ({type(error).__name__}: {error}); give "
+            "a folder you can write to"
+        ) from error
     if kept:
         print(
             f"data_prep: left {kept} temporary file(s) (.tmp-*) written within the hour in "
             f"{args.output}: another run may be writing them; a later run removes them"
         )
-    output.write_json(plan, STATE_DIR, "plan.json")
     earlier = sum(len(entry["ids"]) for entry in plan["shards"] if entry["name"] in states)
     failed = 0
     if todo:
@@ -579,6 +584,81 @@ def _run(args: argparse.Namespace, options: PrepOptions, split_assignments) -> i
         )
         return 1
     return 0
+
+
+def _checked_output(args: argparse.Namespace) -> Output:
+    """The output, checked before any work (a dry run too): apart from the input, and
+    somewhere this run can write (an output under a file, or in a read-only folder, was a
+    traceback after the videos were listed)."""
+    filesystem, root = resolve_filesystem(args.output)
+    _check_apart(args, filesystem, root)
+
+    def refuse(why: str):
+        raise InputError(
+            f"OUTPUT {args.output}: cannot write there ({why}); give a folder you can write to"
+        )
+
+    try:
+        if filesystem.get_file_info(root).type == pafs.FileType.File:
+            refuse("it is a file")
+    except OSError as error:
+        refuse(f"{type(error).__name__}: {error}")
+    if isinstance(filesystem, pafs.LocalFileSystem):  # a store's rights show at the first write
+        existing = root
+        while not os.path.lexists(existing):  # the folder it would be created in
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            refuse(f"{existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            refuse(f"no permission to write in {existing}")
+    return Output(filesystem, root)
+
+
+def _check_apart(args: argparse.Namespace, output_fs, output_root: str) -> None:
+    """A folder input and the output may not be one folder or hold one another: the output's
+    files (shards/, _state/, manifest.json, rejects.jsonl) would land among the videos, over
+    any of those names, and the dataset would hold its sources or be listed with them. A
+    manifest input is only refused where the output writes over it (`prep DIR/manifest.json
+    DIR`): its rows name the videos, no folder is walked."""
+    input_fs, input_path = resolve_filesystem(args.input)
+    if input_fs.type_name != output_fs.type_name:
+        return
+    if isinstance(input_fs, pafs.LocalFileSystem):
+        given, out = os.path.realpath(input_path), os.path.realpath(output_root)
+    else:
+        stores = {(urlsplit(uri).scheme, urlsplit(uri).query) for uri in (args.input, args.output)}
+        if len(stores) > 1:  # another endpoint: the same path is another place
+            return
+        given, out = posixpath.normpath(input_path), posixpath.normpath(output_root)
+    kind = input_fs.get_file_info(input_path).type
+    where = f"INPUT {args.input} and OUTPUT {args.output}"
+    if kind == pafs.FileType.Directory:
+        if given == out:
+            why = " are one folder"
+        elif _inside(out, given):
+            why = ": the output is inside the input folder"
+        elif _inside(given, out):
+            why = ": the input folder is inside the output"
+        else:
+            return
+        raise InputError(
+            f"{where}{why}. The dataset's files (shards/, _state/, manifest.json, "
+            "rejects.jsonl) would be written among the videos, over any of those names, and "
+            "the dataset would be listed with its sources; give an output folder apart from "
+            "the input"
+        )
+    written = given in (f"{out}/manifest.json", f"{out}/rejects.jsonl") or any(
+        _inside(given, f"{out}/{folder}") for folder in (SHARD_DIR, STATE_DIR)
+    )
+    if kind == pafs.FileType.File and written:
+        raise InputError(
+            f"{where}: the output writes a file of its own at {given}, over the input manifest; "
+            "give another output folder, or move the manifest out of it"
+        )
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip("/") + "/")
 
 
 def _run_on_ray(args, output, input_fs, options, todo, by_id, splits, label_map) -> int:

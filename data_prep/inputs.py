@@ -202,6 +202,15 @@ def discover(
         videos = _discover_manifest(filesystem, path)
     else:
         raise InputError(f"input {source!r} is neither a folder nor a .csv/.jsonl manifest")
+    if not videos:  # nothing to shard is a wrong input, not a run that failed
+        if info.type == pafs.FileType.Directory:
+            raise InputError(
+                f"no video files ({', '.join(extensions)}) under {source}; give the folder that "
+                "holds the videos, or their endings with --extensions"
+            )
+        raise InputError(
+            f"{source} lists no videos: a manifest needs a row per video, with its 'path'"
+        )
     unique: dict[str, InputVideo] = {}
     for video in videos:
         if video.id in unique:
@@ -283,8 +292,7 @@ def _label_name(name: str) -> str:
 
 
 def _discover_manifest(filesystem: pafs.FileSystem, path: str) -> list[InputVideo]:
-    with filesystem.open_input_stream(path) as stream:
-        text = stream.read().decode("utf-8-sig")
+    text = _read_text(filesystem, path, "manifest")
     base = posixpath.dirname(path)
     where: list[str] = []  # each row's place in the file, for messages
     if path.lower().endswith(".csv"):
@@ -391,6 +399,24 @@ def _warn_unread_columns(path: str, rows: list) -> None:
         )  # fmt: skip
 
 
+def _read_text(filesystem: pafs.FileSystem, path: str, what: str, shown: str | None = None) -> str:
+    """A text input (a manifest, a split file) as UTF-8, with or without a BOM: a file saved
+    in another encoding (Excel's CSV on Windows) is named, not a bare codec error."""
+    shown = shown or path
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+    except OSError as error:
+        raise InputError(f"cannot read {what} {shown!r}: {error}") from error
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{shown}: not UTF-8 text (byte {data[error.start]:#04x} at position "
+            f"{error.start}); save the {what} as UTF-8"
+        ) from None
+
+
 def _manifest_path(base: str, row: dict) -> str:
     """A manifest row's file: its path as given if absolute, else under the manifest's folder."""
     relative = str(row.get("path") or "").replace(os.sep, "/")
@@ -426,11 +452,7 @@ def read_split_files(assignments: Iterable[tuple[str, str]]) -> dict[str, str]:
                 SPLITS_READ,
             )  # fmt: skip
         list_fs, resolved = resolve_filesystem(list_path)  # a local path or any URI
-        try:
-            with list_fs.open_input_stream(resolved) as stream:
-                lines = stream.read().decode("utf-8-sig").splitlines()
-        except OSError as error:
-            raise InputError(f"cannot read split file {list_path!r}: {error}") from error
+        lines = _read_text(list_fs, resolved, "split file", list_path).splitlines()
         for line in lines:
             relative = line.strip().replace("\\", "/")
             if not relative:

@@ -281,6 +281,11 @@ def read_manifest(data_path: str) -> tuple[dict, pafs.FileSystem, str]:
             f"{data_path}: no manifest.json, so not a dataset made by data_prep"
         )
     manifest = output.read_json("manifest.json")
+    if not isinstance(manifest, dict):  # valid JSON, but not what data_prep writes
+        raise ValueError(
+            f"{output.path('manifest.json')} holds a {type(manifest).__name__}, not a data_prep "
+            "manifest; it was replaced or edited"
+        )
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ManifestVersionError(
             f"{data_path}/manifest.json: schema_version "

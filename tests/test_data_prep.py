@@ -736,7 +736,7 @@ def test_nothing_sharded_exits_non_zero(tmp_path, ray_session, capsys):
         read_dataset_manifest(str(tmp_path / "out"))
     assert data_prep.main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 2
     (tmp_path / "no_videos").mkdir()
-    assert data_prep.main([str(tmp_path / "no_videos"), str(tmp_path / "out3")]) == 1
+    assert data_prep.main([str(tmp_path / "no_videos"), str(tmp_path / "out3")]) == 2
 
 
 def test_hung_reads_time_out_and_the_videos_queued_behind_them_do_not(tmp_path, ray_session):
@@ -1159,3 +1159,121 @@ def test_a_record_cut_short_is_named_and_a_shards_record_is_redone(tmp_path, cap
     (tmp_path / "manifest.json").write_text('{"schema_version": ')
     with pytest.raises(ConfigError, match=r"data.path: .*manifest.json: not valid JSON.*again"):
         read_dataset_manifest(str(tmp_path))
+
+
+def test_a_manifest_json_that_is_not_an_object_is_named(tmp_path):
+    """A manifest.json of valid JSON but no object (`[1, 2]`) gave `AttributeError: 'list'
+    object has no attribute 'get'` in `svt-ray pretrain/eval --data`: now named like one
+    that does not parse, with the way to write it anew."""
+    from data_prep.shards import read_manifest
+    from svt_ray.config import ConfigError
+    from svt_ray.data import read_dataset_manifest
+
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"manifest.json holds a list, not a data_prep manifest"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"data.path: .*holds a list, .*again"):
+        read_dataset_manifest(str(tmp_path))
+
+
+def _one_video_folder(root: Path) -> Path:
+    """A folder with one .mp4 (not a real video): enough for what is checked before Ray."""
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.mp4").write_bytes(b"not decoded before Ray")
+    return root
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """An OUTPUT that is a file, lies under one, or is a folder without write permission was a
+    traceback (NotADirectoryError, PermissionError, exit 1) once the plan was written, and a
+    dry run planned into it. Each is exit 2 before any work, the dry run too; nothing is left."""
+    import data_prep.cli
+    from data_prep.shards import Output
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a run that reached Ray fails at once
+    videos = _one_video_folder(tmp_path / "videos")
+    (tmp_path / "file").write_text("not a folder")
+    for output, why in (
+        (tmp_path / "file", "it is a file"),
+        (tmp_path / "file" / "out", f"{tmp_path / 'file'} is not a folder"),
+    ):
+        for dry_run in ([], ["--dry-run"]):
+            assert data_prep.main([str(videos), str(output), *dry_run]) == 2
+            said = capsys.readouterr()
+            assert f"error: OUTPUT {output}: cannot write there ({why}); give a folder" in said.err
+            assert "dry run" not in said.out
+    # Root may write anywhere: the permission check is told no.
+    monkeypatch.setattr(data_prep.cli.os, "access", lambda path, mode: False)
+    assert data_prep.main([str(videos), str(tmp_path / "ro" / "out"), "--dry-run"]) == 2
+    assert f"(no permission to write in {tmp_path}); give" in capsys.readouterr().err
+    monkeypatch.undo()
+    # What only the first write shows (a store's permissions): the same error, nothing left.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+
+    def refused(self, value, *parts):
+        raise PermissionError(13, "Permission denied", self.path(*parts))
+
+    monkeypatch.setattr(Output, "write_json", refused)
+    assert data_prep.main([str(videos), str(tmp_path / "out")]) == 2
+    assert "OUTPUT" in (err := capsys.readouterr().err) and "(PermissionError: " in err
+    assert not list((tmp_path / "out").rglob("*"))
+
+
+def test_a_manifest_or_split_file_not_in_utf8_is_named(tmp_path, capsys):
+    """A manifest saved as Latin-1 (Excel on Windows) printed only "'utf-8' codec can't
+    decode byte 0xff in position 0": the file is named and the fix said, exit 2."""
+    videos = _one_video_folder(tmp_path / "videos")
+    (videos / "list.csv").write_bytes("path,label\ncat/a.mp4,café\n".encode("latin-1"))
+    assert data_prep.main([str(videos / "list.csv"), str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    said = f"{videos / 'list.csv'}: not UTF-8 text (byte 0xe9 at position 24); save the manifest"
+    assert f"{said} as UTF-8" in err
+    (tmp_path / "train.txt").write_bytes(b"\xffcat/a.mp4\n")
+    argv = [str(videos), str(tmp_path / "out"), "--split-file", f"train={tmp_path / 'train.txt'}"]
+    assert data_prep.main([*argv, "--dry-run"]) == 2
+    assert "train.txt: not UTF-8 text (byte 0xff at position 0); save the split file as UTF-8" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_input_with_no_videos_is_bad_input(tmp_path, capsys):
+    """A manifest with no rows said "no video files (.mp4, ...) under m_empty.csv", and it
+    and a folder of other files exited 1, as if videos had failed: now exit 2, a manifest
+    said to list none, a folder named with the endings looked for."""
+    (tmp_path / "m_empty.csv").write_text("path,label\n")
+    (tmp_path / "m_empty.jsonl").write_text("")
+    for manifest in ("m_empty.csv", "m_empty.jsonl"):
+        assert data_prep.main([str(tmp_path / manifest), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / manifest} lists no videos: a manifest needs a row per video" in err
+        assert "(.mp4" not in err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no video")
+    assert data_prep.main([str(tmp_path / "notes"), str(tmp_path / "out")]) == 2
+    assert "no video files (.mp4, .m4v, .mov, " in (err := capsys.readouterr().err)
+    assert f"under {tmp_path / 'notes'}; give the folder that holds the videos" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_output_is_kept_apart_from_a_folder_input(tmp_path, capsys):
+    """`prep VIDEOS VIDEOS` (or an output inside the input, or the input inside the output)
+    was accepted: the dataset's files went among the videos, over any of the same names.
+    Refused, exit 2. A manifest is refused only where the output would write over it; one
+    kept among the videos, with the output next to it, is fine (no folder is walked)."""
+    videos = _one_video_folder(tmp_path / "videos")
+    for output, why in (
+        (videos, " are one folder."),
+        (tmp_path / "videos" / "." / "cat" / "..", " are one folder."),
+        (videos / "shards", ": the output is inside the input folder."),
+        (tmp_path, ": the input folder is inside the output."),
+    ):
+        assert data_prep.main([str(videos), str(output), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert f"INPUT {videos} and OUTPUT {output}{why}" in err and "give an output folder" in err
+    (videos / "manifest.json").write_text('[{"path": "cat/a.mp4"}]')
+    assert data_prep.main([str(videos / "manifest.json"), str(videos), "--dry-run"]) == 2
+    assert "over the input manifest" in capsys.readouterr().err
+    (videos / "list.csv").write_text("path\ncat/a.mp4\n")
+    for output in (videos, videos / "shards"):
+        assert data_prep.main([str(videos / "list.csv"), str(output), "--dry-run"]) == 0
+        assert "dry run: 1 videos" in capsys.readouterr().out
