@@ -148,6 +148,14 @@ class SynthConfig:
             )
         # Checked here, before synthetic.json records them: a folder made with a bad value
         # would refuse the corrected command as "other settings".
+        need = render_memory(self)
+        if need > RENDER_MEMORY_LIMIT:
+            raise ValueError(
+                f"height x width x num_frames {self.height}x{self.width}x{self.num_frames} "
+                f"needs about {need / 2**30:.0f} GiB to render one {self.style} clip, more than "
+                f"the {RENDER_MEMORY_LIMIT >> 30} GiB allowed: use a smaller height, width or "
+                "num_frames"
+            )
         if not 0 < self.fps < 1000:
             raise ValueError(f"fps must lie in (0, 1000), got {self.fps}")
         if self.gop < 1 or not 0 <= self.crf <= 51 or self.num_distractors < 0:
@@ -159,6 +167,25 @@ class SynthConfig:
     @property
     def class_names(self) -> tuple[str, ...]:
         return STYLES[self.style][: self.num_classes]
+
+
+RENDER_MEMORY_LIMIT = 8 << 30
+"""Most bytes one clip's rendering may need (`render_memory`). A fixed cap, not the free
+memory, so a command is accepted or refused alike on every machine and Ray node. The largest
+clips the project makes (benchmarks/loader.py: 300 frames of 320x256, objects style) need
+about 2 GiB; each of `--workers` renders one clip at a time."""
+
+
+def render_memory(config: SynthConfig) -> int:
+    """About the peak bytes of the work arrays `render_clip` makes, fitted to tracemalloc
+    peaks (most per frame-pixel at few frames): the scene style holds a float64 (T, H, W)
+    texture plus the samples of the fields live at once (a field lives 32 frames) and a
+    periodic field of twice the longer side; the objects style some float32 (T, H, W) arrays."""
+    frames, pixels = config.num_frames, config.height * config.width
+    if config.style == "scene":
+        field = 2 * max(64, config.height, config.width)
+        return (35 * frames + 140 * min(frames, SCENE_LIFETIME)) * pixels + 64 * field**2
+    return 80 * (frames + 4) * pixels
 
 
 def clip_label(config: SynthConfig, index: int) -> int:
@@ -537,11 +564,42 @@ def _check_earlier_config(fs, base: str, root: str, config: SynthConfig) -> int:
         and earlier.get(key) != (list(value) if isinstance(value, tuple) else value)
     ]
     if changed:
-        raise ConfigError(
-            f"{root} holds clips made with other settings ({', '.join(changed)}); use another "
-            "folder, or remove this one to make them again"
+        if _holds_files(fs, base):
+            raise ConfigError(
+                f"{root} holds clips made with other settings ({', '.join(changed)}); use "
+                "another folder, or remove this one to make them again"
+            )
+        # A run that stopped before its first clip (refused, out of memory, Ctrl-C) leaves
+        # only the record and empty class folders: the new settings replace them.
+        _remove_empty_folders(
+            fs, base, keep={class_folder(config, k) for k in range(config.num_classes)}
         )
+        return 0
     return int(earlier.get("num_clips", 0))
+
+
+def _holds_files(fs, base: str) -> bool:
+    """Whether `base` holds a file besides synthetic.json; hidden ones (a write's temporary,
+    which data_prep skips too) do not count."""
+    record = f"{base}/synthetic.json"
+    return any(
+        info.type == pafs.FileType.File
+        and not info.base_name.startswith(".")
+        and info.path != record
+        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    )
+
+
+def _remove_empty_folders(fs, base: str, keep: set[str]) -> None:
+    """Remove the empty folders directly under `base` not named in `keep` (the class folders
+    of settings that made no clip)."""
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=False)):
+        if (
+            info.type == pafs.FileType.Directory
+            and info.base_name not in keep
+            and not fs.get_file_info(pafs.FileSelector(info.path, recursive=False))
+        ):
+            fs.delete_dir(info.path)
 
 
 def _write_meta(fs, base: str, config: SynthConfig, num_clips: int) -> None:
@@ -560,6 +618,8 @@ def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthS
     Re-running with the same config skips clips already written, so an interrupted run resumes.
     """
     start = time.perf_counter()
+    if workers < 1:  # else a bad count ran in this process unnoticed
+        raise ValueError(f"workers must be >= 1 (1: in this process), got {workers}")
     fs, base = resolve_filesystem(root)
     earlier = _check_earlier_config(fs, base, root, config)
     if earlier > config.num_clips:  # its clips stay, and data_prep shards every one

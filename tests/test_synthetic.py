@@ -425,3 +425,66 @@ def test_objects_move_turn_and_scale_as_their_class_says(monkeypatch):
         if name in ("bounce", "shake"):
             moving, still = (cy, cx) if name == "bounce" else (cx, cy)
             assert moving.std() > 3 and still.std() < 1, facts
+
+
+def test_clips_too_big_to_render_are_refused_before_anything_is_written(tmp_path, capsys):
+    """64 frames of 8192x8192 died in numpy (32 GiB for one float64 array) after synthetic.json
+    and the class folders were written; now the size is refused up front."""
+    big = [str(tmp_path / "s17"), "--num-clips", "3", "--height", "8192", "--width", "8192"]
+    assert main(big) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m svt_ray.synthetic: error: height x width x num_frames ")
+    assert "8192x8192x64 needs about" in error and "use a smaller height, width or" in error
+    assert not (tmp_path / "s17").exists()
+    with pytest.raises(ValueError, match="GiB to render one objects clip"):
+        SynthConfig(num_frames=2, height=8192, width=8192, style="objects")
+    with pytest.raises(ValueError, match="GiB to render one scene clip"):  # its texture field
+        SynthConfig(num_frames=2, height=16, width=2**16)
+    # What the project makes stays allowed: the loader benchmark's clips, the default.
+    from svt_ray.synthetic import RENDER_MEMORY_LIMIT, render_memory
+
+    loader = SynthConfig(num_frames=300, height=256, width=320, style="objects", num_classes=10)
+    assert render_memory(loader) < RENDER_MEMORY_LIMIT / 2
+    assert render_memory(SynthConfig()) < 2**30
+
+
+def test_a_record_of_other_settings_without_clips_is_replaced(tmp_path):
+    """A run that stopped before its first clip left synthetic.json and empty class folders,
+    and the corrected command was refused as "holds clips made with other settings"."""
+    import svt_ray.synthetic as synthetic
+
+    small = dict(num_frames=8, height=32, width=32)
+    failed = SynthConfig(num_clips=3, num_classes=8, **small)
+
+    def out_of_memory(config, index):
+        raise MemoryError
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthetic, "encode_clip", out_of_memory)
+        with pytest.raises(MemoryError):
+            generate_dataset(str(tmp_path), failed)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 8  # the folders it leaves
+    config = SynthConfig(num_clips=3, num_classes=4, **{**small, "height": 48})
+    assert generate_dataset(str(tmp_path), config).written == 3
+    recorded = json.loads((tmp_path / "synthetic.json").read_text())["config"]
+    assert (recorded["height"], recorded["num_classes"], recorded["num_clips"]) == (48, 4, 3)
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert folders == [class_folder(config, label) for label in range(4)]  # old empty ones go
+    # With clips in it, other settings are still refused, and the same ones resume.
+    from svt_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"other settings \(height 48 -> 32\)"):
+        generate_dataset(str(tmp_path), SynthConfig(num_clips=3, num_classes=4, **small))
+    assert generate_dataset(str(tmp_path), config).skipped == 3
+
+
+@pytest.mark.parametrize("workers", ["0", "-4"])
+def test_workers_below_one_are_refused(tmp_path, capsys, workers):
+    """--workers 0 and -4 ran in this process silently, as 1 does; 1 is the way to ask that."""
+    assert main([str(tmp_path / "out"), "--num-clips", "2", "--workers", workers]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"python -m svt_ray.synthetic: error: workers must be >= 1 (1: in this process), got "
+        f"{workers}\n"
+    )
+    assert not (tmp_path / "out").exists()
