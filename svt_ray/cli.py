@@ -369,7 +369,9 @@ def config_for_checkpoint(
     architecture it was trained with. `--preset` does not apply."""
     from svt_ray.config import validate_recorded
 
-    dropped = [item for item in overrides if item.split("=", 1)[0].startswith("model.")]
+    dropped = [  # model.depth=5, or the whole section: model={depth: 5}
+        item for item in overrides if item.split("=", 1)[0].strip().partition(".")[0] == "model"
+    ]
     if dropped:
         typer.echo(
             f"note: {', '.join(dropped)} ignored: a checkpoint is evaluated with the "
@@ -511,16 +513,22 @@ def tracking_backup(
     """Copy a SQLite MLflow store, safely while the server writes, to a path or bucket. A
     DESTINATION none of whose runs the store has is not replaced without --force (checked on
     the first backup: later ones replace this command's own)."""
+    import math
     import sqlite3
     import time
 
+    from data_prep.inputs import resolve_filesystem
     from svt_ray.tracking import BackupRefused, backup_sqlite_store, sqlite_file, store_state
 
-    if every < 0:
-        raise fail(f"--every: {every} is negative; give seconds between backups, or 0 for once")
+    if every < 0 or not math.isfinite(every):
+        raise fail(f"--every: {every}; give seconds between backups, or 0 for once")
     source = sqlite_file(database)
     if not source.is_file():
         raise fail(f"DATABASE: no SQLite store at {source}")
+    filesystem, path = resolve_filesystem(destination)
+    if filesystem.type_name == "local" and Path(path).resolve() == source.resolve():
+        # a new file renamed over the open one: a server writing to it fails from then on
+        raise fail(f"DESTINATION {destination} is the store itself; give another path or bucket")
     copied = None  # store_state (its file's and -wal's) at the last backup that succeeded
     retried = (OSError, ValueError, sqlite3.Error)
     while True:
@@ -551,8 +559,10 @@ def tracking_restore(
 ) -> None:
     """Create a SQLite MLflow store from its backup; does nothing if the store exists or no
     backup does (so a new cluster's head can run it on every start)."""
-    from svt_ray.tracking import restore_sqlite_store
+    from svt_ray.tracking import restore_sqlite_store, sqlite_file
 
+    if sqlite_file(database).is_dir():  # "exists: kept" would say a store is there
+        raise fail(f"DATABASE {database} is a folder; name the store's file, e.g. mlflow.db")
     try:
         restored = restore_sqlite_store(source, database)
     except ValueError as error:

@@ -50,6 +50,30 @@ def joins_a_cluster(address: str | None) -> bool:
     return os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
 
 
+def no_cluster_message(where: str, reason: object) -> str:
+    return (
+        f"scaling.address: no Ray cluster answers at {where} ({reason}); start one (`ray start "
+        "--head`, or `ray up ray_cluster.yaml`), or leave out --address for a local Ray instance"
+    )
+
+
+def check_cluster_answers(address: str, from_env: bool = False, timeout_s: float = 10.0) -> None:
+    """A cluster named by HOST:PORT (or ray://HOST:PORT) must take a connection: `ray.init`
+    retries an address where nothing listens for minutes, printing only its own C++ warnings.
+    'auto' (the address `ray start` recorded) and other forms are left to Ray."""
+    import socket
+
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit() or not host or "://" in host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        where = f"{address} (RAY_ADDRESS)" if from_env else address
+        raise ConfigError(no_cluster_message(where, error.strerror or error)) from None
+
+
 def init_address(address: str | None, to_join: str = "pass --address auto") -> str | None:
     """What `ray.init` is given for `address`: it, or None in a `ray job submit` job (RAY_ADDRESS
     names the cluster), else "local": a new local instance even where `ray start` left one
@@ -58,6 +82,7 @@ def init_address(address: str | None, to_join: str = "pass --address auto") -> s
     that it turned token authentication on, its default, is left out of every command's output
     (setting RAY_AUTH_MODE instead would come after `import ray` read it)."""
     if joins_a_cluster(address):
+        check_cluster_answers(address or os.environ["RAY_ADDRESS"], from_env=not address)
         return address
     if address is None and (running := _ray_start_cluster()):
         logger.warning(
@@ -146,11 +171,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, **options: Any)
             )
         except ConnectionError as error:
             where = address or os.environ.get("RAY_ADDRESS")
-            raise ConfigError(
-                f"scaling.address: no Ray cluster answers at {where} ({error}); start one "
-                "(`ray start --head`, or `ray up ray_cluster.yaml`), or leave out --address for "
-                "a local Ray instance"
-            ) from None
+            raise ConfigError(no_cluster_message(str(where), error)) from None
     data.set_progress_bars(data.progress_bars_wanted())  # for datasets the driver runs itself
 
 

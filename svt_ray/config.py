@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PRESETS = ("paper", "reference_code", "tiny")
 
@@ -28,6 +37,11 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 UnitInterval = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+def _allows_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a boolean anywhere in it (`bool | None`, not `int`)."""
+    return annotation is bool or any(_allows_bool(arg) for arg in get_args(annotation))
 
 
 class ConfigError(ValueError):
@@ -45,6 +59,21 @@ class _Section(BaseModel):
         use_attribute_docstrings=True,
         allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads true/false, yes/no and on/off as booleans, which pydantic takes as 1 and
+        0 for a number: `--set optim.batch_size=yes` trained with a batch of 1."""
+        items = value if isinstance(value, list | tuple) else [value]
+        field = cls.model_fields.get(info.field_name or "")
+        bools = any(isinstance(item, bool) for item in items)
+        if bools and field is not None and not _allows_bool(field.annotation):
+            raise ValueError(
+                "got a true/false value (YAML reads yes/no, on/off and true/false as one): "
+                "give a number, or quote text ('yes')"
+            )
+        return value
 
 
 class ModelConfig(_Section):
@@ -197,7 +226,7 @@ class ViewsConfig(_Section):
     "Pixel value (0..1) above which solarize inverts."
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     "Per-channel mean subtracted from the [0, 1] pixels (ImageNet's, as in pretraining)."
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.229, 0.224, 0.225)
     "Per-channel std the centred pixels are divided by (ImageNet's)."
 
     @model_validator(mode="after")
@@ -404,7 +433,7 @@ def _folder_name(name: str) -> str:
 class TrainSettings(_Section):
     """Run-level settings of a pretraining run."""
 
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     "Seeds the weights, the views and the data order; part of the default run name."
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     "auto = bf16 autocast on GPU, fp32 on CPU."
@@ -640,6 +669,12 @@ class ExperimentConfig(_Section):
             )
         steps_per_epoch = clips_per_epoch // optim.batch_size
         lr = optim.base_lr * optim.batch_size / optim.lr_reference_batch
+        if optim.min_lr > lr:  # the cosine would raise the lr from its peak
+            raise ConfigError(
+                f"optim.min_lr: {optim.min_lr:g} is above the peak lr {lr:g} (optim.base_lr "
+                f"{optim.base_lr:g} x batch {optim.batch_size} / optim.lr_reference_batch "
+                f"{optim.lr_reference_batch}); lower optim.min_lr"
+            )
         resolved = self.model_copy(deep=True)
         resolved.model.image_size = self.image_size
         resolved.model.num_frames = self.num_frames
@@ -799,7 +834,12 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             else f"config file {path} does not exist"
         )
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+            f"offset {error.start}); save it as UTF-8 YAML"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(loaded, dict):

@@ -1285,6 +1285,8 @@ def study_main(spec: StudySpec, argv: Sequence[str] | None = None, **defaults: A
             ) from None
         if not seeds:
             raise ConfigError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
+        if any(seed < 0 for seed in seeds):  # train.seed refuses it in every trial
+            raise ConfigError(f"--seeds {args.seeds}: seeds are 0 or more")
         if len(set(seeds)) != len(seeds):  # a repeat would count as another seed in the s.e.
             raise ConfigError(f"--seeds {args.seeds} repeats a seed")
         if args.max_concurrent is not None and args.max_concurrent < 1:

@@ -199,12 +199,39 @@ def _check_sqlite_file(uri: str, path: Path, must_exist: bool) -> None:
             raise TrackingUnavailableError(
                 f"tracking URI {uri}: {path} is not a SQLite database; name another file"
             )
+        tables = _sqlite_tables(path) if header else set()
+        if tables and "experiments" not in tables:  # MLflow would add its 60 tables to it
+            listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise TrackingUnavailableError(
+                f"tracking URI {uri}: {path} is a SQLite database of something else (tables "
+                f"{listed}), not an MLflow store; name another file"
+            )
+        if must_exist and not tables:  # MLflow would make an empty store of it
+            raise TrackingUnavailableError(
+                f"--tracking-uri {uri}: {path} holds no MLflow data (an empty file); pass the "
+                "--tracking-uri the study or runs were recorded in"
+            )
     writable = path if path.exists() else path.parent
     if not must_exist and not os.access(writable, os.W_OK):
         raise TrackingUnavailableError(
             f"tracking URI {uri}: {writable} is not writable; pass a --tracking-uri in a "
             "folder you can write"
         )
+
+
+def _sqlite_tables(path: Path) -> set[str]:
+    """The tables of a SQLite database, opened read-only (nothing is created or changed)."""
+    import sqlite3
+    from contextlib import closing
+
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as store:
+            rows = store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {name for (name,) in rows}
+    except sqlite3.Error as error:
+        raise TrackingUnavailableError(
+            f"cannot read the SQLite database {path} ({error})"
+        ) from None
 
 
 def _tracking_schemes() -> set[str]:

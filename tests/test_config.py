@@ -141,6 +141,12 @@ def test_overrides_parse_yaml_values():
         (["optim.epochs=.inf"], "optim.epochs: Input should be a finite number"),  # YAML floats
         (["optim.base_lr=.nan"], "optim.base_lr: Input should be a finite number"),
         (["views.global_solarize_p=[]"], "views.global_solarize_p: List should have at least 1"),
+        # YAML's yes/no/true/false for a number: pydantic took it as 1 or 0 (a batch of 1)
+        (["optim.batch_size=yes"], "optim.batch_size: got a true/false value (YAML reads"),
+        (["views.mean=[0.4, true, 0.4]"], "views.mean: got a true/false value"),
+        (["views.std=[0.2, 0, 0.2]"], "views.std.1: Input should be greater than 0"),  # x / 0
+        # the view cutter's seeds (seed x 10007) must be non-negative: every clip was skipped
+        (["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),
         (  # a kNN bank holding its own queries scores 100% whatever the features
             ["eval.test_split=train"],
             "eval.test_split='train' is also eval.train_split: every query would find itself",
@@ -212,6 +218,14 @@ def test_missing_config_file_is_named(tmp_path):
         load_config("tiny", tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="is a folder: name a YAML file"):
         load_config("tiny", tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("optim:\n  epochs: 2 # \xe9poques\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset"):
+        load_config("tiny", tmp_path / "latin1.yaml")
+
+
+def test_yes_and_no_stay_what_they_are_where_a_field_takes_them():
+    config = load_config("tiny", overrides=["model.qkv_bias=no", "train.compile=yes"])
+    assert config.model.qkv_bias is False and config.train.compile is True
 
 
 def test_resolve_derives_batch_lr_and_steps():
@@ -234,6 +248,9 @@ def test_resolve_rejects_an_empty_dataset_and_one_smaller_than_a_batch():
     with pytest.raises(ConfigError, match=rf"global batch of {batch} clips .* has {batch - 1};"):
         load_config("tiny").resolve(batch - 1)
     assert load_config("tiny").resolve(batch).derived.steps_per_epoch == 1
+    # A cosine "down" to a floor above its peak raises the lr all run long.
+    with pytest.raises(ConfigError, match=r"optim.min_lr: 1 is above the peak lr 0.00025 "):
+        load_config("tiny", overrides=["optim.min_lr=1"]).resolve(64)
 
 
 def test_cli_config_show_prints_the_config():
@@ -324,6 +341,28 @@ def test_an_unusable_tracking_uri_is_one_line_and_compare_creates_no_database(
     )
     assert result.exit_code == 2 and f"no MLflow database at {database}" in result.stderr
     assert not database.exists()
+    # A SQLite file of something else, or an empty one: compare only reads, and MLflow would
+    # have added its tables to it (an 8 KB file became 958 KB).
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(database)) as other:
+        other.execute("CREATE TABLE notes (text)")
+        other.commit()
+    before = database.read_bytes()
+    for command in (["compare", "--runs", "abc"], ["pretrain", "--preset", "tiny", *data, *small]):
+        result = CliRunner().invoke(app, [*command, "--tracking-uri", f"sqlite:///{database}"])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert f"{database} is a SQLite database of something else (tables notes)" in (
+            result.stderr.replace("\n", " ")
+        )
+        assert database.read_bytes() == before
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    result = CliRunner().invoke(app, ["compare", "--runs", "abc", "--tracking-uri",
+                                      f"sqlite:///{empty}"])  # fmt: skip
+    assert result.exit_code == 2 and f"{empty} holds no MLflow data" in result.stderr
+    assert empty.read_bytes() == b""
 
 
 def test_demo_workdir_that_cannot_be_written_is_one_line(tmp_path):
@@ -383,6 +422,10 @@ def test_a_checkpoint_is_evaluated_with_its_own_settings_not_the_default_presets
     assert experiment.eval.linear_epochs == 7 and experiment.data.path == "/shards"
     assert experiment.model.depth == tiny.model.depth  # the architecture it was trained with
     assert "model.depth=2 ignored" in capsys.readouterr().err
+    # The whole section as one --set: "None: its model section differs" named no culprit.
+    experiment = config_for_checkpoint(recorded, None, ["model={depth: 5}"])
+    assert experiment.model.depth == tiny.model.depth
+    assert "model={depth: 5} ignored" in capsys.readouterr().err
     other = tmp_path / "other.yaml"
     other.write_text("model:\n  depth: 2\n")
     with pytest.raises(typer.Exit):

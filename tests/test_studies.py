@@ -734,6 +734,9 @@ def test_bad_seeds_are_a_flag_error_not_a_traceback(capsys):
         study_main(StudySpec("s", "q", [Sweep("optim.batch_size", (8,))]), ["--seeds", "0,x"]) == 2
     )
     assert "--seeds 0,x: comma-separated integers" in capsys.readouterr().err
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8,))])
+    assert study_main(spec, ["--seeds", "0,-1"]) == 2  # each trial's train.seed would refuse it
+    assert "--seeds 0,-1: seeds are 0 or more" in capsys.readouterr().err
 
 
 def test_bad_study_input_is_refused_before_ray_starts(tmp_path, capsys, caplog, monkeypatch):

@@ -312,7 +312,8 @@ def test_a_restart_sends_what_the_crashed_worker_held_back(tmp_path, mlflow_db):
     assert lines == [4, 8, 12, 16]
 
 
-@pytest.mark.extended  # a minute of two server starts; the fake outages above test the logic
+@pytest.mark.slow  # a minute of two server starts; the fake outages above test the logic
+@pytest.mark.extended  # (slow too: `pytest -m "not slow"` replaces the default selection)
 def test_a_real_server_that_restarts_mid_run_gets_every_value(tmp_path, caplog):
     """`mlflow server` stopped and started again on its port while a run logs."""
     from conftest import free_port, serving
@@ -698,6 +699,15 @@ def test_restore_never_overwrites_and_refuses_a_broken_backup(tmp_path, mlflow_d
     assert restore_sqlite_store(backup, f"sqlite:///{tmp_path}/c.db")
     assert _loss_steps(tmp_path / "c.db", run_id) == []
 
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+
+    folder = tmp_path / "stores"  # said "exists: kept" with status 0, as if a store were there
+    folder.mkdir()
+    result = CliRunner().invoke(app, ["tracking", "restore", backup, str(folder)])
+    assert result.exit_code == 2 and f"DATABASE {folder} is a folder" in result.stderr
+
 
 def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path, mlflow_db):
     import subprocess
@@ -740,6 +750,27 @@ def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path, m
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
     assert "backed up" in output
+
+
+def test_a_backup_onto_the_store_itself_or_every_nan_seconds_is_refused(tmp_path, mlflow_db):
+    """A backup over its own store renamed a new file over the open one (a server writing to it
+    failed from then on: "attempt to write a readonly database"); --every nan or inf failed in
+    time.sleep after the first copy."""
+    from typer.testing import CliRunner
+
+    from svt_ray.cli import app
+
+    inode = mlflow_db.stat().st_ino
+    for destination in (str(mlflow_db), mlflow_db.as_uri(), f"{tmp_path}/./mlflow.db"):
+        result = CliRunner().invoke(app, ["tracking", "backup", str(mlflow_db), destination])
+        assert result.exit_code == 2, result.output
+        assert f"DESTINATION {destination} is the store itself" in result.stderr
+    assert mlflow_db.stat().st_ino == inode
+    for every in ("nan", "inf"):
+        command = ["tracking", "backup", str(mlflow_db), str(tmp_path / "b.db"), "--every", every]
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and f"--every: {every}; give seconds" in result.stderr
+    assert not (tmp_path / "b.db").exists()
 
 
 def test_a_backup_refuses_to_replace_one_of_another_store(tmp_path, empty_mlflow_store):

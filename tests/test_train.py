@@ -627,6 +627,33 @@ def test_an_address_where_no_ray_answers_is_one_line_naming_the_flag(monkeypatch
         ensure_ray("auto")
 
 
+def test_an_address_where_nothing_listens_is_refused_before_ray_init(monkeypatch):
+    """`ray.init` retried 127.0.0.1:1 for minutes, printing only its own C++ warnings (with
+    another address in them); every command that joins a cluster asks the port first."""
+    import socket
+
+    import ray
+
+    from svt_ray.cluster import ensure_ray, init_address
+    from svt_ray.config import ConfigError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: pytest.fail("ray.init was reached"))
+    with pytest.raises(ConfigError, match=rf"no Ray cluster answers at 127.0.0.1:{port} \("):
+        ensure_ray(f"127.0.0.1:{port}")
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=rf"at ray://127.0.0.1:{port} \(RAY_ADDRESS\) \("):
+        init_address(None)  # data_prep and synth call it directly
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # something answers: Ray's turn
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        assert init_address(address) == address
+    for left_to_ray in ("auto", "http://127.0.0.1:8265"):
+        assert init_address(left_to_ray) == left_to_ray
+
+
 def test_a_ray_job_without_address_counts_as_a_cluster(monkeypatch):
     """`ray job submit` sets RAY_ADDRESS and `ray.init()` joins it: no local-GPU check there."""
     from svt_ray.cluster import joins_a_cluster
