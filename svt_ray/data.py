@@ -65,7 +65,7 @@ def read_dataset_manifest(data_path: str) -> dict:
     from data_prep.shards import SCHEMA_VERSION, ManifestVersionError, read_manifest
 
     try:
-        manifest, _, _ = read_manifest(data_path)
+        manifest, filesystem, root = read_manifest(data_path)
     except FileNotFoundError as error:
         if _holds_videos(data_path):
             raise ConfigError(
@@ -101,6 +101,7 @@ def read_dataset_manifest(data_path: str) -> dict:
             f"{data_path}/rejects.jsonl says why for each. Replace or re-encode those videos "
             "and prepare them again (`svt-ray prep --retry REASON` retries some reasons)"
         )
+    _check_shard_files(data_path, manifest, filesystem, root)
     if manifest.get("complete") is False:  # a data_prep run that ended with shards unwritten
         logger.warning(
             "%s: data_prep did not finish (%s of %s inputs processed); this uses the shards "
@@ -108,6 +109,43 @@ def read_dataset_manifest(data_path: str) -> dict:
             data_path, counts.get("processed", "?"), counts.get("inputs", "?"),
         )  # fmt: skip
     return {**manifest, "data_path": data_path}
+
+
+def _check_shard_files(data_path: str, manifest: dict, filesystem, root: str) -> None:
+    """Each shard manifest.json lists is there, at the size data_prep wrote (one listing of the
+    shards folder: one request on a bucket). A shard cut short by a copy, or lost, failed every
+    worker `train.max_failures` + 1 times (minutes of tracebacks) with Arrow's "Parquet magic
+    bytes not found", naming no file."""
+    import posixpath
+
+    from pyarrow import fs as pafs
+
+    listed = {entry["file"]: entry.get("bytes") for entry in manifest.get("shards", [])}
+    base = root.rstrip("/")
+    sizes: dict[str, int | None] = {}
+    for folder in sorted({posixpath.dirname(file) for file in listed}):
+        where = f"{base}/{folder}" if folder else base
+        try:
+            found = filesystem.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+        except OSError as error:  # a store that does not answer: its reads will say so
+            logger.warning("%s: shards not checked (%s)", data_path, error)
+            return
+        sizes.update({info.path[len(base) + 1 :]: info.size for info in found})
+    problems = [
+        f"{file} is missing" if file not in sizes else
+        f"{file} is {sizes[file]} bytes, manifest.json recorded {size}"
+        for file, size in listed.items()
+        if file not in sizes or (size is not None and sizes[file] != size)
+    ]  # fmt: skip
+    if problems:
+        shown = "; ".join(problems[:3]) + (
+            f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
+        raise ConfigError(
+            f"data.path: {data_path}: {len(problems)} of its {len(listed)} shards are not as "
+            f"data_prep wrote them ({shown}): cut short by a copy, lost or replaced. Copy the "
+            "dataset again from where it was made, or make it anew with `svt-ray prep`"
+        )
 
 
 def _near_miss(data_path: str) -> str | None:
@@ -281,7 +319,12 @@ def _read_shard_part(items, filesystem, split: str | None, labelled: bool = Fals
 
     for item in items.to_pylist():
         with filesystem.open_input_file(item["file"]) as handle:
-            shard = pq.ParquetFile(handle)
+            try:
+                shard = pq.ParquetFile(handle)
+            except pa.ArrowInvalid as error:  # changed since the driver checked its size
+                raise ValueError(
+                    f"shard {item['file']}: not a readable Parquet file ({error})"
+                ) from None
             _check_columns(shard.schema_arrow, item["file"])  # pyarrow would read without one
             groups = shard.metadata.num_row_groups
             first = groups * item["part"] // item["parts"]

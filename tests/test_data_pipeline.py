@@ -43,6 +43,43 @@ def test_a_dataset_data_prep_did_not_finish_is_used_with_a_warning(tmp_path, cap
     assert "Run the same data_prep command again" in caplog.text
 
 
+def test_a_shard_cut_short_or_lost_is_named_before_ray(tmp_path):
+    """A shard cut short by a copy failed every Train worker max_failures + 1 times (2 minutes
+    here) with Arrow's "Parquet magic bytes not found in footer", naming no file. The driver
+    compares the files with manifest.json's sizes; a reader names the shard it cannot open."""
+    import pyarrow as pa
+    from pyarrow import fs as pafs
+
+    from svt_ray.config import ConfigError
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    entries = []
+    for index in range(4):
+        path = shards / f"part-{index:05d}.parquet"
+        pq.write_table(pa.table({"id": [f"clip{index}"]}), path)
+        entries.append({"file": f"shards/{path.name}", "bytes": path.stat().st_size})
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION,
+                                                        "shards": entries}))  # fmt: skip
+    data.read_dataset_manifest(str(tmp_path))  # as written: no complaint
+    whole = (shards / "part-00001.parquet").read_bytes()
+    (shards / "part-00001.parquet").write_bytes(whole[: len(whole) // 2])
+    (shards / "part-00003.parquet").unlink()
+    with pytest.raises(ConfigError) as caught:
+        data.read_dataset_manifest(str(tmp_path))
+    assert str(caught.value) == (
+        f"data.path: {tmp_path}: 2 of its 4 shards are not as data_prep wrote them "
+        f"(shards/part-00001.parquet is {len(whole) // 2} bytes, manifest.json recorded "
+        f"{len(whole)}; shards/part-00003.parquet is missing): cut short by a copy, lost or "
+        "replaced. Copy the dataset again from where it was made, or make it anew with "
+        "`svt-ray prep`"
+    )
+    items = pa.table({"file": [str(shards / "part-00001.parquet")], "part": [0], "parts": [1],
+                      "epoch": [0]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"^shard .*part-00001.parquet: not a readable Parquet"):
+        list(data._read_shard_part(items, pafs.LocalFileSystem(), None))
+
+
 def test_a_data_path_near_a_dataset_names_the_folder_to_pass(tmp_path, monkeypatch):
     """The shards folder, manifest.json or a typo was told to `svt-ray prep` videos into it."""
     from svt_ray.config import ConfigError
