@@ -504,3 +504,28 @@ def test_a_mistyped_setting_is_refused_before_torch_and_ray_are_imported(tmp_pat
     assert done.stdout.strip().splitlines()[-1] == "EXIT 2 []", done.stdout + done.stderr
     said = "no run.json" if "--resume" in argv else "optim.epoch: unknown key"
     assert said in done.stderr
+
+
+def test_a_warmup_longer_than_the_run_is_said_before_ray(tmp_path, monkeypatch, caplog):
+    """`--set optim.epochs=1` on a recipe warmed up over 10 epochs: the lr never reaches its
+    peak, and nothing said so."""
+    from data_prep.shards import SCHEMA_VERSION
+    from svt_ray import cluster
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
+    monkeypatch.setattr(train_module, "ensure_ray", no_ray)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "shards": [], "counts": {"splits": {"train": 64}},
+    }))  # fmt: skip
+    where = [f"data.path={tmp_path / 'd'}", f"train.storage_path={tmp_path / 'runs'}"]
+    for epochs, said in ((1, True), (8, False)):  # tiny: 16 clips a batch, 4 steps an epoch
+        caplog.clear()
+        overrides = [*where, f"optim.epochs={epochs}", "optim.warmup_epochs=2"]
+        with pytest.raises(RayStarted):
+            run_pretraining(load_config("tiny", overrides=overrides))
+        expected = (
+            "optim.warmup_epochs=2 is longer than the run (optim.epochs=1): the lr climbs all "
+            "run long and ends at 50% of its peak 0.00025"
+        )
+        assert (expected in caplog.text) is said
