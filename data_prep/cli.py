@@ -598,11 +598,14 @@ def _checked_output(args: argparse.Namespace) -> Output:
             f"OUTPUT {args.output}: cannot write there ({why}); give a folder you can write to"
         )
 
-    try:
-        if filesystem.get_file_info(root).type == pafs.FileType.File:
-            refuse("it is a file")
-    except OSError as error:
-        refuse(f"{type(error).__name__}: {error}")
+    # A bucket's root is never a file, and asking about it needs a bucket-level permission
+    # an object-only role lacks (GCS: storage.buckets.get): asked only below a bucket.
+    if isinstance(filesystem, pafs.LocalFileSystem) or "/" in root.strip("/"):
+        try:
+            if filesystem.get_file_info(root).type == pafs.FileType.File:
+                refuse("it is a file")
+        except OSError as error:
+            refuse(f"{type(error).__name__}: {error}")
     if isinstance(filesystem, pafs.LocalFileSystem):  # a store's rights show at the first write
         existing = root
         while not os.path.lexists(existing):  # the folder it would be created in
@@ -615,11 +618,13 @@ def _checked_output(args: argparse.Namespace) -> Output:
 
 
 def _check_apart(args: argparse.Namespace, output_fs, output_root: str) -> None:
-    """A folder input and the output may not be one folder or hold one another: the output's
-    files (shards/, _state/, manifest.json, rejects.jsonl) would land among the videos, over
-    any of those names, and the dataset would hold its sources or be listed with them. A
-    manifest input is only refused where the output writes over it (`prep DIR/manifest.json
-    DIR`): its rows name the videos, no folder is walked."""
+    """A folder input and the output may not be one folder, nor the output inside the input:
+    the output's files (shards/, _state/, manifest.json, rejects.jsonl) would land among the
+    videos, over any of those names, and the dataset would be listed with its sources. An input
+    inside the output is fine (`prep data/raw data`: the output writes beside it) unless it is
+    in the output's own shards/ or _state/. A manifest input is only refused where the output
+    writes over it (`prep DIR/manifest.json DIR`): its rows name the videos, no folder is
+    walked."""
     input_fs, input_path = resolve_filesystem(args.input)
     if input_fs.type_name != output_fs.type_name:
         return
@@ -632,13 +637,14 @@ def _check_apart(args: argparse.Namespace, output_fs, output_root: str) -> None:
         given, out = posixpath.normpath(input_path), posixpath.normpath(output_root)
     kind = input_fs.get_file_info(input_path).type
     where = f"INPUT {args.input} and OUTPUT {args.output}"
+    own = [f"{out}/{folder}" for folder in (SHARD_DIR, STATE_DIR)]
     if kind == pafs.FileType.Directory:
         if given == out:
             why = " are one folder"
         elif _inside(out, given):
             why = ": the output is inside the input folder"
-        elif _inside(given, out):
-            why = ": the input folder is inside the output"
+        elif any(given == folder or _inside(given, folder) for folder in own):
+            why = f": the input folder is in the output's own {SHARD_DIR}/ or {STATE_DIR}/"
         else:
             return
         raise InputError(
@@ -648,7 +654,7 @@ def _check_apart(args: argparse.Namespace, output_fs, output_root: str) -> None:
             "the input"
         )
     written = given in (f"{out}/manifest.json", f"{out}/rejects.jsonl") or any(
-        _inside(given, f"{out}/{folder}") for folder in (SHARD_DIR, STATE_DIR)
+        _inside(given, folder) for folder in own
     )
     if kind == pafs.FileType.File and written:
         raise InputError(

@@ -517,7 +517,6 @@ def tracking_backup(
     import sqlite3
     import time
 
-    from data_prep.inputs import resolve_filesystem
     from svt_ray.tracking import BackupRefused, backup_sqlite_store, sqlite_file, store_state
 
     if every < 0 or not math.isfinite(every):
@@ -525,10 +524,14 @@ def tracking_backup(
     source = sqlite_file(database)
     if not source.is_file():
         raise fail(f"DATABASE: no SQLite store at {source}")
-    filesystem, path = resolve_filesystem(destination)
-    if filesystem.type_name == "local" and Path(path).resolve() == source.resolve():
-        # a new file renamed over the open one: a server writing to it fails from then on
-        raise fail(f"DESTINATION {destination} is the store itself; give another path or bucket")
+    # A new file renamed over the open one: a server writing to it fails from then on. Local
+    # paths only: a bucket is first asked inside the loop, which retries one not answering yet.
+    if "://" not in destination or destination.startswith("file://"):
+        local = Path(destination.removeprefix("file://")).expanduser()
+        if local.resolve() == source.resolve():
+            raise fail(
+                f"DESTINATION {destination} is the store itself; give another path or bucket"
+            )
     copied = None  # store_state (its file's and -wal's) at the last backup that succeeded
     retried = (OSError, ValueError, sqlite3.Error)
     while True:

@@ -39,9 +39,14 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 UnitInterval = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
+def _takes(annotation: Any, *kinds: type) -> bool:
+    """Whether a field's type takes one of `kinds` anywhere in it (`int | None`, `list[int]`)."""
+    return annotation in kinds or any(_takes(arg, *kinds) for arg in get_args(annotation))
+
+
 def _allows_bool(annotation: Any) -> bool:
     """Whether a field's type takes a boolean anywhere in it (`bool | None`, not `int`)."""
-    return annotation is bool or any(_allows_bool(arg) for arg in get_args(annotation))
+    return _takes(annotation, bool)
 
 
 class ConfigError(ValueError):
@@ -69,9 +74,10 @@ class _Section(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         bools = any(isinstance(item, bool) for item in items)
         if bools and field is not None and not _allows_bool(field.annotation):
+            wanted = "give a number" if _takes(field.annotation, int, float) else "quote it: 'yes'"
             raise ValueError(
-                "got a true/false value (YAML reads yes/no, on/off and true/false as one): "
-                "give a number, or quote text ('yes')"
+                f"got a true/false value (YAML reads yes/no, on/off and true/false as one); "
+                f"{wanted}"
             )
         return value
 

@@ -564,10 +564,10 @@ def run_pretraining(
     if derived.warmup_steps > derived.total_steps:  # e.g. --set optim.epochs=1 on the paper's
         logger.warning(
             "optim.warmup_epochs=%g is longer than the run (optim.epochs=%g): the lr climbs all "
-            "run long and ends at %.0f%% of its peak %.3g; lower optim.warmup_epochs for a "
-            "short run",
+            "run long, its last step at %.0f%% of its peak %.3g; lower optim.warmup_epochs for "
+            "a short run",
             resolved.optim.warmup_epochs, resolved.optim.epochs,
-            100 * derived.total_steps / derived.warmup_steps, derived.lr,
+            100 * (derived.total_steps - 1) / derived.warmup_steps, derived.lr,
         )  # fmt: skip
     scaling = resolved.scaling
     cores, training_cpus = os.cpu_count() or 1, scaling.num_workers * scaling.cpus_per_worker

@@ -1256,20 +1256,25 @@ def test_an_input_with_no_videos_is_bad_input(tmp_path, capsys):
 
 
 def test_the_output_is_kept_apart_from_a_folder_input(tmp_path, capsys):
-    """`prep VIDEOS VIDEOS` (or an output inside the input, or the input inside the output)
-    was accepted: the dataset's files went among the videos, over any of the same names.
-    Refused, exit 2. A manifest is refused only where the output would write over it; one
-    kept among the videos, with the output next to it, is fine (no folder is walked)."""
+    """`prep VIDEOS VIDEOS` (or an output inside the input) was accepted: the dataset's files
+    went among the videos, over any of the same names. Refused, exit 2; an input inside the
+    output is fine (`prep data/raw data`) unless it is in the output's shards/ or _state/. A
+    manifest is refused only where the output would write over it; one kept among the videos,
+    with the output next to it, is fine (no folder is walked)."""
     videos = _one_video_folder(tmp_path / "videos")
     for output, why in (
         (videos, " are one folder."),
         (tmp_path / "videos" / "." / "cat" / "..", " are one folder."),
         (videos / "shards", ": the output is inside the input folder."),
-        (tmp_path, ": the input folder is inside the output."),
     ):
         assert data_prep.main([str(videos), str(output), "--dry-run"]) == 2
         err = capsys.readouterr().err
         assert f"INPUT {videos} and OUTPUT {output}{why}" in err and "give an output folder" in err
+    assert data_prep.main([str(videos), str(tmp_path), "--dry-run"]) == 0  # beside it: fine
+    assert "dry run: 1 videos" in capsys.readouterr().out
+    inner = _one_video_folder(tmp_path / "data" / "shards" / "raw")
+    assert data_prep.main([str(inner), str(tmp_path / "data"), "--dry-run"]) == 2
+    assert "the input folder is in the output's own shards/ or _state/" in (capsys.readouterr().err)
     (videos / "manifest.json").write_text('[{"path": "cat/a.mp4"}]')
     assert data_prep.main([str(videos / "manifest.json"), str(videos), "--dry-run"]) == 2
     assert "over the input manifest" in capsys.readouterr().err
