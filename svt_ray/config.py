@@ -44,11 +44,6 @@ def _takes(annotation: Any, *kinds: type) -> bool:
     return annotation in kinds or any(_takes(arg, *kinds) for arg in get_args(annotation))
 
 
-def _allows_bool(annotation: Any) -> bool:
-    """Whether a field's type takes a boolean anywhere in it (`bool | None`, not `int`)."""
-    return _takes(annotation, bool)
-
-
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the field."""
 
@@ -73,7 +68,7 @@ class _Section(BaseModel):
         items = value if isinstance(value, list | tuple) else [value]
         field = cls.model_fields.get(info.field_name or "")
         bools = any(isinstance(item, bool) for item in items)
-        if bools and field is not None and not _allows_bool(field.annotation):
+        if bools and field is not None and not _takes(field.annotation, bool):  # bool | None
             wanted = "give a number" if _takes(field.annotation, int, float) else "quote it: 'yes'"
             raise ValueError(
                 f"got a true/false value (YAML reads yes/no, on/off and true/false as one); "

@@ -731,6 +731,11 @@ def _least_sure(
     return max(tied, key=lambda stats: math.inf if stats[1] is None else stats[1])
 
 
+def _last_up_to(curve: list[tuple[float, float]], clips: float) -> float:
+    """A curve's last measurement at or before `clips` seen: where a trial stood at a rung."""
+    return [v for x, v in curve if x <= clips][-1]
+
+
 def _common_rung_verdict(report: StudyReport) -> str:
     """With ASHA, usually only the best setting runs to the end: compare every setting at the
     largest clip count all of them reached (each trial's last measurement up to it)."""
@@ -740,7 +745,7 @@ def _common_rung_verdict(report: StudyReport) -> str:
     rung = min(t.curve[-1][0] for t in curves)
     scores: dict[str, list[float]] = {}
     for trial in sorted(curves, key=lambda t: _sort_key(t.sweep)):  # ties named in order
-        value = [v for x, v in trial.curve if x <= rung][-1]
+        value = _last_up_to(trial.curve, rung)
         name = ", ".join(f"{p}={trial.sweep.get(p)}" for p in report.swept)
         scores.setdefault(name, []).append(value)
     stats = {name: _mean_sem(values) for name, values in scores.items()}
@@ -808,7 +813,7 @@ def _two_settings_verdict(
         reached = "so far" if report.unfinished() else "before ASHA stopped one"
         at = f"online kNN at {rung:.0f} clips seen (the furthest both got {reached})"
         stats_a, stats_b = (
-            _mean_sem([[v for x, v in t.curve if x <= rung][-1] for t in trials])
+            _mean_sem([_last_up_to(t.curve, rung) for t in trials])
             for trials in (trials_a, trials_b)
         )
 
