@@ -524,6 +524,13 @@ def tracking_backup(
     source = sqlite_file(database)
     if not source.is_file():
         raise fail(f"DATABASE: no SQLite store at {source}")
+    try:
+        with open(source, "rb") as file:  # empty: a store a server is creating, backed up as is
+            header = file.read(16)
+    except OSError as error:
+        raise fail(f"DATABASE: cannot read {source} ({error.strerror or error})") from None
+    if header and header != b"SQLite format 3\x00":
+        raise fail(f"DATABASE: {source} is not a SQLite database; name the MLflow store's file")
     # A new file renamed over the open one: a server writing to it fails from then on. Local
     # paths only: a bucket is first asked inside the loop, which retries one not answering yet.
     if "://" not in destination or destination.startswith("file://"):

@@ -64,9 +64,13 @@ class _Section(BaseModel):
     @classmethod
     def _no_yes_no_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML reads true/false, yes/no and on/off as booleans, which pydantic takes as 1 and
-        0 for a number: `--set optim.batch_size=yes` trained with a batch of 1."""
-        items = value if isinstance(value, list | tuple) else [value]
+        0 for a number: `--set optim.batch_size=yes` trained with a batch of 1. And an empty
+        value (`--set data.path=`, `--data ''`) reads as null: "Input should be a valid string"
+        said nothing of what was given."""
         field = cls.model_fields.get(info.field_name or "")
+        if value is None and field is not None and not _takes(field.annotation, type(None)):
+            raise ValueError("got an empty value (or YAML's null / ~); give one")
+        items = value if isinstance(value, list | tuple) else [value]
         bools = any(isinstance(item, bool) for item in items)
         if bools and field is not None and not _takes(field.annotation, bool):  # bool | None
             wanted = "give a number" if _takes(field.annotation, int, float) else "quote it: 'yes'"

@@ -116,6 +116,10 @@ def experiment_id(client, experiment: str, tracking_uri: str) -> str:
 def check_tracking_uri(uri: str, timeout_s: float = 10.0, must_exist: bool = False) -> None:
     """Fail fast, with a message that says what to do, if `uri` cannot take a run (or, with
     `must_exist`, holds no database to read: MLflow would create an empty one)."""
+    if not uri.strip():
+        raise TrackingUnavailableError(
+            "the tracking URI is empty; give sqlite:///mlflow.db or an http:// tracking server"
+        )
     parsed = urlparse(uri)
     shown = hide_password(uri)
     if parsed.scheme == "sqlite":

@@ -145,6 +145,9 @@ def test_overrides_parse_yaml_values():
         (["optim.batch_size=yes"], "optim.batch_size: got a true/false value (YAML reads"),
         (["views.mean=[0.4, true, 0.4]"], "views.mean: got a true/false value"),
         (["views.std=[0.2, 0, 0.2]"], "views.std.1: Input should be greater than 0"),  # x / 0
+        # an empty value reads as YAML's null: "Input should be a valid string" said nothing
+        (["tracking.tracking_uri="], "tracking.tracking_uri: got an empty value (or YAML's null"),
+        (["optim.epochs=~"], "optim.epochs: got an empty value"),
         # the view cutter's seeds (seed x 10007) must be non-negative: every clip was skipped
         (["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),
         (  # a kNN bank holding its own queries scores 100% whatever the features
@@ -335,6 +338,8 @@ def test_an_unusable_tracking_uri_is_one_line_and_compare_creates_no_database(
 
     result = CliRunner().invoke(app, ["compare", "--study", "s", "--tracking-uri", unreachable])
     assert result.exit_code == 2 and "is unreachable" in result.stderr
+    result = CliRunner().invoke(app, ["compare", "--study", "s", "--tracking-uri", ""])
+    assert result.exit_code == 2 and "the tracking URI is empty; give" in result.stderr
     database = tmp_path / "mlflow.db"
     result = CliRunner().invoke(
         app, ["compare", "--study", "s", "--tracking-uri", f"sqlite:///{database}"]

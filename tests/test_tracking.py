@@ -723,6 +723,10 @@ def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path, m
     runner = CliRunner()
     result = runner.invoke(app, ["tracking", "backup", str(tmp_path / "no.db"), "x.db"])
     assert result.exit_code == 2 and "no SQLite store at" in result.output
+    (tmp_path / "notes.txt").write_text("not a database")
+    result = runner.invoke(app, ["tracking", "backup", str(tmp_path / "notes.txt"), "x.db"])
+    assert result.exit_code == 2, result.output
+    assert "notes.txt is not a SQLite database" in result.stderr
     result = runner.invoke(app, ["tracking", "backup", str(database), "x.db", "--every", "-1"])
     assert result.exit_code == 2 and "--every" in result.output
     once = tmp_path / "once.db"
