@@ -26,6 +26,13 @@ def test_paper_preset_is_the_paper_recipe():
     assert (config.views.global_size, config.views.local_size) == (224, 96)
     assert config.num_frames == 16 and config.image_size == 224
     assert (config.model.embed_dim, config.model.depth, config.model.num_heads) == (768, 12, 12)
+    # The values of the spec (DINO's) that no other test holds to.
+    views, loss = config.views, config.loss
+    assert (views.global_crop_scale, views.local_crop_scale) == ((0.4, 1.0), (0.05, 0.4))
+    assert (views.flip_p, views.color_jitter_p, views.grayscale_p) == (0.5, 0.8, 0.2)
+    assert (views.brightness, views.contrast, views.saturation, views.hue) == (0.4, 0.4, 0.2, 0)
+    assert (loss.student_temp, loss.teacher_temp, loss.center_momentum) == (0.1, 0.04, 0.9)
+    assert config.model.drop_path_rate == 0.1
 
 
 def test_reference_preset_uses_eight_frames_and_fixed_windows():
