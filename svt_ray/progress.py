@@ -133,7 +133,12 @@ def progress_from_metrics(
             chunk = file.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a row being written waits for next time
         offset += len(complete)
-        rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        rows = []
+        for line in complete.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # blank, or cut short by a crash and ended after it
+                continue
         for row in rows:
             latest.update(row)  # the online kNN stays from the row that had it
         if rows and "loss" in latest:  # the first row may hold only the step-0 online kNN

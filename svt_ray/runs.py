@@ -88,9 +88,10 @@ def check_writable(folder: Path, flag: str) -> None:
     """Before Ray starts: a folder we cannot write is the user's to fix, not a traceback."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".svt_ray_write_probe"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # One name per call: the trials of a study check one storage together, and one
+        # trial's unlink failed another's ("cannot write there").
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".svt_ray_write_probe_"):
+            pass
     except OSError as error:
         raise ConfigError(
             f"{flag} {folder}: cannot write there ({error.strerror or error}); pass a folder "

@@ -529,3 +529,19 @@ def test_a_warmup_longer_than_the_run_is_said_before_ray(tmp_path, monkeypatch, 
             "run long, its last step at 38% of its peak 0.00025"  # steps 0-3 of 8: 3/8
         )
         assert (expected in caplog.text) is said
+
+
+def test_trials_checking_one_storage_together_do_not_fail_each_other(tmp_path):
+    """Tune starts a study's trials together, each checking the study's runs folder: with one
+    probe name, one trial's unlink made another fail ("cannot write there")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from svt_ray.runs import check_writable
+
+    def check(_):
+        for _ in range(300):
+            check_writable(tmp_path, "--storage")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, range(4)))
+    assert list(tmp_path.iterdir()) == []

@@ -913,9 +913,12 @@ def test_progress_bars_turned_off_for_a_file_bring_no_warning_on_how_to_turn_the
     assert "Progress bars disabled" not in caplog.text
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_quiet_driver_prints_the_progress_lines_from_the_runs_metrics_file(tmp_path, capsys):
     """The demo's workers do not log to its console: the driver follows rank 0's
-    metrics.jsonl instead, skipping rows of an earlier session and the kNN-only first row."""
+    metrics.jsonl instead, skipping rows of an earlier session and the kNN-only first row,
+    and a row a crash cut short (its end written by the restarted rank 0), which had ended the
+    reading thread with a JSONDecodeError."""
     from svt_ray.progress import progress_from_metrics
 
     metrics_file = tmp_path / "metrics.jsonl"
@@ -939,6 +942,7 @@ def test_a_quiet_driver_prints_the_progress_lines_from_the_runs_metrics_file(tmp
         file.write(json.dumps(row(4)) + "\n")
         file.flush()
         wait_for_line()  # the first line, printed once read
+        file.write(json.dumps(row(5))[:12] + "\n")  # cut by a crash, ended by the restart
         file.write(json.dumps(row(5)) + "\n" + json.dumps(row(20))[:10])  # half a row
         file.flush()
         time.sleep(0.3)  # step 5, not due, read or not; the half row waits
