@@ -38,6 +38,7 @@ from svt_ray.config import (
 )
 from svt_ray.tracking import (
     METRICS_FILE,
+    TrackingUnavailableError,
     git_commit,
     hide_password,
     make_tracker,
@@ -196,21 +197,37 @@ def run_progress(run_dir: str) -> dict | None:
     rank 0 saved it. A run stopped in between (Ctrl-C as a checkpoint was being saved, a
     driver killed) left a whole checkpoint that progress.json did not name, and its resume
     started over from step 0, overwriting it. A newer whole checkpoint is written into
-    progress.json here, so that the dataset factory and the workers start from it."""
-    progress = read_json(join_uri(run_dir, PROGRESS_FILE))
+    progress.json here, so that the dataset factory and the workers start from it.
+
+    A progress.json that does not parse (a copy cut short, a crash of the machine before the
+    file reached its disk) is rebuilt from the checkpoints, which it only names: the resume
+    had stopped, telling the user to move the run's folder aside."""
+    record = join_uri(run_dir, PROGRESS_FILE)
+    try:
+        progress = read_json(record)
+    except ConfigError:
+        logger.warning("%s does not parse; the run's latest whole checkpoint is read instead",
+                       record)  # fmt: skip
+        progress, damaged = None, True
+    else:
+        damaged = False
     registered = progress["step"] if progress else 0
     filesystem, path = resolve_filesystem(run_dir)
     for step in reversed(_listed_steps(filesystem, path)):
         if step <= registered:
             break
         if _saved_whole(filesystem, f"{path}/{checkpoint_dir_name(step)}"):
-            logger.warning(
-                "%s: %s was saved whole, but the run stopped before Ray Train registered "
-                "it; it counts as the run's latest checkpoint", run_dir, checkpoint_dir_name(step),
-            )  # fmt: skip
+            if not damaged:
+                logger.warning(
+                    "%s: %s was saved whole, but the run stopped before Ray Train registered "
+                    "it; it counts as the run's latest checkpoint", run_dir,
+                    checkpoint_dir_name(step),
+                )  # fmt: skip
             progress = {"step": step}
-            write_json(join_uri(run_dir, PROGRESS_FILE), progress)
+            write_json(record, progress)
             return progress
+    if damaged:  # no whole checkpoint: the run starts over, as before its first
+        filesystem.delete_file(resolve_filesystem(record)[1])
     return progress
 
 
@@ -329,6 +346,7 @@ def start_mlflow_run(
             abandoned=state["mlflow_run_id"] if state else None,
         ),
         parent_run_id=parent_run_id,
+        flush_timeout_s=config.tracking.flush_timeout_s,
         tags={
             "svt.preset": config.preset,
             "svt.git_commit": git_commit(),
@@ -346,8 +364,16 @@ def start_mlflow_run(
     params["tracking.tracking_uri"] = hide_password(recorded)
     tracker.log_params(params)
     tracker.log_text(hide_password(config.dump(), recorded), "config.yaml")
-    tracker.close()  # the run is resumable from here on: run.json names it
     try:
+        # A run whose store did not take its recipe would train unlabelled in every comparison,
+        # and run.json would keep it so (a resume logs nothing again): nothing trained yet.
+        if not tracker.close():
+            raise TrackingUnavailableError(
+                f"MLflow at {hide_password(uri)} did not take the params of run {run_name} "
+                f"within tracking.flush_timeout_s={config.tracking.flush_timeout_s:g}; nothing "
+                "was trained: run the command again once it answers"
+            )
+        # The run is resumable from here on: run.json names it.
         write_json(
             join_uri(run_dir, RUN_FILE),
             {
@@ -358,6 +384,7 @@ def start_mlflow_run(
             },
         )
     except BaseException as error:  # no run.json names it: nothing would ever close it
+        # (a Ctrl-C in close()'s wait for an unanswering store too)
         stopped = isinstance(error, KeyboardInterrupt)  # Ctrl-C: KILLED, as everywhere
         end_mlflow_run(uri, tracker.run_id, "KILLED" if stopped else "FAILED")
         raise

@@ -308,6 +308,18 @@ def test_a_checkpoint_saved_but_never_registered_is_the_runs_latest(tmp_path, ca
     assert run_progress(where) == {"step": 6}
     (run_dir / PROGRESS_FILE).write_text('{"step": 8}')  # registered, then pruned by hand
     assert run_progress(where) == {"step": 8}
+    # A progress.json that a crash of the machine left empty, or a copy cut short: rebuilt from
+    # the checkpoints (the resume had stopped, saying to move the run's folder aside).
+    caplog.clear()
+    for damaged in ("", '{"step": 6'):
+        (run_dir / PROGRESS_FILE).write_text(damaged)
+        assert run_progress(where) == {"step": 6}
+        assert read_json(str(run_dir / PROGRESS_FILE)) == {"step": 6}
+        assert "progress.json does not parse; the run's latest whole checkpoint" in caplog.text
+    for folder in run_dir.glob("checkpoint_0*"):  # none whole: the run starts over
+        (folder / "state.pt").write_bytes(b"cut")
+    (run_dir / PROGRESS_FILE).write_text("{")
+    assert run_progress(where) is None and not (run_dir / PROGRESS_FILE).exists()
 
 
 def _manifest_only_dataset(folder, train: int, val: int = 10) -> None:

@@ -503,6 +503,42 @@ def test_a_run_whose_run_json_cannot_be_written_is_not_left_running(
     assert run.info.status == "FAILED"
 
 
+def test_a_run_whose_store_did_not_take_its_params_is_not_recorded(tmp_path, mlflow_db):
+    """The store stopped answering after the run was made: its params and config.yaml were
+    dropped at the flush timeout, run.json named the run all the same, and a resume logged
+    nothing again: a run without its recipe in every comparison. It does not start."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.runs import RUN_FILE, start_mlflow_run
+    from svt_ray.tracking import TrackingUnavailableError
+
+    uri = f"sqlite:///{mlflow_db}"
+    runs = str(tmp_path / "runs")
+    config = load_config("tiny", overrides=[
+        f"tracking.tracking_uri={uri}", f"train.storage_path={runs}",
+        "tracking.flush_timeout_s=0.5",
+    ]).resolve(64)  # fmt: skip
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("Connection refused")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MlflowClient, "log_batch", refused)
+        patch.setattr(MlflowClient, "log_text", refused)
+        with pytest.raises(TrackingUnavailableError, match="did not take the params of run r"):
+            start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
+    assert not Path(runs, "r", RUN_FILE).exists()
+    (run,) = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name(config.tracking.experiment).experiment_id]
+    )
+    assert run.info.status == "FAILED"
+    again = start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)  # the store answers
+    assert again != run.info.run_id
+    assert MlflowClient(uri).get_run(again).data.params["optim.batch_size"] == str(
+        config.optim.batch_size
+    )
+
+
 def test_a_rerun_of_a_run_with_no_checkpoint_records_its_own_recipe(tmp_path, mlflow_db):
     """An attempt that ended before its first checkpoint left run.json: a new run of that name
     with another recipe starts anew (new MLflow run, its run.json), or a later --resume would
