@@ -6,15 +6,16 @@
   manifest.json                   schema version, counts, label map, durations, options, shards
   rejects.jsonl                   one line per rejected input: id, path, reason, detail
   _state/plan.json                which input ids go into which shard (fixed at the first run)
-  _state/part-00000.json          written after its shard: the shard is done iff this exists
+  _state/part-00000.json          written after its shard: done iff this exists and the shard
+                                  has the size it records
 ```
 
-Every file is written to a hidden temporary name and renamed into place, so a reader (or a run
-killed with -9) never sees a partial file. The plan is fixed at the first run, and rows
-are sorted by id, so an interrupted and resumed run produces the same rows, ids and columns
-as an uninterrupted one (a clip encoded again may differ in its `video` bytes: libx264 now and
-then does, docs/data.md). New inputs found by a later run
-go into new shards appended to the plan.
+Every file is written to a hidden temporary name and renamed into place (synced first on a
+local disk), so a reader, a run killed with -9 or a power cut never sees a partial file. The
+plan is fixed at the first run, and rows are sorted by id, so an interrupted and resumed run
+produces the same rows, ids and columns as an uninterrupted one (a clip encoded again may
+differ in its `video` bytes: libx264 now and then does, docs/data.md). New inputs found by a
+later run go into new shards appended to the plan.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -91,6 +93,15 @@ def parse_record(raw: bytes, name: str):
         raise ValueError(f"{name}: not valid JSON ({error}); it was cut short or edited") from None
 
 
+def _sync(path: str) -> None:
+    """fsync a local file or folder (a folder: its entries, so a rename outlives a power cut)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @dataclass
 class Output:
     """A dataset directory on any pyarrow filesystem."""
@@ -107,11 +118,14 @@ class Output:
     def write_bytes(self, data: bytes | Path, *parts: str) -> None:
         """Atomic write: a hidden temporary file in the same folder, then a rename; a write
         or rename that fails removes the temporary file. A local file (a Path) is streamed in
-        8 MiB pieces, never held in memory whole."""
+        8 MiB pieces, never held in memory whole. On a local disk the file is synced before the
+        rename and the folder after it: else a power cut could leave a renamed, empty file (an
+        object store lists an upload only once it is whole)."""
         final = self.path(*parts)
         folder, name = final.rsplit("/", 1)
         self.filesystem.create_dir(folder, recursive=True)
         temporary = f"{folder}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
+        local = isinstance(self.filesystem, pafs.LocalFileSystem)
         try:
             with self.filesystem.open_output_stream(temporary) as stream:
                 if isinstance(data, Path):
@@ -120,7 +134,12 @@ class Output:
                             stream.write(piece)
                 else:
                     stream.write(data)
+            if local:
+                _sync(temporary)
             self.filesystem.move(temporary, final)
+            if local:  # the file is whole; a filesystem that cannot sync a folder fails nothing
+                with contextlib.suppress(OSError):
+                    _sync(folder)
         except BaseException:
             # A loop that writes again (`svt-ray tracking backup --every`) would otherwise
             # leave a whole copy behind on every failed round.
@@ -201,7 +220,9 @@ def shard_state(name: str, ids: list[str], rows: list[dict], rejects: list[dict]
 
 
 def load_states(output: Output, names: list[str]) -> dict[str, dict]:
-    """States of the planned shards that are completely written."""
+    """States of the planned shards that are completely written: a shard file missing, or not
+    of the size its state records (cut short by a copy), is written again, so that re-running
+    the command repairs what training refuses (`svt_ray.data._check_shard_files`)."""
     states = {}
     for name in names:
         if not output.exists(STATE_DIR, f"{name}.json"):
@@ -211,11 +232,20 @@ def load_states(output: Output, names: list[str]) -> dict[str, dict]:
         except ValueError as error:  # what the shard holds is unknown: written again
             logger.warning("%s; redoing shard %s", error, name)
             continue
-        if state["file"] and not output.exists(state["file"]):
-            logger.warning(
-                "%s is recorded as done but %s is missing; redoing it", name, state["file"]
-            )
-            continue
+        if state["file"]:
+            found = output.filesystem.get_file_info(output.path(state["file"]))
+            if found.type != pafs.FileType.File:
+                logger.warning(
+                    "%s is recorded as done but %s is missing; redoing it", name, state["file"]
+                )
+                continue
+            written = state.get("bytes")  # a state without it: only the file's presence
+            if written is not None and found.size != written:
+                logger.warning(
+                    "%s is recorded as done but %s is %d bytes, not the %d written; redoing it",
+                    name, state["file"], found.size, written,
+                )  # fmt: skip
+                continue
         states[name] = state
     return states
 

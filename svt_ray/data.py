@@ -143,8 +143,9 @@ def _check_shard_files(data_path: str, manifest: dict, filesystem, root: str) ->
         )
         raise ConfigError(
             f"data.path: {data_path}: {len(problems)} of its {len(listed)} shards are not as "
-            f"data_prep wrote them ({shown}): cut short by a copy, lost or replaced. Copy the "
-            "dataset again from where it was made, or make it anew with `svt-ray prep`"
+            f"data_prep wrote them ({shown}): cut short by a copy, lost or replaced. Run the "
+            "same `svt-ray prep` command again to write them anew, or copy the dataset again "
+            "from where it was made"
         )
 
 

@@ -524,9 +524,20 @@ def _write_chunk(jobs: list[tuple[SynthConfig, int, str]]) -> list[tuple[int, in
 
 
 def _recorded_config(fs, base: str) -> dict:
-    """The config synthetic.json records (`num_clips`: the clips the folder holds)."""
-    with fs.open_input_stream(f"{base}/synthetic.json") as stream:
-        return json.loads(stream.read()).get("config", {})
+    """The config synthetic.json records (`num_clips`: the clips the folder holds). It is
+    written atomically, so one that does not parse was cut short by a copy or edited: the
+    settings its clips were made with are unknown, and a run without it refuses the folder."""
+    record = f"{base}/synthetic.json"
+    with fs.open_input_stream(record) as stream:
+        raw = stream.read()
+    try:
+        return dict(json.loads(raw).get("config", {}))
+    except (ValueError, AttributeError, TypeError) as error:  # JSONDecodeError: a ValueError
+        raise ConfigError(
+            f"{record} is not a record svt-ray synth wrote ({error}); it was cut short or "
+            "edited. Remove its folder and run again to make the clips anew, or give another "
+            "folder"
+        ) from None
 
 
 def clips_held(root: str) -> int | None:
@@ -609,8 +620,9 @@ def _write_meta(fs, base: str, config: SynthConfig, num_clips: int) -> None:
         "config": asdict(config) | {"num_clips": num_clips},
         "class_names": list(config.class_names),
     }
-    with fs.open_output_stream(f"{base}/synthetic.json") as stream:
-        stream.write(json.dumps(meta, indent=2).encode())
+    # Atomic, as the clips are: a run stopped while rewriting it (Ctrl-C, a full disk) left it
+    # empty, and every later run into the folder failed on it.
+    Output(fs, base).write_bytes(json.dumps(meta, indent=2).encode(), "synthetic.json")
 
 
 def generate_dataset(root: str, config: SynthConfig, workers: int = 1) -> SynthSummary:

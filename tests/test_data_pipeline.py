@@ -71,8 +71,8 @@ def test_a_shard_cut_short_or_lost_is_named_before_ray(tmp_path):
         f"data.path: {tmp_path}: 2 of its 4 shards are not as data_prep wrote them "
         f"(shards/part-00001.parquet is {len(whole) // 2} bytes, manifest.json recorded "
         f"{len(whole)}; shards/part-00003.parquet is missing): cut short by a copy, lost or "
-        "replaced. Copy the dataset again from where it was made, or make it anew with "
-        "`svt-ray prep`"
+        "replaced. Run the same `svt-ray prep` command again to write them anew, or copy the "
+        "dataset again from where it was made"
     )
     items = pa.table({"file": [str(shards / "part-00001.parquet")], "part": [0], "parts": [1],
                       "epoch": [0]})  # fmt: skip

@@ -1119,6 +1119,74 @@ def test_a_failed_write_file_leaves_no_temporary(tmp_path):
     assert list((tmp_path / "out" / "mlflow.db").iterdir()) == []
 
 
+def test_a_local_write_is_synced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """The rename made a write atomic but not durable: after a power cut a first-time state,
+    manifest or shard could come back renamed and empty. On a local disk the file is synced
+    before the rename and its folder after; an object store lists an upload only once whole."""
+    from pyarrow import fs as pafs
+
+    from data_prep.shards import STATE_DIR, Output
+
+    target = tmp_path / STATE_DIR / "part-00000.json"
+    synced, fsync = [], os.fsync
+
+    def recorded_fsync(descriptor):  # what was synced (a rename keeps the inode), and when
+        synced.append((os.fstat(descriptor).st_ino, target.exists()))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    Output(pafs.LocalFileSystem(), str(tmp_path)).write_json({"name": "part-00000"}, STATE_DIR,
+                                                             "part-00000.json")  # fmt: skip
+    assert synced == [(target.stat().st_ino, False), (target.parent.stat().st_ino, True)]
+    fsspec = pytest.importorskip("fsspec")
+    store = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory")))
+    Output(store, "/bucket").write_json({"name": "part-00000"}, STATE_DIR, "part-00000.json")
+    assert len(synced) == 2
+
+
+def test_a_shard_cut_short_is_written_again_by_the_same_command(tmp_path, monkeypatch):
+    """A shard cut short after its state was written (`truncate -s 100`) was taken as done: the
+    re-run wrote a manifest and exited 0, and training then refused the dataset. The size its
+    state records is now checked, so the same command writes that shard, and only it, again.
+    The shards are written in this process, as the Ray tasks would, to keep Ray out."""
+    import data_prep.cli as cli
+    from svt_ray.config import ConfigError
+    from svt_ray.data import read_dataset_manifest
+    from svt_ray.synthetic import SynthConfig, generate_dataset
+
+    written = []
+
+    def in_process(args, output, input_fs, options, todo, by_id, splits, label_map):
+        for entry in todo:
+            written.append(entry["name"])
+            videos = [by_id[video_id] for video_id in entry["ids"]]
+            results = [
+                cli.process_video(v, splits[v.id], label_map[v.label_name], input_fs, options)
+                for v in videos
+            ]
+            statuses, rows = zip(*results, strict=True)
+            cli.write_shard_task(output, entry["name"], entry["ids"], *statuses, *rows)
+        return 0
+
+    monkeypatch.setattr(cli, "_run_on_ray", in_process)
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    small = SynthConfig(num_clips=6, num_classes=2, num_frames=8, height=32, width=32)
+    generate_dataset(str(videos), small)
+    command = [str(videos), str(out), "--min-frames", "8", "--min-side", "16",
+               "--short-side", "32", "--max-videos-per-shard", "2"]  # fmt: skip
+    assert data_prep.main(command) == 0
+    assert written == ["part-00000", "part-00001", "part-00002"]
+    ids = [row["id"] for row in _rows(out)]
+    os.truncate(out / "shards" / "part-00001.parquet", 100)
+    with pytest.raises(ConfigError, match=r"Run the same `svt-ray prep` command again to write"):
+        read_dataset_manifest(str(out))
+    written.clear()
+    assert data_prep.main(command) == 0
+    assert written == ["part-00001"]
+    read_dataset_manifest(str(out))  # the sizes match again
+    assert [row["id"] for row in _rows(out)] == ids and len(ids) == 6
+
+
 def test_an_svt_ray_recipe_given_as_the_encoder_preset_is_refused_before_any_work(tmp_path, capsys):
     """`--preset` of data_prep is x264's: `--preset tiny` used to encode nothing and reject
     every video as `error` after a full pass. It is now a usage error naming the choices."""

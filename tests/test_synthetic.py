@@ -488,3 +488,78 @@ def test_workers_below_one_are_refused(tmp_path, capsys, workers):
         f"{workers}\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_stopped_while_rewriting_the_record_keeps_the_old_one(tmp_path, monkeypatch, capsys):
+    """Every run rewrote synthetic.json in place first, even with all its clips there: a full
+    disk or a Ctrl-C then left it empty, and every later synth, demo and study failed on it.
+    It is written to a temporary file and renamed, as the clips are."""
+    import errno
+
+    import svt_ray.synthetic as synthetic
+
+    small = ["--num-clips", "2", "--num-frames", "8", "--height", "32", "--width", "32"]
+    assert main([str(tmp_path), *small]) == 0
+    record = (tmp_path / "synthetic.json").read_bytes()
+
+    class FullDisk:  # the filesystem the run writes to; every write fails as on a full disk
+        def __init__(self, filesystem):
+            self.filesystem = filesystem
+
+        def __getattr__(self, name):
+            return getattr(self.filesystem, name)
+
+        def open_output_stream(self, path):
+            stream = self.filesystem.open_output_stream(path)  # made, or emptied, here
+
+            class Full:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    return stream.__exit__(*exc)
+
+                def write(self, data):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+            return Full()
+
+    resolve = synthetic.resolve_filesystem
+
+    def full_disk(root):
+        filesystem, path = resolve(root)
+        return FullDisk(filesystem), path
+
+    monkeypatch.setattr(synthetic, "resolve_filesystem", full_disk)
+    assert main([str(tmp_path), *small]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert (tmp_path / "synthetic.json").read_bytes() == record
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
+    monkeypatch.undo()
+    assert main([str(tmp_path), *small]) == 0
+    assert "0 clips written, 2 already present" in capsys.readouterr().out
+
+
+def test_a_damaged_record_is_named_with_the_way_out(tmp_path, capsys):
+    """A synthetic.json cut short (by a copy) was "error: Expecting value: line 1 column 1
+    (char 0)" naming no file, and a JSONDecodeError traceback in the demo and the studies: now
+    the ConfigError they catch, naming the file. Without the record the folder is refused as not
+    synth's, so the way out is a new folder."""
+    from svt_ray.config import ConfigError
+
+    small = ["--num-clips", "2", "--num-frames", "8", "--height", "32", "--width", "32"]
+    assert main([str(tmp_path / "clips"), *small]) == 0
+    (tmp_path / "clips" / "synthetic.json").write_bytes(b"")
+    assert main([str(tmp_path / "clips"), *small]) == 2
+    assert capsys.readouterr().err == (
+        f"python -m svt_ray.synthetic: error: {tmp_path / 'clips' / 'synthetic.json'} is not a "
+        "record svt-ray synth wrote (Expecting value: line 1 column 1 (char 0)); it was cut "
+        "short or edited. Remove its folder and run again to make the clips anew, or give "
+        "another folder\n"
+    )
+    (tmp_path / "clips" / "synthetic.json").write_text("[1, 2]")  # JSON, not synth's record
+    with pytest.raises(ConfigError, match=r"synthetic.json is not a record svt-ray synth wrote"):
+        generate_dataset(str(tmp_path / "clips"), SynthConfig(num_clips=2))
+    (tmp_path / "clips" / "synthetic.json").unlink()  # no record: not taken for synth's folder
+    with pytest.raises(ConfigError, match=r"clips is not empty .* Give a new or empty folder"):
+        generate_dataset(str(tmp_path / "clips"), SynthConfig(num_clips=2))
