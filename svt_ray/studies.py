@@ -819,6 +819,24 @@ def asha_grace(spec: StudySpec, options: StudyOptions, budget: int) -> int:
     return spec.asha_grace_clips or max(1, budget // 4)
 
 
+def asha_scheduler(budget: int, grace: int):
+    """ASHA with rungs at grace, 2 x grace, ... below the budget. A trial that reaches the
+    budget ends by itself: stopped there (Ray's default), it was killed while its run was
+    finishing (last metrics, curves, run status). And a rung at the budget itself, where
+    max_t=budget put one whenever grace x 2^k is the budget (a quarter of it, the default),
+    judged a trial's last report (`stop_last_trials` does not keep that rung), so a trial
+    that trained to the end could be stopped there and reported as stopped early."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=budget - 1,
+        grace_period=grace,
+        reduction_factor=2,
+        stop_last_trials=False,
+    )
+
+
 def _qualified_name(function: Callable) -> str:
     return f"{function.__module__}:{function.__qualname__}"
 
@@ -827,7 +845,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     """Run (or restore) the study, then report it from MLflow."""
     import ray
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from svt_ray.cluster import (
         check_local_gpus,
@@ -965,19 +983,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             s.path: {json.dumps(v): s.label(v) for v in s.values} for s in spec.sweeps if s.labels
         },
     }
-    scheduler = (
-        # A trial that reaches the budget ends by itself: stopped there (Ray's default), it
-        # was killed while its run was finishing (last metrics, curves, run status).
-        ASHAScheduler(
-            time_attr=TIME_ATTR,
-            max_t=budget,
-            grace_period=grace,
-            reduction_factor=2,
-            stop_last_trials=False,
-        )
-        if options.asha
-        else FIFOScheduler()
-    )
+    scheduler = asha_scheduler(budget, grace) if options.asha else FIFOScheduler()
     logger.info(
         "study %s: %d trials (%d settings x %d seeds), %d clips seen each%s, %d at a time",
         spec.name, grid_size(spec, options.seeds), len(spec.settings()), len(options.seeds),

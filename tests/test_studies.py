@@ -380,6 +380,31 @@ def test_ctrl_c_on_a_study_says_how_to_continue_and_writes_no_report(
     assert client.get_run(parent_id).info.status == "KILLED"
 
 
+def test_asha_judges_trials_at_its_rungs_and_never_at_the_budget():
+    """max_t=budget put a rung at the budget whenever the first rung was a quarter of it (the
+    default): the second trial to finish was stopped at its last report when it ended below
+    the first, and reported as stopped early, out of the final comparison."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from svt_ray.studies import METRIC, TIME_ATTR, asha_scheduler
+
+    scheduler = asha_scheduler(4864, 1216)
+    scheduler.set_search_properties(METRIC, "max")
+
+    def run(trial_id: str, knn: dict[int, float]) -> list[str]:
+        trial = dataclasses.make_dataclass("Trial", ["trial_id"])(trial_id)
+        scheduler.on_trial_add(None, trial)
+        return [
+            scheduler.on_trial_result(None, trial, {TIME_ATTR: clips, METRIC: value})
+            for clips, value in knn.items()
+        ]
+
+    assert set(run("a", {1216: 50, 2432: 60, 3648: 62, 4864: 70})) == {TrialScheduler.CONTINUE}
+    assert set(run("b", {1216: 52, 2432: 62, 3648: 61, 4864: 60})) == {TrialScheduler.CONTINUE}
+    assert run("c", {1216: 30})[-1] == TrialScheduler.STOP  # below the first rung's cut
+    assert run("d", {1216: 60, 2432: 40})[-1] == TrialScheduler.STOP  # below the second's
+
+
 def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
     tmp_path, synthetic_shards, ray_session
 ):
