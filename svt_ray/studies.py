@@ -17,6 +17,7 @@ trials are not run again; unfinished ones resume from their Train checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -731,17 +732,19 @@ def _parent_run(
 
     A restore with another recipe (seeds, grid, --set, ASHA) is refused: Tune would restore
     the recorded trials and drop the new flags without a word."""
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     from svt_ray.runs import join_uri, write_json
     from svt_ray.tracking import experiment_id
 
     params = _parent_params(options, spec, shared, recipe)
+    client = MlflowClient(options.tracking_uri)
     if recorded is not None:
         _refuse_changes(spec, study_dir, _study_recipe_changes(recorded, recipe, params))
         _set_parent_status(options, recorded["parent_run_id"], "RUNNING")
+        _log_missing_params(client, recorded["parent_run_id"], params)
         return recorded["parent_run_id"]
-    client = MlflowClient(options.tracking_uri)
     run = client.create_run(
         experiment_id(client, options.experiment, options.tracking_uri),
         run_name=spec.name,
@@ -756,24 +759,45 @@ def _parent_run(
     )
     run_id = run.info.run_id
     try:
-        write_json(
-            join_uri(study_dir, STUDY_FILE),
-            {
-                "parent_run_id": run_id,
-                "params": params,
-                "recipe": recipe,
-                "max_concurrent_trials": concurrent,
-            },
-        )
-    except OSError as error:  # no study to find again: its parent run must not stay behind
-        client.delete_run(run_id)
-        raise ConfigError(
-            f"--storage {options.storage_path}: cannot write {study_dir} ({error}); pass "
-            "storage you can write"
-        ) from None
-    for key, value in params.items():
-        client.log_param(run_id, key, value)
+        # Before study.json, in one call: logged after it, a first start stopped in between
+        # left a parent without its sweeps for good (a restore found study.json and went on),
+        # and `svt-ray compare` put every trial in one row.
+        client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
+        try:
+            write_json(
+                join_uri(study_dir, STUDY_FILE),
+                {
+                    "parent_run_id": run_id,
+                    "params": params,
+                    "recipe": recipe,
+                    "max_concurrent_trials": concurrent,
+                },
+            )
+        except OSError as error:
+            raise ConfigError(
+                f"--storage {options.storage_path}: cannot write {study_dir} ({error}); pass "
+                "storage you can write"
+            ) from None
+    except BaseException:  # no study to find again: its parent run must not stay behind
+        with contextlib.suppress(Exception):
+            client.delete_run(run_id)
+        raise
     return run_id
+
+
+def _log_missing_params(client, parent_run_id: str, params: dict[str, str]) -> None:
+    """The params a restored study's parent run lacks (one a version before this one did
+    not log, or a first start stopped before it logged them)."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    try:
+        held = client.get_run(parent_run_id).data.params
+        missing = [Param(key, value) for key, value in params.items() if key not in held]
+        if missing:
+            client.log_batch(parent_run_id, params=missing)
+    except MlflowException as error:  # the store lost it: the study still runs
+        logger.warning("study parent run %s: params not logged: %s", parent_run_id, error)
 
 
 def _note_restored_concurrency(spec: StudySpec, tuner, concurrent: int) -> None:

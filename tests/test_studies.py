@@ -488,6 +488,47 @@ def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_pat
     assert running.status == "RUNNING"  # another trial, still training: untouched
 
 
+def test_a_studys_parent_run_has_its_params_whenever_study_json_names_it(tmp_path, mlflow_db):
+    """The params were logged one call each after study.json: a first start stopped in
+    between left a parent without its sweeps for good (the restore found study.json and went
+    on), and `svt-ray compare` put every trial in one row. They go in one call before it, a
+    start stopped there leaves neither, and a restore logs what its parent lacks."""
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.runs import join_uri, read_json
+    from svt_ray.studies import STUDY_FILE, _parent_run, _study_recipe
+
+    options = StudyOptions(tracking_uri=f"sqlite:///{mlflow_db}", experiment="x")
+    spec = StudySpec("s", "q", [Sweep("optim.batch_size", (8, 16))])
+    study_dir = str(tmp_path / "s")
+    recipe = _study_recipe(options, spec, [], budget=1000, grace=250)
+    client = MlflowClient(options.tracking_uri)
+
+    def parent() -> str:
+        recorded = read_json(join_uri(study_dir, STUDY_FILE))
+        return _parent_run(options, spec, study_dir, [], recipe, recorded, 1)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MlflowClient, "log_batch", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            parent()
+    assert read_json(join_uri(study_dir, STUDY_FILE)) is None
+    experiment = client.get_experiment_by_name("x").experiment_id
+    assert client.search_runs([experiment]) == []  # no parent left behind, RUNNING for good
+    first = parent()
+    assert client.get_run(first).data.params["sweep.optim.batch_size"] == "8,16"
+    import sqlite3
+
+    with sqlite3.connect(mlflow_db) as store:  # as a parent of a version that logged less
+        store.execute("DELETE FROM params WHERE run_uuid = ? AND key = 'budget_clips'", (first,))
+    assert "budget_clips" not in client.get_run(first).data.params
+    assert parent() == first
+    assert client.get_run(first).data.params["budget_clips"] == "1000"
+
+
 def test_a_study_continues_only_with_the_recipe_it_was_started_with(tmp_path, mlflow_db):
     """Tune restores a study's recorded trials, so new seeds, grids, --set items or ASHA
     settings would be dropped without a word: they are refused, naming what changed. Where it
