@@ -1160,11 +1160,16 @@ class _WithoutRestoreHint(logging.Filter):
 
 
 def _close_stopped_runs(
-    options: StudyOptions, parent_run_id: str, trial_id: str | None = None
+    options: StudyOptions,
+    parent_run_id: str,
+    trial_id: str | None = None,
+    error: str | None = None,
 ) -> None:
     """A child run still RUNNING after its trial ended (of one trial, or after the sweep of
     all) was a trial that Tune stopped (ASHA) and killed mid-run: mark it KILLED, ending when
-    it last logged a step (not now), so its wall time in the report is its own."""
+    it last logged a step (not now), so its wall time in the report is its own. With `error`
+    (Tune saw the trial error: its process died, out of memory or with its node) it is FAILED
+    with that error, not taken for a trial ASHA stopped."""
     query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
     if trial_id is not None:
         query += f" and tags.`svt.trial_id` = '{trial_id}'"
@@ -1172,7 +1177,18 @@ def _close_stopped_runs(
     for run in runs:
         logged = client.get_metric_history(run.info.run_id, "loss")
         last = max((metric.timestamp for metric in logged), default=None)
-        client.set_terminated(run.info.run_id, "KILLED", end_time=last)
+        if error is not None:
+            client.set_tag(run.info.run_id, "svt.error", error[:4000])
+        client.set_terminated(run.info.run_id, "KILLED" if error is None else "FAILED", last)
+
+
+def _trial_error(trial) -> str:
+    """One line of why Tune saw a trial error (the trial's own error file's last line)."""
+    try:
+        lines = [line for line in str(trial.get_error() or "").splitlines() if line.strip()]
+    except Exception:  # the storage lost it: the reason stays general
+        lines = []
+    return lines[-1].strip() if lines else "the trial's process ended with an error"
 
 
 def _run_closer(options: StudyOptions, parent_run_id: str):
@@ -1182,8 +1198,14 @@ def _run_closer(options: StudyOptions, parent_run_id: str):
 
     class CloseStoppedRun(ray.tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
+            self._close(trial, None)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, _trial_error(trial))
+
+        def _close(self, trial, error: str | None) -> None:
             try:
-                _close_stopped_runs(options, parent_run_id, trial.trial_id)
+                _close_stopped_runs(options, parent_run_id, trial.trial_id, error)
             except Exception as error:  # the sweep's end closes it anyway
                 logger.warning("trial %s: child run not closed: %s", trial.trial_id, error)
 

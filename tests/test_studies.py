@@ -486,6 +486,16 @@ def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_pat
     stopped, running = (client.get_run(runs[t]).info for t in ("t_stopped", "t_running"))
     assert (stopped.status, stopped.end_time) == ("KILLED", 5_000)
     assert running.status == "RUNNING"  # another trial, still training: untouched
+    # A trial whose process died (out of memory, its node lost) was KILLED too, as if ASHA
+    # had stopped it: the report said "0 failed, 1 stopped early". FAILED, with Tune's error.
+    died = SimpleNamespace(
+        trial_id="t_running",
+        get_error=lambda: "Traceback ...\n\nray.exceptions.OutOfMemoryError: Task was killed\n",
+    )
+    _run_closer(options, parent.info.run_id).on_trial_error(0, [], died)
+    failed = client.get_run(runs["t_running"])
+    assert (failed.info.status, failed.info.end_time) == ("FAILED", 5_000)
+    assert failed.data.tags["svt.error"] == "ray.exceptions.OutOfMemoryError: Task was killed"
 
 
 def test_a_studys_parent_run_has_its_params_whenever_study_json_names_it(tmp_path, mlflow_db):
