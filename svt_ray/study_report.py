@@ -52,6 +52,8 @@ class TrialRecord:
     "(training hours, online kNN top-1) points."
     error: str = ""
     clips_per_s: float | None = None
+    "Clips trained per second, online kNN left out; a trial restarted after a stop: over all its"
+    " training sessions (each one's logged rate counts from its own start)."
 
 
 @dataclass
@@ -68,6 +70,8 @@ class StudyReport:
     "The plots' x axis (the study's `x_label`; default: the first swept path)."
     parent_status: str = ""
     "The parent run's MLflow status (KILLED after a Ctrl-C); '' for a comparison of runs."
+    asha: bool | None = None
+    "Whether the study ran with ASHA (its parent's `asha` param); None when not recorded."
     files: dict[str, Path] = field(default_factory=dict)
     "Where publish()/write() put the table and plots."
 
@@ -97,7 +101,7 @@ class StudyReport:
             groups.setdefault(_setting_key(self, t.sweep), []).append(t)
         rows = []
         for key, trials in sorted(groups.items(), key=lambda kv: _sort_key(json.loads(kv[0]))):
-            finals = [t.final for t in trials if t.final is not None and t.status == "FINISHED"]
+            finals = [t.final for t in trials if t.status == "FINISHED" and _finite(t.final)]
             mean = statistics.fmean(finals) if finals else None
             sem = statistics.stdev(finals) / math.sqrt(len(finals)) if len(finals) > 1 else None
             rows.append(
@@ -142,6 +146,8 @@ class StudyReport:
         lines += ["## By setting (mean ± s.e. over seeds; scored: trials that finished with a "
                   "final kNN)", "",
                   _markdown_table(self.aggregate()), "", "## Trials", "",
+                  "clips_per_s: clips trained per second, online kNN left out; for a trial "
+                  "restarted after a stop, over all its training sessions.", "",
                   _markdown_table(self.rows()), ""]  # fmt: skip
         if "scaling.num_workers" in self.swept:
             lines += ["## Scaling", "", _markdown_table(scaling_table(self)), ""]
@@ -164,6 +170,8 @@ class StudyReport:
         stopped = sum(t.status == "KILLED" for t in self.trials)
         running = sum(t.status == "RUNNING" for t in self.trials)
         lines = [f"study {self.study}: {self.question}"]
+        # Without ASHA, a trial stopped before its end was stopped by an interruption.
+        how = "stopped by an interruption, ASHA off" if self.asha is False else "stopped early"
         if unfinished := self.unfinished():
             lines.append(
                 f"{unfinished}: what follows reads the trials so far, not the whole grid (the "
@@ -172,7 +180,7 @@ class StudyReport:
         lines.append(
             f"swept {', '.join(self.swept) or 'no setting (the same recipe)'}; "
             f"{len(self.trials)} trial{'s' * (len(self.trials) != 1)} "
-            f"({failed} failed, {stopped} stopped early"
+            f"({failed} failed, {stopped} {how}"
             + (f", {running} running)" if running else ")")
             + (f"; budget up to {self.budget_clips} clips each" if self.budget_clips else "")
         )
@@ -188,9 +196,10 @@ class StudyReport:
         elif best is not None:
             setting = ", ".join(f"{p}={best[p]}" for p in self.swept)
             spread = f" ± {best['knn_top1_sem']}" if best["knn_top1_sem"] is not None else ""
+            left_out = _left_out(self, best)
             lines.append(
                 f"best: {setting}: online kNN top-1 {best['knn_top1_mean']}{spread} "
-                f"({best['scored']} seed(s))"
+                f"({best['scored']} seed(s){f'; {left_out}' if left_out else ''})"
             )
         if self.trials and not any(t.curve for t in self.trials):
             lines.append(
@@ -207,6 +216,8 @@ class StudyReport:
                 "online kNN (at 0 clips): their best is their start; a larger budget "
                 "(optim.epochs, more clips) tells the settings apart better"
             )
+        if non_finite := _non_finite(self):
+            lines.append(f"note: online kNN not finite in {non_finite}: left out of the means")
         if self.verdict:
             lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
@@ -251,12 +262,57 @@ def _stopped_settings(report: StudyReport) -> dict[str, tuple[float, float]]:
     lasts: dict[str, list[tuple[float, float]]] = {}
     for trial in report.trials:
         key = _setting_key(report, trial.sweep)
-        if trial.status == "KILLED" and trial.curve and key not in finished:
-            lasts.setdefault(key, []).append(trial.curve[-1])
+        measured = [(c, v) for c, v in trial.curve if math.isfinite(v)]
+        if trial.status == "KILLED" and measured and key not in finished:
+            lasts.setdefault(key, []).append(measured[-1])
     return {
         key: (statistics.fmean(v for _, v in points), max(c for c, _ in points))
         for key, points in lasts.items()
     }
+
+
+def _left_out(report: StudyReport, row: dict[str, Any]) -> str:
+    """Why a setting's mean (a row of `aggregate`) is of fewer seeds than it ran: '2 of 3 seeds
+    finished' (those ASHA kept, the better ones), '1 finished without a finite kNN'; '' if none."""
+    key = _setting_key(report, row)
+    trials = [t for t in report.trials if _setting_key(report, t.sweep) == key]
+    finished = sum(t.status == "FINISHED" for t in trials)
+    reasons = []
+    if finished < len(trials):
+        reasons.append(f"{finished} of {len(trials)} seeds finished")
+    if unscored := finished - row["scored"]:
+        reasons.append(f"{unscored} finished without a finite kNN")
+    return ", ".join(reasons)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _non_finite(report: StudyReport) -> str:
+    """The trials that logged a non-finite online kNN, 'x=0, seed 1', for the notes that say
+    they were left out; '' when none did."""
+    return "; ".join(
+        " ".join([*(f"{p}={t.sweep.get(p)}," for p in report.swept), f"seed {t.seed}"])
+        for t in sorted(report.trials, key=lambda t: (_sort_key(t.sweep), t.seed))
+        if any(not math.isfinite(v) for _, v in t.curve)
+    )
+
+
+def _failed_settings(report: StudyReport) -> dict[str, float | None]:
+    """Settings with failed trials and none that finished with a kNN or was stopped with one:
+    the failed trials' mean last online kNN, None when none measured one."""
+    shown = set(_stopped_settings(report)) | {
+        _setting_key(report, t.sweep)
+        for t in report.trials
+        if t.status == "FINISHED" and _finite(t.final)
+    }
+    lasts: dict[str, list[float]] = {}
+    for trial in report.trials:
+        key = _setting_key(report, trial.sweep)
+        if trial.status == "FAILED" and key not in shown:
+            lasts.setdefault(key, []).extend(v for _, v in trial.curve[-1:] if math.isfinite(v))
+    return {key: statistics.fmean(values) if values else None for key, values in lasts.items()}
 
 
 def _never_rose(curve: list[tuple[float, float]]) -> bool:
@@ -366,6 +422,7 @@ def collect_study(
             )
         parent_id, question = "", f"comparison of runs {', '.join(run_ids)}"
         verdict, budget, verdict_fn, x_label, parent_status = "", None, None, "", ""
+        asha = None
         swept = _differing_params(children)
     else:
         found = client.get_experiment_by_name(experiment)
@@ -421,9 +478,12 @@ def collect_study(
         if parent_status == "RUNNING" and sweep_ended:  # the driver, reporting
             parent_status = "FINISHED"
         budget = parent.data.params.get("budget_clips")
-        children = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        asha = {"True": True, "False": False}.get(parent.data.params.get("asha", ""))
+        children = _one_run_per_trial(
+            client.search_runs(
+                [parent.info.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+            )
         )
         swept = sorted(
             key.removeprefix("sweep.") for key in parent.data.params if key.startswith("sweep.")
@@ -431,13 +491,35 @@ def collect_study(
     trials = [_trial_record(client, run, swept) for run in children]
     report = StudyReport(
         study, question, parent_id, tracking_uri, swept, trials, verdict,
-        int(budget) if budget else None, x_label, parent_status,
+        int(budget) if budget else None, x_label, parent_status, asha,
     )  # fmt: skip
     if verdict_fn and recompute_verdict:
         report.verdict = qualified_verdict(
             report, _recomputed_verdict(report, verdict_fn) or verdict
         )
     return report
+
+
+def _one_run_per_trial(runs: list) -> list:
+    """One MLflow run per trial (`svt.trial_id`): an attempt abandoned without a checkpoint
+    (KILLED) and the run made for the trial after it are one trial, not two seeds. The newest
+    run counts, unless only an older one FINISHED; runs without the tag are all kept."""
+    attempts: dict[str, list] = {}
+    for run in runs:
+        if "svt.trial_id" in run.data.tags:
+            attempts.setdefault(run.data.tags["svt.trial_id"], []).append(run)
+    dropped = set()
+    for trial_id, trial_runs in attempts.items():
+        trial_runs.sort(key=lambda run: run.info.start_time or 0)
+        finished = [run for run in trial_runs if run.info.status == "FINISHED"]
+        kept = (finished or trial_runs)[-1]
+        if len(trial_runs) > 1:
+            logger.info(
+                "trial %s has %d MLflow runs; reporting %s (%s)",
+                trial_id, len(trial_runs), kept.info.run_id, kept.info.status,
+            )  # fmt: skip
+        dropped.update(run.info.run_id for run in trial_runs if run is not kept)
+    return [run for run in runs if run.info.run_id not in dropped]
 
 
 def qualified_verdict(report: StudyReport, verdict: str) -> str:
@@ -534,6 +616,11 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
         return sum(max(0, min(timestamp, stop) - begin) for begin, stop in sessions) / 3.6e6
 
     wall_curve = [(hours_at(m.timestamp), float(m.value)) for m in history]
+    clips_per_s = run.data.metrics.get("clips_per_s")
+    if len(sessions) > 1:  # the logged rate restarts each session: the latest is the last's
+        clips_per_s = _rate_over_sessions(
+            client.get_metric_history(run.info.run_id, "clips_per_s"), sessions
+        )
     status = run.info.status
     return TrialRecord(
         run_id=run.info.run_id,
@@ -542,13 +629,13 @@ def _trial_record(client, run, swept: list[str]) -> TrialRecord:
         seed=int(tags.get("svt.seed", params.get("train.seed", 0))),
         sweep={path: swept_value(path) for path in swept},
         final=curve[-1][1] if curve else None,
-        best=max(v for _, v in curve) if curve else None,
+        best=max((v for _, v in curve if math.isfinite(v)), default=None),
         clips_seen=run.data.metrics.get(TIME_ATTR),
         hours=hours_at(end) if end and sessions else None,
         curve=curve,
         wall_curve=wall_curve,
         error=tags.get("svt.error", ""),
-        clips_per_s=run.data.metrics.get("clips_per_s"),
+        clips_per_s=clips_per_s,
     )
 
 
@@ -570,6 +657,19 @@ def _training_sessions(wall_times) -> list[tuple[float, float]]:
     return [(begin, stop) for begin, stop in sessions]
 
 
+def _rate_over_sessions(rates, sessions: list[tuple[float, float]]) -> float | None:
+    """Clips/s of a run over all its training sessions, from its `clips_per_s` points: each
+    session's last one (the clips trained since that session started, per second of training,
+    online kNN left out), weighted by the session's training time."""
+    weighted = total = 0.0
+    for begin, stop in sessions:
+        inside = [m for m in rates if begin <= m.timestamp <= stop and math.isfinite(m.value)]
+        if inside:
+            weighted += max(inside, key=lambda m: m.timestamp).value * (stop - begin)
+            total += stop - begin
+    return weighted / total if total else None
+
+
 def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Path]:
     """Online kNN against clips seen and against hours (one curve per trial), and the final
     kNN against the swept setting with standard-error bars."""
@@ -588,8 +688,9 @@ def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Pat
         key = _setting_key(report, trial.sweep)
         colour = colours(settings.index(key) % 10)
         label = ", ".join(f"{p.split('.')[-1]}={trial.sweep.get(p)}" for p in report.swept)
-        label = f"{label} (seed {trial.seed})"
-        style = "--" if trial.status == "KILLED" else "-"
+        failed = trial.status == "FAILED"
+        label = f"{label} (seed {trial.seed}{', failed' if failed else ''})"
+        style = {"KILLED": "--", "FAILED": ":"}.get(trial.status, "-")
         per_clip.plot(*zip(*trial.curve, strict=True), style, color=colour, marker=".", label=label)
         per_hour.plot(*zip(*trial.wall_curve, strict=True), style, color=colour, marker=".")
     per_clip.set(xlabel="clips seen", ylabel="online kNN top-1 (%)", title=report.study)
@@ -605,13 +706,14 @@ def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Pat
     figure.savefig(files["curves.png"], dpi=110)
     plt.close(figure)
 
-    # Every measured setting: finished ones with their mean and error bar, those ASHA stopped
-    # (no finished trial) at their trials' last value, hollow and marked as such.
-    stopped_at = _stopped_settings(report)
+    # Every measured setting: finished ones with their mean and error bar (and how many seeds
+    # it is of, when some did not finish), those ASHA stopped (no finished trial) at their
+    # trials' last value, hollow, and those whose every trial failed, marked as such.
+    stopped_at, failed_at = _stopped_settings(report), _failed_settings(report)
     rows = [
         row
         for row in report.aggregate()
-        if row["knn_top1_mean"] is not None or _setting_key(report, row) in stopped_at
+        if row["knn_top1_mean"] is not None or _setting_key(report, row) in stopped_at | failed_at
     ]
     figure, axes = plt.subplots(figsize=(6, 4.5))
     labels = [", ".join(str(row[p]) for p in report.swept) for row in rows]
@@ -620,8 +722,12 @@ def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Pat
         axes.errorbar([x for x, _ in done], [row["knn_top1_mean"] for _, row in done],
                       yerr=[row["knn_top1_sem"] or 0.0 for _, row in done], fmt="o-",
                       capsize=4, label="finished")  # fmt: skip
+        for x, row in done:
+            if left_out := _left_out(report, row):
+                axes.annotate(left_out, (x, row["knn_top1_mean"]), textcoords="offset points",
+                              xytext=(0, -12), ha="center", fontsize=7)  # fmt: skip
     stopped = [(x, stopped_at[_setting_key(report, row)]) for x, row in enumerate(rows)
-               if row["knn_top1_mean"] is None]  # fmt: skip
+               if _setting_key(report, row) in stopped_at]  # fmt: skip
     if stopped:
         axes.plot([x for x, _ in stopped], [value for _, (value, _) in stopped], "v",
                   fillstyle="none", color="grey",
@@ -629,6 +735,17 @@ def plot_study(report: StudyReport, folder: Path, x_label: str) -> dict[str, Pat
         for x, (value, clips) in stopped:
             axes.annotate(f"{clips:.0f} clips", (x, value), textcoords="offset points",
                           xytext=(0, 6), ha="center", fontsize=7, color="grey")  # fmt: skip
+    failed = [(x, failed_at[_setting_key(report, row)]) for x, row in enumerate(rows)
+              if _setting_key(report, row) in failed_at]  # fmt: skip
+    for x, _ in failed:  # at the foot of the axes: one that failed may have no value
+        axes.annotate("failed", (x, 0.02), xycoords=("data", "axes fraction"),
+                      ha="center", fontsize=7, color="red")  # fmt: skip
+    if measured := [(x, value) for x, value in failed if value is not None]:
+        axes.plot([x for x, _ in measured], [value for _, value in measured], "x", color="red",
+                  label="failed (last value before the error)")  # fmt: skip
+    if failed:  # a mark with no value sets no limit: keep the first and last ticks' marks in
+        axes.set_xlim(-0.5, len(rows) - 0.5)
+    if stopped or failed:
         axes.legend(fontsize=7)
     axes.set_xticks(range(len(rows)), labels)
     axes.set(xlabel=x_label, ylabel="final online kNN top-1 (%)", title=report.study)
@@ -683,10 +800,13 @@ def _difference_phrase(
 
 
 def best_vs_worst_verdict(report: StudyReport) -> str:
-    """Which setting is best on final online kNN, and whether it beats the worst beyond noise."""
+    """Which setting is best on final online kNN, and whether it beats the worst beyond noise.
+    A compared setting some of whose seeds did not finish is not judged against the noise: its
+    mean is of the seeds ASHA let finish, the better ones; the comparison at the clips every
+    setting reached, of every seed ASHA stopped too, answers then."""
     rows = [row for row in report.aggregate() if row["knn_top1_mean"] is not None]
     if len(rows) < 2:
-        return _common_rung_verdict(report)
+        return _with_non_finite(report, _common_rung_verdict(report))
 
     def name(row):
         return ", ".join(f"{p}={row[p]}" for p in report.swept)
@@ -694,25 +814,52 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
     def stats(row):
         return row["knn_top1_mean"], row["knn_top1_sem"], row["scored"]
 
+    def left_out(compared):
+        return "; ".join(
+            f"{name(row)}: {why}" for row in compared if (why := _left_out(report, row))
+        )
+
     top = max(row["knn_top1_mean"] for row in rows)
     bottom = min(row["knn_top1_mean"] for row in rows)
     if top == bottom:
         answer = f"the finished settings tie at {top} (" + "; ".join(map(name, rows)) + ")"
+        if short := left_out(rows):
+            answer += f" ({short})"
     else:
         best = [row for row in rows if row["knn_top1_mean"] == top]
         worst = [row for row in rows if row["knn_top1_mean"] == bottom]
+        short = left_out(best + worst)
         answer = (
             f"best {_named([name(row) for row in best], str(top))}; over worst "
             f"{_named([name(row) for row in worst], str(bottom), alone=False)}: "
-            + _difference_phrase(
-                _least_sure([stats(row) for row in best]),
-                _least_sure([stats(row) for row in worst]),
+            + (
+                f"{top - bottom:+.1f} points, not judged against the noise ({short})"
+                if short
+                else _difference_phrase(
+                    _least_sure([stats(row) for row in best]),
+                    _least_sure([stats(row) for row in worst]),
+                )
             )
         )
     if any(t.status == "KILLED" for t in report.trials):
         # the settings ASHA stopped are compared where every setting was measured
         answer = f"finished: {answer}; {_common_rung_verdict(report)}"
-    return answer
+    return _with_non_finite(report, answer)
+
+
+def _with_non_finite(report: StudyReport, verdict: str) -> str:
+    """`verdict`, saying which trials logged a non-finite online kNN (left out of it)."""
+    non_finite = _non_finite(report)
+    return f"{verdict}; online kNN not finite, left out: {non_finite}" if non_finite else verdict
+
+
+def _stopped_before(report: StudyReport, what: str) -> str:
+    """'before ASHA stopped it' ('one': `what`), or 'before it was stopped' in a study run
+    without ASHA, where what stopped a trial was an interruption. An older study did not
+    record whether it ran with ASHA."""
+    if report.asha is False:
+        return f"before {what} was stopped"
+    return f"before ASHA stopped {what}"
 
 
 def _named(names: list[str], value: str, alone: bool = True) -> str:
@@ -747,10 +894,13 @@ def _common_rung_verdict(report: StudyReport) -> str:
     for trial in sorted(curves, key=lambda t: _sort_key(t.sweep)):  # ties named in order
         value = _last_up_to(trial.curve, rung)
         name = ", ".join(f"{p}={trial.sweep.get(p)}" for p in report.swept)
-        scores.setdefault(name, []).append(value)
+        if math.isfinite(value):  # said by `_with_non_finite`
+            scores.setdefault(name, []).append(value)
+    if len(scores) < 2:
+        return "fewer than two settings were measured: no comparison"
     stats = {name: _mean_sem(values) for name, values in scores.items()}
     # In an interrupted or running study, a KILLED trial may be Ctrl-C's, not ASHA's.
-    reached = "so far" if report.unfinished() else "before ASHA stopped it"
+    reached = "so far" if report.unfinished() else _stopped_before(report, "it")
     at = f"at {rung:.0f} clips seen (the furthest every setting got {reached}): "
     top = max(mean for mean, _, _ in stats.values())
     bottom = min(mean for mean, _, _ in stats.values())
@@ -792,38 +942,61 @@ def _two_settings_verdict(
 ) -> str | None:
     """Setting `a` against setting `b` (each (name, {path: value})): on final online kNN when
     every trial of both finished, else at the furthest clips seen both got to (ASHA stops the
-    slower one early); None when the grid lacks either or neither was measured."""
+    slower one early); a side none of whose trials was measured (all failed) is said so. Not
+    judged against the noise when a side's failed seeds (or non-finite kNN) are left out: the
+    seeds left are the ones that did not fail. None when the grid lacks either setting."""
 
-    def measured(setting: dict[str, Any]) -> list[TrialRecord]:
+    def trials_of(setting: dict[str, Any]) -> list[TrialRecord]:
         return [
             t for t in report.trials
-            if t.curve and t.status in ("FINISHED", "KILLED")
-            and all(t.sweep.get(path) == value for path, value in setting.items())
+            if all(t.sweep.get(path) == value for path, value in setting.items())
         ]  # fmt: skip
-
-    trials_a, trials_b = measured(a[1]), measured(b[1])
-    if not trials_a or not trials_b:
-        return None
-    both = trials_a + trials_b
-    if all(t.status == "FINISHED" and t.final is not None for t in both):
-        at = "final online kNN"
-        stats_a, stats_b = (_mean_sem([t.final for t in trials]) for trials in (trials_a, trials_b))
-    else:
-        rung = min(t.curve[-1][0] for t in both)
-        reached = "so far" if report.unfinished() else "before ASHA stopped one"
-        at = f"online kNN at {rung:.0f} clips seen (the furthest both got {reached})"
-        stats_a, stats_b = (
-            _mean_sem([_last_up_to(t.curve, rung) for t in trials])
-            for trials in (trials_a, trials_b)
-        )
 
     def named(side: tuple[str, dict[str, Any]]) -> str:
         return f"{side[0]} ({', '.join(f'{p}={v}' for p, v in side[1].items())})"
 
-    return (
-        f"{named(a)} {stats_a[0]:.1f} against {named(b)} {stats_b[0]:.1f}, {at}: "
-        + _difference_phrase(stats_a, stats_b)
+    sides = [(side, trials_of(side[1])) for side in (a, b)]
+    if not all(trials for _, trials in sides):
+        return None
+    measured = [
+        [t for t in trials if t.curve and t.status in ("FINISHED", "KILLED")] for _, trials in sides
+    ]
+    both = measured[0] + measured[1]
+    if all(t.status == "FINISHED" for t in both):
+        at, values = "final online kNN", [[t.final for t in m] for m in measured]
+    else:
+        rung = min(t.curve[-1][0] for t in both) if both else 0
+        reached = "so far" if report.unfinished() else _stopped_before(report, "one")
+        at = f"online kNN at {rung:.0f} clips seen (the furthest both got {reached})"
+        values = [[_last_up_to(t.curve, rung) for t in m] for m in measured]
+    values = [[v for v in side_values if _finite(v)] for side_values in values]
+    unmeasured = [
+        f"{named(side)}: {_why_unmeasured(trials)}"
+        for (side, trials), side_values in zip(sides, values, strict=True)
+        if not side_values
+    ]
+    if unmeasured:
+        return "; ".join(unmeasured) + ": no comparison"
+    stats_a, stats_b = (_mean_sem(side_values) for side_values in values)
+    left_out = "; ".join(
+        f"{side[0]}: {len(side_values)} of {len(trials)} seeds measured"
+        for (side, trials), side_values in zip(sides, values, strict=True)
+        if len(side_values) < len(trials)
     )
+    phrase = (
+        f"{stats_a[0] - stats_b[0]:+.1f} points, not judged against the noise ({left_out})"
+        if left_out
+        else _difference_phrase(stats_a, stats_b)
+    )
+    return f"{named(a)} {stats_a[0]:.1f} against {named(b)} {stats_b[0]:.1f}, {at}: {phrase}"
+
+
+def _why_unmeasured(trials: list[TrialRecord]) -> str:
+    """Why a setting's trials give no online kNN to compare: their errors when all failed."""
+    if all(t.status == "FAILED" for t in trials):
+        errors = dict.fromkeys(t.error.splitlines()[0][:200] for t in trials if t.error)
+        return f"every trial failed ({'; '.join(errors) or 'no error recorded'})"
+    return "no finite online kNN measured"
 
 
 def batch_size_verdict(report: StudyReport) -> str:
@@ -839,7 +1012,7 @@ def batch_size_verdict(report: StudyReport) -> str:
     scores: dict[int, list[float]] = {}
     for trial in report.trials:
         auc = curve_auc(trial.curve, budget) if trial.status == "FINISHED" else None
-        if auc is not None and path in trial.sweep:
+        if _finite(auc) and path in trial.sweep:  # a non-finite kNN: said by _with_non_finite
             scores.setdefault(int(trial.sweep[path]), []).append(auc)
     if len(scores) < 2:
         return "fewer than two batch sizes finished: no answer"
@@ -847,7 +1020,7 @@ def batch_size_verdict(report: StudyReport) -> str:
     means = [statistics.fmean(scores[b]) for b in sizes]
     monotone_down = all(means[i] >= means[i + 1] for i in range(len(means) - 1))
     monotone_up = all(means[i] <= means[i + 1] for i in range(len(means) - 1))
-    best = sizes[means.index(max(means))]
+    best = [str(b) for b, m in zip(sizes, means, strict=True) if m == max(means)]
     # The order over more than two sizes ("step" read as a training step: say batch).
     strictly = len(set(means)) == len(means)
     if len(sizes) == 2:
@@ -857,7 +1030,7 @@ def batch_size_verdict(report: StudyReport) -> str:
     elif monotone_up:
         shape = f"; the mean {'rises' if strictly else 'never falls'} with each larger batch"
     else:
-        shape = f"; not monotone, best batch {best}"
+        shape = f"; not monotone, best batch {_named(best, f'{max(means):.1f}', alone=False)}"
     small, large = _mean_sem(scores[sizes[0]]), _mean_sem(scores[sizes[-1]])
     phrase = _difference_phrase(small, large)
     order = ", ".join(f"{b}: {m:.1f}" for b, m in zip(sizes, means, strict=True))
@@ -871,14 +1044,16 @@ def batch_size_verdict(report: StudyReport) -> str:
         answer = "yes" if monotone_down else "partly (not monotone)"
     else:
         answer = "no"
-    return (
+    return _with_non_finite(
+        report,
         f"{answer}: mean online kNN over the budget (per batch size: {order}{shape}); batch "
-        f"{sizes[0]} vs {sizes[-1]}: {phrase}"
+        f"{sizes[0]} vs {sizes[-1]}: {phrase}",
     )
 
 
 def scaling_table(report: StudyReport, threshold: float | None = None) -> list[dict[str, Any]]:
-    """Clips/s, scaling efficiency against the smallest worker count, and hours to reach
+    """Clips/s (the mean of the trials that logged it), scaling efficiency against the smallest
+    worker count (none without both clips/s), and hours to reach
     `threshold` online kNN (default: 90% of the way from the accuracy at initialisation to the
     lowest final accuracy among finished runs; none when some run ended no better than it
     started, since any noise would then count as reaching it)."""
@@ -886,8 +1061,8 @@ def scaling_table(report: StudyReport, threshold: float | None = None) -> list[d
     finished = [t for t in report.trials if t.status == "FINISHED" and path in t.sweep]
     if not finished:
         return []
-    finals = [t.final for t in finished if t.final is not None]
-    starts = [t.curve[0][1] for t in finished if t.curve]
+    finals = [t.final for t in finished if _finite(t.final)]
+    starts = [t.curve[0][1] for t in finished if t.curve and math.isfinite(t.curve[0][1])]
     if threshold is None and finals and starts:
         start = statistics.fmean(starts)
         if min(finals) > start:
@@ -896,7 +1071,10 @@ def scaling_table(report: StudyReport, threshold: float | None = None) -> list[d
     for trial in finished:
         by_workers.setdefault(int(trial.sweep[path]), []).append(trial)
     base_workers = min(by_workers)
-    speeds = {n: statistics.fmean(t.clips_per_s or 0 for t in ts) for n, ts in by_workers.items()}
+    speeds = {}
+    for workers, trials in by_workers.items():  # a trial that logged none is no 0 clips/s
+        logged = [t.clips_per_s for t in trials if _finite(t.clips_per_s)]
+        speeds[workers] = statistics.fmean(logged) if logged else None
     rows = []
     for workers in sorted(by_workers):
         reach = [
@@ -905,12 +1083,13 @@ def scaling_table(report: StudyReport, threshold: float | None = None) -> list[d
             if threshold is not None
         ]
         reached = [h for h in reach if h is not None]
-        efficiency = speeds[workers] / (speeds[base_workers] * workers / base_workers or 1)
+        speed, base = speeds[workers], speeds[base_workers]
+        efficiency = speed / (base * workers / base_workers) if speed is not None and base else None
         rows.append(
             {
                 "workers": workers,
-                "clips_per_s": round(speeds[workers], 2),
-                "efficiency": round(efficiency, 2),
+                "clips_per_s": _round(speed),
+                "efficiency": _round(efficiency),
                 "hours_to_threshold": round(statistics.fmean(reached), 4) if reached else None,
                 "threshold_knn_top1": None if threshold is None else round(threshold, 1),
             }
@@ -923,11 +1102,21 @@ def scaling_verdict(report: StudyReport) -> str:
     if len(rows) < 2:
         return "fewer than two worker counts finished: no scaling figure"
     first, last = rows[0], rows[-1]
-    verdict = (
-        f"{last['workers']} workers: {last['clips_per_s']} clips/s, scaling efficiency "
-        f"{last['efficiency']:.2f} against {first['workers']} worker(s) "
-        f"({'at or above' if last['efficiency'] >= 0.8 else 'below'} the 0.8 mark); "
-        + "; ".join(f"{r['workers']}: {r['efficiency']:.2f}" for r in rows)
+    if last["efficiency"] is None:  # no finished trial of one of them logged clips/s
+        silent = " or ".join(str(r["workers"]) for r in (first, last) if r["clips_per_s"] is None)
+        verdict = (
+            f"{last['workers']} workers: no scaling efficiency against {first['workers']} "
+            f"worker(s) (no clips/s logged with {silent}); "
+        )
+    else:
+        verdict = (
+            f"{last['workers']} workers: {last['clips_per_s']} clips/s, scaling efficiency "
+            f"{last['efficiency']:.2f} against {first['workers']} worker(s) "
+            f"({'at or above' if last['efficiency'] >= 0.8 else 'below'} the 0.8 mark); "
+        )
+    verdict += "; ".join(
+        f"{r['workers']}: {'none' if r['efficiency'] is None else format(r['efficiency'], '.2f')}"
+        for r in rows
     )
     # The question's other half: time to accuracy, where every worker count reached it.
     if first["threshold_knn_top1"] is None:

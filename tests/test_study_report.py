@@ -578,3 +578,312 @@ def test_the_final_plot_keeps_the_settings_asha_stopped(tmp_path, monkeypatch):
     assert drawn["set_xticks"][-1] == (range(3), ["0", "4", "8"])
     assert ([1], [16.0], "v") in drawn["plot"]  # setting 4, at x 1, its trials' mean last value
     assert ("300 clips", (1, 16.0)) in drawn["annotate"]
+
+
+def _recorded_calls(calls: list, method):
+    """As `_recorded`, keeping each call's keyword arguments too: (args, kwargs)."""
+
+    def record(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return method(self, *args, **kwargs)
+
+    return record
+
+
+def test_a_setting_some_of_whose_seeds_asha_stopped_is_not_judged_on_its_survivors(
+    tmp_path, monkeypatch
+):
+    """Setting A's mean was of the two seeds ASHA let finish (its third stopped at 41), and
+    "+8.0 points, beyond the noise" judged those survivors against B's three seeds."""
+    from matplotlib.axes import Axes
+
+    terms = "loss_terms"
+    report = _report(
+        [_trial({terms: "A"}, 0, [(0, 40.0), (1216, 70.0), (4864, 82.0)]),
+         _trial({terms: "A"}, 1, [(0, 40.0), (1216, 41.0)], status="KILLED"),
+         _trial({terms: "A"}, 2, [(0, 40.0), (1216, 80.0), (4864, 84.0)])]
+        + [_trial({terms: "B"}, s, [(0, 40.0), (1216, 55.0 + s), (4864, 74.0 + s)])
+           for s in (0, 1, 2)],
+        [terms],
+    )  # fmt: skip
+    verdict = best_vs_worst_verdict(report)
+    assert verdict.startswith(
+        "finished: best loss_terms=A (83.0); over worst loss_terms=B: +8.0 points, not judged "
+        "against the noise (loss_terms=A: 2 of 3 seeds finished); at 1216 clips seen (the "
+        "furthest every setting got before ASHA stopped it): best loss_terms=A (63.7)"
+    )
+    assert "beyond" not in verdict
+    best = "best: loss_terms=A: online kNN top-1 83.0 ± 1.0 (2 seed(s); 2 of 3 seeds finished)"
+    assert best in report.summary()
+    annotated = []
+    monkeypatch.setattr(Axes, "annotate", _recorded(annotated, Axes.annotate))
+    report.write(tmp_path)
+    assert ("2 of 3 seeds finished", (0, 83.0)) in annotated  # final.png: A at x 0
+
+
+def test_without_asha_a_stopped_trial_is_not_said_to_be_asha_s(tmp_path, mlflow_db):
+    """In a study run with --no-asha, a trial stopped (KILLED) was said stopped "before ASHA
+    stopped it" and counted "stopped early"; the parent run's `asha` param says which."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("svt-ray-studies")
+    for name, asha in (("off", "False"), ("on", "True"), ("older", None)):
+        parent = client.create_run(experiment, tags={
+            "svt.study": name, "svt.study_role": "parent",
+            "svt.verdict_fn": "svt_ray.study_report:best_vs_worst_verdict",
+        }).info.run_id  # fmt: skip
+        client.log_param(parent, "sweep.views.num_local", "0,4")
+        if asha is not None:  # studies before the param was logged lack it
+            client.log_param(parent, "asha", asha)
+        for views, points, status in (
+            (0, [(0, 10.0), (400, 50.0)], "FINISHED"),
+            (4, [(0, 10.0), (100, 12.0)], "KILLED"),
+        ):
+            run = client.create_run(experiment, tags={
+                "mlflow.parentRunId": parent, "svt.seed": "0",
+                "svt.sweep.views.num_local": str(views),
+            }).info.run_id  # fmt: skip
+            client.log_batch(run, metrics=[Metric(METRIC, y, 1000 + x, x) for x, y in points])
+            client.set_terminated(run, status)
+        client.set_terminated(parent, "FINISHED")
+    off = collect_study(uri, "svt-ray-studies", "off")
+    assert off.verdict == (
+        "at 100 clips seen (the furthest every setting got before it was stopped): best "
+        "views.num_local=4 (12.0); over worst views.num_local=0: +2.0 points (one seed per "
+        "setting: no error bars, indicative only)"
+    )
+    assert "2 trials (0 failed, 1 stopped by an interruption, ASHA off)" in off.summary()
+    assert off.asha is False
+    for name in ("on", "older"):  # an older study: as before
+        report = collect_study(uri, "svt-ray-studies", name)
+        assert "(the furthest every setting got before ASHA stopped it)" in report.verdict
+        assert "2 trials (0 failed, 1 stopped early)" in report.summary()
+    g, loc = "views.global_frames", "views.local_frames"
+    pair = _report(
+        [_trial({g: [8, 16], loc: [2, 4, 8, 16]}, 0, [(0, 39.0), (1200, 56.0), (3040, 70.0)]),
+         _trial({g: [8, 8], loc: [8]}, 0, [(0, 39.0), (1200, 50.0)], status="KILLED")],
+        [g, loc],
+    )  # fmt: skip
+    pair.asha = False
+    assert "(the furthest both got before one was stopped): +6.0 points" in (
+        frame_rate_verdict(pair)
+    )
+
+
+def test_a_restarted_trials_clips_per_s_is_over_all_its_sessions(tmp_path, mlflow_db):
+    """clips_per_s restarts with each training session of a resumed trial, and the report read
+    the latest value: a short slow session after a restart stood for the whole trial (10 clips/s
+    of a trial that ran 30 for most of its time), and the scaling efficiency with it."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from svt_ray.study_report import _trial_record
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("x")
+    t0 = 1_000_000
+
+    def run(sessions) -> str:
+        """A run of (loop start in ms, [(clips seen, wall_time_s, clips_per_s)]) sessions."""
+        run_id = client.create_run(experiment, start_time=t0).info.run_id
+        metrics = []
+        for start, points in sessions:
+            for clips, wall, rate in points:
+                timestamp = start + int(wall * 1000)
+                metrics += [Metric("wall_time_s", wall, timestamp, clips),
+                            Metric("clips_per_s", rate, timestamp, clips)]  # fmt: skip
+        client.log_batch(run_id, metrics=metrics)
+        client.set_terminated(run_id, "FINISHED", end_time=timestamp + 1000)
+        return run_id
+
+    # 300 s at 30 clips/s, a lost node, 100 s at 10 clips/s: 25 clips/s over its training.
+    restarted = run([(t0 + 40_000, [(3000, 150.0, 28.0), (9000, 300.0, 30.0)]),
+                     (t0 + 10_000_000, [(9500, 100.0, 10.0)])])  # fmt: skip
+    record = _trial_record(client, client.get_run(restarted), [])
+    assert record.hours == pytest.approx(400 / 3600, abs=1e-4)
+    assert record.clips_per_s == pytest.approx((30.0 * 300 + 10.0 * 100) / 400)
+    once = run([(t0 + 40_000, [(3000, 150.0, 28.0), (9000, 300.0, 30.5)])])
+    assert _trial_record(client, client.get_run(once), []).clips_per_s == 30.5  # as logged
+    assert "for a trial restarted after a stop, over all its training sessions" in (
+        _report([], ["x"]).markdown()
+    )
+
+
+def test_a_trial_with_two_mlflow_runs_counts_once(tmp_path, mlflow_db):
+    """An attempt abandoned without a checkpoint (KILLED) and the run made for the same trial
+    after it were two trials of one seed: a setting had 2 trials, 1 scored."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("svt-ray-studies")
+    parent = client.create_run(
+        experiment, tags={"svt.study": "s", "svt.study_role": "parent"}
+    ).info.run_id
+    client.log_param(parent, "sweep.views.num_local", "0,4,8")
+    runs = {}
+    for trial, views, start, knn, status in (
+        ("a_00000", 0, 1_000, 40.0, "KILLED"),  # abandoned, then run again
+        ("a_00000", 0, 2_000, 50.0, "FINISHED"),
+        ("a_00001", 4, 1_000, 60.0, "FINISHED"),  # a later attempt that did not finish
+        ("a_00001", 4, 3_000, 20.0, "KILLED"),
+        ("a_00002", 8, 1_000, 30.0, "KILLED"),  # none finished: the newest
+        ("a_00002", 8, 2_000, 35.0, "FAILED"),
+    ):
+        run_id = client.create_run(experiment, start_time=start, tags={
+            "mlflow.parentRunId": parent, "svt.trial_id": trial, "svt.seed": "0",
+            "svt.sweep.views.num_local": str(views),
+        }).info.run_id  # fmt: skip
+        client.log_batch(run_id, metrics=[Metric(METRIC, knn, start + 10, 100)])
+        client.set_terminated(run_id, status, end_time=start + 20)
+        runs[trial, start] = run_id
+    client.set_terminated(parent, "FINISHED")
+    report = collect_study(uri, "svt-ray-studies", "s")
+    kept = [runs["a_00000", 2_000], runs["a_00001", 1_000], runs["a_00002", 2_000]]
+    assert sorted(t.run_id for t in report.trials) == sorted(kept)
+    assert [(row["trials"], row["scored"]) for row in report.aggregate()] == [
+        (1, 1), (1, 1), (1, 0)
+    ]  # fmt: skip
+    # Runs named to `compare --runs` are each compared, whatever their trial.
+    named = collect_study(uri, "svt-ray-studies", "runs", run_ids=list(runs.values())[:2])
+    assert len(named.trials) == 2
+
+
+def test_a_setting_whose_every_trial_failed_is_said_and_drawn(tmp_path, monkeypatch):
+    """The frame-rate verdict dropped its own question when the paper's views all failed,
+    final.png left that setting out without a mark, and curves.png drew a failed trial's curve
+    solid, as a finished one's."""
+    import dataclasses
+
+    from matplotlib.axes import Axes
+
+    g, loc = "views.global_frames", "views.local_frames"
+    paper, reference = {g: [8, 16], loc: [2, 4, 8, 16]}, {g: [8, 8], loc: [8]}
+    diverged = dataclasses.replace(
+        _trial(paper, 0, [(0, 40.0), (1200, 50.0), (2400, 55.0)], status="FAILED"),
+        error="NonFiniteLossError: loss is nan at step 160\nTraceback (most recent call last):",
+    )
+    report = _report(
+        [diverged,
+         _trial(reference, 0, [(0, 40.0), (1200, 49.0), (3040, 64.0)]),
+         _trial({g: [8, 16], loc: [8]}, 0, [(0, 40.0), (1200, 56.0), (3040, 73.0)])],
+        [g, loc],
+    )  # fmt: skip
+    assert frame_rate_verdict(report) == (
+        "the paper's views (views.global_frames=[8, 16], views.local_frames=[2, 4, 8, 16]): "
+        "every trial failed (NonFiniteLossError: loss is nan at step 160): no comparison. "
+        f"Whole grid: {best_vs_worst_verdict(report)}"
+    )
+    # One seed of three failed: the two left are not judged against the noise.
+    seeds = [
+        _trial(side, s, [(0, 40.0), (3040, final + s)])
+        for s in (0, 1, 2)
+        for side, final in ((paper, 70.0), (reference, 60.0))
+    ]
+    seeds[0] = dataclasses.replace(seeds[0], status="FAILED")
+    assert frame_rate_verdict(_report(seeds, [g, loc])).startswith(
+        "the paper's views (views.global_frames=[8, 16], views.local_frames=[2, 4, 8, 16]) 71.5 "
+        "against the reference code's (views.global_frames=[8, 8], views.local_frames=[8]) "
+        "61.0, final online kNN: +10.5 points, not judged against the noise (the paper's views: "
+        "2 of 3 seeds measured). Whole grid: "
+    )
+
+    drawn = {"plot": [], "annotate": [], "set_xticks": []}
+    for method, calls in drawn.items():
+        monkeypatch.setattr(Axes, method, _recorded_calls(calls, getattr(Axes, method)))
+    report.write(tmp_path)
+    styles = {kwargs.get("label"): args[2] for args, kwargs in drawn["plot"] if len(args) > 2}
+    assert styles["global_frames=[8, 16], local_frames=[2, 4, 8, 16] (seed 0, failed)"] == ":"
+    assert styles["global_frames=[8, 8], local_frames=[8] (seed 0)"] == "-"
+    ticks = drawn["set_xticks"][-1][0][1]
+    assert ticks == ["[8, 8], [8]", "[8, 16], [2, 4, 8, 16]", "[8, 16], [8]"]
+    assert (("failed", (1, 0.02)), {"xycoords": ("data", "axes fraction"), "ha": "center",
+            "fontsize": 7, "color": "red"}) in drawn["annotate"]  # fmt: skip
+    assert any(
+        args == ([1], [55.0], "x") and kwargs["label"].startswith("failed")
+        for args, kwargs in drawn["plot"]
+    )
+
+
+def test_the_batch_size_verdict_names_every_batch_of_a_tie():
+    """'not monotone, best batch 16' where 16 and 32 tied."""
+    bs = "optim.batch_size"
+
+    def curve(value):
+        return [(0, 40.0), (100, value), (200, value)]
+
+    report = _report(
+        [_trial({bs: b}, 0, curve(v)) for b, v in ((8, 50.0), (16, 60.0), (32, 60.0), (64, 55.0))],
+        [bs],
+    )
+    assert "; not monotone, best batch 16 and 32 (tied at 55.0)); batch 8 vs 64" in (
+        batch_size_verdict(report)
+    )
+
+
+def test_the_scaling_table_leaves_out_a_missing_clips_per_s():
+    """A trial without clips/s counted as 0 clips/s: a 1-worker mean of 10 for 20, efficiency
+    1.50; with no 1-worker clips/s at all, efficiency 30.00."""
+    workers = "scaling.num_workers"
+    curve = [(0, 40.0), (4864, 60.0)]
+    report = _report(
+        [_trial({workers: 1}, 0, curve, clips_per_s=20.0),
+         _trial({workers: 1}, 1, curve),
+         _trial({workers: 2}, 0, curve, clips_per_s=30.0)],
+        [workers],
+    )  # fmt: skip
+    assert [(r["clips_per_s"], r["efficiency"]) for r in scaling_table(report)] == [
+        (20.0, 1.0), (30.0, 0.75)
+    ]  # fmt: skip
+    silent = _report([_trial({workers: 1}, 0, curve), report.trials[2]], [workers])
+    assert [(r["clips_per_s"], r["efficiency"]) for r in scaling_table(silent)] == [
+        (None, None), (30.0, None)
+    ]  # fmt: skip
+    assert scaling_verdict(silent).startswith(
+        "2 workers: no scaling efficiency against 1 worker(s) (no clips/s logged with 1); "
+        "1: none; 2: none; time to"
+    )
+
+
+def test_a_non_finite_knn_is_left_out_and_said():
+    """A NaN final kNN made best against worst raise IndexError, and the summary's best read
+    'nan'."""
+    nan = float("nan")
+    views = "views.num_local"
+    report = _report(
+        [_trial({views: v}, 0, [(0, 40.0), (4864, final)])
+         for v, final in ((0, nan), (4, 50.0), (8, 60.0))],
+        [views],
+    )  # fmt: skip
+    report.verdict = best_vs_worst_verdict(report)
+    assert report.verdict == (
+        "best views.num_local=8 (60.0); over worst views.num_local=4: +10.0 points (one seed per "
+        "setting: no error bars, indicative only); online kNN not finite, left out: "
+        "views.num_local=0, seed 0"
+    )
+    summary = report.summary()
+    assert "best: views.num_local=8: online kNN top-1 60.0 (1 seed(s))" in summary
+    assert "note: online kNN not finite in views.num_local=0, seed 0: left out of the means" in (
+        summary
+    )
+    assert [row["scored"] for row in report.aggregate()] == [0, 1, 1]
+    # At the common rung, in the batch-size verdict and in a trial's best: left out too.
+    stopped = _report(
+        [_trial({views: 0}, 0, [(0, 40.0), (1200, nan)], status="KILLED"), *report.trials[1:]],
+        [views],
+    )
+    assert "online kNN not finite, left out: views.num_local=0, seed 0" in (
+        best_vs_worst_verdict(stopped)
+    )
+    bs = "optim.batch_size"
+    batches = _report(
+        [_trial({bs: b}, 0, [(0, 40.0), (200, final)]) for b, final in ((8, nan), (16, 50.0),
+                                                                         (64, 45.0))],
+        [bs],
+    )  # fmt: skip
+    assert batch_size_verdict(batches).startswith("leans yes: mean online kNN over the budget "
+                                                  "(per batch size: 16: ")  # fmt: skip
