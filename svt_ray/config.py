@@ -497,7 +497,8 @@ class TrackingConfig(_Section):
     flush_timeout_s: Annotated[float, Field(ge=0.0)] = 60.0
     (
         "How long rank 0 waits at the end of a run for MLflow to take what it held back in an "
-        "outage; the rest stays in metrics.jsonl (`svt-ray tracking sync` sends it later)."
+        "outage; the rest stays in metrics.jsonl (`svt-ray tracking sync` sends it later). A "
+        "new run waits as long (10 s at least) for its params, and does not start without them."
     )
 
 

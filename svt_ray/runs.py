@@ -48,6 +48,11 @@ from svt_ray.tracking import (
 
 logger = logging.getLogger(__name__)
 
+# A run's start waits at least this long for the store to take its params and config.yaml
+# (`tracking.flush_timeout_s` 0 gives up on the values an outage holds back at the end, and
+# had refused every start).
+START_FLUSH_FLOOR_S = 10.0
+
 PROGRESS_FILE = "progress.json"  # {storage}/{run}/: the run's latest checkpoint (run_progress)
 
 
@@ -346,7 +351,7 @@ def start_mlflow_run(
             abandoned=state["mlflow_run_id"] if state else None,
         ),
         parent_run_id=parent_run_id,
-        flush_timeout_s=config.tracking.flush_timeout_s,
+        flush_timeout_s=max(config.tracking.flush_timeout_s, START_FLUSH_FLOOR_S),
         tags={
             "svt.preset": config.preset,
             "svt.git_commit": git_commit(),
@@ -368,10 +373,11 @@ def start_mlflow_run(
         # A run whose store did not take its recipe would train unlabelled in every comparison,
         # and run.json would keep it so (a resume logs nothing again): nothing trained yet.
         if not tracker.close():
+            waited = max(config.tracking.flush_timeout_s, START_FLUSH_FLOOR_S)
             raise TrackingUnavailableError(
-                f"MLflow at {hide_password(uri)} did not take the params of run {run_name} "
-                f"within tracking.flush_timeout_s={config.tracking.flush_timeout_s:g}; nothing "
-                "was trained: run the command again once it answers"
+                f"MLflow at {hide_password(uri)} did not take the params and config.yaml of "
+                f"run {run_name} within {waited:g} s (tracking.flush_timeout_s); nothing was "
+                "trained: run the command again once it answers"
             )
         # The run is resumable from here on: run.json names it.
         write_json(

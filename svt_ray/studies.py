@@ -849,7 +849,9 @@ def asha_scheduler(budget: int, grace: int):
     finishing (last metrics, curves, run status). And a rung at the budget itself, where
     max_t=budget put one whenever grace x 2^k is the budget (a quarter of it, the default),
     judged a trial's last report (`stop_last_trials` does not keep that rung), so a trial
-    that trained to the end could be stopped there and reported as stopped early."""
+    that trained to the end could be stopped there and reported as stopped early. (A trial
+    whose batch leaves it short of the budget can still have its last report be its first
+    past a rung, when a rung lies between its last two reports.)"""
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
@@ -1107,8 +1109,8 @@ def _ended_without_failures(options: StudyOptions, spec: StudySpec, recorded: di
     client = MlflowClient(options.tracking_uri)
     try:
         parent = client.get_run(parent_run_id)
-        # Tune's count of errored trials: one whose actor died (out of memory, a lost node)
-        # left no FAILED run, only a RUNNING one that the sweep's end marked KILLED.
+        # Tune's count of errored trials: a driver stopped before its error callback marked a
+        # trial whose actor died (out of memory, a lost node) FAILED left it RUNNING.
         if parent.info.status != "FINISHED" or parent.data.tags.get(ERRORED_TRIALS_TAG) != "0":
             return False
         children = client.search_runs(
@@ -1183,11 +1185,18 @@ def _close_stopped_runs(
 
 
 def _trial_error(trial) -> str:
-    """One line of why Tune saw a trial error (the trial's own error file's last line)."""
+    """One line of why Tune saw a trial error: the last line of the error file Tune has just
+    written beside the driver (`get_error()` reads the storage's copy, synced later: none yet,
+    or the error before)."""
+    text = ""
     try:
-        lines = [line for line in str(trial.get_error() or "").splitlines() if line.strip()]
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text(errors="replace")
+        else:
+            text = str(trial.get_error() or "")
     except Exception:  # the storage lost it: the reason stays general
-        lines = []
+        pass
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1].strip() if lines else "the trial's process ended with an error"
 
 

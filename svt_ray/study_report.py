@@ -217,7 +217,10 @@ class StudyReport:
                 "(optim.epochs, more clips) tells the settings apart better"
             )
         if non_finite := _non_finite(self):
-            lines.append(f"note: online kNN not finite in {non_finite}: left out of the means")
+            lines.append(
+                f"note: a non-finite online kNN in {non_finite}: such values are left out of "
+                "the means and comparisons"
+            )
         if self.verdict:
             lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
@@ -660,7 +663,8 @@ def _training_sessions(wall_times) -> list[tuple[float, float]]:
 def _rate_over_sessions(rates, sessions: list[tuple[float, float]]) -> float | None:
     """Clips/s of a run over all its training sessions, from its `clips_per_s` points: each
     session's last one (the clips trained since that session started, per second of training,
-    online kNN left out), weighted by the session's training time."""
+    online kNN left out), weighted by the session's length (its online kNN included: an
+    approximation of clips over training seconds, close where evaluation is short)."""
     weighted = total = 0.0
     for begin, stop in sessions:
         inside = [m for m in rates if begin <= m.timestamp <= stop and math.isfinite(m.value)]
@@ -850,7 +854,9 @@ def best_vs_worst_verdict(report: StudyReport) -> str:
 def _with_non_finite(report: StudyReport, verdict: str) -> str:
     """`verdict`, saying which trials logged a non-finite online kNN (left out of it)."""
     non_finite = _non_finite(report)
-    return f"{verdict}; online kNN not finite, left out: {non_finite}" if non_finite else verdict
+    if not non_finite:
+        return verdict
+    return f"{verdict}; a non-finite online kNN (left out wherever compared) in {non_finite}"
 
 
 def _stopped_before(report: StudyReport, what: str) -> str:
@@ -996,6 +1002,8 @@ def _why_unmeasured(trials: list[TrialRecord]) -> str:
     if all(t.status == "FAILED" for t in trials):
         errors = dict.fromkeys(t.error.splitlines()[0][:200] for t in trials if t.error)
         return f"every trial failed ({'; '.join(errors) or 'no error recorded'})"
+    if any(t.status == "RUNNING" for t in trials):
+        return "not measured yet"
     return "no finite online kNN measured"
 
 

@@ -488,9 +488,14 @@ def test_a_stopped_trial_is_closed_when_tune_ends_it_and_only_that_trial(tmp_pat
     assert running.status == "RUNNING"  # another trial, still training: untouched
     # A trial whose process died (out of memory, its node lost) was KILLED too, as if ASHA
     # had stopped it: the report said "0 failed, 1 stopped early". FAILED, with Tune's error.
+    # Tune has just written the error beside the driver; the storage's copy (get_error) is
+    # synced later: the error before, here, or none.
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback ...\n\nray.exceptions.OutOfMemoryError: Task was killed\n")
     died = SimpleNamespace(
         trial_id="t_running",
-        get_error=lambda: "Traceback ...\n\nray.exceptions.OutOfMemoryError: Task was killed\n",
+        error_file=str(error_file),
+        get_error=lambda: "ray.exceptions.RayActorError: an earlier failure",
     )
     _run_closer(options, parent.info.run_id).on_trial_error(0, [], died)
     failed = client.get_run(runs["t_running"])

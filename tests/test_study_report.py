@@ -862,12 +862,12 @@ def test_a_non_finite_knn_is_left_out_and_said():
     report.verdict = best_vs_worst_verdict(report)
     assert report.verdict == (
         "best views.num_local=8 (60.0); over worst views.num_local=4: +10.0 points (one seed per "
-        "setting: no error bars, indicative only); online kNN not finite, left out: "
-        "views.num_local=0, seed 0"
+        "setting: no error bars, indicative only); a non-finite online kNN (left out wherever "
+        "compared) in views.num_local=0, seed 0"
     )
     summary = report.summary()
     assert "best: views.num_local=8: online kNN top-1 60.0 (1 seed(s))" in summary
-    assert "note: online kNN not finite in views.num_local=0, seed 0: left out of the means" in (
+    assert "note: a non-finite online kNN in views.num_local=0, seed 0: such values are" in (
         summary
     )
     assert [row["scored"] for row in report.aggregate()] == [0, 1, 1]
@@ -876,7 +876,7 @@ def test_a_non_finite_knn_is_left_out_and_said():
         [_trial({views: 0}, 0, [(0, 40.0), (1200, nan)], status="KILLED"), *report.trials[1:]],
         [views],
     )
-    assert "online kNN not finite, left out: views.num_local=0, seed 0" in (
+    assert "a non-finite online kNN (left out wherever compared) in views.num_local=0, seed 0" in (
         best_vs_worst_verdict(stopped)
     )
     bs = "optim.batch_size"

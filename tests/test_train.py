@@ -509,6 +509,7 @@ def test_a_run_whose_store_did_not_take_its_params_is_not_recorded(tmp_path, mlf
     nothing again: a run without its recipe in every comparison. It does not start."""
     from mlflow.tracking import MlflowClient
 
+    from svt_ray import runs as runs_module
     from svt_ray.runs import RUN_FILE, start_mlflow_run
     from svt_ray.tracking import TrackingUnavailableError
 
@@ -525,14 +526,20 @@ def test_a_run_whose_store_did_not_take_its_params_is_not_recorded(tmp_path, mlf
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(MlflowClient, "log_batch", refused)
         patch.setattr(MlflowClient, "log_text", refused)
-        with pytest.raises(TrackingUnavailableError, match="did not take the params of run r"):
+        patch.setattr(runs_module, "START_FLUSH_FLOOR_S", 0.5)
+        with pytest.raises(
+            TrackingUnavailableError, match=r"not take the params and config\.yaml of"
+        ):
             start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
     assert not Path(runs, "r", RUN_FILE).exists()
     (run,) = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name(config.tracking.experiment).experiment_id]
     )
     assert run.info.status == "FAILED"
-    again = start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)  # the store answers
+    # The store answers; a flush timeout of 0 (give up on an outage's values at the end) still
+    # lets the start wait for its params (it had refused every start).
+    config.tracking.flush_timeout_s = 0
+    again = start_mlflow_run(config, "r", f"{runs}/r", "sum", None, None)
     assert again != run.info.run_id
     assert MlflowClient(uri).get_run(again).data.params["optim.batch_size"] == str(
         config.optim.batch_size
