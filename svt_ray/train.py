@@ -32,6 +32,7 @@ import shlex
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,9 +221,17 @@ def _quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _quiet_read_only_batches() -> None:
+    """Ray Data hands a single worker its batches on read-only Arrow memory, and torch warned
+    in the run's log ("The given NumPy array is not writable ...") of writes that never come:
+    the views are copied to float before anything is written (`views.ViewAugmenter`)."""
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: restore, wrap in DDP, stream views, step, log, checkpoint."""
     _quiet_report_lines()
+    _quiet_read_only_batches()
     config = ExperimentConfig.model_validate(loop_config["config"])
     derived = config.derived
     context = ray.train.get_context()

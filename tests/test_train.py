@@ -413,6 +413,22 @@ def test_the_pretrain_command_starts_a_local_ray_and_ctrl_c_ends_the_run_at_its_
     assert run.info.status == "KILLED"
 
 
+def test_a_workers_read_only_batches_bring_no_warning_of_writes():
+    """One worker's batches come on read-only Arrow memory: torch's warning of writes that
+    never come was in the log of every single-worker run."""
+    import warnings
+
+    import numpy as np
+
+    array = np.zeros(4, dtype=np.uint8)
+    array.flags.writeable = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_module._quiet_read_only_batches()
+        torch.as_tensor(array)
+    assert caught == []
+
+
 def test_run_json_keeps_the_tracking_uri_as_given_not_its_cluster_address(
     tmp_path, empty_mlflow_store
 ):
