@@ -388,6 +388,16 @@ def _no_checkpoint_message(path: str) -> str:
 
     filesystem, where = resolve_filesystem(path)
     if filesystem.get_file_info(where).type == pafs.FileType.NotFound:
+        # A checkpoint of its run that was pruned, or of another length of run (the quick
+        # tour's path, after a run of another batch size): its run's latest is named.
+        run_dir = path.rstrip("/").rpartition("/")[0]
+        try:
+            steps = checkpoint_steps(run_dir) if run_dir else []
+        except (OSError, ValueError):  # no folder to list (a bucket's root, a bad URI)
+            steps = []
+        if steps:
+            latest = join_uri(run_dir, checkpoint_dir_name(steps[-1]))
+            return f"no SVT checkpoint at {path}: it does not exist; its run's latest is {latest}"
         return f"no SVT checkpoint at {path}: it does not exist"
     steps = checkpoint_steps(path)
     if steps:

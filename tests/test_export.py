@@ -239,6 +239,10 @@ def test_cli_export_and_its_errors(checkpoint, tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), str(out)])
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: no SVT checkpoint at {tmp_path / 'missing'}: it does")
+    pruned = checkpoint.parent / "checkpoint_00000001"  # another of its run: not kept
+    result = CliRunner().invoke(app, ["export", str(pruned), str(out)])
+    assert result.exit_code == 2
+    assert f"it does not exist; its run's latest is {checkpoint}" in result.stderr.replace("\n", "")
     result = CliRunner().invoke(app, ["export", str(checkpoint.parent), str(out)])  # the run
     assert (
         result.exit_code == 2 and "is a run's folder, not one of its checkpoints" in result.stderr
