@@ -517,7 +517,13 @@ def tracking_backup(
     import sqlite3
     import time
 
-    from svt_ray.tracking import BackupRefused, backup_sqlite_store, sqlite_file, store_state
+    from svt_ray.tracking import (
+        SQLITE_HEADER,
+        BackupRefused,
+        backup_sqlite_store,
+        sqlite_file,
+        store_state,
+    )
 
     if every < 0 or not math.isfinite(every):
         raise fail(f"--every: {every}; give seconds between backups, or 0 for once")
@@ -529,7 +535,7 @@ def tracking_backup(
             header = file.read(16)
     except OSError as error:
         raise fail(f"DATABASE: cannot read {source} ({error.strerror or error})") from None
-    if header and header != b"SQLite format 3\x00":
+    if header and header != SQLITE_HEADER:
         raise fail(f"DATABASE: {source} is not a SQLite database; name the MLflow store's file")
     # A new file renamed over the open one: a server writing to it fails from then on. Local
     # paths only: a bucket is first asked inside the loop, which retries one not answering yet.

@@ -7,7 +7,6 @@ waits for data (`DataWait`), with what to try when that is much.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from svt_ray.config import ExperimentConfig
+from svt_ray.tracking import metrics_rows
 
 DATA_WAIT_WARNING = 0.10  # share of its step time a run waits for data before it says so
 
@@ -133,12 +133,7 @@ def progress_from_metrics(
             chunk = file.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a row being written waits for next time
         offset += len(complete)
-        rows = []
-        for line in complete.splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # blank, or cut short by a crash and ended after it
-                continue
+        rows = metrics_rows(complete.splitlines())
         for row in rows:
             latest.update(row)  # the online kNN stays from the row that had it
         if rows and "loss" in latest:  # the first row may hold only the step-0 online kNN

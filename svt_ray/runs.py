@@ -232,7 +232,7 @@ def run_progress(run_dir: str) -> dict | None:
             write_json(record, progress)
             return progress
     if damaged:  # no whole checkpoint: the run starts over, as before its first
-        filesystem.delete_file(resolve_filesystem(record)[1])
+        filesystem.delete_file(f"{path}/{PROGRESS_FILE}")
     return progress
 
 
@@ -337,6 +337,7 @@ def start_mlflow_run(
             "run %s starts anew: the metrics.jsonl there before is now %s", run_name, kept
         )
     uri = tracking_uri or config.tracking.tracking_uri
+    wait_s = max(config.tracking.flush_timeout_s, START_FLUSH_FLOOR_S)
     tracker = make_tracker(
         0,
         tracking_uri=uri,
@@ -351,7 +352,7 @@ def start_mlflow_run(
             abandoned=state["mlflow_run_id"] if state else None,
         ),
         parent_run_id=parent_run_id,
-        flush_timeout_s=max(config.tracking.flush_timeout_s, START_FLUSH_FLOOR_S),
+        flush_timeout_s=wait_s,
         tags={
             "svt.preset": config.preset,
             "svt.git_commit": git_commit(),
@@ -373,10 +374,9 @@ def start_mlflow_run(
         # A run whose store did not take its recipe would train unlabelled in every comparison,
         # and run.json would keep it so (a resume logs nothing again): nothing trained yet.
         if not tracker.close():
-            waited = max(config.tracking.flush_timeout_s, START_FLUSH_FLOOR_S)
             raise TrackingUnavailableError(
                 f"MLflow at {hide_password(uri)} did not take the params and config.yaml of "
-                f"run {run_name} within {waited:g} s (tracking.flush_timeout_s); nothing was "
+                f"run {run_name} within {wait_s:g} s (tracking.flush_timeout_s); nothing was "
                 "trained: run the command again once it answers"
             )
         # The run is resumable from here on: run.json names it.

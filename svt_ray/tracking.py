@@ -58,6 +58,9 @@ REFUSALS = frozenset({
 })  # fmt: skip
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # a SQLite database's first 16 bytes
+
+
 class TrackingUnavailableError(ConfigError):
     """The tracking store cannot be used; raised before training starts. A ConfigError: the
     commands print it as one line (it names --tracking-uri and what to do), not a traceback."""
@@ -199,7 +202,7 @@ def _check_sqlite_file(uri: str, path: Path, must_exist: bool) -> None:
             raise TrackingUnavailableError(
                 f"tracking URI {uri}: cannot read {path} ({error.strerror or error})"
             ) from None
-        if header and header != b"SQLite format 3\x00":
+        if header and header != SQLITE_HEADER:
             raise TrackingUnavailableError(
                 f"tracking URI {uri}: {path} is not a SQLite database; name another file"
             )
@@ -509,18 +512,20 @@ def plot_training_curves(metrics_file: str | Path, output: str | Path) -> Path |
 
 def read_metrics_file(metrics_file: str | Path) -> list[dict[str, float]]:
     """The lines of a metrics.jsonl; a line cut short by a crash is skipped."""
-    lines = []
     path = Path(metrics_file)
-    if not path.is_file():
-        return lines
-    for text in path.read_text().splitlines():
-        if not text.strip():
-            continue
+    return metrics_rows(path.read_text().splitlines()) if path.is_file() else []
+
+
+def metrics_rows(lines) -> list[dict[str, float]]:
+    """The rows of metrics.jsonl lines (str or bytes); a blank line, or one cut short by a
+    crash (and ended by the restart, `_end_cut_line`), is skipped."""
+    rows = []
+    for text in lines:
         try:
-            lines.append(json.loads(text))
+            rows.append(json.loads(text))
         except json.JSONDecodeError:
             continue
-    return lines
+    return rows
 
 
 def _end_cut_line(metrics_file: Path) -> None:
