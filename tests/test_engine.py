@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -284,6 +285,88 @@ def test_the_first_steps_loss_is_the_double_loop_over_the_models_own_outputs():
         g,
     )
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _koleo_by_hand(features: torch.Tensor) -> torch.Tensor:
+    """-mean over rows of log(distance to the nearest other row), on L2-normalised rows."""
+    rows = features.double() / features.double().norm(dim=1, keepdim=True)
+    logs = []
+    for i in range(len(rows)):
+        nearest = min((rows[i] - rows[j]).norm() for j in range(len(rows)) if j != i)
+        logs.append(torch.log(nearest + 1e-8))
+    return -torch.stack(logs).mean()
+
+
+def test_a_step_mid_run_with_every_setting_off_its_default_is_the_written_out_step():
+    """Step 50 of 800 with settings none of which the tiny preset's defaults share, each
+    written out here rather than read from the schedule: the teacher temperature halfway
+    through its warm-up, the teacher momentum on its cosine, the student temperature, KoLeo
+    on each global view, global-norm clipping and the centre's momentum."""
+    from test_losses import explicit_loss
+
+    state = make_state(
+        "loss.student_temp=0.2",
+        "loss.warmup_teacher_temp=0.04",
+        "loss.teacher_temp=0.07",
+        "loss.warmup_teacher_temp_epochs=1",  # 100 steps
+        "loss.center_momentum=0.5",
+        "loss.koleo_weight=0.3",
+        "loss.motion_weight=0.5",
+        "optim.momentum_teacher=0.9",
+        "optim.clip_mode=global",
+        "optim.clip_grad=0.01",
+    )
+    config, g, step = state.config, state.config.views.num_global, 50
+    assert config.derived.total_steps == 800
+    teacher_temp = 0.04 + (0.07 - 0.04) * 50 / 100
+    momentum = 1.0 - (1.0 - 0.9) * 0.5 * (1 + math.cos(math.pi * 50 / 800))
+    student, teacher = copy.deepcopy(state.student_module), copy.deepcopy(state.teacher)
+    augmented, raw = [], {}
+    augment = state.augmenter
+
+    def keep_views(views, generator):
+        augmented.extend(augment(views, generator))
+        return augmented
+
+    state.augmenter = keep_views
+    parameters = list(state.student_module.parameters())
+    for i, p in enumerate(parameters):  # the gradients as backward delivers them
+        p.register_hook(lambda grad, i=i: raw.__setitem__(i, grad.detach().clone()))
+    metrics = train_step(state, random_views(config, 8), step, torch.Generator().manual_seed(3))
+
+    with torch.no_grad():
+        student_out = student(augmented)
+        teacher_logits = teacher(augmented[:g]).logits
+    k = config.model.head_out_dim
+    svt = explicit_loss(
+        student_out.logits, teacher_logits, torch.zeros(1, k), 0.2, teacher_temp, 1.0, 0.5, g
+    )
+    koleo = sum(_koleo_by_hand(student_out.features[i]) for i in range(g)) / g
+    assert metrics["teacher_temp"] == pytest.approx(teacher_temp, rel=1e-12)
+    assert metrics["momentum"] == pytest.approx(momentum, rel=1e-12)
+    assert metrics["loss_koleo"] == pytest.approx(koleo.item(), rel=1e-5)
+    assert metrics["loss"] == pytest.approx(svt.item() + 0.3 * koleo.item(), rel=1e-5)
+
+    # global-norm clipping: every gradient scaled by one factor, to a total norm of 0.01
+    assert len(raw) == len(parameters)
+    total = torch.sqrt(sum(grad.double().square().sum() for grad in raw.values()))
+    assert total > 0.1  # well above 0.01: the clip shrinks the gradients
+    assert metrics["grad_norm"] == pytest.approx(total.item(), rel=1e-5)
+    for i, p in enumerate(parameters):
+        expected = raw[i].double() * 0.01 / total.item()
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-4, atol=1e-9)
+
+    # the centre: an EMA with momentum 0.5 of the teacher's mean logits over (g x b)
+    centre = 0.5 * teacher_logits.reshape(-1, k).double().mean(dim=0)
+    torch.testing.assert_close(state.loss.center[0].double(), centre, rtol=1e-5, atol=1e-7)
+
+    # the teacher: m * itself + (1 - m) * the updated student, m off the cosine
+    for before, after, new_student in zip(
+        teacher.parameters(), state.teacher.parameters(), state.student_module.parameters(),
+        strict=True,
+    ):  # fmt: skip
+        expected = momentum * before.double() + (1 - momentum) * new_student.double()
+        torch.testing.assert_close(after.double(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_seeded_five_step_trace_matches_the_golden_file():

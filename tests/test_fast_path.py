@@ -199,6 +199,19 @@ def test_bf16_autocast_step_tracks_the_fp32_step_on_cpu():
         small_config("tiny", "optim.batch_size=8", "train.precision=bf16").resolve(800)
     )
     assert bf16.autocast_dtype == torch.bfloat16 and fp32.autocast_dtype is None
+    dtypes = {}  # (state, where) -> the dtypes its outputs had in the steps
+
+    def record(name):
+        def hook(_module, _inputs, out):
+            dtypes.setdefault(name, set()).add(out.dtype)
+
+        return hook
+
+    for label, state in (("fp32", fp32), ("bf16", bf16)):
+        for model in ("student", "teacher"):
+            module = getattr(state, "student_module" if model == "student" else model)
+            module.backbone.blocks[0].mlp.fc1.register_forward_hook(record((label, model, "mlp")))
+            module.head.last_layer.register_forward_hook(record((label, model, "prototypes")))
     batch = random_views(fp32.config, 8)
     for step in range(3):
         losses = [
@@ -206,6 +219,12 @@ def test_bf16_autocast_step_tracks_the_fp32_step_on_cpu():
             for state in (fp32, bf16)
         ]
         assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+        assert losses[1] != losses[0]  # not the fp32 step under another name
+    for model in ("student", "teacher"):
+        assert dtypes["bf16", model, "mlp"] == {torch.bfloat16}
+        assert dtypes["fp32", model, "mlp"] == {torch.float32}
+        for label in ("fp32", "bf16"):
+            assert dtypes[label, model, "prototypes"] == {torch.float32}
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from svt_ray.runs import (
     recorded_config,
 )
 from svt_ray.tracking import read_metrics_file
-from svt_ray.train import load_checkpoint, run_pretraining
+from svt_ray.train import RunStoppedError, load_checkpoint, run_pretraining
 
 
 def listing(filesystem: pafs.FileSystem, folder: str) -> set[str]:
@@ -197,9 +197,10 @@ def test_shards_checkpoints_and_resume_on_s3(
             "train.max_failures=0",
         ],
     )
-    with pytest.raises(Exception):  # noqa: B017 - rank 1 is killed at step 3
-        run_pretraining(config, fail_at_step=3, fail_rank=1)
+    with pytest.raises(RunStoppedError, match=r"failed more than train.max_failures=0 times"):
+        run_pretraining(config, fail_at_step=3, fail_rank=1)  # rank 1 is killed at step 3
     run_dir = join_uri(runs, "on-s3")
+    assert read_json(join_uri(run_dir, "injected_failure_3.json")) == {"step": 3}
     assert read_json(join_uri(run_dir, PROGRESS_FILE)) == {"step": 2}
     assert "checkpoint_00000002/state.pt" in listing(s3, "svt/runs/on-s3")
     with pytest.raises(ConfigError, match="checkpoints up to step 2"):

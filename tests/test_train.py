@@ -22,7 +22,7 @@ from svt_ray.cluster import cpus_per_run, local_ray_cpus
 from svt_ray.config import ConfigError, load_config
 from svt_ray.evaluate import evaluate_backbones, load_state
 from svt_ray.runs import PROGRESS_FILE
-from svt_ray.train import TrainingDivergedError, run_pretraining
+from svt_ray.train import RunStoppedError, TrainingDivergedError, run_pretraining
 
 pytestmark = pytest.mark.ray
 
@@ -154,9 +154,10 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
 ):
     whole = finished_run
     interrupted = experiment(tmp_path, synthetic_shards, *DETERMINISTIC, "train.run_name=cut")
-    with pytest.raises(Exception):  # noqa: B017 - the worker is killed at step 3
-        run_pretraining(interrupted, fail_at_step=3)
+    with pytest.raises(RunStoppedError, match=r"failed more than train.max_failures=0 times"):
+        run_pretraining(interrupted, fail_at_step=3)  # the worker is killed at step 3
     run_dir = tmp_path / "runs" / "cut"
+    assert (run_dir / "injected_failure_3.json").exists()  # and not by another error
     progress = json.loads((run_dir / PROGRESS_FILE).read_text())
     assert progress["step"] == 2  # the checkpoint before the failure
     # As if the run had stopped after rank 0 saved checkpoint 2 but before Ray Train
