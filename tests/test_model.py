@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from factories import small_config
 
 from svt_ray.config import PRESETS, load_config
@@ -113,6 +114,33 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+def test_activation_checkpointing_replays_the_stochastic_depth_draws():
+    """At drop_path 0.5 the recompute in the backward pass must draw the same masks as the
+    forward did (checkpoint's preserve_rng_state): with the same weights and the same seed
+    before each forward, the gradients are the plain model's; another seed gives others, so
+    the draws matter. Depth 3: rates 0, 0.25, 0.5, two blocks that drop."""
+    torch.manual_seed(0)
+    plain = tiny_backbone(depth=3, drop_path_rate=0.5)
+    checkpointed = tiny_backbone(depth=3, drop_path_rate=0.5, activation_checkpointing=True)
+    _randomise(plain, seed=1)  # temporal_fc and the time table too: every branch counts
+    checkpointed.load_state_dict(plain.state_dict())
+    video = torch.randn(4, 3, 2, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    def gradients(model, seed):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        model(video).square().sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    want = gradients(plain, seed=3)
+    got = gradients(checkpointed, seed=3)
+    for name, grad in want.items():  # bitwise equal on CPU today; fp32 roundoff allowed
+        torch.testing.assert_close(got[name], grad, msg=name)
+    other = gradients(plain, seed=4)
+    moved = [n for n in want if not torch.allclose(other[n], want[n], rtol=1e-3, atol=1e-5)]
+    assert len(moved) > len(want) // 2  # another seed's draws move most gradients
+
+
 def test_temporal_branch_starts_silent():
     """temporal_fc is zero at init in every block (svt_spec §1.4): whatever the temporal
     attention computes is not added, so the model starts as a per-frame image ViT
@@ -173,14 +201,35 @@ def test_dino_head_prototypes_are_unit_norm_and_frozen_gain():
     assert learnable.last_layer.gain.requires_grad
 
 
+def _written_out_head_mlp(head: DINOHead, x: torch.Tensor) -> torch.Tensor:
+    """DINO's 3-layer head MLP (svt_spec §3.2) on the head's own parameters: Linear -> GELU
+    (exact, erf) -> Linear -> GELU -> Linear to the bottleneck, no activation after the last
+    and no BatchNorm. The layers' shapes are checked, so a missing or extra one fails here."""
+    linears = [module for module in head.mlp if isinstance(module, torch.nn.Linear)]
+    in_dim, hidden, bottleneck = x.shape[-1], linears[0].out_features, linears[-1].out_features
+    shapes = [tuple(linear.weight.shape) for linear in linears]
+    assert shapes == [(hidden, in_dim), (hidden, hidden), (bottleneck, hidden)]
+    first, second, third = linears
+    h = F.gelu(F.linear(x, first.weight, first.bias))
+    h = F.gelu(F.linear(h, second.weight, second.bias))
+    return F.linear(h, third.weight, third.bias)
+
+
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_dino_head_is_cosine_to_row_normalised_prototypes(norm_last_layer):
-    """logits = normalize(mlp(x)) @ (g * v / ||v|| per output row)^T; with the frozen gain of
-    norm_last_layer each of the 50 prototypes (rows of the 50x8 weight) has norm 1."""
+    """logits = normalize(mlp(x)) @ (g * v / ||v|| per output row)^T, the MLP written out;
+    with the frozen gain of norm_last_layer each of the 50 prototypes (rows of the 50x8
+    weight) has norm 1."""
     torch.manual_seed(0)
     head = DINOHead(
         32, out_dim=50, hidden_dim=16, bottleneck_dim=8, norm_last_layer=norm_last_layer
     )
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # pre-activations of order 1 and non-zero biases: every part counts
+        for linear in (m for m in head.mlp if isinstance(m, torch.nn.Linear)):
+            weight = torch.randn(linear.weight.shape, generator=generator)
+            linear.weight.copy_(weight / linear.in_features**0.5)
+            linear.bias.copy_(0.5 * torch.randn(linear.bias.shape, generator=generator))
     gain = torch.ones(50, 1)
     if not norm_last_layer:
         with torch.no_grad():
@@ -189,7 +238,7 @@ def test_dino_head_is_cosine_to_row_normalised_prototypes(norm_last_layer):
     x = torch.randn(4, 32)
     v = head.last_layer.weight.detach()
     prototypes = gain * v / v.square().sum(dim=1, keepdim=True).sqrt()  # (50, 8)
-    bottleneck = head.mlp(x)
+    bottleneck = _written_out_head_mlp(head, x)
     bottleneck = bottleneck / bottleneck.square().sum(dim=1, keepdim=True).sqrt()
     with torch.no_grad():
         torch.testing.assert_close(head(x), bottleneck @ prototypes.T)

@@ -113,6 +113,52 @@ def test_crop_boxes_respect_scale_and_ratio():
             assert 3 / 4 * 0.9 <= box.width / box.height <= 4 / 3 * 1.1
 
 
+def test_planned_boxes_take_each_kinds_own_crop_scale_and_the_configured_aspect_ratio():
+    """Through `ViewSampler.plan`: globals cut 40-80% of the frame, locals 6-30%, both with an
+    aspect ratio (width / height) in [0.5, 0.7]; none of them the defaults, and the two scale
+    ranges apart, so a plan that swaps them or ignores the config cannot pass.
+
+    The 480x288 frame (ratio 0.6) makes every try fit: a box of area fraction s and ratio r
+    fits iff s <= 0.6 / r (width) and s <= r / 0.6 (height), both >= 0.83 for r in [0.5, 0.7],
+    above either scale's top of 0.8; so sample_crop never falls back to its centred box. A box
+    is the rounding of an exact (w0, h0) with area s * H * W and ratio r; each side moved by at
+    most half a pixel, so the checks ask that some (w0, h0) within half a pixel of the box has
+    an area and a ratio in range: tight, and exact for every rounding."""
+    views = paper_views(
+        "views.global_crop_scale=[0.4, 0.8]",
+        "views.local_crop_scale=[0.06, 0.3]",
+        "views.aspect_ratio=[0.5, 0.7]",
+    )
+    sampler = ViewSampler(views)
+    height, width = 480, 288
+    rng = np.random.default_rng(0)
+    fractions = {"global": [], "local": []}
+    ratios = []
+    for _ in range(300):
+        plan = sampler.plan(200, height, width, rng)
+        for slot, box in zip(sampler.slots, plan.boxes, strict=True):
+            where = (slot.name, box)
+            assert box.top >= 0 and box.top + box.height <= height, where
+            assert box.left >= 0 and box.left + box.width <= width, where
+            scale = views.global_crop_scale if slot.kind == "global" else views.local_crop_scale
+            h, w = box.height, box.width
+            smallest, largest = (h - 0.5) * (w - 0.5), (h + 0.5) * (w + 0.5)
+            assert smallest <= scale[1] * height * width, where
+            assert largest >= scale[0] * height * width, where
+            assert (w - 0.5) / (h + 0.5) <= 0.7 and (w + 0.5) / (h - 0.5) >= 0.5, where
+            fractions[slot.kind].append(h * w / (height * width))
+            ratios.append(w / h)
+    assert len(fractions["global"]) == 600 and len(fractions["local"]) == 2400
+    # Both ranges are used end to end (600 and 2400 uniform draws), so a narrower or shifted
+    # range fails too, and the locals lie well below the smallest global.
+    for kind, (low, high) in (("global", (0.4, 0.8)), ("local", (0.06, 0.3))):
+        margin = 0.05 * (high - low)
+        assert min(fractions[kind]) < low + margin and max(fractions[kind]) > high - margin, kind
+    assert max(fractions["local"]) < min(fractions["global"])
+    assert min(fractions["local"]) < 0.4 * min(fractions["global"])
+    assert min(ratios) < 0.51 and max(ratios) > 0.69  # log-uniform over [0.5, 0.7]
+
+
 def test_cut_matches_a_manual_crop_and_resize():
     views = load_config("tiny").views
     sampler = ViewSampler(views)
