@@ -11,6 +11,7 @@ clips per CPU-second, `python benchmarks/loader.py`), so the instance type can b
 
     hours = clips x epochs / (clips/s per GPU x GPUs x scaling efficiency) / 3600
 
+with the scaling efficiency applied on more than 1 GPU only (1 GPU: clips/s per GPU as it is).
 The scaling efficiency is an input, not a measurement: data-parallel SVT all-reduces the
 student's 144 M fp32 gradients (0.58 GB) every step, which NVLink inside one 8-GPU node hides
 behind the backward pass far better than a network between nodes; measure it with

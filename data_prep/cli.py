@@ -271,8 +271,8 @@ def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "input",
-        help="folder (class sub-folders give labels), or a .csv/.jsonl "
-        "manifest with path,label[,split]; local path or URI",
+        help="folder (class sub-folders give labels), or a .csv/.jsonl manifest (or a .json "
+        "array of objects) with path,label[,split]; local path or URI",
     )
     parser.add_argument(
         "output",

@@ -191,7 +191,7 @@ def hash_split(video_id_: str, val_fraction: float, seed: int = 0) -> str:
 def discover(
     source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS
 ) -> tuple[list[InputVideo], pafs.FileSystem]:
-    """List the inputs of a folder, a .csv or a .jsonl manifest, sorted by id."""
+    """List the inputs of a folder or a .csv, .jsonl or .json manifest, sorted by id."""
     filesystem, path = resolve_filesystem(source)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -201,7 +201,7 @@ def discover(
     elif path.lower().endswith((".csv", ".jsonl", ".json")):
         videos = _discover_manifest(filesystem, path)
     else:
-        raise InputError(f"input {source!r} is neither a folder nor a .csv/.jsonl manifest")
+        raise InputError(f"input {source!r} is neither a folder nor a .csv/.jsonl/.json manifest")
     if not videos:  # nothing to shard is a wrong input, not a run that failed
         if info.type == pafs.FileType.Directory:
             raise InputError(

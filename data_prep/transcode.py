@@ -62,7 +62,9 @@ class PrepOptions:
     short_side: int = 256
     """Target short side in pixels; smaller sources are not upscaled."""
     max_fps: float = 15.0
-    """Frame-rate cap; faster sources keep evenly spaced frames. 0 disables the cap."""
+    """Frame-rate cap; a faster source is re-encoded at this rate, each output frame the source
+    frame shown nearest its time by presentation timestamp (`kept_frames`; a source without
+    timestamps is taken as evenly spaced). 0 disables the cap."""
     gop: int = 16
     crf: int = 23
     preset: str = "veryfast"

@@ -2,11 +2,17 @@
 
 Global views get (8, 8), (4, 8) or (8, 16) frames; local views all 8 frames (the reference
 code) or the paper's 2/4/8/16 mix. The local views' span is widened to half the clip window so
-16-frame locals fit the tiny preset's 32-frame window. Its 8- and 16-frame views make a trial
-1.2-1.8x slower per clip than the tiny preset's, so the embedded default runs 5 epochs (3,040
-clips seen) and takes 21-27 minutes on 2 cores (docs/studies.md).
+16-frame locals fit the tiny preset's 32-frame window. The study fixes that span for every
+preset: on the paper preset (150-frame window) the paper's 1/8 span, 19 frames, already holds
+16-frame locals, so give `--set views.local_span=0.125` there (a --set of a fixed key wins)
+to keep the paper's locals; without it "the paper's views" spread their locals over 75
+frames. The 8- and 16-frame views make a trial 1.2-1.8x slower per clip than the tiny
+preset's, so the embedded default runs 5 epochs (3,040 clips seen) and takes 21-27 minutes on
+2 cores (docs/studies.md). On the paper preset, add the cluster flags and the real-data
+budget of the README's example ("Studies") where the `...` is:
 
     python studies/frame_rate.py
+    python studies/frame_rate.py --preset paper --set views.local_span=0.125 ...
 """
 
 import sys

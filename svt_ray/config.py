@@ -561,7 +561,11 @@ class Derived(_Section):
     min_lr: float
     "The lr at the end of the cosine: optim.min_lr, not scaled."
     steps_per_epoch: PositiveInt
-    "clips_per_epoch // optim.batch_size: an epoch's last partial batch is dropped."
+    (
+        "clips_per_epoch // optim.batch_size. A run trains total_steps x optim.batch_size "
+        "clips: by default batches run across epoch ends (an epoch's remainder carries into the "
+        "next epoch); with data.deterministic each epoch's last partial batch is dropped."
+    )
     total_steps: PositiveInt
     "optim.epochs x steps_per_epoch, rounded."
     warmup_steps: int

@@ -67,11 +67,13 @@ STUDY_FILE = "study.json"
 
 # Settings every shipped study shares on the embedded default (tiny preset, synthetic data):
 # 8 passes over the training split for every trial (the demo's budget; on the embedded data
-# the online kNN rises mostly between 1,500 and 5,000 clips seen): the same clips seen, less
-# each epoch's last partial batch (batch 64 sees 4,608 where the others see 4,864); online
-# kNN every 400 clips seen, in whole steps (384 at batch 32 and 64). On a cluster they are
-# starting points:
-# pass `--set optim.epochs=...` for a real budget (README, "Studies").
+# the online kNN rises mostly between 1,500 and 5,000 clips seen): the same clips seen, up to
+# the steps' rounding (a run trains epochs x (clips // batch) steps, batches running across
+# epoch ends, so batch 64 sees 4,608 where the others see 4,864); online kNN every 400 clips
+# seen, in whole steps (384 at batch 32 and 64), on 300 bank and 200 query clips. On real
+# data pass a real budget with --set: optim.epochs, train.checkpoint_every, and a sparser,
+# larger online kNN (400 clips is every step at batch 512, and 300 bank clips are under one a
+# class of Kinetics-400); README, "Studies", gives values for Kinetics-400.
 SMALL_BUDGET = [
     "optim.epochs=8",
     "eval.online_every_clips=400",

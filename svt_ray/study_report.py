@@ -139,8 +139,8 @@ class StudyReport:
         if self.budget_clips:
             lines += [
                 f"Budget: {self.budget_clips} clips per trial (epochs x training clips; a batch "
-                "that does not divide an epoch's clips sees fewer: the last partial batch of an "
-                "epoch is dropped).",
+                "that does not divide an epoch's clips sees fewer: a run takes epochs x (clips "
+                "// batch) steps).",
                 "",
             ]
         lines += ["## By setting (mean ± s.e. over seeds; scored: trials that finished with a "
@@ -1011,8 +1011,9 @@ def batch_size_verdict(report: StudyReport) -> str:
     """'Smaller batches converge faster per clip seen': compare the area under the online-kNN
     curve over the clips every finished trial saw, smallest against largest batch, and the
     rank order. A batch that does not divide the training clips sees fewer in its epochs (608
-    clips in batches of 64: 576 an epoch): the area ends where the shortest curve ends, not at
-    the budget with that curve's last value held."""
+    clips in batches of 64: 9 steps an epoch, 4,608 clips in 8 epochs where the others see
+    4,864): the area ends where the shortest curve ends, not at the budget with that curve's
+    last value held."""
     path = "optim.batch_size"
     budget = report.budget_clips or max((t.clips_seen or 0 for t in report.trials), default=0)
     ends = [t.curve[-1][0] for t in report.trials if t.status == "FINISHED" and t.curve]
