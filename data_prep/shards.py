@@ -77,7 +77,23 @@ def write_file(target: str, data: bytes | Path) -> None:
 
     filesystem, path = resolve_filesystem(target)
     folder, name = path.rsplit("/", 1)
-    Output(filesystem, folder).write_bytes(data, name)
+    output = Output(filesystem, folder)
+    output.write_bytes(data, name)
+    # A write killed with no chance to clean up (kill -9, a lost node) left its temporary
+    # file: a file written again and again (`svt-ray tracking backup --every`) would gather a
+    # whole copy per kill. This file's own stale ones go, as data_prep's resume does its own.
+    output.remove_temporaries(folders=("",), name=name)
+
+
+def _is_temporary(base_name: str, name: str | None = None) -> bool:
+    """Whether a file is a temporary of `Output.write_bytes` (`.tmp-<12 hex>-<name>`), of the
+    file `name` if given."""
+    if not base_name.startswith(".tmp-"):
+        return False
+    if name is None:
+        return True
+    token, dash, rest = base_name[len(".tmp-") :].partition("-")
+    return bool(dash) and len(token) == 12 and rest == name
 
 
 def shard_name(index: int) -> str:
@@ -155,19 +171,25 @@ class Output:
     def write_json(self, value, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
 
-    def remove_temporaries(self, older_than_s: float = TEMPORARY_AGE_S) -> tuple[int, int]:
-        """Delete leftovers of killed runs (.tmp-* files) last written more than
+    def remove_temporaries(
+        self,
+        older_than_s: float = TEMPORARY_AGE_S,
+        folders: tuple[str, ...] = (SHARD_DIR, STATE_DIR, ""),
+        name: str | None = None,
+    ) -> tuple[int, int]:
+        """Delete leftovers of killed runs (.tmp-* files of `write_bytes`) in `folders` of the
+        output ("" its root), those of the file `name` only if given, last written more than
         `older_than_s` ago; return (removed, kept). Younger ones may be another run's, writing
         into the same output now: deleting them failed its writes. A store that gives no time
         (mtime None) gets them all deleted."""
         removed = kept = 0
         now = datetime.datetime.now(datetime.timezone.utc)
-        for folder in (SHARD_DIR, STATE_DIR, ""):
+        for folder in folders:
             path = self.path(folder) if folder else self.root
             if self.filesystem.get_file_info(path).type != pafs.FileType.Directory:
                 continue
             for info in self.filesystem.get_file_info(pafs.FileSelector(path)):
-                if info.type != pafs.FileType.File or not info.base_name.startswith(".tmp-"):
+                if info.type != pafs.FileType.File or not _is_temporary(info.base_name, name):
                     continue
                 written = info.mtime
                 if written is not None:

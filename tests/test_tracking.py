@@ -756,6 +756,32 @@ def test_tracking_backup_command_once_on_a_schedule_and_on_bad_input(tmp_path, m
     assert "backed up" in output
 
 
+def test_a_backup_killed_mid_copy_leaves_no_copy_behind_once_the_next_one_is_written(
+    tmp_path, mlflow_db
+):
+    """kill -9 during a backup leaves its hidden temporary copy beside the destination (a
+    whole store each time); the next backup of that destination deletes its stale ones, and
+    not a younger one (a backup that may be writing now) nor another file's."""
+    from data_prep.shards import TEMPORARY_AGE_S
+    from svt_ray.tracking import backup_sqlite_store, run_ids
+
+    database = tmp_path / "mlflow.db"
+    _store_with_a_run(database)
+    folder = tmp_path / "bucket"
+    folder.mkdir()
+    stale = folder / ".tmp-0123456789ab-mlflow.db"
+    young = folder / ".tmp-ba9876543210-mlflow.db"
+    other = folder / ".tmp-0123456789ab-other.db"
+    for path in (stale, young, other):
+        path.write_bytes(b"half a store")
+    long_ago = time.time() - TEMPORARY_AGE_S - 60
+    for path in (stale, other):
+        os.utime(path, (long_ago, long_ago))
+    backup_sqlite_store(database, str(folder / "mlflow.db"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["mlflow.db", young.name, other.name])
+    assert run_ids(folder / "mlflow.db")  # the backup itself is whole
+
+
 def test_a_backup_onto_the_store_itself_or_every_nan_seconds_is_refused(tmp_path, mlflow_db):
     """A backup over its own store renamed a new file over the open one (a server writing to it
     failed from then on: "attempt to write a readonly database"); --every nan or inf failed in
