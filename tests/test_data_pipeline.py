@@ -398,6 +398,67 @@ def test_eval_dataset_single_and_slow_fast_clips(synthetic_shards, ray_session):
         assert by_key[key]["label"] == local["label"][index]
 
 
+def test_each_epoch_reads_the_shard_slices_in_an_order_of_its_own():
+    """The slice order of a pass is drawn from the seed and the epoch's number: epochs differ
+    from each other, a run resumed at epoch 2 draws epoch 2's order again, another seed draws
+    others, and no seed keeps the stored order."""
+    parts = [{"path": f"part-{i:05d}.parquet", "part": 0, "parts": 1} for i in range(12)]
+
+    def orders(seed, epochs, first=0):
+        items = data.pass_items(parts, seed, epochs, first)
+        assert [item["epoch"] for item in items] == [e for e in range(first, first + epochs)
+                                                      for _ in parts]  # fmt: skip
+        return [[item["path"] for item in items[i : i + 12]] for i in range(0, len(items), 12)]
+
+    three = orders(7, 3)
+    assert len({tuple(order) for order in three}) == 3
+    assert all(sorted(order) == [part["path"] for part in parts] for order in three)
+    assert orders(7, 1, first=2) == three[2:]
+    assert orders(8, 3) != three
+    assert orders(None, 2) == [[part["path"] for part in parts]] * 2
+
+
+def test_slow_fast_eval_clips_are_their_frames_of_a_sequential_decode():
+    """Two clip specs of one video decode the union of their frames once; each must get its
+    own frames back out of that union (a 4-frame slow clip is not the union's first 4)."""
+    video = encode(numbered_frames(40, 48, 64, seed=1), gop=8)
+    batch = {
+        "id": np.asarray(["00000000000000a1"]), "label": np.asarray([2]),
+        "video": np.asarray([video], dtype=object), "num_frames": np.asarray([40]),
+        "height": np.asarray([48]), "width": np.asarray([64]),
+    }  # fmt: skip
+    clips = {"slow": (4, 32), "fast": (16, 16)}
+    cutter = data.EvalClipCutter(clips, window_frames=32, decoder="pyav", report_failures=False)
+    out = cutter(batch)
+    decoded = decode_all_frames(video)  # every frame, in order
+    indices = cutter.frame_indices(40)
+    union = np.unique(np.concatenate(list(indices.values())))
+    assert not np.array_equal(union[:4], indices["slow"])  # the lookup matters here
+    for name, picked in indices.items():
+        expected = data.centre_crop_resized(decoded[picked], clips[name][1])
+        np.testing.assert_array_equal(out[name][0], expected, err_msg=name)
+
+
+def test_evaluation_subsets_leave_out_unlabelled_clips(tmp_path):
+    """A shard may hold unlabelled clips (label -1, for pretraining only): the online kNN's
+    in-process subset takes the labelled ones, not -1 as a class of its own."""
+    video = encode(numbered_frames(16, 32, 32, seed=2), gop=8)
+    ids = [f"{i:016x}" for i in range(6)]
+    table = pa.table({
+        "id": ids, "label": [0, -1, 1, -1, 0, 1], "split": ["train"] * 6, "video": [video] * 6,
+        "num_frames": [16] * 6, "height": [32] * 6, "width": [32] * 6,
+    })  # fmt: skip
+    (tmp_path / "shards").mkdir()
+    pq.write_table(table, tmp_path / "shards" / "part-00000.parquet")
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "shards": [{"file": "shards/part-00000.parquet", "splits": {"train": 6}}],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    got = data.load_eval_clips(str(tmp_path), "train", {"clip": (2, 16)}, 10, decoder="pyav")
+    assert sorted(got["label"].tolist()) == [0, 0, 1, 1]
+
+
 def test_in_process_eval_subset_matches_the_ray_data_clips(synthetic_shards, ray_session):
     """`load_eval_clips` (online kNN, no Ray Data): a fixed subset of one split, with the same
     frames as the Ray Data evaluation dataset gives for those clips."""

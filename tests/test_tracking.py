@@ -936,3 +936,34 @@ def test_the_viewing_hint_fits_the_store():
     assert viewing_hint("sqlite:////tmp/my runs/mlflow.db") == (
         "mlflow ui --backend-store-uri 'sqlite:////tmp/my runs/mlflow.db'"
     )
+
+
+def test_values_sent_make_room_for_later_ones(tmp_path, monkeypatch):
+    """HELD_VALUES_LIMIT bounds what an outage holds back, not what a run sends: with room for
+    3 values, 8 steps logged with the store up all reach it."""
+    from svt_ray import tracking
+
+    monkeypatch.setattr(tracking, "HELD_VALUES_LIMIT", 3)
+    run = MLflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "t", "r", tmp_path / "r")
+    for step in range(1, 9):
+        run.log_metrics({"loss": float(step)}, step=step)
+        assert run.flush(timeout_s=30)
+    run.close()
+    history = run.client.get_metric_history(run.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+
+
+def test_sync_sends_more_values_than_one_call_takes(tmp_path, monkeypatch):
+    """`tracking sync` sends what MLflow lacks in calls of METRICS_PER_CALL values: all of
+    them, not the first call's."""
+    from svt_ray import tracking
+
+    monkeypatch.setattr(tracking, "METRICS_PER_CALL", 2)
+    run = MLflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "t", "r", tmp_path / "r")
+    run.close()
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"clips_seen": step, "time": 1.0, "loss": float(step)} for step in range(1, 6)]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert sync_metrics(run.tracking_uri, run.run_id, metrics) == [1, 2, 3, 4, 5]
+    history = run.client.get_metric_history(run.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
