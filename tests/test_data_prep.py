@@ -1187,6 +1187,50 @@ def test_a_shard_cut_short_is_written_again_by_the_same_command(tmp_path, monkey
     assert [row["id"] for row in _rows(out)] == ids and len(ids) == 6
 
 
+def test_every_prep_option_reaches_the_work_and_the_split_seed_moves_the_splits(
+    tmp_path, monkeypatch
+):
+    """Each option given off its default is what the shard tasks get (an option dropped on
+    the way would be the default there, and the manifest would record the default too), and
+    another --split-seed assigns other splits. Ray is replaced by a capture of its inputs."""
+    import data_prep.cli as cli
+    from data_prep.transcode import PrepOptions
+    from svt_ray.synthetic import SynthConfig, generate_dataset
+
+    seen = []
+
+    def capture(args, output, input_fs, options, todo, by_id, splits, label_map):
+        seen.append((options, dict(splits), [entry["ids"] for entry in todo]))
+        return len(todo)  # every write "failed": nothing more to check after this
+
+    monkeypatch.setattr(cli, "_run_on_ray", capture)
+    videos = tmp_path / "videos"
+    generate_dataset(
+        str(videos), SynthConfig(num_clips=12, num_classes=2, num_frames=8, height=32, width=32)
+    )
+    options = [
+        "--short-side", "24", "--max-fps", "5", "--gop", "4", "--crf", "30",
+        "--preset", "ultrafast", "--min-frames", "3", "--min-duration", "0.1",
+        "--min-side", "10", "--max-side", "999", "--max-aspect", "3.5",
+        "--val-fraction", "0.5", "--max-videos-per-shard", "5",
+    ]  # fmt: skip
+    for seed in ("1", "2"):
+        data_prep.main([str(videos), str(tmp_path / f"out{seed}"), *options, "--split-seed", seed])
+    (first, splits_1, shards), (second, splits_2, _) = seen
+    expected = PrepOptions(
+        short_side=24, max_fps=5.0, gop=4, crf=30, preset="ultrafast", min_frames=3,
+        min_duration_s=0.1, min_side=10, max_side=999, max_aspect=3.5,
+    )  # fmt: skip
+    assert first == expected and second == expected
+    given = ("short_side", "max_fps", "gop", "crf", "preset", "min_frames", "min_duration_s",
+             "min_side", "max_side", "max_aspect")  # fmt: skip
+    defaults = PrepOptions()
+    assert all(getattr(expected, name) != getattr(defaults, name) for name in given)
+    assert sorted(splits_1) == sorted(splits_2) and splits_1 != splits_2
+    assert {"train", "val"} <= set(splits_1.values())
+    assert [len(ids) for ids in shards] == [5, 5, 2]
+
+
 def test_an_svt_ray_recipe_given_as_the_encoder_preset_is_refused_before_any_work(tmp_path, capsys):
     """`--preset` of data_prep is x264's: `--preset tiny` used to encode nothing and reject
     every video as `error` after a full pass. It is now a usage error naming the choices."""
