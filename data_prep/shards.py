@@ -81,8 +81,12 @@ def write_file(target: str, data: bytes | Path) -> None:
     output.write_bytes(data, name)
     # A write killed with no chance to clean up (kill -9, a lost node) left its temporary
     # file: a file written again and again (`svt-ray tracking backup --every`) would gather a
-    # whole copy per kill. This file's own stale ones go, as data_prep's resume does its own.
-    output.remove_temporaries(folders=("",), name=name)
+    # whole copy per kill. This file's own stale ones go, as data_prep's resume does its own;
+    # best effort: the write itself succeeded.
+    try:
+        output.remove_temporaries(folders=("",), name=name)
+    except OSError as error:
+        logger.warning("%s is written; its stale temporary files stay: %s", target, error)
 
 
 def _is_temporary(base_name: str, name: str | None = None) -> bool:
@@ -93,7 +97,8 @@ def _is_temporary(base_name: str, name: str | None = None) -> bool:
     if name is None:
         return True
     token, dash, rest = base_name[len(".tmp-") :].partition("-")
-    return bool(dash) and len(token) == 12 and rest == name
+    hex_token = len(token) == 12 and all(c in "0123456789abcdef" for c in token)
+    return bool(dash) and hex_token and rest == name
 
 
 def shard_name(index: int) -> str:

@@ -1101,6 +1101,22 @@ def test_write_file_streams_a_local_file_in_pieces_atomically(tmp_path, monkeypa
     assert move == ("move", temporary, str(target))
 
 
+def test_a_write_whose_clean_up_fails_is_still_a_write(tmp_path, monkeypatch, caplog):
+    """Removing a file's stale temporaries after writing it is best effort: a listing or a
+    delete that fails (an object store's hiccup, another user's file) is a warning, not a
+    failed write (a backup said failed, a Train callback raising after a checkpoint)."""
+    from data_prep.shards import Output, write_file
+
+    def fails(*args, **kwargs):
+        raise PermissionError("not yours")
+
+    monkeypatch.setattr(Output, "remove_temporaries", fails)
+    target = tmp_path / "progress.json"
+    write_file(str(target), b"{}")
+    assert target.read_bytes() == b"{}"
+    assert "progress.json is written; its stale temporary files stay: not yours" in caplog.text
+
+
 def test_a_failed_write_file_leaves_no_temporary(tmp_path):
     """`svt-ray tracking backup DB DEST --every 300` left a whole copy of the store as a
     .tmp-* file on every failed round (DEST a folder): a failed move or write removes it."""
@@ -1190,9 +1206,10 @@ def test_a_shard_cut_short_is_written_again_by_the_same_command(tmp_path, monkey
 def test_every_prep_option_reaches_the_work_and_the_split_seed_moves_the_splits(
     tmp_path, monkeypatch
 ):
-    """Each option given off its default is what the shard tasks get (an option dropped on
-    the way would be the default there, and the manifest would record the default too), and
-    another --split-seed assigns other splits. Ray is replaced by a capture of its inputs."""
+    """Each option given off its default is in what `main` hands the shard dispatcher (an
+    option dropped on the way would be the default there, and the manifest would record the
+    default too), and another --split-seed assigns other splits. The dispatcher
+    (`_run_on_ray`) is replaced by a capture of its inputs."""
     import data_prep.cli as cli
     from data_prep.transcode import PrepOptions
     from svt_ray.synthetic import SynthConfig, generate_dataset

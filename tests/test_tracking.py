@@ -772,13 +772,15 @@ def test_a_backup_killed_mid_copy_leaves_no_copy_behind_once_the_next_one_is_wri
     stale = folder / ".tmp-0123456789ab-mlflow.db"
     young = folder / ".tmp-ba9876543210-mlflow.db"
     other = folder / ".tmp-0123456789ab-other.db"
-    for path in (stale, young, other):
+    not_ours = folder / ".tmp-notes-by-me-mlflow.db"  # not a 12-hex-digit token
+    for path in (stale, young, other, not_ours):
         path.write_bytes(b"half a store")
     long_ago = time.time() - TEMPORARY_AGE_S - 60
-    for path in (stale, other):
+    for path in (stale, other, not_ours):
         os.utime(path, (long_ago, long_ago))
     backup_sqlite_store(database, str(folder / "mlflow.db"))
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["mlflow.db", young.name, other.name])
+    kept = ["mlflow.db", young.name, other.name, not_ours.name]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept)
     assert run_ids(folder / "mlflow.db")  # the backup itself is whole
 
 
