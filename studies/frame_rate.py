@@ -9,10 +9,13 @@ to keep the paper's locals; without it "the paper's views" spread their locals o
 frames. The 8- and 16-frame views make a trial 1.2-1.8x slower per clip than the tiny
 preset's, so the embedded default runs 5 epochs (3,040 clips seen) and takes 21-27 minutes on
 2 cores (docs/studies.md). On the paper preset, add the cluster flags and the real-data
-budget of the README's example ("Studies") where the `...` is:
+budget of the README's example ("Studies") where the `...` is, and move ASHA's first rung
+(1,200 clips here) past two of its online kNN evaluations (240,000 clips apart there): a rung
+before the first would judge the trials' initial weights, which the study refuses.
 
     python studies/frame_rate.py
-    python studies/frame_rate.py --preset paper --set views.local_span=0.125 ...
+    python studies/frame_rate.py --preset paper --set views.local_span=0.125 \
+        --asha-grace 480000 ...
 """
 
 import sys

@@ -845,6 +845,32 @@ def asha_grace(spec: StudySpec, options: StudyOptions, budget: int) -> int:
     return spec.asha_grace_clips or max(1, budget // 4)
 
 
+def check_grace_after_first_knn(
+    grace: int, configs: dict[str, ExperimentConfig | ConfigError]
+) -> None:
+    """Refuse a first ASHA rung before some trial's first online kNN after its start: every
+    report carries the latest kNN, so that rung would stop trials on the kNN of their initial
+    weights (a real-data budget's sparse `eval.online_every_clips` under a study's grace)."""
+    from svt_ray.train import online_knn_every
+
+    first = max(
+        (
+            online_knn_every(config) * config.optim.batch_size
+            for config in configs.values()
+            if isinstance(config, ExperimentConfig)
+        ),
+        default=0,
+    )
+    if grace < first:
+        raise ConfigError(
+            f"--asha-grace: ASHA's first rung at {grace} clips seen comes before a trial's "
+            f"first online kNN of its training (at {first} clips seen: "
+            "eval.online_every_clips), so it would stop trials on the kNN of their initial "
+            f"weights; pass --asha-grace {2 * first} (two evaluations) or more, a lower "
+            "eval.online_every_clips, or --no-asha"
+        )
+
+
 def asha_scheduler(budget: int, grace: int):
     """ASHA with rungs at grace, 2 x grace, ... below the budget. A trial that reaches the
     budget ends by itself: stopped there (Ray's default), it was killed while its run was
@@ -988,6 +1014,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             f"budget of {budget} clips per trial; pass a lower --asha-grace, --no-asha, or "
             "raise optim.epochs"
         )
+    if options.asha:
+        check_grace_after_first_knn(grace, configs)
     recipe = _study_recipe(options, spec, base, budget, grace)
     resources = dict(ray.cluster_resources())
     on_cluster = joins_a_cluster(options.address)

@@ -23,7 +23,9 @@ from svt_ray.studies import (
     StudySpec,
     Sweep,
     asha_grace,
+    check_grace_after_first_knn,
     run_study,
+    setting_configs,
     trial_label,
     trial_overrides,
 )
@@ -420,6 +422,14 @@ def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
         ConfigError, match=r"--asha-grace: .* at 1000000 clips .* budget of \d+ clips"
     ):
         run_study(spec, options)
+    # online kNN every 4 clips (2 steps of 2, 1 of 4): a rung at 2 would judge initial weights
+    options.asha_grace_clips = 2
+    with pytest.raises(
+        ConfigError, match=r"first rung at 2 clips seen comes before .* \(at 4 clips seen"
+    ):
+        run_study(spec, options)
+    options.asha_grace_clips = 4  # the first evaluation's own report: allowed
+    check_grace_after_first_knn(4, setting_configs(spec, "tiny", options.overrides))
 
 
 def test_a_local_study_asking_for_gpus_ray_lacks_fails_before_any_trial(
