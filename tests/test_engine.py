@@ -309,8 +309,8 @@ def test_a_step_mid_run_with_every_setting_off_its_default_is_the_written_out_st
         "loss.warmup_teacher_temp=0.04",
         "loss.teacher_temp=0.07",
         "loss.warmup_teacher_temp_epochs=1",  # 100 steps
-        "loss.center_momentum=0.5",
-        "loss.koleo_weight=0.3",
+        "loss.center_momentum=0.8",
+        "loss.koleo_weight=0.25",
         "loss.motion_weight=0.5",
         "optim.momentum_teacher=0.9",
         "optim.clip_mode=global",
@@ -320,6 +320,9 @@ def test_a_step_mid_run_with_every_setting_off_its_default_is_the_written_out_st
     assert config.derived.total_steps == 800
     teacher_temp = 0.04 + (0.07 - 0.04) * 50 / 100
     momentum = 1.0 - (1.0 - 0.9) * 0.5 * (1 + math.cos(math.pi * 50 / 800))
+    k = config.model.head_out_dim
+    centre_before = 0.1 * torch.randn(1, k, generator=torch.Generator().manual_seed(4))
+    state.loss.center.copy_(centre_before)  # a centre that the targets must subtract
     student, teacher = copy.deepcopy(state.student_module), copy.deepcopy(state.teacher)
     augmented, raw = [], {}
     augment = state.augmenter
@@ -337,15 +340,14 @@ def test_a_step_mid_run_with_every_setting_off_its_default_is_the_written_out_st
     with torch.no_grad():
         student_out = student(augmented)
         teacher_logits = teacher(augmented[:g]).logits
-    k = config.model.head_out_dim
     svt = explicit_loss(
-        student_out.logits, teacher_logits, torch.zeros(1, k), 0.2, teacher_temp, 1.0, 0.5, g
+        student_out.logits, teacher_logits, centre_before, 0.2, teacher_temp, 1.0, 0.5, g
     )
     koleo = sum(_koleo_by_hand(student_out.features[i]) for i in range(g)) / g
     assert metrics["teacher_temp"] == pytest.approx(teacher_temp, rel=1e-12)
     assert metrics["momentum"] == pytest.approx(momentum, rel=1e-12)
     assert metrics["loss_koleo"] == pytest.approx(koleo.item(), rel=1e-5)
-    assert metrics["loss"] == pytest.approx(svt.item() + 0.3 * koleo.item(), rel=1e-5)
+    assert metrics["loss"] == pytest.approx(svt.item() + 0.25 * koleo.item(), rel=1e-5)
 
     # global-norm clipping: every gradient scaled by one factor, to a total norm of 0.01
     assert len(raw) == len(parameters)
@@ -356,8 +358,8 @@ def test_a_step_mid_run_with_every_setting_off_its_default_is_the_written_out_st
         expected = raw[i].double() * 0.01 / total.item()
         torch.testing.assert_close(p.grad.double(), expected, rtol=1e-4, atol=1e-9)
 
-    # the centre: an EMA with momentum 0.5 of the teacher's mean logits over (g x b)
-    centre = 0.5 * teacher_logits.reshape(-1, k).double().mean(dim=0)
+    # the centre: an EMA with momentum 0.8 of the teacher's mean logits over (g x b)
+    centre = 0.8 * centre_before[0].double() + 0.2 * teacher_logits.reshape(-1, k).double().mean(0)
     torch.testing.assert_close(state.loss.center[0].double(), centre, rtol=1e-5, atol=1e-7)
 
     # the teacher: m * itself + (1 - m) * the updated student, m off the cosine
