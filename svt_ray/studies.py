@@ -846,11 +846,14 @@ def asha_grace(spec: StudySpec, options: StudyOptions, budget: int) -> int:
 
 
 def check_grace_after_first_knn(
-    grace: int, configs: dict[str, ExperimentConfig | ConfigError]
+    grace: int, configs: dict[str, ExperimentConfig | ConfigError], refuse: bool = True
 ) -> None:
-    """Refuse a first ASHA rung before some trial's first online kNN after its start: every
-    report carries the latest kNN, so that rung would stop trials on the kNN of their initial
-    weights (a real-data budget's sparse `eval.online_every_clips` under a study's grace)."""
+    """Refuse (or, with `refuse` False, warn of) a first ASHA rung before some trial's first
+    online kNN after its start: every report carries the latest kNN, so that rung would stop
+    trials on the kNN of their initial weights (a real-data budget's sparse
+    `eval.online_every_clips` under a study's grace). A grace given by the flag or the study
+    is refused; the default one, a quarter of the budget, is only warned of, so that a study
+    recorded with it goes on as it started."""
     from svt_ray.train import online_knn_every
 
     first = max(
@@ -862,13 +865,16 @@ def check_grace_after_first_knn(
         default=0,
     )
     if grace < first:
-        raise ConfigError(
+        message = (
             f"--asha-grace: ASHA's first rung at {grace} clips seen comes before a trial's "
             f"first online kNN of its training (at {first} clips seen: "
             "eval.online_every_clips), so it would stop trials on the kNN of their initial "
             f"weights; pass --asha-grace {2 * first} (two evaluations) or more, a lower "
             "eval.online_every_clips, or --no-asha"
         )
+        if refuse:
+            raise ConfigError(message)
+        logger.warning("%s", message)
 
 
 def asha_scheduler(budget: int, grace: int):
@@ -1015,7 +1021,8 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
             "raise optim.epochs"
         )
     if options.asha:
-        check_grace_after_first_knn(grace, configs)
+        explicit = options.asha_grace_clips is not None or spec.asha_grace_clips is not None
+        check_grace_after_first_knn(grace, configs, refuse=explicit)
     recipe = _study_recipe(options, spec, base, budget, grace)
     resources = dict(ray.cluster_resources())
     on_cluster = joins_a_cluster(options.address)

@@ -408,7 +408,7 @@ def test_asha_judges_trials_at_its_rungs_and_never_at_the_budget():
 
 
 def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
-    tmp_path, synthetic_shards, ray_session
+    tmp_path, synthetic_shards, ray_session, caplog
 ):
     spec = StudySpec("s", "q", [Sweep("optim.batch_size", (2, 4))])
     assert asha_grace(spec, StudyOptions(), 4864) == 1216  # a quarter of the budget
@@ -428,8 +428,10 @@ def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
         ConfigError, match=r"first rung at 2 clips seen comes before .* \(at 4 clips seen"
     ):
         run_study(spec, options)
-    options.asha_grace_clips = 4  # the first evaluation's own report: allowed
-    check_grace_after_first_knn(4, setting_configs(spec, "tiny", options.overrides))
+    configs = setting_configs(spec, "tiny", options.overrides)
+    check_grace_after_first_knn(4, configs)  # the first evaluation's own report: allowed
+    check_grace_after_first_knn(2, configs, refuse=False)  # the default grace: a warning
+    assert "first rung at 2 clips seen comes before" in caplog.text
 
 
 def test_a_local_study_asking_for_gpus_ray_lacks_fails_before_any_trial(
