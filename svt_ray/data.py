@@ -32,6 +32,7 @@ import math
 import os
 import shlex
 import sys
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -803,10 +804,27 @@ def load_eval_clips(
 ) -> dict[str, np.ndarray]:
     """A fixed labelled subset of one split, decoded in this process (no Ray Data).
 
-    For small in-memory evaluation sets, such as online kNN inside a Train worker. The subset
-    is the `max_clips` clips with the smallest id hash: the same clips every time, spread over
-    classes like the split. Returns `build_eval_dataset`'s columns for those clips.
+    The subset is the `max_clips` clips with the smallest id hash (`eval_subset`): the same
+    clips every time, spread over classes like the split. Returns `build_eval_dataset`'s
+    columns for those clips, in `clip_id` order. `cache_eval_clips` decodes the same clips on
+    Ray Data, once, into storage.
     """
+    filesystem, parts = eval_subset(data_path, split, max_clips)
+    cutter = EvalClipCutter(
+        clips, window_frames, decoder, report_failures=False, interpolation=interpolation
+    )
+    batches = [cutter(_read_clips(path, ids, filesystem)) for path, ids in parts]
+    if not batches:
+        raise ValueError(f"{data_path}: split {split!r} has no labelled clip")
+    return _in_key_order({key: np.concatenate([b[key] for b in batches]) for key in batches[0]})
+
+
+def eval_subset(
+    data_path: str, split: str, max_clips: int, part_clips: int | None = None
+) -> tuple[object, list[tuple[str, list[str]]]]:
+    """The `max_clips` labelled clips of `split` with the smallest id hash, as (shard file,
+    ids) parts, each of one file and of at most `part_clips` clips (one per file if None),
+    and the shards' filesystem. Reads the id, label and split columns only."""
     import pyarrow.compute as pc
 
     from data_prep.shards import read_manifest
@@ -821,18 +839,269 @@ def load_eval_clips(
         labelled = pc.and_(pc.equal(table["split"], split), pc.greater_equal(table["label"], 0))
         table = table.filter(labelled)
         index += [(_clip_hash(i), path, i) for i in table["id"].to_pylist()]
-    chosen = sorted(index)[:max_clips]
+    by_file: dict[str, list[str]] = {}
+    for _, path, clip_id in sorted(index)[:max_clips]:
+        by_file.setdefault(path, []).append(clip_id)
+    parts = []
+    for path, ids in sorted(by_file.items()):
+        step = part_clips or len(ids)
+        parts += [(path, ids[i : i + step]) for i in range(0, len(ids), step)]
+    return filesystem, parts
+
+
+def _read_clips(path: str, ids: list[str], filesystem) -> dict:
+    """The decoding columns of the rows `ids` of one shard."""
+    return _read_table(
+        path, filesystem, columns=READ_COLUMNS, filters=[("id", "in", ids)]
+    ).to_pydict()
+
+
+def _in_key_order(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    order = np.argsort(columns["clip_id"], kind="stable")
+    return {key: value[order] for key, value in columns.items()}
+
+
+# -- evaluation clips decoded once, kept in storage --------------------------------------------
+
+EVAL_CACHE_VERSION = 1
+EVAL_CACHE_RECORD = "clips.json"  # written last: a folder without it is an unfinished decode
+EVAL_PART_CLIPS = 16  # clips per decode task and part file (about 19 MB at 8 x 224)
+EVAL_IN_PROCESS_S = 10.0  # decode in the caller's process if it would take no longer than this
+
+
+def eval_cache_key(manifest: Mapping, settings: Mapping) -> str:
+    """The name of a cache folder: the dataset's contents and every setting that changes the
+    clips (`eval_cache_settings`)."""
+    content = {"dataset": manifest_checksum(manifest), "version": EVAL_CACHE_VERSION, **settings}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_cache_settings(
+    split: str,
+    clips: Mapping[str, tuple[int, int]],
+    max_clips: int,
+    *,
+    window_frames: int | None = None,
+    decoder: str = "decord",
+    interpolation: str = "bilinear",
+) -> dict:
+    """The settings of a set of evaluation clips, as `cache_eval_clips` takes and records them
+    (`load_eval_clips`' arguments)."""
+    return {
+        "split": split,
+        "clips": {name: [int(value) for value in spec] for name, spec in clips.items()},
+        "max_clips": max_clips,
+        "window_frames": window_frames,
+        "decoder": decoder,
+        "interpolation": interpolation,
+    }
+
+
+def cache_eval_clips(
+    data_path: str, sets: Mapping[str, Mapping], *, decode_cpus: float = 1.0
+) -> dict[str, dict]:
+    """Decode sets of `load_eval_clips`' clips (folder -> `eval_cache_settings`), each into
+    its folder (a path or a filesystem URI), unless it holds them already; returns each
+    folder's record.
+
+    The work comes in parts of EVAL_PART_CLIPS clips of one shard, each written as a Parquet
+    file atomically; a folder's record (EVAL_CACHE_RECORD), which names its parts, comes last.
+    The first parts are decoded here; once the rest would take more than EVAL_IN_PROCESS_S
+    at their pace, it goes to Ray Data, one task per part, all sets in one job (a job takes
+    seconds to start: the embedded default's few hundred small clips take 2 s here, 7 s on
+    Ray Data on 2 cores; thousands of Kinetics clips take minutes one after another). A decode
+    cut short is resumed: the parts it wrote are kept. `read_eval_clips` reads a folder back.
+    A folder is for one set of settings: name it with `eval_cache_key`.
+    """
+    import ray.data
+
+    from data_prep.inputs import resolve_filesystem
+    from data_prep.shards import Output
+
+    records, items = {}, []
+    for folder, settings in sets.items():
+        record = read_eval_clips_record(folder)
+        if record is not None:
+            if {key: record.get(key) for key in settings} != dict(settings):
+                raise ValueError(
+                    f"{folder} holds evaluation clips of other settings ({record}); name the "
+                    "folder with eval_cache_key"
+                )
+            records[folder] = record
+            continue
+        split = settings["split"]
+        _, parts = eval_subset(data_path, split, settings["max_clips"], EVAL_PART_CLIPS)
+        if not parts:
+            raise ValueError(f"{data_path}: split {split!r} has no labelled clip")
+        stamp = json.dumps(dict(settings), sort_keys=True)
+        items += [
+            {
+                "folder": folder,
+                "settings": stamp,
+                "name": f"part-{i:05d}.parquet",
+                "file": path,
+                "ids": ids,
+            }
+            for i, (path, ids) in enumerate(parts)
+        ]
+    written = []  # the first parts here, while they look quick: Ray Data starts in seconds
+    started = time.perf_counter()
+    while items:
+        item = items.pop(0)
+        written.append({**item, **_write_eval_part(**item)})
+        seconds_per_part = (time.perf_counter() - started) / len(written)
+        if seconds_per_part * len(items) > EVAL_IN_PROCESS_S:
+            break
+    if items:
+        logger.info(
+            "decoding the other %d parts of %d clips on Ray Data", len(items), EVAL_PART_CLIPS
+        )
+        written += (
+            ray.data.from_items(items, override_num_blocks=min(len(items), READ_BLOCKS))
+            .map_batches(_decode_eval_parts, batch_size=1, num_cpus=decode_cpus)
+            .take_all()
+        )
+    for folder, settings in sets.items():
+        if folder in records:
+            continue
+        done = sorted((p for p in written if p["folder"] == folder), key=lambda p: p["name"])
+        records[folder] = record = {
+            "version": EVAL_CACHE_VERSION,
+            "data_path": data_path,
+            **settings,
+            "shapes": {name: [3, t, size, size] for name, (t, size) in settings["clips"].items()},
+            "parts": [str(part["name"]) for part in done],
+            "num_clips": int(sum(part["clips"] for part in done)),
+            "failed": int(sum(part["failed"] for part in done)),
+        }
+        filesystem, root = resolve_filesystem(folder)
+        Output(filesystem, root).write_json(record, EVAL_CACHE_RECORD)
+    return records
+
+
+def _decode_eval_parts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data UDF: `_write_eval_part` of each row; returns their folders, names, clips, and
+    clips that failed to decode."""
+    out: dict[str, list] = {"folder": [], "name": [], "clips": [], "failed": []}
+    columns = [batch[key] for key in ("folder", "settings", "name", "file", "ids")]
+    for folder, settings, name, path, ids in zip(*columns, strict=True):
+        counts = _write_eval_part(str(folder), str(settings), str(name), str(path), list(ids))
+        for key, value in {"folder": str(folder), "name": str(name), **counts}.items():
+            out[key].append(value)
+    return {key: np.asarray(values) for key, values in out.items()}
+
+
+def _write_eval_part(folder: str, settings: str, name: str, file: str, ids: list) -> dict:
+    """Decode the clips `ids` of the shard `file` with `settings` (JSON) into the Parquet part
+    `name` of `folder`, unless a decode of the same settings cut short wrote it; returns its
+    clips, and the clips that failed to decode."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.inputs import resolve_filesystem
+    from data_prep.shards import Output
+
+    filesystem, root = resolve_filesystem(folder)
+    output = Output(filesystem, root)
+    if output.exists(name):
+        written = pq.read_metadata(output.path(name), filesystem=filesystem)
+        if (written.metadata or {}).get(b"svt_settings") == settings.encode():
+            return {"clips": written.num_rows, "failed": int(written.metadata[b"svt_failed"])}
+    spec = json.loads(settings)
+    clips = {column: tuple(value) for column, value in spec["clips"].items()}
     cutter = EvalClipCutter(
-        clips, window_frames, decoder, report_failures=False, interpolation=interpolation
+        clips,
+        spec["window_frames"],
+        spec["decoder"],
+        report_failures=False,
+        interpolation=spec["interpolation"],
     )
-    batches = []
-    for path in sorted({path for _, path, _ in chosen}):
-        wanted = [clip_id for _, p, clip_id in chosen if p == path]
-        table = _read_table(path, filesystem, columns=READ_COLUMNS, filters=[("id", "in", wanted)])
-        batches.append(cutter(table.to_pydict()))
-    if not batches:
-        raise ValueError(f"{data_path}: split {split!r} has no labelled clip")
-    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    shards, _ = resolve_filesystem(file)
+    ids = [str(clip_id) for clip_id in ids]
+    cut = cutter(_read_clips(file, ids, shards))
+    count, failed = len(cut["label"]), len(ids) - len(cut["label"])
+    columns = {"clip_id": pa.array(cut["clip_id"]), "label": pa.array(cut["label"])}
+    for column in clips:
+        width = int(np.prod(cut[column].shape[1:]))
+        columns[column] = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(width), count, [None, pa.py_buffer(cut[column].tobytes())]
+        )
+    table = pa.table(columns).replace_schema_metadata(
+        {"svt_failed": str(failed), "svt_settings": settings}
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    output.write_bytes(sink.getvalue(), name)
+    return {"clips": count, "failed": failed}
+
+
+def read_eval_clips(folder: str) -> dict[str, np.ndarray] | None:
+    """The clips `cache_eval_clips` wrote into `folder`, as `load_eval_clips` returns them;
+    None when it has no finished record (or a part it names is gone: with a warning)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.inputs import resolve_filesystem
+    from data_prep.shards import Output
+
+    record = read_eval_clips_record(folder)
+    if record is None:
+        return None
+    filesystem, root = resolve_filesystem(folder)
+    output = Output(filesystem, root)
+    paths = [output.path(name) for name in record["parts"]]
+    try:
+        index = pa.concat_tables(
+            [
+                pq.read_table(path, columns=["clip_id", "label"], filesystem=filesystem)
+                for path in paths
+            ]
+        )
+        keys = index["clip_id"].to_numpy()
+        order = np.argsort(keys, kind="stable")
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        columns = {"clip_id": keys[order], "label": index["label"].to_numpy()[order]}
+        # Filled part by part, in clip_id order: a bank of 8 x 224 clips takes GBs, held once
+        for name, shape in record["shapes"].items():
+            columns[name] = np.empty((len(keys), *shape), dtype=np.uint8)
+        row = 0
+        for path in paths:
+            part = pq.read_table(path, columns=list(record["shapes"]), filesystem=filesystem)
+            for name, shape in record["shapes"].items():
+                rows = position[row : row + part.num_rows]
+                for chunk in part[name].chunks:
+                    values = _fixed_binary_bytes(chunk).reshape(-1, *shape)
+                    columns[name][rows[: len(chunk)]] = values
+                    rows = rows[len(chunk) :]
+            row += part.num_rows
+    except (OSError, pa.ArrowInvalid) as error:
+        logger.warning("%s: cannot read the decoded clips (%s); decoding them again", folder, error)
+        return None
+    return columns
+
+
+def read_eval_clips_record(folder: str) -> dict | None:
+    """The record of a finished `cache_eval_clips` in `folder`, None if there is none (or one
+    of another cache version)."""
+    from data_prep.inputs import resolve_filesystem
+    from data_prep.shards import Output
+
+    filesystem, root = resolve_filesystem(folder)
+    output = Output(filesystem, root)
+    if not output.exists(EVAL_CACHE_RECORD):
+        return None
+    record = output.read_json(EVAL_CACHE_RECORD)
+    return record if record.get("version") == EVAL_CACHE_VERSION else None
+
+
+def _fixed_binary_bytes(chunk) -> np.ndarray:
+    """The values of a fixed-size binary array as one uint8 array, without a copy per row."""
+    width = chunk.type.byte_width
+    data = np.frombuffer(chunk.buffers()[1], dtype=np.uint8)
+    return data[chunk.offset * width : (chunk.offset + len(chunk)) * width]
 
 
 def slow_fast_clips(slow: tuple[int, int] = (8, 224), fast: tuple[int, int] = (64, 96)):

@@ -240,6 +240,8 @@ class OnlineKNN:
     accuracy curves against clips seen. Uses the single evaluation clip (no slow-fast).
     """
 
+    CACHE_FOLDER = "online_knn_clips"  # under train.storage_path, beside the runs
+
     def __init__(
         self,
         bank: dict[str, torch.Tensor],
@@ -256,35 +258,100 @@ class OnlineKNN:
         self.mean, self.std = mean, std
         self.k, self.temperature, self.batch_size = k, temperature, batch_size
 
-    @classmethod
-    def from_config(cls, config) -> OnlineKNN:
+    @staticmethod
+    def clip_sets(config) -> dict[str, dict]:
+        """The bank's and the queries' clips: `data.eval_cache_settings` of each."""
         from svt_ray import data
 
         settings = config.eval
-        clip = {"clip": (settings.clip_frames, settings.clip_size)}
+        common = {
+            "clips": {"clip": (settings.clip_frames, settings.clip_size)},
+            "window_frames": config.views.clip_frames,
+            "decoder": config.data.decoder,
+            "interpolation": config.views.interpolation,
+        }
+        return {
+            "bank": data.eval_cache_settings(
+                settings.train_split, max_clips=settings.online_bank_clips, **common
+            ),
+            "query": data.eval_cache_settings(
+                settings.test_split, max_clips=settings.online_query_clips, **common
+            ),
+        }
 
-        def load(split: str, count: int) -> dict[str, torch.Tensor]:
-            columns = data.load_eval_clips(
-                config.data.path,
-                split,
-                clip,
-                count,
-                window_frames=config.views.clip_frames,
-                decoder=config.data.decoder,
-                interpolation=config.views.interpolation,
-            )
+    @classmethod
+    def cache_folders(cls, config) -> dict[str, str]:
+        """Where `prepare` keeps each set's decoded clips: `train.storage_path`/CACHE_FOLDER/
+        a key of the dataset's contents and the clips' settings, so that the runs of a study
+        (and any run on the same data and settings) share one decode."""
+        from svt_ray import data
+        from svt_ray.runs import join_uri, storage_root
+
+        manifest = data.read_dataset_manifest(config.data.path)
+        root = join_uri(storage_root(config.train.storage_path), cls.CACHE_FOLDER)
+        return {
+            name: join_uri(root, data.eval_cache_key(manifest, settings))
+            for name, settings in cls.clip_sets(config).items()
+        }
+
+    @classmethod
+    def prepare(cls, configs) -> list[dict[str, str]]:
+        """On the driver, before training: decode the clips of each config (an ExperimentConfig
+        or a list, a study's trials) into storage (`data.cache_eval_clips`: on Ray Data where
+        they are many), unless they are there. Rank 0 then reads them at every start
+        (`from_config`) instead of decoding thousands of clips one after another while the
+        other workers wait. Returns each config's `cache_folders`."""
+        from svt_ray import data
+
+        configs = list(configs) if isinstance(configs, list | tuple) else [configs]
+        folders = [cls.cache_folders(config) for config in configs]
+        by_data: dict[tuple[str, float], dict[str, dict]] = {}
+        for config, where in zip(configs, folders, strict=True):
+            sets = by_data.setdefault((config.data.path, config.data.decode_cpus), {})
+            for name, settings in cls.clip_sets(config).items():
+                sets[where[name]] = settings
+        for (data_path, decode_cpus), sets in by_data.items():
+            missing = {f: s for f, s in sets.items() if data.read_eval_clips_record(f) is None}
+            if missing:
+                logger.info(
+                    "online kNN: decoding up to %s clips of %s into %s, once for every run on "
+                    "this data with these settings",
+                    " + ".join(f"{s['max_clips']} {s['split']}" for s in missing.values()),
+                    data_path, ", ".join(missing),
+                )  # fmt: skip
+                data.cache_eval_clips(data_path, missing, decode_cpus=decode_cpus)
+        return folders
+
+    @classmethod
+    def from_config(cls, config, folders: dict[str, str] | None = None) -> OnlineKNN:
+        """The clips `prepare` decoded into `folders` (its answer; by default where it puts
+        them for `config`); decoded here, in this process, where it did not (a storage that
+        this node does not see, a folder deleted since)."""
+        from svt_ray import data
+
+        folders = folders or cls.cache_folders(config)
+
+        def load(name: str, settings: dict) -> dict[str, torch.Tensor]:
+            columns = data.read_eval_clips(folders[name])
+            if columns is None:
+                logger.warning(
+                    "online kNN: no decoded %s clips in %s; decoding %d in this process",
+                    name, folders[name], settings["max_clips"],
+                )  # fmt: skip
+                columns = data.load_eval_clips(config.data.path, **settings)
             return {
                 "clip": read_only_tensor(columns["clip"]),
                 "label": read_only_tensor(columns["label"]),
             }
 
+        sets = cls.clip_sets(config)
         return cls(
-            load(settings.train_split, settings.online_bank_clips),
-            load(settings.test_split, settings.online_query_clips),
+            load("bank", sets["bank"]),
+            load("query", sets["query"]),
             config.views.mean,
             config.views.std,
-            settings.knn_k,
-            settings.knn_temperature,
+            config.eval.knn_k,
+            config.eval.knn_temperature,
         )
 
     @torch.no_grad()

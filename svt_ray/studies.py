@@ -845,6 +845,25 @@ def asha_grace(spec: StudySpec, options: StudyOptions, budget: int) -> int:
     return spec.asha_grace_clips or max(1, budget // 4)
 
 
+def decode_online_knn_clips(configs: Mapping[str, ExperimentConfig | ConfigError]) -> None:
+    """Before the trials: the online kNN clips of every valid setting, decoded once into the
+    study's storage (`OnlineKNN.prepare`), where each trial reads them; else every trial
+    decoded its own at its start. A dataset without the kNN's splits is refused here."""
+    from svt_ray import data
+    from svt_ray.evaluate import OnlineKNN, check_eval_data
+    from svt_ray.train import online_knn_every
+
+    valid = [c for c in configs.values() if isinstance(c, ExperimentConfig) and online_knn_every(c)]
+    manifests: dict[str, dict] = {}
+    for config in valid:
+        path = config.data.path
+        if path not in manifests:
+            manifests[path] = data.read_dataset_manifest(path)
+        check_eval_data(path, manifests[path], config.eval)
+    if valid:
+        OnlineKNN.prepare(valid)
+
+
 def check_grace_after_first_knn(
     grace: int, configs: dict[str, ExperimentConfig | ConfigError], refuse: bool = True
 ) -> None:
@@ -1023,6 +1042,7 @@ def run_study(spec: StudySpec, options: StudyOptions) -> StudyReport:
     if options.asha:
         explicit = options.asha_grace_clips is not None or spec.asha_grace_clips is not None
         check_grace_after_first_knn(grace, configs, refuse=explicit)
+    decode_online_knn_clips(setting_configs(spec, options.preset, shared))
     recipe = _study_recipe(options, spec, base, budget, grace)
     resources = dict(ray.cluster_resources())
     on_cluster = joins_a_cluster(options.address)

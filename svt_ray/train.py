@@ -282,7 +282,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.set_tags({
             "svt.resumed_at_step": step, "svt.world_size": context.get_world_size(),
         })  # fmt: skip
-    online_knn = _OnlineMetrics(config, state, rank)
+    online_knn = _OnlineMetrics(config, state, rank, loop_config.get("online_knn_clips"))
     if online_knn.knn is not None:  # the clips it scores, as the data allowed: its resolution
         tracker.set_tags({
             "svt.online_knn_bank_clips": len(online_knn.knn.bank["label"]),
@@ -445,7 +445,9 @@ class _OnlineMetrics:
     `online_knn_top1`) always find the metric; a step with an evaluation is always logged.
     """
 
-    def __init__(self, config: ExperimentConfig, state, rank: int) -> None:
+    def __init__(
+        self, config: ExperimentConfig, state, rank: int, folders: dict[str, str] | None = None
+    ) -> None:
         self.every = online_knn_every(config)
         self.state = state
         self.latest: dict[str, float] = {}
@@ -454,7 +456,7 @@ class _OnlineMetrics:
         if self.every and rank == 0:
             from svt_ray.evaluate import OnlineKNN
 
-            self.knn = OnlineKNN.from_config(config)
+            self.knn = OnlineKNN.from_config(config, folders)
             logger.info(
                 "online kNN every %d steps: %d bank clips, %d query clips",
                 self.every, len(self.knn.bank["label"]), len(self.knn.query["label"]),
@@ -589,6 +591,11 @@ def run_pretraining(
         )  # fmt: skip
     ensure_ray(scaling.address, num_cpus=local_ray_cpus(cpus_per_run(resolved)))
     check_local_gpus(resolved)  # before the MLflow run: a run that cannot start leaves none
+    knn_clips = None
+    if online_knn_every(resolved):  # decoded on Ray Data, not by rank 0 while the others wait
+        from svt_ray.evaluate import OnlineKNN
+
+        (knn_clips,) = OnlineKNN.prepare(resolved)
     recorded = resolved.model_copy(deep=True)  # run.json keeps the URI as the user gave it
     if cluster_tracking and joins_a_cluster(scaling.address):  # rank 0 logs from its node
         resolved.tracking.tracking_uri = cluster_tracking_uri(
@@ -635,6 +642,7 @@ def run_pretraining(
             "fail_at_step": fail_at_step,
             "fail_rank": fail_rank,
             "resume_step": progress["step"] if progress else 0,
+            "online_knn_clips": knn_clips,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources

@@ -483,6 +483,107 @@ def test_in_process_eval_subset_matches_the_ray_data_clips(synthetic_shards, ray
         data.load_eval_clips(str(synthetic_shards), "test", clips, 5)
 
 
+def test_eval_clips_decoded_on_ray_data_are_those_of_the_sequential_decode(
+    synthetic_shards, ray_session, tmp_path, monkeypatch
+):
+    """`cache_eval_clips` (the online kNN's clips, decoded once on Ray Data into storage) and
+    `read_eval_clips`: the clips, labels and order of `load_eval_clips`, which decodes them one
+    after another in its own process. Two sets; parts of 2 clips, the first decoded in this
+    process, the others by Ray Data tasks (as when they would take long here)."""
+    monkeypatch.setattr(data, "EVAL_PART_CLIPS", 2)
+    monkeypatch.setattr(data, "EVAL_IN_PROCESS_S", 0.0)
+    import ray.data
+
+    jobs, from_items = [], ray.data.from_items
+
+    def counted(items, **kwargs):
+        jobs.append(items)
+        return from_items(items, **kwargs)
+
+    monkeypatch.setattr(ray.data, "from_items", counted)
+    bank = data.eval_cache_settings("train", {"clip": (4, 32)}, 7, window_frames=32)
+    query = data.eval_cache_settings("val", {"clip": (2, 16)}, 3, interpolation="bicubic")
+    folders = {str(tmp_path / "bank"): bank, str(tmp_path / "query"): query}
+    expected = {f: data.load_eval_clips(str(synthetic_shards), **s) for f, s in folders.items()}
+    assert [len(e["label"]) for e in expected.values()] == [7, 3]
+    for folder in folders:
+        assert data.read_eval_clips(folder) is None and data.read_eval_clips_record(folder) is None
+    records = data.cache_eval_clips(str(synthetic_shards), folders)
+    assert [(r["num_clips"], r["failed"]) for r in records.values()] == [(7, 0), (3, 0)]
+    parts = sum(len(r["parts"]) for r in records.values())
+    assert len(jobs) == 1 and len(jobs[0]) == parts - 1  # one job, after one part here
+    record = records[str(tmp_path / "bank")]
+    _, parts = data.eval_subset(str(synthetic_shards), "train", 7, 2)
+    assert len(record["parts"]) == len(parts) >= 4  # 4 clips per shard: parts of 2 and 1
+    for folder in folders:
+        got = data.read_eval_clips(folder)
+        assert set(got) == {"clip", "label", "clip_id"} and got["clip"].dtype == np.uint8
+        for key in got:
+            np.testing.assert_array_equal(got[key], expected[folder][key], err_msg=key)
+    assert got["clip"].shape == (3, 3, 2, 16, 16)
+
+    # Decoded once: a second call finds the records and decodes nothing.
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "eval_subset", no_decode)
+        assert data.cache_eval_clips(str(synthetic_shards), folders) == records
+        with pytest.raises(ValueError, match="holds evaluation clips of other settings"):
+            data.cache_eval_clips(str(synthetic_shards), {str(tmp_path / "bank"): query})
+
+    # A decode cut short (no record, a part missing) resumes: the parts written are kept,
+    # those written with other settings are not.
+    cache = tmp_path / "bank"
+    (cache / data.EVAL_CACHE_RECORD).unlink()
+    kept = {name: (cache / name).stat().st_mtime_ns for name in record["parts"]}
+    lost, other = cache / record["parts"][1], cache / record["parts"][2]
+    lost.unlink()
+    table = pq.read_table(other)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
+                                                  b"svt_settings": b"{}"}), other)  # fmt: skip
+    del kept[lost.name], kept[other.name]
+    monkeypatch.setattr(data, "EVAL_IN_PROCESS_S", 60.0)  # all in this process: quick
+    again = data.cache_eval_clips(str(synthetic_shards), {str(cache): bank})
+    assert again == {str(cache): record} and lost.is_file() and len(jobs) == 1
+    for name, written in kept.items():
+        assert (cache / name).stat().st_mtime_ns == written, name
+    assert pq.read_schema(other).metadata[b"svt_settings"] != b"{}"  # decoded again
+    for key, value in data.read_eval_clips(str(cache)).items():
+        np.testing.assert_array_equal(value, expected[str(cache)][key], err_msg=key)
+
+
+def test_a_lost_part_of_the_decoded_eval_clips_reads_as_none(tmp_path, caplog):
+    """A record whose part is gone (deleted by hand, a sync that copied half) is not a
+    dataset: `read_eval_clips` says so and gives None, and its caller decodes again."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    record = {"version": data.EVAL_CACHE_VERSION, "parts": ["part-00000.parquet"],
+              "shapes": {"clip": [3, 2, 4, 4]}}  # fmt: skip
+    (folder / data.EVAL_CACHE_RECORD).write_text(json.dumps(record))
+    assert data.read_eval_clips(str(folder)) is None
+    assert "cannot read the decoded clips" in caplog.text
+    (folder / data.EVAL_CACHE_RECORD).write_text(json.dumps({**record, "version": 0}))
+    assert data.read_eval_clips_record(str(folder)) is None  # another cache version
+
+
+def test_eval_cache_keys_change_with_every_setting_and_the_data():
+    manifest = {"schema_version": 1, "shards": [{"file": "a.parquet", "num_rows": 4}]}
+    base = {"split": "train", "clips": {"clip": (8, 224)}, "max_clips": 100,
+            "window_frames": 150, "decoder": "decord", "interpolation": "bilinear"}  # fmt: skip
+    key = data.eval_cache_key(manifest, data.eval_cache_settings(**base))
+    assert key == data.eval_cache_key(
+        {**manifest, "data_path": "/elsewhere"}, data.eval_cache_settings(**base)
+    )  # the same contents elsewhere
+    changed = {"split": "val", "clips": {"clip": (8, 112)}, "max_clips": 99,
+               "window_frames": 75, "decoder": "pyav", "interpolation": "bicubic"}  # fmt: skip
+    keys = {key}
+    for name, value in changed.items():
+        keys.add(data.eval_cache_key(manifest, data.eval_cache_settings(**{**base, name: value})))
+    keys.add(data.eval_cache_key({**manifest, "shards": []}, data.eval_cache_settings(**base)))
+    assert len(keys) == len(changed) + 2
+
+
 def test_clip_keys_round_trip():
     for clip_id in ("0123456789abcdef", "ffffffffffffffff", "8000000000000000"):
         key = data.clip_key(clip_id)

@@ -426,3 +426,63 @@ def test_feature_extraction_asks_ray_for_a_gpu_not_the_drivers_torch(
     if address:
         overrides.append(f"scaling.address={address}")
     assert inference_gpus(load_config("tiny", overrides=overrides)) == expected
+
+
+def test_the_online_knn_reads_the_clips_its_driver_decoded_once_for_all_runs(
+    synthetic_shards, ray_session, tmp_path, monkeypatch, caplog
+):
+    """`OnlineKNN.prepare` (the driver, before training) decodes the bank and the queries into
+    the storage, one folder per dataset and settings, shared by runs and by a study's trials;
+    `from_config` (rank 0, at every start) reads them instead of decoding, the same clips as
+    a decode in its own process; where they are gone it decodes them itself, with a warning."""
+    from svt_ray import data
+    from svt_ray.config import load_config
+    from svt_ray.evaluate import OnlineKNN
+
+    def config(*overrides):
+        return load_config("tiny", overrides=[
+            f"data.path={synthetic_shards}", f"train.storage_path={tmp_path / 'runs'}",
+            "eval.online_bank_clips=9", "eval.online_query_clips=4", "eval.clip_size=32",
+            "views.clip_frames=32", "views.interpolation=bicubic", *overrides,
+        ])  # fmt: skip
+
+    trials = [
+        config("optim.batch_size=4"),
+        config("optim.batch_size=8"),
+        config("eval.clip_frames=4"),
+    ]
+    folders = OnlineKNN.prepare(trials)
+    assert folders[0] == folders[1] == OnlineKNN.cache_folders(trials[0])  # same clips, shared
+    assert folders[2]["bank"] != folders[0]["bank"] and folders[2]["query"] != folders[0]["query"]
+    root = tmp_path / "runs" / OnlineKNN.CACHE_FOLDER
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        Path(f).name for where in (folders[0], folders[2]) for f in where.values()
+    )
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded in the worker")
+
+    reference = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "load_eval_clips", no_decode)
+        patch.setattr(data, "cache_eval_clips", no_decode)
+        assert OnlineKNN.prepare(trials[0]) == [folders[0]]  # decoded already: nothing to do
+        knn = OnlineKNN.from_config(trials[0], folders[0])
+    assert knn.bank["clip"].shape == (9, 3, 8, 32, 32) and len(knn.query["label"]) == 4
+    for name, held, split, count in (
+        ("bank", knn.bank, "train", 9),
+        ("query", knn.query, "val", 4),
+    ):
+        reference[name] = data.load_eval_clips(
+            str(synthetic_shards), split, {"clip": (8, 32)}, count, window_frames=32,
+            decoder="decord", interpolation="bicubic",
+        )  # fmt: skip
+        np.testing.assert_array_equal(held["clip"].numpy(), reference[name]["clip"])
+        np.testing.assert_array_equal(held["label"].numpy(), reference[name]["label"])
+    # Where the decoded clips are gone, rank 0 decodes them, saying so.
+    for folder in folders[0].values():
+        (Path(folder) / data.EVAL_CACHE_RECORD).unlink()
+    knn = OnlineKNN.from_config(trials[0])
+    assert "no decoded bank clips" in caplog.text and "decoding 9 in this process" in caplog.text
+    np.testing.assert_array_equal(knn.bank["clip"].numpy(), reference["bank"]["clip"])
+    np.testing.assert_array_equal(knn.query["label"].numpy(), reference["query"]["label"])

@@ -125,6 +125,30 @@ def test_s3_storage_and_data_that_cannot_be_used_are_named_before_ray(s3_server,
         assert message in str(error.value)
 
 
+def test_the_online_knns_clips_are_decoded_into_and_read_from_s3(
+    s3_server, synthetic_shards, monkeypatch
+):
+    """The online kNN's decoded clips live in the run's storage: on S3, written part by part
+    by Ray Data tasks (the endpoint in the URI's query), read back as a local decode gives
+    them."""
+    import numpy as np
+
+    from svt_ray import data
+
+    bucket, _ = pafs.FileSystem.from_uri(f"s3://svt?{s3_server}&allow_bucket_creation=true")
+    bucket.create_dir("svt")
+    monkeypatch.setattr(data, "EVAL_PART_CLIPS", 3)
+    monkeypatch.setattr(data, "EVAL_IN_PROCESS_S", 0.0)  # after the first part: Ray Data
+    settings = data.eval_cache_settings("train", {"clip": (2, 16)}, 8, window_frames=32)
+    folder = join_uri(f"s3://svt/runs?{s3_server}", "online_knn_clips", "k")
+    (record,) = data.cache_eval_clips(str(synthetic_shards), {folder: settings}).values()
+    assert record["num_clips"] == 8 and len(record["parts"]) >= 3
+    assert listing(bucket, "svt/runs/online_knn_clips/k") == {"clips.json", *record["parts"]}
+    expected = data.load_eval_clips(str(synthetic_shards), **settings)
+    for key, value in data.read_eval_clips(folder).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+
 def test_each_rank_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, monkeypatch):
     # Ray's Checkpoint.as_directory shares one download folder per node, and a rank arriving
     # after another's download downloads again over the file the other is reading: a resume on

@@ -269,8 +269,25 @@ def test_study_smoke_restore_failure_and_compare(
     old.rename(new)
     old.mkdir()  # the old path exists on the new machine, empty: nothing may write there
     options = _smoke_options(new, synthetic_shards)
-    report = run_study(SMOKE, options)
+    from svt_ray.evaluate import OnlineKNN
+
+    prepared, prepare = [], OnlineKNN.prepare  # in this driver (the trials run in actors)
+
+    def recorded(configs):
+        prepared.append(configs)
+        return prepare(configs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(OnlineKNN, "prepare", recorded)
+        report = run_study(SMOKE, options)
     assert not (old / "mlflow.db").exists() and not (old / "runs").exists()
+    # The online kNN clips of both valid settings, decoded before the trials, by the driver
+    # that started the study; the one that restored it found them, for both (one set).
+    (configs,) = prepared
+    assert sorted(c.optim.batch_size for c in configs) == [2, 4]
+    folders = {f for c in configs for f in OnlineKNN.cache_folders(c).values()}
+    cache = new / "runs" / "batch_smoke" / "runs" / OnlineKNN.CACHE_FOLDER
+    assert {Path(f) for f in folders} == set(cache.iterdir()) and len(folders) == 2
     client, children = _children(new)
     by_trial = {}
     for run in children:
@@ -432,6 +449,19 @@ def test_ashas_first_rung_comes_from_the_flag_the_study_or_the_budget(
     check_grace_after_first_knn(4, configs)  # the first evaluation's own report: allowed
     check_grace_after_first_knn(2, configs, refuse=False)  # the default grace: a warning
     assert "first rung at 2 clips seen comes before" in caplog.text
+
+
+def test_a_study_without_the_online_knns_splits_fails_before_decoding_or_any_trial(
+    tmp_path, synthetic_shards, ray_session, monkeypatch
+):
+    from svt_ray.evaluate import OnlineKNN
+
+    monkeypatch.setattr(OnlineKNN, "prepare", lambda configs: pytest.fail("decoded"))
+    options = _smoke_options(tmp_path, synthetic_shards)
+    options.overrides.append("eval.test_split=test")
+    with pytest.raises(ConfigError, match=r"has no clips of split 'test'"):
+        run_study(SMOKE, options)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_local_study_asking_for_gpus_ray_lacks_fails_before_any_trial(

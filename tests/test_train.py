@@ -131,7 +131,11 @@ def test_two_worker_run_is_recorded_in_mlflow(two_worker_run, synthetic_shards, 
 
     backbone = build_backbone(result.config)
     backbone.load_state_dict(backbone_state(load_state(result.checkpoint_path)))
-    again_knn = OnlineKNN.from_config(result.config)
+    again_knn = OnlineKNN.from_config(result.config)  # the clips its driver decoded for it:
+    decoded = Path(result.config.train.storage_path, OnlineKNN.CACHE_FOLDER).glob("*/clips.json")
+    assert sorted(p.parent.name for p in decoded) == sorted(
+        Path(folder).name for folder in OnlineKNN.cache_folders(result.config).values()
+    )
     again = again_knn(backbone)
     assert again.top1 == pytest.approx(online[-1].value)
     # The clips it scored, as the data allowed (the params hold what was asked for).
