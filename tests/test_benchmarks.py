@@ -136,6 +136,28 @@ def test_ordering_benchmark_quick_run_streams_in_order_only_when_asked():
 
 @pytest.mark.extended  # a benchmark: run before measuring with it
 @pytest.mark.slow
+def test_online_knn_benchmark_quick_run_prints_each_way_against_the_sequential_decode(tmp_path):
+    """The benchmark checks itself that every way gives the sequential decode's clips (it
+    exits non-zero otherwise); the test checks its table: four rows, each ratio the
+    baseline's seconds over the row's."""
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, not the test session's
+    command = [sys.executable, "benchmarks/online_knn.py", "--quick", "--workdir", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = re.findall(
+        r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$", done.stdout, re.MULTILINE
+    )
+    assert len(rows) == 4 and rows[0][0].startswith("rank 0 decodes them"), done.stdout
+    baseline = float(rows[0][1])
+    for _, seconds, clips_per_s, ratio in rows:
+        assert float(clips_per_s) > 0 and float(ratio) > 0
+        if float(seconds) >= 0.1:  # printed to 3 decimals
+            assert float(ratio) == pytest.approx(baseline / float(seconds), rel=0.03, abs=0.02)
+    assert re.search(r"8 clips of 8 x 64 px from 8 videos", done.stdout)
+
+
+@pytest.mark.extended  # a benchmark: run before measuring with it
+@pytest.mark.slow
 def test_tracking_benchmark_times_both_paths_with_the_server_up_and_down():
     command = [sys.executable, "benchmarks/tracking.py", "--steps", "4", "--down-steps", "1"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
